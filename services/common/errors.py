@@ -1,0 +1,54 @@
+"""Error hierarchy shared by the services' transports.
+
+Domain code raises these; each transport translates them in one place (problem
+details over HTTP). ``status`` is the HTTP status the error maps to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BrokerError(Exception):
+    status = 500
+    title = "internal error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class BadRequest(BrokerError):
+    status = 400
+    title = "bad request"
+
+
+class Unauthorized(BrokerError):
+    status = 401
+    title = "unauthorized"
+
+
+class Forbidden(BrokerError):
+    status = 403
+    title = "forbidden"
+
+
+class NotFound(BrokerError):
+    status = 404
+    title = "not found"
+
+
+class Conflict(BrokerError):
+    status = 409
+    title = "conflict"
+
+
+class Unprocessable(BrokerError):
+    status = 422
+    title = "unprocessable"
+
+
+class Unavailable(BrokerError):
+    status = 503
+    title = "unavailable"

@@ -1,0 +1,23 @@
+"""Identifier rules shared by every service.
+
+Ids end up as NATS subject tokens and inside Redis keys, so they must never contain
+dots, wildcards, braces or whitespace. One pattern, checked at every boundary.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
+
+
+def new_id(kind: str) -> str:
+    """Sortable, unique id: kind prefix, millisecond time, random tail."""
+    return f"{kind}_{int(time.time() * 1000):x}{secrets.token_hex(6)}"

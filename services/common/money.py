@@ -1,0 +1,22 @@
+"""Money is Decimal with a currency, never float.
+
+Prices are quoted per unit-hour or per unit-month and may carry up to six decimal
+places (a unit-second of a cheap card is a fraction of a cent); amounts that are
+billed are rounded to the currency's minor unit, half-even, by the meter.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated
+
+import msgspec
+
+PRICE_PLACES = 6
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+Price = Annotated[Decimal, msgspec.Meta(ge=0, le=Decimal("1000000"), description="decimal string")]
+
+
+def price_places_ok(value: Decimal) -> bool:
+    exponent = value.as_tuple().exponent
+    return isinstance(exponent, int) and -exponent <= PRICE_PLACES

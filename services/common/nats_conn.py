@@ -1,0 +1,91 @@
+"""NATS connection and JetStream set-up shared by every service."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from .subjects import EVENT_KINDS, Subjects
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_S = 120.0
+BUCKETS = ("pools", "keys")  # durable records that are state, not events
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with unbounded reconnects and a short backoff: a NATS restart is a pause,
+    not an outage, for a service."""
+
+    async def _disconnected() -> None:
+        log.warning("nats disconnected (%s)", name)
+
+    async def _reconnected() -> None:
+        log.warning("nats reconnected (%s)", name)
+
+    async def _error(exc: Exception) -> None:
+        log.warning("nats error (%s): %s", name, exc)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=5,
+        allow_reconnect=True,
+        disconnected_cb=_disconnected,
+        reconnected_cb=_reconnected,
+        error_cb=_error,
+    )
+
+
+def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.stream(kind),
+            subjects=[subjects.events(kind)],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        )
+        for kind in EVENT_KINDS
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> None:
+    """Create the event streams and record buckets, or bring them to this config.
+    Safe to call from every replica at every start."""
+    for config in stream_configs(subjects, replicas):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+    for bucket in BUCKETS:
+        await ensure_bucket(js, subjects.bucket(bucket), replicas)
+
+
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas)
+        )
+
+
+async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:
+    """Publish an event durably; JetStream drops a repeat of the same ``event.id``.
+    Returns the stream sequence."""
+    ack = await js.publish(
+        subject, msgspec.json.encode(event), headers={"Nats-Msg-Id": event.id}  # type: ignore[attr-defined]
+    )
+    return ack.seq

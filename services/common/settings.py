@@ -1,0 +1,59 @@
+"""Settings, parsed from the environment with ``msgspec.convert`` at start-up.
+
+Never read at import time: every ``create_app`` takes a ``Settings`` (or builds one
+from the environment when given none). Environment names are ``CB_<FIELD>`` in upper
+case, except the two server URLs, which keep their conventional names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+ENV_ALIASES = {"nats_url": "NATS_URL", "redis_url": "REDIS_URL"}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "cb"  # subjects, streams, buckets and Redis keys all carry it
+    admin_key: str | None = None  # bootstrap admin API key
+    host: str = "127.0.0.1"
+    registry_port: int = 8081
+    broker_port: int = 8082
+    meter_port: int = 8083
+    heartbeat_ttl_s: float = 30.0
+    sweep_interval_s: float = 1.0
+    max_body_bytes: int = 1_048_576
+    redis_max_connections: int = 64
+    topology_file: str | None = None
+    log_level: str = "info"
+
+
+def env_name(field: str) -> str:
+    return ENV_ALIASES.get(field, f"CB_{field.upper()}")
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``environ`` (default ``os.environ``) plus explicit overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for field in Settings.__struct_fields__:
+        name = env_name(field)
+        if name in environ and environ[name] != "":
+            raw[field] = environ[name]
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(raw, Settings, strict=False)
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The environment that reproduces ``settings`` in a child process."""
+    out = {}
+    for field in Settings.__struct_fields__:
+        value = getattr(settings, field)
+        if value is not None:
+            out[env_name(field)] = str(value)
+    return out
