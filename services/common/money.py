@@ -14,7 +14,21 @@ import msgspec
 
 PRICE_PLACES = 6
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
-Price = Annotated[Decimal, msgspec.Meta(ge=0, le=Decimal("1000000"), description="decimal string")]
+Price = Annotated[Decimal, msgspec.Meta(description="decimal string, e.g. \"2.49\"")]
+MAX_PRICE = Decimal("1000000")
+
+
+def price_problem(value: Decimal) -> str | None:
+    """Why ``value`` is not a usable price, or None. (msgspec cannot bound Decimals.)"""
+    if not value.is_finite():
+        return "must be a finite number"
+    if value <= 0:
+        return "must be > 0"
+    if value > MAX_PRICE:
+        return f"must be at most {MAX_PRICE}"
+    if not price_places_ok(value):
+        return f"has more than {PRICE_PLACES} decimal places"
+    return None
 
 
 def price_places_ok(value: Decimal) -> bool:

@@ -17,7 +17,7 @@ from .subjects import EVENT_KINDS, Subjects
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
-BUCKETS = ("pools", "keys")  # durable records that are state, not events
+BUCKETS = ("pools", "keys", "regions")  # durable records that are state, not events
 
 
 async def connect(url: str, name: str) -> NATS:

@@ -1,0 +1,111 @@
+"""``cbroker up``: the embedded default — servers, streams, services, demo world."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services.common.nats_conn import connect, ensure_streams
+from services.common.settings import Settings, settings_from_env, settings_to_env
+from services.common.subjects import Subjects
+
+from .demo import heartbeat_agent, load_demo
+from .servers import ServerProcess, start_nats, start_redis
+from .supervisor import ServiceProcess, available_services
+
+log = logging.getLogger("cbroker.up")
+
+
+@dataclass
+class UpOptions:
+    data_dir: Path
+    demo: bool
+    nats_port: int | None
+    redis_port: int | None
+    ports: dict[str, int]
+
+
+async def _ensure_streams(settings: Settings) -> None:
+    nc = await connect(settings.nats_url, "cbroker-up")
+    try:
+        await ensure_streams(nc.jetstream(), Subjects(settings.prefix))
+    finally:
+        await nc.drain()
+
+
+async def run_up(opts: UpOptions, console: Console) -> int:
+    opts.data_dir.mkdir(parents=True, exist_ok=True)
+    servers: list[ServerProcess] = []
+    services: list[ServiceProcess] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        nats_url = os.environ.get("NATS_URL")
+        if not nats_url:
+            servers.append(start_nats(opts.data_dir / "nats", opts.nats_port))
+            nats_url = servers[-1].url
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            servers.append(start_redis(opts.data_dir / "redis", opts.redis_port))
+            redis_url = servers[-1].url
+        admin_key = os.environ.get("CB_ADMIN_KEY") or f"cbadmin_{secrets.token_hex(24)}"
+        settings = settings_from_env(nats_url=nats_url, redis_url=redis_url, admin_key=admin_key,
+                                     **{f"{s}_port": p for s, p in opts.ports.items()})
+        await _ensure_streams(settings)
+        env = settings_to_env(settings)
+        for name in available_services():
+            svc = ServiceProcess(name, getattr(settings, f"{name}_port"), env, opts.data_dir / f"{name}.log")
+            svc.start()
+            services.append(svc)
+        for svc in services:
+            await asyncio.to_thread(svc.wait_healthy)
+
+        agent = None
+        keys_path = opts.data_dir / "demo-keys.json"
+        if opts.demo:
+            registry_url = next(s.url for s in services if s.name == "registry")
+            keys = await load_demo(registry_url, admin_key, keys_path)
+            agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
+        else:
+            (opts.data_dir / "admin-key").write_text(admin_key)
+            (opts.data_dir / "admin-key").chmod(0o600)
+
+        table = Table(title="Compute Broker is up", show_lines=False)
+        for col in ("what", "where"):
+            table.add_column(col)
+        for s in servers:
+            table.add_row(s.name, s.url)
+        for svc in services:
+            table.add_row(f"{svc.name} API", svc.url)
+            table.add_row(f"{svc.name} OpenAPI docs", f"{svc.url}/schema")
+        table.add_row("data and logs", str(opts.data_dir))
+        table.add_row("API keys", str(keys_path) if opts.demo else str(opts.data_dir / "admin-key"))
+        console.print(table)
+        console.print("Ctrl-C stops everything.")
+
+        while not stop.is_set():
+            for svc in services:
+                svc.supervise()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+        console.print("stopping ...")
+        if agent is not None:
+            await agent
+        return 0
+    finally:
+        for svc in reversed(services):
+            await asyncio.to_thread(svc.stop)
+        for server in reversed(servers):
+            await asyncio.to_thread(server.stop)

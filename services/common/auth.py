@@ -1,0 +1,124 @@
+"""API keys and principals, shared by every service's HTTP layer.
+
+A key looks like ``cbk_<key_id>_<secret>``. Only a SHA-256 of the whole key is stored
+(keys are 192-bit random, so a fast hash is the right tool: there is nothing to
+brute-force). The durable record is a JetStream key-value bucket keyed by key id;
+Redis holds the live lookup and is refilled from the bucket on a miss, so losing
+Redis never locks anybody out, and a revocation (delete in both) is seen at once by
+every replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from redis.asyncio import Redis
+
+from .errors import Forbidden, Unauthorized
+from .keys import Keys
+
+Role = Literal["admin", "ops", "provider", "tenant"]
+SCOPED_ROLES = ("provider", "tenant")
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    role: Role
+    subject: str = ""  # provider id or tenant id for scoped roles
+    key_id: str = ""
+
+    def require(self, *roles: Role) -> None:
+        if self.role not in roles:
+            raise Forbidden(f"role {self.role} may not do this (needs {' or '.join(roles)})")
+
+    def may_act_for(self, role: Role, subject: str) -> bool:
+        """Admin acts for anyone; a scoped key only for its own subject."""
+        return self.role == "admin" or (self.role == role and self.subject == subject)
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    key_hash: str
+    role: Role
+    subject: str = ""
+    name: str = ""
+    created_at: datetime
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """Returns ``(key_id, key)``."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"cbk_{key_id}_{secrets.token_hex(24)}"
+
+
+def key_id_of(key: str) -> str | None:
+    parts = key.split("_")
+    if len(parts) != 3 or parts[0] != "cbk" or len(parts[1]) != 16:
+        return None
+    return parts[1]
+
+
+_record_decoder = msgspec.json.Decoder(KeyRecord)
+
+
+class KeyLookup:
+    def __init__(self, redis: Redis, kv: KeyValue, keys: Keys, admin_key: str | None) -> None:
+        self.redis, self.kv, self.keys = redis, kv, keys
+        self._admin_hash = hash_key(admin_key) if admin_key else None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthorized("missing Authorization: Bearer <api key>")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("Authorization must be 'Bearer <api key>'")
+        presented = hash_key(token)
+        if self._admin_hash and hmac.compare_digest(presented, self._admin_hash):
+            return Principal(role="admin", subject="bootstrap")
+        key_id = key_id_of(token)
+        record = await self._record(key_id) if key_id else None
+        if record is None or not hmac.compare_digest(presented, record.key_hash):
+            raise Unauthorized("unknown or revoked API key")
+        return Principal(role=record.role, subject=record.subject, key_id=record.key_id)
+
+    async def _record(self, key_id: str) -> KeyRecord | None:
+        raw = await self.redis.get(self.keys.api_key(key_id))
+        if raw is None:
+            try:
+                entry = await self.kv.get(key_id)
+            except KeyNotFoundError:
+                return None
+            if not entry.value:
+                return None
+            raw = entry.value
+            await self.redis.set(self.keys.api_key(key_id), raw)
+        return _record_decoder.decode(raw)
+
+    async def issue(self, role: Role, subject: str, name: str, now: datetime) -> tuple[KeyRecord, str]:
+        key_id, key = new_key()
+        record = KeyRecord(key_id=key_id, key_hash=hash_key(key), role=role, subject=subject, name=name,
+                           created_at=now)
+        raw = msgspec.json.encode(record)
+        await self.kv.put(key_id, raw)  # durable first
+        await self.redis.set(self.keys.api_key(key_id), raw)
+        return record, key
+
+    async def revoke(self, key_id: str) -> bool:
+        try:
+            await self.kv.get(key_id)
+        except KeyNotFoundError:
+            return False
+        await self.kv.delete(key_id)
+        await self.redis.delete(self.keys.api_key(key_id))
+        return True

@@ -1,0 +1,62 @@
+"""HTTP pieces every service shares: problem-details errors and authentication.
+
+Errors are translated in exactly one place per service: the exception handlers
+returned by ``problem_handlers``. Every 4xx carries a human reason (``detail``) and,
+for body validation, the field that was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from .auth import KeyLookup, Principal
+from .errors import BrokerError
+
+log = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _domain(_: Request, exc: BrokerError) -> Response:
+    return problem(exc.status, exc.title, exc.detail, **exc.extra)
+
+
+def _validation(_: Request, exc: ValidationException) -> Response:
+    errors = exc.extra if isinstance(exc.extra, list) else []
+    reasons = "; ".join(f"{e.get('key', '')}: {e.get('message', '')}".strip(": ") for e in errors
+                        if isinstance(e, dict))
+    return problem(400, "invalid request", reasons or str(exc.detail), errors=errors)
+
+
+def _http(_: Request, exc: HTTPException) -> Response:
+    return problem(exc.status_code, exc.detail if exc.status_code < 500 else "error", str(exc.detail))
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", "unexpected error; it has been logged")
+
+
+def problem_handlers() -> dict:
+    return {
+        BrokerError: _domain,
+        ValidationException: _validation,
+        HTTPException: _http,
+        Exception: _unexpected,
+    }
+
+
+async def principal_from(request: Request) -> Principal:
+    """Litestar dependency: the authenticated caller."""
+    lookup: KeyLookup = request.app.state.key_lookup
+    return await lookup.authenticate(request.headers.get("authorization"))

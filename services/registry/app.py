@@ -1,0 +1,102 @@
+"""The registry service: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from services.common.auth import KeyLookup
+from services.common.http import principal_from, problem_handlers
+from services.common.keys import Keys
+from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.redis_conn import connect as redis_connect
+from services.common.settings import Settings, settings_from_env
+from services.common.subjects import Subjects
+
+from .api.catalogue import CatalogueController
+from .api.keys import KeyController
+from .api.pools import HeartbeatController, PoolController
+from .domain.catalogue import load_catalogue
+from .domain.topology import default_topology, load_topology
+from .events import CapacityEvents
+from .records import PoolRecords
+from .service import Registry, RegionBook
+from .store import PoolStore
+
+log = logging.getLogger("registry")
+
+
+async def _sweeper(registry: Registry, interval: float) -> None:
+    while True:
+        try:
+            await registry.rebuild_if_lost()
+            await registry.sweep()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep sweeping through a NATS/Redis blip
+            log.exception("liveness sweep failed")
+        await asyncio.sleep(interval)
+
+
+def _registry(state: State) -> Registry:
+    return state.registry
+
+
+@get("/health", tags=["ops"], summary="The process is alive")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or settings_from_env()
+    subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, "registry")
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        js = nc.jetstream()
+        await ensure_streams(js, subjects)
+        base = load_topology(settings.topology_file) if settings.topology_file else default_topology()
+        regions = RegionBook(base, await ensure_bucket(js, subjects.bucket("regions")))
+        await regions.refresh()
+        registry = Registry(
+            redis=redis, keys=keys, store=PoolStore(redis, keys),
+            records=PoolRecords(await ensure_bucket(js, subjects.bucket("pools"))),
+            events=CapacityEvents(js, subjects), catalogue=load_catalogue(), regions=regions,
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+        )
+        app.state.registry = registry
+        app.state.key_lookup = KeyLookup(redis, await ensure_bucket(js, subjects.bucket("keys")), keys,
+                                         settings.admin_key)
+        await registry.rebuild_if_lost()
+        sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await nc.drain()
+            await redis.aclose()
+
+    return Litestar(
+        route_handlers=[health, PoolController, HeartbeatController, CatalogueController, KeyController],
+        dependencies={
+            "registry": Provide(_registry, sync_to_thread=False),
+            "principal": Provide(principal_from),
+        },
+        lifespan=[lifespan],
+        exception_handlers=problem_handlers(),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Compute Broker — registry", version="0.1.0",
+                                     description="Provider-facing API: pools, heartbeats, catalogue, topology."),
+        debug=False,
+    )

@@ -1,0 +1,323 @@
+"""The registry's use cases: each one validates with the pure domain, writes the
+durable record first, then live state in Redis, then publishes what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from nats.js.kv import KeyValue
+from redis.asyncio import Redis
+
+from services.common.auth import Principal
+from services.common.ids import is_valid_id
+from services.common.keys import Keys
+from services.common.messages import Accelerator, PoolSpec, Region, Topology
+
+from .domain import topology as topo
+from .domain.errors import BadRequest, Forbidden, NotFound
+from .domain.pools import (
+    BatchHeartbeat,
+    PoolPatch,
+    apply_patch,
+    build_pool,
+    check_owner,
+    owner_for,
+)
+from .events import CapacityEvents, for_status, for_upsert
+from .records import PoolRecords
+from .store import PoolStore, Transition
+from .views import PoolPage, PoolView, pool_view
+
+log = logging.getLogger(__name__)
+_region_decoder = msgspec.json.Decoder(Region)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
+    region: str | None = None
+    vendor: str | None = None
+    model: str | None = None
+    stack: str | None = None
+    provider: str | None = None
+    status: str | None = None
+    min_free: int = 0
+    limit: int = 100
+    cursor: str | None = None
+
+
+class RegionBook:
+    """The topology in force: the default (or operator's file) plus regions added at
+    run time, which live durably in a key-value bucket shared by all replicas."""
+
+    def __init__(self, base: Topology, kv: KeyValue) -> None:
+        self.base, self.kv = base, kv
+        self.topology = base
+        self.index = topo.TopologyIndex(base)
+
+    async def refresh(self) -> None:
+        topology = self.base
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # no keys yet: nats-py raises NoKeysError
+            keys = []
+        for key in keys:
+            entry = await self.kv.get(key)
+            if entry.value:
+                region = _region_decoder.decode(entry.value)
+                if region.id not in topo.TopologyIndex(topology):
+                    topology = topo.add_region(topology, region)
+        self.topology = topology
+        self.index = topo.TopologyIndex(topology)
+
+    def __contains__(self, region_id: object) -> bool:
+        return region_id in self.index
+
+    async def known(self, region_id: str) -> bool:
+        if region_id in self.index:
+            return True
+        await self.refresh()  # another replica may have added it
+        return region_id in self.index
+
+    async def add(self, region: Region) -> None:
+        await self.kv.put(region.id, msgspec.json.encode(region))
+        await self.refresh()
+
+
+class Registry:
+    def __init__(self, *, redis: Redis, keys: Keys, store: PoolStore, records: PoolRecords,
+                 events: CapacityEvents, catalogue: Mapping[str, Accelerator], regions: RegionBook,
+                 heartbeat_ttl_s: float, clock: Callable[[], datetime] = utcnow) -> None:
+        self.redis, self.keys, self.store, self.records, self.events = redis, keys, store, records, events
+        self.catalogue, self.regions = catalogue, regions
+        self.ttl = heartbeat_ttl_s
+        self.clock = clock
+        self._region_cache: dict[str, str] = {}
+
+    # --- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _check_id(pool_id: str) -> None:
+        if not is_valid_id(pool_id):
+            raise BadRequest(f"malformed pool id {pool_id!r}: use 1-63 of a-z 0-9 _ - starting with a-z or 0-9")
+
+    async def _region(self, pool_id: str) -> str:
+        self._check_id(pool_id)
+        region = self._region_cache.get(pool_id) or await self.store.region_of(pool_id)
+        if region is None:
+            raise NotFound(f"no pool {pool_id}")
+        self._region_cache[pool_id] = region
+        return region
+
+    @staticmethod
+    def _acting(principal: Principal) -> str:
+        """The provider id a Lua script must check ownership against ('' = admin)."""
+        if principal.role == "admin":
+            return ""
+        if principal.role != "provider":
+            raise Forbidden(f"role {principal.role} may not change pools")
+        return principal.subject
+
+    @staticmethod
+    def _checked(t: Transition, pool_id: str) -> Transition:
+        if t.code == 0:
+            raise NotFound(f"no pool {pool_id}")
+        if t.code == -1:
+            raise Forbidden("this pool belongs to another provider")
+        return t
+
+    async def _publish_status(self, pool_id: str, provider: str, region: str, t: Transition,
+                              now: datetime) -> None:
+        event = for_status(pool_id, provider, region, t, now)
+        if event is not None:
+            await self.events.publish(event)
+
+    async def view(self, pool_id: str) -> PoolView:
+        region = await self._region(pool_id)
+        [row] = await self.store.views(region, [pool_id])
+        if row is None:
+            self._region_cache.pop(pool_id, None)
+            raise NotFound(f"no pool {pool_id}")
+        return pool_view(row)
+
+    # --- provider use cases ------------------------------------------------------------
+    async def register(self, principal: Principal, pool_id: str, spec: PoolSpec) -> tuple[PoolView, bool]:
+        self._check_id(pool_id)
+        now = self.clock()
+        owner = owner_for(principal, spec.provider)
+        existing = await self.records.get(pool_id)
+        if not await self.regions.known(spec.region):
+            pass  # build_pool raises the clear error
+        pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now, existing)
+        raw = await self.records.put(pool)
+        t = self._checked(await self.store.upsert(pool.spec.region, pool_id, now.timestamp(), owner, pool.spec.units,
+                                                  raw, pool.spec.model), pool_id)
+        self._region_cache[pool_id] = pool.spec.region
+        await self.events.publish(for_upsert(pool, t, now))
+        if t.code == 1 and t.changed and t.status == "online":
+            await self._publish_status(pool_id, owner, pool.spec.region, t, now)
+        return await self.view(pool_id), t.code == 2
+
+    async def register_many(self, principal: Principal, items: Sequence[tuple[str, PoolSpec]],
+                            concurrency: int = 64) -> list[tuple[str, bool]]:
+        """Bulk registration for imports: validates everything first, so a bad row
+        changes nothing; then writes with bounded concurrency."""
+        now = self.clock()
+        seen: set[str] = set()
+        for pool_id, spec in items:
+            self._check_id(pool_id)
+            if pool_id in seen:
+                raise BadRequest(f"pool id {pool_id} appears twice")
+            seen.add(pool_id)
+            owner_for(principal, spec.provider)
+            await self.regions.known(spec.region)
+            build_pool(pool_id, spec, owner_for(principal, spec.provider), self.catalogue, self.regions, now, None)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(pool_id: str, spec: PoolSpec) -> tuple[str, bool]:
+            async with sem:
+                _, created = await self.register(principal, pool_id, spec)
+                return pool_id, created
+
+        return list(await asyncio.gather(*(one(p, s) for p, s in items)))
+
+    async def patch(self, principal: Principal, pool_id: str, patch: PoolPatch) -> PoolView:
+        self._check_id(pool_id)
+        acting = self._acting(principal)
+        existing = await self.records.get(pool_id)
+        if existing is None:
+            raise NotFound(f"no pool {pool_id}")
+        check_owner(principal, existing.provider)
+        now = self.clock()
+        pool = apply_patch(existing, patch, now)
+        raw = await self.records.put(pool)
+        t = self._checked(await self.store.patch(pool.spec.region, pool_id, now.timestamp(), acting,
+                                                 pool.spec.units, raw), pool_id)
+        await self.events.publish(for_upsert(pool, t, now))
+        return await self.view(pool_id)
+
+    async def heartbeat(self, principal: Principal, pool_id: str, healthy: int | None) -> Transition:
+        acting = self._acting(principal)
+        region = await self._region(pool_id)
+        now = self.clock()
+        t = self._checked(await self.store.heartbeat(region, pool_id, now.timestamp(), acting, healthy), pool_id)
+        if t.changed:
+            provider = principal.subject if acting else (await self.view(pool_id)).provider
+            await self._publish_status(pool_id, provider, region, t, now)
+        return t
+
+    async def heartbeat_many(self, principal: Principal, body: BatchHeartbeat) -> dict[str, str]:
+        """Returns each pool's status; unknown or foreign pools are reported, not fatal."""
+        acting = self._acting(principal)
+        for pool_id in body.pools:
+            self._check_id(pool_id)
+        unknown = set(body.healthy_units) - set(body.pools)
+        if unknown:
+            raise BadRequest(f"healthy_units names pools not in 'pools': {sorted(unknown)[:5]}")
+        regions = await self.store.regions_of(body.pools)
+        items = [(r, p, body.healthy_units.get(p)) for p, r in zip(body.pools, regions, strict=True) if r]
+        now = self.clock()
+        results = await self.store.heartbeat_many(items, now.timestamp(), acting)
+        out = {p: "not_found" for p, r in zip(body.pools, regions, strict=True) if not r}
+        for (region, pool_id, _), t in zip(items, results, strict=True):
+            out[pool_id] = {0: "not_found", -1: "forbidden"}.get(t.code, t.status)
+            if t.code == 1 and t.changed:
+                provider = principal.subject if acting else (await self.view(pool_id)).provider
+                await self._publish_status(pool_id, provider, region, t, now)
+        return out
+
+    async def drain(self, principal: Principal, pool_id: str, on: bool = True) -> PoolView:
+        acting = self._acting(principal)
+        region = await self._region(pool_id)
+        now = self.clock()
+        t = self._checked(await self.store.drain(region, pool_id, now.timestamp(), acting, on), pool_id)
+        view = await self.view(pool_id)
+        await self._publish_status(pool_id, view.provider, region, t, now)
+        return view
+
+    async def remove(self, principal: Principal, pool_id: str) -> Transition:
+        acting = self._acting(principal)
+        region = await self._region(pool_id)
+        existing = await self.records.get(pool_id)
+        if existing is not None:
+            check_owner(principal, existing.provider)
+        now = self.clock()
+        t = self._checked(await self.store.remove(region, pool_id, now.timestamp(), acting), pool_id)
+        await self.records.delete(pool_id)
+        self._region_cache.pop(pool_id, None)
+        provider = existing.provider if existing else principal.subject
+        await self._publish_status(pool_id, provider, region, t, now)
+        return t
+
+    # --- search ----------------------------------------------------------------------
+    async def search(self, f: SearchFilter) -> PoolPage:
+        if f.region is not None and not await self.regions.known(f.region):
+            raise BadRequest(f"unknown region {f.region!r}")
+        regions = [f.region] if f.region else await self.store.regions()
+        rows: list[PoolView] = []
+        for region in regions:
+            ids = sorted(await self.store.pool_ids(region))
+            for row in await self.store.views(region, ids):
+                if row is None:
+                    continue
+                if f.status and row["status"] != f.status:
+                    continue
+                if f.provider and row["provider"] != f.provider:
+                    continue
+                if f.model and row["model"] != f.model:
+                    continue
+                if int(row["free"]) < f.min_free:
+                    continue
+                view = pool_view(row)
+                if f.vendor and view.vendor != f.vendor:
+                    continue
+                if f.stack and view.stack != f.stack:
+                    continue
+                rows.append(view)
+        rows.sort(key=lambda v: v.pool_id)
+        start = 0
+        if f.cursor:
+            start = next((i for i, v in enumerate(rows) if v.pool_id > f.cursor), len(rows))
+        page = rows[start:start + f.limit]
+        more = start + f.limit < len(rows)
+        return PoolPage(items=page, total=len(rows), next_cursor=page[-1].pool_id if more and page else None)
+
+    # --- background ------------------------------------------------------------------
+    async def sweep(self) -> int:
+        """Take pools that missed their heartbeat offline. Safe in every replica at
+        once: the script re-checks the heartbeat time, so each pool goes offline once."""
+        now = self.clock()
+        cutoff = now.timestamp() - self.ttl
+        n = 0
+        for region in await self.store.regions():
+            for pool_id in await self.store.stale(region, cutoff):
+                t = await self.store.expire(region, pool_id, now.timestamp(), cutoff)
+                if t.code == 1 and t.changed:
+                    [row] = await self.store.views(region, [pool_id])
+                    provider = row["provider"] if row else ""
+                    await self._publish_status(pool_id, provider, region, t, now)
+                    n += 1
+        return n
+
+    async def rebuild_if_lost(self) -> int:
+        """Refill Redis from the durable record when it was lost or flushed. Pools
+        come back alive with a fresh TTL: their providers' heartbeats decide next."""
+        marker = self.keys.rebuilt_marker("registry")
+        if await self.redis.exists(marker):
+            return 0
+        now = self.clock()
+        n = 0
+        async for pool in self.records.all():
+            await self.store.upsert(pool.spec.region, pool.pool_id, now.timestamp(), pool.provider,
+                                    pool.spec.units, msgspec.json.encode(pool), pool.spec.model)
+            n += 1
+        await self.redis.set(marker, now.isoformat())
+        self._region_cache.clear()
+        if n:
+            log.warning("rebuilt %d pools in Redis from the durable record", n)
+        return n

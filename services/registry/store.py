@@ -1,0 +1,131 @@
+"""Live pool state in Redis, changed only through ``lua/pool.lua``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from services.common.keys import Keys
+from services.common.redis_conn import read_lua
+
+HEALTHY_UNSAID = -2
+VIEW_FIELDS = ("provider", "model", "capacity", "healthy", "leased", "free", "overcommit", "status",
+               "last_hb", "record", "gen")
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What one script call did: ``code`` 2 created, 1 ok, 0 not found, -1 not owner."""
+
+    code: int
+    prev: str
+    status: str
+    free: int
+    overcommit: int
+    leased: int
+    capacity: int
+
+    @property
+    def changed(self) -> bool:
+        return self.prev != self.status
+
+
+class PoolStore:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._script = redis.register_script(read_lua("services.registry.lua", "pool.lua"))
+
+    def _keys(self, region: str, pool_id: str) -> list[str]:
+        k = self.keys
+        return [k.pool(region, pool_id), k.region_pools(region), k.heartbeats(region)]
+
+    async def _run(self, op: str, region: str, pool_id: str, now: float, provider: str, *args: object,
+                   client: Redis | None = None) -> Transition:
+        raw = await self._script(keys=self._keys(region, pool_id), args=[op, now, pool_id, provider, *args],
+                                 client=client)
+        return _transition(raw)
+
+    async def upsert(self, region: str, pool_id: str, now: float, owner: str, capacity: int, record: bytes,
+                     model: str, acting_provider: str = "") -> Transition:
+        await self.redis.hsetnx(self.keys.pool_index(), pool_id, region)
+        await self.redis.sadd(self.keys.regions(), region)
+        return await self._run("upsert", region, pool_id, now, acting_provider, capacity, record, model, owner)
+
+    async def heartbeat(self, region: str, pool_id: str, now: float, provider: str,
+                        healthy: int | None) -> Transition:
+        return await self._run("heartbeat", region, pool_id, now, provider,
+                               HEALTHY_UNSAID if healthy is None else healthy)
+
+    async def heartbeat_many(self, items: Sequence[tuple[str, str, int | None]], now: float,
+                             provider: str) -> list[Transition]:
+        """One pipelined round trip for many ``(region, pool_id, healthy)`` heartbeats."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region, pool_id, healthy in items:
+            await self._script(keys=self._keys(region, pool_id),
+                               args=["heartbeat", now, pool_id, provider,
+                                     HEALTHY_UNSAID if healthy is None else healthy], client=pipe)
+        return [_transition(raw) for raw in await pipe.execute()]
+
+    async def patch(self, region: str, pool_id: str, now: float, provider: str, capacity: int,
+                    record: bytes) -> Transition:
+        return await self._run("patch", region, pool_id, now, provider, capacity, record)
+
+    async def drain(self, region: str, pool_id: str, now: float, provider: str, on: bool = True) -> Transition:
+        return await self._run("drain" if on else "undrain", region, pool_id, now, provider)
+
+    async def remove(self, region: str, pool_id: str, now: float, provider: str) -> Transition:
+        t = await self._run("remove", region, pool_id, now, provider)
+        if t.code == 1:
+            await self.redis.hdel(self.keys.pool_index(), pool_id)
+        return t
+
+    async def expire(self, region: str, pool_id: str, now: float, cutoff: float) -> Transition:
+        return await self._run("expire", region, pool_id, now, "", cutoff)
+
+    async def stale(self, region: str, cutoff: float, limit: int = 1000) -> list[str]:
+        ids = await self.redis.zrangebyscore(self.keys.heartbeats(region), "-inf", f"({cutoff}",
+                                             start=0, num=limit)
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    async def region_of(self, pool_id: str) -> str | None:
+        value = await self.redis.hget(self.keys.pool_index(), pool_id)
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def regions_of(self, pool_ids: Sequence[str]) -> list[str | None]:
+        if not pool_ids:
+            return []
+        values = await self.redis.hmget(self.keys.pool_index(), list(pool_ids))
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+    async def regions(self) -> list[str]:
+        return sorted(r.decode() if isinstance(r, bytes) else r for r in await self.redis.smembers(self.keys.regions()))
+
+    async def pool_ids(self, region: str) -> list[str]:
+        ids = await self.redis.smembers(self.keys.region_pools(region))
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    async def views(self, region: str, pool_ids: Iterable[str]) -> list[dict[str, str] | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        ids = list(pool_ids)
+        for pool_id in ids:
+            pipe.hmget(self.keys.pool(region, pool_id), VIEW_FIELDS)
+        out: list[dict[str, str] | None] = []
+        for pool_id, values in zip(ids, await pipe.execute(), strict=True):
+            if values[0] is None:
+                out.append(None)
+                continue
+            row = {f: (v.decode() if isinstance(v, bytes) else v) for f, v in zip(VIEW_FIELDS, values, strict=True)}
+            row["pool_id"] = pool_id
+            row["region"] = region
+            out.append(row)
+        return out
+
+
+def _transition(raw: list) -> Transition:
+    def s(v: object) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    return Transition(int(raw[0]), s(raw[1]), s(raw[2]), int(raw[3]), int(raw[4]), int(raw[5]), int(raw[6]))

@@ -1,0 +1,62 @@
+"""Small helpers for integration tests: wait on events, never sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+
+class EventTap:
+    """An ordered JetStream consumer over a subject, collecting decoded events."""
+
+    def __init__(self, js: JetStreamContext, subject: str, type_: Any) -> None:
+        self.js, self.subject, self.type = js, subject, type_
+        self.events: list[Any] = []
+        self._sub = None
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> EventTap:
+        async def on_msg(msg: Any) -> None:
+            self.events.append(msgspec.json.decode(msg.data, type=self.type))
+            self._changed.set()
+
+        self._sub = await self.js.subscribe(self.subject, cb=on_msg, ordered_consumer=True,
+                                            deliver_policy=DeliverPolicy.ALL)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching event on {self.subject} within {timeout}s; saw "
+                                     f"{[type(e).__name__ for e in self.events]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> None:
+    """Poll ``check`` with a deadline (for state that has no event of its own)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(every)
