@@ -32,6 +32,7 @@ PROVIDERS: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {
         ("cn-gba", "nvidia-h800-sxm-80gb", (32,)),
         ("cn-gba", "huawei-ascend-910b", (64,)),
         ("cn-yrd", "nvidia-h20-96gb", (32, 16)),
+        ("ap-east", "nvidia-h100-sxm-80gb", (16,)),
     ],
     "ascend-west": [  # a domestic-accelerator operator in the western hubs
         ("cn-gz", "huawei-ascend-910b", (128, 64)),
@@ -59,6 +60,8 @@ PROVIDERS: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {
         ("us-west", "intel-gaudi3", (32,)),
         ("eu-central", "intel-gaudi2", (32,)),
         ("me-central", "nvidia-h100-sxm-80gb", (16,)),
+        ("ap-south", "nvidia-l40s", (16,)),
+        ("sa-east", "nvidia-a100-sxm-80gb", (16,)),
     ],
 }
 TENANTS = ("alpha-labs", "beta-media")
@@ -74,7 +77,8 @@ BASE_PRICE = {
 }
 REGION_FACTOR = {"cn-gz": "0.85", "cn-nmg": "0.85", "cn-nx": "0.85", "cn-gs": "0.85", "cn-cy": "0.9",
                  "us-east": "1.0", "us-west": "1.02", "eu-central": "1.1", "eu-west": "1.08",
-                 "ap-southeast": "1.12", "ap-northeast": "1.15", "me-central": "1.2"}
+                 "ap-southeast": "1.12", "ap-northeast": "1.15", "me-central": "1.2", "ap-south": "0.95",
+                 "sa-east": "1.25", "ap-east": "1.18"}
 
 
 def demo_pools() -> list[tuple[str, str, dict[str, Any]]]:

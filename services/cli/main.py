@@ -21,6 +21,7 @@ def cli(verbose: bool) -> None:
     """Compute Broker: a cross-region broker for accelerated compute."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @cli.command()

@@ -22,7 +22,13 @@ def available_services() -> list[str]:
     """Services whose package exists in this checkout (later issues add more)."""
     import importlib.util
 
-    return [s for s in SERVICES if importlib.util.find_spec(f"services.{s}.app") is not None]
+    def exists(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(f"services.{name}.app") is not None
+        except ModuleNotFoundError:
+            return False
+
+    return [s for s in SERVICES if exists(s)]
 
 
 @dataclass
