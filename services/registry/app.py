@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, get
@@ -50,8 +51,8 @@ def _registry(state: State) -> Registry:
 
 
 @get("/health", tags=["ops"], summary="The process is alive")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health() -> dict[str, object]:
+    return {"status": "ok", "service": "registry", "pid": os.getpid()}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:

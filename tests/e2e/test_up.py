@@ -1,0 +1,89 @@
+"""The embedded default, as a newcomer runs it: ``cbroker up --demo`` in a process of
+its own, starting its own nats-server and redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from services.cli.servers import free_port
+
+
+def _wait(check, timeout: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _health(url: str) -> dict | None:
+    try:
+        r = httpx.get(f"{url}/health", timeout=0.5)
+        return r.json() if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "CB_ADMIN_KEY")}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--data-dir", str(tmp_path),
+                             "--registry-port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    keys_file = tmp_path / "demo-keys.json"
+    try:
+        _wait(lambda: keys_file.exists() and keys_file.stat().st_size > 0, 60, "demo-keys.json")
+        keys = json.loads(keys_file.read_text())
+        assert set(keys) == {"admin", "ops", "providers", "tenants"}
+        assert len(keys["providers"]) >= 2 and len(keys["tenants"]) >= 2
+        ops = {"Authorization": f"Bearer {keys['ops']}"}
+        page = httpx.get(f"{url}/v1/pools", params={"limit": 1000}, headers=ops).json()
+        pools = page["items"]
+        assert page["total"] >= 40 and len(pools) == page["total"]
+        assert len({p["provider"] for p in pools}) >= 6
+        assert len({p["vendor"] for p in pools}) >= 5
+        assert {p["status"] for p in pools} == {"online"}
+        # every key in the file works, and a provider key is scoped to its provider
+        provider, pkey = next(iter(keys["providers"].items()))
+        mine = next(p for p in pools if p["provider"] == provider)
+        other = next(p for p in pools if p["provider"] != provider)
+        ph = {"Authorization": f"Bearer {pkey}"}
+        assert httpx.post(f"{url}/v1/pools/{mine['pool_id']}/heartbeat", headers=ph).status_code == 200
+        assert httpx.post(f"{url}/v1/pools/{other['pool_id']}/heartbeat", headers=ph).status_code == 403
+        for tkey in keys["tenants"].values():
+            assert httpx.get(f"{url}/v1/pools", headers={"Authorization": f"Bearer {tkey}"}).status_code == 200
+        assert httpx.get(f"{url}/schema/openapi.json").status_code == 200
+
+        # supervision: a service that dies is restarted
+        first = _health(url)
+        assert first is not None
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(first["pid"], signal.SIGKILL)
+        again = _wait(lambda: (h := _health(url)) and h["pid"] != first["pid"] and h, 30, "registry restart")
+        assert again["status"] == "ok"
+        assert httpx.get(f"{url}/v1/pools", headers=ops).json()["total"] == page["total"]
+        children = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "Compute Broker is up" in out and "registry" in out
+    assert "registry exited" in out and "restarted" in out  # the supervisor says what it did
+    leftover = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not leftover, leftover
