@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from datetime import datetime
 from typing import Literal
 
 import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
@@ -72,9 +75,31 @@ _record_decoder = msgspec.json.Decoder(KeyRecord)
 
 
 class KeyLookup:
-    def __init__(self, redis: Redis, kv: KeyValue, keys: Keys, admin_key: str | None) -> None:
+    """Authenticates bearer keys. Each replica caches what it looked up for a few
+    seconds (a heartbeat must not cost a Redis round trip for its key); a revocation
+    is broadcast on ``Subjects.key_revoked`` and drops the entry in every replica at
+    once, and the short TTL bounds the damage of a missed broadcast."""
+
+    def __init__(self, redis: Redis, kv: KeyValue, keys: Keys, admin_key: str | None, *,
+                 nc: NATS | None = None, revoked_subject: str = "", cache_ttl_s: float = 5.0) -> None:
         self.redis, self.kv, self.keys = redis, kv, keys
+        self.nc, self.revoked_subject = nc, revoked_subject
         self._admin_hash = hash_key(admin_key) if admin_key else None
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._ttl = cache_ttl_s
+
+    async def listen(self) -> None:
+        """Drop revoked keys from this replica's cache as soon as any replica says so."""
+        if self.nc is not None:
+            async def on_revoked(msg: Msg) -> None:
+                self.forget(msg.data.decode())
+
+            await self.nc.subscribe(self.revoked_subject, cb=on_revoked)
+
+    def forget(self, key_id: str) -> None:
+        for token_hash, (_, principal) in list(self._cache.items()):
+            if principal.key_id == key_id:
+                self._cache.pop(token_hash, None)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -86,11 +111,20 @@ class KeyLookup:
         presented = hash_key(token)
         if self._admin_hash and hmac.compare_digest(presented, self._admin_hash):
             return Principal(role="admin", subject="bootstrap")
+        cached = self._cache.get(presented)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
         key_id = key_id_of(token)
         record = await self._record(key_id) if key_id else None
         if record is None or not hmac.compare_digest(presented, record.key_hash):
+            self._cache.pop(presented, None)
             raise Unauthorized("unknown or revoked API key")
-        return Principal(role=record.role, subject=record.subject, key_id=record.key_id)
+        principal = Principal(role=record.role, subject=record.subject, key_id=record.key_id)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[presented] = (now + self._ttl, principal)
+        return principal
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         raw = await self.redis.get(self.keys.api_key(key_id))
@@ -121,4 +155,8 @@ class KeyLookup:
             return False
         await self.kv.delete(key_id)
         await self.redis.delete(self.keys.api_key(key_id))
+        self.forget(key_id)
+        if self.nc is not None:
+            await self.nc.publish(self.revoked_subject, key_id.encode())
+            await self.nc.flush()
         return True

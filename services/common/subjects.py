@@ -38,6 +38,10 @@ class Subjects:
     def rpc(self, service: str, verb: str) -> str:
         return f"{self.prefix}.rpc.{service}.{verb}"
 
+    def key_revoked(self) -> str:
+        """Core NATS broadcast: an API key id was revoked; every replica drops it."""
+        return f"{self.prefix}.auth.revoked"
+
     def stream(self, kind: str) -> str:
         """JetStream stream name for one event kind (stream names allow no dots)."""
         return f"{self.prefix.upper()}_{kind.upper()}"

@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         app.state.registry = registry
         app.state.key_lookup = KeyLookup(redis, await ensure_bucket(js, subjects.bucket("keys")), keys,
-                                         settings.admin_key)
+                                         settings.admin_key, nc=nc, revoked_subject=subjects.key_revoked())
+        await app.state.key_lookup.listen()
         await registry.rebuild_if_lost()
         sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
         try:

@@ -151,8 +151,7 @@ class Registry:
         now = self.clock()
         owner = owner_for(principal, spec.provider)
         existing = await self.records.get(pool_id)
-        if not await self.regions.known(spec.region):
-            pass  # build_pool raises the clear error
+        await self.regions.known(spec.region)  # refresh if another replica added it; build_pool checks
         pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now, existing)
         raw = await self.records.put(pool)
         t = self._checked(await self.store.upsert(pool.spec.region, pool_id, now.timestamp(), owner, pool.spec.units,
@@ -174,7 +173,6 @@ class Registry:
             if pool_id in seen:
                 raise BadRequest(f"pool id {pool_id} appears twice")
             seen.add(pool_id)
-            owner_for(principal, spec.provider)
             await self.regions.known(spec.region)
             build_pool(pool_id, spec, owner_for(principal, spec.provider), self.catalogue, self.regions, now, None)
         sem = asyncio.Semaphore(concurrency)

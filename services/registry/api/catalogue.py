@@ -8,7 +8,7 @@ from litestar import Controller, get, put
 from litestar.params import Parameter
 
 from services.common.auth import Principal
-from services.common.errors import BadRequest
+from services.common.errors import BadRequest, NotFound
 from services.common.messages import Accelerator, Link, Region
 
 from ..service import Registry
@@ -26,8 +26,6 @@ class CatalogueController(Controller):
 
     @get("/accelerators/{model:str}", summary="One accelerator model")
     async def accelerator(self, registry: Registry, model: str) -> Accelerator:
-        from services.common.errors import NotFound
-
         if model not in registry.catalogue:
             raise NotFound(f"unknown accelerator model {model!r}")
         return registry.catalogue[model]

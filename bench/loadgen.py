@@ -1,0 +1,86 @@
+"""A small HTTP/1.1 keep-alive load generator on raw asyncio streams.
+
+httpx costs more CPU per request than the server under test, which on a 2-core
+machine would measure the client; this sends prebuilt request bytes and parses only
+the status line and Content-Length. Bounded by a request count and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+_CL = re.compile(rb"content-length:\s*(\d+)", re.I)
+
+
+def request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class Result:
+    requests: int = 0
+    errors: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000
+
+    def summary(self) -> str:
+        return (f"{self.requests} requests in {self.seconds:.2f}s = {self.rate:,.0f}/s; "
+                f"p50 {self.pct(50):.2f} ms, p99 {self.pct(99):.2f} ms; statuses {self.statuses}; "
+                f"errors {self.errors}")
+
+
+async def run(port: int, make: Callable[[int], bytes], *, connections: int, seconds: float,
+              max_requests: int = 10_000_000) -> Result:
+    result = Result()
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                i = next(counter, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                writer.write(make(i))
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = _CL.search(head)
+                if m:
+                    await reader.readexactly(int(m.group(1)))
+                status = int(head[9:12])
+                result.latencies.append(time.perf_counter() - t0)
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                result.requests += 1
+                if status >= 400:
+                    result.errors += 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
