@@ -43,7 +43,7 @@ def pid1_argv() -> list[str]:
 
 
 def resolve_port(environ: Mapping[str, str], argv: Sequence[str]) -> int:
-    if False:
+    if environ.get("CB_PORT"):
         return int(environ["CB_PORT"])
     service = service_from_argv(argv)
     if service is None:

@@ -18,7 +18,7 @@ from services.common.keys import Keys
 from services.common.messages import Accelerator, PoolSpec, Region, Topology
 
 from .domain import topology as topo
-from .domain.errors import BadRequest, Forbidden, NotFound
+from .domain.errors import BadRequest, Conflict, Forbidden, NotFound
 from .domain.pools import (
     BatchHeartbeat,
     PoolPatch,
@@ -175,6 +175,16 @@ class Registry:
             seen.add(pool_id)
             await self.regions.known(spec.region)
             build_pool(pool_id, spec, owner_for(principal, spec.provider), self.catalogue, self.regions, now, None)
+        # pools that exist already: same owner and same region, or nothing is written
+        ids = [p for p, _ in items]
+        regions = await self.store.regions_of(ids)
+        existing = [(r, p, s) for r, (p, s) in zip(regions, items, strict=True) if r]
+        owners = await self.store.owners([(r, p) for r, p, _ in existing])
+        for (region, pool_id, spec), owner in zip(existing, owners, strict=True):
+            if owner is not None and owner != owner_for(principal, spec.provider):
+                raise Forbidden(f"pool {pool_id} belongs to another provider")
+            if region != spec.region:
+                raise Conflict(f"pool {pool_id} is in region {region}; it cannot move to {spec.region}")
         sem = asyncio.Semaphore(concurrency)
 
         async def one(pool_id: str, spec: PoolSpec) -> tuple[str, bool]:

@@ -100,6 +100,13 @@ class PoolStore:
         values = await self.redis.hmget(self.keys.pool_index(), list(pool_ids))
         return [v.decode() if isinstance(v, bytes) else v for v in values]
 
+    async def owners(self, pairs: Sequence[tuple[str, str]]) -> list[str | None]:
+        """Provider of each ``(region, pool_id)``, one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region, pool_id in pairs:
+            pipe.hget(self.keys.pool(region, pool_id), "provider")
+        return [v.decode() if isinstance(v, bytes) else v for v in await pipe.execute()]
+
     async def regions(self) -> list[str]:
         return sorted(r.decode() if isinstance(r, bytes) else r for r in await self.redis.smembers(self.keys.regions()))
 

@@ -143,3 +143,22 @@ async def test_key_issue_validation_and_revocation(registry_api: Api) -> None:
     assert (await c.delete(f"/v1/keys/{key_id}", headers=admin)).status_code == 200
     assert (await c.get("/v1/pools", headers=h)).status_code == 401
     assert (await c.delete(f"/v1/keys/{key_id}", headers=admin)).status_code == 404
+
+
+async def test_bulk_is_all_or_nothing(registry_api: Api) -> None:
+    c = registry_api.client
+    acme = await registry_api.key("provider", "acme")
+    zeta = await registry_api.key("provider", "zeta")
+    assert (await registry_api.put_pool("zeta-taken", zeta)).status_code == 201
+    good = [{"pool_id": f"acme-k{i}", **pool_body()} for i in range(5)]
+    for bad_item, status in (({"pool_id": "zeta-taken", **pool_body()}, 403),
+                             ({"pool_id": "acme-k9", **pool_body(model="nope")}, 422),
+                             ({"pool_id": "acme-k0", **pool_body()}, 400),  # duplicate id in the batch
+                             ({"pool_id": "BAD ID", **pool_body()}, 400)):
+        r = await c.post("/v1/pools/bulk", json=[*good, bad_item], headers=acme)
+        assert r.status_code == status, (bad_item["pool_id"], r.text)
+        assert (await c.get("/v1/pools", params={"provider": "acme"}, headers=acme)).json()["total"] == 0
+    r = await c.post("/v1/pools/bulk", json=good, headers=acme)
+    assert r.status_code == 201 and r.json() == {"created": 5, "updated": 0}
+    view = (await c.get("/v1/pools/zeta-taken", headers=zeta)).json()
+    assert view["provider"] == "zeta" and view["generation"] == 1

@@ -9,6 +9,7 @@ services, NATS runs JetStream durably and Redis never evicts.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import threading
@@ -282,11 +283,14 @@ def test_dockerfile_exposes_the_default_ports() -> None:
 
 def test_dockerfile_healthcheck_gets_health_with_urllib() -> None:
     checks = [args for instr, args in _dockerfile() if instr == "HEALTHCHECK"]
-    assert len(checks) == 1 and "/health" in checks[0]
-    script = re.search(r"(/\S+\.py)", checks[0])
-    assert script, "HEALTHCHECK runs no python script"
+    assert len(checks) == 1, "one HEALTHCHECK"
+    cmd = re.search(r"\bCMD\s+(\[.*\])\s*$", checks[0])
+    assert cmd, "HEALTHCHECK CMD must be the exec form"
+    argv = json.loads(cmd.group(1))
+    assert argv[0] == "python" and argv[-1] == "/health", argv
+    script = argv[1]
     copied = [args.split() for instr, args in _dockerfile() if instr == "COPY"]
-    assert ["deploy/docker/healthcheck.py", script.group(1)] in copied
+    assert ["deploy/docker/healthcheck.py", script] in copied, f"{script} is not the copied healthcheck"
     source = HEALTHCHECK.read_text(encoding="utf-8")
     assert "urllib.request" in source and "curl" not in re.sub(r"#.*|\"\"\"[\s\S]*?\"\"\"", "", source)
 
