@@ -162,3 +162,21 @@ async def test_bulk_is_all_or_nothing(registry_api: Api) -> None:
     assert r.status_code == 201 and r.json() == {"created": 5, "updated": 0}
     view = (await c.get("/v1/pools/zeta-taken", headers=zeta)).json()
     assert view["provider"] == "zeta" and view["generation"] == 1
+
+
+async def test_revocation_reaches_every_replica_at_once(settings, nc) -> None:
+    async with AsyncTestClient(app=create_app(settings)) as one, AsyncTestClient(app=create_app(settings)) as two:
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        r = await one.post("/v1/keys", json={"role": "tenant", "subject": "t1"}, headers=admin)
+        h = {"Authorization": f"Bearer {r.json()['key']}"}
+        # both replicas have the key cached now
+        assert (await one.get("/v1/pools", headers=h)).status_code == 200
+        assert (await two.get("/v1/pools", headers=h)).status_code == 200
+        assert (await one.delete(f"/v1/keys/{r.json()['key_id']}", headers=admin)).status_code == 200
+
+        from ..helpers import eventually
+
+        async def refused() -> bool:
+            return (await two.get("/v1/pools", headers=h)).status_code == 401
+
+        await eventually(refused, timeout=1.0)  # well inside the 5 s cache TTL
