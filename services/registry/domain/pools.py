@@ -92,4 +92,6 @@ def apply_patch(pool: Pool, patch: PoolPatch, now: datetime) -> Pool:
     if patch.prices is not None:
         check_prices(patch.prices)
     spec = msgspec.structs.replace(pool.spec, **changes)
+    if spec.units_per_node > spec.units:
+        raise Unprocessable(f"units_per_node ({spec.units_per_node}) exceeds units ({spec.units})")
     return msgspec.structs.replace(pool, spec=spec, updated_at=now, generation=pool.generation + 1)
