@@ -88,6 +88,7 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         for svc in services:
             table.add_row(f"{svc.name} API", svc.url)
             table.add_row(f"{svc.name} OpenAPI docs", f"{svc.url}/schema")
+            table.add_row(f"{svc.name} metrics", f"{svc.url}/metrics")
         table.add_row("data and logs", str(opts.data_dir))
         table.add_row("API keys", str(keys_path) if opts.demo else str(opts.data_dir / "admin-key"))
         console.print(table)

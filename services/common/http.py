@@ -12,6 +12,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from .auth import KeyLookup, Principal
@@ -54,6 +55,13 @@ def problem_handlers() -> dict:
         HTTPException: _http,
         Exception: _unexpected,
     }
+
+
+def prometheus(service: str) -> tuple[PrometheusConfig, type[PrometheusController]]:
+    """Request metrics with litestar's Prometheus plugin; paths are grouped by route
+    template so pool ids never become label values."""
+    config = PrometheusConfig(app_name=service, prefix="cb", group_path=True, exclude=["/metrics", "/health"])
+    return config, PrometheusController
 
 
 async def principal_from(request: Request) -> Principal:

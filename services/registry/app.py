@@ -14,7 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
-from services.common.http import principal_from, problem_handlers
+from services.common.http import principal_from, problem_handlers, prometheus
 from services.common.keys import Keys
 from services.common.nats_conn import connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
@@ -58,6 +58,7 @@ async def health() -> dict[str, object]:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or settings_from_env()
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
+    metrics, metrics_controller = prometheus("registry")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -90,7 +91,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await redis.aclose()
 
     return Litestar(
-        route_handlers=[health, PoolController, HeartbeatController, CatalogueController, KeyController],
+        route_handlers=[health, metrics_controller, PoolController, HeartbeatController, CatalogueController,
+                        KeyController],
+        middleware=[metrics.middleware],
         dependencies={
             "registry": Provide(_registry, sync_to_thread=False),
             "principal": Provide(principal_from),

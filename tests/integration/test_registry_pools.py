@@ -175,3 +175,15 @@ async def test_catalogue_and_topology_endpoints(registry_api: Api, model_region)
     links = (await get("/v1/network", params={"src": region})).json()
     assert len(links) == len(regions) and all(link["src"] == region for link in links)
     assert (await get("/v1/network", params={"src": "atlantis"})).status_code == 400
+
+
+async def test_metrics_and_health(registry_api: Api) -> None:
+    prov = await registry_api.key("provider", "acme")
+    await registry_api.put_pool("acme-m1", prov)
+    await registry_api.client.post("/v1/pools/acme-m1/heartbeat", headers=prov)
+    r = await registry_api.client.get("/metrics")
+    assert r.status_code == 200
+    assert 'cb_requests_total{app_name="registry"' in r.text
+    assert "acme-m1" not in r.text  # grouped by route template, ids never become labels
+    health = (await registry_api.client.get("/health")).json()
+    assert health["status"] == "ok" and health["service"] == "registry"
