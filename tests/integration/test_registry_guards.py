@@ -125,9 +125,9 @@ async def test_auth_and_ownership(registry_api: Api) -> None:
     assert (await registry_api.put_pool("acme-adm", registry_api.admin)).status_code == 422
     r = await registry_api.put_pool("acme-adm", registry_api.admin, provider="acme")
     assert r.status_code == 201 and r.json()["provider"] == "acme"
-    assert (await c.patch("/v1/pools/acme-own", json={"units": 4}, headers=registry_api.admin)).status_code == 200
+    assert (await c.patch("/v1/pools/acme-own", json={"units": 8}, headers=registry_api.admin)).status_code == 200
     view = (await c.get("/v1/pools/acme-own", headers=acme)).json()
-    assert view["capacity"] == 4 and view["provider"] == "acme"
+    assert view["capacity"] == 8 and view["provider"] == "acme"
 
 
 async def test_key_issue_validation_and_revocation(registry_api: Api) -> None:
