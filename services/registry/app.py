@@ -14,7 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
-from services.common.http import principal_from, problem_handlers, prometheus
+from services.common.http import api_key_auth, problem_handlers, prometheus
 from services.common.keys import Keys
 from services.common.nats_conn import connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
@@ -93,10 +93,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[health, metrics_controller, PoolController, HeartbeatController, CatalogueController,
                         KeyController],
-        middleware=[metrics.middleware],
+        middleware=[metrics.middleware, api_key_auth()],
         dependencies={
             "registry": Provide(_registry, sync_to_thread=False),
-            "principal": Provide(principal_from),
         },
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),

@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, delete, post
+from litestar import Controller, delete, post
 
-from services.common.auth import KeyLookup, Principal, Role
+from services.common.auth import KeyLookup, Role
+from services.common.http import AuthedRequest
 from services.common.errors import NotFound, Unprocessable
 from services.common.ids import is_valid_id
 
@@ -32,8 +33,8 @@ class KeyController(Controller):
     tags = ["auth"]
 
     @post("/", summary="Issue an API key (admin)")
-    async def issue(self, request: Request, principal: Principal, data: KeyRequest) -> IssuedKey:
-        principal.require("admin")
+    async def issue(self, request: AuthedRequest, data: KeyRequest) -> IssuedKey:
+        request.user.require("admin")
         if data.role in ("provider", "tenant"):
             if not is_valid_id(data.subject):
                 raise Unprocessable(f"role {data.role} needs a valid subject id (the {data.role} id)")
@@ -44,8 +45,8 @@ class KeyController(Controller):
         return IssuedKey(key_id=record.key_id, key=key, role=record.role, subject=record.subject, name=record.name)
 
     @delete("/{key_id:str}", summary="Revoke an API key (admin)", status_code=200)
-    async def revoke(self, request: Request, principal: Principal, key_id: str) -> dict[str, object]:
-        principal.require("admin")
+    async def revoke(self, request: AuthedRequest, key_id: str) -> dict[str, object]:
+        request.user.require("admin")
         lookup: KeyLookup = request.app.state.key_lookup
         if len(key_id) > 64 or not await lookup.revoke(key_id):
             raise NotFound(f"no key {key_id}")
