@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--pools", type=int, default=10_000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="registry worker processes")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
     nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
     admin = f"bench-{secrets.token_hex(8)}"
     settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=admin, heartbeat_ttl_s=300,
-                        log_level="warning")
+                        log_level="warning", workers=args.workers)
     registry = ServiceProcess("registry", free_port(), settings_to_env(settings), tmp / "registry.log")
     lines: list[str] = []
 
@@ -84,7 +85,8 @@ def main() -> None:
     try:
         registry.start()
         registry.wait_healthy()
-        say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}")
+        say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}; "
+            f"registry workers: {args.workers}")
         cat = tmp / "vms.csv"
         write_catalogue(cat, args.pools)
         t0 = time.perf_counter()

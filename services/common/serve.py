@@ -16,4 +16,4 @@ def serve(service: str, factory: str) -> None:
                         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
     port = int(os.environ.get("CB_PORT") or getattr(settings, f"{service}_port"))
     uvicorn.run(factory, factory=True, host=settings.host, port=port, log_level=settings.log_level,
-                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+                access_log=False, lifespan="on", timeout_graceful_shutdown=5, workers=settings.workers)

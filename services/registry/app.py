@@ -58,7 +58,8 @@ async def health() -> dict[str, object]:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or settings_from_env()
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
-    metrics, metrics_controller = prometheus("registry")
+    metrics, metrics_controller = prometheus("registry", hot_paths=[r"^/v1/pools/[^/]+/heartbeat$",
+                                                                    r"^/v1/heartbeats"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -27,13 +27,18 @@ from .domain.pools import (
     check_owner,
     owner_for,
 )
+from .coalesce import HeartbeatCoalescer
 from .events import CapacityEvents, for_status, for_upsert
+from .metrics import HEARTBEATS, STATUS_CHANGES
 from .records import PoolRecords
 from .store import PoolStore, Transition
 from .views import PoolPage, PoolView, pool_view
 
 log = logging.getLogger(__name__)
 _region_decoder = msgspec.json.Decoder(Region)
+
+
+_OUTCOME = {0: "not_found", -1: "forbidden"}
 
 
 def utcnow() -> datetime:
@@ -99,6 +104,7 @@ class Registry:
         self.ttl = heartbeat_ttl_s
         self.clock = clock
         self._region_cache: dict[str, str] = {}
+        self._heartbeats = HeartbeatCoalescer(store)
 
     # --- helpers ----------------------------------------------------------------------
     @staticmethod
@@ -135,15 +141,17 @@ class Registry:
                               now: datetime) -> None:
         event = for_status(pool_id, provider, region, t, now)
         if event is not None:
+            STATUS_CHANGES.labels(t.status).inc()
             await self.events.publish(event)
 
     async def view(self, pool_id: str) -> PoolView:
-        region = await self._region(pool_id)
-        [row] = await self.store.views(region, [pool_id])
-        if row is None:
+        for _ in range(2):  # a second look when a cached region went stale
+            region = await self._region(pool_id)
+            [row] = await self.store.views(region, [pool_id])
+            if row is not None:
+                return pool_view(row)
             self._region_cache.pop(pool_id, None)
-            raise NotFound(f"no pool {pool_id}")
-        return pool_view(row)
+        raise NotFound(f"no pool {pool_id}")
 
     # --- provider use cases ------------------------------------------------------------
     async def register(self, principal: Principal, pool_id: str, spec: PoolSpec) -> tuple[PoolView, bool]:
@@ -211,9 +219,17 @@ class Registry:
 
     async def heartbeat(self, principal: Principal, pool_id: str, healthy: int | None) -> Transition:
         acting = self._acting(principal)
+        cached = pool_id in self._region_cache
         region = await self._region(pool_id)
         now = self.clock()
-        t = self._checked(await self.store.heartbeat(region, pool_id, now.timestamp(), acting, healthy), pool_id)
+        t = await self._heartbeats.heartbeat((region, pool_id, healthy, acting), now.timestamp())
+        if t.code == 0 and cached:
+            # another replica removed the pool (and may have registered it elsewhere)
+            self._region_cache.pop(pool_id, None)
+            region = await self._region(pool_id)
+            t = await self._heartbeats.heartbeat((region, pool_id, healthy, acting), now.timestamp())
+        HEARTBEATS.labels(_OUTCOME.get(t.code, "ok")).inc()
+        self._checked(t, pool_id)
         if t.changed:
             provider = principal.subject if acting else (await self.view(pool_id)).provider
             await self._publish_status(pool_id, provider, region, t, now)
@@ -228,11 +244,13 @@ class Registry:
         if unknown:
             raise BadRequest(f"healthy_units names pools not in 'pools': {sorted(unknown)[:5]}")
         regions = await self.store.regions_of(body.pools)
-        items = [(r, p, body.healthy_units.get(p)) for p, r in zip(body.pools, regions, strict=True) if r]
+        items = [(r, p, body.healthy_units.get(p), acting) for p, r in zip(body.pools, regions, strict=True) if r]
         now = self.clock()
-        results = await self.store.heartbeat_many(items, now.timestamp(), acting)
+        results = await self.store.heartbeat_many(items, now.timestamp())
         out = {p: "not_found" for p, r in zip(body.pools, regions, strict=True) if not r}
-        for (region, pool_id, _), t in zip(items, results, strict=True):
+        HEARTBEATS.labels("not_found").inc(len(body.pools) - len(items))
+        for (region, pool_id, _, _), t in zip(items, results, strict=True):
+            HEARTBEATS.labels(_OUTCOME.get(t.code, "ok")).inc()
             out[pool_id] = {0: "not_found", -1: "forbidden"}.get(t.code, t.status)
             if t.code == 1 and t.changed:
                 provider = principal.subject if acting else (await self.view(pool_id)).provider

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from services.common.keys import Keys
 from services.common.redis_conn import read_lua
@@ -59,15 +60,19 @@ class PoolStore:
         return await self._run("heartbeat", region, pool_id, now, provider,
                                HEALTHY_UNSAID if healthy is None else healthy)
 
-    async def heartbeat_many(self, items: Sequence[tuple[str, str, int | None]], now: float,
-                             provider: str) -> list[Transition]:
-        """One pipelined round trip for many ``(region, pool_id, healthy)`` heartbeats."""
+    async def heartbeat_many(self, items: Sequence[tuple[str, str, int | None, str]], now: float) -> list[Transition]:
+        """One pipelined round trip for many ``(region, pool_id, healthy, acting provider)``."""
         pipe = self.redis.pipeline(transaction=False)
-        for region, pool_id, healthy in items:
-            await self._script(keys=self._keys(region, pool_id),
-                               args=["heartbeat", now, pool_id, provider,
-                                     HEALTHY_UNSAID if healthy is None else healthy], client=pipe)
-        return [_transition(raw) for raw in await pipe.execute()]
+        sha = self._script.sha
+        for region, pool_id, healthy, provider in items:
+            pipe.evalsha(sha, 3, *self._keys(region, pool_id), "heartbeat", now, pool_id, provider,
+                         HEALTHY_UNSAID if healthy is None else healthy)
+        try:
+            raws = await pipe.execute()
+        except NoScriptError:  # Redis restarted or flushed its script cache
+            await self._script.registered_client.script_load(self._script.script)
+            return await self.heartbeat_many(items, now)
+        return [_transition(raw) for raw in raws]
 
     async def patch(self, region: str, pool_id: str, now: float, provider: str, capacity: int,
                     record: bytes) -> Transition:

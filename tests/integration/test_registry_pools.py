@@ -185,5 +185,22 @@ async def test_metrics_and_health(registry_api: Api) -> None:
     assert r.status_code == 200
     assert 'cb_requests_total{app_name="registry"' in r.text
     assert "acme-m1" not in r.text  # grouped by route template, ids never become labels
+    assert 'cb_registry_heartbeats_total{outcome="ok"}' in r.text
     health = (await registry_api.client.get("/health")).json()
     assert health["status"] == "ok" and health["service"] == "registry"
+
+
+async def test_replica_with_stale_region_cache(settings, nc) -> None:
+    """One replica caches where a pool lives; another removes it and it is registered
+    again in another region. The first replica must follow, not answer 404."""
+    async with AsyncTestClient(app=create_app(settings)) as one, AsyncTestClient(app=create_app(settings)) as two:
+        api1, api2 = Api(one, settings.admin_key or ""), Api(two, settings.admin_key or "")
+        prov = await api1.key("provider", "acme")
+        assert (await api1.put_pool("acme-mv", prov, region="cn-yrd")).status_code == 201
+        assert (await one.post("/v1/pools/acme-mv/heartbeat", headers=prov)).status_code == 200  # cached
+        assert (await two.delete("/v1/pools/acme-mv", headers=prov)).status_code == 200
+        assert (await api2.put_pool("acme-mv", prov, region="us-east")).status_code == 201
+        assert (await one.get("/v1/pools/acme-mv", headers=prov)).json()["region"] == "us-east"
+        r = await one.post("/v1/pools/acme-mv/heartbeat", headers=prov)
+        assert r.status_code == 200, r.text
+        assert (await one.get("/v1/pools/acme-mv", headers=prov)).json()["region"] == "us-east"
