@@ -25,7 +25,7 @@ async def connect(url: str, name: str) -> NATS:
     not an outage, for a service."""
 
     async def _disconnected() -> None:
-        log.info("nats disconnected (%s)", name)  # also on a normal drain; reconnects are warned
+        log.debug("nats disconnected (%s)", name)  # also on every normal drain; reconnects are warned
 
     async def _reconnected() -> None:
         log.warning("nats reconnected (%s)", name)

@@ -204,3 +204,27 @@ async def test_replica_with_stale_region_cache(settings, nc) -> None:
         r = await one.post("/v1/pools/acme-mv/heartbeat", headers=prov)
         assert r.status_code == 200, r.text
         assert (await one.get("/v1/pools/acme-mv", headers=prov)).json()["region"] == "us-east"
+
+
+async def test_operator_topology_file(settings, nc, tmp_path) -> None:
+    import json
+
+    topo = {"regions": [
+        {"id": "dc-north", "name": "North DC", "country": "NO", "lat": 59.9, "lon": 10.7, "kind": "cloud"},
+        {"id": "dc-south", "name": "South DC", "country": "ZA", "lat": -33.9, "lon": 18.4, "kind": "cloud"}],
+        "links": [{"src": "dc-north", "dst": "dc-south", "latency_ms": 190, "bandwidth_gbps": 5,
+                   "egress_per_gb": "0.12", "derived": False}]}
+    path = tmp_path / "topology.json"
+    path.write_text(json.dumps(topo))
+    async with AsyncTestClient(app=create_app(with_settings(settings, topology_file=str(path)))) as client:
+        regions = (await client.get("/v1/regions")).json()
+        assert {r["id"] for r in regions} == {"dc-north", "dc-south"}
+        links = (await client.get("/v1/network", params={"src": "dc-north", "dst": "dc-south"})).json()
+        assert links == [{"src": "dc-north", "dst": "dc-south", "latency_ms": 190.0, "bandwidth_gbps": 5.0,
+                          "egress_per_gb": "0.12", "currency": "USD", "derived": False}]
+        back = (await client.get("/v1/network", params={"src": "dc-south", "dst": "dc-north"})).json()[0]
+        assert back["derived"] is True  # the other direction comes from the distance model
+        api = Api(client, settings.admin_key or "")
+        prov = await api.key("provider", "acme")
+        assert (await api.put_pool("acme-n1", prov, region="dc-north")).status_code == 201
+        assert (await api.put_pool("acme-n2", prov, region="cn-yrd")).status_code == 422
