@@ -61,6 +61,18 @@ def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 15.0, w
     raise ServerError(f"{what} did not listen on {port} within {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class ServerProcess:
     name: str
@@ -71,13 +83,7 @@ class ServerProcess:
     log_path: Path | None = None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from .servers import stop_process
+
 log = logging.getLogger("cbroker.up")
 
 SERVICES = ("registry", "broker", "meter")
@@ -85,11 +87,4 @@ class ServiceProcess:
             log.warning("%s restarted (restart #%d, pid %d)", self.name, self.restarts, self.proc.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout)
