@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from .apps import register as register_app_commands
 from .importer import import_group
 from .up import UpOptions, run_up
 
@@ -42,3 +43,4 @@ def up(demo: bool, data_dir: Path, nats_port: int | None, redis_port: int | None
 
 
 cli.add_command(import_group)
+register_app_commands(cli)

@@ -30,6 +30,24 @@ class Keys:
         """Sorted set: pool id scored by its last heartbeat (unix seconds)."""
         return f"{self._r(region)}:hb"
 
+    def lease(self, region: str, lease_id: str) -> str:
+        """Hash: one live lease (units, expiry, seq, the LeaseInfo JSON)."""
+        return f"{self._r(region)}:lease:{lease_id}"
+
+    def lease_expiry(self, region: str) -> str:
+        """Sorted set: lease id scored by expiry (unix seconds), for the sweeper."""
+        return f"{self._r(region)}:lexp"
+
+    def pool_leases(self, region: str, pool_id: str) -> str:
+        """Set: ids of the live leases on one pool (offline -> lost, preemption)."""
+        return f"{self._r(region)}:pool:{pool_id}:leases"
+
+    def leases_ready(self, region: str) -> str:
+        """String: set by the broker once this region's leases are known to be in Redis
+        (after a start or a rebuild). The reserve script refuses without it, so a Redis
+        that lost its leases can never be booked over them."""
+        return f"{self._r(region)}:leases-ready"
+
     # --- global, single-key -------------------------------------------------------
     def pool_index(self) -> str:
         """Hash: pool id -> region, so a pool can be found from its id alone."""
@@ -42,6 +60,37 @@ class Keys:
     def api_key(self, key_hash: str) -> str:
         """String: JSON principal for a hashed API key."""
         return f"{self.prefix}:apikey:{key_hash}"
+
+    def lease_index(self) -> str:
+        """Hash: lease id -> region."""
+        return f"{self.prefix}:leaseidx"
+
+    def tenant_leases(self, tenant: str) -> str:
+        """Sorted set: a tenant's live lease ids scored by grant time."""
+        return f"{self.prefix}:tenant:{tenant}:leases"
+
+    def request(self, request_id: str) -> str:
+        """String: JSON record of one request (state, reasons, lease ids)."""
+        return f"{self.prefix}:req:{request_id}"
+
+    def tenant_requests(self, tenant: str) -> str:
+        """Sorted set: a tenant's request ids scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:reqs"
+
+    def idempotency(self, tenant: str, key_hash: str) -> str:
+        """String: the stored response to an Idempotency-Key."""
+        return f"{self.prefix}:idem:{tenant}:{key_hash}"
+
+    def queue(self) -> str:
+        """Sorted set: queued request ids, scored priority first, then fair share."""
+        return f"{self.prefix}:queue"
+
+    def tenant_vtime(self) -> str:
+        """Hash: tenant -> virtual finish time of its last queued request (fair share)."""
+        return f"{self.prefix}:queue:vtime"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
 
     def rebuilt_marker(self, service: str) -> str:
         """String: set once a service has (re)loaded Redis from its durable record."""

@@ -161,3 +161,103 @@ __all__ = [
     "PoolDraining", "PoolOffline", "PoolOnline", "PoolRegistered", "PoolRemoved", "PoolSpec",
     "PoolStatus", "PoolUpdated", "Price", "Prices", "Region", "Stack", "Topology", "Units", "Vendor",
 ]
+
+
+# --- allocation events (broker -> all; the meter bills from these) ----------------------
+Billing = Literal["on_demand", "reserved_month", "reserved_year", "interruptible"]
+
+
+class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the meter needs to bill one lease: everything is locked at grant time."""
+
+    lease_id: str
+    request_id: str
+    tenant: Id
+    pool_id: Id
+    provider: Id
+    region: Id
+    model: Id
+    units: int
+    billing: Billing
+    unit_price: Decimal  # per unit-hour, or per unit-month for reserved terms
+    price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
+    currency: Currency = "USD"
+    granted_at: datetime
+    expires_at: datetime  # TTL end for open leases; duration or term end otherwise
+    term_months: int = 0  # reserved terms: 1 or 12
+    ttl_s: int = 0  # open leases: each renewal moves expires_at to now + ttl_s; 0 = fixed end
+    priority: int = 5
+
+
+class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    id: str
+    at: datetime
+    lease: LeaseInfo
+    seq: int = 1  # per-lease sequence: granted 1, then +1 per event of that lease
+    free_after: int = -1  # pool's free units right after (replicas' engines follow it)
+    v: int = 1
+
+
+class LeaseGranted(_AllocEvent, tag="lease.granted"):
+    pass
+
+
+class LeaseRenewed(_AllocEvent, tag="lease.renewed"):
+    pass
+
+
+class LeaseReleased(_AllocEvent, tag="lease.released"):
+    pass
+
+
+class LeaseExpired(_AllocEvent, tag="lease.expired"):
+    pass
+
+
+class LeasePreempted(_AllocEvent, tag="lease.preempted"):
+    by_request: str = ""
+
+
+class LeaseLost(_AllocEvent, tag="lease.lost"):
+    reason: str = ""
+
+
+class LeaseRevoked(_AllocEvent, tag="lease.revoked"):
+    reason: str = ""
+
+
+AllocEvent = LeaseGranted | LeaseRenewed | LeaseReleased | LeaseExpired | LeasePreempted | LeaseLost | LeaseRevoked
+ENDING_EVENTS = (LeaseReleased, LeaseExpired, LeasePreempted, LeaseLost, LeaseRevoked)
+
+
+# --- request events (broker -> all) ------------------------------------------------------
+class _RequestEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    id: str
+    at: datetime
+    request_id: str
+    tenant: Id
+    v: int = 1
+
+
+class RequestAccepted(_RequestEvent, tag="request.accepted"):
+    units: int = 0
+
+
+class RequestQueued(_RequestEvent, tag="request.queued"):
+    reasons: tuple[str, ...] = ()
+    body: bytes = b""  # the request as the client sent it (JSON), to rebuild the queue
+
+
+class RequestPlaced(_RequestEvent, tag="request.placed"):
+    lease_ids: tuple[str, ...] = ()
+
+
+class RequestRejected(_RequestEvent, tag="request.rejected"):
+    reasons: tuple[str, ...] = ()
+
+
+class RequestCancelled(_RequestEvent, tag="request.cancelled"):
+    pass
+
+
+RequestEvent = RequestAccepted | RequestQueued | RequestPlaced | RequestRejected | RequestCancelled

@@ -89,3 +89,29 @@ async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struc
         subject, msgspec.json.encode(event), headers={"Nats-Msg-Id": event.id}  # type: ignore[attr-defined]
     )
     return ack.seq
+
+
+async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000):  # noqa: ANN201
+    """Every message of ``stream`` on ``subject`` from the start up to its last sequence
+    now (for rebuilding state from the durable record). Yields ``(seq, data)``."""
+    info = await js.stream_info(stream)
+    last = info.state.last_seq
+    if info.state.messages == 0:
+        return
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=2)
+            except TimeoutError:
+                return
+            for msg in msgs:
+                seq = msg.metadata.sequence.stream
+                yield seq, msg.data
+                if seq >= last:
+                    return
+    finally:
+        await sub.unsubscribe()

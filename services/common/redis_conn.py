@@ -14,4 +14,7 @@ def connect(url: str, max_connections: int = 64) -> Redis:
 
 
 def read_lua(package: str, name: str) -> str:
-    return resources.files(package).joinpath(name).read_text()
+    """A service's script with the shared pool-state functions prepended, so that
+    every script computes a pool's free units the same way."""
+    shared = resources.files("services.common.lua").joinpath("pool_state.lua").read_text()
+    return shared + "\n" + resources.files(package).joinpath(name).read_text()

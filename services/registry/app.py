@@ -28,6 +28,7 @@ from .domain.catalogue import load_catalogue
 from .domain.topology import default_topology, load_topology
 from .events import CapacityEvents
 from .records import PoolRecords
+from .rpc import serve_rpc
 from .service import Registry, RegionBook
 from .store import PoolStore
 
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                          settings.admin_key, nc=nc, revoked_subject=subjects.key_revoked())
         await app.state.key_lookup.listen()
         await registry.rebuild_if_lost()
+        await serve_rpc(nc, subjects, registry)
         sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
         try:
             yield

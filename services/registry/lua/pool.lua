@@ -9,28 +9,8 @@
 local pool, members, hb = KEYS[1], KEYS[2], KEYS[3]
 local op, now, pool_id, provider = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
-local function status_of(alive, draining)
-  if alive ~= 1 then return 'offline' end
-  if draining == 1 then return 'draining' end
-  return 'online'
-end
-
-local function recompute()
-  local f = redis.call('HMGET', pool, 'capacity', 'healthy', 'leased', 'alive', 'draining')
-  local capacity, healthy, leased = tonumber(f[1]), tonumber(f[2]) or -1, tonumber(f[3]) or 0
-  local alive, draining = tonumber(f[4]) or 0, tonumber(f[5]) or 0
-  local effective = capacity
-  if healthy >= 0 and healthy < capacity then effective = healthy end
-  local status = status_of(alive, draining)
-  local free = 0
-  if status == 'online' then free = math.max(0, effective - leased) end
-  local over = math.max(0, leased - effective)
-  redis.call('HSET', pool, 'status', status, 'free', free, 'overcommit', over)
-  return {status, free, over, leased, capacity}
-end
-
 local function reply(code, prev)
-  local r = recompute()
+  local r = cb_recompute(pool)
   return {code, prev, r[1], r[2], r[3], r[4], r[5]}
 end
 

@@ -1,0 +1,74 @@
+"""App-facing HTTP endpoints; thin over ``Broker``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Response, delete, get, post
+from litestar.params import Parameter
+
+from services.common.http import AuthedRequest
+
+from .domain.requests import ComputeRequest
+from .idempotency import once
+from .records import LeaseView, QuoteView, RequestView, lease_view
+from .service import Broker
+
+Id = Annotated[str, Parameter(max_length=200)]
+
+class RequestController(Controller):
+    path = "/v1/requests"
+    tags = ["requests"]
+
+    @post("/", summary="Ask for compute: 201 placed, 202 queued, 422 never placeable",
+          responses=None)
+    async def create(self, request: AuthedRequest, broker: Broker, data: ComputeRequest) -> Response[bytes]:
+        tenant = broker.tenant_of(request.user)
+
+        async def run() -> tuple[int, bytes]:
+            status, view = await broker.place(request.user, data)
+            return status, msgspec.json.encode(view)
+
+        body = msgspec.json.encode(data)  # canonical: same meaning, same bytes
+        status, content = await once(broker.redis, broker.keys, tenant, request.headers.get("idempotency-key"),
+                                     body, run)
+        return Response(content, status_code=status, media_type="application/json")
+
+    @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")
+    async def get_request(self, request: AuthedRequest, broker: Broker, request_id: Id) -> RequestView:
+        return await broker.get_request(request.user, request_id)
+
+    @delete("/{request_id:str}", summary="Cancel a queued request", status_code=200)
+    async def cancel(self, request: AuthedRequest, broker: Broker, request_id: Id) -> RequestView:
+        return await broker.cancel(request.user, request_id)
+
+class QuoteController(Controller):
+    path = "/v1/quotes"
+    tags = ["requests"]
+
+    @post("/", summary="Ranked placement options with prices; reserves nothing", status_code=200)
+    async def quote(self, request: AuthedRequest, broker: Broker, data: ComputeRequest) -> QuoteView:
+        return await broker.quote(request.user, data)
+
+class LeaseController(Controller):
+    path = "/v1/leases"
+    tags = ["leases"]
+
+    @get("/", summary="Active leases (a tenant's own; admin/ops: ?tenant=)")
+    async def list_leases(self, request: AuthedRequest, broker: Broker,
+                          tenant: Annotated[str | None, Parameter(max_length=64)] = None) -> list[LeaseView]:
+        return [lease_view(lease) for lease in await broker.list_leases(request.user, tenant)]
+
+    @get("/{lease_id:str}", summary="One active lease")
+    async def get_lease(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> LeaseView:
+        return lease_view(await broker.own_lease(request.user, lease_id))
+
+    @post("/{lease_id:str}/renew", summary="Keep an open lease alive for another TTL", status_code=200)
+    async def renew(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> LeaseView:
+        return lease_view(await broker.renew(request.user, lease_id))
+
+    @post("/{lease_id:str}/release", summary="Give the units back", status_code=200)
+    async def release(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> dict[str, Any]:
+        lease = await broker.release(request.user, lease_id)
+        return {"lease_id": lease.lease_id, "released": True}

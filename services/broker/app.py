@@ -1,0 +1,139 @@
+"""The broker service: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from nats.aio.msg import Msg
+
+from services.common.auth import KeyLookup
+from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.keys import Keys
+from services.common.messages import (
+    ENDING_EVENTS,
+    AllocEvent,
+    CapacityEvent,
+    PoolOffline,
+    PoolOnline,
+    PoolRegistered,
+    PoolRemoved,
+    PoolUpdated,
+)
+from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.redis_conn import connect as redis_connect
+from services.common.settings import Settings, settings_from_env
+from services.common.subjects import CAPACITY, Subjects
+
+from .api import LeaseController, QuoteController, RequestController
+from .leases import LeaseStore
+from .service import Broker
+from .world import World
+
+log = logging.getLogger("broker")
+
+
+def _broker(state: State) -> Broker:
+    return state.broker
+
+
+@get("/health", tags=["ops"], summary="The process is alive")
+async def health() -> dict[str, object]:
+    return {"status": "ok", "service": "broker", "pid": os.getpid()}
+
+
+async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]],
+                 kick: asyncio.Event | None = None) -> None:
+    while True:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep going through a NATS/Redis blip
+            log.exception("%s failed", what)
+        if kick is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kick.wait(), interval)
+            kick.clear()
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or settings_from_env()
+    subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
+    metrics, metrics_controller = prometheus("broker")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, "broker")
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        js = nc.jetstream()
+        await ensure_streams(js, subjects)
+        world = World(nc, js, redis, keys, subjects)
+        await world.load()
+        broker = Broker(nc=nc, js=js, redis=redis, keys=keys, subjects=subjects, world=world,
+                        leases=LeaseStore(redis, keys))
+
+        async def on_capacity(event: CapacityEvent) -> None:
+            if isinstance(event, (PoolRegistered, PoolUpdated, PoolOnline)):
+                broker.queue_kick.set()
+
+        async def on_alloc(event: AllocEvent) -> None:
+            if isinstance(event, ENDING_EVENTS):
+                broker.queue_kick.set()
+
+        world.on_capacity = on_capacity  # type: ignore[method-assign]
+        world.on_alloc = on_alloc  # type: ignore[method-assign]
+        await world.start()
+
+        async def on_pool_gone(msg: Msg) -> None:
+            """One replica (queue group) marks the leases of a vanished pool lost."""
+            event = msgspec.json.decode(msg.data, type=CapacityEvent)
+            if isinstance(event, (PoolOffline, PoolRemoved)):
+                await broker.pool_lost(event.region, event.pool_id,
+                                       "pool offline" if isinstance(event, PoolOffline) else "pool removed")
+
+        loss_sub = await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
+        await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
+        app.state.broker = broker
+        app.state.key_lookup = KeyLookup(redis, await ensure_bucket(js, subjects.bucket("keys")), keys,
+                                         settings.admin_key, nc=nc, revoked_subject=subjects.key_revoked())
+        await app.state.key_lookup.listen()
+        tasks = [
+            asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
+            asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),
+            asyncio.create_task(_every(30.0, "world resync", world.resync)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await loss_sub.unsubscribe()
+            await world.stop()
+            await nc.drain()
+            await redis.aclose()
+
+    return Litestar(
+        route_handlers=[health, metrics_controller, RequestController, QuoteController, LeaseController],
+        dependencies={"broker": Provide(_broker, sync_to_thread=False)},
+        middleware=[metrics.middleware, api_key_auth()],
+        lifespan=[lifespan],
+        exception_handlers=problem_handlers(),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Compute Broker — broker", version="0.1.0",
+                                     description="App-facing API: requests, quotes, leases."),
+        debug=False,
+    )

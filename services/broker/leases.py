@@ -1,0 +1,116 @@
+"""Live leases in Redis, changed only through the Lua scripts in ``lua/``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio import Redis
+
+from services.common.errors import Unavailable
+from services.common.keys import Keys
+from services.common.messages import LeaseInfo
+from services.common.redis_conn import read_lua
+
+_info = msgspec.json.Decoder(LeaseInfo)
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    lease: LeaseInfo
+    seq: int
+    free_after: int
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class LeaseStore:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis, self.keys = redis, keys
+        self._reserve = redis.register_script(read_lua("services.broker.lua", "reserve.lua"))
+        self._end = redis.register_script(read_lua("services.broker.lua", "end_lease.lua"))
+        self._renew = redis.register_script(read_lua("services.broker.lua", "renew.lua"))
+
+    async def reserve(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
+                      force: bool = False) -> tuple[bool, list[int]]:
+        """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
+        ``(False, [index of the pool that lacked units, its free units])``."""
+        k = self.keys
+        keys = [k.lease_expiry(region), k.leases_ready(region)]
+        args: list[object] = ["force" if force else "check", expires_at]
+        for lease in leases:
+            keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id), k.lease(region, lease.lease_id)]
+            args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
+        raw = await self._reserve(keys=keys, args=args)
+        if int(raw[0]) == -1:
+            raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
+        if int(raw[0]) == 1:
+            await self._index(leases)
+            return True, [int(x) for x in raw[1:]]
+        return False, [int(raw[1]) - 1, int(raw[2])]
+
+    async def _index(self, leases: Sequence[LeaseInfo]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            pipe.hset(self.keys.lease_index(), lease.lease_id, lease.region)
+            pipe.zadd(self.keys.tenant_leases(lease.tenant), {lease.lease_id: lease.granted_at.timestamp()})
+        await pipe.execute()
+
+    async def mark_ready(self, regions: Sequence[str]) -> None:
+        """This replica knows every live lease of these regions is in Redis."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region in regions:
+            pipe.set(self.keys.leases_ready(region), "1")
+        await pipe.execute()
+
+    async def end(self, lease: LeaseInfo, mode: str, now: float) -> Ended | None:
+        """Release / expire / preempt / lose / revoke one lease; None if it was gone (or,
+        for ``expire``, renewed in the meantime)."""
+        k, r = self.keys, lease.region
+        raw = await self._end(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
+                                    k.pool_leases(r, lease.pool_id)], args=[lease.lease_id, mode, now])
+        if int(raw[0]) != 1:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(k.lease_index(), lease.lease_id)
+        pipe.zrem(k.tenant_leases(lease.tenant), lease.lease_id)
+        await pipe.execute()
+        return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]))
+
+    async def renew(self, lease: LeaseInfo, now: float) -> int | None:
+        k, r = self.keys, lease.region
+        raw = await self._renew(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id)],
+                                args=[lease.lease_id, now, lease.expires_at.timestamp(), msgspec.json.encode(lease)])
+        return int(raw[1]) if int(raw[0]) == 1 else None
+
+    async def get(self, lease_id: str) -> LeaseInfo | None:
+        region = await self.redis.hget(self.keys.lease_index(), lease_id)
+        if region is None:
+            return None
+        raw = await self.redis.hget(self.keys.lease(_s(region), lease_id), "info")
+        return _info.decode(raw) if raw else None
+
+    async def of_tenant(self, tenant: str, limit: int = 1000) -> list[LeaseInfo]:
+        ids = [_s(i) for i in await self.redis.zrange(self.keys.tenant_leases(tenant), 0, limit - 1)]
+        return [lease for lease in [await self.get(i) for i in ids] if lease is not None]
+
+    async def expired(self, region: str, now: float, limit: int = 500) -> list[LeaseInfo]:
+        ids = await self.redis.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
+        out = []
+        for lease_id in ids:
+            raw = await self.redis.hget(self.keys.lease(region, _s(lease_id)), "info")
+            if raw:
+                out.append(_info.decode(raw))
+        return out
+
+    async def on_pool(self, region: str, pool_id: str) -> list[LeaseInfo]:
+        ids = await self.redis.smembers(self.keys.pool_leases(region, pool_id))
+        out = []
+        for lease_id in ids:
+            raw = await self.redis.hget(self.keys.lease(region, _s(lease_id)), "info")
+            if raw:
+                out.append(_info.decode(raw))
+        return out

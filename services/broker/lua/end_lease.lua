@@ -1,0 +1,18 @@
+-- End one lease and give its units back: release, expire, preempt, lose, revoke.
+-- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set
+-- ARGV[1] lease id, ARGV[2] mode ('expire' re-checks the expiry against ARGV[3] = now)
+-- Reply: {1, lease json, seq, free_after} or {0} when there is nothing (left) to end
+local lease = KEYS[2]
+if redis.call('EXISTS', lease) == 0 then return {0} end
+local f = redis.call('HMGET', lease, 'units', 'expires', 'info', 'seq')
+if ARGV[2] == 'expire' and tonumber(f[2]) > tonumber(ARGV[3]) then return {0} end
+local free = -1
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local leased = tonumber(redis.call('HGET', KEYS[3], 'leased')) or 0
+  redis.call('HSET', KEYS[3], 'leased', math.max(0, leased - tonumber(f[1])))
+  free = cb_recompute(KEYS[3])[2]
+end
+redis.call('DEL', lease)
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return {1, f[3], tonumber(f[4]) + 1, free}

@@ -1,0 +1,19 @@
+"""The broker's matching engine: pure, synchronous, indexed. See docs/matching.md."""
+
+from .engine import Engine
+from .model import (
+    HOURS_PER_MONTH,
+    Allocation,
+    Ask,
+    Billing,
+    Decision,
+    Metric,
+    Objective,
+    Placement,
+    PoolState,
+)
+
+__all__ = [
+    "HOURS_PER_MONTH", "Allocation", "Ask", "Billing", "Decision", "Engine", "Metric",
+    "Objective", "Placement", "PoolState",
+]

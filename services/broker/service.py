@@ -1,0 +1,462 @@
+"""The broker's use cases: place, quote, queue, renew, release, expire.
+
+Order of every grant: the engine proposes (pure), the reservation script takes the
+units atomically in Redis (the authority), the grant event is acknowledged by
+JetStream (the durable record), and only then does the client hear 201. If the event
+cannot be made durable, the units are given back and the client gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from redis.asyncio import Redis
+
+from services.common.auth import Principal
+from services.common.errors import BrokerError, Conflict, Forbidden, NotFound, Unavailable, Unprocessable
+from services.common.ids import new_id
+from services.common.keys import Keys
+from services.common.messages import (
+    AllocEvent,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseInfo,
+    LeaseLost,
+    LeaseReleased,
+    LeaseRenewed,
+    RequestCancelled,
+    RequestEvent,
+    RequestPlaced,
+    RequestQueued,
+    RequestRejected,
+)
+from services.common.nats_conn import publish_event, read_stream
+from services.common.subjects import Subjects
+
+from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
+from .leases import LeaseStore
+from .matching.model import Decision, Placement
+from .records import QuoteView, RequestRecord, RequestView, lease_view
+from .world import World
+
+log = logging.getLogger("broker")
+_record = msgspec.json.Decoder(RequestRecord)
+_alloc = msgspec.json.Decoder(AllocEvent)
+_request_event = msgspec.json.Decoder(RequestEvent)
+ATTEMPTS = 4
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class NotPlaced(Exception):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("not placed")
+        self.decision = decision
+
+
+class Broker:
+    def __init__(self, *, nc: NATS, js: JetStreamContext, redis: Redis, keys: Keys, subjects: Subjects,
+                 world: World, leases: LeaseStore, clock: Callable[[], datetime] = utcnow) -> None:
+        self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
+        self.world, self.leases, self.clock = world, leases, clock
+        self.queue_kick = asyncio.Event()
+
+    # --- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def tenant_of(principal: Principal) -> str:
+        if principal.role != "tenant":
+            raise Forbidden("only a tenant key places requests (its tenant id is the one billed)")
+        return principal.subject
+
+    def ask_for(self, body: ComputeRequest, exclude: frozenset[str] = frozenset()):  # noqa: ANN201
+        return to_ask(body, self.world.catalogue, self.world.countries, exclude)
+
+    async def _publish_request(self, event: RequestEvent) -> None:
+        """Request events are informational: published without waiting for the ack
+        (JetStream still stores them); the lease events are the durable record."""
+        await self.nc.publish(self.subjects.request(event.tenant), msgspec.json.encode(event),
+                              headers={"Nats-Msg-Id": event.id})
+
+    async def _publish_alloc(self, event: AllocEvent) -> None:
+        await publish_event(self.js, self.subjects.alloc(event.lease.region, event.lease.tenant), event)
+
+    async def _save(self, record: RequestRecord) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.request(record.request_id), msgspec.json.encode(record))
+        pipe.zadd(self.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
+        await pipe.execute()
+
+    async def record(self, request_id: str) -> RequestRecord | None:
+        raw = await self.redis.get(self.keys.request(request_id))
+        return _record.decode(raw) if raw else None
+
+    # --- placing ---------------------------------------------------------------------------
+    def _leases_for(self, option: Placement, request_id: str, tenant: str, body: ComputeRequest,
+                    now: datetime) -> list[LeaseInfo]:
+        term = term_seconds(body)
+        ttl = 0 if term else body.lease_ttl_s
+        expires = now + timedelta(seconds=term or ttl)
+        out = []
+        for a in option.allocations:
+            out.append(LeaseInfo(
+                lease_id=new_id("lease"), request_id=request_id, tenant=tenant, pool_id=a.pool_id,
+                provider=a.provider, region=a.region, model=a.model, units=a.units, billing=body.billing,
+                unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
+                expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
+                priority=body.priority))
+        return out
+
+    async def _reserve(self, leases: list[LeaseInfo]) -> bool:
+        """Take the units of every lease (grouped by region; each region atomically),
+        then make the grants durable. All or nothing."""
+        by_region: dict[str, list[LeaseInfo]] = defaultdict(list)
+        for lease in leases:
+            by_region[lease.region].append(lease)
+        done: list[LeaseInfo] = []
+        free_after: dict[str, int] = {}
+        expires = leases[0].expires_at.timestamp()
+        for region, group in by_region.items():
+            ok, result = await self.leases.reserve(region, group, expires)
+            if not ok:
+                index, free = result
+                self.world.engine.set_free(group[index].pool_id, free)
+                await self._undo(done)
+                return False
+            done += group
+            for lease, free in zip(group, result, strict=True):
+                free_after[lease.pool_id] = free
+                self.world.engine.set_free(lease.pool_id, free)
+        try:
+            await asyncio.gather(*(self._publish_alloc(LeaseGranted(
+                id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+                free_after=free_after.get(lease.pool_id, -1))) for lease in leases))
+        except Exception as exc:
+            log.error("grant not durable (%s): giving the units back", exc)
+            await self._undo(done)
+            raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from exc
+        return True
+
+    async def _undo(self, leases: list[LeaseInfo]) -> None:
+        now = time.time()
+        for lease in leases:
+            ended = await self.leases.end(lease, "release", now)
+            if ended is not None and ended.free_after >= 0:
+                self.world.engine.set_free(lease.pool_id, ended.free_after)
+
+    async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest,
+                         now: datetime) -> tuple[list[LeaseInfo], Placement]:
+        exclude: frozenset[str] = frozenset()
+        decision = Decision()
+        for _ in range(ATTEMPTS):
+            decision = self.world.engine.match(self.ask_for(body, exclude), limit=3)
+            if not decision.placed:
+                break
+            for option in decision.options:
+                leases = self._leases_for(option, request_id, tenant, body, now)
+                if await self._reserve(leases):
+                    return leases, option
+            # every option lost a race: the engine now knows the fresher free counts
+        raise NotPlaced(decision)
+
+    async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
+        tenant = self.tenant_of(principal)
+        self.ask_for(body)  # validate before anything happens
+        now = self.clock()
+        request_id = new_id("req")
+        record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
+                               updated_at=now, body=body)
+        try:
+            leases, option = await self._try_place(request_id, tenant, body, now)
+        except NotPlaced as np:
+            reasons = list(np.decision.reasons) or ["no capacity matches right now"]
+            record.reasons = reasons
+            if np.decision.never or not body.queue:
+                record.state = "rejected"
+                await self._save(record)
+                await self._publish_request(RequestRejected(id=new_id("ev"), at=now, request_id=request_id,
+                                                            tenant=tenant, reasons=tuple(reasons)))
+                if np.decision.never:
+                    raise Unprocessable("this request can never be placed on the registered capacity",
+                                        reasons=reasons, request_id=request_id) from None
+                raise Conflict("no capacity for this request right now (queue: false)", reasons=reasons,
+                               request_id=request_id) from None
+            record.state = "queued"
+            if body.deadline_s:
+                record.deadline_at = now + timedelta(seconds=body.deadline_s)
+            await self._enqueue(record, now)
+            return 202, await self.view(record)
+        record.lease_ids = [lease.lease_id for lease in leases]
+        await self._save(record)
+        await self._publish_request(RequestPlaced(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
+                                                  lease_ids=tuple(record.lease_ids)))
+        return 201, await self.view(record, leases=leases, placement=option)
+
+    async def quote(self, principal: Principal, body: ComputeRequest) -> QuoteView:
+        if principal.role not in ("tenant", "admin", "ops"):
+            raise Forbidden(f"role {principal.role} may not ask for quotes")
+        decision = self.world.engine.match(self.ask_for(body), limit=5)
+        return QuoteView(options=list(decision.options), reasons=list(decision.reasons),
+                         placeable_now=decision.placed, never=decision.never)
+
+    # --- queue -------------------------------------------------------------------------------
+    async def _enqueue(self, record: RequestRecord, now: datetime, announce: bool = True) -> None:
+        """Score: priority band first, then a per-tenant virtual time so tenants take
+        turns (fair share), FIFO within a tenant."""
+        vtime = await self.redis.hget(self.keys.tenant_vtime(), record.tenant)
+        start = max(now.timestamp(), float(vtime or 0))
+        await self.redis.hset(self.keys.tenant_vtime(), record.tenant, start + 1.0)
+        score = (9 - record.body.priority) * 1e11 + start
+        await self._save(record)
+        await self.redis.zadd(self.keys.queue(), {record.request_id: score})
+        if announce:
+            await self._publish_request(RequestQueued(id=new_id("ev"), at=now, request_id=record.request_id,
+                                                      tenant=record.tenant, reasons=tuple(record.reasons),
+                                                      body=msgspec.json.encode(record.body)))
+
+    async def run_queue(self, limit: int = 1000) -> int:
+        """One pass over the queue, in order; whatever fits now is placed (backfill).
+        One replica at a time (a Redis lock); any replica may kick it."""
+        lock = self.keys.lock("queue")
+        if not await self.redis.set(lock, "1", nx=True, px=10_000):
+            return 0
+        placed = 0
+        try:
+            ids = await self.redis.zrange(self.keys.queue(), 0, limit - 1)
+            for raw_id in ids:
+                request_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                record = await self.record(request_id)
+                now = self.clock()
+                if record is None or record.state != "queued":
+                    await self.redis.zrem(self.keys.queue(), request_id)
+                    continue
+                if record.deadline_at and now >= record.deadline_at:
+                    await self._finish_queued(record, "rejected", now,
+                                              reasons=[*record.reasons, "deadline passed while queued"])
+                    continue
+                try:
+                    leases, _ = await self._try_place(record.request_id, record.tenant, record.body, now)
+                except NotPlaced as np:
+                    record.reasons = list(np.decision.reasons)
+                    continue
+                except BrokerError as exc:  # e.g. a model vanished from the catalogue
+                    await self._finish_queued(record, "rejected", now, reasons=[exc.detail])
+                    continue
+                record.lease_ids = [lease.lease_id for lease in leases]
+                await self._finish_queued(record, "placed", now)
+                placed += 1
+        finally:
+            await self.redis.delete(lock)
+        return placed
+
+    async def _finish_queued(self, record: RequestRecord, state: str, now: datetime,
+                             reasons: list[str] | None = None) -> None:
+        record.state = state  # type: ignore[assignment]
+        record.updated_at = now
+        if reasons is not None:
+            record.reasons = reasons
+        await self._save(record)
+        await self.redis.zrem(self.keys.queue(), record.request_id)
+        base = {"id": new_id("ev"), "at": now, "request_id": record.request_id, "tenant": record.tenant}
+        if state == "placed":
+            await self._publish_request(RequestPlaced(**base, lease_ids=tuple(record.lease_ids)))
+        elif state == "rejected":
+            await self._publish_request(RequestRejected(**base, reasons=tuple(record.reasons)))
+        else:
+            await self._publish_request(RequestCancelled(**base))
+
+    async def cancel(self, principal: Principal, request_id: str) -> RequestView:
+        record = await self._own_record(principal, request_id)
+        if record.state != "queued":
+            raise Conflict(f"request {request_id} is {record.state}; only a queued request can be cancelled "
+                           "(release its leases instead)")
+        await self._finish_queued(record, "cancelled", self.clock())
+        return await self.view(record)
+
+    # --- reading ------------------------------------------------------------------------------
+    async def _own_record(self, principal: Principal, request_id: str) -> RequestRecord:
+        record = await self.record(request_id) if len(request_id) <= 64 else None
+        if record is None or not (principal.role in ("admin", "ops") or
+                                  (principal.role == "tenant" and principal.subject == record.tenant)):
+            raise NotFound(f"no request {request_id}")  # never tell a tenant what another one has
+        return record
+
+    async def get_request(self, principal: Principal, request_id: str) -> RequestView:
+        return await self.view(await self._own_record(principal, request_id))
+
+    async def view(self, record: RequestRecord, leases: list[LeaseInfo] | None = None,
+                   placement: Placement | None = None) -> RequestView:
+        if leases is None:
+            leases = [lease for lease in [await self.leases.get(i) for i in record.lease_ids] if lease]
+        position = wait = None
+        if record.state == "queued":
+            rank = await self.redis.zrank(self.keys.queue(), record.request_id)
+            position = None if rank is None else rank + 1
+            wait = await self._estimated_wait(record)
+        return RequestView(request_id=record.request_id, tenant=record.tenant, state=record.state,
+                           created_at=record.created_at, reasons=record.reasons,
+                           leases=[lease_view(lease) for lease in leases], queue_position=position,
+                           estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement)
+
+    async def _estimated_wait(self, record: RequestRecord) -> float | None:
+        """A lower bound: when enough matching units held by fixed-end leases (duration
+        or term) come back. None when only open leases (ended by their clients) hold
+        the capacity, as then nobody can know."""
+        ask = self.ask_for(record.body)
+        need = ask.units or 1
+        regions = ask.regions or set(self.world.countries)
+        ends: list[tuple[float, int]] = []
+        for region in regions:
+            raw = await self.redis.zrange(self.keys.lease_expiry(region), 0, 49, withscores=True)
+            for lease_id, score in raw:
+                lease_id = lease_id.decode() if isinstance(lease_id, bytes) else lease_id
+                lease = await self.leases.get(lease_id)
+                if lease is None or lease.ttl_s > 0:
+                    continue
+                accelerator = self.world.catalogue.get(lease.model)
+                if ask.models and lease.model not in ask.models:
+                    continue
+                if accelerator is not None and accelerator.memory_gib < ask.min_memory_gib:
+                    continue
+                ends.append((score, lease.units))
+        got = 0
+        for end, units in sorted(ends):
+            got += units
+            if got >= need:
+                return round(max(0.0, end - time.time()), 1)
+        return None
+
+    # --- leases -------------------------------------------------------------------------------
+    async def own_lease(self, principal: Principal, lease_id: str) -> LeaseInfo:
+        lease = await self.leases.get(lease_id) if len(lease_id) <= 64 else None
+        if lease is None or not (principal.role in ("admin", "ops") or
+                                 (principal.role == "tenant" and principal.subject == lease.tenant)):
+            raise NotFound(f"no active lease {lease_id}")
+        return lease
+
+    async def list_leases(self, principal: Principal, tenant: str | None) -> list[LeaseInfo]:
+        if principal.role == "tenant":
+            if tenant not in (None, principal.subject):
+                raise Forbidden("a tenant key lists its own leases only")
+            return await self.leases.of_tenant(principal.subject)
+        if principal.role not in ("admin", "ops"):
+            raise Forbidden(f"role {principal.role} may not list leases")
+        if tenant is None:
+            raise Unprocessable("admin and ops list leases per tenant: give ?tenant=")
+        return await self.leases.of_tenant(tenant)
+
+    async def renew(self, principal: Principal, lease_id: str) -> LeaseInfo:
+        lease = await self.own_lease(principal, lease_id)
+        if principal.role == "ops":
+            raise Forbidden("ops reads leases; only their tenant renews them")
+        if lease.ttl_s <= 0:
+            raise Conflict("this lease has a fixed end (duration or reserved term); it cannot be renewed")
+        now = self.clock()
+        renewed = msgspec.structs.replace(lease, expires_at=now + timedelta(seconds=lease.ttl_s))
+        seq = await self.leases.renew(renewed, now.timestamp())
+        if seq is None:
+            raise NotFound(f"no active lease {lease_id} (it expired)")
+        await self._publish_alloc(LeaseRenewed(id=f"{lease_id}.{seq}", at=now, lease=renewed, seq=seq))
+        return renewed
+
+    async def release(self, principal: Principal, lease_id: str) -> LeaseInfo:
+        lease = await self.own_lease(principal, lease_id)
+        if principal.role == "ops":
+            raise Forbidden("ops reads leases; only their tenant releases them")
+        now = self.clock()
+        ended = await self.leases.end(lease, "release", now.timestamp())
+        if ended is None:
+            raise NotFound(f"no active lease {lease_id}")
+        await self._ended(LeaseReleased, ended, now)
+        return ended.lease
+
+    async def _ended(self, kind: type, ended, now: datetime, **extra: object) -> None:  # noqa: ANN001
+        self.world.engine.set_free(ended.lease.pool_id, ended.free_after) if ended.free_after >= 0 else None
+        await self._publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
+                                       seq=ended.seq, free_after=ended.free_after, **extra))
+        self.queue_kick.set()
+
+    # --- background ---------------------------------------------------------------------------
+    async def sweep_and_rebuild(self) -> None:
+        await self.rebuild_if_lost()
+        if await self.redis.exists(self.keys.rebuilt_marker("broker")):
+            await self.leases.mark_ready(list(self.world.countries))  # regions added since
+        await self.sweep()
+
+    async def sweep(self) -> int:
+        """Expire unrenewed leases. Safe in every replica: the script re-checks expiry
+        and only the caller that removed a lease announces it."""
+        now = self.clock()
+        n = 0
+        for region in self.world.countries:
+            for lease in await self.leases.expired(region, now.timestamp()):
+                ended = await self.leases.end(lease, "expire", now.timestamp())
+                if ended is not None:
+                    await self._ended(LeaseExpired, ended, now)
+                    n += 1
+        return n
+
+    async def rebuild_if_lost(self) -> int:
+        """Redis lost or flushed: once the registry has put the pools back, replay the
+        allocation stream and restore every live lease (and the units it holds), then
+        the queue from the request stream. One replica does it (a lock)."""
+        marker = self.keys.rebuilt_marker("broker")
+        if await self.redis.exists(marker) or not await self.redis.exists(self.keys.rebuilt_marker("registry")):
+            return 0
+        if not await self.redis.set(self.keys.lock("rebuild"), "1", nx=True, px=60_000):
+            return 0
+        try:
+            now = self.clock()
+            last: dict[str, AllocEvent] = {}
+            async for _, data in read_stream(self.js, self.subjects.stream("alloc"), self.subjects.events("alloc")):
+                event = _alloc.decode(data)
+                seen = last.get(event.lease.lease_id)
+                if seen is None or event.seq >= seen.seq:
+                    last[event.lease.lease_id] = event
+            restored = 0
+            for event in last.values():
+                lease = event.lease
+                if isinstance(event, (LeaseGranted, LeaseRenewed)) and lease.expires_at > now:
+                    await self.leases.reserve(lease.region, [lease], lease.expires_at.timestamp(), force=True)
+                    restored += 1
+            queued: dict[str, RequestEvent] = {}
+            async for _, data in read_stream(self.js, self.subjects.stream("request"),
+                                             self.subjects.events("request")):
+                event = _request_event.decode(data)
+                queued[event.request_id] = event
+            for event in queued.values():
+                if isinstance(event, RequestQueued) and event.body:
+                    body = msgspec.json.decode(event.body, type=ComputeRequest)
+                    record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="queued",
+                                           created_at=event.at, updated_at=now, body=body,
+                                           reasons=list(event.reasons))
+                    await self._enqueue(record, event.at, announce=False)
+            await self.leases.mark_ready(list(self.world.countries))
+            await self.redis.set(marker, now.isoformat())
+            await self.world.resync()
+            if restored:
+                log.warning("rebuilt %d live leases in Redis from the allocation stream", restored)
+            self.queue_kick.set()
+            return restored
+        finally:
+            await self.redis.delete(self.keys.lock("rebuild"))
+
+    async def pool_lost(self, region: str, pool_id: str, reason: str) -> int:
+        now = self.clock()
+        n = 0
+        for lease in await self.leases.on_pool(region, pool_id):
+            ended = await self.leases.end(lease, "lost", now.timestamp())
+            if ended is not None:
+                await self._ended(LeaseLost, ended, now, reason=reason)
+                n += 1
+        return n

@@ -1,0 +1,179 @@
+"""The broker's view of the world, fed into its matching engine.
+
+* catalogue and topology: asked of the registry over NATS request/reply;
+* pools: the registry's durable record (its key-value bucket) at start, then capacity
+  events (registered, updated, online, offline, draining, removed);
+* free units: Redis at start, then each reservation's own result and the ``free_after``
+  that every allocation event carries, so every replica follows every other's leases.
+
+The view may lag by an event; the reservation script is the authority (it re-checks
+free units atomically), so a stale view costs a retry, never an overbooking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from redis.asyncio import Redis
+
+from services.common.keys import Keys
+from services.common.messages import (
+    Accelerator,
+    AllocEvent,
+    CapacityEvent,
+    Pool,
+    PoolDraining,
+    PoolOffline,
+    PoolOnline,
+    PoolRegistered,
+    PoolRemoved,
+    PoolUpdated,
+    Topology,
+)
+from services.common.nats_conn import ensure_bucket
+from services.common.subjects import ALLOC, CAPACITY, Subjects
+
+from .matching.engine import Engine
+from .matching.model import PoolState
+
+log = logging.getLogger("broker.world")
+_pool = msgspec.json.Decoder(Pool)
+_capacity = msgspec.json.Decoder(CapacityEvent)
+_alloc = msgspec.json.Decoder(AllocEvent)
+
+
+def pool_state(pool: Pool, country: str, free: int) -> PoolState:
+    a, s = pool.accelerator, pool.spec
+    return PoolState(
+        pool_id=pool.pool_id, provider=pool.provider, region=s.region, country=country, zone=s.zone,
+        model=s.model, vendor=a.vendor, stack=a.stack, frameworks=a.frameworks, memory_gib=a.memory_gib,
+        interconnect=s.interconnect or a.interconnect, host_arch=s.host_arch, bf16_tflops=a.bf16_tflops,
+        fp16_tflops=a.fp16_tflops, fp8_tflops=a.fp8_tflops, units_per_node=s.units_per_node, capacity=s.units,
+        free=free, currency=s.prices.currency, on_demand=s.prices.on_demand, reserved_month=s.prices.reserved_month,
+        reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
+    )
+
+
+class World:
+    def __init__(self, nc: NATS, js: JetStreamContext, redis: Redis, keys: Keys, subjects: Subjects) -> None:
+        self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
+        self.catalogue: dict[str, Accelerator] = {}
+        self.topology = Topology(regions=(), links=())
+        self.countries: dict[str, str] = {}
+        self.pools: dict[str, Pool] = {}
+        self.engine = Engine(self.topology)
+        self._subs: list = []
+
+    async def _rpc(self, verb: str, timeout: float = 30.0) -> bytes:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                return (await self.nc.request(self.subjects.rpc("registry", verb), b"", timeout=2)).data
+            except Exception as exc:  # registry not up yet: ask again until the deadline
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"registry did not answer {verb}: {exc}") from exc
+                await asyncio.sleep(0.2)
+
+    async def refresh_topology(self) -> None:
+        self.topology = msgspec.json.decode(await self._rpc("topology"), type=Topology)
+        self.countries = {r.id: r.country for r in self.topology.regions}
+        self.engine.set_topology(self.topology)
+
+    async def load(self) -> None:
+        self.catalogue = {a.model: a for a in msgspec.json.decode(await self._rpc("catalogue"),
+                                                                  type=list[Accelerator])}
+        await self.refresh_topology()
+        await self.resync()
+
+    async def resync(self) -> None:
+        """Read every pool from the registry's record and its live numbers from Redis."""
+        kv = await ensure_bucket(self.js, self.subjects.bucket("pools"))
+        pools: dict[str, Pool] = {}
+        watcher = await kv.watchall(ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    pool = _pool.decode(entry.value)
+                    pools[pool.pool_id] = pool
+        finally:
+            await watcher.stop()
+        live = await self._live(list(pools.values()))
+        self.pools = pools
+        seen = set()
+        for pool, (status, free) in zip(pools.values(), live, strict=True):
+            self._apply(pool, status, free)
+            seen.add(pool.pool_id)
+        for pool_id in [p for p in list(self._engine_ids()) if p not in seen]:
+            self.engine.remove(pool_id)
+
+    def _engine_ids(self) -> list[str]:
+        return [p for p in self.pools if self.engine.get(p) is not None]
+
+    async def _live(self, pools: list[Pool]) -> list[tuple[str | None, int]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for pool in pools:
+            pipe.hmget(self.keys.pool(pool.spec.region, pool.pool_id), "status", "free")
+        out = []
+        for status, free in await pipe.execute():
+            out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0)))
+        return out
+
+    def _apply(self, pool: Pool, status: str | None, free: int) -> None:
+        if status == "online":
+            if pool.spec.region not in self.countries:
+                log.warning("pool %s is in region %s, unknown to this broker's topology", pool.pool_id,
+                            pool.spec.region)
+            self.engine.upsert(pool_state(pool, self.countries.get(pool.spec.region, ""), free))
+        else:
+            self.engine.remove(pool.pool_id)
+
+    async def start(self) -> None:
+        self._subs.append(await self.nc.subscribe(self.subjects.events(CAPACITY), cb=self._on_capacity))
+        self._subs.append(await self.nc.subscribe(self.subjects.events(ALLOC), cb=self._on_alloc))
+
+    async def _on_capacity(self, msg: Msg) -> None:
+        try:
+            event = _capacity.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("undecodable capacity event on %s", msg.subject)
+            return
+        if isinstance(event, (PoolRegistered, PoolUpdated)):
+            self.pools[event.pool_id] = event.pool
+            if event.region not in self.countries:
+                await self.refresh_topology()
+            [(status, free)] = await self._live([event.pool])
+            self._apply(event.pool, status, free)
+        elif isinstance(event, PoolOnline) and event.pool_id in self.pools:
+            self._apply(self.pools[event.pool_id], "online", event.free)
+        elif isinstance(event, (PoolOffline, PoolDraining)):
+            self.engine.remove(event.pool_id)
+        elif isinstance(event, PoolRemoved):
+            self.engine.remove(event.pool_id)
+            self.pools.pop(event.pool_id, None)
+        await self.on_capacity(event)
+
+    async def on_capacity(self, event: CapacityEvent) -> None:
+        """Hook for the broker: capacity appeared or vanished."""
+
+    async def _on_alloc(self, msg: Msg) -> None:
+        try:
+            event = _alloc.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if event.free_after >= 0:
+            self.engine.set_free(event.lease.pool_id, event.free_after)
+        await self.on_alloc(event)
+
+    async def on_alloc(self, event: AllocEvent) -> None:
+        """Hook for the broker: a lease changed (a release may unblock the queue)."""
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()

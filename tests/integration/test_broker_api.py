@@ -1,0 +1,229 @@
+"""The broker through its HTTP API, with a real registry, NATS and Redis."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from services.common.messages import AllocEvent, LeaseGranted, LeaseReleased, RequestEvent, RequestPlaced
+
+from ..helpers import EventTap
+from .broker_world import broker_world
+
+POOLS = {
+    "yrd-a100": {"region": "cn-yrd", "model": "nvidia-a100-sxm-80gb", "units": 16,
+                 "prices": {"on_demand": "2.10", "reserved_month": "1100", "interruptible": "0.8"}},
+    "use-h100": {"region": "us-east", "model": "nvidia-h100-sxm-80gb", "units": 8,
+                 "prices": {"on_demand": "3.00"}},
+    "gz-910b": {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 32, "prices": {"on_demand": "1.20"}},
+}
+
+
+async def test_smallest_request_is_placed_durably(settings, nc, subjects) -> None:
+    async with broker_world(settings, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc, \
+            EventTap(nc.jetstream(), subjects.events("request"), RequestEvent) as reqs:
+        r = await w.request("t1", {"units": 1})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["state"] == "placed" and len(body["leases"]) == 1
+        lease = body["leases"][0]
+        assert lease["pool_id"] == "gz-910b" and lease["units"] == 1 and lease["unit_price"] == "1.20"
+        assert lease["renewable"] is True and lease["tenant"] == "t1"
+        # durable before the 201: the grant is already in the stream
+        info = await nc.jetstream().stream_info(subjects.stream("alloc"))
+        assert info.state.messages == 1
+        granted = await alloc.wait_for(lambda e: isinstance(e, LeaseGranted))
+        assert granted.lease.lease_id == lease["lease_id"] and granted.lease.billing == "on_demand"
+        assert str(granted.lease.unit_price) == "1.20" and granted.free_after == 31
+        await reqs.wait_for(lambda e: isinstance(e, RequestPlaced) and e.request_id == body["request_id"])
+        assert await w.free("gz-910b") == 31
+        # visible to its tenant, not to another
+        assert (await w.broker.get(f"/v1/leases/{lease['lease_id']}", headers=w.tenants["t1"])).status_code == 200
+        assert (await w.broker.get(f"/v1/leases/{lease['lease_id']}", headers=w.tenants["t2"])).status_code == 404
+        assert (await w.broker.get(f"/v1/requests/{body['request_id']}", headers=w.tenants["t2"])).status_code == 404
+        mine = (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json()
+        assert [x["lease_id"] for x in mine] == [lease["lease_id"]]
+        assert (await w.broker.get("/v1/leases", headers=w.tenants["t2"])).json() == []
+
+        r = await w.broker.post(f"/v1/leases/{lease['lease_id']}/release", headers=w.tenants["t2"])
+        assert r.status_code == 404
+        r = await w.broker.post(f"/v1/leases/{lease['lease_id']}/release", headers=w.tenants["t1"])
+        assert r.status_code == 200
+        await alloc.wait_for(lambda e: isinstance(e, LeaseReleased) and e.lease.lease_id == lease["lease_id"])
+        assert await w.free("gz-910b") == 32
+        assert (await w.broker.post(f"/v1/leases/{lease['lease_id']}/release",
+                                    headers=w.tenants["t1"])).status_code == 404
+
+
+async def test_constraints_choose_the_pool(settings, nc) -> None:
+    async with broker_world(settings, POOLS) as w:
+        r = await w.request("t1", {"units": 4, "accelerators": {"vendors": ["nvidia"]}})
+        assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] == "yrd-a100"
+        r = await w.request("t1", {"units": 2, "placement": {"regions": ["us-east"]}})
+        assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] == "use-h100"
+        r = await w.request("t1", {"units": 1, "billing": "reserved_month"})
+        assert r.status_code == 201
+        lease = r.json()["leases"][0]
+        assert lease["pool_id"] == "yrd-a100" and lease["price_basis"] == "unit_month"
+        assert lease["renewable"] is False
+        r = await w.broker.post(f"/v1/leases/{lease['lease_id']}/renew", headers=w.tenants["t1"])
+        assert r.status_code == 409
+
+
+async def test_quote_reserves_nothing(settings, nc) -> None:
+    async with broker_world(settings, POOLS) as w:
+        r = await w.broker.post("/v1/quotes", json={"units": 8, "placement": {"data_region": "cn-gz",
+                                                                               "data_gb": 500}},
+                                headers=w.tenants["t1"])
+        assert r.status_code == 200, r.text
+        q = r.json()
+        assert q["placeable_now"] and len(q["options"]) >= 2
+        best = q["options"][0]
+        assert best["allocations"][0]["pool_id"] == "gz-910b" and Decimal(best["transfer_cost"]) == 0
+        costs = [float(o["total_cost"]) for o in q["options"]]
+        assert costs == sorted(costs)
+        assert await w.free("gz-910b") == 32 and await w.free("yrd-a100") == 16
+
+
+async def test_never_placeable_is_422_with_reasons(settings, nc) -> None:
+    async with broker_world(settings, POOLS) as w:
+        for body, words in (({"units": 64}, "64"),
+                            ({"units": 1, "accelerators": {"min_memory_gib": 200}}, "GB per unit"),
+                            ({"units": 1, "placement": {"regions": ["eu-central"]}}, "region"),
+                            ({"units": 1, "max_price": "0.5"}, "max")):
+            r = await w.request("t1", body)
+            assert r.status_code == 422, (body, r.text)
+            problem = r.json()
+            assert problem["reasons"] and any(words in reason for reason in problem["reasons"]), problem
+        for pool_id, pool in POOLS.items():
+            assert await w.free(pool_id) == pool["units"]
+
+
+async def test_queue_then_placed_on_release(settings, nc, subjects) -> None:
+    async with broker_world(settings, {"gz-910b": POOLS["gz-910b"]}) as w, \
+            EventTap(nc.jetstream(), subjects.events("request"), RequestEvent) as reqs:
+        first = await w.request("t1", {"units": 32})
+        assert first.status_code == 201
+        r = await w.request("t2", {"units": 8})
+        assert r.status_code == 202, r.text
+        queued = r.json()
+        assert queued["state"] == "queued" and queued["queue_position"] == 1 and queued["reasons"]
+        # queue: false -> 409, nothing queued
+        r = await w.request("t2", {"units": 8, "queue": False})
+        assert r.status_code == 409
+        lease_id = first.json()["leases"][0]["lease_id"]
+        assert (await w.broker.post(f"/v1/leases/{lease_id}/release", headers=w.tenants["t1"])).status_code == 200
+        placed = await reqs.wait_for(lambda e: isinstance(e, RequestPlaced) and e.request_id == queued["request_id"])
+        assert len(placed.lease_ids) == 1
+        view = (await w.broker.get(f"/v1/requests/{queued['request_id']}", headers=w.tenants["t2"])).json()
+        assert view["state"] == "placed" and view["leases"][0]["units"] == 8
+        assert await w.free("gz-910b") == 24
+
+
+async def test_cancel_queued(settings, nc) -> None:
+    async with broker_world(settings, {"gz-910b": POOLS["gz-910b"]}) as w:
+        assert (await w.request("t1", {"units": 32})).status_code == 201
+        queued = (await w.request("t2", {"units": 4})).json()
+        assert (await w.broker.delete(f"/v1/requests/{queued['request_id']}",
+                                      headers=w.tenants["t1"])).status_code == 404
+        r = await w.broker.delete(f"/v1/requests/{queued['request_id']}", headers=w.tenants["t2"])
+        assert r.status_code == 200 and r.json()["state"] == "cancelled"
+        r = await w.broker.delete(f"/v1/requests/{queued['request_id']}", headers=w.tenants["t2"])
+        assert r.status_code == 409
+
+
+async def test_idempotency_key(settings, nc) -> None:
+    async with broker_world(settings, POOLS) as w:
+        h = {"Idempotency-Key": "order-42"}
+        one = await w.request("t1", {"units": 2}, headers=h)
+        two = await w.request("t1", {"units": 2}, headers=h)
+        assert one.status_code == two.status_code == 201
+        assert one.json() == two.json()
+        assert await w.free("gz-910b") == 30  # once
+        r = await w.request("t1", {"units": 3}, headers=h)
+        assert r.status_code == 422 and "different body" in r.json()["detail"]
+        # the same key is another tenant's own key space
+        r = await w.request("t2", {"units": 2}, headers=h)
+        assert r.status_code == 201 and r.json()["request_id"] != one.json()["request_id"]
+
+
+async def test_lease_expires_without_renewal(settings, nc, subjects) -> None:
+    from services.common.messages import LeaseExpired, LeaseRenewed
+
+    async with broker_world(settings, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        r = await w.request("t1", {"units": 4, "lease_ttl_s": 2})
+        lease = r.json()["leases"][0]
+        r = await w.broker.post(f"/v1/leases/{lease['lease_id']}/renew", headers=w.tenants["t1"])
+        assert r.status_code == 200 and r.json()["expires_at"] > lease["expires_at"]
+        await alloc.wait_for(lambda e: isinstance(e, LeaseRenewed) and e.seq == 2)
+        expired = await alloc.wait_for(lambda e: isinstance(e, LeaseExpired), timeout=10)
+        assert expired.lease.lease_id == lease["lease_id"] and expired.seq == 3
+        assert await w.free("gz-910b") == 32
+        assert (await w.broker.post(f"/v1/leases/{lease['lease_id']}/renew",
+                                    headers=w.tenants["t1"])).status_code == 404
+
+
+async def test_pool_removed_marks_leases_lost(settings, nc, subjects) -> None:
+    from services.common.messages import LeaseLost
+
+    async with broker_world(settings, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        lease = (await w.request("t1", {"units": 4})).json()["leases"][0]
+        assert (await w.registry.delete("/v1/pools/gz-910b", headers=w.provider)).status_code == 200
+        lost = await alloc.wait_for(lambda e: isinstance(e, LeaseLost))
+        assert lost.lease.lease_id == lease["lease_id"] and "removed" in lost.reason
+        assert (await w.broker.get(f"/v1/leases/{lease['lease_id']}", headers=w.tenants["t1"])).status_code == 404
+        # the next request goes elsewhere
+        r = await w.request("t1", {"units": 1})
+        assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] != "gz-910b"
+
+
+BAD = {
+    "no units": {},
+    "zero units": {"units": 0},
+    "absurd units": {"units": 10**9},
+    "both units and performance": {"units": 1, "performance": {"min_tflops": 100}},
+    "unknown model": {"units": 1, "accelerators": {"models": ["nvidia-h9000"]}},
+    "unknown vendor": {"units": 1, "accelerators": {"vendors": ["acme-chips"]}},
+    "unknown region": {"units": 1, "placement": {"regions": ["atlantis"]}},
+    "latency without users": {"units": 1, "placement": {"max_latency_ms": 20}},
+    "data without region": {"units": 1, "placement": {"data_gb": 100}},
+    "reserved with duration": {"units": 1, "billing": "reserved_year", "duration_s": 3600},
+    "malformed duration": {"units": 1, "duration_s": "1h"},
+    "negative duration": {"units": 1, "duration_s": -5},
+    "unknown billing": {"units": 1, "billing": "free"},
+    "unknown field": {"units": 1, "colour": "red"},
+    "bad price": {"units": 1, "max_price": "-3"},
+    "nan price": {"units": 1, "max_price": "NaN"},
+    "deadline but no queue": {"units": 1, "queue": False, "deadline_s": 60},
+    "bad priority": {"units": 1, "priority": 42},
+    "not an object": [1],
+    "contradictory residency": {"units": 1, "placement": {"regions": ["cn-gz"], "countries": ["US"]}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+async def test_bad_requests_are_4xx_and_reserve_nothing(settings, nc, case: str) -> None:
+    async with broker_world(settings, {"gz-910b": POOLS["gz-910b"]}) as w:
+        r = await w.request("t1", BAD[case])
+        assert 400 <= r.status_code < 500 and r.status_code != 404, (case, r.status_code, r.text)
+        assert r.json()["detail"], r.text
+        assert await w.free("gz-910b") == 32
+        assert (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json() == []
+
+
+async def test_roles(settings, nc) -> None:
+    async with broker_world(settings, POOLS) as w:
+        assert (await w.broker.post("/v1/requests", json={"units": 1})).status_code == 401
+        assert (await w.broker.post("/v1/requests", json={"units": 1}, headers=w.provider)).status_code == 403
+        ops = await w.key("ops")
+        assert (await w.broker.post("/v1/requests", json={"units": 1}, headers=ops)).status_code == 403
+        lease = (await w.request("t1", {"units": 1})).json()["leases"][0]
+        assert (await w.broker.get(f"/v1/leases/{lease['lease_id']}", headers=ops)).status_code == 200
+        assert (await w.broker.post(f"/v1/leases/{lease['lease_id']}/release", headers=ops)).status_code == 403
+        assert len((await w.broker.get("/v1/leases", params={"tenant": "t1"}, headers=ops)).json()) == 1
+        assert (await w.broker.get("/v1/leases", params={"tenant": "t1"},
+                                   headers=w.tenants["t2"])).status_code == 403
