@@ -39,7 +39,7 @@ class LeaseStore:
         """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
         ``(False, [index of the pool that lacked units, its free units])``."""
         k = self.keys
-        keys = [k.lease_expiry(region), k.leases_ready(region)]
+        keys = [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
         args: list[object] = ["force" if force else "check", expires_at]
         for lease in leases:
             keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id), k.lease(region, lease.lease_id)]
@@ -71,7 +71,8 @@ class LeaseStore:
         for ``expire``, renewed in the meantime)."""
         k, r = self.keys, lease.region
         raw = await self._end(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
-                                    k.pool_leases(r, lease.pool_id)], args=[lease.lease_id, mode, now])
+                                    k.pool_leases(r, lease.pool_id), k.interruptible_leases(r)],
+                               args=[lease.lease_id, mode, now])
         if int(raw[0]) != 1:
             return None
         pipe = self.redis.pipeline(transaction=False)
@@ -106,8 +107,13 @@ class LeaseStore:
                 out.append(_info.decode(raw))
         return out
 
+    async def interruptible(self, region: str) -> list[LeaseInfo]:
+        return await self._infos(region, await self.redis.smembers(self.keys.interruptible_leases(region)))
+
     async def on_pool(self, region: str, pool_id: str) -> list[LeaseInfo]:
-        ids = await self.redis.smembers(self.keys.pool_leases(region, pool_id))
+        return await self._infos(region, await self.redis.smembers(self.keys.pool_leases(region, pool_id)))
+
+    async def _infos(self, region: str, ids: object) -> list[LeaseInfo]:
         out = []
         for lease_id in ids:
             raw = await self.redis.hget(self.keys.lease(region, _s(lease_id)), "info")

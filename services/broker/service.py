@@ -31,8 +31,10 @@ from services.common.messages import (
     LeaseGranted,
     LeaseInfo,
     LeaseLost,
+    LeasePreempted,
     LeaseReleased,
     LeaseRenewed,
+    RequestAccepted,
     RequestCancelled,
     RequestEvent,
     RequestPlaced,
@@ -44,6 +46,7 @@ from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
 from .leases import LeaseStore
+from .matching.engine import Engine
 from .matching.model import Decision, Placement
 from .records import QuoteView, RequestRecord, RequestView, lease_view
 from .world import World
@@ -169,6 +172,45 @@ class Broker:
             # every option lost a race: the engine now knows the fresher free counts
         raise NotPlaced(decision)
 
+    async def _try_preempt(self, request_id: str, tenant: str, body: ComputeRequest,
+                           now: datetime) -> tuple[list[LeaseInfo], Placement] | None:
+        """Make room by preempting interruptible leases, when the policy allows: an
+        on-demand or reserved request may preempt any interruptible lease; an
+        interruptible one only those of lower priority. Victims: lowest priority first,
+        then the newest (they have run the least)."""
+        def eligible(victim: LeaseInfo) -> bool:
+            return body.billing != "interruptible" or victim.priority < body.priority
+
+        victims: dict[str, list[LeaseInfo]] = defaultdict(list)
+        ask = self.ask_for(body)
+        for region in ask.regions or list(self.world.countries):
+            for lease in await self.leases.interruptible(region):
+                if eligible(lease):
+                    victims[lease.pool_id].append(lease)
+        if not victims:
+            return None
+        trial = Engine(self.world.topology)
+        for pool_id, held in victims.items():
+            state = self.world.engine.get(pool_id)
+            if state is not None:
+                trial.upsert(msgspec.structs.replace(state, free=state.free + sum(v.units for v in held)))
+        decision = trial.match(ask, limit=1)
+        if not decision.placed:
+            return None
+        option = decision.options[0]
+        for a in option.allocations:
+            state = self.world.engine.get(a.pool_id)
+            missing = a.units - (state.free if state else 0)
+            for victim in sorted(victims[a.pool_id], key=lambda v: (v.priority, -v.granted_at.timestamp())):
+                if missing <= 0:
+                    break
+                ended = await self.leases.end(victim, "preempt", now.timestamp())
+                if ended is not None:
+                    await self._ended(LeasePreempted, ended, now, by_request=request_id)
+                    missing -= victim.units
+        leases = self._leases_for(option, request_id, tenant, body, now)
+        return (leases, option) if await self._reserve(leases) else None
+
     async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
         tenant = self.tenant_of(principal)
         self.ask_for(body)  # validate before anything happens
@@ -176,8 +218,16 @@ class Broker:
         request_id = new_id("req")
         record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
                                updated_at=now, body=body)
+        await self._publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
+                                                    units=body.units or 0))
         try:
-            leases, option = await self._try_place(request_id, tenant, body, now)
+            try:
+                leases, option = await self._try_place(request_id, tenant, body, now)
+            except NotPlaced as np:
+                preempted = None if np.decision.never else await self._try_preempt(request_id, tenant, body, now)
+                if preempted is None:
+                    raise
+                leases, option = preempted
         except NotPlaced as np:
             reasons = list(np.decision.reasons) or ["no capacity matches right now"]
             record.reasons = reasons

@@ -42,6 +42,10 @@ class Keys:
         """Set: ids of the live leases on one pool (offline -> lost, preemption)."""
         return f"{self._r(region)}:pool:{pool_id}:leases"
 
+    def interruptible_leases(self, region: str) -> str:
+        """Set: ids of the region's live interruptible leases (preemption candidates)."""
+        return f"{self._r(region)}:intr"
+
     def leases_ready(self, region: str) -> str:
         """String: set by the broker once this region's leases are known to be in Redis
         (after a start or a rebuild). The reserve script refuses without it, so a Redis

@@ -227,3 +227,28 @@ async def test_roles(settings, nc) -> None:
         assert len((await w.broker.get("/v1/leases", params={"tenant": "t1"}, headers=ops)).json()) == 1
         assert (await w.broker.get("/v1/leases", params={"tenant": "t1"},
                                    headers=w.tenants["t2"])).status_code == 403
+
+
+async def test_interruptible_leases_are_preempted_for_on_demand(settings, nc, subjects) -> None:
+    from services.common.messages import LeasePreempted
+
+    pools = {"yrd-a100": POOLS["yrd-a100"]}
+    async with broker_world(settings, pools) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        cheap = await w.request("t1", {"units": 12, "billing": "interruptible", "priority": 2})
+        assert cheap.status_code == 201 and cheap.json()["leases"][0]["unit_price"] == "0.8"
+        other = await w.request("t1", {"units": 4, "billing": "interruptible", "priority": 6})
+        assert other.status_code == 201
+        # a higher-priority interruptible request may take only lower-priority capacity
+        r = await w.request("t2", {"units": 16, "billing": "interruptible", "priority": 4, "queue": False})
+        assert r.status_code == 409
+        # an on-demand request may preempt interruptible capacity
+        r = await w.request("t2", {"units": 10})
+        assert r.status_code == 201, r.text
+        notice = await alloc.wait_for(lambda e: isinstance(e, LeasePreempted))
+        assert notice.lease.lease_id == cheap.json()["leases"][0]["lease_id"]
+        assert notice.by_request == r.json()["request_id"]
+        # the higher-priority interruptible lease survived; nothing is overbooked
+        alive = {x["lease_id"] for x in (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json()}
+        assert alive == {other.json()["leases"][0]["lease_id"]}
+        assert await w.free("yrd-a100") == 16 - 4 - 10

@@ -1,5 +1,6 @@
 -- End one lease and give its units back: release, expire, preempt, lose, revoke.
--- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set
+-- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set,
+-- KEYS[5] region set of interruptible leases
 -- ARGV[1] lease id, ARGV[2] mode ('expire' re-checks the expiry against ARGV[3] = now)
 -- Reply: {1, lease json, seq, free_after} or {0} when there is nothing (left) to end
 local lease = KEYS[2]
@@ -15,4 +16,5 @@ end
 redis.call('DEL', lease)
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 return {1, f[3], tonumber(f[4]) + 1, free}

@@ -1062,7 +1062,7 @@ class Engine:
         ever = False  # gang: some pool is big enough when idle
         for cell, book in offering:
             if plain and not (exclude and any(pid in cell.pools for pid in exclude)):
-                mf, tf, mc, tc = book.mx[1], book.sm[1], book.cap_max[-1], book.cap_sum[-1]
+                mf, tf, mc, tc = book.mx[1], book.total, book.cap_max[-1], book.cap_sum[-1]
             else:
                 mf, tf = self._cell_free(ctx, cell, book)
                 mc, tc = book.capacity_prefix(ctx.hi(book))

@@ -8,13 +8,14 @@ bandwidth. In practice that is at most a few cells per (model, region). Static f
 never per pool.
 
 A **book** is one cell's pools that offer one billing mode, grouped into price levels
-(ascending). Each level keeps ``(free, pool_id)`` sorted, and a segment tree over the
-levels keeps the max and the sum of free units, so that
+(ascending). Each level keeps ``(free, pool_id)`` sorted and its sum of free units, and a
+segment tree over the levels keeps the max free units, so that
 
 * "cheapest level with a pool that has >= n free" is one O(log L) descent,
 * "best fit inside that level" is one bisect,
-* a change of a pool's free units is O(level) + O(log L),
-* sums and maxima of free units below a price cap are O(log L).
+* a change of a pool's free units is O(level) + O(log L) (the climb stops as soon as a
+  maximum is unchanged),
+* the maximum of free units below a price cap is O(log L), the sum O(L) (in C).
 
 Capacity (free ignoring leases) only changes when a pool is re-registered, which
 rebuilds the cell, so it is kept as plain prefix arrays.
@@ -22,6 +23,7 @@ rebuilds the cell, so it is kept as plain prefix arrays.
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from decimal import Decimal
@@ -43,8 +45,8 @@ def cell_key(pool: PoolState) -> CellKey:
 class Book:
     """The pools of one cell that offer one billing mode, by price level."""
 
-    __slots__ = ("_caps", "_min_ppv", "billing", "by_free", "cap_max", "cap_sum", "index", "levels", "mx",
-                 "pools", "prices", "size", "sm")
+    __slots__ = ("_caps", "_min_ppv", "billing", "cap_max", "cap_sum", "index", "levels", "mx",
+                 "lsum", "pools", "prices", "size", "total")
 
     def __init__(self, billing: str, pools: dict[str, PoolState],
                  entries: list[tuple[Decimal, PoolState]]) -> None:
@@ -58,38 +60,32 @@ class Book:
         self.prices: list[Decimal] = sorted(groups)
         self.index: dict[Decimal, int] = {p: i for i, p in enumerate(self.prices)}
         self.levels: list[list[tuple[int, str]]] = []
-        self.by_free: list[tuple[int, str]] = []  # every pool of the book, by free
         self.cap_max: list[int] = []  # prefix max of capacity over levels [0, i]
         self.cap_sum: list[int] = []  # prefix sum of capacity over levels [0, i]
         run_max = run_sum = 0
         for price in self.prices:
             members = groups[price]
-            level = sorted((p.free, p.pool_id) for p in members)
-            self.levels.append(level)
-            self.by_free.extend(level)
+            self.levels.append(sorted((p.free, p.pool_id) for p in members))
             for p in members:
                 if p.capacity > run_max:
                     run_max = p.capacity
                 run_sum += p.capacity
             self.cap_max.append(run_max)
             self.cap_sum.append(run_sum)
-        self.by_free.sort()
         n = len(self.prices)
         size = 1
         while size < n:
             size <<= 1
         self.size = size
         mx = [0] * (2 * size)
-        sm = [0] * (2 * size)
         for i, level in enumerate(self.levels):
             mx[size + i] = level[-1][0]
-            sm[size + i] = sum(f for f, _ in level)
         for i in range(size - 1, 0, -1):
             a, b = mx[2 * i], mx[2 * i + 1]
             mx[i] = a if a > b else b
-            sm[i] = sm[2 * i] + sm[2 * i + 1]
-        self.mx = mx
-        self.sm = sm
+        self.mx = mx  # segment tree: max free per level, root at 1
+        self.lsum = [sum(f for f, _ in level) for level in self.levels]  # free per level
+        self.total = sum(self.lsum)
 
     # --- queries -------------------------------------------------------------------
     def first(self, lo: int, need: int) -> int:
@@ -119,23 +115,22 @@ class Book:
     def prefix(self, hi: int) -> tuple[int, int]:
         """(max free, total free) over levels [0, hi). O(log L)."""
         if hi >= len(self.prices):
-            return self.mx[1], self.sm[1]
+            return self.mx[1], self.total
         if hi <= 0:
             return 0, 0
-        mx, sm = self.mx, self.sm
+        mx = self.mx
+        total = sum(self.lsum[:hi])
         lo, hi = self.size, self.size + hi
-        best = total = 0
+        best = 0
         while lo < hi:
             if lo & 1:
                 if mx[lo] > best:
                     best = mx[lo]
-                total += sm[lo]
                 lo += 1
             if hi & 1:
                 hi -= 1
                 if mx[hi] > best:
                     best = mx[hi]
-                total += sm[hi]
             lo >>= 1
             hi >>= 1
         return best, total
@@ -159,24 +154,16 @@ class Book:
 
     def iter_largest(self, cap: Decimal | None, exclude: frozenset[str]) -> Iterator[tuple[int, str]]:
         """(free, pool id) of pools with free > 0, largest first, skipping excluded pools
-        and pools priced above ``cap``."""
+        and pools priced above ``cap``: a lazy merge of the levels within the cap."""
         hi = len(self.prices) if cap is None else bisect_right(self.prices, cap)
-        if hi < len(self.prices) and 2 * hi <= len(self.prices):
-            # a tight cap: collect from the levels within it
-            entries = [e for level in self.levels[:hi] for e in level
-                       if e[0] > 0 and e[1] not in exclude]
-            entries.sort(reverse=True)
-            yield from entries
-            return
-        pools, billing = self.pools, self.billing
-        by_free = self.by_free
-        for k in range(len(by_free) - 1, -1, -1):
-            free, pid = by_free[k]
+        levels = self.levels[:hi]
+        merged = levels[0][::-1] if len(levels) == 1 else \
+            heapq.merge(*(reversed(level) for level in levels), reverse=True)
+        for free, pid in merged:
             if free <= 0:
                 return
-            if pid in exclude or (hi < len(self.prices) and getattr(pools[pid], billing) > cap):
-                continue
-            yield free, pid
+            if pid not in exclude:
+                yield free, pid
 
     def iter_capacity(self, cap: Decimal | None) -> Iterator[tuple[int, str]]:
         """(capacity, pool id) of pools priced within ``cap``, largest first."""
@@ -202,21 +189,23 @@ class Book:
         li = self.index[price]
         level = self.levels[li]
         del level[bisect_left(level, (old, pool_id))]
-        entry = (new, pool_id)
-        insort(level, entry)
-        by_free = self.by_free
-        del by_free[bisect_left(by_free, (old, pool_id))]
-        insort(by_free, entry)
-        mx, sm = self.mx, self.sm
-        i = li + self.size
-        mx[i] = level[-1][0]
+        insort(level, (new, pool_id))
         d = new - old
-        sm[i] += d
+        self.lsum[li] += d
+        self.total += d
+        mx = self.mx
+        i = li + self.size
+        top = level[-1][0]
+        if mx[i] == top:
+            return
+        mx[i] = top
         i >>= 1
         while i:
             a, b = mx[2 * i], mx[2 * i + 1]
-            mx[i] = a if a > b else b
-            sm[i] += d
+            m = a if a > b else b
+            if mx[i] == m:
+                return  # unchanged from here up
+            mx[i] = m
             i >>= 1
 
 
