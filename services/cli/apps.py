@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from services.broker.client import BrokerApiError, BrokerClient
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # piped: keep ids whole
 
 
 def _key(key: str | None, tenant: str | None, data_dir: Path) -> str:
@@ -95,7 +96,7 @@ def _fail(exc: BrokerApiError) -> None:
 def _lease_table(leases: list, title: str) -> Table:
     table = Table(title=title)
     for col in ("lease", "pool", "region", "model", "units", "billing", "price", "expires"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("lease", "pool"))
     for lease in leases:
         basis = "/unit-month" if lease.price_basis == "unit_month" else "/unit-h"
         table.add_row(lease.lease_id, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,

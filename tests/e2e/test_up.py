@@ -36,12 +36,13 @@ def _health(url: str) -> dict | None:
 
 
 def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
-    port = free_port()
+    port, broker_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "CB_ADMIN_KEY")}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--data-dir", str(tmp_path),
-                             "--registry-port", str(port)], env=env, stdout=subprocess.PIPE,
+                             "--registry-port", str(port), "--broker-port", str(broker_port),
+                             "--meter-port", str(free_port())], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url, broker = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{broker_port}"
     keys_file = tmp_path / "demo-keys.json"
     try:
         _wait(lambda: keys_file.exists() and keys_file.stat().st_size > 0, 60, "demo-keys.json")
@@ -65,6 +66,26 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
         for tkey in keys["tenants"].values():
             assert httpx.get(f"{url}/v1/pools", headers={"Authorization": f"Bearer {tkey}"}).status_code == 200
         assert httpx.get(f"{url}/schema/openapi.json").status_code == 200
+
+        # the smallest request is placeable on the demo world, through the broker and its CLI
+        tenant, tkey = next(iter(keys["tenants"].items()))
+        th = {"Authorization": f"Bearer {tkey}"}
+        r = httpx.post(f"{broker}/v1/requests", json={"units": 1}, headers=th, timeout=10)
+        assert r.status_code == 201, r.text
+        lease = r.json()["leases"][0]
+        cli = [sys.executable, "-m", "services.cli"]
+        common = ["--broker-url", broker, "--data-dir", str(tmp_path), "--tenant", tenant]
+        out = subprocess.run([*cli, "quote", *common, "-n", "8", "--vendor", "huawei"], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and "huawei" not in out.stderr and "ascend" in out.stdout, out
+        out = subprocess.run([*cli, "leases", *common], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and lease["lease_id"] in out.stdout, out
+        out = subprocess.run([*cli, "release", lease["lease_id"], *common], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0 and "released" in out.stdout, out
+        out = subprocess.run([*cli, "request", *common, "-n", "100000"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 1 and "422" in out.stdout, out
 
         # supervision: a service that dies is restarted
         first = _health(url)
