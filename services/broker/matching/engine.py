@@ -472,7 +472,7 @@ class Engine:
                 if options:
                     return Decision(options=tuple(options))
         reasons, never = self._explain(ctx)
-        return Decision(reasons=tuple(reasons), never=never)
+        return Decision(reasons=tuple(reasons), never=False)
 
     # --- gang: one pool, exact ---------------------------------------------------------
     def _gang(self, ctx: _Ctx, order: _Order, limit: int) -> list[Placement]:

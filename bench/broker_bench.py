@@ -1,0 +1,273 @@
+"""Broker benchmark: placements per second with 10,000 registered pools, against the
+floor of the stack (one Redis EVALSHA + one acknowledged JetStream publish per request).
+
+    python bench/broker_bench.py [--pools 10000] [--seconds 10] [--connections 64] [--workers 1] [--write]
+
+Starts its own nats-server, redis-server, registry and broker processes (uvicorn, real
+HTTP) in a temporary folder; registers the pools through the registry's bulk API; issues
+tenant keys; drives ``POST /v1/requests`` (1-4 units, ``queue: false``, sometimes a model,
+vendor or region constraint) with the raw loadgen; then serves ``bench/floor_app.py`` with
+the same worker count and drives it the same way. Every 201 counted is a placement whose
+grant JetStream acknowledged; the run checks the allocation stream holds one grant per 201.
+Targets: placements/s >= 0.5 x floor req/s; p99 <= 50 ms. ``--write`` appends the printed
+lines to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+from bench.loadgen import Result, request, run  # noqa: E402
+from services.cli.servers import free_port, start_nats, start_redis, stop_process  # noqa: E402
+from services.cli.supervisor import ServiceProcess  # noqa: E402
+from services.common.settings import Settings, settings_to_env  # noqa: E402
+from services.common.subjects import ALLOC, Subjects  # noqa: E402
+
+BATCH = 500
+N_MODELS = 15
+N_TENANTS = 8
+PROVIDER = "benchcloud"
+WARMUP_S = 1.0
+P99_TARGET_MS = 50.0
+RATIO_TARGET = 0.5
+
+
+def pick_models(catalogue: list[dict], n: int) -> list[dict]:
+    """``n`` real models, round-robin over vendors so that vendor constraints mean something."""
+    by_vendor: dict[str, list[dict]] = {}
+    for acc in catalogue:
+        by_vendor.setdefault(acc["vendor"], []).append(acc)
+    out: list[dict] = []
+    while len(out) < n and any(by_vendor.values()):
+        for vendor in sorted(by_vendor):
+            if by_vendor[vendor] and len(out) < n:
+                out.append(by_vendor[vendor].pop(0))
+    return out
+
+
+def pool_items(n: int, models: list[dict], regions: list[str], rng: random.Random) -> list[dict]:
+    items = []
+    for i in range(n):
+        units = rng.randint(8, 64)
+        price = Decimal(rng.randint(20, 3000)) / 100
+        items.append({"pool_id": f"bench-{i:06d}", "region": regions[i % len(regions)], "zone": f"z{i % 3}",
+                      "model": models[(i // len(regions)) % len(models)]["model"], "units": units,
+                      "units_per_node": 8, "prices": {"on_demand": str(price)}, "provider": PROVIDER})
+    return items
+
+
+def request_bodies(n: int, models: list[dict], regions: list[str], rng: random.Random) -> list[dict]:
+    """Mostly "any N units"; one in ten each with a model, a vendor or a region."""
+    vendors = sorted({m["vendor"] for m in models})
+    out = []
+    for _ in range(n):
+        body: dict = {"units": rng.randint(1, 4), "lease_ttl_s": 3600, "queue": False}
+        roll = rng.random()
+        if roll < 0.1:
+            body["accelerators"] = {"models": [rng.choice(models)["model"]]}
+        elif roll < 0.2:
+            body["accelerators"] = {"vendors": [rng.choice(vendors)]}
+        elif roll < 0.3:
+            body["placement"] = {"regions": [rng.choice(regions)]}
+        out.append(body)
+    return out
+
+
+def rss_mib(pid: int) -> tuple[float, list[float]]:
+    """Resident memory of a process and its children (uvicorn workers), MiB."""
+    proc = psutil.Process(pid)
+    each = [p.memory_info().rss / 2**20 for p in [proc, *proc.children(recursive=True)]]
+    return sum(each), each
+
+
+async def drive(port: int, reqs: list[bytes], seconds: float, connections: int) -> Result:
+    await run(port, lambda i: reqs[i % len(reqs)], connections=connections, seconds=WARMUP_S)
+    return await run(port, lambda i: reqs[(i + 7919) % len(reqs)], connections=connections, seconds=seconds)
+
+
+async def grants_in_stream(nats_url: str) -> int:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(Subjects().stream(ALLOC))
+        return info.state.messages
+    finally:
+        await nc.close()
+
+
+def wait_until(what: str, check, timeout: float) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    while True:
+        try:
+            if check():
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pools", type=int, default=10_000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn workers for the broker and the floor app")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    args = ap.parse_args()
+
+    rng = random.Random(20261125)
+    tmp = Path(tempfile.mkdtemp(prefix="cb-broker-bench-"))
+    nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
+    admin = f"bench-{secrets.token_hex(8)}"
+    settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=admin, heartbeat_ttl_s=3600,
+                        log_level="warning", workers=args.workers)
+    env = settings_to_env(settings)
+    registry = ServiceProcess("registry", free_port(), env, tmp / "registry.log")
+    broker = ServiceProcess("broker", free_port(), env, tmp / "broker.log")
+    floor_port = free_port()
+    floor_log = tmp / "floor.log"
+    floor: subprocess.Popen | None = None
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    print(f"logs in {tmp}", flush=True)
+    try:
+        registry.start()
+        registry.wait_healthy()
+        say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}; "
+            f"broker and floor workers: {args.workers}; {args.connections} connections")
+        admin_auth = {"Authorization": f"Bearer {admin}"}
+        reg = httpx.Client(base_url=registry.url, headers=admin_auth, timeout=120)
+        models = pick_models(reg.get("/v1/accelerators").raise_for_status().json(), N_MODELS)
+        regions = [r["id"] for r in reg.get("/v1/regions").raise_for_status().json()]
+        provider_key = reg.post("/v1/keys", json={"role": "provider", "subject": PROVIDER}).raise_for_status().json()
+        prov = httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {provider_key['key']}"},
+                            timeout=120)
+        items = pool_items(args.pools, models, regions, rng)
+        t0 = time.perf_counter()
+        created = 0
+        for j in range(0, len(items), BATCH):
+            r = prov.post("/v1/pools/bulk", content=json.dumps(items[j:j + BATCH]),
+                          headers={"content-type": "application/json"})
+            if r.status_code >= 400:
+                raise SystemExit(f"registry refused a batch: {r.status_code} {r.text}")
+            created += r.json()["created"]
+        took = time.perf_counter() - t0
+        total_units = sum(i["units"] for i in items)
+        say(f"pools: {created} registered via POST /v1/pools/bulk (batches of {BATCH}) in {took:.2f}s; "
+            f"{len(models)} models x {len(regions)} regions, {total_units:,} units")
+
+        t0 = time.perf_counter()
+        broker.start()
+        broker.wait_healthy(timeout=90)
+        healthy = time.perf_counter() - t0
+        qc = httpx.Client(base_url=broker.url, headers=admin_auth, timeout=30)
+        combos = sorted({(i["model"], i["region"]) for i in items})
+
+        def sees_all() -> bool:
+            for model, region in combos:
+                r = qc.post("/v1/quotes", json={"units": 1, "accelerators": {"models": [model]},
+                                                "placement": {"regions": [region]}})
+                if r.status_code != 200 or not r.json()["options"]:
+                    return False
+            return True
+
+        def every_worker_ready() -> bool:  # fresh connections, so that each worker is likely asked
+            for _ in range(4 * args.workers):
+                r = httpx.post(f"{broker.url}/v1/quotes", json={"units": 1}, headers=admin_auth, timeout=30)
+                if r.status_code != 200 or not r.json()["options"]:
+                    return False
+            return True
+
+        wait_until("broker sees every model x region", sees_all, 60)
+        wait_until("every broker worker quotes", every_worker_ready, 60)
+        seen = time.perf_counter() - t0
+        total, each = rss_mib(broker.proc.pid)
+        say(f"broker: healthy {healthy:.2f}s after start, every one of {len(combos)} model x region combinations "
+            f"quoted after {seen:.2f}s; RSS with {created} pools loaded {total:.0f} MiB"
+            + (f" ({' + '.join(f'{x:.0f}' for x in each)} MiB: supervisor + workers)" if len(each) > 1 else ""))
+
+        tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
+                                ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
+        bodies = request_bodies(2000, models, regions, rng)
+        reqs = [request("POST", "/v1/requests", {"Authorization": f"Bearer {tenant_keys[k % N_TENANTS]}"},
+                        json.dumps(b).encode()) for k, b in enumerate(bodies)]
+        before = asyncio.run(grants_in_stream(nats.url))
+        res = asyncio.run(drive(broker.port, reqs, args.seconds, args.connections))
+        placed = res.statuses.get(201, 0)
+        placements = placed / res.seconds if res.seconds else 0.0
+        say(f"placements: {placements:,.0f}/s (201s only; 1-4 units, queue: false, 30% with a model, vendor or "
+            f"region constraint) — {res.summary()}")
+        grants = asyncio.run(grants_in_stream(nats.url)) - before
+        say(f"durability: {grants} grant events acknowledged in the allocation stream during the run "
+            f"(warm-up {WARMUP_S:.0f}s included); 201s measured {placed}")
+
+        floor = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "floor_app.py"), "--port", str(floor_port),
+             "--workers", str(args.workers)],
+            env={**os.environ, "NATS_URL": nats.url, "REDIS_URL": redis.url,
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+            stdout=open(floor_log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # noqa: SIM115
+            start_new_session=True)
+
+        def floor_up() -> bool:
+            if floor.poll() is not None:
+                raise RuntimeError(f"floor app exited with {floor.returncode}; see {floor_log}")
+            return httpx.post(f"http://127.0.0.1:{floor_port}/floor", timeout=5).status_code == 201
+
+        wait_until("floor app answers", floor_up, 60)
+        freqs = [request("POST", "/floor", {}, b"")]
+        fres = asyncio.run(drive(floor_port, freqs, args.seconds, args.connections))
+        floor_rate = fres.statuses.get(201, 0) / fres.seconds if fres.seconds else 0.0
+        say(f"floor (bench/floor_app.py: 1 EVALSHA + 1 acked JetStream publish): {floor_rate:,.0f}/s — "
+            f"{fres.summary()}")
+        ratio = placements / floor_rate if floor_rate else float("nan")
+        p99 = res.pct(99)
+        say(f"ratio = placements/s ÷ floor = {placements:,.0f} ÷ {floor_rate:,.0f} = {ratio:.2f} "
+            f"(target >= {RATIO_TARGET}: {'met' if ratio >= RATIO_TARGET else 'NOT met'}); "
+            f"placement p99 {p99:.2f} ms (target <= {P99_TARGET_MS:.0f} ms: "
+            f"{'met' if p99 <= P99_TARGET_MS else 'NOT met'})")
+    finally:
+        stop_process(floor)
+        broker.stop()
+        registry.stop()
+        nats.stop()
+        redis.stop()
+    if args.write:
+        out = ROOT / "docs" / "benchmarks.md"
+        command = "python bench/broker_bench.py" + "".join(
+            f" --{k} {v}" for k, v in (("pools", args.pools), ("seconds", args.seconds),
+                                       ("connections", args.connections), ("workers", args.workers))
+            if v != ap.get_default(k))
+        with out.open("a") as f:
+            f.write(f"\n### broker — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
+            f.writelines(f"- {line}\n" for line in lines)
+
+
+if __name__ == "__main__":
+    main()
