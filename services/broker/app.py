@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import os
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await ensure_streams(js, subjects)
         world = World(nc, js, redis, keys, subjects)
         await world.load()
+        gc.collect()
+        gc.freeze()  # the pool index is long-lived: keep it out of every later GC pass (p99)
         broker = Broker(nc=nc, js=js, redis=redis, keys=keys, subjects=subjects, world=world,
                         leases=LeaseStore(redis, keys))
 

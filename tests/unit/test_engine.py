@@ -312,6 +312,8 @@ def test_best_fit_keeps_big_pools_free() -> None:
     d = e.match(Ask(units=8))
     assert ids(d) == [["exact"], ["roomy"], ["big"]]
     assert [o.stranded_units for o in d.options] == [0, 8, 56]
+    assert ids(e.match(Ask(units=8), limit=1)) == [["exact"]]
+    assert ids(e.match(Ask(units=10), limit=1)) == [["roomy"]]
     # a cheaper pool still wins over a better fit
     e.upsert(pool("cheap-big", "us-east", "1.99", free=64))
     assert first(e.match(Ask(units=8))) == "cheap-big"

@@ -1,8 +1,11 @@
-"""Property tests of the matching engine against brute force over small random worlds."""
+"""Property tests of the matching engine against brute force over small random worlds.
+
+``ENGINE_EXAMPLES=3000 pytest tests/unit/test_engine_props.py`` for a longer run."""
 
 from __future__ import annotations
 
 import math
+import os
 from decimal import Decimal
 from itertools import combinations
 
@@ -28,7 +31,7 @@ MODELS = {
 }
 PRICES = [Decimal(p) for p in ("1", "1.5", "2", "2.25", "3")]
 BILLINGS = ("on_demand", "reserved_month", "reserved_year", "interruptible")
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("ENGINE_EXAMPLES", "300")), deadline=None,
+SETTINGS = settings(max_examples=int(os.environ.get("ENGINE_EXAMPLES", "300")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -275,12 +278,29 @@ def test_options_satisfy_constraints_and_gang_is_exact(data: st.DataObject) -> N
         check_decision(world, ask, engine.match(ask, limit=limit), limit)
 
 
+@st.composite
+def crowded(draw: st.DrawFn) -> list[PoolState]:
+    """Many pools that differ only in price (two levels), free units and region: ties."""
+    n = draw(st.integers(1, 14))
+    base = PoolState(pool_id="x", provider="p", region="us-east", country="US", model="m-nv",
+                     vendor="nvidia", stack="cuda", frameworks=("pytorch",), memory_gib=80.0,
+                     interconnect="nvlink4", bf16_tflops=989.4, fp16_tflops=989.4,
+                     capacity=64, free=0, on_demand=Decimal(1))
+    return [msgspec.structs.replace(
+        base, pool_id=f"c{i:02d}", free=draw(st.integers(0, 64)),
+        region=draw(st.sampled_from(["us-east", "us-east", "us-west"])),
+        on_demand=draw(st.sampled_from([Decimal(1), Decimal(2)]))) for i in range(n)]
+
+
 @SETTINGS
 @given(st.data())
 def test_gang_best_fit_among_equal_cost(data: st.DataObject) -> None:
-    world = data.draw(pools())
+    world = data.draw(st.one_of(pools(), crowded()))
     engine = engine_for(world)
     ask = msgspec.structs.replace(data.draw(asks([p.pool_id for p in world])), gang=True)
+    if data.draw(st.booleans()):  # mostly unconstrained, so that ties are common
+        ask = Ask(units=data.draw(st.integers(1, 64)), data_region=ask.data_region,
+                  data_gb=ask.data_gb, objective=ask.objective, exclude_pools=ask.exclude_pools)
     d = engine.match(ask, limit=1)
     brute = gang_costs(world, ask)
     if brute:

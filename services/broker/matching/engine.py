@@ -7,15 +7,20 @@ the index design; ``index.py`` holds the data structures.
 Complexity per decision (C = candidate cells after the static filters, L = price levels
 in a cell, k = ``limit``):
 
-* static filters: O(1) amortised (per-dimension cell sets and their intersections are
-  cached; caches drop when a cell is created or the topology changes);
+* static filters: per-dimension cell sets from inverted indexes (attribute value ->
+  cell ids), intersected in C; the sets, their intersection and the sorted candidate
+  list are cached per request shape (dropped when a cell is created, re-indexed or the
+  topology changes), so a repeated shape costs O(1) here;
 * gang: cells are visited in order of a lower bound on cost and the scan stops as soon
   as the bound passes the k-th best option; each visited cell costs O(log L) for "is
   there a pool with n free" and O(log L + k) to take its best k (best fit);
 * split: a lazy k-way merge over the cells' price levels, cheapest units first, touching
-  only the levels it takes units from, per region set tried;
+  only the levels it takes units from, per region set tried; when the pool budget
+  binds, each further pick is one O(log L) query per cell (``_fill_exact``);
 * ``set_free``: O(level) + O(log L) per billing mode the pool offers; ``upsert`` /
-  ``remove``: O(1), the cell is re-indexed on the next ``match`` (O(cell log cell)).
+  ``remove``: O(1), the cell is re-indexed on the next ``match`` (O(cell log cell));
+* reasons (only when nothing fits): O(C log L), touching pools only for exclusions and
+  the largest-pools checks.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ _INF = float("inf")
 _REL_EPS = 1e-9  # relative tolerance on TFLOPS sums (floats)
 _CACHE_MAX = 4096  # entries per request cache before it is dropped
 _ORDER_CACHE_MAX = 256  # sorted candidate lists are larger: keep fewer
-_SUBSET_BUDGET = 20_000
+_SUBSET_BUDGET = 20_000  # region subsets tried when looking for any feasible split
 # cell attributes with an inverted index (value -> cell ids)
-_INDEXED = ("model", "region", "country", "vendor", "stack", "interconnect", "host_arch", "currency")  # region subsets tried when looking for any feasible split
+_INDEXED = ("model", "region", "country", "vendor", "stack", "interconnect", "host_arch",
+            "currency")
 
 # one candidate pick inside a placement: (cell, unit price, pool id, free before, units)
 Pick = tuple[Cell, Decimal, str, int, int]
@@ -472,7 +478,7 @@ class Engine:
                 if options:
                     return Decision(options=tuple(options))
         reasons, never = self._explain(ctx)
-        return Decision(reasons=tuple(reasons), never=False)
+        return Decision(reasons=tuple(reasons), never=never)
 
     # --- gang: one pool, exact ---------------------------------------------------------
     def _gang(self, ctx: _Ctx, order: _Order, limit: int) -> list[Placement]:
