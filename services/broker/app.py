@@ -29,7 +29,7 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.nats_conn import connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import CAPACITY, Subjects
@@ -108,9 +108,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         loss_sub = await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
-        app.state.key_lookup = KeyLookup(redis, await ensure_bucket(js, subjects.bucket("keys")), keys,
-                                         settings.admin_key, nc=nc, revoked_subject=subjects.key_revoked())
-        await app.state.key_lookup.listen()
+        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
+                                                    subjects.key_revoked())
         tasks = [
             asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
             asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -100,12 +100,7 @@ class LeaseStore:
 
     async def expired(self, region: str, now: float, limit: int = 500) -> list[LeaseInfo]:
         ids = await self.redis.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
-        out = []
-        for lease_id in ids:
-            raw = await self.redis.hget(self.keys.lease(region, _s(lease_id)), "info")
-            if raw:
-                out.append(_info.decode(raw))
-        return out
+        return await self._infos(region, ids)
 
     async def interruptible(self, region: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.interruptible_leases(region)))
@@ -113,10 +108,8 @@ class LeaseStore:
     async def on_pool(self, region: str, pool_id: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.pool_leases(region, pool_id)))
 
-    async def _infos(self, region: str, ids: object) -> list[LeaseInfo]:
-        out = []
+    async def _infos(self, region: str, ids: Iterable[object]) -> list[LeaseInfo]:
+        pipe = self.redis.pipeline(transaction=False)
         for lease_id in ids:
-            raw = await self.redis.hget(self.keys.lease(region, _s(lease_id)), "info")
-            if raw:
-                out.append(_info.decode(raw))
-        return out
+            pipe.hget(self.keys.lease(region, _s(lease_id)), "info")
+        return [_info.decode(raw) for raw in await pipe.execute() if raw]

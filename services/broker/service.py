@@ -45,7 +45,7 @@ from services.common.nats_conn import publish_event, read_stream
 from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
-from .leases import LeaseStore
+from .leases import Ended, LeaseStore
 from .matching.engine import Engine
 from .matching.model import Decision, Placement
 from .records import QuoteView, RequestRecord, RequestView, lease_view
@@ -430,8 +430,9 @@ class Broker:
         await self._ended(LeaseReleased, ended, now)
         return ended.lease
 
-    async def _ended(self, kind: type, ended, now: datetime, **extra: object) -> None:  # noqa: ANN001
-        self.world.engine.set_free(ended.lease.pool_id, ended.free_after) if ended.free_after >= 0 else None
+    async def _ended(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
+        if ended.free_after >= 0:
+            self.world.engine.set_free(ended.lease.pool_id, ended.free_after)
         await self._publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
                                        seq=ended.seq, free_after=ended.free_after, **extra))
         self.queue_kick.set()

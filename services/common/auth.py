@@ -88,6 +88,17 @@ class KeyLookup:
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._ttl = cache_ttl_s
 
+    @classmethod
+    async def open(cls, nc: NATS, redis: Redis, keys: Keys, bucket: str, admin_key: str | None,
+                   revoked_subject: str) -> KeyLookup:
+        """The lookup every service uses: durable bucket, Redis cache, revocations heard."""
+        from .nats_conn import ensure_bucket
+
+        lookup = cls(redis, await ensure_bucket(nc.jetstream(), bucket), keys, admin_key, nc=nc,
+                     revoked_subject=revoked_subject)
+        await lookup.listen()
+        return lookup
+
     async def listen(self) -> None:
         """Drop revoked keys from this replica's cache as soon as any replica says so."""
         if self.nc is not None:

@@ -78,9 +78,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.key_lookup = KeyLookup(redis, await ensure_bucket(js, subjects.bucket("keys")), keys,
-                                         settings.admin_key, nc=nc, revoked_subject=subjects.key_revoked())
-        await app.state.key_lookup.listen()
+        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
+                                                    subjects.key_revoked())
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
         sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
