@@ -22,6 +22,7 @@ from services.common.keys import Keys
 from services.common.messages import (
     ENDING_EVENTS,
     AllocEvent,
+    BillingEvent,
     CapacityEvent,
     PoolOffline,
     PoolOnline,
@@ -32,7 +33,7 @@ from services.common.messages import (
 from services.common.nats_conn import connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import CAPACITY, Subjects
+from services.common.subjects import BILLING, CAPACITY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
 from .leases import LeaseStore
@@ -106,6 +107,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                        "pool offline" if isinstance(event, PoolOffline) else "pool removed")
 
         loss_sub = await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
+        broker.budget_grace_s = settings.budget_grace_s
+        await broker.load_budgets()
+
+        async def on_billing(msg: Msg) -> None:
+            try:
+                event = msgspec.json.decode(msg.data, type=BillingEvent)
+            except msgspec.DecodeError:
+                return
+            await broker.on_billing(event)
+
+        billing_sub = await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
@@ -124,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await loss_sub.unsubscribe()
+            await billing_sub.unsubscribe()
             await world.stop()
             await nc.drain()
             await redis.aclose()

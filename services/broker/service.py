@@ -27,6 +27,9 @@ from services.common.ids import new_id
 from services.common.keys import Keys
 from services.common.messages import (
     AllocEvent,
+    BillingEvent,
+    BudgetExhausted,
+    BudgetRestored,
     LeaseExpired,
     LeaseGranted,
     LeaseInfo,
@@ -34,6 +37,7 @@ from services.common.messages import (
     LeasePreempted,
     LeaseReleased,
     LeaseRenewed,
+    LeaseRevoked,
     RequestAccepted,
     RequestCancelled,
     RequestEvent,
@@ -74,6 +78,8 @@ class Broker:
         self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
         self.world, self.leases, self.clock = world, leases, clock
         self.queue_kick = asyncio.Event()
+        self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
+        self.budget_grace_s = 300.0
 
     # --- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -211,8 +217,49 @@ class Broker:
         leases = self._leases_for(option, request_id, tenant, body, now)
         return (leases, option) if await self._reserve(leases) else None
 
+    # --- budgets --------------------------------------------------------------------------
+    async def load_budgets(self) -> None:
+        raw = await self.redis.hgetall(self.keys.budget_blocked())
+        self.blocked = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+
+    async def on_billing(self, event: BillingEvent) -> None:
+        """The meter said a tenant's budget ran out (or was topped up)."""
+        if isinstance(event, BudgetExhausted):
+            when = event.at.timestamp()
+            if await self.redis.hsetnx(self.keys.budget_blocked(), event.tenant, when):
+                log.warning("budget of %s exhausted: no new placements; leases revoked in %.0fs", event.tenant,
+                            self.budget_grace_s)
+            self.blocked.setdefault(event.tenant, when)
+        elif isinstance(event, BudgetRestored):
+            await self.redis.hdel(self.keys.budget_blocked(), event.tenant)
+            self.blocked.pop(event.tenant, None)
+            self.queue_kick.set()
+
+    def _check_budget(self, tenant: str) -> None:
+        if tenant in self.blocked:
+            raise Unprocessable(f"tenant {tenant} is out of budget; top it up to place again",
+                                reasons=["budget exhausted"])
+
+    async def revoke_over_budget(self) -> int:
+        """After the grace, end the pay-as-you-go leases of tenants out of budget
+        (reserved terms are paid in advance and keep running)."""
+        now = self.clock()
+        n = 0
+        for tenant, since in list(self.blocked.items()):
+            if now.timestamp() < since + self.budget_grace_s:
+                continue
+            for lease in await self.leases.of_tenant(tenant):
+                if lease.billing not in ("on_demand", "interruptible"):
+                    continue
+                ended = await self.leases.end(lease, "revoke", now.timestamp())
+                if ended is not None:
+                    await self._ended(LeaseRevoked, ended, now, reason="budget exhausted")
+                    n += 1
+        return n
+
     async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
         tenant = self.tenant_of(principal)
+        self._check_budget(tenant)
         self.ask_for(body)  # validate before anything happens
         now = self.clock()
         request_id = new_id("req")
@@ -294,6 +341,8 @@ class Broker:
                     await self._finish_queued(record, "rejected", now,
                                               reasons=[*record.reasons, "deadline passed while queued"])
                     continue
+                if record.tenant in self.blocked:
+                    continue  # stays queued until the budget is topped up
                 try:
                     leases, _ = await self._try_place(record.request_id, record.tenant, record.body, now)
                 except NotPlaced as np:
@@ -443,6 +492,7 @@ class Broker:
         if await self.redis.exists(self.keys.rebuilt_marker("broker")):
             await self.leases.mark_ready(list(self.world.countries))  # regions added since
         await self.sweep()
+        await self.revoke_over_budget()
 
     async def sweep(self) -> int:
         """Expire unrenewed leases. Safe in every replica: the script re-checks expiry

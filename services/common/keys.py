@@ -93,6 +93,10 @@ class Keys:
         """Hash: tenant -> virtual finish time of its last queued request (fair share)."""
         return f"{self.prefix}:queue:vtime"
 
+    def budget_blocked(self) -> str:
+        """Hash: tenant -> unix time its budget ran out (the broker places nothing for it)."""
+        return f"{self.prefix}:budget:blocked"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 

@@ -261,3 +261,34 @@ class RequestCancelled(_RequestEvent, tag="request.cancelled"):
 
 
 RequestEvent = RequestAccepted | RequestQueued | RequestPlaced | RequestRejected | RequestCancelled
+
+
+# --- billing events (meter -> all) ---------------------------------------------------------
+class _BillingEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    id: str
+    at: datetime
+    tenant: Id
+    v: int = 1
+
+
+class BudgetExhausted(_BillingEvent, tag="budget.exhausted"):
+    """The tenant's spend reached its budget: the broker stops placing for it and
+    revokes its pay-as-you-go leases after a grace period."""
+
+    currency: Currency = "USD"
+    budget: Decimal = Decimal(0)
+    spent: Decimal = Decimal(0)
+
+
+class BudgetRestored(_BillingEvent, tag="budget.restored"):
+    currency: Currency = "USD"
+    budget: Decimal = Decimal(0)
+    spent: Decimal = Decimal(0)
+
+
+class InvoiceIssued(_BillingEvent, tag="invoice.issued"):
+    period: str = ""
+    totals: dict[str, Decimal] = {}  # currency -> amount
+
+
+BillingEvent = BudgetExhausted | BudgetRestored | InvoiceIssued

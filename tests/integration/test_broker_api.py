@@ -252,3 +252,36 @@ async def test_interruptible_leases_are_preempted_for_on_demand(settings, nc, su
         alive = {x["lease_id"] for x in (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json()}
         assert alive == {other.json()["leases"][0]["lease_id"]}
         assert await w.free("yrd-a100") == 16 - 4 - 10
+
+
+async def test_budget_exhausted_stops_placing_and_revokes_after_grace(settings, nc, subjects) -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from services.common.messages import BudgetExhausted, BudgetRestored, LeaseRevoked
+    from services.common.nats_conn import publish_event
+
+    fast = msgspec.structs.replace(settings, budget_grace_s=0.5, sweep_interval_s=0.1)
+    async with broker_world(fast, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        on_demand = (await w.request("t1", {"units": 2})).json()["leases"][0]
+        reserved = (await w.request("t1", {"units": 1, "billing": "reserved_month"})).json()["leases"][0]
+        js = nc.jetstream()
+        await publish_event(js, subjects.billing("t1"), BudgetExhausted(
+            id="b1", at=datetime.now(UTC), tenant="t1", budget=Decimal("10"), spent=Decimal("10.5")))
+        revoked = await alloc.wait_for(lambda e: isinstance(e, LeaseRevoked), timeout=10)
+        assert revoked.lease.lease_id == on_demand["lease_id"] and "budget" in revoked.reason
+        r = await w.request("t1", {"units": 1})
+        assert r.status_code == 422 and "budget" in r.json()["detail"]
+        assert (await w.request("t2", {"units": 1})).status_code == 201  # others unaffected
+        alive = {x["lease_id"] for x in (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json()}
+        assert alive == {reserved["lease_id"]}  # paid in advance: keeps running
+        await publish_event(js, subjects.billing("t1"), BudgetRestored(id="b2", at=datetime.now(UTC), tenant="t1"))
+
+        from ..helpers import eventually
+
+        async def placeable() -> bool:
+            return (await w.request("t1", {"units": 1})).status_code == 201
+
+        await eventually(placeable, timeout=5)
