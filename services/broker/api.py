@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -10,8 +11,11 @@ from litestar.params import Parameter
 
 from services.common.http import AuthedRequest
 
+from services.common.errors import BrokerError
+
 from .domain.requests import ComputeRequest
 from .idempotency import once
+from .metrics import PLACEMENT_SECONDS, PLACEMENTS
 from .records import LeaseView, QuoteView, RequestView, lease_view
 from .service import Broker
 
@@ -27,7 +31,14 @@ class RequestController(Controller):
         tenant = broker.tenant_of(request.user)
 
         async def run() -> tuple[int, bytes]:
-            status, view = await broker.place(request.user, data)
+            started = time.perf_counter()
+            try:
+                status, view = await broker.place(request.user, data)
+            except BrokerError as exc:
+                PLACEMENTS.labels({422: "rejected", 409: "no_capacity"}.get(exc.status, "error")).inc()
+                raise
+            PLACEMENT_SECONDS.observe(time.perf_counter() - started)
+            PLACEMENTS.labels("placed" if status == 201 else "queued").inc()
             return status, msgspec.json.encode(view)
 
         body = msgspec.json.encode(data)  # canonical: same meaning, same bytes

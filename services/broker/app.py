@@ -72,7 +72,7 @@ async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]]
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or settings_from_env()
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
-    metrics, metrics_controller = prometheus("broker")
+    metrics, metrics_controller = prometheus("broker", hot_paths=[r"^/v1/requests$"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -48,11 +48,11 @@ class LeaseStore:
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
         if int(raw[0]) == 1:
-            await self._index(leases)
             return True, [int(x) for x in raw[1:]]
         return False, [int(raw[1]) - 1, int(raw[2])]
 
-    async def _index(self, leases: Sequence[LeaseInfo]) -> None:
+    async def index(self, leases: Sequence[LeaseInfo]) -> None:
+        """Lookups by lease id and by tenant (single keys, outside the region's slot)."""
         pipe = self.redis.pipeline(transaction=False)
         for lease in leases:
             pipe.hset(self.keys.lease_index(), lease.lease_id, lease.region)

@@ -50,6 +50,7 @@ from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
 from .leases import Ended, LeaseStore
+from .metrics import LEASE_ENDS
 from .matching.engine import Engine
 from .matching.model import Decision, Placement
 from .records import QuoteView, RequestRecord, RequestView, lease_view
@@ -67,9 +68,9 @@ def utcnow() -> datetime:
 
 
 class NotPlaced(Exception):
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, contended: bool = False) -> None:
         super().__init__("not placed")
-        self.decision = decision
+        self.decision, self.contended = decision, contended
 
 
 class Broker:
@@ -128,55 +129,67 @@ class Broker:
 
     async def _reserve(self, leases: list[LeaseInfo]) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
-        then make the grants durable. All or nothing."""
+        then make the grants durable. All or nothing. The caller holds the units in the
+        engine; ``truth`` collects what Redis said about each pool touched."""
         by_region: dict[str, list[LeaseInfo]] = defaultdict(list)
         for lease in leases:
             by_region[lease.region].append(lease)
         done: list[LeaseInfo] = []
-        free_after: dict[str, int] = {}
+        truth: dict[str, int] = {}
+        allocations = [(lease.pool_id, lease.units) for lease in leases]
         expires = leases[0].expires_at.timestamp()
-        for region, group in by_region.items():
-            ok, result = await self.leases.reserve(region, group, expires)
-            if not ok:
-                index, free = result
-                self.world.engine.set_free(group[index].pool_id, free)
-                await self._undo(done)
-                return False
-            done += group
-            for lease, free in zip(group, result, strict=True):
-                free_after[lease.pool_id] = free
-                self.world.engine.set_free(lease.pool_id, free)
         try:
-            await asyncio.gather(*(self._publish_alloc(LeaseGranted(
-                id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-                free_after=free_after.get(lease.pool_id, -1))) for lease in leases))
-        except Exception as exc:
-            log.error("grant not durable (%s): giving the units back", exc)
-            await self._undo(done)
-            raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from exc
-        return True
+            for region, group in by_region.items():
+                ok, result = await self.leases.reserve(region, group, expires)
+                if not ok:
+                    index, free = result
+                    truth[group[index].pool_id] = free
+                    truth.update(await self._undo(done))
+                    return False
+                done += group
+                truth.update({lease.pool_id: free for lease, free in zip(group, result, strict=True)})
+            record_writes = self._index(leases)
+            try:
+                await asyncio.gather(record_writes, *(self._publish_alloc(LeaseGranted(
+                    id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+                    free_after=truth.get(lease.pool_id, -1))) for lease in leases))
+            except Exception as exc:
+                log.error("grant not durable (%s): giving the units back", exc)
+                truth.update(await self._undo(done))
+                raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from exc
+            return True
+        finally:
+            self.world.settle(allocations, truth)
 
-    async def _undo(self, leases: list[LeaseInfo]) -> None:
+    async def _index(self, leases: list[LeaseInfo]) -> None:
+        await self.leases.index(leases)
+
+    async def _undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
         now = time.time()
+        truth = {}
         for lease in leases:
             ended = await self.leases.end(lease, "release", now)
             if ended is not None and ended.free_after >= 0:
-                self.world.engine.set_free(lease.pool_id, ended.free_after)
+                truth[lease.pool_id] = ended.free_after
+        return truth
 
     async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest,
                          now: datetime) -> tuple[list[LeaseInfo], Placement]:
-        exclude: frozenset[str] = frozenset()
+        ask = self.ask_for(body)
         decision = Decision()
         for _ in range(ATTEMPTS):
-            decision = self.world.engine.match(self.ask_for(body, exclude), limit=3)
+            decision = self.world.engine.match(ask, limit=3)
             if not decision.placed:
-                break
+                raise NotPlaced(decision)
             for option in decision.options:
+                if not self.world.hold((a.pool_id, a.units) for a in option.allocations):
+                    continue  # a concurrent request here took these units since the match
                 leases = self._leases_for(option, request_id, tenant, body, now)
                 if await self._reserve(leases):
                     return leases, option
-            # every option lost a race: the engine now knows the fresher free counts
-        raise NotPlaced(decision)
+            # every option was lost to a concurrent request: match again on fresher numbers
+        raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),
+                        contended=True)
 
     async def _try_preempt(self, request_id: str, tenant: str, body: ComputeRequest,
                            now: datetime) -> tuple[list[LeaseInfo], Placement] | None:
@@ -214,6 +227,8 @@ class Broker:
                 if ended is not None:
                     await self._ended(LeasePreempted, ended, now, by_request=request_id)
                     missing -= victim.units
+        if not self.world.hold((a.pool_id, a.units) for a in option.allocations):
+            return None
         leases = self._leases_for(option, request_id, tenant, body, now)
         return (leases, option) if await self._reserve(leases) else None
 
@@ -271,7 +286,8 @@ class Broker:
             try:
                 leases, option = await self._try_place(request_id, tenant, body, now)
             except NotPlaced as np:
-                preempted = None if np.decision.never else await self._try_preempt(request_id, tenant, body, now)
+                preempted = None if np.decision.never or np.contended else \
+                    await self._try_preempt(request_id, tenant, body, now)
                 if preempted is None:
                     raise
                 leases, option = preempted
@@ -294,9 +310,8 @@ class Broker:
             await self._enqueue(record, now)
             return 202, await self.view(record)
         record.lease_ids = [lease.lease_id for lease in leases]
-        await self._save(record)
-        await self._publish_request(RequestPlaced(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
-                                                  lease_ids=tuple(record.lease_ids)))
+        await asyncio.gather(self._save(record), self._publish_request(RequestPlaced(
+            id=new_id("ev"), at=now, request_id=request_id, tenant=tenant, lease_ids=tuple(record.lease_ids))))
         return 201, await self.view(record, leases=leases, placement=option)
 
     async def quote(self, principal: Principal, body: ComputeRequest) -> QuoteView:
@@ -480,8 +495,9 @@ class Broker:
         return ended.lease
 
     async def _ended(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
+        LEASE_ENDS.labels(kind.__name__.removeprefix("Lease").lower()).inc()
         if ended.free_after >= 0:
-            self.world.engine.set_free(ended.lease.pool_id, ended.free_after)
+            self.world.observe_free(ended.lease.pool_id, ended.free_after)
         await self._publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
                                        seq=ended.seq, free_after=ended.free_after, **extra))
         self.queue_kick.set()
@@ -529,6 +545,7 @@ class Broker:
                 lease = event.lease
                 if isinstance(event, (LeaseGranted, LeaseRenewed)) and lease.expires_at > now:
                     await self.leases.reserve(lease.region, [lease], lease.expires_at.timestamp(), force=True)
+                    await self.leases.index([lease])
                     restored += 1
             queued: dict[str, RequestEvent] = {}
             async for _, data in read_stream(self.js, self.subjects.stream("request"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -67,7 +68,41 @@ class World:
         self.countries: dict[str, str] = {}
         self.pools: dict[str, Pool] = {}
         self.engine = Engine(self.topology)
+        self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
         self._subs: list = []
+
+    # --- free units: Redis is the truth; units being reserved here are held back ------------
+    def observe_free(self, pool_id: str, free: int) -> None:
+        """Redis said ``free``; the engine sees that less what this replica's in-flight
+        reservations are about to take, so concurrent requests do not pile onto the
+        same units."""
+        self.engine.set_free(pool_id, max(0, free - self.inflight.get(pool_id, 0)))
+
+    def hold(self, allocations: Iterable[tuple[str, int]]) -> bool:
+        """Hold units for a reservation about to be tried; False (and nothing held) if a
+        concurrent request took them since the match."""
+        allocations = list(allocations)
+        states = [(self.engine.get(pool_id), units) for pool_id, units in allocations]
+        if any(state is None or state.free < units for state, units in states):
+            return False
+        for (pool_id, units), (state, _) in zip(allocations, states, strict=True):
+            self.inflight[pool_id] = self.inflight.get(pool_id, 0) + units
+            self.engine.set_free(pool_id, state.free - units)  # type: ignore[union-attr]
+        return True
+
+    def settle(self, allocations: Iterable[tuple[str, int]], truth: dict[str, int]) -> None:
+        """The reservation is over: take what Redis said for the pools it touched, give
+        the held units back to the others."""
+        for pool_id, units in allocations:
+            left = self.inflight.get(pool_id, 0) - units
+            if left > 0:
+                self.inflight[pool_id] = left
+            else:
+                self.inflight.pop(pool_id, None)
+            if pool_id in truth:
+                self.observe_free(pool_id, truth[pool_id])
+            elif (state := self.engine.get(pool_id)) is not None:
+                self.engine.set_free(pool_id, state.free + units)
 
     async def _rpc(self, verb: str, timeout: float = 30.0) -> bytes:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -168,7 +203,7 @@ class World:
         except msgspec.DecodeError:
             return
         if event.free_after >= 0:
-            self.engine.set_free(event.lease.pool_id, event.free_after)
+            self.observe_free(event.lease.pool_id, event.free_after)
         await self.on_alloc(event)
 
     async def on_alloc(self, event: AllocEvent) -> None:
