@@ -4,10 +4,12 @@ floor of the stack (one Redis EVALSHA + one acknowledged JetStream publish per r
     python bench/broker_bench.py [--pools 10000] [--seconds 10] [--connections 64] [--workers 1] [--write]
 
 Starts its own nats-server, redis-server, registry and broker processes (uvicorn, real
-HTTP) in a temporary folder; registers the pools through the registry's bulk API; issues
-tenant keys; drives ``POST /v1/requests`` (1-4 units, ``queue: false``, sometimes a model,
-vendor or region constraint) with the raw loadgen; then serves ``bench/floor_app.py`` with
-the same worker count and drives it the same way. Every 201 counted is a placement whose
+HTTP) in a temporary folder (kept, with the logs, only when the run fails or saw a 5xx);
+registers the pools through the registry's bulk API, then starts the broker and waits
+until it quotes every model x region registered; issues tenant keys; drives
+``POST /v1/requests`` (1-4 units, ``queue: false``, sometimes a model, vendor or region
+constraint) with the raw loadgen; then serves ``bench/floor_app.py`` with the same worker
+count and drives it the same way. Every 201 counted is a placement whose
 grant JetStream acknowledged; the run checks the allocation stream holds one grant per 201.
 Targets: placements/s >= 0.5 x floor req/s; p99 <= 50 ms. ``--write`` appends the printed
 lines to docs/benchmarks.md.
@@ -17,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,7 +44,7 @@ from bench.loadgen import Result, request, run  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis, stop_process  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
 from services.common.settings import Settings, settings_to_env  # noqa: E402
-from services.common.subjects import ALLOC, Subjects  # noqa: E402
+from services.common.subjects import ALLOC, REQUEST, Subjects  # noqa: E402
 
 BATCH = 500
 N_MODELS = 15
@@ -98,9 +103,45 @@ def rss_mib(pid: int) -> tuple[float, list[float]]:
     return sum(each), each
 
 
-async def drive(port: int, reqs: list[bytes], seconds: float, connections: int) -> Result:
-    await run(port, lambda i: reqs[i % len(reqs)], connections=connections, seconds=WARMUP_S)
-    return await run(port, lambda i: reqs[(i + 7919) % len(reqs)], connections=connections, seconds=seconds)
+def cpu_s(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) used so far by a process (and its children)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *(proc.children(recursive=True) if children else [])]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process alone: the load generator (the servers are its children)."""
+    return cpu_s(os.getpid(), children=False)
+
+
+async def drive(port: int, reqs: list[bytes], seconds: float, connections: int) -> tuple[Result, Result]:
+    """A short warm-up (not reported), then the measured run."""
+    warm = await run(port, lambda i: reqs[i % len(reqs)], connections=connections, seconds=WARMUP_S)
+    res = await run(port, lambda i: reqs[(i + 7919) % len(reqs)], connections=connections, seconds=seconds)
+    return warm, res
+
+
+async def rejection_reasons(nats_url: str) -> Counter:
+    """Why requests were turned away, from the request.rejected events of the run."""
+    import nats
+
+    from services.common.nats_conn import read_stream
+
+    nc = await nats.connect(nats_url)
+    reasons: Counter = Counter()
+    try:
+        async for _, data in read_stream(nc.jetstream(), Subjects().stream(REQUEST), Subjects().events(REQUEST)):
+            event = json.loads(data)
+            if event.get("type") == "request.rejected":
+                reasons.update(event.get("reasons") or ["(none given)"])
+    finally:
+        await nc.close()
+    return reasons
 
 
 async def grants_in_stream(nats_url: str) -> int:
@@ -150,12 +191,12 @@ def main() -> None:
     floor_log = tmp / "floor.log"
     floor: subprocess.Popen | None = None
     lines: list[str] = []
+    ok = server_errors = False
 
     def say(line: str) -> None:
         print(line, flush=True)
         lines.append(line)
 
-    print(f"logs in {tmp}", flush=True)
     try:
         registry.start()
         registry.wait_healthy()
@@ -210,7 +251,8 @@ def main() -> None:
         total, each = rss_mib(broker.proc.pid)
         say(f"broker: healthy {healthy:.2f}s after start, every one of {len(combos)} model x region combinations "
             f"quoted after {seen:.2f}s; RSS with {created} pools loaded {total:.0f} MiB"
-            + (f" ({' + '.join(f'{x:.0f}' for x in each)} MiB: supervisor + workers)" if len(each) > 1 else ""))
+            + (f" ({' + '.join(f'{x:.0f}' for x in each)} MiB: uvicorn parent, then its children)"
+               if len(each) > 1 else ""))
 
         tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
                                 ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
@@ -218,14 +260,25 @@ def main() -> None:
         reqs = [request("POST", "/v1/requests", {"Authorization": f"Bearer {tenant_keys[k % N_TENANTS]}"},
                         json.dumps(b).encode()) for k, b in enumerate(bodies)]
         before = asyncio.run(grants_in_stream(nats.url))
-        res = asyncio.run(drive(broker.port, reqs, args.seconds, args.connections))
+        cpu0, own0, wall0 = cpu_s(broker.proc.pid), own_cpu_s(), time.perf_counter()
+        warm, res = asyncio.run(drive(broker.port, reqs, args.seconds, args.connections))
+        wall = time.perf_counter() - wall0
+        broker_cpu, load_cpu = (cpu_s(broker.proc.pid) - cpu0) / wall, (own_cpu_s() - own0) / wall
         placed = res.statuses.get(201, 0)
         placements = placed / res.seconds if res.seconds else 0.0
         say(f"placements: {placements:,.0f}/s (201s only; 1-4 units, queue: false, 30% with a model, vendor or "
-            f"region constraint) — {res.summary()}")
+            f"region constraint) — {res.summary()}; broker CPU {broker_cpu:.0%} of a core, "
+            f"loadgen {load_cpu:.0%}")
         grants = asyncio.run(grants_in_stream(nats.url)) - before
-        say(f"durability: {grants} grant events acknowledged in the allocation stream during the run "
-            f"(warm-up {WARMUP_S:.0f}s included); 201s measured {placed}")
+        expected = warm.statuses.get(201, 0) + placed
+        say(f"durability: {grants} grant events in the allocation stream for {expected} 201s "
+            f"(warm-up + measured): {'match' if grants == expected else 'MISMATCH'}")
+        server_errors = any(s >= 500 for s in [*res.statuses, *warm.statuses])
+        if set(res.statuses) | set(warm.statuses) != {201}:
+            reasons = asyncio.run(rejection_reasons(nats.url))
+            say("not placed (warm-up + measured), by reason from request.rejected events: "
+                + ("; ".join(f"{n} x {why!r}" for why, n in reasons.most_common(5)) or "none recorded")
+                + (f"; 5xx: see {broker.log_path}" if server_errors else ""))
 
         floor = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "floor_app.py"), "--port", str(floor_port),
@@ -242,28 +295,36 @@ def main() -> None:
 
         wait_until("floor app answers", floor_up, 60)
         freqs = [request("POST", "/floor", {}, b"")]
-        fres = asyncio.run(drive(floor_port, freqs, args.seconds, args.connections))
+        cpu0, own0, wall0 = cpu_s(floor.pid), own_cpu_s(), time.perf_counter()
+        _, fres = asyncio.run(drive(floor_port, freqs, args.seconds, args.connections))
+        wall = time.perf_counter() - wall0
+        floor_cpu, load_cpu = (cpu_s(floor.pid) - cpu0) / wall, (own_cpu_s() - own0) / wall
         floor_rate = fres.statuses.get(201, 0) / fres.seconds if fres.seconds else 0.0
         say(f"floor (bench/floor_app.py: 1 EVALSHA + 1 acked JetStream publish): {floor_rate:,.0f}/s — "
-            f"{fres.summary()}")
+            f"{fres.summary()}; floor app CPU {floor_cpu:.0%} of a core, "
+            f"loadgen {load_cpu:.0%}")
         ratio = placements / floor_rate if floor_rate else float("nan")
         p99 = res.pct(99)
         say(f"ratio = placements/s ÷ floor = {placements:,.0f} ÷ {floor_rate:,.0f} = {ratio:.2f} "
             f"(target >= {RATIO_TARGET}: {'met' if ratio >= RATIO_TARGET else 'NOT met'}); "
             f"placement p99 {p99:.2f} ms (target <= {P99_TARGET_MS:.0f} ms: "
-            f"{'met' if p99 <= P99_TARGET_MS else 'NOT met'})")
+            f"{'met' if p99 <= P99_TARGET_MS else 'NOT met'}; all responses)")
+        ok = True
     finally:
         stop_process(floor)
         broker.stop()
         registry.stop()
         nats.stop()
         redis.stop()
+        if ok and not server_errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # keep the logs and stores of a failed run
+            print(f"logs kept in {tmp}", file=sys.stderr, flush=True)
     if args.write:
         out = ROOT / "docs" / "benchmarks.md"
+        given = {k: getattr(args, k) for k in ("pools", "seconds", "connections", "workers")}
         command = "python bench/broker_bench.py" + "".join(
-            f" --{k} {v}" for k, v in (("pools", args.pools), ("seconds", args.seconds),
-                                       ("connections", args.connections), ("workers", args.workers))
-            if v != ap.get_default(k))
+            f" --{k} {int(v) if float(v).is_integer() else v}" for k, v in given.items() if v != ap.get_default(k))
         with out.open("a") as f:
             f.write(f"\n### broker — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
             f.writelines(f"- {line}\n" for line in lines)

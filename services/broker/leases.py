@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from services.common.errors import Unavailable
 from services.common.keys import Keys
@@ -54,10 +55,13 @@ class LeaseStore:
     async def index(self, leases: Sequence[LeaseInfo]) -> None:
         """Lookups by lease id and by tenant (single keys, outside the region's slot)."""
         pipe = self.redis.pipeline(transaction=False)
+        self.index_into(pipe, leases)
+        await pipe.execute()
+
+    def index_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> None:
         for lease in leases:
             pipe.hset(self.keys.lease_index(), lease.lease_id, lease.region)
             pipe.zadd(self.keys.tenant_leases(lease.tenant), {lease.lease_id: lease.granted_at.timestamp()})
-        await pipe.execute()
 
     async def mark_ready(self, regions: Sequence[str]) -> None:
         """This replica knows every live lease of these regions is in Redis."""

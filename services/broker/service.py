@@ -20,6 +20,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from services.common.auth import Principal
 from services.common.errors import BrokerError, Conflict, Forbidden, NotFound, Unavailable, Unprocessable
@@ -103,9 +104,12 @@ class Broker:
 
     async def _save(self, record: RequestRecord) -> None:
         pipe = self.redis.pipeline(transaction=False)
+        self._save_into(pipe, record)
+        await pipe.execute()
+
+    def _save_into(self, pipe: Pipeline, record: RequestRecord) -> None:
         pipe.set(self.keys.request(record.request_id), msgspec.json.encode(record))
         pipe.zadd(self.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
-        await pipe.execute()
 
     async def record(self, request_id: str) -> RequestRecord | None:
         raw = await self.redis.get(self.keys.request(request_id))
@@ -127,7 +131,7 @@ class Broker:
                 priority=body.priority))
         return out
 
-    async def _reserve(self, leases: list[LeaseInfo]) -> bool:
+    async def _reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
         then make the grants durable. All or nothing. The caller holds the units in the
         engine; ``truth`` collects what Redis said about each pool touched."""
@@ -148,9 +152,13 @@ class Broker:
                     return False
                 done += group
                 truth.update({lease.pool_id: free for lease, free in zip(group, result, strict=True)})
-            record_writes = self._index(leases)
+            pipe = self.redis.pipeline(transaction=False)  # lookups and the request record: one round trip
+            self.leases.index_into(pipe, leases)
+            if record is not None:
+                record.lease_ids = [lease.lease_id for lease in leases]
+                self._save_into(pipe, record)
             try:
-                await asyncio.gather(record_writes, *(self._publish_alloc(LeaseGranted(
+                await asyncio.gather(pipe.execute(), *(self._publish_alloc(LeaseGranted(
                     id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
                     free_after=truth.get(lease.pool_id, -1))) for lease in leases))
             except Exception as exc:
@@ -161,9 +169,6 @@ class Broker:
         finally:
             self.world.settle(allocations, truth)
 
-    async def _index(self, leases: list[LeaseInfo]) -> None:
-        await self.leases.index(leases)
-
     async def _undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
         now = time.time()
         truth = {}
@@ -173,8 +178,8 @@ class Broker:
                 truth[lease.pool_id] = ended.free_after
         return truth
 
-    async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest,
-                         now: datetime) -> tuple[list[LeaseInfo], Placement]:
+    async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
+                         record: RequestRecord | None = None) -> tuple[list[LeaseInfo], Placement]:
         ask = self.ask_for(body)
         decision = Decision()
         for _ in range(ATTEMPTS):
@@ -185,7 +190,7 @@ class Broker:
                 if not self.world.hold((a.pool_id, a.units) for a in option.allocations):
                     continue  # a concurrent request here took these units since the match
                 leases = self._leases_for(option, request_id, tenant, body, now)
-                if await self._reserve(leases):
+                if await self._reserve(leases, record):
                     return leases, option
             # every option was lost to a concurrent request: match again on fresher numbers
         raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),
@@ -284,7 +289,7 @@ class Broker:
                                                     units=body.units or 0))
         try:
             try:
-                leases, option = await self._try_place(request_id, tenant, body, now)
+                leases, option = await self._try_place(request_id, tenant, body, now, record)
             except NotPlaced as np:
                 preempted = None if np.decision.never or np.contended else \
                     await self._try_preempt(request_id, tenant, body, now)
@@ -309,9 +314,11 @@ class Broker:
                 record.deadline_at = now + timedelta(seconds=body.deadline_s)
             await self._enqueue(record, now)
             return 202, await self.view(record)
-        record.lease_ids = [lease.lease_id for lease in leases]
-        await asyncio.gather(self._save(record), self._publish_request(RequestPlaced(
-            id=new_id("ev"), at=now, request_id=request_id, tenant=tenant, lease_ids=tuple(record.lease_ids))))
+        if record.lease_ids != [lease.lease_id for lease in leases]:  # placed by preemption
+            record.lease_ids = [lease.lease_id for lease in leases]
+            await self._save(record)
+        await self._publish_request(RequestPlaced(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
+                                                  lease_ids=tuple(record.lease_ids)))
         return 201, await self.view(record, leases=leases, placement=option)
 
     async def quote(self, principal: Principal, body: ComputeRequest) -> QuoteView:

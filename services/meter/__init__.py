@@ -1,0 +1,1 @@
+"""The meter: allocation events in, an exactly-once usage ledger, invoices and budgets out."""
