@@ -30,7 +30,8 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.nats_conn import connect, ensure_streams
+from services.common.lifecycle import stop_tasks
+from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import BILLING, CAPACITY, Subjects
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await broker.pool_lost(event.region, event.pool_id,
                                        "pool offline" if isinstance(event, PoolOffline) else "pool removed")
 
-        loss_sub = await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
+        await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
         broker.budget_grace_s = settings.budget_grace_s
         await broker.load_budgets()
 
@@ -117,7 +118,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 return
             await broker.on_billing(event)
 
-        billing_sub = await nc.subscribe(subjects.events(BILLING), cb=on_billing)
+        await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
@@ -130,15 +131,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await loss_sub.unsubscribe()
-            await billing_sub.unsubscribe()
-            await world.stop()
-            await nc.drain()
+            await stop_tasks(tasks)
+            await close_quietly(nc)
             await redis.aclose()
 
     return Litestar(

@@ -69,7 +69,6 @@ class World:
         self.pools: dict[str, Pool] = {}
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
-        self._subs: list = []
 
     # --- free units: Redis is the truth; units being reserved here are held back ------------
     def observe_free(self, pool_id: str, free: int) -> None:
@@ -170,8 +169,8 @@ class World:
             self.engine.remove(pool.pool_id)
 
     async def start(self) -> None:
-        self._subs.append(await self.nc.subscribe(self.subjects.events(CAPACITY), cb=self._on_capacity))
-        self._subs.append(await self.nc.subscribe(self.subjects.events(ALLOC), cb=self._on_alloc))
+        await self.nc.subscribe(self.subjects.events(CAPACITY), cb=self._on_capacity)
+        await self.nc.subscribe(self.subjects.events(ALLOC), cb=self._on_alloc)
 
     async def _on_capacity(self, msg: Msg) -> None:
         try:
@@ -208,7 +207,3 @@ class World:
 
     async def on_alloc(self, event: AllocEvent) -> None:
         """Hook for the broker: a lease changed (a release may unblock the queue)."""
-
-    async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.unsubscribe()

@@ -115,3 +115,16 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: in
                     return
     finally:
         await sub.unsubscribe()
+
+
+async def close_quietly(nc: NATS, timeout: float = 5.0) -> None:
+    """Drain (finish what is in flight), but never hang a shutdown on it: a drain that
+    waits on a stuck callback or a gone server is cut short by a close."""
+    import asyncio
+
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception as exc:  # noqa: BLE001 - includes TimeoutError
+        log.warning("nats drain did not finish (%s); closing", exc or type(exc).__name__)
+        if not nc.is_closed:
+            await nc.close()

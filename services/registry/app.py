@@ -16,7 +16,8 @@ from litestar.openapi import OpenAPIConfig
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
 from services.common.keys import Keys
-from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.lifecycle import stop_tasks
+from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import Subjects
@@ -86,10 +87,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            await nc.drain()
+            await stop_tasks([sweeper])
+            await close_quietly(nc)
             await redis.aclose()
 
     return Litestar(

@@ -1,0 +1,133 @@
+"""The meter service: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+
+from litestar import Litestar, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from services.common.auth import KeyLookup
+from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.keys import Keys
+from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.redis_conn import connect as redis_connect
+from services.common.settings import Settings, settings_from_env
+from services.common.subjects import Subjects
+
+from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
+from .budgets import Budgets
+from .consumer import AccountStore, AllocConsumer
+from .ledger import Ledger, ensure_ledger
+from .service import Meter, TenantDirectory, utcnow
+from .settings import MeterNames, MeterSettings, meter_settings_from_env
+
+log = logging.getLogger("meter")
+
+
+def _meter(state: State) -> Meter:
+    return state.meter
+
+
+async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]],
+                 kick: asyncio.Event | None = None) -> None:
+    while True:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # keep going through a NATS blip
+            log.exception("%s failed", what)
+        if kick is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kick.wait(), interval)
+            kick.clear()
+
+
+def create_app(settings: Settings | None = None, meter_settings: MeterSettings | None = None,
+               clock: Callable[[], datetime] | None = None) -> Litestar:
+    settings = settings or settings_from_env()
+    ms = meter_settings or meter_settings_from_env()
+    clock = clock or utcnow
+    subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
+    names = MeterNames.of(settings, ms)
+    metrics, metrics_controller = prometheus("meter")
+
+    @get("/health", tags=["ops"], summary="The process is alive", opt={"exclude_from_auth": True})
+    async def health(state: State) -> dict[str, object]:
+        meter: Meter | None = getattr(state, "meter", None)
+        ready = bool(meter and meter.ledger.ready.is_set())
+        return {"status": "ok", "service": "meter", "pid": os.getpid(), "ledger_ready": ready}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, "meter")
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        js = nc.jetstream()
+        await ensure_streams(js, subjects)
+        await ensure_ledger(js, names, ms)
+        accounts_kv = await ensure_bucket(js, names.accounts)
+        invoices_kv = await ensure_bucket(js, names.invoices)
+        budgets_kv = await ensure_bucket(js, names.budgets)
+        ledger = Ledger(js, names)
+        consumer = AllocConsumer(nc, js, names, subjects, ms, ledger, AccountStore(js, accounts_kv, names.accounts),
+                                 clock)
+        budgets = Budgets(js, budgets_kv, accounts_kv, ledger.aggregate, subjects, ms.min_bill_s, clock)
+        directory = TenantDirectory(await ensure_bucket(js, subjects.bucket("keys")))
+        meter = Meter(js=js, names=names, subjects=subjects, ms=ms, ledger=ledger, consumer=consumer,
+                      budgets=budgets, invoices_kv=invoices_kv, directory=directory, clock=clock)
+        ledger.on_entries = budgets.mark
+        ledger.on_closed = meter.on_closed
+        await ledger.start()
+        await directory.start()
+        await budgets.start()
+        await consumer.start()
+        app.state.meter = meter
+        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
+                                                    subjects.key_revoked())
+        tasks = [
+            asyncio.create_task(_every(ms.finalize_interval_s, "finalize", meter.finalize_due)),
+            asyncio.create_task(_every(ms.budget_interval_s, "budgets", budgets.evaluate_all, budgets.kick)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            log.debug("stopping: consumer")
+            await consumer.stop()
+            log.debug("stopping: budgets")
+            await budgets.stop()
+            log.debug("stopping: directory")
+            await directory.stop()
+            log.debug("stopping: ledger")
+            await ledger.stop()
+            log.debug("stopping: nats")
+            await nc.drain()
+            log.debug("stopped")
+            await redis.aclose()
+
+    return Litestar(
+        route_handlers=[health, metrics_controller, UsageController, InvoiceController, StatementController,
+                        BudgetController, OpsController],
+        dependencies={"meter": Provide(_meter, sync_to_thread=False)},
+        middleware=[metrics.middleware, api_key_auth()],
+        lifespan=[lifespan],
+        exception_handlers=problem_handlers(),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Compute Broker — meter", version="0.1.0",
+                                     description="Usage, invoices, provider statements, budgets."),
+        debug=False,
+    )

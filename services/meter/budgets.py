@@ -1,0 +1,247 @@
+"""Budgets: a tenant's spend against its prepaid credit or monthly limit, and the billing
+events that tell the broker when it runs out (``budget.exhausted``) or is topped up
+(``budget.restored``).
+
+Spend = posted ledger charges (the aggregate) + the accrued cost of the tenant's open
+per-second leases up to now (their accounts, watched in the accounts bucket, tenant by
+tenant, only for tenants that have a budget).
+
+Every replica evaluates every budget (periodically and when entries are posted); the
+verdict is a field of the budget's KV record changed with optimistic concurrency, so one
+replica wins each transition. It then publishes the event (id deterministic per record
+revision, so a repeat is de-duplicated) and marks it announced; a crash in between is
+repaired by the next evaluation, which finds the verdict unannounced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from services.common.messages import BudgetExhausted, BudgetRestored, LeaseInfo
+from services.common.nats_conn import publish_event
+from services.common.subjects import Subjects
+
+from .aggregate import Aggregate
+from .ledger import encode
+from .model import Account, Budget, BudgetView
+from .periods import period_of
+from .pricing import round_money, usage_charges
+
+log = logging.getLogger("meter.budgets")
+_budget = msgspec.json.Decoder(Budget)
+_account = msgspec.json.Decoder(Account)
+
+
+def accrued(lease: LeaseInfo, now: datetime, min_bill_s: int, period: str | None) -> Decimal:
+    end = min(now, lease.expires_at)
+    return sum((c.amount for c in usage_charges(lease, end, min_bill_s=min_bill_s)
+                if period is None or c.period == period), Decimal(0))
+
+
+class Budgets:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, accounts: KeyValue, aggregate: Aggregate,
+                 subjects: Subjects, min_bill_s: int, clock: Callable[[], datetime]) -> None:
+        self.js, self.kv, self.accounts_kv, self.aggregate = js, kv, accounts, aggregate
+        self.subjects, self.min_bill_s, self.clock = subjects, min_bill_s, clock
+        self.records: dict[str, tuple[int, Budget]] = {}
+        self.open_leases: dict[str, dict[str, LeaseInfo]] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._loaded: dict[str, asyncio.Event] = {}
+        self._budget_watch: asyncio.Task | None = None
+        self.kick = asyncio.Event()
+        self.dirty: set[str] = set()
+        self.ready = asyncio.Event()
+
+    # --- following the buckets -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._budget_watch = asyncio.create_task(self._watch_budgets())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ready.wait(), 10)
+
+    async def stop(self) -> None:
+        for task in [self._budget_watch, *self._watchers.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch_budgets(self) -> None:
+        while True:
+            watcher = None
+            try:
+                watcher = await self.kv.watchall()
+                while True:
+                    entry = await watcher.updates(timeout=None)
+                    if entry is None:
+                        self.ready.set()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self.records.pop(entry.key, None)
+                        continue
+                    self._remember(entry.revision, _budget.decode(entry.value))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("budget watch restarting after %r", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+
+    def _remember(self, revision: int, budget: Budget) -> None:
+        seen = self.records.get(budget.tenant)
+        if seen is None or seen[0] < revision:
+            self.records[budget.tenant] = (revision, budget)
+        if budget.tenant not in self._watchers:
+            self._loaded[budget.tenant] = asyncio.Event()
+            self._watchers[budget.tenant] = asyncio.create_task(self._watch_leases(budget.tenant))
+        self.kick.set()
+
+    async def _watch_leases(self, tenant: str) -> None:
+        """Open per-second leases of one tenant, from its accounts."""
+        while True:
+            watcher = None
+            try:
+                leases: dict[str, LeaseInfo] = {}
+                self.open_leases[tenant] = leases
+                watcher = await self.accounts_kv.watch(f"{tenant}.>")
+                while True:
+                    entry = await watcher.updates(timeout=None)
+                    if entry is None:
+                        self._loaded[tenant].set()
+                        continue
+                    if not entry.value:
+                        continue
+                    account = _account.decode(entry.value)
+                    if account.open and account.lease is not None:
+                        leases[account.lease_id] = account.lease
+                    else:
+                        leases.pop(account.lease_id, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease watch of %s restarting after %r", tenant, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+
+    async def leases_loaded(self, tenant: str, timeout: float = 5.0) -> None:
+        loaded = self._loaded.get(tenant)
+        if loaded is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loaded.wait(), timeout)
+
+    # --- reading and changing -------------------------------------------------------------------
+    async def get(self, tenant: str) -> tuple[int, Budget] | None:
+        try:
+            entry = await self.kv.get(tenant)
+        except KeyNotFoundError:
+            return None
+        budget = _budget.decode(entry.value)
+        self._remember(entry.revision, budget)
+        return entry.revision, budget
+
+    def spend(self, budget: Budget, now: datetime) -> tuple[Decimal, Decimal, str | None]:
+        """(posted, accrued, period or None for all time)."""
+        period = period_of(now) if budget.kind == "limit" else None
+        posted = self.aggregate.spent(budget.tenant, budget.currency, period)
+        open_cost = sum((accrued(lease, now, self.min_bill_s, period)
+                         for lease in self.open_leases.get(budget.tenant, {}).values()
+                         if lease.currency == budget.currency), Decimal(0))
+        return posted, open_cost, period
+
+    def view(self, budget: Budget) -> BudgetView:
+        now = self.clock()
+        posted, open_cost, period = self.spend(budget, now)
+        spent = posted + open_cost
+
+        def m(x: Decimal) -> Decimal:
+            return round_money(x, budget.currency)
+
+        return BudgetView(tenant=budget.tenant, kind=budget.kind, amount=m(budget.amount), currency=budget.currency,
+                          spent=m(spent), posted=m(posted), accrued=m(open_cost), remaining=m(budget.amount - spent),
+                          exhausted=budget.exhausted, window=period or "all time", updated_at=budget.updated_at)
+
+    async def put(self, tenant: str, kind: str, amount: Decimal, currency: str) -> Budget:
+        """Create or replace a budget; the verdict and its announcement carry over (the
+        evaluation that follows decides whether the change restores or exhausts it)."""
+        now = self.clock()
+        while True:
+            current = await self.get(tenant)
+            if current is None:
+                budget = Budget(tenant=tenant, kind=kind, amount=amount, currency=currency,  # type: ignore[arg-type]
+                                updated_at=now, changed_at=now)
+                try:
+                    revision = await self.kv.create(tenant, encode(budget))
+                except KeyWrongLastSequenceError:
+                    continue
+            else:
+                revision, old = current
+                budget = msgspec.structs.replace(old, kind=kind, amount=amount, currency=currency, updated_at=now)
+                try:
+                    revision = await self.kv.update(tenant, encode(budget), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+            self._remember(revision, budget)
+            await self.leases_loaded(tenant)
+            await self.evaluate(tenant)
+            return self.records[tenant][1]
+
+    # --- evaluating -----------------------------------------------------------------------------
+    def mark(self, tenants: set[str]) -> None:
+        hit = tenants & self.records.keys()
+        if hit:
+            self.dirty |= hit
+            self.kick.set()
+
+    async def evaluate_all(self) -> None:
+        self.dirty.clear()
+        for tenant in list(self.records):
+            try:
+                await self.evaluate(tenant)
+            except Exception:
+                log.exception("budget of %s not evaluated", tenant)
+
+    async def evaluate(self, tenant: str) -> None:
+        for _ in range(5):
+            seen = self.records.get(tenant)
+            if seen is None:
+                return
+            revision, budget = seen
+            now = self.clock()
+            posted, open_cost, _ = self.spend(budget, now)
+            spent = posted + open_cost
+            exhausted = spent >= budget.amount
+            try:
+                if exhausted != budget.exhausted:
+                    budget = msgspec.structs.replace(budget, exhausted=exhausted, announced=False, changed_at=now)
+                    revision = await self.kv.update(tenant, encode(budget), last=revision)
+                    self._remember(revision, budget)
+                if not budget.announced:
+                    kind = BudgetExhausted if budget.exhausted else BudgetRestored
+                    event = kind(id=f"budget.{tenant}.{revision}.{'exhausted' if budget.exhausted else 'restored'}",
+                                 at=budget.changed_at or now, tenant=tenant, currency=budget.currency,
+                                 budget=budget.amount, spent=spent)
+                    await publish_event(self.js, self.subjects.billing(tenant), event)
+                    log.warning("budget of %s %s: spent %s of %s %s", tenant,
+                                "exhausted" if budget.exhausted else "restored", spent, budget.amount,
+                                budget.currency)
+                    budget = msgspec.structs.replace(budget, announced=True)
+                    revision = await self.kv.update(tenant, encode(budget), last=revision)
+                    self._remember(revision, budget)
+                return
+            except KeyWrongLastSequenceError:
+                await self.get(tenant)  # another replica (or a PUT) changed it: look again

@@ -1,0 +1,166 @@
+"""The meter's durable records (JSON by msgspec): ledger entries, period-close markers,
+per-lease accounts, dead letters, budgets and invoices."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+from services.common.messages import Billing, Currency, LeaseInfo
+
+BudgetKind = Literal["prepaid", "limit"]
+
+
+# --- the ledger stream ------------------------------------------------------------------------
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="entry"):
+    """One charge: a lease's usage within one calendar month, or one month of a reserved
+    term. ``id`` is deterministic (lease id + what is charged + period) and is the entry's
+    ``Nats-Msg-Id``: appending it twice is a no-op."""
+
+    id: str
+    tenant: str
+    provider: str
+    pool_id: str
+    region: str
+    model: str
+    lease_id: str
+    request_id: str = ""
+    billing: Billing
+    kind: Literal["usage", "reserved"]
+    period: str  # the month the charge belongs to (service period)
+    start: datetime
+    end: datetime
+    units: int
+    seconds: Decimal = Decimal(0)  # billed seconds (usage)
+    quantity: Decimal  # unit-hours (usage) or unit-months (reserved)
+    unit_price: Decimal
+    price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
+    currency: Currency
+    amount: Decimal  # rounded to the currency's minor unit
+    event_id: str = ""  # the allocation event that posted it
+    seq: int = 0  # its per-lease seq
+    posted_at: datetime  # when the meter appended it
+    v: int = 1
+
+
+class PeriodsClosed(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="periods.closed"):
+    """Every period up to and including ``through`` is final. Entries after this marker
+    in the stream that belong to a closed period are adjustments on a later invoice."""
+
+    id: str
+    at: datetime
+    through: str
+    v: int = 1
+
+
+LedgerRecord = LedgerEntry | PeriodsClosed
+
+
+# --- per-lease accounts (KV, optimistic concurrency) -------------------------------------------
+class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    lease_id: str
+    tenant: str
+    billing: Billing
+    seq: int  # the highest per-lease seq applied
+    open: bool = True  # False once an ending event was applied
+    reserved_billed: bool = False  # the term was posted
+    usage_billed: bool = False  # the per-second usage was posted
+    entries: tuple[str, ...] = ()  # ids of the ledger entries this lease posted
+    billed: Decimal = Decimal(0)
+    currency: str = "USD"
+    lease: LeaseInfo | None = None  # kept while open: budgets accrue its cost
+    updated_at: datetime | None = None
+
+
+# --- dead letters -------------------------------------------------------------------------------
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    at: datetime
+    stream: str
+    subject: str
+    stream_seq: int
+    attempts: int
+    error: str
+    data: str  # the original message (UTF-8, undecodable bytes replaced)
+
+
+# --- budgets ------------------------------------------------------------------------------------
+Amount = Annotated[Decimal, msgspec.Meta(description='decimal string, e.g. "1000.00"')]
+
+
+class BudgetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PUT /v1/budgets/{tenant}``. ``prepaid``: credit bought so far (all-time spend is
+    checked against it; top up by raising it). ``limit``: a spending limit per calendar
+    month."""
+
+    kind: BudgetKind
+    amount: Amount
+    currency: Annotated[str, msgspec.Meta(min_length=1, max_length=8)]
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    kind: BudgetKind
+    amount: Decimal
+    currency: str
+    updated_at: datetime
+    exhausted: bool = False  # the meter's verdict
+    announced: bool = True  # the billing event for ``exhausted`` was published
+    changed_at: datetime | None = None  # when ``exhausted`` last changed
+
+
+class BudgetView(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    kind: BudgetKind
+    amount: Decimal
+    currency: str
+    spent: Decimal  # posted ledger + accrued cost of open per-second leases
+    posted: Decimal
+    accrued: Decimal
+    remaining: Decimal
+    exhausted: bool
+    window: str  # "all time" (prepaid) or the period (limit)
+    updated_at: datetime
+
+
+# --- invoices -----------------------------------------------------------------------------------
+class InvoiceLine(msgspec.Struct, frozen=True, kw_only=True):
+    billing: str
+    region: str
+    model: str
+    provider: str
+    pool_id: str
+    unit_price: Decimal
+    unit: Literal["unit-hour", "unit-month"]
+    quantity: Decimal
+    amount: Decimal
+    entries: int
+    period: str  # the service period (differs from the invoice's on adjustment lines)
+
+
+class CurrencySection(msgspec.Struct, frozen=True, kw_only=True):
+    currency: str
+    lines: list[InvoiceLine]
+    adjustments: list[InvoiceLine]  # late charges of periods already final (debit notes)
+    subtotal: Decimal
+    adjustments_total: Decimal
+    total: Decimal
+
+
+class Invoice(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    period: str
+    status: Literal["draft", "final"]
+    final_after: datetime  # when a draft becomes final (end of period + grace)
+    issued_at: datetime | None = None
+    currencies: list[CurrencySection]
+    totals: dict[str, Decimal]
+    entries: int
+
+
+class StoredInvoice(msgspec.Struct, frozen=True, kw_only=True):
+    invoice: Invoice
+    issued: bool = False  # the invoice.issued event was published
