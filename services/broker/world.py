@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Iterable
 
 import msgspec
@@ -49,11 +50,15 @@ _alloc = msgspec.json.Decoder(AllocEvent)
 
 
 def pool_state(pool: Pool, country: str, free: int) -> PoolState:
+    """The engine's view of a pool. Strings that repeat across pools are interned (100k
+    pools share a few dozen regions, models and vendors)."""
     a, s = pool.accelerator, pool.spec
+    i = sys.intern
     return PoolState(
-        pool_id=pool.pool_id, provider=pool.provider, region=s.region, country=country, zone=s.zone,
-        model=s.model, vendor=a.vendor, stack=a.stack, frameworks=a.frameworks, memory_gib=a.memory_gib,
-        interconnect=s.interconnect or a.interconnect, host_arch=s.host_arch, bf16_tflops=a.bf16_tflops,
+        pool_id=pool.pool_id, provider=i(pool.provider), region=i(s.region), country=i(country), zone=i(s.zone),
+        model=i(s.model), vendor=i(a.vendor), stack=i(a.stack), frameworks=tuple(map(i, a.frameworks)),
+        memory_gib=a.memory_gib, interconnect=i(s.interconnect or a.interconnect), host_arch=i(s.host_arch),
+        bf16_tflops=a.bf16_tflops,
         fp16_tflops=a.fp16_tflops, fp8_tflops=a.fp8_tflops, units_per_node=s.units_per_node, capacity=s.units,
         free=free, currency=s.prices.currency, on_demand=s.prices.on_demand, reserved_month=s.prices.reserved_month,
         reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
@@ -66,7 +71,7 @@ class World:
         self.catalogue: dict[str, Accelerator] = {}
         self.topology = Topology(regions=(), links=())
         self.countries: dict[str, str] = {}
-        self.pools: dict[str, Pool] = {}
+        self.pools: dict[str, PoolState] = {}  # every registered pool, online or not
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
 
@@ -127,7 +132,7 @@ class World:
     async def resync(self) -> None:
         """Read every pool from the registry's record and its live numbers from Redis."""
         kv = await ensure_bucket(self.js, self.subjects.bucket("pools"))
-        pools: dict[str, Pool] = {}
+        pools: dict[str, PoolState] = {}
         watcher = await kv.watchall(ignore_deletes=True)
         try:
             async for entry in watcher:
@@ -135,38 +140,37 @@ class World:
                     break
                 if entry.value:
                     pool = _pool.decode(entry.value)
-                    pools[pool.pool_id] = pool
+                    pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
         finally:
             await watcher.stop()
         live = await self._live(list(pools.values()))
         self.pools = pools
-        seen = set()
-        for pool, (status, free) in zip(pools.values(), live, strict=True):
-            self._apply(pool, status, free)
-            seen.add(pool.pool_id)
-        for pool_id in [p for p in list(self._engine_ids()) if p not in seen]:
+        for state, (status, free) in zip(pools.values(), live, strict=True):
+            self._apply(state, status, free)
+        for pool_id in [p for p in self._engine_ids() if p not in pools]:
             self.engine.remove(pool_id)
 
     def _engine_ids(self) -> list[str]:
         return [p for p in self.pools if self.engine.get(p) is not None]
 
-    async def _live(self, pools: list[Pool]) -> list[tuple[str | None, int]]:
+    async def _live(self, states: list[PoolState]) -> list[tuple[str | None, int]]:
         pipe = self.redis.pipeline(transaction=False)
-        for pool in pools:
-            pipe.hmget(self.keys.pool(pool.spec.region, pool.pool_id), "status", "free")
+        for state in states:
+            pipe.hmget(self.keys.pool(state.region, state.pool_id), "status", "free")
         out = []
         for status, free in await pipe.execute():
             out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0)))
         return out
 
-    def _apply(self, pool: Pool, status: str | None, free: int) -> None:
+    def _apply(self, state: PoolState, status: str | None, free: int) -> None:
         if status == "online":
-            if pool.spec.region not in self.countries:
-                log.warning("pool %s is in region %s, unknown to this broker's topology", pool.pool_id,
-                            pool.spec.region)
-            self.engine.upsert(pool_state(pool, self.countries.get(pool.spec.region, ""), free))
+            if state.region not in self.countries:
+                log.warning("pool %s is in region %s, unknown to this broker's topology", state.pool_id,
+                            state.region)
+            state.free = max(0, free - self.inflight.get(state.pool_id, 0))
+            self.engine.upsert(state)  # the engine keeps its own copy
         else:
-            self.engine.remove(pool.pool_id)
+            self.engine.remove(state.pool_id)
 
     async def start(self) -> None:
         await self.nc.subscribe(self.subjects.events(CAPACITY), cb=self._on_capacity)
@@ -179,11 +183,12 @@ class World:
             log.warning("undecodable capacity event on %s", msg.subject)
             return
         if isinstance(event, (PoolRegistered, PoolUpdated)):
-            self.pools[event.pool_id] = event.pool
             if event.region not in self.countries:
                 await self.refresh_topology()
-            [(status, free)] = await self._live([event.pool])
-            self._apply(event.pool, status, free)
+            state = pool_state(event.pool, self.countries.get(event.region, ""), 0)
+            self.pools[event.pool_id] = state
+            [(status, free)] = await self._live([state])
+            self._apply(state, status, free)
         elif isinstance(event, PoolOnline) and event.pool_id in self.pools:
             self._apply(self.pools[event.pool_id], "online", event.free)
         elif isinstance(event, (PoolOffline, PoolDraining)):
