@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         tasks = [
             asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
             asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),
-            asyncio.create_task(_every(30.0, "world resync", world.resync)),
+            asyncio.create_task(_every(300.0, "world resync", world.resync)),  # safety net; events keep it current
         ]
         try:
             yield
