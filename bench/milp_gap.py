@@ -83,8 +83,10 @@ GANG_SHARE = 0.6  # of requests of <= 16 units
 MODELS_SHARE = 0.35  # requests restricted to 1-3 models
 # HiGHS options beyond scipy's list (passed through): on these instances the feasibility
 # jump's first incumbent (most requests unserved) and presolve slow HiGHS's sub-MIP
-# heuristics down; without them it finds solutions within ~1-2% of its bound in 20 s
-HIGHS_OPTIONS = {"mip_heuristic_run_feasibility_jump": False, "presolve": False}
+# heuristics down; without them it mostly finds solutions within ~1-3% of its bound in
+# 25 s (if it finds none at all, the jump is switched back on for a short second try)
+JUMP = "mip_heuristic_run_feasibility_jump"
+HIGHS_OPTIONS = {JUMP: False, "presolve": False}
 CENT = Decimal("0.01")
 ZERO = Decimal(0)
 
@@ -362,6 +364,10 @@ def build_model(inst: Instance) -> Model:
     return m
 
 
+class NoSolution(RuntimeError):
+    """HiGHS stopped without any solution."""
+
+
 @dataclass
 class Exact:
     plan: dict[int, dict[str, int]]
@@ -389,12 +395,13 @@ def _write_start(path: Path, v: np.ndarray) -> None:
 
 
 def solve_exact(inst: Instance, time_limit: float = 25.0, mip_rel_gap: float = 1e-4, *,
-                start: dict[int, dict[str, int]] | None = None, disp: bool = False) -> Exact:
+                start: dict[int, dict[str, int]] | None = None, disp: bool = False,
+                highs: dict | None = None) -> Exact:
     """Solve the batch MILP with HiGHS; ``start`` (a feasible plan, e.g. the broker's) is
     handed to HiGHS as its first incumbent."""
     m = build_model(inst)
     options: dict = {"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "disp": disp,
-                     **HIGHS_OPTIONS}
+                     **(HIGHS_OPTIONS if highs is None else highs)}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # HiGHS options scipy does not list: it passes them on verbatim, with a warning
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
@@ -407,7 +414,7 @@ def solve_exact(inst: Instance, time_limit: float = 25.0, mip_rel_gap: float = 1
                    integrality=np.ones(m.n), bounds=Bounds(np.zeros(m.n), m.ub), options=options)
         seconds = time.perf_counter() - t0
     if res.x is None:
-        raise RuntimeError(f"seed {inst.seed}: HiGHS found no solution: {res.message}")
+        raise NoSolution(f"seed {inst.seed}: HiGHS found no solution: {res.message}")
     x = np.round(res.x).astype(int)
     plan: dict[int, dict[str, int]] = {}
     for (r, pid), j in m.y.items():
@@ -552,7 +559,11 @@ def run_seed(seed: int, n_pools: int, time_limit: float, slack: float = SLACK) -
     # unserved requests stalls its heuristics on these instances); the optimum reported is
     # the best solution known, never worse than the broker's
     best = min(broker.values(), key=lambda o: o.cost)
-    exact = solve_exact(inst, time_limit, start=best.plan if not best.unserved else None)
+    try:
+        exact = solve_exact(inst, time_limit, start=best.plan if not best.unserved else None)
+    except NoSolution:  # nothing found in time: retry with the feasibility jump on
+        exact = solve_exact(inst, time_limit / 5, highs={**HIGHS_OPTIONS, JUMP: True})
+        exact.seconds += time_limit
     check_plan(inst, exact.plan)
     opt, opt_unserved = plan_cost(inst, exact.plan)
     if best.cost < opt:
