@@ -6,6 +6,11 @@ order its events arrive in: every event carries the whole ``LeaseInfo``, so the 
 ending event applied bills per-second usage and the first event of any kind applied for
 a reserved lease posts its term. An event with ``seq`` at or below the account's is a
 duplicate (or a replay) and changes nothing.
+
+An account only ever records that something was billed (the flags go from False to True,
+never back). So an event that posts nothing on a fresh account — a grant or renewal of a
+per-second lease — posts nothing on any account, and the consumer neither reads nor
+writes an account for it: accounts are written exactly when a lease posts entries.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ def entry_id(lease_id: str, charge: Charge) -> str:
     """Deterministic: the same charge of the same lease always has the same id, whichever
     event (or replica, or retry) posts it: ``<lease>.u.<YYYY-MM>`` or ``<lease>.r<NN>``."""
     return f"{lease_id}.{charge.key}"
+
+
+def posts_on_fresh_account(event: AllocEvent) -> bool:
+    """Whether ``transition(None, event)`` would post entries: a reserved lease's first
+    event (its term) or a per-second lease's ending event (its usage). Everything else
+    posts nothing on any account."""
+    if event.lease.billing in RESERVED:
+        return True
+    return isinstance(event, ENDING_EVENTS)
 
 
 def is_duplicate(account: Account | None, event: AllocEvent) -> bool:
@@ -68,5 +82,5 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int,
         lease_id=lease.lease_id, tenant=lease.tenant, billing=lease.billing, seq=event.seq, open=is_open,
         reserved_billed=reserved_billed, usage_billed=usage_billed,
         entries=(account.entries if account else ()) + tuple(e.id for e in entries), billed=billed,
-        currency=lease.currency, lease=lease if is_open and lease.billing in PER_SECOND else None, updated_at=now)
+        currency=lease.currency, updated_at=now)
     return new, entries

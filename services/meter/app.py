@@ -17,15 +17,17 @@ from litestar.openapi import OpenAPIConfig
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
 from services.common.keys import Keys
-from services.common.nats_conn import connect, ensure_bucket, ensure_streams
+from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import Subjects
 
+from .aio import cancel_all, wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
 from .budgets import Budgets
 from .consumer import AccountStore, AllocConsumer
-from .ledger import Ledger, ensure_ledger
+from .jspub import Publisher
+from .ledger import Ledger, ensure_kv, ensure_ledger
 from .service import Meter, TenantDirectory, utcnow
 from .settings import MeterNames, MeterSettings, meter_settings_from_env
 
@@ -36,20 +38,17 @@ def _meter(state: State) -> Meter:
     return state.meter
 
 
-async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]],
+async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]], stopping: asyncio.Event,
                  kick: asyncio.Event | None = None) -> None:
-    while True:
+    while not stopping.is_set():
         try:
             await fn()
         except asyncio.CancelledError:
             raise
         except Exception:  # keep going through a NATS blip
             log.exception("%s failed", what)
-        if kick is None:
-            await asyncio.sleep(interval)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), interval)
+        await wait_event(kick or stopping, interval)
+        if kick is not None:
             kick.clear()
 
 
@@ -75,13 +74,15 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
         js = nc.jetstream()
         await ensure_streams(js, subjects)
         await ensure_ledger(js, names, ms)
-        accounts_kv = await ensure_bucket(js, names.accounts)
-        invoices_kv = await ensure_bucket(js, names.invoices)
-        budgets_kv = await ensure_bucket(js, names.budgets)
-        ledger = Ledger(js, names)
-        consumer = AllocConsumer(nc, js, names, subjects, ms, ledger, AccountStore(js, accounts_kv, names.accounts),
-                                 clock)
-        budgets = Budgets(js, budgets_kv, accounts_kv, ledger.aggregate, subjects, ms.min_bill_s, clock)
+        accounts_kv = await ensure_kv(js, names.accounts)
+        invoices_kv = await ensure_kv(js, names.invoices)
+        budgets_kv = await ensure_kv(js, names.budgets)
+        publisher = Publisher(nc)
+        await publisher.start()
+        ledger = Ledger(nc, js, names, publisher)
+        consumer = AllocConsumer(nc, js, names, subjects, ms, ledger,
+                                 AccountStore(publisher, accounts_kv, names.accounts), clock)
+        budgets = Budgets(js, budgets_kv, ledger.aggregate, subjects, ms.min_bill_s, clock)
         directory = TenantDirectory(await ensure_bucket(js, subjects.bucket("keys")))
         meter = Meter(js=js, names=names, subjects=subjects, ms=ms, ledger=ledger, consumer=consumer,
                       budgets=budgets, invoices_kv=invoices_kv, directory=directory, clock=clock)
@@ -94,29 +95,23 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
         app.state.meter = meter
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
+        stopping = asyncio.Event()
         tasks = [
-            asyncio.create_task(_every(ms.finalize_interval_s, "finalize", meter.finalize_due)),
-            asyncio.create_task(_every(ms.budget_interval_s, "budgets", budgets.evaluate_all, budgets.kick)),
+            asyncio.create_task(_every(ms.finalize_interval_s, "finalize", meter.finalize_due, stopping)),
+            asyncio.create_task(_every(ms.budget_interval_s, "budgets", budgets.evaluate_all, stopping,
+                                       budgets.kick)),
         ]
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            log.debug("stopping: consumer")
+            stopping.set()
+            await cancel_all(tasks)
             await consumer.stop()
-            log.debug("stopping: budgets")
             await budgets.stop()
-            log.debug("stopping: directory")
             await directory.stop()
-            log.debug("stopping: ledger")
             await ledger.stop()
-            log.debug("stopping: nats")
-            await nc.drain()
-            log.debug("stopped")
+            await publisher.stop()
+            await close_quietly(nc)
             await redis.aclose()
 
     return Litestar(

@@ -3,8 +3,10 @@ events that tell the broker when it runs out (``budget.exhausted``) or is topped
 (``budget.restored``).
 
 Spend = posted ledger charges (the aggregate) + the accrued cost of the tenant's open
-per-second leases up to now (their accounts, watched in the accounts bucket, tenant by
-tenant, only for tenants that have a budget).
+per-second leases up to now. Open leases are followed, for tenants that have a budget
+only, straight from the allocation stream (the broker's durable record; a consumer
+filtered to ``<prefix>.events.alloc.*.<tenant>``): the consumer does not write an account
+for a grant, which posts nothing.
 
 Every replica evaluates every budget (periodically and when entries are posted); the
 verdict is a field of the budget's KV record changed with optimistic concurrency, so one
@@ -24,22 +26,24 @@ from decimal import Decimal
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.messages import BudgetExhausted, BudgetRestored, LeaseInfo
+from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
-from services.common.subjects import Subjects
+from services.common.subjects import ALLOC, Subjects
 
 from .aggregate import Aggregate
+from .aio import cancel_all, wait_event
 from .ledger import encode
-from .model import Account, Budget, BudgetView
+from .model import Budget, BudgetView, LedgerEntry
 from .periods import period_of
-from .pricing import round_money, usage_charges
+from .pricing import PER_SECOND, round_money, usage_charges
 
 log = logging.getLogger("meter.budgets")
 _budget = msgspec.json.Decoder(Budget)
-_account = msgspec.json.Decoder(Account)
+_alloc = msgspec.json.Decoder(AllocEvent)
 
 
 def accrued(lease: LeaseInfo, now: datetime, min_bill_s: int, period: str | None) -> Decimal:
@@ -49,38 +53,38 @@ def accrued(lease: LeaseInfo, now: datetime, min_bill_s: int, period: str | None
 
 
 class Budgets:
-    def __init__(self, js: JetStreamContext, kv: KeyValue, accounts: KeyValue, aggregate: Aggregate,
-                 subjects: Subjects, min_bill_s: int, clock: Callable[[], datetime]) -> None:
-        self.js, self.kv, self.accounts_kv, self.aggregate = js, kv, accounts, aggregate
+    def __init__(self, js: JetStreamContext, kv: KeyValue, aggregate: Aggregate, subjects: Subjects,
+                 min_bill_s: int, clock: Callable[[], datetime]) -> None:
+        self.js, self.kv, self.aggregate = js, kv, aggregate
         self.subjects, self.min_bill_s, self.clock = subjects, min_bill_s, clock
         self.records: dict[str, tuple[int, Budget]] = {}
         self.open_leases: dict[str, dict[str, LeaseInfo]] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self._loaded: dict[str, asyncio.Event] = {}
+        # leases whose usage the ledger already holds: never accrued again (their account
+        # may say "open" for a moment after the entry is folded)
+        self._posted: dict[str, dict[str, None]] = {}
         self._budget_watch: asyncio.Task | None = None
         self.kick = asyncio.Event()
         self.dirty: set[str] = set()
         self.ready = asyncio.Event()
+        self._stopping = False
 
     # --- following the buckets -----------------------------------------------------------------
     async def start(self) -> None:
         self._budget_watch = asyncio.create_task(self._watch_budgets())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), 10)
+        await wait_event(self.ready, 10)
 
     async def stop(self) -> None:
-        for task in [self._budget_watch, *self._watchers.values()]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self._stopping = True
+        await cancel_all([t for t in [self._budget_watch, *self._watchers.values()] if t is not None])
 
     async def _watch_budgets(self) -> None:
-        while True:
+        while not self._stopping:
             watcher = None
             try:
                 watcher = await self.kv.watchall()
-                while True:
+                while not self._stopping:
                     entry = await watcher.updates(timeout=None)
                     if entry is None:
                         self.ready.set()
@@ -109,40 +113,55 @@ class Budgets:
         self.kick.set()
 
     async def _watch_leases(self, tenant: str) -> None:
-        """Open per-second leases of one tenant, from its accounts."""
-        while True:
-            watcher = None
+        """Open per-second leases of one tenant, from its allocation events."""
+        stream = self.subjects.stream(ALLOC)
+        leases: dict[str, LeaseInfo] = {}
+        seqs: dict[str, int] = {}  # lease -> highest seq seen (an ended lease: -1, for good)
+        self.open_leases[tenant] = leases
+        next_seq = 1
+        while not self._stopping:
+            sub = None
             try:
-                leases: dict[str, LeaseInfo] = {}
-                self.open_leases[tenant] = leases
-                watcher = await self.accounts_kv.watch(f"{tenant}.>")
-                while True:
-                    entry = await watcher.updates(timeout=None)
-                    if entry is None:
+                sub = await self.js.pull_subscribe(
+                    self.subjects.alloc("*", tenant), stream=stream,
+                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=next_seq,
+                                          ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
+                while not self._stopping:
+                    if not self._loaded[tenant].is_set() and (await sub.consumer_info()).num_pending == 0:
                         self._loaded[tenant].set()
+                    try:
+                        msgs = await sub.fetch(1000, timeout=1.0)
+                    except TimeoutError:
                         continue
-                    if not entry.value:
-                        continue
-                    account = _account.decode(entry.value)
-                    if account.open and account.lease is not None:
-                        leases[account.lease_id] = account.lease
-                    else:
-                        leases.pop(account.lease_id, None)
+                    for msg in msgs:
+                        next_seq = msg.metadata.sequence.stream + 1
+                        try:
+                            event = _alloc.decode(msg.data)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            continue
+                        lease = event.lease
+                        if lease.billing not in PER_SECOND or seqs.get(lease.lease_id, 0) < 0:
+                            continue
+                        if isinstance(event, ENDING_EVENTS) or lease.lease_id in self._posted.get(tenant, {}):
+                            seqs[lease.lease_id] = -1
+                            leases.pop(lease.lease_id, None)
+                        elif event.seq > seqs.get(lease.lease_id, 0):
+                            seqs[lease.lease_id] = event.seq
+                            leases[lease.lease_id] = lease
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("lease watch of %s restarting after %r", tenant, exc)
                 await asyncio.sleep(0.5)
             finally:
-                if watcher is not None:
+                if sub is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await sub.unsubscribe()
 
     async def leases_loaded(self, tenant: str, timeout: float = 5.0) -> None:
         loaded = self._loaded.get(tenant)
         if loaded is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(loaded.wait(), timeout)
+            await wait_event(loaded, timeout)
 
     # --- reading and changing -------------------------------------------------------------------
     async def get(self, tenant: str) -> tuple[int, Budget] | None:
@@ -201,10 +220,22 @@ class Budgets:
             return self.records[tenant][1]
 
     # --- evaluating -----------------------------------------------------------------------------
-    def mark(self, tenants: set[str]) -> None:
-        hit = tenants & self.records.keys()
+    def mark(self, entries: list[LedgerEntry]) -> None:
+        """Entries were folded into the aggregate: their tenants' budgets need a look, and
+        a lease whose usage is posted stops accruing."""
+        hit = False
+        for e in entries:
+            if e.tenant not in self.records:
+                continue
+            hit = True
+            self.dirty.add(e.tenant)
+            if e.kind == "usage":
+                self.open_leases.get(e.tenant, {}).pop(e.lease_id, None)
+                posted = self._posted.setdefault(e.tenant, {})
+                posted[e.lease_id] = None
+                if len(posted) > 100_000:
+                    del posted[next(iter(posted))]
         if hit:
-            self.dirty |= hit
             self.kick.set()
 
     async def evaluate_all(self) -> None:

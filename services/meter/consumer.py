@@ -1,19 +1,25 @@
 """Consuming allocation events exactly once into the ledger.
 
 A durable JetStream pull consumer (shared by every meter replica) delivers the
-allocation stream. For each event, in per-lease ``seq`` order:
+allocation stream in batches. The events of a batch are grouped by lease; for each lease,
+in per-lease ``seq`` order:
 
 1. read the lease's account (a KV entry; cached per replica with its revision);
-2. if ``event.seq <= account.seq`` it was applied before: ack, done;
-3. otherwise compute the entries it posts (pure: ``accounts.transition``) and append them
-   to the ledger stream with deterministic ``Nats-Msg-Id``s, waiting for the acks;
-4. write the new account with ``Nats-Expected-Last-Subject-Sequence`` = the revision read
+2. skip every event with ``event.seq <= account.seq``: applied before (a duplicate, a
+   redelivery, a replay);
+3. compute the account after the remaining events and the ledger entries they post
+   (pure: ``accounts.transition``);
+4. append those entries to the ledger stream with deterministic ``Nats-Msg-Id``s and wait
+   for the acks;
+5. write the new account with ``Nats-Expected-Last-Subject-Sequence`` = the revision read
    (on a conflict another replica got there first: reload and go back to 2);
-5. ack the event.
+6. ack the events.
 
-A crash before 3 or between 3 and 4 redelivers the event, which posts the same entry ids
-again: JetStream drops them (7-day duplicate window). A crash between 4 and 5 redelivers
-an event that step 2 skips. Events that cannot be decoded or priced go to the dead-letter
+The leases of a batch go through these steps together (pipelined: one round trip per step
+for the whole batch), and one account write covers all of a lease's events in the batch.
+A crash before 4 or between 4 and 5 redelivers the events, which post the same entry ids
+again: JetStream drops them (7-day duplicate window). A crash between 5 and 6 redelivers
+events that step 2 skips. Events that cannot be decoded or priced go to the dead-letter
 stream at once; events whose processing keeps failing go there after
 ``meter_max_attempts`` attempts (backoff 1, 2, 4, 8 s between them).
 """
@@ -24,8 +30,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -33,16 +41,18 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from services.common.messages import AllocEvent
 from services.common.subjects import ALLOC, Subjects
 
-from .accounts import account_key, is_duplicate, transition
-from .ledger import PUBLISH_TIMEOUT_S, Ledger, encode
-from .model import Account, DeadLetter
+from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
+from .aio import cancel_all
+from .jspub import JsError, Publisher, Puller
+from .ledger import Ledger, encode
+from .model import Account, DeadLetter, LedgerEntry
 from .pricing import PricingError, validate
 from .settings import MeterNames, MeterSettings
 
@@ -55,14 +65,11 @@ CONFLICTS = Counter("cb_meter_account_conflicts", "Account updates that lost a r
 _event = msgspec.json.Decoder(AllocEvent)
 _account = msgspec.json.Decoder(Account)
 WRONG_LAST_SEQUENCE = (10071, 10164)
+_LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class Poison(Exception):
     """An event that can never be applied as it stands."""
-
-
-class Conflict(Exception):
-    pass
 
 
 class AccountStore:
@@ -70,8 +77,8 @@ class AccountStore:
     caches what it read or wrote (with the revision): a stale entry only costs a conflict
     and a reload, never a wrong answer."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str, cache_size: int = 200_000) -> None:
-        self.js, self.kv, self.bucket = js, kv, bucket
+    def __init__(self, publisher: Publisher, kv: KeyValue, bucket: str, cache_size: int = 200_000) -> None:
+        self.publisher, self.kv, self.bucket = publisher, kv, bucket
         self._cache: OrderedDict[str, tuple[int, Account]] = OrderedDict()
         self._cache_size = cache_size
 
@@ -81,34 +88,57 @@ class AccountStore:
     def forget(self, key: str) -> None:
         self._cache.pop(key, None)
 
-    def _remember(self, key: str, revision: int, account: Account) -> None:
+    def remember(self, key: str, revision: int, account: Account) -> None:
         self._cache[key] = (revision, account)
         self._cache.move_to_end(key)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
     async def load(self, key: str) -> tuple[int, Account | None]:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            self.forget(key)
-            return 0, None
-        account = _account.decode(entry.value)
-        self._remember(key, entry.revision, account)
-        return entry.revision, account
+        return (await self.load_many([key]))[key]
 
-    async def write(self, key: str, account: Account, revision: int) -> int:
-        """Write iff the key is still at ``revision`` (0: does not exist yet)."""
-        try:
-            ack = await self.js.publish(f"$KV.{self.bucket}.{key}", encode(account), timeout=PUBLISH_TIMEOUT_S,
-                                        headers={"Nats-Expected-Last-Subject-Sequence": str(revision)})
-        except APIError as exc:
-            if exc.err_code in WRONG_LAST_SEQUENCE:
+    async def load_many(self, keys: list[str], chunk: int = 256) -> dict[str, tuple[int, Account | None]]:
+        """The latest account of each key (revision 0 and None where there is none), in one
+        batched direct get per ``chunk`` keys."""
+        out: dict[str, tuple[int, Account | None]] = dict.fromkeys(keys, (0, None))
+        prefix = f"$KV.{self.bucket}."
+        for i in range(0, len(keys), chunk):
+            subjects = [prefix + k for k in keys[i:i + chunk]]
+            request = json.dumps({"multi_last": subjects, "batch": len(subjects)}).encode()
+            for msg in await self.publisher.request_many(f"$JS.API.DIRECT.GET.KV_{self.bucket}", request):
+                headers = msg.headers or {}
+                key = headers.get("Nats-Subject", "")[len(prefix):]
+                if key not in out:
+                    continue
+                if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                    continue
+                out[key] = (int(headers["Nats-Sequence"]), _account.decode(msg.data))
+        for key, (revision, account) in out.items():
+            if account is None:
                 self.forget(key)
-                raise Conflict(key) from exc
-            raise
-        self._remember(key, ack.seq, account)
-        return ack.seq
+            else:
+                self.remember(key, revision, account)
+        return out
+
+    async def send(self, key: str, account: Account, revision: int) -> asyncio.Future:
+        """Start a write that succeeds iff the key is still at ``revision`` (0: absent)."""
+        return await self.publisher.send(f"$KV.{self.bucket}.{key}", encode(account),
+                                         {"Nats-Expected-Last-Subject-Sequence": str(revision)})
+
+
+@dataclass(eq=False)
+class _Lease:
+    """One lease's events in a batch, on their way through the pipeline."""
+
+    key: str
+    items: list[tuple[AllocEvent, Msg]]
+    revision: int = 0
+    account: Account | None = None
+    loaded: bool = False  # account/revision are known (cache, read, or known absent)
+    new: Account | None = None
+    entries: list[LedgerEntry] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
 
 
 class AllocConsumer:
@@ -119,6 +149,7 @@ class AllocConsumer:
         self.stream = subjects.stream(ALLOC)
         self._tasks: list[asyncio.Task] = []
         self._advisory = None
+        self._stopping = False
         self.stats = {"applied": 0, "duplicate": 0, "dead": 0, "failed": 0}
 
     @property
@@ -150,11 +181,8 @@ class AllocConsumer:
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(workers)]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        await cancel_all(self._tasks)
         if self._advisory is not None:
             with contextlib.suppress(Exception):
                 await self._advisory.unsubscribe()
@@ -166,16 +194,14 @@ class AllocConsumer:
 
     # --- the loop -----------------------------------------------------------------------------
     async def _run(self, worker: int) -> None:
-        while True:
-            sub = None
+        while not self._stopping:
+            puller = Puller(self.nc, self.stream, self.names.durable)
             try:
-                sub = await self.js.pull_subscribe_bind(self.names.durable, stream=self.stream)
-                while True:
-                    try:
-                        msgs = await sub.fetch(self.ms.meter_batch, timeout=1.0)
-                    except TimeoutError:
-                        continue
-                    await self.handle(msgs)
+                await puller.start()
+                while not self._stopping:
+                    msgs = await puller.fetch(self.ms.meter_batch, timeout=1.0)
+                    if msgs:
+                        await self.handle(msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS restart, consumer being created: keep going
@@ -184,12 +210,11 @@ class AllocConsumer:
                 with contextlib.suppress(Exception):
                     await self.ensure()
             finally:
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                with contextlib.suppress(Exception):
+                    await puller.stop()
 
     async def handle(self, msgs: list[Msg]) -> None:
-        groups: dict[str, list[tuple[AllocEvent, Msg]]] = {}
+        leases: dict[str, _Lease] = {}
         for msg in msgs:
             try:
                 event = self.decode(msg.data)
@@ -198,8 +223,32 @@ class AllocConsumer:
                                        str(exc), msg.data)
                 await msg.term()
                 continue
-            groups.setdefault(event.lease.lease_id, []).append((event, msg))
-        await asyncio.gather(*(self._lease(items) for items in groups.values()))
+            key = account_key(event.lease.tenant, event.lease.lease_id)
+            group = leases.get(key)
+            if group is None:
+                leases[key] = _Lease(key, [(event, msg)])
+            else:
+                group.items.append((event, msg))
+        if not leases:
+            return
+        try:
+            done = await self.apply_leases(list(leases.values()))
+        except Exception as exc:  # the whole batch failed (e.g. NATS went away): retry it later
+            for group in leases.values():
+                for _, msg in group.items:
+                    await self._failed(msg, exc)
+            return
+        for group, error in done:
+            if error is None:
+                self.stats["applied"] += group.applied
+                self.stats["duplicate"] += group.duplicates
+                EVENTS.labels("applied").inc(group.applied)
+                EVENTS.labels("duplicate").inc(group.duplicates)
+                for _, msg in group.items:
+                    await msg.ack()
+            else:
+                for _, msg in group.items:
+                    await self._failed(msg, error)
 
     @staticmethod
     def decode(data: bytes) -> AllocEvent:
@@ -209,51 +258,97 @@ class AllocConsumer:
             raise Poison(f"undecodable allocation event: {exc}") from exc
         if event.seq < 1:
             raise Poison(f"lease {event.lease.lease_id}: seq must be >= 1, got {event.seq}")
+        if not _LEASE_ID.match(event.lease.lease_id):
+            raise Poison(f"lease id {event.lease.lease_id[:200]!r} is not 1-128 of A-Z a-z 0-9 _ - "
+                         "(it names KV keys and ledger entry ids)")
         try:
             validate(event.lease)
         except PricingError as exc:
             raise Poison(str(exc)) from exc
         return event
 
-    async def _lease(self, items: list[tuple[AllocEvent, Msg]]) -> None:
-        items.sort(key=lambda x: x[0].seq)
-        for i, (event, msg) in enumerate(items):
-            try:
-                outcome = await self.apply(event)
-            except Exception as exc:
-                for _, later in items[i:]:
-                    await self._failed(later, exc)
-                return
-            self.stats[outcome] += 1
-            EVENTS.labels(outcome).inc()
-            await msg.ack()
-
-    async def apply(self, event: AllocEvent) -> str:
-        """Apply one event to its lease's account; ``applied`` or ``duplicate``."""
-        lease = event.lease
-        key = account_key(lease.tenant, lease.lease_id)
-        cached = self.accounts.cached(key)
-        if cached is not None:
-            revision, account = cached
-        else:
-            # an event that posts nothing on a fresh account (a grant or renewal billed per
-            # second) is written blind as a create: if the account exists, the conflict
-            # reloads it. Anything that posts entries reads the account first.
-            _, entries = transition(None, event, min_bill_s=self.ms.min_bill_s, now=self.clock())
-            revision, account = (0, None) if not entries else await self.accounts.load(key)
-        while True:
+    def _compute(self, group: _Lease, now: datetime) -> None:
+        account, entries, applied, dups = group.account, [], 0, 0
+        for event, _ in group.items:
             if is_duplicate(account, event):
-                return "duplicate"
-            new, entries = transition(account, event, min_bill_s=self.ms.min_bill_s, now=self.clock())
+                dups += 1
+                continue
+            account, posted = transition(account, event, min_bill_s=self.ms.min_bill_s, now=now)
+            entries += posted
+            applied += 1
+        group.new = account if applied else None
+        group.entries, group.applied, group.duplicates = entries, applied, dups
+
+    async def apply_leases(self, groups: list[_Lease]) -> list[tuple[_Lease, Exception | None]]:
+        """Steps 1-5 for many leases at once; returns each lease with None (done: ack its
+        events) or the error that stopped it."""
+        now = self.clock()
+        results: list[tuple[_Lease, Exception | None]] = []
+        pending: list[_Lease] = []
+        for group in groups:
+            group.items.sort(key=lambda item: item[0].seq)
+            cached = self.accounts.cached(group.key)
+            if cached is not None:
+                group.revision, group.account = cached
+                group.loaded = True
+                pending.append(group)
+                continue
+            # Events that would post nothing even on a fresh account (grants and renewals of
+            # per-second leases) post nothing on any account: an account only ever records
+            # that something was billed. They need no read and no write.
+            if any(posts_on_fresh_account(event) for event, _ in group.items):
+                pending.append(group)
+            else:
+                group.applied = len(group.items)
+                results.append((group, None))
+        for _ in range(8):
+            unread = [g for g in pending if not g.loaded]
+            if unread:
+                loaded = await self.accounts.load_many([g.key for g in unread])
+                for group in unread:
+                    group.revision, group.account = loaded[group.key]
+                    group.loaded = True
+            for group in pending:
+                self._compute(group, now)
+            entries = [e for g in pending for e in g.entries]
             if entries:
                 await self.ledger.append(entries)
                 ENTRIES.inc(len(entries))
-            try:
-                await self.accounts.write(key, new, revision)
-                return "applied"
-            except Conflict:
-                CONFLICTS.inc()
-                revision, account = await self.accounts.load(key)
+            # an account is written only when its lease posted something
+            writes = [(g, await self.accounts.send(g.key, g.new, g.revision)) for g in pending
+                      if g.new is not None and g.entries]
+            results += [(g, None) for g in pending if g.new is None or not g.entries]
+            if writes:
+                await asyncio.wait([f for _, f in writes], timeout=self.accounts.publisher.timeout)
+            retry = []
+            for group, fut in writes:
+                if not fut.done():
+                    fut.cancel()
+                    results.append((group, TimeoutError("account write not acknowledged")))
+                elif fut.exception() is None:
+                    assert group.new is not None
+                    self.accounts.remember(group.key, fut.result(), group.new)
+                    results.append((group, None))
+                elif isinstance(fut.exception(), JsError) and fut.exception().err_code in WRONG_LAST_SEQUENCE:
+                    CONFLICTS.inc()
+                    self.accounts.forget(group.key)
+                    group.loaded = False
+                    retry.append(group)
+                else:
+                    results.append((group, fut.exception()))  # type: ignore[arg-type]
+            if not retry:
+                return results
+            pending = retry
+        results += [(g, RuntimeError("account kept changing under us")) for g in pending]
+        return results
+
+    async def apply(self, event: AllocEvent) -> str:
+        """Apply one event on its own; ``applied`` or ``duplicate``."""
+        group = _Lease(account_key(event.lease.tenant, event.lease.lease_id), [(event, None)])  # type: ignore[list-item]
+        [(done, error)] = await self.apply_leases([group])
+        if error is not None:
+            raise error
+        return "applied" if done.applied else "duplicate"
 
     async def _failed(self, msg: Msg, exc: Exception) -> None:
         attempts = msg.metadata.num_delivered or 1

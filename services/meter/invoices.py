@@ -30,7 +30,7 @@ from .aggregate import (
     CellKey,
 )
 from .model import CurrencySection, Invoice, InvoiceLine
-from .pricing import RESERVED
+from .pricing import RESERVED, round_money
 
 GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
 _GROUP_INDEX = {"tenant": K_TENANT, "region": K_REGION, "model": K_MODEL, "provider": K_PROVIDER, "pool": K_POOL,
@@ -64,8 +64,8 @@ def build_invoice(tenant: str, period: str, cells: Iterable[tuple[CellKey, Cell]
         lines, adjustments = by_currency[currency]
         lines.sort(key=_order)
         adjustments.sort(key=_order)
-        subtotal = sum((x.amount for x in lines), Decimal(0))
-        adj = sum((x.amount for x in adjustments), Decimal(0))
+        subtotal = round_money(sum((x.amount for x in lines), Decimal(0)), currency)
+        adj = round_money(sum((x.amount for x in adjustments), Decimal(0)), currency)
         sections.append(CurrencySection(currency=currency, lines=lines, adjustments=adjustments, subtotal=subtotal,
                                         adjustments_total=adj, total=subtotal + adj))
     return Invoice(tenant=tenant, period=period, status="final" if final else "draft", final_after=final_after,

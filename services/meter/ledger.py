@@ -11,11 +11,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from .aggregate import Aggregate
+from .jspub import Publisher, Puller
+from .aio import cancel_all, wait_event
 from .model import LedgerEntry, LedgerRecord, PeriodsClosed
 from .settings import MeterNames, MeterSettings
 
@@ -52,6 +56,21 @@ async def ensure_ledger(js: JetStreamContext, names: MeterNames, ms: MeterSettin
         num_replicas=replicas, allow_direct=True))
 
 
+async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
+    """A record bucket with direct gets allowed (the consumer reads many accounts in one
+    batched direct get)."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1,
+                                                            replicas=replicas, direct=True))
+        except APIError as exc:  # another replica created it
+            if exc.err_code != 10058:
+                raise
+            return await js.key_value(bucket)
+
+
 async def publish_all(js: JetStreamContext, items: Sequence[tuple[str, bytes, dict[str, str]]]) -> list[int]:
     """Publish many messages concurrently (pipelined: one round trip for all) and wait for
     every ack. Returns the stream sequences; raises if any publish failed. (Not
@@ -68,23 +87,29 @@ async def publish_all(js: JetStreamContext, items: Sequence[tuple[str, bytes, di
 class Ledger:
     """Append side and follow side of the ledger stream."""
 
-    def __init__(self, js: JetStreamContext, names: MeterNames, aggregate: Aggregate | None = None) -> None:
-        self.js, self.names = js, names
+    def __init__(self, nc: NATS, js: JetStreamContext, names: MeterNames, publisher: Publisher | None = None,
+                 aggregate: Aggregate | None = None) -> None:
+        self.nc, self.js, self.names, self.publisher = nc, js, names, publisher
         self.aggregate = aggregate or Aggregate()
         self.ready = asyncio.Event()
         self.target_seq = 0  # the stream's last sequence when following started
-        self.on_entries: Callable[[set[str]], None] | None = None  # tenants that got entries
+        self.on_entries: Callable[[list[LedgerEntry]], None] | None = None  # entries just folded
         self.on_closed: Callable[[list[str], PeriodsClosed], Awaitable[None]] | None = None
         self._task: asyncio.Task | None = None
         self._advanced = asyncio.Event()
+        self._stopping = False
 
     # --- appending ----------------------------------------------------------------------------
     async def append(self, entries: Sequence[LedgerEntry]) -> None:
         """Durably append; an entry whose id was appended before (within the duplicate
         window) is dropped by JetStream."""
-        if entries:
-            await publish_all(self.js, [(self.names.ledger(e.tenant), encode(e), {"Nats-Msg-Id": e.id})
-                                        for e in entries])
+        if not entries:
+            return
+        items = [(self.names.ledger(e.tenant), encode(e), {"Nats-Msg-Id": e.id}) for e in entries]
+        if self.publisher is not None:
+            await self.publisher.publish_all(items)
+        else:
+            await publish_all(self.js, items)
 
     async def close_through(self, period: str, at: datetime) -> None:
         marker = PeriodsClosed(id=f"close.{period}", at=at, through=period)
@@ -99,10 +124,9 @@ class Ledger:
         self._task = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -118,43 +142,40 @@ class Ledger:
             if remaining <= 0:
                 return False
             self._advanced.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._advanced.wait(), min(remaining, 0.5))
+            await wait_event(self._advanced, min(remaining, 0.5))
         return True
 
     async def _follow(self) -> None:
         """An ephemeral, unacknowledged pull consumer from the next unfolded sequence;
         recreated from where it left off after any error (NATS restart, consumer lost)."""
-        while True:
-            sub = None
+        while not self._stopping:
+            puller = None
             try:
                 start = self.aggregate.applied_seq + 1
-                sub = await self.js.pull_subscribe(
-                    self.names.ledger_subjects, stream=self.names.ledger_stream,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
-                                          ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
-                                          max_waiting=1))
-                while True:
-                    try:
-                        msgs = await sub.fetch(2000, timeout=1.0)
-                    except TimeoutError:
-                        if not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
-                            self.ready.set()
-                        continue
-                    await self._fold(msgs)
+                info = await self.js.add_consumer(self.names.ledger_stream, ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, ack_policy=AckPolicy.NONE,
+                    inactive_threshold=60.0, filter_subject=self.names.ledger_subjects, max_waiting=4))
+                puller = Puller(self.nc, self.names.ledger_stream, info.name)
+                await puller.start()
+                while not self._stopping:
+                    msgs = await puller.fetch(2000, timeout=1.0)
+                    if msgs:
+                        await self._fold(msgs)
+                    elif not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
+                        self.ready.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep following through a NATS blip
-                log.warning("ledger follower restarting after %s", exc)
+                log.warning("ledger follower restarting after %r", exc)
                 await asyncio.sleep(0.5)
             finally:
-                if sub is not None:
+                if puller is not None:
                     with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                        await puller.stop()
 
     async def _fold(self, msgs: list) -> None:
         agg = self.aggregate
-        tenants: set[str] = set()
+        entries: list[LedgerEntry] = []
         for msg in msgs:
             seq = msg.metadata.sequence.stream
             try:
@@ -165,11 +186,11 @@ class Ledger:
                 continue
             closed = agg.apply(seq, record)
             if isinstance(record, LedgerEntry):
-                tenants.add(record.tenant)
+                entries.append(record)
             elif closed and self.on_closed is not None:
                 await self.on_closed(closed, record)
-        if tenants and self.on_entries is not None:
-            self.on_entries(tenants)
+        if entries and self.on_entries is not None:
+            self.on_entries(entries)
         if not self.ready.is_set() and agg.applied_seq >= self.target_seq:
             self.ready.set()
         self._advanced.set()

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from services.common.messages import Billing, Currency, LeaseInfo
+from services.common.messages import Billing, Currency
 
 BudgetKind = Literal["prepaid", "limit"]
 
@@ -71,7 +71,6 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     entries: tuple[str, ...] = ()  # ids of the ledger entries this lease posted
     billed: Decimal = Decimal(0)
     currency: str = "USD"
-    lease: LeaseInfo | None = None  # kept while open: budgets accrue its cost
     updated_at: datetime | None = None
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Literal
 
 from services.common.messages import LeaseInfo
 
-from .periods import period_end, period_of
+from .periods import period_of
 
 # ISO 4217 minor units that differ from 2
 MINOR_UNITS: dict[str, int] = {
@@ -76,7 +77,16 @@ class Charge:
 
 
 def _utc(at: datetime) -> datetime:
+    if at.tzinfo is UTC:
+        return at
     return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+@lru_cache(maxsize=4096)
+def _month(year: int, month: int) -> tuple[str, datetime]:
+    """The period name of a month and the first instant of the next one."""
+    nxt = datetime(year + 1, 1, 1, tzinfo=UTC) if month == 12 else datetime(year, month + 1, 1, tzinfo=UTC)
+    return f"{year:04d}-{month:02d}", nxt
 
 
 def validate(lease: LeaseInfo) -> None:
@@ -111,8 +121,8 @@ def month_pieces(start: datetime, end: datetime) -> list[tuple[str, datetime, da
     a = _utc(start)
     end = _utc(end)
     while a < end:
-        p = period_of(a)
-        b = min(end, period_end(p))
+        p, boundary = _month(a.year, a.month)
+        b = end if end < boundary else boundary
         out.append((p, a, b))
         a = b
     return out

@@ -26,6 +26,7 @@ from services.common.nats_conn import publish_event
 from services.common.subjects import Subjects
 
 from .aggregate import Aggregate
+from .aio import cancel_all, wait_event
 from .budgets import Budgets
 from .consumer import AllocConsumer, Poison
 from .invoices import GROUPS, build_invoice, usage_rows, usage_totals
@@ -70,24 +71,23 @@ class TenantDirectory:
         self.tenants: set[str] = set()
         self._task: asyncio.Task | None = None
         self.ready = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), 10)
+        await wait_event(self.ready, 10)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopping:
             watcher = None
             try:
                 watcher = await self.kv.watchall(ignore_deletes=True)
-                while True:
+                while not self._stopping:
                     entry = await watcher.updates(timeout=None)
                     if entry is None:
                         self.ready.set()

@@ -1,0 +1,298 @@
+"""Invariant 3: every leased second is billed exactly once, across redelivery, SIGKILLs and
+replays.
+
+The meter runs as a real process (uvicorn, ``python -m services.meter``). The test
+publishes more than 10,000 allocation events (grants, renewals and every kind of end for
+thousands of leases of every billing, across a month boundary, with duplicates) to the
+real stream, SIGKILLs the meter at seeded random points while it is busy, restarts it,
+waits until its durable consumer has nothing pending, and checks the ledger — read
+straight from the ledger stream — against the charges computed independently from the
+test's own record of the events with the pure pricing functions: same entries, same
+amounts, to the minor unit. A second test replays the whole stream into a fresh meter
+(new state, new durable consumer) and gets identical totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+
+from services.cli.servers import free_port
+from services.cli.supervisor import ServiceProcess
+from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseInfo
+from services.common.nats_conn import read_stream
+from services.common.settings import Settings, settings_to_env
+from services.common.subjects import Subjects
+from services.meter.accounts import entry_id, event_kind
+from services.meter.model import LedgerEntry, LedgerRecord
+from services.meter.pricing import RESERVED, ending_charges, reserved_charges
+from services.meter.settings import MeterNames, MeterSettings, meter_settings_to_env
+
+from ..integration.test_meter_support import ENDS, granted, publish_many, renewed
+
+pytestmark = pytest.mark.timeout(170)
+
+SEED = 20261125
+MIN_BILL_S = 60
+BASE = datetime(2026, 1, 27, tzinfo=UTC)  # leases straddle the January/February boundary
+POOLS = [  # pool, provider, region, model, currency, on-demand price per unit-hour, reserved per unit-month
+    ("p-use-h100", "skyforge", "us-east", "nvidia-h100-sxm-80gb", "USD", "3.1999", "1650"),
+    ("p-usw-l40s", "skyforge", "us-west", "nvidia-l40s", "USD", "1.07", "520.50"),
+    ("p-gz-910b", "ascend-west", "cn-gz", "huawei-ascend-910b", "CNY", "9.80", "5100"),
+    ("p-yrd-h20", "pearl-river", "cn-yrd", "nvidia-h20-96gb", "CNY", "12.345678", "6000"),
+    ("p-tyo-a100", "tidewater", "ap-northeast", "nvidia-a100-sxm-80gb", "JPY", "398", "190000"),
+]
+TENANTS = ["t1", "t2", "t3", "t4", "t5", "t6"]
+
+
+@dataclass
+class Scenario:
+    events: list[AllocEvent]  # in publication order (by event time)
+    msg_ids: list[str]  # Nats-Msg-Id of each publication (duplicates get another one)
+    expected: dict[str, list[tuple[str, Decimal]]]  # lease -> [(entry id, amount)]
+
+
+def scenario(rng: random.Random, leases: int, duplicates: float = 0.03) -> Scenario:
+    timeline: list[tuple[datetime, int, AllocEvent]] = []
+    expected: dict[str, list[tuple[str, Decimal]]] = {}
+    for i in range(leases):
+        pool, provider, region, model, currency, hourly, monthly = rng.choice(POOLS)
+        billing = rng.choices(["on_demand", "interruptible", "reserved_month", "reserved_year"],
+                              weights=[60, 28, 8, 4])[0]
+        start = BASE + timedelta(seconds=rng.randrange(0, 10 * 86400), microseconds=rng.randrange(0, 10**6))
+        units = rng.choice([1, 1, 2, 4, 8])
+        common = dict(lease_id=f"lease_{i:05d}_{rng.getrandbits(32):08x}", request_id=f"req_{i}",
+                      tenant=rng.choice(TENANTS), pool_id=pool, provider=provider, region=region, model=model,
+                      units=units, billing=billing, currency=currency, granted_at=start)
+        events: list[AllocEvent] = []
+        if billing in RESERVED:
+            months = 1 if billing == "reserved_month" else 12
+            info = LeaseInfo(**common, unit_price=Decimal(monthly), price_basis="unit_month", term_months=months,
+                             expires_at=start + timedelta(hours=730 * months))
+            events.append(granted(info))
+            if rng.random() < 0.6:
+                events.append(ENDS["released"](id=f"{info.lease_id}.2", at=start + timedelta(hours=rng.randrange(1, 700)),
+                                               lease=info, seq=2))
+            expected[info.lease_id] = [(entry_id(info.lease_id, c), c.amount) for c in reserved_charges(info)]
+        else:
+            price = Decimal(hourly) * (Decimal("0.35") if billing == "interruptible" else 1)
+            price = price.quantize(Decimal("0.000001"))
+            if rng.random() < 0.5:  # an open lease kept by renewals
+                info = LeaseInfo(**common, unit_price=price, expires_at=start + timedelta(seconds=300), ttl_s=300)
+                events.append(granted(info))
+                at = start
+                for seq in range(2, 2 + rng.randrange(0, 4)):
+                    at = at + timedelta(seconds=rng.randrange(30, 290))
+                    events.append(renewed(info, seq, at))
+                    info = events[-1].lease
+            else:  # a fixed duration
+                info = LeaseInfo(**common, unit_price=price,
+                                 expires_at=start + timedelta(seconds=rng.randrange(10, 3 * 86400)))
+                events.append(granted(info))
+            if rng.random() < 0.95:
+                kind = rng.choices(["released", "expired", "preempted", "lost", "revoked"],
+                                   weights=[50, 25, 10 if billing == "interruptible" else 0, 8, 7])[0]
+                last = events[-1].at
+                if kind == "expired":
+                    at = info.expires_at + timedelta(seconds=rng.uniform(0, 2))
+                else:
+                    at = last + (info.expires_at - last) * rng.random()
+                events.append(ENDS[kind](id=f"{info.lease_id}.{len(events) + 1}", at=at, lease=info,
+                                         seq=len(events) + 1))
+            expected[info.lease_id] = []
+            ends = [e for e in events if isinstance(e, ENDING_EVENTS)]
+            if ends:
+                e = ends[0]
+                expected[info.lease_id] = [(entry_id(info.lease_id, c), c.amount) for c in
+                                           ending_charges(event_kind(e), e.at, e.lease, min_bill_s=MIN_BILL_S)]
+        for e in events:
+            timeline.append((e.at, len(timeline), e))
+    timeline.sort(key=lambda x: (x[0], x[1]))
+    ordered = [e for _, _, e in timeline]
+    msg_ids = [e.id for e in ordered]
+    for k in rng.sample(range(len(ordered)), int(len(ordered) * duplicates)):  # replays of earlier events
+        j = rng.randrange(k, len(ordered) + 1)
+        ordered.insert(j, ordered[k])
+        msg_ids.insert(j, f"dup{k}-{ordered[k].id}")
+    return Scenario(ordered, msg_ids, expected)
+
+
+def expected_totals(s: Scenario) -> dict[tuple[str, str], Decimal]:
+    info = {}
+    for e in s.events:
+        info[e.lease.lease_id] = e.lease
+    out: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for lease_id, charges in s.expected.items():
+        lease = info[lease_id]
+        for _, amount in charges:
+            out[(lease.tenant, lease.currency)] += amount
+    return dict(out)
+
+
+_record = msgspec.json.Decoder(LedgerRecord)
+
+
+async def read_ledger(js: JetStreamContext, names: MeterNames) -> list[LedgerEntry]:
+    out = []
+    async for _, data in read_stream(js, names.ledger_stream, names.ledger_subjects, batch=5000):
+        record = _record.decode(data)
+        if isinstance(record, LedgerEntry):
+            out.append(record)
+    return out
+
+
+def ledger_totals(entries: list[LedgerEntry]) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for e in entries:
+        out[(e.tenant, e.currency)] += e.amount
+    return dict(out)
+
+
+def meter_process(settings: Settings, ms: MeterSettings, log: Path) -> ServiceProcess:
+    env = {**settings_to_env(settings), **meter_settings_to_env(ms), "CB_LOG_LEVEL": "warning"}
+    return ServiceProcess("meter", free_port(), env, log)
+
+
+async def settled(js: JetStreamContext, settings: Settings, names: MeterNames, svc: ServiceProcess,
+                  timeout: float = 60.0) -> None:
+    """The durable consumer has nothing pending or unacked, and the meter folded its ledger."""
+    deadline = time.monotonic() + timeout
+    stream = Subjects(settings.prefix).stream("alloc")
+    headers = {"Authorization": f"Bearer {settings.admin_key}"}
+    async with httpx.AsyncClient(base_url=svc.url, timeout=5) as http:
+        while True:
+            info = await js.consumer_info(stream, names.durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                ledger = await js.stream_info(names.ledger_stream)
+                try:
+                    status = (await http.get("/v1/meter/status", headers=headers)).json()
+                except httpx.HTTPError:
+                    status = {}
+                if status.get("ledger_seq", -1) >= ledger.state.last_seq:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not settled: pending {info.num_pending}, unacked {info.num_ack_pending}; "
+                                     f"see {svc.log_path}")
+            await asyncio.sleep(0.1)
+
+
+async def api_totals(svc: ServiceProcess, settings: Settings) -> dict[tuple[str, str], Decimal]:
+    async with httpx.AsyncClient(base_url=svc.url, timeout=10) as http:
+        body = (await http.get("/v1/usage", params={"group_by": "tenant"},
+                               headers={"Authorization": f"Bearer {settings.admin_key}"})).json()
+    return {(r["tenant"], r["currency"]): Decimal(r["amount"]) for r in body["rows"]}
+
+
+def check_ledger(entries: list[LedgerEntry], s: Scenario) -> None:
+    ids = Counter(e.id for e in entries)
+    assert [i for i, n in ids.items() if n > 1] == [], "an entry was appended twice"
+    got: dict[str, list[tuple[str, Decimal]]] = defaultdict(list)
+    for e in entries:
+        got[e.lease_id].append((e.id, e.amount))
+    missing = [k for k, v in s.expected.items() if v and sorted(got.get(k, [])) != sorted(v)]
+    assert missing == [], f"{len(missing)} leases billed wrongly, e.g. {missing[:3]}: " \
+                          f"{[(s.expected[k], got.get(k)) for k in missing[:3]]}"
+    assert set(got) <= {k for k, v in s.expected.items() if v}, "entries for leases that owe nothing"
+
+
+async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_path) -> None:
+    rng = random.Random(SEED)
+    s = scenario(rng, leases=5200)
+    assert len(s.events) >= 10_000
+    js = nc.jetstream()
+    ms = MeterSettings(min_bill_s=MIN_BILL_S, meter_ack_wait_s=2.0, meter_batch=400)
+    names = MeterNames.of(settings, ms)
+    svc = meter_process(settings, ms, tmp_path / "meter.log")
+    svc.start()
+    await asyncio.to_thread(svc.wait_healthy)
+    published = 0
+
+    async def publisher() -> None:
+        nonlocal published
+        for i in range(0, len(s.events), 250):
+            await publish_many(js, Subjects(settings.prefix), s.events[i:i + 250], msg_ids=s.msg_ids[i:i + 250])
+            published = i + 250
+            await asyncio.sleep(0.02)  # a steady flow rather than one burst
+
+    kills = []
+
+    async def killer() -> None:
+        for _ in range(6):
+            # kill while busy: after a random number of ledger entries since the (re)start
+            target = (await js.stream_info(names.ledger_stream)).state.last_seq + rng.randrange(20, 600)
+            deadline = time.monotonic() + 20
+            while (await js.stream_info(names.ledger_stream)).state.last_seq < target and \
+                    time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert svc.proc is not None
+            os.kill(svc.proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(svc.proc.wait)
+            # what the dead meter held unacked will be redelivered to the next one
+            info = await js.consumer_info(Subjects(settings.prefix).stream("alloc"), names.durable)
+            kills.append((published, info.num_ack_pending))
+            svc.start()
+            await asyncio.to_thread(svc.wait_healthy)
+
+    try:
+        await asyncio.gather(publisher(), killer())
+        await settled(js, settings, names, svc)
+        assert len(kills) == 6
+        interrupted = [k for k in kills if k[1] > 0]
+        assert len(interrupted) >= 3, f"kills did not interrupt work, the test proved little: {kills}"
+        entries = await read_ledger(js, names)
+        check_ledger(entries, s)
+        want = expected_totals(s)
+        assert ledger_totals(entries) == want
+        assert await api_totals(svc, settings) == want
+        dlq = await js.stream_info(names.dlq_stream)
+        assert dlq.state.messages == 0
+    finally:
+        svc.stop()
+
+
+async def test_replay_into_a_fresh_meter_gives_identical_totals(settings, nc, tmp_path) -> None:
+    rng = random.Random(SEED + 1)
+    s = scenario(rng, leases=2500)
+    js = nc.jetstream()
+    await publish_many(js, Subjects(settings.prefix), s.events, msg_ids=s.msg_ids)
+    first_ms = MeterSettings(min_bill_s=MIN_BILL_S, meter_ack_wait_s=5.0)
+    fresh_ms = msgspec.structs.replace(first_ms, meter_state=f"{settings.prefix}replay")
+    first, fresh = MeterNames.of(settings, first_ms), MeterNames.of(settings, fresh_ms)
+    assert (fresh.durable, fresh.ledger_stream, fresh.accounts) != (first.durable, first.ledger_stream, first.accounts)
+    a = meter_process(settings, first_ms, tmp_path / "first.log")
+    b = meter_process(settings, fresh_ms, tmp_path / "fresh.log")
+    try:
+        a.start()
+        await asyncio.to_thread(a.wait_healthy)
+        await settled(js, settings, first, a)
+        first_entries = await read_ledger(js, first)
+        check_ledger(first_entries, s)
+        b.start()
+        await asyncio.to_thread(b.wait_healthy)
+        await settled(js, settings, fresh, b)
+        fresh_entries = await read_ledger(js, fresh)
+        assert ledger_totals(fresh_entries) == ledger_totals(first_entries) == expected_totals(s)
+        assert sorted((e.id, e.amount) for e in fresh_entries) == sorted((e.id, e.amount) for e in first_entries)
+        assert await api_totals(b, settings) == await api_totals(a, settings)
+    finally:
+        a.stop()
+        b.stop()
+        for name in (fresh.ledger_stream, fresh.dlq_stream, f"KV_{fresh.accounts}", f"KV_{fresh.invoices}",
+                     f"KV_{fresh.budgets}"):
+            try:
+                await js.delete_stream(name)
+            except Exception:  # noqa: BLE001 - not created
+                pass
