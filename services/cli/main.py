@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from .apps import register as register_app_commands
+from .billing import register as register_billing_commands
 from .importer import import_group
 from .up import UpOptions, run_up
 
@@ -44,3 +45,4 @@ def up(demo: bool, data_dir: Path, nats_port: int | None, redis_port: int | None
 
 cli.add_command(import_group)
 register_app_commands(cli)
+register_billing_commands(cli)
