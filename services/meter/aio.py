@@ -19,6 +19,7 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return event.is_set()
 
 
+# TODO(common): services.common.lifecycle.stop_tasks should re-cancel like this
 async def cancel_all(tasks: list[asyncio.Task], timeout: float = 5.0) -> None:
     """Cancel background tasks and wait for them, cancelling again while they run: on
     Python 3.11 a cancellation that races with an ``asyncio.wait_for`` completing (nats-py

@@ -56,6 +56,7 @@ async def ensure_ledger(js: JetStreamContext, names: MeterNames, ms: MeterSettin
         num_replicas=replicas, allow_direct=True))
 
 
+# TODO(common): a ``direct`` flag on services.common.nats_conn.ensure_bucket
 async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
     """A record bucket with direct gets allowed (the consumer reads many accounts in one
     batched direct get)."""

@@ -17,6 +17,7 @@ import msgspec
 from services.common.settings import Settings
 
 
+# TODO(common): fields of services.common.settings.Settings
 class MeterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``CB_<FIELD>`` in the environment (e.g. ``CB_MIN_BILL_S=60``)."""
 
@@ -52,6 +53,7 @@ def meter_settings_to_env(ms: MeterSettings) -> dict[str, str]:
             if getattr(ms, f) not in ("", None)}
 
 
+# TODO(common): builders of services.common.subjects.Subjects
 @dataclass(frozen=True, slots=True)
 class MeterNames:
     """Streams, subjects and buckets of the meter's state. ``state`` is a prefix of its own
