@@ -14,20 +14,14 @@ from typing import Any
 import httpx
 import msgspec
 
+from services.common.client_errors import ApiError, raise_for_problem
+
 from .domain.requests import ComputeRequest
 from .records import LeaseView, QuoteView, RequestView
 
 
-class BrokerApiError(Exception):
-    """A 4xx/5xx from the broker, with its problem details."""
-
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
-        super().__init__(f"{status}: {problem.get('detail') or problem}")
-        self.status, self.problem = status, problem
-
-    @property
-    def reasons(self) -> list[str]:
-        return list(self.problem.get("reasons", []))
+class BrokerApiError(ApiError):
+    """A 4xx/5xx from the broker, with its problem details and reasons."""
 
 
 def _body(request: ComputeRequest | dict[str, Any]) -> bytes:
@@ -37,13 +31,7 @@ def _body(request: ComputeRequest | dict[str, Any]) -> bytes:
 
 
 def _check(r: httpx.Response) -> httpx.Response:
-    if r.status_code >= 400:
-        try:
-            problem = r.json()
-        except ValueError:
-            problem = {"detail": r.text}
-        raise BrokerApiError(r.status_code, problem)
-    return r
+    return raise_for_problem(r, BrokerApiError)
 
 
 def _decode(r: httpx.Response, type_: Any) -> Any:

@@ -12,27 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+
+from services.common.client_errors import ApiError, raise_for_problem
 import msgspec
 
 from .model import BudgetView, Invoice
 
 
-class MeterApiError(Exception):
+class MeterApiError(ApiError):
     """A 4xx/5xx from the meter, with its problem details."""
-
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
-        super().__init__(f"{status}: {problem.get('detail') or problem}")
-        self.status, self.problem = status, problem
 
 
 def _check(r: httpx.Response) -> httpx.Response:
-    if r.status_code >= 400:
-        try:
-            problem = r.json()
-        except ValueError:
-            problem = {"detail": r.text}
-        raise MeterApiError(r.status_code, problem)
-    return r
+    return raise_for_problem(r, MeterApiError)
 
 
 def _params(**kw: Any) -> dict[str, Any]:
