@@ -18,6 +18,8 @@ from nats.aio.msg import Msg
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.ratelimit import RateLimiter
+from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.messages import (
     ENDING_EVENTS,
@@ -123,6 +125,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.broker = broker
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
+                                              settings.rate_limit_window_s)
         tasks = [
             asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
             asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),
@@ -138,7 +142,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[health, metrics_controller, RequestController, QuoteController, LeaseController],
         dependencies={"broker": Provide(_broker, sync_to_thread=False)},
-        middleware=[metrics.middleware, api_key_auth()],
+        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
+        before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
         request_max_body_size=settings.max_body_bytes,

@@ -47,6 +47,7 @@ from services.common.messages import (
     RequestRejected,
 )
 from services.common.nats_conn import publish_event, read_stream
+from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
@@ -97,7 +98,7 @@ class Broker:
         """Request events are informational: published without waiting for the ack
         (JetStream still stores them); the lease events are the durable record."""
         await self.nc.publish(self.subjects.request(event.tenant), msgspec.json.encode(event),
-                              headers={"Nats-Msg-Id": event.id})
+                              headers=nats_headers({"Nats-Msg-Id": event.id}))
 
     async def _publish_alloc(self, event: AllocEvent) -> None:
         await publish_event(self.js, self.subjects.alloc(event.lease.region, event.lease.tenant), event)

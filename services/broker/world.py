@@ -37,6 +37,7 @@ from services.common.messages import (
     PoolUpdated,
     Topology,
 )
+from services.common import tracing
 from services.common.nats_conn import ensure_bucket
 from services.common.subjects import ALLOC, CAPACITY, Subjects
 
@@ -177,11 +178,17 @@ class World:
         await self.nc.subscribe(self.subjects.events(ALLOC), cb=self._on_alloc)
 
     async def _on_capacity(self, msg: Msg) -> None:
+        with tracing.bound(tracing.from_headers(msg.headers)):  # logs name the request that caused it
+            await self._capacity(msg)
+
+    async def _capacity(self, msg: Msg) -> None:
         try:
             event = _capacity.decode(msg.data)
         except msgspec.DecodeError:
             log.warning("undecodable capacity event on %s", msg.subject)
             return
+        log.debug("capacity event %s for pool %s", type(event).__name__, event.pool_id,
+                  extra={"subject": msg.subject})
         if isinstance(event, (PoolRegistered, PoolUpdated)):
             if event.region not in self.countries:
                 await self.refresh_topology()
@@ -202,6 +209,10 @@ class World:
         """Hook for the broker: capacity appeared or vanished."""
 
     async def _on_alloc(self, msg: Msg) -> None:
+        with tracing.bound(tracing.from_headers(msg.headers)):
+            await self._alloc(msg)
+
+    async def _alloc(self, msg: Msg) -> None:
         try:
             event = _alloc.decode(msg.data)
         except msgspec.DecodeError:

@@ -52,3 +52,14 @@ class Unprocessable(BrokerError):
 class Unavailable(BrokerError):
     status = 503
     title = "unavailable"
+
+
+class TooManyRequests(BrokerError):
+    """Over a key's rate limit; ``retry_after`` (seconds) becomes the Retry-After header."""
+
+    status = 429
+    title = "too many requests"
+
+    def __init__(self, detail: str, retry_after: int, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
+        self.retry_after = retry_after

@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
+from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -27,6 +28,8 @@ PROBLEM = "application/problem+json"
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 429 and "retry_after" in extra:
+        headers = {"Retry-After": str(extra["retry_after"])}
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -81,6 +84,9 @@ class ApiKeyAuth(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         lookup: KeyLookup = connection.app.state.key_lookup
         principal = await lookup.authenticate(connection.headers.get("authorization"))
+        limiter: RateLimiter | None = getattr(connection.app.state, "rate_limiter", None)
+        if limiter is not None:  # per key, after authentication: a bad key never costs a counter
+            await limiter.hit(principal)
         return AuthenticationResult(user=principal, auth=None)
 
 

@@ -65,6 +65,10 @@ class Keys:
         """String: JSON principal for a hashed API key."""
         return f"{self.prefix}:apikey:{key_hash}"
 
+    def rate_limit(self, bucket: str) -> str:
+        """String: request counter of one API key's current rate-limit window."""
+        return f"{self.prefix}:rl:{bucket}"
+
     def lease_index(self) -> str:
         """Hash: lease id -> region."""
         return f"{self.prefix}:leaseidx"

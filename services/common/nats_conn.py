@@ -13,6 +13,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .subjects import EVENT_KINDS, Subjects
+from .tracing import nats_headers
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> K
 async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:
     """Publish an event durably; JetStream drops a repeat of the same ``event.id``.
     Returns the stream sequence."""
+    Carries the request id of the HTTP request it is published for, if any.
     ack = await js.publish(
-        subject, msgspec.json.encode(event), headers={"Nats-Msg-Id": event.id}  # type: ignore[attr-defined]
+        subject, msgspec.json.encode(event), headers=nats_headers({"Nats-Msg-Id": event.id})  # type: ignore[attr-defined]
     )
     return ack.seq
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import logging
+import logging.config
 import os
 
 import uvicorn
 
+from .logs import log_config
 from .settings import settings_from_env
 
 
 def serve(service: str, factory: str) -> None:
     settings = settings_from_env()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    config = log_config(service, settings.log_level)  # JSON lines (docs/security.md: logs and request ids)
+    logging.config.dictConfig(config)
     port = int(os.environ.get("CB_PORT") or getattr(settings, f"{service}_port"))
     uvicorn.run(factory, factory=True, host=settings.host, port=port, log_level=settings.log_level,
-                access_log=False, lifespan="on", timeout_graceful_shutdown=5, workers=settings.workers)
+                access_log=False, log_config=config, lifespan="on", timeout_graceful_shutdown=5,
+                workers=settings.workers)

@@ -27,7 +27,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     meter_port: int = 8083
     heartbeat_ttl_s: float = 30.0
     sweep_interval_s: float = 1.0
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: int = 1_048_576  # larger request bodies get a 413
+    rate_limit_requests: int = 20_000  # per API key per window, across all replicas; 0 = no limit
+    rate_limit_window_s: float = 1.0
     redis_max_connections: int = 64
     topology_file: str | None = None
     log_level: str = "info"

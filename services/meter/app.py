@@ -16,6 +16,8 @@ from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.ratelimit import RateLimiter
+from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
@@ -92,6 +94,8 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
         await directory.start()
         await budgets.start()
         await consumer.start()
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
+                                              settings.rate_limit_window_s)
         app.state.meter = meter
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
@@ -118,7 +122,8 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
         route_handlers=[health, metrics_controller, UsageController, InvoiceController, StatementController,
                         BudgetController, OpsController],
         dependencies={"meter": Provide(_meter, sync_to_thread=False)},
-        middleware=[metrics.middleware, api_key_auth()],
+        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
+        before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
         request_max_body_size=settings.max_body_bytes,

@@ -45,6 +45,7 @@ from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
+from services.common import tracing
 from services.common.messages import AllocEvent
 from services.common.subjects import ALLOC, Subjects
 
@@ -244,7 +245,11 @@ class AllocConsumer:
                 self.stats["duplicate"] += group.duplicates
                 EVENTS.labels("applied").inc(group.applied)
                 EVENTS.labels("duplicate").inc(group.duplicates)
-                for _, msg in group.items:
+                for event, msg in group.items:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("applied %s seq %d of lease %s", event.__struct_config__.tag, event.seq,
+                                  event.lease.lease_id, extra={"request_id": tracing.from_headers(msg.headers),
+                                         "stream_seq": msg.metadata.sequence.stream})
                     await msg.ack()
             else:
                 for _, msg in group.items:

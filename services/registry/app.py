@@ -15,6 +15,8 @@ from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.ratelimit import RateLimiter
+from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.lifecycle import stop_tasks
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
@@ -91,10 +93,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
+                                              settings.rate_limit_window_s)
     return Litestar(
-        route_handlers=[health, metrics_controller, PoolController, HeartbeatController, CatalogueController,
-                        KeyController],
-        middleware=[metrics.middleware, api_key_auth()],
+        route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
+                        HeartbeatController, CatalogueController, KeyController, capacity, events,
+                        console_router(settings)],
+        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
+        before_send=[add_request_id_header],
         dependencies={
             "registry": Provide(_registry, sync_to_thread=False),
         },
