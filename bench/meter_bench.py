@@ -53,7 +53,7 @@ from services.common.subjects import Subjects  # noqa: E402
 from services.meter.jspub import Publisher  # noqa: E402
 from services.meter.ledger import encode, ensure_ledger  # noqa: E402
 from services.meter.model import LedgerEntry  # noqa: E402
-from services.meter.settings import MeterNames, MeterSettings, meter_settings_to_env  # noqa: E402
+from services.common.subjects import MeterNames  # noqa: E402
 
 T0 = datetime(2026, 10, 1, tzinfo=UTC)
 POOLS = [(f"pool-{i:02d}", ["skyforge", "ascend-west", "tidewater"][i % 3],
@@ -105,8 +105,8 @@ async def publish(js, items: list[tuple[str, bytes, str]], window: int = 2000) -
     return took
 
 
-async def ingest(settings: Settings, ms: MeterSettings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
-    subjects, names = Subjects(settings.prefix), MeterNames.of(settings, ms)
+async def ingest(settings: Settings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
+    subjects, names = Subjects(settings.prefix), MeterNames.of(settings)
     say(f"-- ingest with {settings.workers} meter process(es) sharing the durable consumer")
     nc = await connect(settings.nats_url, "bench")
     js = nc.jetstream()
@@ -144,15 +144,15 @@ async def ingest(settings: Settings, ms: MeterSettings, svc: ServiceProcess, n: 
     say(f"ingest: {(b - a) / (tb - ta):,.0f} events/s sustained (10%-90% of the backlog); "
         f"{total:,} events in {t_end - t_start:.1f}s from process start "
         f"({total / (t_end - t_start):,.0f}/s incl. start-up); {ledger.state.messages:,} ledger entries; "
-        f"batch {ms.meter_batch}; target >= 20,000/s")
+        f"batch {settings.meter_batch}; target >= 20,000/s")
     await nc.drain()
 
 
-async def invoice(settings: Settings, ms: MeterSettings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
-    names = MeterNames.of(settings, ms)
+async def invoice(settings: Settings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
+    names = MeterNames.of(settings)
     nc = await connect(settings.nats_url, "bench")
     js = nc.jetstream()
-    await ensure_ledger(js, names, ms)
+    await ensure_ledger(js, names, settings)
     now = datetime.now(UTC)
     period = f"{now.year:04d}-{now.month:02d}"
     start = datetime(now.year, now.month, 1, tzinfo=UTC)
@@ -210,8 +210,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cb-meter-bench-"))
     nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
     settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=f"bench-{secrets.token_hex(8)}",
-                        log_level="warning")
-    ms = MeterSettings(meter_batch=args.batch)
+                        log_level="warning", meter_batch=args.batch)
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -221,7 +220,7 @@ def main() -> None:
     svc = None
 
     def meter(s: Settings, name: str) -> ServiceProcess:
-        return ServiceProcess("meter", free_port(), {**settings_to_env(s), **meter_settings_to_env(ms)},
+        return ServiceProcess("meter", free_port(), settings_to_env(s),
                               tmp / f"{name}.log")
 
     try:
@@ -230,12 +229,12 @@ def main() -> None:
         for workers in args.workers:
             run = msgspec.structs.replace(settings, prefix=f"cbw{workers}", workers=workers)
             svc = meter(run, f"meter-w{workers}")
-            asyncio.run(ingest(run, ms, svc, args.events, say))
+            asyncio.run(ingest(run, svc, args.events, say))
             svc.stop()
         if not args.skip_invoice:
             run = msgspec.structs.replace(settings, prefix="cbinv")
             svc = meter(run, "meter-invoice")
-            asyncio.run(invoice(run, ms, svc, args.entries, say))
+            asyncio.run(invoice(run, svc, args.entries, say))
     finally:
         if svc is not None:
             svc.stop()

@@ -35,6 +35,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: str = "info"
     budget_grace_s: float = 300.0  # broker: revoke pay-as-you-go leases this long after a budget runs out
     workers: int = 1  # HTTP worker processes per service (uvicorn); replicas share state via NATS/Redis
+    # --- clustered engines (docs/decisions.md, "Cluster mode") ---
+    stream_replicas: int = 1  # replicas of every stream and KV bucket (3 on a NATS cluster)
+    redis_cluster: bool = False  # redis_url is a seed node of a Redis Cluster (redis-py's cluster client)
+    # --- meter ---
+    min_bill_s: int = 60  # minimum billed increment of a per-second lease
+    invoice_grace_s: float = 3 * 86400.0  # a period's invoices are final this long after it ends
+    meter_state: str = ""  # prefix of the meter's own state (ledger, accounts, ...); "" = the deployment prefix
+    meter_durable: str = ""  # durable consumer name on the alloc stream; "" = "meter" (or "meter_<state>")
+    meter_batch: int = 1000  # events fetched per pull
+    meter_ack_wait_s: float = 30.0  # unacked events are redelivered after this (e.g. the meter died)
+    meter_max_attempts: int = 5  # failed processing attempts before an event is dead-lettered
+    finalize_interval_s: float = 5.0  # how often a replica checks whether a period is due to be final
+    budget_interval_s: float = 5.0  # how often budgets are evaluated (and on every posted entry)
+    ledger_dup_window_s: float = 7 * 86400.0  # Nats-Msg-Id de-duplication window of the ledger
 
 
 def env_name(field: str) -> str:

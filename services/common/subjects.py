@@ -7,6 +7,10 @@ side-by-side deployments can share one NATS server without seeing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 CAPACITY = "capacity"
 ALLOC = "alloc"
@@ -49,3 +53,63 @@ class Subjects:
     def bucket(self, name: str) -> str:
         """JetStream key-value bucket name (the durable records that are not events)."""
         return f"{self.prefix}_{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class MeterNames:
+    """Streams, subjects and buckets of the meter's state. ``state`` is a prefix of its own
+    so that a fresh meter can replay the same allocation stream into new state."""
+
+    prefix: str  # deployment prefix (the alloc stream's)
+    state: str  # meter state prefix
+    durable: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> MeterNames:
+        state = settings.meter_state or settings.prefix
+        durable = settings.meter_durable or ("meter" if state == settings.prefix else f"meter_{state}")
+        return cls(prefix=settings.prefix, state=state, durable=durable)
+
+    # --- ledger: append-only entries (and period-close markers) ---------------------------
+    @property
+    def ledger_stream(self) -> str:
+        return f"{self.state.upper()}_LEDGER"
+
+    def ledger(self, tenant: str) -> str:
+        return f"{self.state}.ledger.{tenant}"
+
+    @property
+    def ledger_control(self) -> str:
+        """Period-close markers live in the ledger stream itself: their position in the
+        stream decides, for every replica alike, which entries a final invoice holds.
+        (``_ctl`` can never be a tenant id: ids start with a-z or 0-9.)"""
+        return f"{self.state}.ledger._ctl"
+
+    @property
+    def ledger_subjects(self) -> str:
+        return f"{self.state}.ledger.>"
+
+    # --- dead letters ---------------------------------------------------------------------
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.state.upper()}_DLQ"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.state}.dlq.meter"
+
+    # --- key-value buckets ----------------------------------------------------------------
+    @property
+    def accounts(self) -> str:
+        """``<tenant>.<lease id>`` -> Account (last applied seq, what was billed)."""
+        return f"{self.state}_meter_accounts"
+
+    @property
+    def invoices(self) -> str:
+        """``<tenant>.<period>`` -> the final invoice, written once."""
+        return f"{self.state}_invoices"
+
+    @property
+    def budgets(self) -> str:
+        """``<tenant>`` -> Budget."""
+        return f"{self.state}_budgets"

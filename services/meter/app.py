@@ -22,7 +22,7 @@ from services.common.keys import Keys
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import Subjects
+from services.common.subjects import MeterNames, Subjects
 
 from .aio import cancel_all, wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
@@ -31,7 +31,6 @@ from .consumer import AccountStore, AllocConsumer
 from .jspub import Publisher
 from .ledger import Ledger, ensure_kv, ensure_ledger
 from .service import Meter, TenantDirectory, utcnow
-from .settings import MeterNames, MeterSettings, meter_settings_from_env
 
 log = logging.getLogger("meter")
 
@@ -54,13 +53,11 @@ async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]]
             kick.clear()
 
 
-def create_app(settings: Settings | None = None, meter_settings: MeterSettings | None = None,
-               clock: Callable[[], datetime] | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> Litestar:
     settings = settings or settings_from_env()
-    ms = meter_settings or meter_settings_from_env()
     clock = clock or utcnow
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
-    names = MeterNames.of(settings, ms)
+    names = MeterNames.of(settings)
     metrics, metrics_controller = prometheus("meter")
 
     @get("/health", tags=["ops"], summary="The process is alive", opt={"exclude_from_auth": True})
@@ -72,21 +69,21 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         nc = await connect(settings.nats_url, "meter")
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
-        await ensure_streams(js, subjects)
-        await ensure_ledger(js, names, ms)
-        accounts_kv = await ensure_kv(js, names.accounts)
-        invoices_kv = await ensure_kv(js, names.invoices)
-        budgets_kv = await ensure_kv(js, names.budgets)
+        await ensure_streams(js, subjects, settings.stream_replicas)
+        await ensure_ledger(js, names, settings, settings.stream_replicas)
+        accounts_kv = await ensure_kv(js, names.accounts, settings.stream_replicas)
+        invoices_kv = await ensure_kv(js, names.invoices, settings.stream_replicas)
+        budgets_kv = await ensure_kv(js, names.budgets, settings.stream_replicas)
         publisher = Publisher(nc)
         await publisher.start()
         ledger = Ledger(nc, js, names, publisher)
-        consumer = AllocConsumer(nc, js, names, subjects, ms, ledger,
+        consumer = AllocConsumer(nc, js, names, subjects, settings, ledger,
                                  AccountStore(publisher, accounts_kv, names.accounts), clock)
-        budgets = Budgets(js, budgets_kv, ledger.aggregate, subjects, ms.min_bill_s, clock)
+        budgets = Budgets(js, budgets_kv, ledger.aggregate, subjects, settings.min_bill_s, clock)
         directory = TenantDirectory(await ensure_bucket(js, subjects.bucket("keys")))
-        meter = Meter(js=js, names=names, subjects=subjects, ms=ms, ledger=ledger, consumer=consumer,
+        meter = Meter(js=js, names=names, subjects=subjects, settings=settings, ledger=ledger, consumer=consumer,
                       budgets=budgets, invoices_kv=invoices_kv, directory=directory, clock=clock)
         ledger.on_entries = budgets.mark
         ledger.on_closed = meter.on_closed
@@ -94,15 +91,15 @@ def create_app(settings: Settings | None = None, meter_settings: MeterSettings |
         await directory.start()
         await budgets.start()
         await consumer.start()
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
-                                              settings.rate_limit_window_s)
         app.state.meter = meter
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
+                                              settings.rate_limit_window_s)
         stopping = asyncio.Event()
         tasks = [
-            asyncio.create_task(_every(ms.finalize_interval_s, "finalize", meter.finalize_due, stopping)),
-            asyncio.create_task(_every(ms.budget_interval_s, "budgets", budgets.evaluate_all, stopping,
+            asyncio.create_task(_every(settings.finalize_interval_s, "finalize", meter.finalize_due, stopping)),
+            asyncio.create_task(_every(settings.budget_interval_s, "budgets", budgets.evaluate_all, stopping,
                                        budgets.kick)),
         ]
         try:

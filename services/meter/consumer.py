@@ -47,7 +47,8 @@ from prometheus_client import Counter
 
 from services.common import tracing
 from services.common.messages import AllocEvent
-from services.common.subjects import ALLOC, Subjects
+from services.common.settings import Settings
+from services.common.subjects import ALLOC, MeterNames, Subjects
 
 from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
 from .aio import cancel_all
@@ -55,7 +56,6 @@ from .jspub import JsError, Publisher, Puller
 from .ledger import Ledger, encode
 from .model import Account, DeadLetter, LedgerEntry
 from .pricing import PricingError, validate
-from .settings import MeterNames, MeterSettings
 
 log = logging.getLogger("meter.consumer")
 
@@ -143,9 +143,9 @@ class _Lease:
 
 
 class AllocConsumer:
-    def __init__(self, nc: NATS, js: JetStreamContext, names: MeterNames, subjects: Subjects, ms: MeterSettings,
+    def __init__(self, nc: NATS, js: JetStreamContext, names: MeterNames, subjects: Subjects, settings: Settings,
                  ledger: Ledger, accounts: AccountStore, clock: Callable[[], datetime]) -> None:
-        self.nc, self.js, self.names, self.subjects, self.ms = nc, js, names, subjects, ms
+        self.nc, self.js, self.names, self.subjects, self.settings = nc, js, names, subjects, settings
         self.ledger, self.accounts, self.clock = ledger, accounts, clock
         self.stream = subjects.stream(ALLOC)
         self._tasks: list[asyncio.Task] = []
@@ -157,13 +157,13 @@ class AllocConsumer:
     def max_deliver(self) -> int:
         # the server's bound sits above the meter's own (which dead-letters after
         # meter_max_attempts failed attempts): deliveries cut short by a crash also count
-        return max(10, 2 * self.ms.meter_max_attempts)
+        return max(10, 2 * self.settings.meter_max_attempts)
 
     async def ensure(self) -> None:
         config = ConsumerConfig(
             durable_name=self.names.durable, filter_subject=self.subjects.events(ALLOC),
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ms.meter_ack_wait_s,
-            max_deliver=self.max_deliver, max_ack_pending=max(20_000, 4 * self.ms.meter_batch), max_waiting=512,
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.meter_ack_wait_s,
+            max_deliver=self.max_deliver, max_ack_pending=max(20_000, 4 * self.settings.meter_batch), max_waiting=512,
             description="meter: allocation events into the ledger")
         try:
             await self.js.consumer_info(self.stream, self.names.durable)
@@ -200,7 +200,7 @@ class AllocConsumer:
             try:
                 await puller.start()
                 while not self._stopping:
-                    msgs = await puller.fetch(self.ms.meter_batch, timeout=1.0)
+                    msgs = await puller.fetch(self.settings.meter_batch, timeout=1.0)
                     if msgs:
                         await self.handle(msgs)
             except asyncio.CancelledError:
@@ -278,7 +278,7 @@ class AllocConsumer:
             if is_duplicate(account, event):
                 dups += 1
                 continue
-            account, posted = transition(account, event, min_bill_s=self.ms.min_bill_s, now=now)
+            account, posted = transition(account, event, min_bill_s=self.settings.min_bill_s, now=now)
             entries += posted
             applied += 1
         group.new = account if applied else None
@@ -358,7 +358,7 @@ class AllocConsumer:
     async def _failed(self, msg: Msg, exc: Exception) -> None:
         attempts = msg.metadata.num_delivered or 1
         self.stats["failed"] += 1
-        if attempts >= self.ms.meter_max_attempts:
+        if attempts >= self.settings.meter_max_attempts:
             log.error("event at %s seq %d failed %d times (%r): dead-lettered", msg.subject,
                       msg.metadata.sequence.stream, attempts, exc)
             with contextlib.suppress(Exception):

@@ -17,11 +17,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from services.common.settings import Settings
+from services.common.subjects import MeterNames
+
 from .aggregate import Aggregate
 from .jspub import Publisher, Puller
 from .aio import cancel_all, wait_event
 from .model import LedgerEntry, LedgerRecord, PeriodsClosed
-from .settings import MeterNames, MeterSettings
 
 log = logging.getLogger("meter.ledger")
 
@@ -47,10 +49,10 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def ensure_ledger(js: JetStreamContext, names: MeterNames, ms: MeterSettings, replicas: int = 1) -> None:
+async def ensure_ledger(js: JetStreamContext, names: MeterNames, settings: Settings, replicas: int = 1) -> None:
     await ensure_stream(js, StreamConfig(
         name=names.ledger_stream, subjects=[names.ledger_subjects], storage=StorageType.FILE,
-        duplicate_window=ms.ledger_dup_window_s, num_replicas=replicas, allow_direct=True))
+        duplicate_window=settings.ledger_dup_window_s, num_replicas=replicas, allow_direct=True))
     await ensure_stream(js, StreamConfig(
         name=names.dlq_stream, subjects=[names.dlq], storage=StorageType.FILE, duplicate_window=86400.0,
         num_replicas=replicas, allow_direct=True))

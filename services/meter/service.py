@@ -23,7 +23,8 @@ from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable,
 from services.common.ids import is_valid_id
 from services.common.messages import InvoiceIssued
 from services.common.nats_conn import publish_event
-from services.common.subjects import Subjects
+from services.common.settings import Settings
+from services.common.subjects import MeterNames, Subjects
 
 from .aggregate import Aggregate
 from .aio import cancel_all, wait_event
@@ -34,7 +35,6 @@ from .ledger import Ledger, encode
 from .model import BudgetBody, BudgetView, DeadLetter, Invoice, PeriodsClosed, StoredInvoice
 from .periods import BadPeriod, final_at, last_final_period, parse_period
 from .pricing import minor_places
-from .settings import MeterNames, MeterSettings
 
 log = logging.getLogger("meter")
 _stored = msgspec.json.Decoder(StoredInvoice)
@@ -109,10 +109,10 @@ class TenantDirectory:
 
 
 class Meter:
-    def __init__(self, *, js: JetStreamContext, names: MeterNames, subjects: Subjects, ms: MeterSettings,
+    def __init__(self, *, js: JetStreamContext, names: MeterNames, subjects: Subjects, settings: Settings,
                  ledger: Ledger, consumer: AllocConsumer, budgets: Budgets, invoices_kv: KeyValue,
                  directory: TenantDirectory, clock: Callable[[], datetime] = utcnow) -> None:
-        self.js, self.names, self.subjects, self.ms = js, names, subjects, ms
+        self.js, self.names, self.subjects, self.settings = js, names, subjects, settings
         self.ledger, self.consumer, self.budgets = ledger, consumer, budgets
         self.invoices_kv, self.directory, self.clock = invoices_kv, directory, clock
         self._stored_keys: set[str] | None = None
@@ -192,7 +192,7 @@ class Meter:
     # --- invoices -----------------------------------------------------------------------------
     def _draft(self, tenant: str, period: str) -> Invoice:
         return build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period),
-                             final=False, final_after=final_at(period, self.ms.invoice_grace_s))
+                             final=False, final_after=final_at(period, self.settings.invoice_grace_s))
 
     async def invoice(self, who: Principal, period: str, tenant: str | None) -> Invoice:
         period = period_param(period)  # type: ignore[assignment]
@@ -210,7 +210,7 @@ class Meter:
 
     def _final_from_aggregate(self, tenant: str, period: str) -> Invoice:
         return build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period), final=True,
-                             final_after=final_at(period, self.ms.invoice_grace_s),
+                             final_after=final_at(period, self.settings.invoice_grace_s),
                              issued_at=self._closed_at.get(period))
 
     async def invoices(self, who: Principal, tenant: str | None) -> dict[str, Any]:
@@ -223,7 +223,7 @@ class Meter:
         for period in reversed(self.aggregate.invoice_periods(tenant)):
             inv = build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period),
                                 final=self.aggregate.is_final(period),
-                                final_after=final_at(period, self.ms.invoice_grace_s))
+                                final_after=final_at(period, self.settings.invoice_grace_s))
             out.append({"period": period, "status": inv.status, "totals": inv.totals, "entries": inv.entries,
                         "final_after": inv.final_after})
         return {"tenant": tenant, "invoices": out}
@@ -242,7 +242,7 @@ class Meter:
         if not self.ledger.ready.is_set():
             return None
         agg = self.aggregate
-        target = last_final_period(self.clock(), self.ms.invoice_grace_s)
+        target = last_final_period(self.clock(), self.settings.invoice_grace_s)
         if agg.first_period is None or agg.first_period > target:
             return None
         if agg.closed_through is not None and agg.closed_through >= target:
@@ -259,7 +259,7 @@ class Meter:
             self._closed_at[period] = marker.at
             for tenant in agg.tenants_with_invoice(period):
                 inv = build_invoice(tenant, period, agg.invoice_cells(tenant, period), final=True,
-                                    final_after=final_at(period, self.ms.invoice_grace_s), issued_at=marker.at)
+                                    final_after=final_at(period, self.settings.invoice_grace_s), issued_at=marker.at)
                 snapshots.append(inv)
         if snapshots:
             task = asyncio.create_task(self._store_and_issue(snapshots))

@@ -39,7 +39,7 @@ from services.common.subjects import Subjects
 from services.meter.accounts import entry_id, event_kind
 from services.meter.model import LedgerEntry, LedgerRecord
 from services.meter.pricing import RESERVED, ending_charges, reserved_charges
-from services.meter.settings import MeterNames, MeterSettings, meter_settings_to_env
+from services.common.subjects import MeterNames
 
 from ..integration.test_meter_support import ENDS, granted, publish_many, renewed
 
@@ -161,8 +161,8 @@ def ledger_totals(entries: list[LedgerEntry]) -> dict[tuple[str, str], Decimal]:
     return dict(out)
 
 
-def meter_process(settings: Settings, ms: MeterSettings, log: Path) -> ServiceProcess:
-    env = {**settings_to_env(settings), **meter_settings_to_env(ms), "CB_LOG_LEVEL": "warning"}
+def meter_process(settings: Settings, log: Path) -> ServiceProcess:
+    env = {**settings_to_env(settings), "CB_LOG_LEVEL": "warning"}
     return ServiceProcess("meter", free_port(), env, log)
 
 
@@ -213,9 +213,9 @@ async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_pat
     s = scenario(rng, leases=5200)
     assert len(s.events) >= 10_000
     js = nc.jetstream()
-    ms = MeterSettings(min_bill_s=MIN_BILL_S, meter_ack_wait_s=2.0, meter_batch=400)
-    names = MeterNames.of(settings, ms)
-    svc = meter_process(settings, ms, tmp_path / "meter.log")
+    settings = msgspec.structs.replace(settings, min_bill_s=MIN_BILL_S, meter_ack_wait_s=2.0, meter_batch=400)
+    names = MeterNames.of(settings)
+    svc = meter_process(settings, tmp_path / "meter.log")
     svc.start()
     await asyncio.to_thread(svc.wait_healthy)
     published = 0
@@ -268,12 +268,12 @@ async def test_replay_into_a_fresh_meter_gives_identical_totals(settings, nc, tm
     s = scenario(rng, leases=2500)
     js = nc.jetstream()
     await publish_many(js, Subjects(settings.prefix), s.events, msg_ids=s.msg_ids)
-    first_ms = MeterSettings(min_bill_s=MIN_BILL_S, meter_ack_wait_s=5.0)
+    first_ms = msgspec.structs.replace(settings, min_bill_s=MIN_BILL_S, meter_ack_wait_s=5.0)
     fresh_ms = msgspec.structs.replace(first_ms, meter_state=f"{settings.prefix}replay")
-    first, fresh = MeterNames.of(settings, first_ms), MeterNames.of(settings, fresh_ms)
+    first, fresh = MeterNames.of(first_ms), MeterNames.of(fresh_ms)
     assert (fresh.durable, fresh.ledger_stream, fresh.accounts) != (first.durable, first.ledger_stream, first.accounts)
-    a = meter_process(settings, first_ms, tmp_path / "first.log")
-    b = meter_process(settings, fresh_ms, tmp_path / "fresh.log")
+    a = meter_process(first_ms, tmp_path / "first.log")
+    b = meter_process(fresh_ms, tmp_path / "fresh.log")
     try:
         a.start()
         await asyncio.to_thread(a.wait_healthy)

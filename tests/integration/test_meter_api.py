@@ -212,7 +212,7 @@ async def test_poison_events_are_dead_lettered_not_dropped(settings, nc) -> None
 
 
 async def test_an_event_that_keeps_failing_is_dead_lettered_after_bounded_retries(settings, nc) -> None:
-    ms = msgspec.structs.replace(FAST, meter_max_attempts=3)
+    ms = {"meter_max_attempts": 3}
     async with meter_world(settings, nc, ms=ms) as w:
         # the ledger stream vanishes: every append fails (no stream answers)
         await w.js.delete_stream(w.names.ledger_stream)
@@ -228,7 +228,7 @@ async def test_an_event_that_keeps_failing_is_dead_lettered_after_bounded_retrie
         status = (await w.get("/v1/meter/status")).json()
         assert status["pending"] == 0 and status["ack_pending"] == 0  # not redelivered forever
         # once the cause is fixed, ops retry it: applied exactly once
-        await ensure_ledger(w.js, w.names, ms)
+        await ensure_ledger(w.js, w.names, settings)
         r = await w.client.post(f"/v1/deadletters/{letter['stream_seq']}/retry", headers=w.admin)
         assert r.status_code == 200 and r.json()["outcome"] == "applied", r.text
         r = await w.client.post(f"/v1/deadletters/{letter['stream_seq']}/retry", headers=w.admin)

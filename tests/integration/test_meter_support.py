@@ -37,13 +37,13 @@ from services.common.nats_conn import ensure_bucket, publish_event
 from services.common.settings import Settings
 from services.common.subjects import Subjects
 from services.meter.app import create_app
-from services.meter.settings import MeterNames, MeterSettings
+from services.common.subjects import MeterNames
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ENDS = {"released": LeaseReleased, "expired": LeaseExpired, "preempted": LeasePreempted, "lost": LeaseLost,
         "revoked": LeaseRevoked}
-FAST = MeterSettings(min_bill_s=60, invoice_grace_s=3 * 86400, finalize_interval_s=0.1, budget_interval_s=0.1,
-                     meter_ack_wait_s=5.0, meter_batch=500)
+FAST = dict(min_bill_s=60, invoice_grace_s=3 * 86400, finalize_interval_s=0.1, budget_interval_s=0.1,
+            meter_ack_wait_s=5.0, meter_batch=500)
 
 
 class Clock:
@@ -179,16 +179,17 @@ class MeterWorld:
 
 
 @contextlib.asynccontextmanager
-async def meter_world(settings: Settings, nc, clock: Any = None, ms: MeterSettings = FAST,
+async def meter_world(settings: Settings, nc, clock: Any = None, ms: dict | None = None,
                       keys: dict[str, dict[str, str]] | None = None) -> AsyncIterator[MeterWorld]:
     """The meter app; ``clock`` a ``Clock`` the test moves (default: T0) or any callable
     (e.g. ``services.meter.service.utcnow`` next to a real broker)."""
     clock = clock or Clock()
     keys = keys or await issue_keys(settings, nc, ROLES)
-    async with AsyncTestClient(app=create_app(settings, ms, clock)) as client:
+    settings = msgspec.structs.replace(settings, **{**FAST, **(ms or {})})
+    async with AsyncTestClient(app=create_app(settings, clock)) as client:
         try:
             yield MeterWorld(client=client, js=nc.jetstream(), subjects=Subjects(settings.prefix),
-                             names=MeterNames.of(settings, ms), clock=clock, keys=keys,
+                             names=MeterNames.of(settings), clock=clock, keys=keys,
                              admin={"Authorization": f"Bearer {settings.admin_key}"})
         except BaseException:
             traceback.print_exc()  # shown even if the app's shutdown then hangs
