@@ -80,9 +80,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         nc = await connect(settings.nats_url, "broker")
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
-        await ensure_streams(js, subjects)
+        await ensure_streams(js, subjects, settings.stream_replicas)
         world = World(nc, js, redis, keys, subjects)
         await world.load()
         gc.collect()

@@ -145,7 +145,13 @@ class Broker:
         expires = leases[0].expires_at.timestamp()
         try:
             for region, group in by_region.items():
-                ok, result = await self.leases.reserve(region, group, expires)
+                try:
+                    ok, result = await self.leases.reserve(region, group, expires)
+                except Exception:
+                    # this region's slot is unreachable or refused (on Redis Cluster regions
+                    # live on different nodes): the regions already reserved give back
+                    truth.update(await self._undo(done))
+                    raise
                 if not ok:
                     index, free = result
                     truth[group[index].pool_id] = free
@@ -171,10 +177,18 @@ class Broker:
             self.world.settle(allocations, truth)
 
     async def _undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
+        """Compensation of a placement that failed part-way: every lease already reserved
+        gives its units back. Each one is tried even if another fails (a Redis Cluster
+        node may be down); one that cannot be undone stays until its expiry sweeps it."""
         now = time.time()
         truth = {}
         for lease in leases:
-            ended = await self.leases.end(lease, "release", now)
+            try:
+                ended = await self.leases.end(lease, "release", now)
+            except Exception as exc:  # noqa: BLE001 - best effort, logged
+                log.error("could not give back lease %s in %s (%s); it expires at its TTL",
+                          lease.lease_id, lease.region, exc)
+                continue
             if ended is not None and ended.free_after >= 0:
                 truth[lease.pool_id] = ended.free_after
         return truth

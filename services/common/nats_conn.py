@@ -23,7 +23,8 @@ BUCKETS = ("pools", "keys", "regions")  # durable records that are state, not ev
 
 async def connect(url: str, name: str) -> NATS:
     """Connect with unbounded reconnects and a short backoff: a NATS restart is a pause,
-    not an outage, for a service."""
+    not an outage, for a service. ``url`` may list several servers of a cluster,
+    comma-separated; the client also learns the others from the server it reaches."""
 
     async def _disconnected() -> None:
         log.debug("nats disconnected (%s)", name)  # also on every normal drain; reconnects are warned
@@ -35,7 +36,7 @@ async def connect(url: str, name: str) -> NATS:
         log.warning("nats error (%s): %s", name, exc)
 
     return await nats.connect(
-        url,
+        [u.strip() for u in url.split(",") if u.strip()],  # a cluster: several seeds, comma-separated
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
@@ -85,8 +86,8 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> K
 
 async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:
     """Publish an event durably; JetStream drops a repeat of the same ``event.id``.
-    Returns the stream sequence."""
     Carries the request id of the HTTP request it is published for, if any.
+    Returns the stream sequence."""
     ack = await js.publish(
         subject, msgspec.json.encode(event), headers=nats_headers({"Nats-Msg-Id": event.id})  # type: ignore[attr-defined]
     )

@@ -68,9 +68,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         nc = await connect(settings.nats_url, "registry")
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections)
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
-        await ensure_streams(js, subjects)
+        await ensure_streams(js, subjects, settings.stream_replicas)
         base = load_topology(settings.topology_file) if settings.topology_file else default_topology()
         regions = RegionBook(base, await ensure_bucket(js, subjects.bucket("regions")))
         await regions.refresh()
