@@ -65,8 +65,10 @@ class PoolStore:
         pipe = self.redis.pipeline(transaction=False)
         sha = self._script.sha
         for region, pool_id, healthy, provider in items:
-            pipe.evalsha(sha, 3, *self._keys(region, pool_id), "heartbeat", now, pool_id, provider,
-                         HEALTHY_UNSAID if healthy is None else healthy)
+            # execute_command, not pipe.evalsha: redis-py refuses the latter in a cluster
+            # pipeline, while the raw command is routed by its keys' slot like any other
+            pipe.execute_command("EVALSHA", sha, 3, *self._keys(region, pool_id), "heartbeat", now, pool_id,
+                                 provider, HEALTHY_UNSAID if healthy is None else healthy)
         try:
             raws = await pipe.execute()
         except NoScriptError:  # Redis restarted or flushed its script cache
