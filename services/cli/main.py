@@ -11,6 +11,7 @@ from rich.console import Console
 
 from .apps import register as register_app_commands
 from .billing import register as register_billing_commands
+from .events import register as register_events_command
 from .importer import import_group
 from .up import UpOptions, run_up
 
@@ -46,3 +47,4 @@ def up(demo: bool, data_dir: Path, nats_port: int | None, redis_port: int | None
 cli.add_command(import_group)
 register_app_commands(cli)
 register_billing_commands(cli)
+register_events_command(cli)

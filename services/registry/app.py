@@ -19,14 +19,20 @@ from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.lifecycle import stop_tasks
+from services.common.ready import ready_route
+from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import Subjects
 
+from .api.capacity import capacity
 from .api.catalogue import CatalogueController
+from .api.events import events
 from .api.keys import KeyController
 from .api.pools import HeartbeatController, PoolController
+from .capacity import capacity_summary, set_gauges
+from .console import console_router
 from .domain.catalogue import load_catalogue
 from .domain.topology import default_topology, load_topology
 from .events import CapacityEvents
@@ -62,8 +68,11 @@ async def health() -> dict[str, object]:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or settings_from_env()
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
-    metrics, metrics_controller = prometheus("registry", hot_paths=[r"^/v1/pools/[^/]+/heartbeat$",
-                                                                    r"^/v1/heartbeats"])
+    metrics, _ = prometheus("registry", hot_paths=[r"^/v1/pools/[^/]+/heartbeat$", r"^/v1/heartbeats",
+                                                   r"^/v1/events", r"^/console"])
+
+    async def refresh_gauges(state: State) -> None:
+        set_gauges(await capacity_summary(state.registry.store, keys))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -81,8 +90,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
+        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, keys=keys, events_idle_s=15.0)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
+        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
+                                              settings.rate_limit_window_s)
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
         sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
@@ -93,8 +105,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
-                                              settings.rate_limit_window_s)
     return Litestar(
         route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
                         HeartbeatController, CatalogueController, KeyController, capacity, events,

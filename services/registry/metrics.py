@@ -8,3 +8,4 @@ from prometheus_client import Counter
 
 HEARTBEATS = Counter("cb_registry_heartbeats", "Pool heartbeats ingested", ["outcome"])
 STATUS_CHANGES = Counter("cb_registry_pool_status_changes", "Pool status transitions", ["status"])
+HEARTBEAT_MISSES = Counter("cb_registry_heartbeat_misses", "Pools taken offline because they missed their heartbeat")

@@ -29,7 +29,7 @@ from .domain.pools import (
 )
 from .coalesce import HeartbeatCoalescer
 from .events import CapacityEvents, for_status, for_upsert
-from .metrics import HEARTBEATS, STATUS_CHANGES
+from .metrics import HEARTBEAT_MISSES, HEARTBEATS, STATUS_CHANGES
 from .records import PoolRecords
 from .store import PoolStore, Transition
 from .views import PoolPage, PoolView, pool_view
@@ -327,6 +327,7 @@ class Registry:
                     [row] = await self.store.views(region, [pool_id])
                     provider = row["provider"] if row else ""
                     await self._publish_status(pool_id, provider, region, t, now)
+                    HEARTBEAT_MISSES.inc()
                     n += 1
         return n
 

@@ -1,0 +1,196 @@
+"""``cbroker events``: the registry's event stream, one readable line per event.
+
+Without ``--follow`` it prints what happened since ``--since`` (default the last hour)
+and exits; with ``--follow`` it keeps printing, and reconnects after a drop from the
+last event id it saw, so nothing is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(width=None if sys.stdout.isatty() else 240, highlight=False)
+
+
+@dataclass
+class SseEvent:
+    data: str = ""
+    event: str = "message"
+    id: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
+    """The text/event-stream format (WHATWG), line by line: comments skipped, ``data``
+    lines joined, an event dispatched at each blank line."""
+    data: list[str] = []
+    event, last_id, has = "message", None, False
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line == "":
+            if has:
+                yield SseEvent(data="\n".join(data), event=event, id=last_id)
+            data, event, has = [], "message", False
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+            has = True
+        elif name == "event":
+            event, has = value, True
+        elif name == "id":
+            last_id, has = value, True
+
+
+# --- one line per event -----------------------------------------------------------------
+_STYLE = {"capacity": "cyan", "alloc": "green", "request": "yellow", "billing": "magenta"}
+_BAD = ("offline", "removed", "lost", "revoked", "preempted", "rejected", "exhausted", "expired")
+
+
+def describe(kind: str, e: dict[str, Any]) -> str:
+    """The facts an operator scans for, per event type."""
+    t = e.get("type", "?")
+    if kind == "capacity":
+        pool = e.get("pool") or {}
+        spec = pool.get("spec") or {}
+        extra = f" {spec.get('units')}× {spec.get('model')}" if spec else ""
+        tail = f" free {e['free']}" if "free" in e and t != "pool.offline" else ""
+        reason = f" ({e['reason']})" if e.get("reason") else ""
+        return f"{e.get('region')}/{e.get('provider')} pool {e.get('pool_id')}{extra}{tail}{reason}"
+    if kind == "alloc":
+        lease = e.get("lease") or {}
+        why = e.get("reason") or (f"by {e['by_request']}" if e.get("by_request") else "")
+        return (f"{lease.get('tenant')} lease {lease.get('lease_id')} {lease.get('units')}× {lease.get('model')} "
+                f"on {lease.get('region')}/{lease.get('pool_id')} {lease.get('billing')} "
+                f"{lease.get('unit_price')} {lease.get('currency')}" + (f" ({why})" if why else ""))
+    if kind == "request":
+        bits = [str(e.get("tenant")), f"request {e.get('request_id')}"]
+        if e.get("units"):
+            bits.append(f"{e['units']} units")
+        if e.get("lease_ids"):
+            bits.append("leases " + ",".join(e["lease_ids"]))
+        if e.get("reasons"):
+            bits.append("; ".join(e["reasons"])[:200])
+        return " ".join(bits)
+    if kind == "billing":
+        if t == "invoice.issued":
+            return f"{e.get('tenant')} {e.get('period')} " + ", ".join(f"{v} {k}" for k, v in
+                                                                     (e.get("totals") or {}).items())
+        return f"{e.get('tenant')} spent {e.get('spent')} of {e.get('budget')} {e.get('currency')}"
+    return json.dumps(e)[:200]
+
+
+def line_for(envelope: dict[str, Any]) -> str:
+    """Rich markup for one event envelope (``{kind, seq, subject, event}``)."""
+    kind, e = envelope["kind"], envelope["event"]
+    t = e.get("type", "?")
+    at = str(e.get("at", ""))[:19].replace("T", " ")
+    style = "red" if any(b in t for b in _BAD) else _STYLE.get(kind, "white")
+    return f"[dim]{at}[/] [{style}]{t:<17}[/] {escape(describe(kind, e))}"
+
+
+# --- the command ---------------------------------------------------------------------------
+def _key(key: str | None, data_dir: Path) -> str:
+    if key:
+        return key
+    keys_file = data_dir / "demo-keys.json"
+    if keys_file.exists():
+        return json.loads(keys_file.read_text())["ops"]
+    admin = data_dir / "admin-key"
+    if admin.exists():
+        return admin.read_text().strip()
+    raise click.UsageError("give --key (or $CB_KEY), or run from where `cbroker up` wrote its keys")
+
+
+def _stream(url: str, key: str, params: dict[str, str], last_id: str | None, as_json: bool) -> str | None:
+    """One connection; returns the last event id seen (``None`` if the feed ended)."""
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    if last_id:
+        headers["Last-Event-ID"] = last_id
+    with httpx.stream("GET", f"{url}/v1/events", params=params, headers=headers,
+                      timeout=httpx.Timeout(10.0, read=60.0)) as r:
+        if r.status_code != 200:
+            r.read()
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise click.ClickException(f"{r.status_code}: {detail}")
+        for ev in parse_sse(r.iter_lines()):
+            last_id = ev.id or last_id
+            if ev.event == "end":
+                return None
+            if ev.event != "message":
+                continue
+            if as_json:
+                click.echo(ev.data)
+            else:
+                console.print(line_for(ev.json()))
+    return last_id
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("events")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+    @click.option("--kind", help="capacity, alloc, request, billing (comma-separated).")
+    @click.option("--type", "type_", help="Event types, e.g. lease.granted,pool.offline.")
+    @click.option("--region")
+    @click.option("--provider")
+    @click.option("--tenant")
+    @click.option("--since", default=None,
+                  help="An event id, a duration (15m, 2h, 1d), an ISO time, or 'all'. "
+                       "Default: 1h without --follow, now with it.")
+    @click.option("--json", "as_json", is_flag=True, help="Print each event envelope as JSON.")
+    @click.option("--registry-url", "url", default=lambda: os.environ.get("CB_REGISTRY_URL", "http://127.0.0.1:8081"),
+                  show_default="$CB_REGISTRY_URL or http://127.0.0.1:8081")
+    @click.option("--key", default=lambda: os.environ.get("CB_KEY"),
+                  help="API key (default $CB_KEY, else the ops key of `cbroker up --demo`).")
+    @click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True)
+    def events(follow: bool, kind: str | None, type_: str | None, region: str | None, provider: str | None,
+               tenant: str | None, since: str | None, as_json: bool, url: str, key: str | None,
+               data_dir: Path) -> None:
+        """Watch the event stream (capacity, allocations, requests, billing)."""
+        params = {k: v for k, v in (("kind", kind), ("type", type_), ("region", region), ("provider", provider),
+                                    ("tenant", tenant)) if v}
+        since = since or (None if follow else "1h")
+        if since:
+            params["since"] = since
+        if not follow:
+            params["follow"] = "false"
+        token = _key(key, data_dir)
+        last_id: str | None = None
+        backoff = 0.5
+        try:
+            while True:
+                try:
+                    last_id = _stream(url.rstrip("/"), token, params, last_id, as_json)
+                    if last_id is None or not follow:
+                        return
+                except httpx.TransportError as exc:
+                    if not follow:
+                        raise click.ClickException(f"cannot reach the registry at {url}: {exc}") from None
+                    console.print(f"[dim]connection lost ({exc}); resuming from {last_id or 'now'}[/]")
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                backoff = 0.5
+        except KeyboardInterrupt:
+            return

@@ -1,0 +1,16 @@
+"""``GET /v1/capacity``: units by region × model and the queue depth, in one call (the
+ops console polls it; open to every authenticated role, like pool search)."""
+
+from __future__ import annotations
+
+from litestar import get
+from litestar.datastructures import State
+
+from services.common.http import AuthedRequest
+
+from ..capacity import CapacitySummary, capacity_summary
+
+
+@get("/v1/capacity", tags=["pools"], summary="Capacity by region and model (free, leased), queue depth")
+async def capacity(request: AuthedRequest, state: State) -> CapacitySummary:
+    return await capacity_summary(state.registry.store, state.keys)
