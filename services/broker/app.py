@@ -33,6 +33,8 @@ from services.common.messages import (
     PoolUpdated,
 )
 from services.common.lifecycle import stop_tasks
+from services.common.ready import ready_route
+from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
@@ -40,6 +42,7 @@ from services.common.subjects import BILLING, CAPACITY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
 from .leases import LeaseStore
+from .metrics import refresh as refresh_gauges
 from .service import Broker
 from .world import World
 
@@ -75,7 +78,10 @@ async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]]
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or settings_from_env()
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
-    metrics, metrics_controller = prometheus("broker", hot_paths=[r"^/v1/requests$"])
+    metrics, _ = prometheus("broker", hot_paths=[r"^/v1/requests$"])
+
+    async def refresh(state: State) -> None:
+        await refresh_gauges(state.redis, keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
+        app.state.update(nc=nc, redis=redis, subjects=subjects)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
@@ -140,7 +147,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await redis.aclose()
 
     return Litestar(
-        route_handlers=[health, metrics_controller, RequestController, QuoteController, LeaseController],
+        route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
+                        QuoteController, LeaseController],
         dependencies={"broker": Provide(_broker, sync_to_thread=False)},
         middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
         before_send=[add_request_id_header],

@@ -52,7 +52,7 @@ from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
 from .leases import Ended, LeaseStore
-from .metrics import LEASE_ENDS
+from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.engine import Engine
 from .matching.model import Decision, Placement
 from .records import QuoteView, RequestRecord, RequestView, lease_view
@@ -397,6 +397,7 @@ class Broker:
 
     async def _finish_queued(self, record: RequestRecord, state: str, now: datetime,
                              reasons: list[str] | None = None) -> None:
+        QUEUE_WAIT_SECONDS.labels(state).observe(max(0.0, (now - record.created_at).total_seconds()))
         record.state = state  # type: ignore[assignment]
         record.updated_at = now
         if reasons is not None:

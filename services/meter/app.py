@@ -12,6 +12,7 @@ from datetime import datetime
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
@@ -19,6 +20,8 @@ from services.common.http import api_key_auth, problem_handlers, prometheus
 from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
+from services.common.ready import ready_route
+from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
@@ -27,6 +30,7 @@ from services.common.subjects import MeterNames, Subjects
 from .aio import cancel_all, wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
 from .budgets import Budgets
+from .metrics import refresh as refresh_gauges
 from .consumer import AccountStore, AllocConsumer
 from .jspub import Publisher
 from .ledger import Ledger, ensure_kv, ensure_ledger
@@ -58,7 +62,14 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
     clock = clock or utcnow
     subjects, keys = Subjects(settings.prefix), Keys(settings.prefix)
     names = MeterNames.of(settings)
-    metrics, metrics_controller = prometheus("meter")
+    metrics, _ = prometheus("meter")
+
+    async def refresh(state: State) -> None:
+        await refresh_gauges(state.meter)
+
+    async def ledger_loaded(state: State) -> str | None:
+        meter: Meter | None = getattr(state, "meter", None)
+        return None if meter and meter.ledger.ready.is_set() else "ledger: still loading"
 
     @get("/health", tags=["ops"], summary="The process is alive", opt={"exclude_from_auth": True})
     async def health(state: State) -> dict[str, object]:
@@ -92,6 +103,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         await budgets.start()
         await consumer.start()
         app.state.meter = meter
+        app.state.update(nc=nc, redis=redis, subjects=subjects)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
@@ -116,8 +128,11 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             await redis.aclose()
 
     return Litestar(
-        route_handlers=[health, metrics_controller, UsageController, InvoiceController, StatementController,
-                        BudgetController, OpsController],
+        route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
+                        InvoiceController, StatementController, BudgetController, OpsController],
+        # the ops console (served by the registry, another origin) reads spend here; keys are bearer
+        # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold
+        cors_config=CORSConfig(allow_origins=["*"], allow_methods=["GET"], allow_headers=["Authorization"]),
         dependencies={"meter": Provide(_meter, sync_to_thread=False)},
         middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
         before_send=[add_request_id_header],

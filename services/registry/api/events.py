@@ -15,7 +15,7 @@ from typing import Annotated
 import anyio
 import msgspec
 from litestar import Request, get
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.common.auth import KeyLookup
@@ -44,7 +44,7 @@ async def _authenticate(request: Request, key: str | None):  # noqa: ANN202
 async def events(request: Request, kind: Q = None, type: Q = None, region: Q = None,  # noqa: A002
                  provider: Q = None, tenant: Q = None, since: Q = None, follow: bool = True,
                  key: Annotated[str | None, Parameter(max_length=200)] = None,
-                 last_event_id: Annotated[str | None, Parameter(header="last-event-id", max_length=200)] = None,
+                 last_event_id: Annotated[str | None, HeaderParameter(name="last-event-id", max_length=200)] = None,
                  ) -> ServerSentEvent:
     who = await _authenticate(request, key)
     subjects: Subjects = request.app.state.subjects
