@@ -413,6 +413,8 @@ class Broker:
             await self._publish_request(RequestCancelled(**base))
 
     async def cancel(self, principal: Principal, request_id: str) -> RequestView:
+        if principal.role == "ops":
+            raise Forbidden("ops reads requests; only their tenant cancels them")
         record = await self._own_record(principal, request_id)
         if record.state != "queued":
             raise Conflict(f"request {request_id} is {record.state}; only a queued request can be cancelled "
@@ -422,6 +424,7 @@ class Broker:
 
     # --- reading ------------------------------------------------------------------------------
     async def _own_record(self, principal: Principal, request_id: str) -> RequestRecord:
+        self._may_see(principal)
         record = await self.record(request_id) if len(request_id) <= 64 else None
         if record is None or not (principal.role in ("admin", "ops") or
                                   (principal.role == "tenant" and principal.subject == record.tenant)):
@@ -474,7 +477,14 @@ class Broker:
         return None
 
     # --- leases -------------------------------------------------------------------------------
+    @staticmethod
+    def _may_see(principal: Principal) -> None:
+        """Wrong role is a 403 before any lookup; another tenant's id is then a 404."""
+        if principal.role not in ("admin", "ops", "tenant"):
+            raise Forbidden(f"role {principal.role} has no requests or leases")
+
     async def own_lease(self, principal: Principal, lease_id: str) -> LeaseInfo:
+        self._may_see(principal)
         lease = await self.leases.get(lease_id) if len(lease_id) <= 64 else None
         if lease is None or not (principal.role in ("admin", "ops") or
                                  (principal.role == "tenant" and principal.subject == lease.tenant)):
@@ -484,7 +494,7 @@ class Broker:
     async def list_leases(self, principal: Principal, tenant: str | None) -> list[LeaseInfo]:
         if principal.role == "tenant":
             if tenant not in (None, principal.subject):
-                raise Forbidden("a tenant key lists its own leases only")
+                raise NotFound(f"no tenant {tenant}")  # as for any id of another tenant: nothing leaks
             return await self.leases.of_tenant(principal.subject)
         if principal.role not in ("admin", "ops"):
             raise Forbidden(f"role {principal.role} may not list leases")
@@ -493,9 +503,9 @@ class Broker:
         return await self.leases.of_tenant(tenant)
 
     async def renew(self, principal: Principal, lease_id: str) -> LeaseInfo:
-        lease = await self.own_lease(principal, lease_id)
         if principal.role == "ops":
             raise Forbidden("ops reads leases; only their tenant renews them")
+        lease = await self.own_lease(principal, lease_id)
         if lease.ttl_s <= 0:
             raise Conflict("this lease has a fixed end (duration or reserved term); it cannot be renewed")
         now = self.clock()
@@ -507,9 +517,9 @@ class Broker:
         return renewed
 
     async def release(self, principal: Principal, lease_id: str) -> LeaseInfo:
-        lease = await self.own_lease(principal, lease_id)
         if principal.role == "ops":
             raise Forbidden("ops reads leases; only their tenant releases them")
+        lease = await self.own_lease(principal, lease_id)
         now = self.clock()
         ended = await self.leases.end(lease, "release", now.timestamp())
         if ended is None:

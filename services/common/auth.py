@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from datetime import datetime
@@ -72,6 +73,7 @@ def key_id_of(key: str) -> str | None:
 
 
 _record_decoder = msgspec.json.Decoder(KeyRecord)
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class KeyLookup:
@@ -159,7 +161,21 @@ class KeyLookup:
         await self.redis.set(self.keys.api_key(key_id), raw)
         return record, key
 
+    async def record(self, key_id: str) -> KeyRecord | None:
+        """The live record of a key id (``None`` if unknown, revoked or malformed)."""
+        return await self._record(key_id) if _KEY_ID.fullmatch(key_id) else None
+
+    async def rotate(self, old: KeyRecord, now: datetime) -> tuple[KeyRecord, str]:
+        """A new key for the same role, subject and name; the old one is revoked (in
+        every replica at once) only after the new one is stored, so the holder is never
+        without a working key."""
+        record, key = await self.issue(old.role, old.subject, old.name, now)
+        await self.revoke(old.key_id)
+        return record, key
+
     async def revoke(self, key_id: str) -> bool:
+        if not _KEY_ID.fullmatch(key_id):
+            return False
         try:
             await self.kv.get(key_id)
         except KeyNotFoundError:

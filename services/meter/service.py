@@ -330,7 +330,9 @@ class Meter:
 
     async def get_budget(self, who: Principal, tenant: str) -> BudgetView:
         id_param("tenant", tenant)
-        if who.role == "tenant" and who.subject != tenant or who.role == "provider":
+        if who.role == "provider":
+            raise Forbidden("budgets are for tenants (and ops, admin)")
+        if who.role == "tenant" and who.subject != tenant:
             raise NotFound(f"no budget for {tenant}")
         self.require_ready()
         found = await self.budgets.get(tenant)

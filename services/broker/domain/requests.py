@@ -55,10 +55,11 @@ class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class ComputeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     units: Annotated[int, msgspec.Meta(ge=1, le=MAX_UNITS)] | None = None
-    accelerators: AcceleratorSpec = AcceleratorSpec()
+    accelerators: AcceleratorSpec = msgspec.field(default_factory=AcceleratorSpec)  # (a factory: litestar's
+    # OpenAPI generation hashes defaults, and a struct holding lists is unhashable: GET /schema was a 500)
     performance: Performance | None = None
-    shape: Shape = Shape()
-    placement: PlacementSpec = PlacementSpec()
+    shape: Shape = msgspec.field(default_factory=Shape)
+    placement: PlacementSpec = msgspec.field(default_factory=PlacementSpec)
     billing: Billing = "on_demand"
     duration_s: Annotated[int, msgspec.Meta(ge=60, le=366 * DAY)] | None = None
     lease_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=DAY)] = 300

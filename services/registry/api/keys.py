@@ -7,6 +7,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, post
+from litestar.params import Parameter
 
 from services.common.auth import KeyLookup, Role
 from services.common.http import AuthedRequest
@@ -51,3 +52,13 @@ class KeyController(Controller):
         if len(key_id) > 64 or not await lookup.revoke(key_id):
             raise NotFound(f"no key {key_id}")
         return {"key_id": key_id, "revoked": True}
+
+    @post("/{key_id:str}/rotate", summary="Replace a key: a new key for the same role and subject, the old one "
+          "revoked at once (admin: any key; any other key: itself)", status_code=201)
+    async def rotate(self, request: AuthedRequest, key_id: Annotated[str, Parameter(max_length=64)]) -> IssuedKey:
+        lookup: KeyLookup = request.app.state.key_lookup
+        old = await lookup.record(key_id)
+        if old is None or not (request.user.role == "admin" or request.user.key_id == key_id):
+            raise NotFound(f"no key {key_id}")  # another holder's key id leaks nothing
+        record, key = await lookup.rotate(old, datetime.now(UTC))
+        return IssuedKey(key_id=record.key_id, key=key, role=record.role, subject=record.subject, name=record.name)
