@@ -46,7 +46,7 @@ from services.common.messages import (
     RequestQueued,
     RequestRejected,
 )
-from services.common.nats_conn import publish_event, read_stream
+from services.common.nats_conn import publish_durably, read_stream
 from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
@@ -101,7 +101,9 @@ class Broker:
                               headers=nats_headers({"Nats-Msg-Id": event.id}))
 
     async def _publish_alloc(self, event: AllocEvent) -> None:
-        await publish_event(self.js, self.subjects.alloc(event.lease.region, event.lease.tenant), event)
+        """Retried through a NATS failover: a grant not acknowledged is undone by the
+        caller, but a release, renewal or expiry has already happened in Redis."""
+        await publish_durably(self.js, self.subjects.alloc(event.lease.region, event.lease.tenant), event)
 
     async def _save(self, record: RequestRecord) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -6,6 +6,8 @@ import logging
 
 import msgspec
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
@@ -92,6 +94,39 @@ async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struc
         subject, msgspec.json.encode(event), headers=nats_headers({"Nats-Msg-Id": event.id})  # type: ignore[attr-defined]
     )
     return ack.seq
+
+
+# what a publish meets while a NATS cluster fails over (a node died, its streams elect new
+# leaders, clients reconnect elsewhere); anything else is not retried
+_FAILOVER_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.StaleConnectionError,
+                    nats.errors.ConnectionReconnectingError, nats.js.errors.ServiceUnavailableError,
+                    nats.js.errors.NoStreamResponseError)
+
+
+async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Struct, within: float = 15.0,
+                          attempt_timeout: float = 3.0) -> int:
+    """``publish_event``, retried until acknowledged or ``within`` seconds have passed.
+
+    For an event that records a change already made (a lease released or renewed in
+    Redis): giving up would leave the durable record behind the live state. Retrying is
+    safe, as the same ``Nats-Msg-Id`` makes a repeat of a stored event a no-op, and it
+    rides out a cluster failover (a few seconds) instead of failing the request."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            ack = await js.publish(subject, msgspec.json.encode(event),  # type: ignore[attr-defined]
+                                   headers=nats_headers({"Nats-Msg-Id": event.id}),  # type: ignore[attr-defined]
+                                   timeout=attempt_timeout)
+            return ack.seq
+        except _FAILOVER_ERRORS as exc:
+            if time.monotonic() + 0.25 >= deadline:
+                raise
+            log.warning("publish of %s not acknowledged (%s); retrying", event.id,  # type: ignore[attr-defined]
+                        type(exc).__name__)
+            await asyncio.sleep(0.25)
 
 
 async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000):  # noqa: ANN201
