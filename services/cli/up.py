@@ -92,6 +92,10 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         table.add_row("data and logs", str(opts.data_dir))
         table.add_row("API keys", str(keys_path) if opts.demo else str(opts.data_dir / "admin-key"))
         console.print(table)
+        registry = next((s for s in services if s.name == "registry"), None)
+        if registry is not None:  # the ops console (docs/console.md); with --demo, signed in as ops
+            url = f"{registry.url}/console" + (f"?key={keys['ops']}" if opts.demo else "")
+            console.print(f"Ops console: {url}", soft_wrap=True, highlight=False)
         console.print("Ctrl-C stops everything.")
 
         while not stop.is_set():

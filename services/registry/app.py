@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, keys=keys, events_idle_s=15.0)
+        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, key_builder=keys, events_idle_s=15.0)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,

@@ -105,6 +105,7 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert "Compute Broker is up" in out and "registry" in out
+    assert f"Ops console: {url}/console?key=" in out  # the one URL to open (docs/console.md)
     assert "registry exited" in out and "restarted" in out  # the supervisor says what it did
     leftover = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not leftover, leftover

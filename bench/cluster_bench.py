@@ -1,0 +1,217 @@
+"""Placements through the broker's HTTP API on single-node engines vs clustered ones,
+measured in one run with the same load.
+
+    python bench/cluster_bench.py [--pools 2000] [--seconds 8] [--connections 32] [--mixed] [--write]
+
+For each of the two set-ups, on fresh servers in a temporary folder:
+
+* single: one nats-server (JetStream, R1 streams) and one redis-server;
+* cluster: a 3-node NATS cluster (R3 streams: every grant acknowledged by a quorum) and a
+  Redis Cluster of 3 masters (``redis_cluster``; the regions' keys spread over the masters),
+  started by ``tests/cluster.py`` from the same binaries;
+
+it starts a registry and a broker process, registers the same pools through the bulk API,
+issues tenant keys, waits until the broker quotes every model x region, then drives
+``POST /v1/requests`` (1-4 units, ``queue: false``, 30% with a model, vendor or region
+constraint; the same request bodies for both) with the raw load generator
+(``bench/loadgen.py``), after a short warm-up. Prints placements/s (201s), p50/p99 and the
+durability check (grant events in the allocation stream = 201s). ``--write`` appends the
+printed lines to docs/benchmarks.md. Everything shares the machine's cores: on a small
+machine the cluster's six server processes compete with the broker for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from bench.broker_bench import (  # noqa: E402
+    BATCH,
+    N_MODELS,
+    N_TENANTS,
+    PROVIDER,
+    cpu_s,
+    drive,
+    pick_models,
+    pool_items,
+    request_bodies,
+    wait_until,
+)
+from bench.loadgen import request  # noqa: E402
+from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
+from services.cli.supervisor import ServiceProcess  # noqa: E402
+from services.common.nats_conn import connect  # noqa: E402
+from services.common.settings import Settings, settings_to_env  # noqa: E402
+from services.common.subjects import ALLOC, Subjects  # noqa: E402
+from tests.cluster import nats_cluster, redis_cluster  # noqa: E402
+
+
+@contextmanager
+def single_engines(tmp: Path) -> Iterator[dict]:
+    nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
+    try:
+        yield {"nats_url": nats.url, "redis_url": redis.url}
+    finally:
+        nats.stop()
+        redis.stop()
+
+
+@contextmanager
+def clustered_engines(tmp: Path) -> Iterator[dict]:
+    with nats_cluster(tmp / "nats") as nc, redis_cluster(tmp / "redis") as rc:
+        yield {"nats_url": nc.url, "redis_url": rc.url, "redis_cluster": True, "stream_replicas": 3}
+
+
+@contextmanager
+def nats_cluster_only(tmp: Path) -> Iterator[dict]:
+    with nats_cluster(tmp / "nats") as nc:
+        redis = start_redis(tmp / "redis")
+        try:
+            yield {"nats_url": nc.url, "redis_url": redis.url, "stream_replicas": 3}
+        finally:
+            redis.stop()
+
+
+@contextmanager
+def redis_cluster_only(tmp: Path) -> Iterator[dict]:
+    with redis_cluster(tmp / "redis") as rc:
+        nats = start_nats(tmp / "nats")
+        try:
+            yield {"nats_url": nats.url, "redis_url": rc.url, "redis_cluster": True}
+        finally:
+            nats.stop()
+
+
+async def grants_in_stream(nats_url: str) -> int:
+    nc = await connect(nats_url, "bench")
+    try:
+        return (await nc.jetstream().stream_info(Subjects().stream(ALLOC))).state.messages
+    finally:
+        await nc.close()
+
+
+def one_setup(name: str, engines: Callable, args: argparse.Namespace, say: Callable[[str], None]) -> bool:
+    """Start ``engines``, a registry and a broker; load the world; drive the broker.
+    Returns whether the run saw no 5xx (the logs are kept otherwise)."""
+    rng = random.Random(20261125)  # same pools and request bodies for every set-up
+    tmp = Path(tempfile.mkdtemp(prefix=f"cb-cluster-bench-{name}-"))
+    clean = False
+    with ExitStack() as stack:
+        urls = stack.enter_context(engines(tmp))
+        admin = f"bench-{secrets.token_hex(8)}"
+        settings = Settings(admin_key=admin, heartbeat_ttl_s=3600, log_level="warning", **urls)
+        env = settings_to_env(settings)
+        registry = ServiceProcess("registry", free_port(), env, tmp / "registry.log")
+        broker = ServiceProcess("broker", free_port(), env, tmp / "broker.log")
+        stack.callback(registry.stop)
+        stack.callback(broker.stop)
+        registry.start()
+        registry.wait_healthy(timeout=60)
+        admin_auth = {"Authorization": f"Bearer {admin}"}
+        reg = stack.enter_context(httpx.Client(base_url=registry.url, headers=admin_auth, timeout=120))
+        models = pick_models(reg.get("/v1/accelerators").raise_for_status().json(), N_MODELS)
+        regions = [r["id"] for r in reg.get("/v1/regions").raise_for_status().json()]
+        key = reg.post("/v1/keys", json={"role": "provider", "subject": PROVIDER}).raise_for_status().json()["key"]
+        prov = stack.enter_context(httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {key}"},
+                                                timeout=120))
+        items = pool_items(args.pools, models, regions, rng)
+        t0 = time.perf_counter()
+        for j in range(0, len(items), BATCH):
+            prov.post("/v1/pools/bulk", content=json.dumps(items[j:j + BATCH]),
+                      headers={"content-type": "application/json"}).raise_for_status()
+        took = time.perf_counter() - t0
+        broker.start()
+        broker.wait_healthy(timeout=90)
+        qc = stack.enter_context(httpx.Client(base_url=broker.url, headers=admin_auth, timeout=30))
+        combos = sorted({(i["model"], i["region"]) for i in items})
+
+        def sees_all() -> bool:
+            for model, region in combos:
+                r = qc.post("/v1/quotes", json={"units": 1, "accelerators": {"models": [model]},
+                                                "placement": {"regions": [region]}})
+                if r.status_code != 200 or not r.json()["options"]:
+                    return False
+            return True
+
+        wait_until("broker sees every model x region", sees_all, 90)
+        tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
+                                ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
+        bodies = request_bodies(2000, models, regions, rng)
+        reqs = [request("POST", "/v1/requests", {"Authorization": f"Bearer {tenant_keys[k % N_TENANTS]}"},
+                        json.dumps(b).encode()) for k, b in enumerate(bodies)]
+        before = asyncio.run(grants_in_stream(settings.nats_url))
+        cpu0, wall0 = cpu_s(broker.proc.pid), time.perf_counter()
+        warm, res = asyncio.run(drive(broker.port, reqs, args.seconds, args.connections))
+        broker_cpu = (cpu_s(broker.proc.pid) - cpu0) / (time.perf_counter() - wall0)
+        placed = res.statuses.get(201, 0)
+        rate = placed / res.seconds if res.seconds else 0.0
+        grants = asyncio.run(grants_in_stream(settings.nats_url)) - before
+        expected = warm.statuses.get(201, 0) + placed
+        server_errors = any(s >= 500 for s in [*res.statuses, *warm.statuses])
+        say(f"{name}: {rate:,.0f} placements/s, p50 {res.pct(50):.1f} ms, p99 {res.pct(99):.1f} ms — "
+            f"{res.summary()}; broker CPU {broker_cpu:.0%} of a core; {len(items)} pools registered in "
+            f"{took:.1f}s; durability: {grants} grant events for {expected} 201s "
+            f"({'match' if grants == expected else 'MISMATCH'})")
+        clean = not server_errors and grants == expected
+    if clean:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"logs kept in {tmp}", file=sys.stderr, flush=True)
+    return clean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pools", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--mixed", action="store_true",
+                    help="also run NATS cluster + single Redis and single NATS + Redis Cluster (where the cost is)")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    args = ap.parse_args()
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}; "
+        f"{args.pools} pools, {args.connections} connections, {args.seconds:g}s measured after a 1 s warm-up; "
+        "one broker process (1 worker)")
+    say("single = 1 nats-server (R1 streams) + 1 redis-server; cluster = 3-node NATS cluster (R3 streams) + "
+        "Redis Cluster of 3 masters, all on this machine")
+    results = [one_setup("single", single_engines, args, say), one_setup("cluster", clustered_engines, args, say)]
+    if args.mixed:
+        results += [one_setup("NATS cluster + single Redis", nats_cluster_only, args, say),
+                    one_setup("single NATS + Redis Cluster", redis_cluster_only, args, say)]
+    if args.write:
+        given = {k: getattr(args, k) for k in ("pools", "seconds", "connections", "mixed")}
+        command = "python bench/cluster_bench.py" + "".join(
+            (f" --{k}" if isinstance(v, bool) else f" --{k} {int(v) if float(v).is_integer() else v}")
+            for k, v in given.items() if v != ap.get_default(k))
+        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+            f.write(f"\n### clustered engines — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
+            f.writelines(f"- {line}\n" for line in lines)
+    if not all(results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
