@@ -148,3 +148,59 @@ async def heartbeat_agent(registry_url: str, keys: dict[str, Any], interval: flo
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 pass
+
+
+# What the demo tenants run, in turn: (tenant, request body, seconds before releasing it;
+# None keeps it to its end). Deterministic, small next to the world's capacity, and
+# covering every billing mode so that usage, invoices and statements have something in them.
+WORKLOAD: tuple[tuple[str, dict[str, Any], float | None], ...] = (
+    ("alpha-labs", {"units": 8, "accelerators": {"models": ["nvidia-h100-sxm-80gb"]}, "shape": {"kind": "gang"},
+                    "billing": "reserved_month"}, None),
+    ("beta-media", {"units": 4, "billing": "interruptible", "duration_s": 600}, None),
+    ("alpha-labs", {"units": 2, "accelerators": {"min_memory_gib": 80}, "duration_s": 120}, None),
+    ("beta-media", {"units": 1, "placement": {"users_region": "ap-east", "max_latency_ms": 60}}, 45.0),
+    ("alpha-labs", {"units": 4, "accelerators": {"vendors": ["huawei"]}, "duration_s": 300}, 90.0),
+    ("beta-media", {"units": 2, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 180}, None),
+)
+
+
+async def tenant_agent(broker_url: str, keys: dict[str, Any], interval: float, stop: asyncio.Event,
+                       pace: float = 1.0) -> None:
+    """Play the demo tenants: place the ``WORKLOAD`` requests one every ``interval * pace``
+    seconds (then again, round after round), releasing some early (after their hold time
+    ``* pace``), so that the broker has leases to show and the meter usage to bill.
+    Reserved terms are placed once."""
+    held: list[tuple[float, str, str]] = []  # (release at, tenant, lease id)
+    loop = asyncio.get_running_loop()
+    placed_reserved = False
+    async with httpx.AsyncClient(base_url=broker_url, timeout=10) as client:
+        step = 0
+        while not stop.is_set():
+            tenant, body, keep = WORKLOAD[step % len(WORKLOAD)]
+            step += 1
+            if body.get("billing", "on_demand").startswith("reserved") and placed_reserved:
+                continue
+            h = {"Authorization": f"Bearer {keys['tenants'][tenant]}"}
+            try:
+                r = await client.post("/v1/requests", json={**body, "queue": False}, headers=h)
+                if r.status_code == 201:
+                    placed_reserved |= body.get("billing", "on_demand").startswith("reserved")
+                    if keep is not None:
+                        held += [(loop.time() + keep * pace, tenant, lease["lease_id"])
+                                 for lease in r.json()["leases"]]
+                else:
+                    log.debug("demo request %s: %s %s", body, r.status_code, r.text[:200])
+                due = [h_ for h_ in held if h_[0] <= loop.time()]
+                for item in due:
+                    held.remove(item)
+                    _, who, lease_id = item
+                    await client.post(f"/v1/leases/{lease_id}/release",
+                                      headers={"Authorization": f"Bearer {keys['tenants'][who]}"})
+            except httpx.HTTPError as exc:  # broker restarting: the supervisor handles it
+                log.debug("demo tenant request failed: %s", exc)
+            except Exception:  # never let the demo's workload die quietly
+                log.exception("demo tenant workload step failed")
+            try:
+                await asyncio.wait_for(stop.wait(), interval * pace)
+            except TimeoutError:
+                pass

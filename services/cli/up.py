@@ -17,7 +17,7 @@ from services.common.nats_conn import connect, ensure_streams
 from services.common.settings import Settings, settings_from_env, settings_to_env
 from services.common.subjects import Subjects
 
-from .demo import heartbeat_agent, load_demo
+from .demo import heartbeat_agent, load_demo, tenant_agent
 from .servers import ServerProcess, start_nats, start_redis
 from .supervisor import ServiceProcess, available_services
 
@@ -31,6 +31,7 @@ class UpOptions:
     nats_port: int | None
     redis_port: int | None
     ports: dict[str, int]
+    demo_pace: float = 1.0  # the demo tenants' waits are multiplied by this
 
 
 async def _ensure_streams(settings: Settings) -> None:
@@ -70,12 +71,14 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         for svc in services:
             await asyncio.to_thread(svc.wait_healthy)
 
-        agent = None
+        agent = tenants = None
         keys_path = opts.data_dir / "demo-keys.json"
         if opts.demo:
             registry_url = next(s.url for s in services if s.name == "registry")
             keys = await load_demo(registry_url, admin_key, keys_path)
             agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
+            broker_url = next(s.url for s in services if s.name == "broker")
+            tenants = asyncio.create_task(tenant_agent(broker_url, keys, 5.0, stop, pace=opts.demo_pace))
         else:
             (opts.data_dir / "admin-key").write_text(admin_key)
             (opts.data_dir / "admin-key").chmod(0o600)
@@ -108,6 +111,8 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         console.print("stopping ...")
         if agent is not None:
             await agent
+        if tenants is not None:
+            await tenants
         return 0
     finally:
         for svc in reversed(services):

@@ -17,20 +17,3 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     finally:
         waiter.cancel()
     return event.is_set()
-
-
-# TODO(common): services.common.lifecycle.stop_tasks should re-cancel like this
-async def cancel_all(tasks: list[asyncio.Task], timeout: float = 5.0) -> None:
-    """Cancel background tasks and wait for them, cancelling again while they run: on
-    Python 3.11 a cancellation that races with an ``asyncio.wait_for`` completing (nats-py
-    uses it for every request) can be swallowed, and a loop that lost it runs on. Loops
-    also check a stop flag of their own."""
-    pending = {t for t in tasks if not t.done()}
-    deadline = asyncio.get_running_loop().time() + timeout
-    while pending:
-        for task in pending:
-            task.cancel()
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            break
-        _, pending = await asyncio.wait(pending, timeout=min(0.2, remaining))

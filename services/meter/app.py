@@ -17,17 +17,19 @@ from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.lifecycle import stop_tasks
+from services.common.ready import ready_route
+from services.common.scrape import metrics_controller as scrape_controller
+from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
-from services.common.ready import ready_route
-from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import MeterNames, Subjects
 
-from .aio import cancel_all, wait_event
+from .aio import wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
 from .budgets import Budgets
 from .metrics import refresh as refresh_gauges
@@ -118,7 +120,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             yield
         finally:
             stopping.set()
-            await cancel_all(tasks)
+            await stop_tasks(tasks)
             await consumer.stop()
             await budgets.stop()
             await directory.stop()
@@ -127,7 +129,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             await close_quietly(nc)
             await redis.aclose()
 
-    return Litestar(
+    return document_problems(Litestar(
         route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
                         InvoiceController, StatementController, BudgetController, OpsController],
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
@@ -142,4 +144,5 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         openapi_config=OpenAPIConfig(title="Compute Broker — meter", version="0.1.0",
                                      description="Usage, invoices, provider statements, budgets."),
         debug=False,
-    )
+        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
+    ))

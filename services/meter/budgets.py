@@ -30,12 +30,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.common.lifecycle import stop_tasks
 from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
 from services.common.subjects import ALLOC, Subjects
 
 from .aggregate import Aggregate
-from .aio import cancel_all, wait_event
+from .aio import wait_event
 from .ledger import encode
 from .model import Budget, BudgetView, LedgerEntry
 from .periods import period_of
@@ -77,7 +78,7 @@ class Budgets:
 
     async def stop(self) -> None:
         self._stopping = True
-        await cancel_all([t for t in [self._budget_watch, *self._watchers.values()] if t is not None])
+        await stop_tasks([t for t in [self._budget_watch, *self._watchers.values()] if t is not None])
 
     async def _watch_budgets(self) -> None:
         while not self._stopping:

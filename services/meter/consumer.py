@@ -46,12 +46,12 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from services.common import tracing
+from services.common.lifecycle import stop_tasks
 from services.common.messages import AllocEvent
 from services.common.settings import Settings
 from services.common.subjects import ALLOC, MeterNames, Subjects
 
 from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
-from .aio import cancel_all
 from .jspub import JsError, Publisher, Puller
 from .ledger import Ledger, encode
 from .model import Account, DeadLetter, LedgerEntry
@@ -183,7 +183,7 @@ class AllocConsumer:
 
     async def stop(self) -> None:
         self._stopping = True
-        await cancel_all(self._tasks)
+        await stop_tasks(self._tasks)
         if self._advisory is not None:
             with contextlib.suppress(Exception):
                 await self._advisory.unsubscribe()

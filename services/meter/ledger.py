@@ -17,12 +17,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from services.common.lifecycle import stop_tasks
 from services.common.settings import Settings
 from services.common.subjects import MeterNames
 
 from .aggregate import Aggregate
 from .jspub import Publisher, Puller
-from .aio import cancel_all, wait_event
+from .aio import wait_event
 from .model import LedgerEntry, LedgerRecord, PeriodsClosed
 
 log = logging.getLogger("meter.ledger")
@@ -58,7 +59,6 @@ async def ensure_ledger(js: JetStreamContext, names: MeterNames, settings: Setti
         num_replicas=replicas, allow_direct=True))
 
 
-# TODO(common): a ``direct`` flag on services.common.nats_conn.ensure_bucket
 async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
     """A record bucket with direct gets allowed (the consumer reads many accounts in one
     batched direct get)."""
@@ -129,7 +129,7 @@ class Ledger:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            await cancel_all([self._task])
+            await stop_tasks([self._task])
 
     @property
     def progress(self) -> tuple[int, int]:

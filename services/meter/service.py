@@ -21,13 +21,14 @@ from nats.js.kv import KeyValue
 from services.common.auth import KeyRecord, Principal
 from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import is_valid_id
+from services.common.lifecycle import stop_tasks
 from services.common.messages import InvoiceIssued
 from services.common.nats_conn import publish_event
 from services.common.settings import Settings
 from services.common.subjects import MeterNames, Subjects
 
 from .aggregate import Aggregate
-from .aio import cancel_all, wait_event
+from .aio import wait_event
 from .budgets import Budgets
 from .consumer import AllocConsumer, Poison
 from .invoices import GROUPS, build_invoice, usage_rows, usage_totals
@@ -80,7 +81,7 @@ class TenantDirectory:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            await cancel_all([self._task])
+            await stop_tasks([self._task])
 
     async def _watch(self) -> None:
         while not self._stopping:

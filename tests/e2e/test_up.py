@@ -36,11 +36,11 @@ def _health(url: str) -> dict | None:
 
 
 def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
-    port, broker_port = free_port(), free_port()
+    port, broker_port, meter_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "CB_ADMIN_KEY")}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--demo", "--data-dir", str(tmp_path),
                              "--registry-port", str(port), "--broker-port", str(broker_port),
-                             "--meter-port", str(free_port())], env=env, stdout=subprocess.PIPE,
+                             "--meter-port", str(meter_port), "--demo-pace", "0.05"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url, broker = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{broker_port}"
     keys_file = tmp_path / "demo-keys.json"
@@ -86,6 +86,31 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
         out = subprocess.run([*cli, "request", *common, "-n", "100000"], capture_output=True, text=True,
                              timeout=30)
         assert out.returncode == 1 and "422" in out.stdout, out
+
+        # the demo tenants' leases are billed: the reserved term at once, per-second usage
+        # when the leases the demo releases early end; `cbroker usage|invoice` print them
+        meter = f"http://127.0.0.1:{meter_port}"
+        alpha, beta = ({"Authorization": f"Bearer {keys['tenants'][t]}"} for t in ("alpha-labs", "beta-media"))
+
+        def billed(h: dict, billing: str) -> list | None:
+            rows = httpx.get(f"{meter}/v1/usage", params={"group_by": "billing"}, headers=h).json()["rows"]
+            return [r for r in rows if r["billing"] == billing and float(r["unit_hours"]) + float(r["unit_months"]) > 0
+                    and r["entries"] > 0] or None
+
+        [term] = _wait(lambda: billed(alpha, "reserved_month"), 60, "alpha-labs' reserved term billed")
+        [usage] = _wait(lambda: billed(beta, "on_demand"), 90, "beta-media's on-demand usage billed")
+        assert term["currency"] == usage["currency"] == "USD"
+        period = time.strftime("%Y-%m", time.gmtime())
+        invoice = httpx.get(f"{meter}/v1/invoices/{period}", headers=alpha).json()
+        assert invoice["status"] == "draft" and float(invoice["totals"]["USD"]) >= float(term["amount"]), invoice
+        bill = ["--meter-url", meter, "--data-dir", str(tmp_path)]
+        wide = {**os.environ, "COLUMNS": "200"}  # rich tables, not wrapped
+        out = subprocess.run([*cli, "usage", *bill, "--tenant", "beta-media", "--group-by", "billing"],
+                             capture_output=True, text=True, timeout=30, env=wide)
+        assert out.returncode == 0 and "on_demand" in out.stdout and usage["amount"] in out.stdout, out
+        out = subprocess.run([*cli, "invoice", period, *bill, "--tenant", "alpha-labs"], capture_output=True, text=True,
+                             timeout=30, env=wide)
+        assert out.returncode == 0 and "reserved_month" in out.stdout and "draft" in out.stdout.lower(), out
 
         # supervision: a service that dies is restarted
         first = _health(url)
