@@ -13,4 +13,4 @@ from ..capacity import CapacitySummary, capacity_summary
 
 @get("/v1/capacity", tags=["pools"], summary="Capacity by region and model (free, leased), queue depth")
 async def capacity(request: AuthedRequest, state: State) -> CapacitySummary:
-    return await capacity_summary(state.registry.store, state.keys)
+    return await capacity_summary(state.registry.store, state.key_builder)
