@@ -208,8 +208,10 @@ class RedisUser:
     commands: list[str]
 
 
-# Every user: health (/ready pings) and the client library's handshakes.
-CONNECTION = ["ping", "client|setinfo", "client|setname", "select"]
+# Every user: health (/ready pings) and the client library's handshakes; with
+# CB_REDIS_CLUSTER, redis-py's cluster client also reads the slot map and the command
+# table (to find each command's keys).
+CONNECTION = ["ping", "client|setinfo", "client|setname", "select", "cluster|slots", "cluster|shards", "command"]
 # Every service: the per-key rate limit (services/common/ratelimit.py, INCR/PEXPIRE/PTTL).
 BASE_COMMANDS = CONNECTION + ["incr", "pexpire", "pttl"]
 # Lua scripts: EVALSHA, and SCRIPT LOAD/EXISTS when the server does not know the script yet.

@@ -166,17 +166,31 @@ class Broker:
             if record is not None:
                 record.lease_ids = [lease.lease_id for lease in leases]
                 self._save_into(pipe, record)
-            try:
-                await asyncio.gather(pipe.execute(), *(self._publish_alloc(LeaseGranted(
-                    id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-                    free_after=truth.get(lease.pool_id, -1))) for lease in leases))
-            except Exception as exc:
-                log.error("grant not durable (%s): giving the units back", exc)
+            results = await asyncio.gather(pipe.execute(), *(self._publish_alloc(LeaseGranted(
+                id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+                free_after=truth.get(lease.pool_id, -1))) for lease in leases), return_exceptions=True)
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:
+                log.error("grant not durable (%s): giving the units back", failed)
                 truth.update(await self._undo(done))
-                raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from exc
+                await self._retract([lease for lease, r in zip(leases, results[1:], strict=True)
+                                     if not isinstance(r, BaseException)])
+                raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from failed
             return True
         finally:
             self.world.settle(allocations, truth)
+
+    async def _retract(self, leases: list[LeaseInfo]) -> None:
+        """Grants that reached the durable record although the grant as a whole failed
+        (the client hears 503 and the units were given back): end them there too, at their
+        grant time, so that the meter bills nothing and a Redis rebuild does not bring
+        them back."""
+        for lease in leases:
+            try:
+                await self._publish_alloc(LeaseLost(id=f"{lease.lease_id}.2", at=lease.granted_at, lease=lease,
+                                                    seq=2, reason="grant not completed"))
+            except Exception as exc:  # noqa: BLE001 - the record is unreachable: say so, nothing more to do
+                log.error("grant of %s is in the record but could not be retracted (%s)", lease.lease_id, exc)
 
     async def _undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
         """Compensation of a placement that failed part-way: every lease already reserved
@@ -579,9 +593,15 @@ class Broker:
             for event in last.values():
                 lease = event.lease
                 if isinstance(event, (LeaseGranted, LeaseRenewed)) and lease.expires_at > now:
-                    await self.leases.reserve(lease.region, [lease], lease.expires_at.timestamp(), force=True)
+                    await self.leases.reserve(lease.region, [lease], lease.expires_at.timestamp(), force=True,
+                                              seqs=[event.seq])
                     await self.leases.index([lease])
                     restored += 1
+                elif isinstance(event, (LeaseGranted, LeaseRenewed)):
+                    # expired while Redis was lost, so no sweeper saw it: end it in the record,
+                    # else the meter (which bills on the ending event) would never bill it
+                    await self._publish_alloc(LeaseExpired(id=f"{lease.lease_id}.{event.seq + 1}", at=now,
+                                                           lease=lease, seq=event.seq + 1))
             queued: dict[str, RequestEvent] = {}
             async for _, data in read_stream(self.js, self.subjects.stream("request"),
                                              self.subjects.events("request")):
