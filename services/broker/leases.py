@@ -36,15 +36,18 @@ class LeaseStore:
         self._renew = redis.register_script(read_lua("services.broker.lua", "renew.lua"))
 
     async def reserve(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
-                      force: bool = False) -> tuple[bool, list[int]]:
+                      force: bool = False, seqs: Sequence[int] = ()) -> tuple[bool, list[int]]:
         """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
-        ``(False, [index of the pool that lacked units, its free units])``."""
+        ``(False, [index of the pool that lacked units, its free units])``. ``seqs``: the
+        per-lease seq of each lease restored after a Redis loss (its next event must not
+        reuse an event id of its past)."""
         k = self.keys
         keys = [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
         args: list[object] = ["force" if force else "check", expires_at]
         for lease in leases:
             keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id), k.lease(region, lease.lease_id)]
             args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
+        args += list(seqs)
         raw = await self._reserve(keys=keys, args=args)
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
