@@ -11,7 +11,6 @@ from rich.console import Console
 
 from .apps import register as register_app_commands
 from .audit import register as register_audit_command
-from .audit import register as register_audit_command
 from .billing import register as register_billing_commands
 from .events import register as register_events_command
 from .importer import import_group
@@ -53,5 +52,4 @@ cli.add_command(import_group)
 register_app_commands(cli)
 register_billing_commands(cli)
 register_events_command(cli)
-register_audit_command(cli)
 register_audit_command(cli)
