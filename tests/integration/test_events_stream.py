@@ -4,6 +4,11 @@ that ends, and consumers cleaned up when a watcher goes away."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -192,3 +197,53 @@ async def test_consumers_go_away_with_the_watcher(world: World) -> None:
         return await consumers() == before
 
     await eventually(gone, timeout=30)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "events", *args]
+
+
+async def test_cbroker_events_prints_recent_events_and_exits(world: World) -> None:
+    prov = f"p{_id()}"
+    pkey, ops = await world.key("provider", prov), await world.key("ops")
+    await world.pool(f"{prov}-1", pkey)
+    lease_id = await world.lease("acme", prov, f"{prov}-1")
+    out = await asyncio.to_thread(subprocess.run, _cli("--registry-url", world.url, "--key", ops, "--provider", prov),
+                                  capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout
+    assert "pool.registered" in lines[0] and f"{prov}-1" in lines[0] and "16× nvidia-a100-sxm-80gb" in lines[0]
+    assert "lease.granted" in lines[1] and lease_id in lines[1] and "acme" in lines[1]
+    bad = await asyncio.to_thread(subprocess.run, _cli("--registry-url", world.url, "--key", ops, "--kind", "x"),
+                                  capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "400" in bad.stderr and "unknown event kind" in bad.stderr
+
+
+async def test_cbroker_events_follow_prints_as_it_happens(world: World) -> None:
+    prov = f"p{_id()}"
+    pkey, ops = await world.key("provider", prov), await world.key("ops")
+    js = world.nc.jetstream()
+    before = (await js.stream_info(world.subjects.stream("capacity"))).state.consumer_count
+    proc = subprocess.Popen(_cli("--follow", "--json", "--registry-url", world.url, "--key", ops, "--provider", prov),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        async def consumers_up() -> bool:  # the command is watching (its consumers exist)
+            info = await js.stream_info(world.subjects.stream("capacity"))
+            return info.state.consumer_count > before
+
+        await eventually(consumers_up, timeout=30)
+        await world.pool(f"{prov}-live", pkey)
+
+        async def printed() -> bool:
+            return any(f"{prov}-live" in line for line in lines)
+
+        await eventually(printed, timeout=30)
+        envelope = json.loads(next(line for line in lines if f"{prov}-live" in line))
+        assert envelope["kind"] == "capacity" and envelope["event"]["type"] == "pool.registered"
+    finally:
+        proc.terminate()
+        proc.wait(10)
