@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
@@ -146,7 +147,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
-    return Litestar(
+    return document_problems(Litestar(
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
         dependencies={"broker": Provide(_broker, sync_to_thread=False)},
@@ -158,4 +159,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=OpenAPIConfig(title="Compute Broker — broker", version="0.1.0",
                                      description="App-facing API: requests, quotes, leases."),
         debug=False,
-    )
+        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
+    ))

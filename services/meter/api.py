@@ -9,6 +9,7 @@ from litestar.params import Parameter
 
 from services.common.errors import BadRequest
 from services.common.http import AuthedRequest
+from services.common.problem_docs import also_served_as
 
 from .invoices import to_csv
 from .model import BudgetBody, BudgetView, Invoice
@@ -27,7 +28,8 @@ class UsageController(Controller):
     path = "/v1/usage"
     tags = ["usage"]
 
-    @get("/", summary="Posted usage, filtered and grouped; JSON or CSV")
+    @get("/", summary="Posted usage, filtered and grouped; JSON or CSV",
+         operation_class=also_served_as("text/csv", "format=csv: one row per group, with a header row"))
     async def usage(self, request: AuthedRequest, meter: Meter, tenant: Q = None, period: Q = None,
                     region: Q = None, model: Q = None, provider: Q = None, pool: Q = None,
                     billing: Annotated[Literal["on_demand", "reserved_month", "reserved_year", "interruptible"] | None,
@@ -39,7 +41,7 @@ class UsageController(Controller):
                            pool=pool, billing=billing, group_by=groups)
         if format == "csv":
             columns = [*groups, "currency", "amount", "unit_hours", "unit_months", "entries"]
-            return Response(to_csv(body["rows"], columns), media_type="text/csv; charset=utf-8",
+            return Response(to_csv(body["rows"], columns), media_type="text/csv",  # litestar adds the charset
                             headers={"Content-Disposition": 'inline; filename="usage.csv"'})
         return Response(body, media_type="application/json")
 
@@ -94,8 +96,9 @@ class OpsController(Controller):
 
     @post("/deadletters/{stream_seq:int}/retry", status_code=200,
           summary="Apply a dead-lettered event again from the allocation stream (admin)")
-    async def retry(self, request: AuthedRequest, meter: Meter, stream_seq: int) -> dict[str, Any]:
-        if stream_seq < 1:
+    async def retry(self, request: AuthedRequest, meter: Meter,
+                    stream_seq: Annotated[int, Parameter(le=2**63 - 1)]) -> dict[str, Any]:
+        if stream_seq < 1:  # (and at most int64: larger ones were a 500 from the NATS API)
             raise BadRequest("stream sequence must be >= 1")
         return await meter.retry_dead_letter(request.user, stream_seq)
 

@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
@@ -105,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
-    return Litestar(
+    return document_problems(Litestar(
         route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
                         HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],
@@ -120,4 +121,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=OpenAPIConfig(title="Compute Broker — registry", version="0.1.0",
                                      description="Provider-facing API: pools, heartbeats, catalogue, topology."),
         debug=False,
-    )
+        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
+    ))
