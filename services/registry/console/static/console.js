@@ -93,7 +93,10 @@ function chart(svg, values, max, cls) {
 
 function renderSeries() {
   const s = state.samples;
-  chart($("util-chart"), s.map((x) => x.util), 1, "line");
+  // autoscale (to the next 10%) so a lightly used network is not a flat line at the bottom
+  const umax = Math.min(1, Math.max(0.1, Math.ceil(10 * Math.max(0, ...s.map((x) => x.util)) * 1.1) / 10));
+  chart($("util-chart"), s.map((x) => x.util), umax, "line");
+  $("util-max").textContent = Math.round(100 * umax) + "%";
   const qmax = Math.max(1, ...s.map((x) => x.queue));
   chart($("queue-chart"), s.map((x) => x.queue), qmax, "qline");
   $("queue-max").textContent = String(Math.max(0, ...s.map((x) => x.queue)));
