@@ -31,7 +31,7 @@ import pytest
 import redis.asyncio as aioredis
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from services.cli.servers import find_binary, free_port, stop_process, wait_port
@@ -360,3 +360,90 @@ async def test_a_redis_user_cannot_touch_keys_outside_its_patterns(secured: Secu
     finally:
         for c in conns.values():
             await c.aclose()
+
+
+def cluster_config(tmp: Path, region: str, ports: dict[str, dict[str, int]]) -> Path:
+    """deploy/nats/cluster.conf for one single-server region on loopback: its listen
+    addresses, store, route and the gateway URLs templated, everything else as shipped."""
+    p = ports[region]
+    conf = (DEPLOY / "nats" / "cluster.conf").read_text(encoding="utf-8")
+    conf = _substitute(conf, r"^listen: 0\.0\.0\.0:4222$", f"listen: 127.0.0.1:{p['client']}")
+    conf = _substitute(conf, r"^http_port:.*$", f"http_port: {p['monitor']}")
+    conf = _substitute(conf, r"^(\s*)store_dir:.*$", rf'\1store_dir: "{tmp / region}"')
+    conf = _substitute(conf, r"^(\s*)listen: 0\.0\.0\.0:6222$", rf"\1listen: 127.0.0.1:{p['cluster']}")
+    conf = _substitute(conf, r"^(\s*)routes: \[[^\]]*\]", rf"\1routes: [nats://127.0.0.1:{p['cluster']}]")
+    conf = _substitute(conf, r"^(\s*)listen: 0\.0\.0\.0:7222$", rf"\1listen: 127.0.0.1:{p['gateway']}")
+    for other, q in ports.items():
+        conf = _substitute(conf, rf"nats://nats-gateway\.{other}\.[\w.-]+:7222", f"nats://127.0.0.1:{q['gateway']}")
+    (tmp / "auth.conf").write_bytes((DEPLOY / "nats" / "auth.conf").read_bytes())
+    (tmp / f"{region}.conf").write_text(conf, encoding="utf-8")
+    return tmp / f"{region}.conf"
+
+
+async def test_regions_join_a_super_cluster_under_the_same_accounts(tmp_path: Path) -> None:
+    """Two regions from deploy/nats/cluster.conf, joined by their gateway blocks: a stream
+    lives in the region whose server created it, services in the other region publish
+    into it and hear its events through the gateway as the same users with the same
+    permissions, and when its region is gone a grant cannot be recorded."""
+    regions = ("cn-east", "eu-west")
+    ports = {r: {k: free_port() for k in ("client", "cluster", "gateway", "monitor")} for r in regions}
+    passwords = {u: secrets.token_hex(8) for u in USERS}
+    env = {**os.environ, **{f"CB_NATS_{u.upper()}_PASSWORD": pw for u, pw in passwords.items()}}
+
+    def url(user: str, region: str) -> str:
+        return f"nats://{user}:{passwords[user]}@127.0.0.1:{ports[region]['client']}"
+
+    with contextlib.ExitStack() as stack:
+        servers = {r: stack.enter_context(server(
+            [find_binary("nats-server"), "-c", str(cluster_config(tmp_path, r, ports))], ports[r]["client"],
+            tmp_path / f"{r}.log", {**env, "CB_REGION": r, "SERVER_NAME": f"{r}-nats-0"}, f"nats-server {r}"))
+            for r in regions}
+        broker_west = await nats.connect(url("broker", "eu-west"))
+        registry_east = await nats.connect(url("registry", "cn-east"))
+        meter_east = Violations()
+        meter_nc = await meter_east.connect(url("meter", "cn-east"))
+        try:
+            from services.common.nats_conn import ensure_streams
+
+            async def streams_made() -> bool:  # once the gateways are up and a meta leader is elected
+                try:
+                    await ensure_streams(broker_west.jetstream(timeout=2), SUBJECTS, 1)
+                except Exception:  # noqa: BLE001 - not yet
+                    return False
+                return True
+
+            await eventually(streams_made, timeout=30, every=0.5)
+            info = await broker_west.jetstream().stream_info(SUBJECTS.stream("alloc"))
+            assert info.cluster.name == "eu-west"  # placed where it was created
+            heard: list[str] = []
+
+            async def on_capacity(msg: nats.aio.msg.Msg) -> None:
+                heard.append(msg.subject)
+
+            await broker_west.subscribe(SUBJECTS.events("capacity"), cb=on_capacity)
+            await broker_west.flush()
+            subject = SUBJECTS.capacity("cn-east", "acme")
+
+            async def crossed() -> bool:  # the broker's interest reaches cn-east through the gateway
+                ack = await registry_east.jetstream().publish(subject, b"{}")
+                assert ack.stream == SUBJECTS.stream("capacity")
+                await asyncio.sleep(0.1)
+                return subject in heard
+
+            await eventually(crossed, timeout=10, every=0.2)
+            await meter_nc.publish(subject, b"{}")  # the accounts are the same in every region
+            await meter_nc.flush()
+            await meter_east.wait(subject)
+            # the stream's region is gone: a grant from cn-east cannot be recorded
+            servers["eu-west"].terminate()
+            servers["eu-west"].wait(10)
+            broker_east = await nats.connect(url("broker", "cn-east"))
+            try:
+                with pytest.raises((NoRespondersError, NoStreamResponseError, NatsTimeout)):
+                    await broker_east.jetstream(timeout=2).publish(SUBJECTS.alloc("cn-east", "t1"), b"{}")
+            finally:
+                await broker_east.close()
+        finally:
+            for nc in (broker_west, registry_east, meter_nc):
+                if not nc.is_closed:
+                    await nc.close()
