@@ -188,22 +188,25 @@ def _when(ts: float) -> str:
 # --- invariant 1 -----------------------------------------------------------------------------
 def check_capacity(o: Observation) -> CheckResult:
     """``leased`` never above capacity. A provider may cut capacity under live leases
-    (the registry records the pool as overcommitted): that is excused when the pool's
-    record changed after its newest live lease was granted, and only then."""
+    (the registry records the pool as overcommitted): that is excused when those leases
+    account for every leased unit and the pool's record changed after the newest of them
+    was granted, and only then."""
     r = CheckResult("pool leased <= capacity", 1)
     newest: dict[str, float] = {}
+    held: dict[str, int] = defaultdict(int)
     grants = {lease_id: h.grant[1].lease.granted_at.timestamp() for lease_id, h in histories(o.events).items()
               if h.grant}
     for lease in o.leases.values():
         at = grants.get(lease.lease_id, o.now)
         newest[lease.pool_id] = max(newest.get(lease.pool_id, 0.0), at)
+        held[lease.pool_id] += lease.units
     excused = 0
     for pool in o.pools.values():
         r.checked += 1
         if pool.leased <= pool.capacity:
             continue
         record = (o.records or {}).get(pool.pool_id)
-        if record is not None and record.spec.units == pool.capacity and \
+        if record is not None and record.spec.units == pool.capacity and held[pool.pool_id] == pool.leased and \
                 record.updated_at.timestamp() >= newest.get(pool.pool_id, 0.0):
             excused += 1
             continue

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -102,6 +103,66 @@ async def test_steady_load_passes_the_audit(stack: Stack) -> None:
     report = await stack.audit()
     assert report.ok, report.to_dict()
     assert stack.load is not None and stack.load.statuses.get(201, 0) > 0
+
+
+async def _cli_audit(stack: Stack) -> tuple[int, dict]:
+    env = {**os.environ, "NATS_URL": stack.settings.nats_url, "REDIS_URL": stack.settings.redis_url,
+           "CB_PREFIX": stack.settings.prefix, "CB_METER_URL": stack.services["meter"].url,
+           "CB_KEY": stack.settings.admin_key or ""}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli", "audit", "--json", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert out, err
+    return proc.returncode or 0, json.loads(out)
+
+
+def _failing(report: dict) -> dict[str, set[str]]:
+    return {c["check"]: {e["subject"] for e in c["examples"]} for c in report["checks"] if c["violations"]}
+
+
+async def test_auditor_catches_an_injected_overbooking(stack: Stack) -> None:
+    """Written into Redis behind the broker's back: a pool's leased counter pushed past
+    its capacity, then a forged lease taking units nobody granted. The auditor (in
+    process and ``cbroker audit``) fails and names the pool and the lease; undone, it
+    passes again."""
+    code, clean = await _cli_audit(stack)
+    assert code == 0 and clean["ok"], clean
+    keys = Keys(stack.settings.prefix)
+    pool, region = "acme-3", PROVIDERS["acme"][3][0]  # capacity 8
+    client = aioredis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    try:
+        await client.hincrby(keys.pool(region, pool), "leased", 20)
+        try:
+            report = (await stack.audit()).to_dict()
+            assert not report["ok"]
+            assert _failing(report) == {"pool leased <= capacity": {pool},
+                                        "pool leased = units of its live leases": {pool}}, report
+            code, out = await _cli_audit(stack)
+            assert code == 1 and pool in _failing(out)["pool leased <= capacity"]
+        finally:
+            await client.hincrby(keys.pool(region, pool), "leased", -20)
+
+        forged = "lease_forged0000000000000"
+        far = time.time() + 3600
+        await client.hset(keys.lease(region, forged), mapping={"units": 10, "expires": far, "seq": 1, "info": "{}",
+                                                               "interruptible": 0, "pool": keys.pool(region, pool)})
+        await client.sadd(keys.pool_leases(region, pool), forged)
+        await client.zadd(keys.lease_expiry(region), {forged: far})
+        await client.hincrby(keys.pool(region, pool), "leased", 10)
+        try:
+            report = (await stack.audit()).to_dict()
+            failing = _failing(report)
+            assert failing["pool leased <= capacity"] == {pool}, report
+            assert failing["live lease has its grant in the stream"] == {forged}, report
+        finally:
+            await client.zrem(keys.lease_expiry(region), forged)
+            await client.srem(keys.pool_leases(region, pool), forged)
+            await client.delete(keys.lease(region, forged))
+            await client.hincrby(keys.pool(region, pool), "leased", -10)
+    finally:
+        await client.aclose()
+    _, report = await stack.audit_passes(time.monotonic(), timeout=20)
+    assert report.ok
 
 
 @pytest.mark.parametrize("name", ["registry", "broker1", "meter"])
