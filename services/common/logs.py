@@ -17,7 +17,8 @@ import msgspec
 from . import tracing
 
 # attributes every LogRecord has; anything else on a record came from ``extra=``
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                          "color_message"}  # uvicorn's ANSI copy
 _encoder = msgspec.json.Encoder(enc_hook=repr)
 
 

@@ -15,6 +15,7 @@ def serve(service: str, factory: str) -> None:
     settings = settings_from_env()
     config = log_config(service, settings.log_level)  # JSON lines (docs/security.md: logs and request ids)
     logging.config.dictConfig(config)
+    logging.captureWarnings(True)  # warnings become JSON lines too, not raw stderr text
     port = int(os.environ.get("CB_PORT") or getattr(settings, f"{service}_port"))
     uvicorn.run(factory, factory=True, host=settings.host, port=port, log_level=settings.log_level,
                 access_log=False, log_config=config, lifespan="on", timeout_graceful_shutdown=5,
