@@ -32,7 +32,7 @@ from .api.catalogue import CatalogueController
 from .api.events import events
 from .api.keys import KeyController
 from .api.pools import HeartbeatController, PoolController
-from .capacity import capacity_summary, set_gauges
+from .capacity import SummaryCache, set_gauges
 from .console import console_router
 from .domain.catalogue import load_catalogue
 from .domain.topology import default_topology, load_topology
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                                    r"^/v1/events", r"^/console"])
 
     async def refresh_gauges(state: State) -> None:
-        set_gauges(await capacity_summary(state.registry.store, keys))
+        set_gauges(await state.capacity.get())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -91,7 +91,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, key_builder=keys, events_idle_s=15.0)
+        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, events_idle_s=15.0,
+                         capacity=SummaryCache(registry.store, keys))
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,

@@ -1,6 +1,7 @@
 """Capacity at a glance: units by region × accelerator model (capacity, leased, free),
-read from the live pool state in Redis. Feeds the ops console (``GET /v1/capacity``)
-and the registry's gauges, computed when Prometheus scrapes.
+summed from the live pool state inside Redis (``lua/capacity.lua``). Feeds the ops
+console (``GET /v1/capacity``) and the registry's gauges, computed when Prometheus
+scrapes.
 
 The queue depth is read here too (one ``ZCARD`` of the broker's queue key, built by the
 shared key builders): the console wants one round trip for "what is there and what
@@ -9,7 +10,9 @@ waits for it".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from importlib import resources
 
 import msgspec
 from prometheus_client import Gauge
@@ -44,30 +47,66 @@ class CapacitySummary(msgspec.Struct, kw_only=True):
     queue_depth: int
 
 
-def summarise(rows: Iterable[dict[str, str]]) -> tuple[list[Cell], Totals]:
-    """Pure: pool rows (the store's view fields) to cells and totals."""
-    cells: dict[tuple[str, str], Cell] = {}
-    for row in rows:
-        cell = cells.setdefault((row["region"], row["model"]), Cell(region=row["region"], model=row["model"]))
-        cell.pools += 1
-        cell.online += row["status"] == "online"
-        cell.capacity += int(row["capacity"])
-        cell.leased += int(row["leased"])
-        cell.free += int(row["free"])
-    out = sorted(cells.values(), key=lambda c: (c.region, c.model))
-    totals = Totals(pools=sum(c.pools for c in out), online=sum(c.online for c in out),
-                    capacity=sum(c.capacity for c in out), leased=sum(c.leased for c in out),
-                    free=sum(c.free for c in out))
+def totals_of(cells: list[Cell]) -> Totals:
+    totals = Totals(pools=sum(c.pools for c in cells), online=sum(c.online for c in cells),
+                    capacity=sum(c.capacity for c in cells), leased=sum(c.leased for c in cells),
+                    free=sum(c.free for c in cells))
     totals.utilisation = round(totals.leased / totals.capacity, 6) if totals.capacity else 0.0
-    return out, totals
+    return totals
 
 
-async def capacity_summary(store: PoolStore, keys: Keys) -> CapacitySummary:
-    rows: list[dict[str, str]] = []
+CHUNK = 5000  # pools per script call: Redis is never blocked for long
+
+
+def _script(store: PoolStore):  # noqa: ANN202 - a redis-py Script
+    script = getattr(store, "_capacity_script", None)
+    if script is None:
+        script = store.redis.register_script(
+            resources.files("services.registry.lua").joinpath("capacity.lua").read_text())
+        store._capacity_script = script  # type: ignore[attr-defined]
+    return script
+
+
+async def read_summary(store: PoolStore, keys: Keys) -> CapacitySummary:
+    """Per region, a script sums the pools by model (the keys are passed in, all in the
+    region's hash slot, so it runs unchanged on Redis Cluster)."""
+    script = _script(store)
+    cells: dict[tuple[str, str], Cell] = {}
     for region in await store.regions():
-        rows.extend(r for r in await store.views(region, await store.pool_ids(region)) if r is not None)
-    cells, totals = summarise(rows)
-    return CapacitySummary(cells=cells, totals=totals, queue_depth=int(await store.redis.zcard(keys.queue())))
+        ids = await store.pool_ids(region)
+        for start in range(0, len(ids), CHUNK):
+            pool_keys = [keys.pool(region, pool_id) for pool_id in ids[start:start + CHUNK]]
+            for raw in await script(keys=pool_keys, args=[]):
+                model = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
+                c = cells.setdefault((region, model), Cell(region=region, model=model))
+                c.pools += int(raw[1])
+                c.online += int(raw[2])
+                c.capacity += int(raw[3])
+                c.leased += int(raw[4])
+                c.free += int(raw[5])
+    out = sorted(cells.values(), key=lambda c: (c.region, c.model))
+    return CapacitySummary(cells=out, totals=totals_of(out), queue_depth=int(await store.redis.zcard(keys.queue())))
+
+
+class SummaryCache:
+    """Callers that ask at the same time share one read of every pool (consoles re-read
+    after each burst of events, Prometheus scrapes): a read that *started after* a
+    caller asked reflects everything that happened before it asked, so the caller may
+    take it — nobody gets a summary older than its own question."""
+
+    def __init__(self, store: PoolStore, keys: Keys) -> None:
+        self.store, self.keys = store, keys
+        self._started = float("-inf")
+        self._value: CapacitySummary | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> CapacitySummary:
+        asked = time.monotonic()
+        async with self._lock:
+            if self._value is None or self._started < asked:
+                self._started = time.monotonic()
+                self._value = await read_summary(self.store, self.keys)
+            return self._value
 
 
 # --- gauges (set on scrape) -----------------------------------------------------------------

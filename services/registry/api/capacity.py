@@ -8,9 +8,9 @@ from litestar.datastructures import State
 
 from services.common.http import AuthedRequest
 
-from ..capacity import CapacitySummary, capacity_summary
+from ..capacity import CapacitySummary
 
 
 @get("/v1/capacity", tags=["pools"], summary="Capacity by region and model (free, leased), queue depth")
 async def capacity(request: AuthedRequest, state: State) -> CapacitySummary:
-    return await capacity_summary(state.registry.store, state.key_builder)
+    return await state.capacity.get()

@@ -182,8 +182,10 @@ function addEvent(env) {
 }
 
 function soon(name, ms, fn) {
-  clearTimeout(state.timers[name]);
-  state.timers[name] = setTimeout(() => fn().catch(onError), ms);
+  // at most one pending refresh per kind: a steady stream of events must not keep
+  // pushing it back (a debounce would starve), and a burst costs one re-read
+  if (state.timers[name]) return;
+  state.timers[name] = setTimeout(() => { state.timers[name] = null; fn().catch(onError); }, ms);
 }
 
 function connect() {
