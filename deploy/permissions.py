@@ -247,8 +247,10 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
         keys=every,
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + ["get", "set"],
     )
+    # `cbroker audit` reads each region in one Lua script (a consistent snapshot); a script
+    # runs with its caller's ACL, so with only @read it cannot write either.
     ops = RedisUser("ops", "operators and `cbroker audit`: read every key of the deployment",
-                    keys=[f"{prefix}:*"], commands=CONNECTION + ["@read"])
+                    keys=[f"{prefix}:*"], commands=CONNECTION + SCRIPT_COMMANDS + ["@read"])
     for user in (registry, broker, meter, ops):
         user.keys, user.commands = _unique(user.keys), _unique(user.commands)
     return [registry, broker, meter, ops]

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -226,6 +227,12 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
         assert r.status_code == 200, r.text
         for kind in ("pool.registered", "lease.granted", "lease.released", "request.placed"):
             assert f'"{kind}"' in r.text, f"{kind} missing from the event stream: {r.text[:2000]}"
+    # the auditor runs as `ops`: it reads Redis and JetStream and changes nothing
+    audit = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "services.cli", "audit", "--nats-url", s.nats_url("ops"), "--redis-url",
+        s.redis_url("ops"), "--prefix", PREFIX, "--meter-url", s.urls["meter"], "--key", ops["Authorization"][7:]],
+        capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
     assert await acl_refusals(s) == [], "a service was refused by Redis"
     assert refusals_in_logs(s, logs_before) == {}, "a service was refused by NATS or Redis"
 
@@ -349,6 +356,8 @@ async def test_a_redis_user_cannot_touch_keys_outside_its_patterns(secured: Secu
             await conns["broker"].set("other:queue", "x")
         with pytest.raises(NoPermissionError):  # ops reads, never writes
             await conns["ops"].set(f"{PREFIX}:queue", "x")
+        with pytest.raises(ResponseError, match="(?i)can't run this command"):  # ... not even in a script
+            await conns["ops"].eval("return redis.call('SET', KEYS[1], 'x')", 1, f"{PREFIX}:queue")
         assert await conns["ops"].exists(pool_key) in (0, 1)  # ... and reads
         for user in ("registry", "broker", "meter"):  # nor the commands that wipe or reconfigure
             for command in (("FLUSHALL",), ("CONFIG", "SET", "save", "60 1"), ("KEYS", "*")):
