@@ -103,7 +103,7 @@ _FAILOVER_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nat
                     nats.js.errors.NoStreamResponseError)
 
 
-async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Struct, within: float = 15.0,
+async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Struct, within: float = 30.0,
                           attempt_timeout: float = 3.0) -> int:
     """``publish_event``, retried until acknowledged or ``within`` seconds have passed.
 

@@ -7,7 +7,9 @@ The checks read Redis with redis-py's cluster client and JetStream with nats-py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import redis
+import nats.errors
+import nats.js.errors
 from redis.cluster import RedisCluster
 
 from services.cli.supervisor import ServiceProcess
@@ -99,27 +102,29 @@ class Stack:
                 out[pool_id] = {"capacity": int(capacity), "leased": int(leased or 0), "live": live}
         return out
 
+    async def _read(self, stream: str, subject: str) -> list[bytes]:
+        """A whole stream, read again from the start if JetStream is unavailable meanwhile
+        (right after a node died, a stream may still be electing its leader)."""
+        deadline = time.monotonic() + 60
+        while True:
+            nc = await connect(self.settings.nats_url, "test-reader")
+            try:
+                return [data async for _, data in read_stream(nc.jetstream(), stream, subject)]
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+            finally:
+                await nc.close()
+
     async def alloc_events(self) -> list[AllocEvent]:
         subjects = Subjects(self.settings.prefix)
-        nc = await connect(self.settings.nats_url, "test-reader")
-        try:
-            return [_alloc.decode(data) async for _, data in
-                    read_stream(nc.jetstream(), subjects.stream("alloc"), subjects.events("alloc"))]
-        finally:
-            await nc.close()
+        return [_alloc.decode(data) for data in await self._read(subjects.stream("alloc"), subjects.events("alloc"))]
 
     async def ledger(self) -> list[LedgerEntry]:
         names = MeterNames.of(self.settings)
-        nc = await connect(self.settings.nats_url, "test-reader")
-        try:
-            out = []
-            async for _, data in read_stream(nc.jetstream(), names.ledger_stream, names.ledger_subjects):
-                record = _record.decode(data)
-                if isinstance(record, LedgerEntry):
-                    out.append(record)
-            return out
-        finally:
-            await nc.close()
+        records = [_record.decode(data) for data in await self._read(names.ledger_stream, names.ledger_subjects)]
+        return [r for r in records if isinstance(r, LedgerEntry)]
 
     async def meter_settled(self, events: list[AllocEvent]) -> bool:
         """The meter has posted an entry for every ending event of the stream."""
@@ -168,4 +173,4 @@ def slot_owner(settings: Settings, key: str) -> str:
         return f"{node.host}:{node.port}"
 
 
-__all__ = ["REGIONS", "Stack", "expected_charges", "granted_ids", "redis", "slot_owner", "stack"]
+__all__ = ["REGIONS", "Stack", "expected_charges", "granted_ids", "slot_owner", "stack"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from decimal import Decimal
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -108,3 +109,41 @@ async def test_services_place_split_and_gang_leases_on_clustered_engines(cluster
             tenant = next(e.lease.tenant for e in events if e.lease.lease_id == lease_id)
             by_tenant[tenant] = by_tenant.get(tenant, Decimal(0)) + amount
         assert totals == by_tenant
+
+
+async def test_a_split_refused_in_one_region_holds_nothing_in_the_others(cluster_settings: Settings,
+                                                                        tmp_path) -> None:
+    """All or nothing across regions on different masters: the cheap region is reserved
+    first (a split takes the cheapest units first), then the second region refuses (its
+    leases are marked as not restored, as after a Redis loss): the first region's units
+    must be given back before the client hears 503, and nothing is announced."""
+    s_ = msgspec.structs.replace(cluster_settings, sweep_interval_s=600.0)  # no sweep re-marks the region
+    cheap, dear = REGIONS[0], REGIONS[1]
+    pools = {"cheap-1": cheap, "dear-1": dear}
+    body = {"units": 12, "shape": {"kind": "split", "max_pools": 2, "max_regions": 2},
+            "placement": {"regions": [cheap, dear]}, "lease_ttl_s": 600}
+    async with stack(s_, tmp_path) as s:
+        await s.pool("cheap-1", cheap, 8, price="1.00")
+        await s.pool("dear-1", dear, 8, price="5.00")
+
+        async def quoted() -> bool:
+            r = await s.broker.post("/v1/quotes", json=body, headers=s.admin)
+            return r.status_code == 200 and bool(r.json()["options"])
+
+        await eventually(quoted, timeout=30)
+        with s.redis() as rc:
+            assert rc.delete(Keys(s_.prefix).leases_ready(dear)) == 1
+
+        r = await s.request("t1", body)
+        assert r.status_code == 503, r.text
+        states = s.pool_states(pools)
+        assert all(st["leased"] == 0 and st["live"] == 0 for st in states.values()), states
+        assert granted_ids(await s.alloc_events()) == set()
+
+        with s.redis() as rc:  # the same request goes through once the region is ready again
+            rc.set(Keys(s_.prefix).leases_ready(dear), "1")
+        r = await s.request("t1", body)
+        assert r.status_code == 201, r.text
+        assert [(x["region"], x["units"]) for x in r.json()["leases"]] == [(cheap, 8), (dear, 4)]
+        states = s.pool_states(pools)
+        assert states["cheap-1"]["leased"] == 8 and states["dear-1"]["leased"] == 4, states
