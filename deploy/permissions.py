@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from services.common.keys import Keys  # noqa: E402
+from services.common.settings import Settings  # noqa: E402
 from services.common.nats_conn import BUCKETS  # noqa: E402
 from services.common.subjects import (  # noqa: E402
     ALLOC, BILLING, CAPACITY, EVENT_KINDS, REQUEST, MeterNames, Subjects)
@@ -91,7 +92,7 @@ def _unique(items: list[str]) -> list[str]:
 
 def nats_users(prefix: str = "cb") -> list[NatsUser]:
     s = Subjects(prefix)
-    m = MeterNames(prefix=prefix, state=prefix, durable="meter")
+    m = MeterNames.of(Settings(prefix=prefix))
     event_streams = [s.stream(k) for k in EVENT_KINDS]
     buckets = {b: kv_stream(s.bucket(b)) for b in BUCKETS}
     common = [stream for stream in event_streams + list(buckets.values())]  # ensure_streams
@@ -135,8 +136,16 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.events()],
     )
     admin = NatsUser("admin", "stream administration with the `nats` CLI (delete, purge, restore)", full=True)
+    # Only the meter drives its durable consumer on the allocation stream: another user
+    # pulling and acknowledging from it, or deleting it, would leave leases unbilled.
+    alloc, durable = s.stream(ALLOC), m.durable
+    meter_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{durable}", f"{JS}.CONSUMER.CREATE.{alloc}.{durable}",
+                      f"{JS}.CONSUMER.CREATE.{alloc}.{durable}.>", f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{durable}",
+                      f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{durable}", f"$JS.ACK.{alloc}.{durable}.>"]
     for user in (registry, broker, meter):
-        user.deny_publish = JS_DENY
+        user.deny_publish = list(JS_DENY)
+    for user in (registry, broker, ops):
+        user.deny_publish += meter_consumer
     for user in (registry, broker, meter, ops):
         user.publish, user.subscribe = _unique(user.publish), _unique(user.subscribe)
     return [registry, broker, meter, ops, admin]

@@ -311,6 +311,35 @@ async def test_a_service_cannot_delete_or_purge_a_stream(secured: Secured) -> No
         await nc.close()
 
 
+async def test_only_the_meter_drives_its_billing_consumer(secured: Secured) -> None:
+    """Another service pulling (and acknowledging) from the meter's durable consumer, or
+    deleting it, would leave leases unbilled: refused; ops may still look at it."""
+    stream, durable = SUBJECTS.stream("alloc"), "meter"
+    admin = await nats.connect(secured.nats_url("admin"))
+    try:
+        await admin.jetstream().consumer_info(stream, durable)  # the meter made it at start
+        for user in ("registry", "broker"):
+            v = Violations()
+            nc = await v.connect(secured.nats_url(user))
+            try:
+                with pytest.raises((NoRespondersError, NatsTimeout, APIError)):
+                    await nc.jetstream(timeout=1).delete_consumer(stream, durable)
+                next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+                await nc.publish(next_subject, b'{"batch": 1}', reply=nc.new_inbox())
+                await nc.flush()
+                await v.wait(next_subject)
+            finally:
+                await nc.close()
+        ops = await nats.connect(secured.nats_url("ops"))
+        try:
+            assert (await ops.jetstream().consumer_info(stream, durable)).name == durable
+        finally:
+            await ops.close()
+        assert (await admin.jetstream().consumer_info(stream, durable)).name == durable  # still there
+    finally:
+        await admin.close()
+
+
 async def test_a_service_cannot_subscribe_to_what_it_does_not_read(secured: Secured) -> None:
     v = Violations()
     nc = await v.connect(secured.nats_url("meter"))
