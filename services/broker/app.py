@@ -20,6 +20,7 @@ from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
 from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
+from services.common import tracing
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.messages import (
@@ -113,8 +114,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             """One replica (queue group) marks the leases of a vanished pool lost."""
             event = msgspec.json.decode(msg.data, type=CapacityEvent)
             if isinstance(event, (PoolOffline, PoolRemoved)):
-                await broker.pool_lost(event.region, event.pool_id,
-                                       "pool offline" if isinstance(event, PoolOffline) else "pool removed")
+                with tracing.bound(tracing.from_headers(msg.headers)):  # lease.lost events carry the request id
+                    await broker.pool_lost(event.region, event.pool_id,
+                                           "pool offline" if isinstance(event, PoolOffline) else "pool removed")
 
         await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
         broker.budget_grace_s = settings.budget_grace_s
@@ -125,7 +127,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 event = msgspec.json.decode(msg.data, type=BillingEvent)
             except msgspec.DecodeError:
                 return
-            await broker.on_billing(event)
+            with tracing.bound(tracing.from_headers(msg.headers)):
+                await broker.on_billing(event)
 
         await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request

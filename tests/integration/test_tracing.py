@@ -87,9 +87,22 @@ async def test_one_request_is_followed_through_http_nats_and_logs(settings: Sett
                         and logged(procs["meter"].log_path, place_rid))
 
         await eventually(everywhere, timeout=20)
+
+        # registry -> broker -> meter: removing the pool loses the lease, which is billed up to then
+        remove_rid = f"trace-remove-{uuid.uuid4().hex[:8]}"
+        r = registry.delete("/v1/pools/p1", headers={**provider, HEADER: remove_rid})
+        assert r.status_code == 200 and r.headers[HEADER] == remove_rid, r.text
+
+        async def through_all_three() -> bool:
+            return any(b'"lease.lost"' in m.data for m in carried(remove_rid)) and any(
+                "applied lease.lost" in line["msg"] for line in logged(procs["meter"].log_path, remove_rid))
+
+        await eventually(through_all_three, timeout=20)
         registry_lines = logged(procs["registry"].log_path, pool_rid)
         broker_lines = logged(procs["broker"].log_path, pool_rid) + logged(procs["broker"].log_path, place_rid)
         meter_lines = logged(procs["meter"].log_path, place_rid)
+        chain = {line["service"] for name in procs for line in logged(procs[name].log_path, remove_rid)}
+        assert chain == {"registry", "broker", "meter"}, chain
 
     assert any(line["msg"].startswith("PUT /v1/pools/p1 201") for line in registry_lines), registry_lines
     assert any("capacity event PoolRegistered" in line["msg"] for line in broker_lines), broker_lines
