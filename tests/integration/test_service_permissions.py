@@ -485,3 +485,46 @@ async def test_regions_join_a_super_cluster_under_the_same_accounts(tmp_path: Pa
             for nc in (broker_west, registry_east, meter_nc):
                 if not nc.is_closed:
                     await nc.close()
+
+
+async def test_the_redis_users_work_on_a_redis_cluster(tmp_path: Path) -> None:
+    """With CB_REDIS_CLUSTER the services use redis-py's cluster client, which also asks
+    every node for its slots and the command table: users.acl allows that, and a
+    service's scripts run on each region's slot. (tests/cluster.py starts the nodes
+    without an ACL file, so the file's rules are given to each node with ACL SETUSER.)"""
+    from redis.asyncio.cluster import RedisCluster
+
+    from ..cluster import redis_cluster
+
+    passwords = {u: secrets.token_hex(8) for u in USERS}
+    rules = [line.split()[1:] for line in redis_acl(tmp_path, passwords).read_text().splitlines()
+             if line.startswith("user ")]
+    rules.sort(key=lambda rule: rule[0] == "default")  # `default off` last: it is the session's user
+    with redis_cluster(tmp_path / "rc") as rc:
+        for node in rc.nodes:
+            admin = aioredis.Redis(host="127.0.0.1", port=node.port)
+            try:
+                for rule in rules:
+                    await admin.execute_command("ACL", "SETUSER", *rule)
+            finally:
+                await admin.aclose()
+        seed = rc.nodes[0].port
+
+        def client(user: str) -> RedisCluster:
+            return RedisCluster.from_url(f"redis://{user}:{passwords[user]}@127.0.0.1:{seed}/0")
+
+        broker, meter = client("broker"), client("meter")
+        try:
+            script = broker.register_script("redis.call('HINCRBY', KEYS[1], 'leased', 2) "
+                                            "return redis.call('HGET', KEYS[1], 'leased')")
+            for region in ("ap-south", "eu-west", "cn-east"):  # slots 4578, 9524, 14136: one per node
+                assert await script(keys=[f"{PREFIX}:{{{region}}}:pool:p1"]) == b"2"
+            assert await broker.set(f"{PREFIX}:queue:vtime", "1")
+            assert await meter.set(f"{PREFIX}:apikey:probe", "x")
+            with pytest.raises(NoPermissionError):
+                await meter.hget(f"{PREFIX}:{{cn-east}}:pool:p1", "leased")
+            with pytest.raises(NoPermissionError):
+                await broker.set(f"{PREFIX}:poolidx", "x")
+        finally:
+            await broker.aclose()
+            await meter.aclose()
