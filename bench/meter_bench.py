@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 import msgspec  # noqa: E402
+import psutil  # noqa: E402
 
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
@@ -105,7 +106,7 @@ async def publish(js, items: list[tuple[str, bytes, str]], window: int = 2000) -
     return took
 
 
-async def ingest(settings: Settings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
+async def ingest(settings: Settings, svc: ServiceProcess, n: int, say, nats_pid: int) -> None:  # noqa: ANN001
     subjects, names = Subjects(settings.prefix), MeterNames.of(settings)
     say(f"-- ingest with {settings.workers} meter process(es) sharing the durable consumer")
     nc = await connect(settings.nats_url, "bench")
@@ -121,8 +122,10 @@ async def ingest(settings: Settings, svc: ServiceProcess, n: int, say) -> None: 
     t_start = time.perf_counter()
     svc.start()
     await asyncio.to_thread(svc.wait_healthy)
+    meter_procs = [psutil.Process(svc.proc.pid), *psutil.Process(svc.proc.pid).children(recursive=True)]
+    nats_proc = psutil.Process(nats_pid)
     stream = subjects.stream("alloc")
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float, float]] = []
     while True:
         try:
             info = await js.consumer_info(stream, names.durable)
@@ -130,22 +133,37 @@ async def ingest(settings: Settings, svc: ServiceProcess, n: int, say) -> None: 
             await asyncio.sleep(0.05)
             continue
         done = info.ack_floor.stream_seq if info.ack_floor else 0
-        samples.append((time.perf_counter(), done))
+        samples.append((time.perf_counter(), done, _cpu(meter_procs), _cpu([nats_proc])))
         if info.num_pending == 0 and info.num_ack_pending == 0:
             break
         await asyncio.sleep(0.1)
     t_end = time.perf_counter()
 
-    def at(fraction: float) -> tuple[float, int]:
+    def at(fraction: float) -> tuple[float, int, float, float]:
         return next(s for s in samples if s[1] >= fraction * total)
 
-    (ta, a), (tb, b) = at(0.1), at(0.9)
+    (ta, a, ma, na), (tb, b, mb, nb) = at(0.1), at(0.9)
     ledger = await js.stream_info(names.ledger_stream)
     say(f"ingest: {(b - a) / (tb - ta):,.0f} events/s sustained (10%-90% of the backlog); "
         f"{total:,} events in {t_end - t_start:.1f}s from process start "
         f"({total / (t_end - t_start):,.0f}/s incl. start-up); {ledger.state.messages:,} ledger entries; "
         f"batch {settings.meter_batch}; target >= 20,000/s")
+    say(f"CPU per event (10%-90%): meter process(es) {(mb - ma) / (b - a) * 1e6:.1f} us, "
+        f"nats-server {(nb - na) / (b - a) * 1e6:.1f} us")
     await nc.drain()
+
+
+def _cpu(procs: list) -> float:  # noqa: ANN001
+    """User + system CPU seconds of these processes so far: a measure of cost that the
+    other work on a shared machine does not distort (wall-clock rates are)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 async def invoice(settings: Settings, svc: ServiceProcess, n: int, say) -> None:  # noqa: ANN001
@@ -229,7 +247,7 @@ def main() -> None:
         for workers in args.workers:
             run = msgspec.structs.replace(settings, prefix=f"cbw{workers}", workers=workers)
             svc = meter(run, f"meter-w{workers}")
-            asyncio.run(ingest(run, svc, args.events, say))
+            asyncio.run(ingest(run, svc, args.events, say, nats.proc.pid))
             svc.stop()
         if not args.skip_invoice:
             run = msgspec.structs.replace(settings, prefix="cbinv")

@@ -62,6 +62,7 @@ log = logging.getLogger("meter.consumer")
 EVENTS = Counter("cb_meter_events", "Allocation events consumed", ["outcome"])  # applied, duplicate, dead
 ENTRIES = Counter("cb_meter_ledger_entries", "Ledger entries posted (before de-duplication)")
 CONFLICTS = Counter("cb_meter_account_conflicts", "Account updates that lost a race and were retried")
+_APPLIED, _DUPLICATE = EVENTS.labels("applied"), EVENTS.labels("duplicate")
 
 _event = msgspec.json.Decoder(AllocEvent)
 _account = msgspec.json.Decoder(Account)
@@ -239,14 +240,14 @@ class AllocConsumer:
                 for _, msg in group.items:
                     await self._failed(msg, exc)
             return
+        applied = duplicates = 0
+        debug = log.isEnabledFor(logging.DEBUG)
         for group, error in done:
             if error is None:
-                self.stats["applied"] += group.applied
-                self.stats["duplicate"] += group.duplicates
-                EVENTS.labels("applied").inc(group.applied)
-                EVENTS.labels("duplicate").inc(group.duplicates)
+                applied += group.applied
+                duplicates += group.duplicates
                 for event, msg in group.items:
-                    if log.isEnabledFor(logging.DEBUG):
+                    if debug:
                         log.debug("applied %s seq %d of lease %s", event.__struct_config__.tag, event.seq,
                                   event.lease.lease_id, extra={"request_id": tracing.from_headers(msg.headers),
                                          "stream_seq": msg.metadata.sequence.stream})
@@ -254,6 +255,10 @@ class AllocConsumer:
             else:
                 for _, msg in group.items:
                     await self._failed(msg, error)
+        self.stats["applied"] += applied
+        self.stats["duplicate"] += duplicates
+        _APPLIED.inc(applied)
+        _DUPLICATE.inc(duplicates)
 
     @staticmethod
     def decode(data: bytes) -> AllocEvent:

@@ -143,6 +143,15 @@ class Publisher:
         return await self.wait(futures)
 
 
+def stream_seq(msg: Msg) -> int:
+    """The stream sequence of a message delivered by a consumer, read straight from its
+    reply subject (``msg.metadata`` builds four objects to say the same)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+        return int(tokens[5])
+    return msg.metadata.sequence.stream
+
+
 class Puller:
     """Fetches batches from a pull consumer through one callback subscription.
 

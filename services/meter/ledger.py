@@ -22,15 +22,15 @@ from services.common.settings import Settings
 from services.common.subjects import MeterNames
 
 from .aggregate import Aggregate
-from .jspub import Publisher, Puller
+from .jspub import Publisher, Puller, stream_seq
 from .aio import wait_event
-from .model import LedgerEntry, LedgerRecord, PeriodsClosed
+from .model import FoldedEntry, FoldedRecord, LedgerEntry, PeriodsClosed
 
 log = logging.getLogger("meter.ledger")
 
 PUBLISH_TIMEOUT_S = 10.0
 _encoder = msgspec.json.Encoder(decimal_format="string")
-_record = msgspec.json.Decoder(LedgerRecord)
+_folded = msgspec.json.Decoder(FoldedRecord)
 
 
 def encode(record: msgspec.Struct) -> bytes:
@@ -96,7 +96,7 @@ class Ledger:
         self.aggregate = aggregate or Aggregate()
         self.ready = asyncio.Event()
         self.target_seq = 0  # the stream's last sequence when following started
-        self.on_entries: Callable[[list[LedgerEntry]], None] | None = None  # entries just folded
+        self.on_entries: Callable[[list[FoldedEntry]], None] | None = None  # entries just folded
         self.on_closed: Callable[[list[str], PeriodsClosed], Awaitable[None]] | None = None
         self._task: asyncio.Task | None = None
         self._advanced = asyncio.Event()
@@ -178,17 +178,17 @@ class Ledger:
 
     async def _fold(self, msgs: list) -> None:
         agg = self.aggregate
-        entries: list[LedgerEntry] = []
+        entries: list[FoldedEntry] = []
         for msg in msgs:
-            seq = msg.metadata.sequence.stream
+            seq = stream_seq(msg)
             try:
-                record = _record.decode(msg.data)
+                record = _folded.decode(msg.data)
             except msgspec.DecodeError as exc:  # never written by the meter; keep going
                 log.error("ledger message %d undecodable (%s): skipped", seq, exc)
                 agg.applied_seq = max(agg.applied_seq, seq)
                 continue
             closed = agg.apply(seq, record)
-            if isinstance(record, LedgerEntry):
+            if isinstance(record, FoldedEntry):
                 entries.append(record)
             elif closed and self.on_closed is not None:
                 await self.on_closed(closed, record)
