@@ -1,6 +1,7 @@
 """Property test of ``pool.lua`` against a real redis-server: whatever the order of
-registrations, heartbeats, shrinks, drains, expiries and (broker) leases, the live
-numbers the script keeps match a plain model, and free units are never negative."""
+registrations, heartbeats, shrinks, drains, expiries, removals and (broker) leases, the
+live numbers the script keeps match a plain model, and free units are never negative.
+The default run takes at least ``MIN_STEPS`` steps (counted)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from services.common.keys import Keys
 from services.common.redis_conn import read_lua
 
 REGION, POOL = "cn-yrd", "p"
+MIN_STEPS = 2_500
 
 
-def make_machine(url: str) -> type[RuleBasedStateMachine]:
+def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     client = redis.Redis.from_url(url, decode_responses=True)
     script = client.register_script(read_lua("services.registry.lua", "pool.lua"))
 
@@ -36,11 +38,13 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
         @rule(capacity=st.integers(1, 64))
         def replace_or_patch(self, capacity: int) -> None:
+            counter[0] += 1
             self.call("patch", capacity, "{}")
             self.capacity = capacity
 
         @rule(healthy=st.one_of(st.none(), st.integers(0, 80)))
         def heartbeat(self, healthy: int | None) -> None:
+            counter[0] += 1
             self.now += 1
             self.call("heartbeat", -2 if healthy is None else healthy)
             self.alive = True
@@ -49,21 +53,25 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
         @rule(on=st.booleans())
         def drain(self, on: bool) -> None:
+            counter[0] += 1
             self.call("drain" if on else "undrain")
             self.draining = on
 
         @rule()
         def expire(self) -> None:
+            counter[0] += 1
             self.now += 100
             self.call("expire", self.now - 50)
             self.alive = False
 
         @rule()
         def expire_too_early(self) -> None:
+            counter[0] += 1
             self.call("expire", self.now - 50)  # last heartbeat is newer than the cutoff: no change
 
         @rule(n=st.integers(1, 16))
         def lease(self, n: int) -> None:
+            counter[0] += 1
             # what the broker's reserve script does: take units only when free
             free = int(client.hget(self.keys.pool(REGION, POOL), "free"))
             if free >= n:
@@ -73,14 +81,29 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
         @rule(n=st.integers(1, 16))
         def release(self, n: int) -> None:
+            counter[0] += 1
             n = min(n, self.leased)
             client.hincrby(self.keys.pool(REGION, POOL), "leased", -n)
             self.call("heartbeat", -2)
             self.leased -= n
             self.alive = True
 
+        @rule(capacity=st.integers(1, 64))
+        def removed_and_registered_again(self, capacity: int) -> None:
+            """Removal reports the units still leased (the broker marks them lost); a new
+            registration starts from nothing leased."""
+            counter[0] += 1
+            raw = self.call("remove")
+            assert (int(raw[0]), raw[2], int(raw[5])) == (1, "removed", self.leased)
+            assert client.exists(self.keys.pool(REGION, POOL)) == 0
+            assert POOL not in client.smembers(self.keys.region_pools(REGION))
+            assert self.call("heartbeat", -2)[0] == 0  # a heartbeat for a removed pool finds nothing
+            self.call("upsert", capacity, "{}", "m", "acme")
+            self.capacity, self.healthy, self.leased, self.alive, self.draining = capacity, -1, 0, True, False
+
         @rule()
         def foreign_provider_is_refused(self) -> None:
+            counter[0] += 1
             before = client.hgetall(self.keys.pool(REGION, POOL))
             assert self.call("drain", provider="zeta")[0] == -1
             assert client.hgetall(self.keys.pool(REGION, POOL)) == before
@@ -107,6 +130,9 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
 
 def test_pool_script_matches_model(redis_url: str) -> None:
-    machine = make_machine(redis_url)
-    machine.TestCase.settings = hsettings(max_examples=60, stateful_step_count=40, deadline=None)
+    counter = [0]
+    machine = make_machine(redis_url, counter)
+    machine.TestCase.settings = hsettings(max_examples=120, stateful_step_count=50, deadline=None)
     machine.TestCase().runTest()
+    print(f"{counter[0]} steps")
+    assert counter[0] >= MIN_STEPS, f"only {counter[0]} steps ran"
