@@ -123,8 +123,12 @@ def test_the_generated_secret_is_valid_and_complete() -> None:
     secret = _secret()
     kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
     data = secret["stringData"]
-    assert len(set(data.values()) - {data["admin-key"]}) >= len(data) - 1 - len(SERVICES) * 2  # fresh passwords
-    assert yaml.safe_load(PERMISSIONS.render_secret())["stringData"]["admin-key"] != data["admin-key"]
+    passwords = [v for k, v in data.items() if k.endswith("-password")]
+    assert len(passwords) == len(set(passwords)) >= 11, "one password per user and server"
+    for name in SERVICES:  # each service's URLs carry its own user and password
+        assert data[f"{name}-nats-url"] == f"nats://{name}:{data[f'nats-{name}-password']}@nats:4222"
+        assert data[f"{name}-redis-url"] == f"redis://{name}:{data[f'redis-{name}-password']}@redis:6379/0"
+    assert yaml.safe_load(PERMISSIONS.render_secret())["stringData"]["admin-key"] != data["admin-key"]  # fresh
 
 
 # ------------------------------------------------------------------ the services
