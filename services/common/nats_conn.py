@@ -165,4 +165,7 @@ async def close_quietly(nc: NATS, timeout: float = 5.0) -> None:
     except Exception as exc:  # noqa: BLE001 - includes TimeoutError
         log.warning("nats drain did not finish (%s); closing", exc or type(exc).__name__)
         if not nc.is_closed:
-            await nc.close()
+            try:
+                await nc.close()
+            except Exception as close_exc:  # noqa: BLE001 - the server is gone: flushing to it fails
+                log.warning("nats close: %s", close_exc or type(close_exc).__name__)

@@ -9,7 +9,7 @@ import msgspec
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli.servers import start_redis
+from services.cli.servers import start_nats, start_redis
 from services.common.subjects import Subjects
 from services.registry.app import create_app as create_registry
 from tests.helpers import eventually
@@ -65,6 +65,27 @@ async def test_ready_is_503_when_redis_goes_away(settings, nc, tmp_path) -> None
             assert (await client.get("/health")).status_code == 200  # alive, just not ready
     finally:
         redis.stop()
+
+
+async def test_ready_is_503_and_events_unavailable_when_nats_goes_away(settings, tmp_path) -> None:
+    nats = start_nats(tmp_path / "nats")
+    own = msgspec.structs.replace(settings, nats_url=nats.url)
+    try:
+        async with AsyncTestClient(app=create_registry(own)) as client:
+            assert (await client.get("/ready")).status_code == 200
+            ops = await client.post("/v1/keys", json={"role": "ops"}, headers={"Authorization": f"Bearer {own.admin_key}"})
+            key = {"Authorization": f"Bearer {ops.json()['key']}"}
+            nats.stop()
+
+            async def not_ready() -> bool:
+                r = await client.get("/ready")
+                return r.status_code == 503 and any(x.startswith("nats:") for x in r.json()["reasons"])
+
+            await eventually(not_ready, timeout=20)
+            r = await client.get("/v1/events", params={"follow": "false"}, headers=key)
+            assert r.status_code == 503 and "unreachable" in r.json()["detail"], r.text
+    finally:
+        nats.stop()
 
 
 async def test_broker_and_registry_metrics_follow_placements_and_the_queue(settings) -> None:

@@ -17,8 +17,10 @@ import msgspec
 from litestar import Request, get
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from nats.errors import Error as NatsError
 
 from services.common.auth import KeyLookup
+from services.common.errors import Unavailable
 from services.common.http import PUBLIC
 from services.common.subjects import Subjects
 
@@ -51,7 +53,10 @@ async def events(request: Request, kind: Q = None, type: Q = None, region: Q = N
     the_plan = plan(who, parse_filter(kind, type, region, provider, tenant), subjects.prefix)
     start = parse_since(last_event_id, since, datetime.now(UTC))
     js = request.app.state.js
-    cursor, last = await start_positions(js, subjects, the_plan, start)
+    try:
+        cursor, last = await start_positions(js, subjects, the_plan, start)
+    except (NatsError, TimeoutError) as exc:  # NATS away: say so, the client retries
+        raise Unavailable(f"event streams unreachable ({exc.__class__.__name__}); retry shortly") from None
     feed = EventFeed(js, subjects, the_plan, cursor, last, follow=follow,
                      idle_s=request.app.state.events_idle_s)
 
