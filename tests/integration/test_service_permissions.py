@@ -434,7 +434,9 @@ async def test_regions_join_a_super_cluster_under_the_same_accounts(tmp_path: Pa
     with contextlib.ExitStack() as stack:
         servers = {r: stack.enter_context(server(
             [find_binary("nats-server"), "-c", str(cluster_config(tmp_path, r, ports))], ports[r]["client"],
-            tmp_path / f"{r}.log", {**env, "CB_REGION": r, "SERVER_NAME": f"{r}-nats-0"}, f"nats-server {r}"))
+            tmp_path / f"{r}.log", {**env, "CB_REGION": r, "SERVER_NAME": f"{r}-nats-0",
+                                    "CB_NATS_GATEWAY_ADVERTISE": f"127.0.0.1:{ports[r]['gateway']}"},
+            f"nats-server {r}"))
             for r in regions}
         broker_west = await nats.connect(url("broker", "eu-west"))
         registry_east = await nats.connect(url("registry", "cn-east"))

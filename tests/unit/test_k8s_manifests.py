@@ -240,10 +240,11 @@ def test_nats_configs_parse(tmp_path: Path) -> None:
     for name, text in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     for region in _regions():
-        result = _nats_check(tmp_path / "nats.conf", _nats_env(CB_REGION=region, SERVER_NAME=f"{region}-nats-0"))
+        result = _nats_check(tmp_path / "nats.conf", _nats_env(CB_REGION=region, SERVER_NAME=f"{region}-nats-0",
+                                                               CB_NATS_GATEWAY_ADVERTISE=f"gw.{region}:7222"))
         assert result.returncode == 0, result.stderr
     # a missing password stops the server: no account runs with an empty one
-    env = _nats_env(CB_REGION="cn-east", SERVER_NAME="cn-east-nats-0")
+    env = _nats_env(CB_REGION="cn-east", SERVER_NAME="cn-east-nats-0", CB_NATS_GATEWAY_ADVERTISE="gw:7222")
     del env["CB_NATS_METER_PASSWORD"]
     result = _nats_check(tmp_path / "nats.conf", env)
     assert result.returncode != 0 and "CB_NATS_METER_PASSWORD" in result.stderr + result.stdout
@@ -274,6 +275,11 @@ def test_nats_cluster_is_durable_routed_and_joined_by_gateways() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["CB_REGION"]["valueFrom"]["configMapKeyRef"] == {"name": "cb-region", "key": "region"}
     assert env["SERVER_NAME"]["value"] == "$(CB_REGION)-$(POD_NAME)"  # unique across the super-cluster
+    assert env["CB_NATS_GATEWAY_ADVERTISE"]["valueFrom"]["configMapKeyRef"]["name"] == "cb-region"
+    for region_map in (d for d in _all("ConfigMap") if d["metadata"]["name"] == "cb-region"):
+        region = region_map["data"]["region"]  # a region advertises the gateway URL the others dial
+        advertised = region_map["data"]["gateway-advertise"]
+        assert re.search(rf'name:\s*"{region}",\s*urls:\s*\["nats://{re.escape(advertised)}"\]', body), region
     assert container["livenessProbe"]["httpGet"]["path"].startswith("/healthz")
 
 
