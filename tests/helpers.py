@@ -60,3 +60,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(every)
+
+
+async def drop_streams(nats_url: str, prefix: str) -> None:
+    """Delete a test's streams and buckets from the shared session server (for tests that
+    run services as processes and do not use the ``nc`` fixture, which does this itself)."""
+    from services.common.nats_conn import connect
+
+    nc = await connect(nats_url, "test-cleanup")
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if name.startswith(prefix.upper() + "_") or name.startswith(f"KV_{prefix}_"):
+                await js.delete_stream(name)
+    finally:
+        await nc.drain()

@@ -5,6 +5,7 @@ show up without a reload; a released lease's spend appears (the meter, cross-ori
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -17,6 +18,7 @@ import pytest
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
 from services.common.settings import Settings, settings_to_env
+from tests.helpers import drop_streams
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -47,6 +49,7 @@ def stack(nats_url: str, redis_url: str, log_dir: Path) -> Iterator[tuple[Settin
     finally:
         for p in reversed(procs):
             p.stop()
+        asyncio.run(drop_streams(nats_url, settings.prefix))
 
 
 def test_console_shows_the_world_live(nats_url: str, redis_url: str, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from services.common.messages import LeaseGranted, LeaseInfo
 from services.common.nats_conn import connect, ensure_streams, publish_event
 from services.common.settings import Settings
 from services.common.subjects import Subjects
-from tests.helpers import eventually
+from tests.helpers import drop_streams, eventually
 from tests.integration.conftest import pool_body
 from tests.procs import service_process
 from tests.sse import Watcher, pools_seen
@@ -63,6 +63,7 @@ def registry_proc(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPa
                         admin_key="admin-" + uuid.uuid4().hex, sweep_interval_s=0.5)
     with service_process("registry", settings, tmp_path_factory.mktemp("events")) as svc:
         yield svc.url, settings
+    asyncio.run(drop_streams(settings.nats_url, settings.prefix))
 
 
 @pytest.fixture
