@@ -95,8 +95,8 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     m = MeterNames.of(Settings(prefix=prefix))
     event_streams = [s.stream(k) for k in EVENT_KINDS]
     buckets = {b: kv_stream(s.bucket(b)) for b in BUCKETS}
-    common = [stream for stream in event_streams + list(buckets.values())]  # ensure_streams
-    base_pub = [f"{JS}.INFO"] + [p for st in common for p in manage(st)]
+    shared = event_streams + list(buckets.values())  # every service's ensure_streams
+    base_pub = [f"{JS}.INFO"] + [p for st in shared for p in manage(st)]
     inbox = ["_INBOX.>"]  # replies to the service's own requests (JetStream API, acks, RPC)
 
     registry = NatsUser(
@@ -104,7 +104,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         publish=base_pub
         + [s.events(CAPACITY), s.key_revoked()]
         + [f"$KV.{s.bucket(b)}.>" for b in BUCKETS]
-        + [p for st in event_streams + list(buckets.values()) for p in read(st)],
+        + [p for st in shared for p in read(st)],
         subscribe=inbox + [s.rpc("registry", ">"), s.key_revoked(), s.events()],
         allow_responses=True,
     )
@@ -112,8 +112,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         "broker", "allocation and request events; reads capacity, billing, pools and keys",
         publish=base_pub
         + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*")]
-        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), buckets["pools"], buckets["keys"],
-                        buckets["regions"]) for p in read(st)],
+        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), buckets["pools"], buckets["keys"]) for p in read(st)],
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
     meter_buckets = [m.accounts, m.invoices, m.budgets]
@@ -128,7 +127,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.key_revoked(),
                            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream(ALLOC)}.>"],
     )
-    all_streams = event_streams + list(buckets.values()) + meter_streams
+    all_streams = shared + meter_streams
     ops = NatsUser(
         "ops", "operators and `cbroker` tools (events, audit): read every stream and event, change nothing",
         publish=[f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST"]
