@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, events_idle_s=15.0,
+        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, events_idle_s=5.0,
                          capacity=SummaryCache(registry.store, keys))
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())

@@ -211,6 +211,18 @@ async def test_bad_watch_requests_get_problem_details(world: World, params: dict
     assert r.headers["content-type"].startswith("application/problem+json") and r.json()["detail"]
 
 
+async def test_a_revoked_key_ends_its_stream(world: World) -> None:
+    r = await world.http.post("/v1/keys", json={"role": "ops"}, headers=world.admin)
+    key_id, key = r.json()["key_id"], r.json()["key"]
+    async with Watcher(world.url, {"key": key}) as w:
+        await w.wait_for(lambda evs: any(e.event == "ready" for e in evs))
+        assert (await world.http.delete(f"/v1/keys/{key_id}", headers=world.admin)).status_code in (200, 204)
+        await w.wait_for(lambda evs: any(e.event == "revoked" for e in evs), timeout=20)
+        await asyncio.wait_for(w.ended.wait(), 10)
+    r = await world.http.get("/v1/events", params={"key": key})
+    assert r.status_code == 401
+
+
 async def test_consumers_go_away_with_the_watcher(world: World) -> None:
     ops = await world.key("ops")
     js = world.nc.jetstream()

@@ -8,6 +8,7 @@ written down; see docs/events.md).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
@@ -20,7 +21,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.errors import Error as NatsError
 
 from services.common.auth import KeyLookup
-from services.common.errors import Unavailable
+from services.common.errors import Unauthorized, Unavailable
 from services.common.http import PUBLIC
 from services.common.subjects import Subjects
 
@@ -29,12 +30,34 @@ from ..event_feed import EventFeed, start_positions
 
 Q = Annotated[str | None, Parameter(max_length=200)]
 RETRY_MS = 2000
+RECHECK_S = 1.0
 
 
-async def _authenticate(request: Request, key: str | None):  # noqa: ANN202
-    lookup: KeyLookup = request.app.state.key_lookup
+def _authorization(request: Request, key: str | None) -> str | None:
     header = request.headers.get("authorization")
-    return await lookup.authenticate(header if header or not key else f"Bearer {key}")
+    return header if header or not key else f"Bearer {key}"
+
+
+class KeyWatch:
+    """A stream outlives the request that opened it, so its key is checked again while it
+    runs (at most every ``RECHECK_S``, on events and keep-alive ticks): a revoked key's
+    stream ends within seconds. A Redis blip does not end streams; only a refusal does."""
+
+    def __init__(self, lookup: KeyLookup, authorization: str | None) -> None:
+        self.lookup, self.authorization = lookup, authorization
+        self._checked = time.monotonic()
+
+    async def still_valid(self) -> bool:
+        if time.monotonic() - self._checked < RECHECK_S:
+            return True
+        self._checked = time.monotonic()
+        try:
+            await self.lookup.authenticate(self.authorization)
+        except Unauthorized:
+            return False
+        except Exception:  # noqa: BLE001 - cannot tell now; ask again next time
+            return True
+        return True
 
 
 @get("/v1/events", tags=["events"], opt=PUBLIC,
@@ -48,7 +71,8 @@ async def events(request: Request, kind: Q = None, type: Q = None, region: Q = N
                  key: Annotated[str | None, Parameter(max_length=200)] = None,
                  last_event_id: Annotated[str | None, HeaderParameter(name="last-event-id", max_length=200)] = None,
                  ) -> ServerSentEvent:
-    who = await _authenticate(request, key)
+    watch = KeyWatch(request.app.state.key_lookup, _authorization(request, key))
+    who = await watch.lookup.authenticate(watch.authorization)
     subjects: Subjects = request.app.state.subjects
     the_plan = plan(who, parse_filter(kind, type, region, provider, tenant), subjects.prefix)
     start = parse_since(last_event_id, since, datetime.now(UTC))
@@ -68,6 +92,10 @@ async def events(request: Request, kind: Q = None, type: Q = None, region: Q = N
             yield ServerSentEventMessage(event="ready", id=format_cursor(cursor),
                                          data=msgspec.json.encode(ready).decode(), retry=RETRY_MS)
             async for item in feed.items():
+                if not await watch.still_valid():
+                    yield ServerSentEventMessage(event="revoked", data=msgspec.json.encode(
+                        {"status": 401, "title": "unauthorized", "detail": "the API key was revoked"}).decode())
+                    return
                 if item is None:
                     yield ServerSentEventMessage(comment="keep-alive", data=None)
                     continue

@@ -195,6 +195,7 @@ function connect() {
   const source = new EventSource("/v1/events?" + params.toString());
   state.source = source;
   source.addEventListener("ready", (m) => { state.lastId = m.lastEventId || state.lastId; setStatus(true, "live"); });
+  source.addEventListener("revoked", () => { source.close(); logout("the key was revoked"); });
   source.onmessage = (m) => {
     state.lastId = m.lastEventId || state.lastId;
     const env = JSON.parse(m.data);
