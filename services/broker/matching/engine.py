@@ -341,6 +341,10 @@ class Engine:
             if price is not None:
                 book.update(price, pool_id, old, free)
 
+    def free_units(self) -> dict[str, int]:
+        """Free units of every pool (a snapshot to restore with ``set_free``)."""
+        return {pid: pool.free for pid, pool in self._pools.items()}
+
     def get(self, pool_id: str) -> PoolState | None:
         """The engine's view of a pool (read-only: change it through the methods)."""
         return self._pools.get(pool_id)
