@@ -245,6 +245,8 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert await acl_refusals(s) == [], "a service was refused by Redis"
     assert refusals_in_logs(s, logs_before) == {}, "a service was refused by NATS or Redis"
+    for name, path in s.logs.items():  # the URLs carry passwords: never written to a log
+        assert s.passwords[name] not in path.read_text(errors="replace"), f"{name} logged its password"
 
 
 class Violations:
