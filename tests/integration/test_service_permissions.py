@@ -266,7 +266,7 @@ class Violations:
             return any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in self.errors)
 
         with contextlib.suppress(AssertionError):
-            await eventually(seen, timeout=5)
+            await eventually(seen, timeout=15)
         assert await seen(), f"no permissions violation for {subject}; the server said {self.errors}"
 
 
