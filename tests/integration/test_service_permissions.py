@@ -6,9 +6,10 @@ generated auth.conf unchanged; redis.conf unchanged with users.acl (its password
 placeholders filled) passed as ``--aclfile`` and the port and directory as flags. The
 three services run as processes, each with its own user in NATS_URL and REDIS_URL. A real
 flow works end to end, a Redis rebuild from JetStream included, without one permission
-refusal on either server; and the
-accounts stop what they should: the meter cannot publish capacity events, a service
-cannot delete a stream, a Redis user cannot touch keys or commands outside its ACL.
+refusal on either server; and the accounts stop what they should: the meter cannot
+publish capacity events, a service cannot delete a stream or drain the meter's consumer,
+a Redis user cannot touch keys or commands outside its ACL. Two more tests run the
+cluster config as a two-region super-cluster and the ACL users on a Redis Cluster.
 """
 
 from __future__ import annotations
