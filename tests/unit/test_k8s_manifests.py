@@ -206,6 +206,26 @@ def test_every_referenced_secret_and_configmap_key_exists() -> None:
     assert refs >= 3 * len(SERVICES) + 6 + 5
 
 
+def test_network_policies_let_the_services_reach_nats_and_redis() -> None:
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+            for d in _all("Deployment") + _all("StatefulSet")}
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        return selector["matchLabels"].items() <= labels.items()
+
+    for server, port in (("nats", 4222), ("redis", 6379)):
+        policy = _one("NetworkPolicy", server)
+        assert selects(policy["spec"]["podSelector"], pods[server])
+        rules = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r["ports"]]
+        for name in SERVICES:  # every service's pods are let in on the client port
+            assert any(selects(f["podSelector"], pods[name]) for r in rules for f in r.get("from", [])), (server, name)
+        assert all(r.get("from") for r in rules), f"{server}:{port} is open to everyone"
+    routes = [r for r in _one("NetworkPolicy", "nats")["spec"]["ingress"]
+              if {"port": 6222, "protocol": "TCP"} in r["ports"]]
+    assert routes and all(selects(f["podSelector"], pods["nats"]) and not selects(f["podSelector"], pods["broker"])
+                          for r in routes for f in r["from"]), "routes carry no credentials: NATS servers only"
+
+
 # ------------------------------------------------------------------ NATS
 
 
