@@ -1,7 +1,8 @@
 """Schemathesis against every service's own OpenAPI schema, over real HTTP to a real
-service process: no input may cause a 5xx, and every response must match the schema
-(body of a documented status, content type). A bounded number of examples per
-operation and derandomised generation keep the run short and repeatable.
+service process, with valid and invalid inputs: no input may cause a 5xx, and every
+response must match the schema (a documented status, its body, its content type). A
+bounded number of examples per operation and derandomised generation keep the run
+short and repeatable.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from schemathesis import GenerationMode
 from hypothesis import HealthCheck, Phase, given
+from hypothesis import strategies as st
 from hypothesis import settings as hsettings
 from schemathesis.checks import (
     content_type_conformance,
@@ -30,7 +33,7 @@ from services.common.subjects import Subjects
 
 from ..procs import service_process
 
-EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "12"))  # more (and random) for a deeper run by hand
+EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "16"))  # more (and random) for a deeper run by hand
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
 NOT_FUZZED = {"/v1/events"}  # a live stream that never ends by design; tests/integration covers it
 
@@ -46,7 +49,7 @@ def fuzz(base_url: str, headers: dict[str, str], only: set[str] | None = None) -
             continue
         ran += 1
 
-        @given(case=op.as_strategy())
+        @given(case=st.one_of(op.as_strategy(GenerationMode.POSITIVE), op.as_strategy(GenerationMode.NEGATIVE)))
         @hsettings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="CB_FUZZ_EXAMPLES" not in os.environ,
                    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         def check(case: schemathesis.Case) -> None:
