@@ -72,6 +72,13 @@ def test_lists_are_comma_separated_and_deduplicated() -> None:
     assert f.kinds == ("alloc", "capacity") and f.types == ("lease.granted",)
 
 
+def test_types_narrow_the_streams_watched() -> None:
+    assert set(subjects_of(OPS, types=("lease.granted", "invoice.issued"))) == {"alloc", "billing"}
+    assert set(subjects_of(TEN, types=("pool.offline", "lease.lost"))) == {"alloc"}  # no capacity for a tenant
+    with pytest.raises(BadRequest):
+        plan(TEN, EventFilter(types=("pool.offline",)), "cb")  # nothing a tenant may watch holds it
+
+
 def test_a_filter_no_kind_can_carry_is_a_400() -> None:
     with pytest.raises(BadRequest):
         plan(OPS, EventFilter(kinds=("request",), region="cn-yrd"), "cb")

@@ -39,6 +39,10 @@ KIND_FILTERS: dict[str, frozenset[str]] = {
 }
 
 
+# the first word of an event type names its kind (docs/events.md)
+TYPE_KINDS = {"pool": CAPACITY, "lease": ALLOC, "request": REQUEST, "budget": BILLING, "invoice": BILLING}
+
+
 @dataclass(frozen=True)
 class EventFilter:
     kinds: tuple[str, ...] = ()  # empty: every kind the role may watch
@@ -99,8 +103,11 @@ def plan(who: Principal, f: EventFilter, prefix: str) -> Plan:
         if k not in allowed:
             raise Forbidden(f"role {who.role} may not watch {k} events (may watch {', '.join(allowed)})")
     given = {n for n, v in (("region", f.region), ("provider", f.provider), ("tenant", f.tenant)) if v is not None}
+    # types imply their kinds: no consumer on a stream that cannot hold a wanted type
+    implied = {TYPE_KINDS[t.split(".")[0]] for t in f.types if t.split(".")[0] in TYPE_KINDS}
+    kinds = f.kinds or tuple(k for k in allowed if not f.types or k in implied)
     streams = []
-    for kind in f.kinds or allowed:
+    for kind in kinds:
         if not given <= KIND_FILTERS[kind]:
             if f.kinds:  # asked for this kind explicitly: say why it cannot match
                 raise BadRequest(f"{kind} events carry no {', '.join(sorted(given - KIND_FILTERS[kind]))}")
@@ -113,6 +120,8 @@ def plan(who: Principal, f: EventFilter, prefix: str) -> Plan:
         else:
             streams.append(StreamPlan(kind, f"{base}.{tenant or '*'}"))
     if not streams:
+        if not kinds:
+            raise BadRequest(f"none of the kinds role {who.role} may watch ({', '.join(allowed)}) has these types")
         raise BadRequest("no event kind carries all of these filters: " + ", ".join(sorted(given)))
     return Plan(tuple(streams), frozenset(f.types))
 
