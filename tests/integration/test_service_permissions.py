@@ -229,6 +229,22 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
         assert r.status_code == 200, r.text
         for kind in ("pool.registered", "lease.granted", "lease.released", "request.placed"):
             assert f'"{kind}"' in r.text, f"{kind} missing from the event stream: {r.text[:2000]}"
+        # a budget (the meter's buckets and billing events) and a key revoked at once
+        # everywhere (the registry's broadcast, heard by the broker and the meter)
+        r = await http.put(f"{s.urls['meter']}/v1/budgets/t1", headers=admin,
+                           json={"kind": "prepaid", "amount": "500.00", "currency": "USD"})
+        assert r.status_code == 200, r.text
+        spare = await http.post(f"{s.urls['registry']}/v1/keys", json={"role": "tenant", "subject": "t2"},
+                                headers=admin)
+        spare_key = {"Authorization": f"Bearer {spare.json()['key']}"}
+        assert (await http.get(f"{s.urls['meter']}/v1/usage", headers=spare_key)).status_code == 200
+        r = await http.delete(f"{s.urls['registry']}/v1/keys/{spare.json()['key_id']}", headers=admin)
+        assert r.status_code == 200, r.text
+
+        async def revoked() -> bool:
+            return (await http.get(f"{s.urls['meter']}/v1/usage", headers=spare_key)).status_code == 401
+
+        await eventually(revoked, timeout=10)
         # Redis lost: the registry refills it from its records and the broker replays the
         # allocation and request streams, each as its own user; then placing works again
         admin_redis = aioredis.Redis.from_url(s.redis_url("admin"))
