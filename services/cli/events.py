@@ -62,6 +62,7 @@ def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
 
 # --- one line per event -----------------------------------------------------------------
 _STYLE = {"capacity": "cyan", "alloc": "green", "request": "yellow", "billing": "magenta"}
+_BASIS = {"unit_hour": "unit-h", "unit_month": "unit-month"}
 _BAD = ("offline", "removed", "lost", "revoked", "preempted", "rejected", "exhausted", "expired")
 
 
@@ -80,7 +81,8 @@ def describe(kind: str, e: dict[str, Any]) -> str:
         why = e.get("reason") or (f"by {e['by_request']}" if e.get("by_request") else "")
         return (f"{lease.get('tenant')} lease {lease.get('lease_id')} {lease.get('units')}× {lease.get('model')} "
                 f"on {lease.get('region')}/{lease.get('pool_id')} {lease.get('billing')} "
-                f"{lease.get('unit_price')} {lease.get('currency')}" + (f" ({why})" if why else ""))
+                f"{lease.get('unit_price')} {lease.get('currency')}/{_BASIS.get(lease.get('price_basis'), 'unit-h')}"
+                + (f" ({why})" if why else ""))
     if kind == "request":
         bits = [str(e.get("tenant")), f"request {e.get('request_id')}"]
         if e.get("units"):
