@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -289,3 +290,17 @@ async def test_cbroker_events_follow_prints_as_it_happens(world: World) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_opening_streams_counts_against_the_key_rate_limit(settings: Settings, nc: NATS) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from services.registry.app import create_app
+
+    limited = msgspec.structs.replace(settings, rate_limit_requests=2, rate_limit_window_s=60.0)
+    async with AsyncTestClient(app=create_app(limited)) as client:
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        key = (await client.post("/v1/keys", json={"role": "ops"}, headers=admin)).json()["key"]
+        statuses = [(await client.get("/v1/events", params={"follow": "false", "key": key})).status_code
+                    for _ in range(3)]
+        assert statuses == [200, 200, 429]

@@ -73,6 +73,9 @@ async def events(request: Request, kind: Q = None, type: Q = None, region: Q = N
                  ) -> ServerSentEvent:
     watch = KeyWatch(request.app.state.key_lookup, _authorization(request, key))
     who = await watch.lookup.authenticate(watch.authorization)
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:  # opening a stream counts like any request of this key (a reconnect storm too)
+        await limiter.hit(who)
     subjects: Subjects = request.app.state.subjects
     the_plan = plan(who, parse_filter(kind, type, region, provider, tenant), subjects.prefix)
     start = parse_since(last_event_id, since, datetime.now(UTC))
