@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,17 @@ async def test_limit_is_per_key_and_shared_across_replicas(settings: Settings, n
         assert (await a.get("/v1/regions")).status_code == 200  # public routes are not counted per key
         bad = await a.get("/v1/pools", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401  # authentication comes first: a bad key never costs a counter
+
+
+async def test_concurrent_requests_are_counted_exactly(settings: Settings, nc) -> None:
+    """Concurrent requests are counted in batches; every one of them is still counted once."""
+    limited = with_settings(settings, rate_limit_requests=20, rate_limit_window_s=60.0)
+    admin = {"Authorization": f"Bearer {settings.admin_key}"}
+    async with AsyncTestClient(app=create_registry(limited)) as a, AsyncTestClient(app=create_registry(limited)) as b:
+        keys = [await issue(a, admin, "tenant", f"t{i}") for i in range(2)]
+        for key in keys:
+            statuses = await asyncio.gather(*(client.get("/v1/pools", headers=key) for client in (a, b) * 15))
+            assert sorted(r.status_code for r in statuses) == [200] * 20 + [429] * 10
 
 
 async def test_window_ends_and_requests_pass_again(settings: Settings, nc) -> None:
