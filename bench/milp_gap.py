@@ -64,7 +64,7 @@ from scipy.sparse import coo_matrix
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.broker.matching import Ask, Engine, Placement, PoolState  # noqa: E402
+from services.broker.matching import Ask, Engine, Placement, PoolState, place_batch  # noqa: E402
 from services.common.messages import Topology  # noqa: E402
 from services.registry.domain.catalogue import load_catalogue  # noqa: E402
 from services.registry.domain.importers import default_price  # noqa: E402
@@ -462,6 +462,32 @@ def run_engine(inst: Instance, order: list[Request]) -> Greedy:
     return out
 
 
+def run_batch(inst: Instance, time_budget_s: float) -> Greedy:
+    """The engine's batch mode (``place_batch``: regret order, then local moves and swaps)
+    on the requests as generated, unserved requests at the bench's own penalty."""
+    engine = Engine(inst.topology)
+    for p in inst.pools:
+        engine.upsert(p)
+    out = Greedy()
+    t0 = time.perf_counter()
+    result = place_batch(engine, [r.ask for r in inst.requests], time_budget_s=time_budget_s,
+                         unserved_cost=max(penalty(inst, r) for r in inst.requests))
+    out.seconds = time.perf_counter() - t0
+    out.decisions = len(inst.requests)  # per request of the batch, not per engine.match
+    for req, placement in zip(inst.requests, result.placements, strict=True):
+        if placement is None:
+            continue
+        out.engine_total += placement.total_cost
+        alloc: dict[str, int] = {}
+        for al in placement.allocations:
+            alloc[al.pool_id] = alloc.get(al.pool_id, 0) + al.units
+        out.plan[req.idx] = alloc
+    return out
+
+
+BATCH = "batch (place_batch)"
+
+
 def _scarcity(inst: Instance):
     """Most constrained first: free units of a request's eligible pools per unit asked."""
     free = {r.idx: sum(p.free for p in inst.pools if eligible(r, p)) for r in inst.requests}
@@ -544,11 +570,14 @@ class SeedResult:
         return float((o.served_cost - o.opt_same) / o.opt_same) if o.opt_same else 0.0
 
 
-def run_seed(seed: int, n_pools: int, time_limit: float, slack: float = SLACK) -> SeedResult:
+def run_seed(seed: int, n_pools: int, time_limit: float, slack: float = SLACK,
+             batch_budget_s: float = 60.0) -> SeedResult:
     inst = make_instance(seed, n_pools, slack=slack)
     broker: dict[str, Order] = {}
-    for name, order in ORDERS.items():
-        g = run_engine(inst, order(inst))
+    runs = {name: (lambda order=order: run_engine(inst, order(inst))) for name, order in ORDERS.items()}
+    runs[BATCH] = lambda: run_batch(inst, batch_budget_s)
+    for name, run in runs.items():
+        g = run()
         check_plan(inst, g.plan)
         cost, unserved = plan_cost(inst, g.plan)
         served = [r for r in inst.requests if r.idx in g.plan]
@@ -591,7 +620,7 @@ def _describe(req: Request) -> str:
 
 
 def report(results: list[SeedResult], args: argparse.Namespace) -> list[str]:
-    orders = list(ORDERS)
+    orders = [*ORDERS, BATCH]
     lines = [
         f"machine: {platform.machine()}, CPython {platform.python_version()}, scipy HiGHS "
         f"(cap {args.time_limit:g} s per instance, mip_rel_gap 1e-4, started from the "
@@ -649,9 +678,9 @@ def report(results: list[SeedResult], args: argparse.Namespace) -> list[str]:
                      f"{sum(unserved)} requests in {len(results)} seeds (max {max(unserved)}); "
                      f"served-only mean {_pct(mean(served))}, max {_pct(max(served))}; "
                      "target ≤ 3%")
-    best = [min(r.gap(o) for o in orders) for r in results]
-    lines.append(f"- best of the {len(orders)} orders per seed: gap mean {_pct(mean(best))}, "
-                 f"max {_pct(max(best))}")
+    best = [min(r.gap(o) for o in ORDERS) for r in results]
+    lines.append(f"- best of the {len(ORDERS)} one-at-a-time orders per seed: gap mean {_pct(mean(best))}, "
+                 f"max {_pct(max(best))}; the batch mode's gap is the one that counts for the target")
     alone = [r.alone.gap for r in results]
     lines.append(f"- alone (engine vs optimum per request, no contention): mean {_pct(mean(alone))}, "
                  f"max {_pct(max(alone))}; worst single request {_pct(max(r.alone.worst for r in results))}")
@@ -670,13 +699,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pools", type=int, default=200)
     ap.add_argument("--slack", type=float, default=SLACK, help="free capacity / demand")
     ap.add_argument("--time-limit", type=float, default=25.0, help="HiGHS seconds per batch")
+    ap.add_argument("--batch-budget", type=float, default=60.0,
+                    help="time cap of the batch mode per batch (it normally stops earlier: fixed rounds)")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t_start = time.perf_counter()
     results = []
     for s in seeds:
-        results.append(run_seed(s, args.pools, args.time_limit, args.slack))
+        results.append(run_seed(s, args.pools, args.time_limit, args.slack, args.batch_budget))
         print(f"seed {s} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     lines = report(results, args)
     lines.append(f"- total run time {time.perf_counter() - t_start:.1f} s")

@@ -10,10 +10,12 @@ for 72 hours rather than one). Placing a batch, the engine instead
    options touched the pools just taken are re-evaluated.
 2. starts from the cheaper of that plan and the plan in the given order (so a batch is
    never dearer than placing the same requests one by one in order);
-3. improves it locally until nothing improves or the time budget is spent: **move** a
-   request alone to a cheaper placement, **swap** two requests (take out a request and
-   the holder of a pool it would rather have; place the first on its best, then the
-   holder on what is left) and **serve** a request left out by making room the same way.
+3. improves it: **move** a request alone to a cheaper placement until none is cheaper;
+   then **ruin and recreate** — take out every request holding pools of one region, or
+   of one model, or a random tenth (and every unserved one), put them back in regret
+   order, keep the result only if the whole plan got cheaper — for a fixed number of
+   rounds per request (so the same batch gets the same plan on any machine) or until
+   the time budget is spent, moving requests again after each improvement.
 
 Pure and synchronous like the engine: it changes the free units of the ``Engine`` it is
 given exactly as placing the returned placements would (callers pass a copy, or reserve
@@ -34,6 +36,7 @@ from .engine import Engine
 from .model import Ask, Placement
 
 INF = Decimal("Infinity")
+ROUNDS_PER_REQUEST = 2  # ruin-and-recreate rounds per request of the batch (unless time runs out first)
 
 
 class BatchResult(msgspec.Struct, kw_only=True):
@@ -122,7 +125,7 @@ def _regret_order(plan: _Plan, todo: set[int]) -> None:
 
 
 def _improve(plan: _Plan, unserved_cost: Decimal, deadline: float) -> int:
-    """Moves, swaps and make-room steps until none improves (or the deadline)."""
+    """Move requests, one at a time, to a cheaper placement until none is (or the deadline)."""
     moves = 0
     improved = True
     while improved and time.perf_counter() < deadline:
@@ -141,84 +144,26 @@ def _improve(plan: _Plan, unserved_cost: Decimal, deadline: float) -> int:
                 plan.take(i, alone)
                 moves += 1
                 improved = True
-                continue
-            # what i would take if the pools were empty of others: try each holder in the way
-            if current is not None:
+            elif current is not None:
                 plan.take(i, current)
-            if _swap(plan, i, unserved_cost):
-                moves += 1
-                improved = True
     return moves
 
 
-def _swap(plan: _Plan, i: int, unserved_cost: Decimal) -> bool:
-    """Take ``i`` and one holder ``h`` of a pool ``i`` would rather use out; place ``i``
-    on its best, then ``h``; keep it if the two cost less than before."""
-    current = plan.placed.get(i)
-    before_i = current.total_cost if current is not None else unserved_cost
-    # the pools i would like: its best with every holder's units imagined free
-    wanted = _wish(plan, i)
-    if wanted is None:
-        return False
-    for pool_id in _pools(wanted):
-        for h in sorted(plan.holders.get(pool_id, ())):
-            if h == i or h not in plan.placed:
-                continue
-            before = before_i + plan.placed[h].total_cost
-            old_h = plan.give_back(h)
-            old_i = plan.give_back(i) if current is not None else None
-            new_i = plan.best(i)
-            new_h = None
-            if new_i is not None:
-                plan.take(i, new_i)
-                new_h = plan.best(h)
-                if new_h is not None:
-                    plan.take(h, new_h)
-            after = (new_i.total_cost if new_i is not None else unserved_cost) + \
-                (new_h.total_cost if new_h is not None else unserved_cost)
-            if after < before:
-                return True
-            # undo
-            if new_h is not None:
-                plan.give_back(h)
-            if new_i is not None:
-                plan.give_back(i)
-            plan.take(h, old_h)
-            if old_i is not None:
-                plan.take(i, old_i)
-    return False
-
-
-def _wish(plan: _Plan, i: int) -> Placement | None:
-    """``i``'s best placement if nobody else held anything (the engine's units are put
-    back afterwards)."""
-    held = [(k, plan.placed[k]) for k in list(plan.placed) if k != i]
-    mine = plan.placed.get(i)
-    for k, _ in held:
-        plan.give_back(k)
-    if mine is not None:
-        plan.give_back(i)
-    try:
-        return plan.best(i)
-    finally:
-        if mine is not None:
-            plan.take(i, mine)
-        for k, p in held:
-            plan.take(k, p)
-
-
-def _ruin_recreate(plan: _Plan, unserved_cost: Decimal, deadline: float, rng: random.Random) -> int:
+def _ruin_recreate(plan: _Plan, unserved_cost: Decimal, deadline: float, rng: random.Random,
+                   idle_limit: int) -> tuple[int, int]:
     """Large-neighbourhood search: take out a related group of requests (those holding
     pools of one region, or of one model, or a random few) and put them back in regret
-    order; keep the result only if the whole plan got cheaper. Returns improvements."""
-    better = 0
+    order; keep the result only if the whole plan got cheaper. Stops at the deadline, at
+    the first improvement, or after ``idle_limit`` fruitless rounds; returns
+    (improvements, fruitless rounds)."""
+    idle = 0
     n = len(plan.asks)
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline and idle < idle_limit:
         before = plan.cost(unserved_cost)
         old = dict(plan.placed)
         pools = [pid for pid, hs in plan.holders.items() if hs]
         if not pools:
-            return better
+            return 0, idle
         pick = plan.engine.get(rng.choice(pools))
         kind = rng.random()
         out: set[int] = set()
@@ -238,15 +183,15 @@ def _ruin_recreate(plan: _Plan, unserved_cost: Decimal, deadline: float, rng: ra
                 plan.give_back(i)
         _regret_order(plan, set(out))
         if plan.cost(unserved_cost) < before:
-            better += 1
-            continue
+            return 1, idle
+        idle += 1
         for i in list(plan.placed):  # revert
             if i in out:
                 plan.give_back(i)
         for i in out:
             if i in old:
                 plan.take(i, old[i])
-    return better
+    return 0, idle
 
 
 def place_batch(engine: Engine, asks: Sequence[Ask], *, unserved_cost: Decimal | None = None,
@@ -280,8 +225,10 @@ def place_batch(engine: Engine, asks: Sequence[Ask], *, unserved_cost: Decimal |
             plan.take(i, p)
     moves = _improve(plan, unserved_cost, deadline)
     rng = random.Random(len(asks))  # deterministic: the same batch gets the same plan
-    while time.perf_counter() < deadline:
-        found = _ruin_recreate(plan, unserved_cost, min(deadline, time.perf_counter() + 0.25), rng)
+    rounds = ROUNDS_PER_REQUEST * len(asks)
+    while time.perf_counter() < deadline and rounds > 0:
+        found, fruitless = _ruin_recreate(plan, unserved_cost, deadline, rng, rounds)
+        rounds -= fruitless + found
         if found:
             moves += found + _improve(plan, unserved_cost, deadline)
     placed = [plan.placed.get(i) for i in range(len(asks))]
