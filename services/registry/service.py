@@ -339,10 +339,16 @@ class Registry:
             return 0
         now = self.clock()
         n = 0
+        batch: list[tuple[str, str, str, int, bytes, str]] = []
         async for pool in self.records.all():
-            await self.store.upsert(pool.spec.region, pool.pool_id, now.timestamp(), pool.provider,
-                                    pool.spec.units, msgspec.json.encode(pool), pool.spec.model)
+            batch.append((pool.spec.region, pool.pool_id, pool.provider, pool.spec.units, msgspec.json.encode(pool),
+                          pool.spec.model))
             n += 1
+            if len(batch) >= 1000:
+                await self.store.upsert_many(batch, now.timestamp())
+                batch = []
+        if batch:
+            await self.store.upsert_many(batch, now.timestamp())
         await self.redis.set(marker, now.isoformat())
         self._region_cache.clear()
         if n:

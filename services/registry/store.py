@@ -55,6 +55,23 @@ class PoolStore:
         await self.redis.sadd(self.keys.regions(), region)
         return await self._run("upsert", region, pool_id, now, acting_provider, capacity, record, model, owner)
 
+    async def upsert_many(self, items: Sequence[tuple[str, str, str, int, bytes, str]], now: float) -> None:
+        """Many ``(region, pool_id, owner, capacity, record, model)`` registrations in one
+        pipelined round trip: refilling a lost Redis with 10,000 pools must not take
+        30,000 round trips."""
+        pipe = self.redis.pipeline(transaction=False)
+        sha = self._script.sha
+        for region, pool_id, owner, capacity, record, model in items:
+            pipe.hsetnx(self.keys.pool_index(), pool_id, region)
+            pipe.sadd(self.keys.regions(), region)
+            pipe.evalsha(sha, 3, *self._keys(region, pool_id), "upsert", now, pool_id, "", capacity, record, model,
+                         owner)
+        try:
+            await pipe.execute()
+        except NoScriptError:  # Redis restarted or flushed its script cache
+            await self._script.registered_client.script_load(self._script.script)
+            await self.upsert_many(items, now)
+
     async def heartbeat(self, region: str, pool_id: str, now: float, provider: str,
                         healthy: int | None) -> Transition:
         return await self._run("heartbeat", region, pool_id, now, provider,

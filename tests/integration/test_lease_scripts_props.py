@@ -3,7 +3,7 @@ registry's pool script together, against a real redis-server: in any order of
 reservations (one or several pools, all or nothing, interruptible or not), releases,
 expiries, renewals, capacity changes, pools going offline, draining, being removed and
 registered again, and Redis being lost and rebuilt (pools from their record, leases
-force-restored with their seq from the durable record), the live numbers match a plain
+restored with their seq from the durable record), the live numbers match a plain
 model after every step and a pool is never booked beyond what was free.
 
 The default run takes at least ``MIN_STEPS`` steps (counted, not assumed: hypothesis
@@ -45,6 +45,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     reserve = client.register_script(read_lua("services.broker.lua", "reserve.lua"))
     end = client.register_script(read_lua("services.broker.lua", "end_lease.lua"))
     renew = client.register_script(read_lua("services.broker.lua", "renew.lua"))
+    restore = client.register_script(read_lua("services.broker.lua", "restore.lua"))
 
     class LeaseScripts(RuleBasedStateMachine):
         leases = Bundle("leases")
@@ -79,8 +80,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
         def free_model(self, pool_id: str) -> int:
             return max(0, self.cap[pool_id] - self.leased(pool_id)) if self.bookable(pool_id) else 0
 
-        def _reserve(self, mode: str, picks: list[tuple[str, int, str, bool, float]],
-                     seqs: list[int] | None = None) -> list:
+        def _reserve(self, mode: str, picks: list[tuple[str, int, str, bool, float]]) -> list:
             k = self.k
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION)]
             args: list[object] = [mode, picks[0][4]]
@@ -92,7 +92,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                                  expires_at=datetime.fromtimestamp(expiry, UTC))
                 keys += [k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)]
                 args += [lease_id, units, msgspec.json.encode(info), int(interruptible)]
-            return reserve(keys=keys, args=args + list(seqs or []))
+            return reserve(keys=keys, args=args)
 
         @rule(target=leases, picks=st.lists(st.tuples(st.sampled_from(POOLS), st.integers(1, 8)), min_size=1,
                                             max_size=3, unique_by=lambda t: t[0]),
@@ -226,10 +226,14 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 p = next(p for p in POOLS if self.bookable(p))
                 assert int(self._reserve("check", [(p, 1, "probe", False, self.now + 5)])[0]) == -1
             self.live = {i: lv for i, lv in self.live.items() if lv.expiry > self.now}
+            k = self.k
+            keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION)], []
             for lease_id, lv in self.live.items():
-                raw = self._reserve("force", [(lv.pool, lv.units, lease_id, lv.interruptible, lv.expiry)],
-                                    seqs=[lv.seq])
-                assert int(raw[0]) == 1
+                keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
+                args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq]
+            if self.live:
+                assert restore(keys=keys, args=args) == len(self.live)
+                assert restore(keys=keys, args=args) == 0  # restoring twice changes nothing
             client.set(self.k.leases_ready(REGION), "1")
 
         @invariant()

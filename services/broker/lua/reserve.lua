@@ -4,8 +4,7 @@
 --   hash, KEYS[5+3i] the pool's lease set, KEYS[6+3i] the lease hash.
 -- ARGV[1] mode ('check' = only if free, 'force' = restore after Redis loss), ARGV[2] expires_at,
 --   then per allocation: ARGV[3+4i] lease id, ARGV[4+4i] units, ARGV[5+4i] lease json,
---   ARGV[6+4i] interruptible (1/0); optionally, after all of them, ARGV[3+4n+i] the per-lease
---   seq of allocation i (a lease restored after a Redis loss keeps its seq; default 1)
+--   ARGV[6+4i] interruptible (1/0)
 -- Reply: {1, free_after_1, ...} or {0, i (1-based), free_of_that_pool} or {-1} (leases not
 --   restored yet after a Redis loss: refuse rather than book over them)
 local mode, expires = ARGV[1], tonumber(ARGV[2])
@@ -26,14 +25,13 @@ local out = {1}
 for i = 0, n - 1 do
   local pool, leases, lease = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
   local lease_id, units = ARGV[3 + 4 * i], tonumber(ARGV[4 + 4 * i])
-  local seq = tonumber(ARGV[3 + 4 * n + i]) or 1
   if redis.call('EXISTS', pool) == 1 then
     redis.call('HINCRBY', pool, 'leased', units)
     out[#out + 1] = cb_recompute(pool)[2]
   else
     out[#out + 1] = 0
   end
-  redis.call('HSET', lease, 'info', ARGV[5 + 4 * i], 'units', units, 'expires', expires, 'seq', seq,
+  redis.call('HSET', lease, 'info', ARGV[5 + 4 * i], 'units', units, 'expires', expires, 'seq', 1,
     'interruptible', ARGV[6 + 4 * i], 'pool', pool)
   redis.call('SADD', leases, lease_id)
   if ARGV[6 + 4 * i] == '1' then redis.call('SADD', KEYS[3], lease_id) end
