@@ -19,6 +19,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
+from .nats_conn import FAILOVER_ERRORS
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,23 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", "unexpected error; it has been logged")
 
 
+def _event_store_unavailable(request: Request, exc: Exception) -> Response:
+    """NATS did not answer in time (a cluster failing over, a server restarting): a
+    passing condition, so the client is told to retry rather than that the service is
+    broken (a 500 says "bug")."""
+    log.warning("event store unavailable on %s %s: %s", request.method, request.url.path,
+                type(exc).__name__)
+    response = problem(503, "unavailable", "the event store did not answer in time; retry shortly")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def problem_handlers() -> dict:
     return {
         BrokerError: _domain,
         ValidationException: _validation,
         HTTPException: _http,
+        **dict.fromkeys(FAILOVER_ERRORS, _event_store_unavailable),
         Exception: _unexpected,
     }
 

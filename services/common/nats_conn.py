@@ -98,7 +98,7 @@ async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struc
 
 # what a publish meets while a NATS cluster fails over (a node died, its streams elect new
 # leaders, clients reconnect elsewhere); anything else is not retried
-_FAILOVER_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.StaleConnectionError,
+FAILOVER_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.StaleConnectionError,
                     nats.errors.ConnectionReconnectingError, nats.js.errors.ServiceUnavailableError,
                     nats.js.errors.NoStreamResponseError)
 
@@ -121,7 +121,7 @@ async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Str
                                    headers=nats_headers({"Nats-Msg-Id": event.id}),  # type: ignore[attr-defined]
                                    timeout=attempt_timeout)
             return ack.seq
-        except _FAILOVER_ERRORS as exc:
+        except FAILOVER_ERRORS as exc:
             if time.monotonic() + 0.25 >= deadline:
                 raise
             log.warning("publish of %s not acknowledged (%s); retrying", event.id,  # type: ignore[attr-defined]

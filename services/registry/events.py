@@ -17,7 +17,7 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.nats_conn import publish_event
+from services.common.nats_conn import publish_durably
 from services.common.subjects import Subjects
 
 from .store import Transition
@@ -28,7 +28,9 @@ class CapacityEvents:
         self.js, self.subjects = js, subjects
 
     async def publish(self, event: CapacityEvent) -> int:
-        return await publish_event(self.js, self.subjects.capacity(event.region, event.provider), event)
+        """Retried through a NATS failover: the pool change is already in the record and
+        in Redis; a lost event would leave the brokers' view behind until a resync."""
+        return await publish_durably(self.js, self.subjects.capacity(event.region, event.provider), event)
 
 
 def _base(pool_id: str, provider: str, region: str, at: datetime, event_id: str | None = None) -> dict:

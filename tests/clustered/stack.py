@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 
 from services.cli.supervisor import ServiceProcess
 from services.common.keys import Keys
-from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseGranted
+from services.common.messages import ENDING_EVENTS, AllocEvent, CapacityEvent, LeaseGranted
 from services.common.nats_conn import connect, read_stream
 from services.common.settings import Settings
 from services.common.subjects import MeterNames, Subjects
@@ -40,6 +40,7 @@ PROVIDER = "acme"
 REGIONS = ("cn-yrd", "cn-nmg", "cn-jjj")
 
 _alloc = msgspec.json.Decoder(AllocEvent)
+_capacity = msgspec.json.Decoder(CapacityEvent)
 _record = msgspec.json.Decoder(LedgerRecord)
 
 
@@ -121,6 +122,11 @@ class Stack:
         subjects = Subjects(self.settings.prefix)
         return [_alloc.decode(data) for data in await self._read(subjects.stream("alloc"), subjects.events("alloc"))]
 
+    async def capacity_events(self) -> list[CapacityEvent]:
+        subjects = Subjects(self.settings.prefix)
+        return [_capacity.decode(data) for data in
+                await self._read(subjects.stream("capacity"), subjects.events("capacity"))]
+
     async def ledger(self) -> list[LedgerEntry]:
         names = MeterNames.of(self.settings)
         records = [_record.decode(data) for data in await self._read(names.ledger_stream, names.ledger_subjects)]
@@ -173,4 +179,4 @@ def slot_owner(settings: Settings, key: str) -> str:
         return f"{node.host}:{node.port}"
 
 
-__all__ = ["REGIONS", "Stack", "expected_charges", "granted_ids", "slot_owner", "stack"]
+__all__ = ["REGIONS", "Stack", "expected_charges", "granted_ids", "pool_body", "slot_owner", "stack"]

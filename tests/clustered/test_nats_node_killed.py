@@ -18,14 +18,14 @@ from decimal import Decimal
 
 import pytest
 
-from services.common.messages import LeaseReleased
+from services.common.messages import LeaseReleased, PoolRegistered
 from services.common.nats_conn import connect
 from services.common.subjects import Subjects
 
 from ..cluster import NatsCluster, RedisCluster
 from ..helpers import eventually
 from .conftest import clustered_settings
-from .stack import REGIONS, Stack, expected_charges, granted_ids, stack
+from .stack import REGIONS, Stack, expected_charges, granted_ids, pool_body, stack
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -46,6 +46,8 @@ class Load:
         self.released: list[str] = []  # lease ids a release answered 200 for
         self.statuses: Counter = Counter()
         self.release_statuses: Counter = Counter()
+        self.provider_statuses: Counter = Counter()
+        self.registered: dict[str, str] = {}  # pool -> region, for the pools a PUT answered 201 for
         self.stop = asyncio.Event()
 
     async def worker(self, n: int) -> None:
@@ -75,6 +77,26 @@ class Load:
         times = sorted({at for at, _ in self.granted if at > t} | {t})
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
+    async def provider(self) -> None:
+        """The provider's agent, twice a second: registers one more pool (a capacity event
+        the registry must publish, through the failover too) and heartbeats all of them."""
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            pool_id = f"extra-{n}"
+            while not self.stop.is_set():  # a 503 (NATS failing over) is retried, as an agent would
+                r = await self.s.registry.put(f"/v1/pools/{pool_id}", json=pool_body(REGIONS[n % 3], 8),
+                                              headers=self.s.provider)
+                self.provider_statuses[r.status_code] += 1
+                if r.status_code != 503:
+                    break
+                await asyncio.sleep(0.5)
+            if r.status_code == 201:
+                self.registered[pool_id] = REGIONS[n % 3]
+            r = await self.s.registry.post("/v1/heartbeats", json={"pools": list(POOLS)}, headers=self.s.provider)
+            self.provider_statuses[r.status_code] += 1
+            await asyncio.sleep(0.5)
+
     def placed_since(self, t: float) -> int:
         return len({lease["request_id"] for at, lease in self.granted if at > t})
 
@@ -100,6 +122,7 @@ async def test_no_lease_or_ledger_entry_lost_when_a_nats_node_dies(
 
         load = Load(s)
         workers = [asyncio.create_task(load.worker(n)) for n in range(WORKERS)]
+        workers.append(asyncio.create_task(load.provider()))
         try:
             await eventually(lambda: _ready(load.placed_since(0) >= BEFORE), timeout=60)
             leader = await stream_leader(s)
@@ -118,9 +141,10 @@ async def test_no_lease_or_ledger_entry_lost_when_a_nats_node_dies(
         record_property("statuses", dict(load.statuses))
         print(f"\nNATS node {leader} (alloc stream leader) killed; first 201 after {first_after:.2f}s, "
               f"longest gap between 201s after the kill {stall:.2f}s; placements {dict(load.statuses)}; "
-              f"releases {dict(load.release_statuses)}")
+              f"releases {dict(load.release_statuses)}; provider {dict(load.provider_statuses)}")
         assert not [c for c in [*load.statuses, *load.release_statuses] if c >= 500 and c != 503], \
             (load.statuses, load.release_statuses)
+        assert set(load.provider_statuses) <= {200, 201, 503}, load.provider_statuses
 
         # every 201 and every 200 release is in the durable record (read from the survivors)
         events = await s.alloc_events()
@@ -128,6 +152,8 @@ async def test_no_lease_or_ledger_entry_lost_when_a_nats_node_dies(
         assert told - granted_ids(events) == set()
         released = {e.lease.lease_id for e in events if isinstance(e, LeaseReleased)}
         assert set(load.released) - released == set()
+        registered = {e.pool_id for e in await s.capacity_events() if isinstance(e, PoolRegistered)}
+        assert load.registered and set(load.registered) - registered == set()
 
         # the meter lost nothing and posted nothing twice, to the minor unit
         await eventually(lambda: s.meter_settled(events), timeout=60)
@@ -139,7 +165,7 @@ async def test_no_lease_or_ledger_entry_lost_when_a_nats_node_dies(
         assert billed == expected_charges(events, settings.min_bill_s)
 
         # never overbooked; Redis holds exactly the live leases' units
-        for pool_id, st in s.pool_states(POOLS).items():
+        for pool_id, st in s.pool_states({**POOLS, **load.registered}).items():
             assert st["leased"] == st["live"] <= st["capacity"], (pool_id, st)
 
 
