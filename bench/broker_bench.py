@@ -155,6 +155,16 @@ async def grants_in_stream(nats_url: str) -> int:
         await nc.close()
 
 
+def quotes_every(client: httpx.Client, combos: list[tuple[str, str]]) -> bool:
+    """The broker quotes every ``(model, region)``: its world holds every pool registered."""
+    for model, region in combos:
+        r = client.post("/v1/quotes", json={"units": 1, "accelerators": {"models": [model]},
+                                            "placement": {"regions": [region]}})
+        if r.status_code != 200 or not r.json()["options"]:
+            return False
+    return True
+
+
 def wait_until(what: str, check, timeout: float) -> float:  # noqa: ANN001
     t0 = time.perf_counter()
     deadline = t0 + timeout
@@ -231,12 +241,7 @@ def main() -> None:
         combos = sorted({(i["model"], i["region"]) for i in items})
 
         def sees_all() -> bool:
-            for model, region in combos:
-                r = qc.post("/v1/quotes", json={"units": 1, "accelerators": {"models": [model]},
-                                                "placement": {"regions": [region]}})
-                if r.status_code != 200 or not r.json()["options"]:
-                    return False
-            return True
+            return quotes_every(qc, combos)
 
         def every_worker_ready() -> bool:  # fresh connections, so that each worker is likely asked
             for _ in range(4 * args.workers):

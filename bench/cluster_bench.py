@@ -54,6 +54,7 @@ from bench.broker_bench import (  # noqa: E402
     cpu_s,
     pick_models,
     pool_items,
+    quotes_every,
     request_bodies,
     wait_until,
 )
@@ -158,15 +159,7 @@ def start_setup(name: str, engines: Callable, args: argparse.Namespace, stack: E
     qc = stack.enter_context(httpx.Client(base_url=broker.url, headers=admin_auth, timeout=30))
     combos = sorted({(i["model"], i["region"]) for i in items})
 
-    def sees_all() -> bool:
-        for model, region in combos:
-            r = qc.post("/v1/quotes", json={"units": 1, "accelerators": {"models": [model]},
-                                            "placement": {"regions": [region]}})
-            if r.status_code != 200 or not r.json()["options"]:
-                return False
-        return True
-
-    wait_until("broker sees every model x region", sees_all, 90)
+    wait_until("broker sees every model x region", lambda: quotes_every(qc, combos), 90)
     tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
                             ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
     bodies = request_bodies(2000, models, regions, rng)

@@ -8,10 +8,8 @@ and a store directory of its own; nothing here listens anywhere but 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,19 @@ from services.cli.servers import ServerError, ServerProcess, _spawn, find_binary
 SLOTS = 16384
 
 
+class _StopsOnExit:
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class NatsCluster:
+class NatsCluster(_StopsOnExit):
     nodes: list[ServerProcess]
     store_dirs: list[Path] = field(default_factory=list)
 
@@ -48,7 +57,7 @@ class NatsCluster:
 
 
 @dataclass
-class RedisCluster:
+class RedisCluster(_StopsOnExit):
     nodes: list[ServerProcess]
 
     @property
@@ -203,19 +212,11 @@ def _wait_redis_cluster_ok(clients: list[redis.Redis], timeout: float = 30.0) ->
     raise ServerError("Redis Cluster did not reach cluster_state:ok")
 
 
-@contextlib.contextmanager
-def nats_cluster(base: Path) -> Iterator[NatsCluster]:
-    cluster = start_nats_cluster(base)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def nats_cluster(base: Path) -> NatsCluster:
+    """A started NATS cluster; ``with`` it to stop it on exit."""
+    return start_nats_cluster(base)
 
 
-@contextlib.contextmanager
-def redis_cluster(base: Path) -> Iterator[RedisCluster]:
-    cluster = start_redis_cluster(base)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def redis_cluster(base: Path) -> RedisCluster:
+    """A started Redis Cluster; ``with`` it to stop it on exit."""
+    return start_redis_cluster(base)
