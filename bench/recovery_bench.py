@@ -146,6 +146,10 @@ async def bench(n_pools: int, n_leases: int, say) -> dict[str, float]:  # noqa: 
             out = {"registry_s": t_registry - t0, "broker_s": t_broker - t0, "placing_s": t_place - t0}
         say(f"FLUSHALL -> pools back {out['registry_s']:.2f}s, leases back {out['broker_s']:.2f}s, "
             f"placing again {out['placing_s']:.2f}s")
+        phases = [line for line in (tmp / "broker.log").read_text().splitlines() if "rebuilt" in line]
+        if phases:  # the broker's own account of the last rebuild: read, restore, ready
+            msg = phases[-1].split('"msg":"', 1)[-1].split('"', 1)[0] if '"msg":"' in phases[-1] else phases[-1]
+            say(f"broker: {msg}")
         live = await redis.hlen(keys.lease_index())
         say(f"leases in Redis after the rebuild: {live:,} (of {n_leases:,} granted, {units:,} units, plus the "
             "bench's own placements)")
