@@ -53,8 +53,9 @@ from services.common.subjects import Subjects
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
 from .leases import Ended, LeaseStore
 from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
+from .matching.batch import plan_queue
 from .matching.engine import Engine
-from .matching.model import Decision, Placement
+from .matching.model import Ask, Decision, Placement
 from .records import QuoteView, RequestRecord, RequestView, lease_view
 from .world import World
 
@@ -63,6 +64,8 @@ _record = msgspec.json.Decoder(RequestRecord)
 _alloc = msgspec.json.Decoder(AllocEvent)
 _request_event = msgspec.json.Decoder(RequestEvent)
 ATTEMPTS = 4
+QUEUE_PLAN_BUDGET_S = 0.02  # a queue pass plans jointly for at most this long (it blocks the loop)
+QUEUE_PLAN_MAX = 200  # requests at the head of the queue planned jointly
 
 
 def utcnow() -> datetime:
@@ -210,8 +213,15 @@ class Broker:
         return truth
 
     async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
-                         record: RequestRecord | None = None) -> tuple[list[LeaseInfo], Placement]:
+                         record: RequestRecord | None = None,
+                         prefer: Placement | None = None) -> tuple[list[LeaseInfo], Placement]:
+        """``prefer``: a placement planned for this request (a queue pass's batch plan),
+        tried first; if its units are gone by now, the request is matched afresh."""
         ask = self.ask_for(body)
+        if prefer is not None and self.world.hold((a.pool_id, a.units) for a in prefer.allocations):
+            leases = self._leases_for(prefer, request_id, tenant, body, now)
+            if await self._reserve(leases, record):
+                return leases, prefer
         decision = Decision()
         for _ in range(ATTEMPTS):
             decision = self.world.engine.match(ask, limit=3)
@@ -383,9 +393,11 @@ class Broker:
         placed = 0
         try:
             ids = await self.redis.zrange(self.keys.queue(), 0, limit - 1)
+            records = {r.request_id: r for r in await self._records(ids)}
+            plan = self._plan_queue([records[k] for k in records if not self._skip(records[k])])
             for raw_id in ids:
                 request_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                record = await self.record(request_id)
+                record = records.get(request_id)
                 now = self.clock()
                 if record is None or record.state != "queued":
                     await self.redis.zrem(self.keys.queue(), request_id)
@@ -397,7 +409,8 @@ class Broker:
                 if record.tenant in self.blocked:
                     continue  # stays queued until the budget is topped up
                 try:
-                    leases, _ = await self._try_place(record.request_id, record.tenant, record.body, now)
+                    leases, _ = await self._try_place(record.request_id, record.tenant, record.body, now,
+                                                      prefer=plan.get(record.request_id))
                 except NotPlaced as np:
                     record.reasons = list(np.decision.reasons)
                     continue
@@ -410,6 +423,31 @@ class Broker:
         finally:
             await self.redis.delete(lock)
         return placed
+
+    async def _records(self, ids: list) -> list[RequestRecord]:
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)  # not MGET: on Redis Cluster the keys span slots
+        for i in ids:
+            pipe.get(self.keys.request(i.decode() if isinstance(i, bytes) else i))
+        return [_record.decode(raw) for raw in await pipe.execute() if raw]
+
+    def _skip(self, record: RequestRecord) -> bool:
+        """Not placed by this pass whatever the capacity (see run_queue)."""
+        return (record.state != "queued" or record.tenant in self.blocked
+                or bool(record.deadline_at and self.clock() >= record.deadline_at))
+
+    def _plan_queue(self, records: list[RequestRecord]) -> dict[str, Placement]:
+        """Placements for this pass, planned jointly (``plan_queue``: who is served stays
+        what the queue's order says; only where they go is planned together)."""
+        asks: list[tuple[str, Ask]] = []
+        for record in records[:QUEUE_PLAN_MAX]:
+            try:
+                asks.append((record.request_id, self.ask_for(record.body)))
+            except BrokerError:
+                continue
+        plan = plan_queue(self.world.engine, [ask for _, ask in asks], time_budget_s=QUEUE_PLAN_BUDGET_S)
+        return {asks[i][0]: placement for i, placement in plan.items()}
 
     async def _finish_queued(self, record: RequestRecord, state: str, now: datetime,
                              reasons: list[str] | None = None) -> None:

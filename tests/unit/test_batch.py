@@ -80,3 +80,31 @@ def test_batch_never_overbooks_and_never_costs_more_than_in_order(data: st.DataO
     batch_cost = result.cost + UNSERVED * result.unserved
     in_order = one_at_a_time(engine(*[msgspec.structs.replace(p) for p in world]), batch)
     assert batch_cost <= in_order
+
+
+def test_queue_plan_serves_the_queue_in_order_and_places_jointly() -> None:
+    from services.broker.matching.batch import plan_queue
+
+    e = engine(pool("cheap-east", "us-east", "2.00"), pool("dear-west", "us-west", "3.00"))
+    flexible = Ask(units=8, hours=Decimal(1))
+    pinned = Ask(units=8, hours=Decimal(72), regions=frozenset({"us-east"}))
+    plan = plan_queue(e, [flexible, pinned])
+    assert {i: [a.pool_id for a in p.allocations] for i, p in plan.items()} == {0: ["dear-west"],
+                                                                                 1: ["cheap-east"]}
+    assert e.free_units() == {"cheap-east": 8, "dear-west": 8}  # planning reserved nothing
+
+
+def test_queue_plan_never_serves_others_instead_of_the_head(monkeypatch) -> None:
+    from services.broker.matching import batch as batch_module
+
+    e = engine(pool("only", "us-east", "2.00"))
+    head, later = Ask(units=8, hours=Decimal(72)), Ask(units=8, hours=Decimal(1))
+    later_there = e.match(later, limit=1).options[0]
+
+    def skips_the_head(engine_, asks_, **kw):  # a joint plan that would serve "later" instead
+        return batch_module.BatchResult(placements=[None, later_there], cost=later_there.total_cost,
+                                        unserved=1, decisions=0, moves=0)
+
+    monkeypatch.setattr(batch_module, "place_batch", skips_the_head)
+    assert batch_module.plan_queue(e, [head, later]) == {}  # so the queue goes one at a time, head first
+    assert e.free_units() == {"only": 8}

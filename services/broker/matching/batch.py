@@ -234,3 +234,39 @@ def place_batch(engine: Engine, asks: Sequence[Ask], *, unserved_cost: Decimal |
     placed = [plan.placed.get(i) for i in range(len(asks))]
     return BatchResult(placements=placed, cost=sum((p.total_cost for p in plan.placed.values()), Decimal(0)),
                        unserved=sum(p is None for p in placed), decisions=plan.decisions, moves=moves)
+
+
+def plan_queue(engine: Engine, asks: Sequence[Ask], *, time_budget_s: float = 0.02) -> dict[int, Placement]:
+    """Where to put queued requests (``asks`` in queue order) in one pass. Who is served
+    is what the queue's order says: every request that one at a time, in that order,
+    would be placed now is placed. The batch plan is used only if it serves all of those
+    (and maybe more, on capacity they leave) and, serving the same, costs less.
+    Returns the placement per index of ``asks``; {} to place one at a time. The engine's
+    free units are put back as they were."""
+    snapshot = engine.free_units()
+    try:
+        served: set[int] = set()
+        in_order = Decimal(0)
+        for i, ask in enumerate(asks):
+            decision = engine.match(ask, limit=1)
+            if not decision.options:
+                continue
+            best = decision.options[0]
+            for a in best.allocations:
+                engine.set_free(a.pool_id, engine.get(a.pool_id).free - a.units)  # type: ignore[union-attr]
+            served.add(i)
+            in_order += best.total_cost
+        if len(asks) < 2 or not served:
+            return {}
+        for pool_id, free in snapshot.items():
+            engine.set_free(pool_id, free)
+        batch = place_batch(engine, asks, time_budget_s=time_budget_s)
+        chosen = {i: p for i, p in enumerate(batch.placements) if p is not None}
+        if not served <= set(chosen):
+            return {}
+        if len(chosen) == len(served) and batch.cost >= in_order:
+            return {}
+        return chosen
+    finally:
+        for pool_id, free in snapshot.items():
+            engine.set_free(pool_id, free)
