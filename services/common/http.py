@@ -8,7 +8,10 @@ for body validation, the field that was wrong.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import redis.exceptions
 
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
@@ -54,15 +57,23 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", "unexpected error; it has been logged")
 
 
-def _event_store_unavailable(request: Request, exc: Exception) -> Response:
-    """NATS did not answer in time (a cluster failing over, a server restarting): a
-    passing condition, so the client is told to retry rather than that the service is
-    broken (a 500 says "bug")."""
-    log.warning("event store unavailable on %s %s: %s", request.method, request.url.path,
-                type(exc).__name__)
-    response = problem(503, "unavailable", "the event store did not answer in time; retry shortly")
-    response.headers["Retry-After"] = "1"
-    return response
+def _unavailable(store: str) -> Callable[[Request, Exception], Response]:
+    def handler(request: Request, exc: Exception) -> Response:
+        """NATS or Redis did not answer (a cluster failing over, a server restarting): a
+        passing condition, so the client is told to retry rather than that the service
+        is broken (a 500 says "bug")."""
+        log.warning("%s unavailable on %s %s: %s", store, request.method, request.url.path,
+                    type(exc).__name__)
+        response = problem(503, "unavailable", f"the {store} did not answer in time; retry shortly")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    return handler
+
+
+# Redis not reachable, or a Redis Cluster slot without a master for the moment
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError,
+              redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError)
 
 
 def problem_handlers() -> dict:
@@ -70,7 +81,8 @@ def problem_handlers() -> dict:
         BrokerError: _domain,
         ValidationException: _validation,
         HTTPException: _http,
-        **dict.fromkeys(FAILOVER_ERRORS, _event_store_unavailable),
+        **dict.fromkeys(FAILOVER_ERRORS, _unavailable("event store")),
+        **dict.fromkeys(REDIS_DOWN, _unavailable("live state store")),
         Exception: _unexpected,
     }
 

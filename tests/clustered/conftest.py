@@ -46,3 +46,9 @@ def clustered_settings(nats: NatsCluster, redis: RedisCluster, prefix: str, admi
 def cluster_settings(cluster_nats: NatsCluster, cluster_redis: RedisCluster, prefix: str,
                      admin_key: str) -> Settings:
     return clustered_settings(cluster_nats, cluster_redis, prefix, admin_key)
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    with redis_cluster(tmp_path / "redis-cluster") as cluster:
+        yield cluster
