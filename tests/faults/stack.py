@@ -58,6 +58,7 @@ class Load:
     errors: int = 0
     heartbeats: list[tuple[float, str]] = field(default_factory=list)  # (when, provider) of every 200
     stopping: bool = False
+    clients_stopping: bool = False
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     def start(self) -> None:
@@ -68,6 +69,11 @@ class Load:
         self.stopping = True
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def stop_clients(self) -> None:
+        """The tenants stop (what they hold ends by release or expiry); agents go on."""
+        self.clients_stopping = True
+        await asyncio.gather(*self._tasks[:self.clients], return_exceptions=True)
+
     def placed_since(self, t: float, broker: str | None = None) -> list[str]:
         return [lease for at, url, lease in self.placed if at >= t and (broker is None or url == broker)]
 
@@ -77,7 +83,7 @@ class Load:
         held: list[tuple[float, str, str]] = []  # (release at, broker url, lease id)
         async with httpx.AsyncClient(headers=self.tenants[tenant], timeout=5) as http:
             n = 0
-            while not self.stopping:
+            while not (self.stopping or self.clients_stopping):
                 n += 1
                 url = self.brokers[(i + n) % len(self.brokers)].url
                 try:

@@ -288,7 +288,8 @@ async def test_sigstop_a_broker_mid_reservation(stack: Stack) -> None:
     b1, b2 = stack.brokers
     tenant = stack.load.tenants["t1"]
     async with httpx.AsyncClient(headers=tenant, timeout=30) as http:
-        inflight = asyncio.create_task(http.post(f"{b1.url}/v1/requests", json={"units": 2, "queue": False}))
+        inflight = asyncio.create_task(http.post(f"{b1.url}/v1/requests",
+                                                 json={"units": 2, "queue": False, "lease_ttl_s": 6}))
         await asyncio.sleep(0.005)  # the request is on its way / being reserved
         t0 = time.monotonic()
         stack.kill("broker1", signal.SIGSTOP)
@@ -319,7 +320,7 @@ async def test_afterwards_every_lease_ends_and_is_billed(stack: Stack) -> None:
     billed): with the load stopped, once every lease has expired and the meter has
     caught up, the auditor passes with nothing pending — every charge in the ledger."""
     assert stack.load is not None
-    await stack.load.stop()
+    await stack.load.stop_clients()  # the providers keep heartbeating: leases end by release or expiry
     t0 = time.monotonic()
     nc = await connect(stack.settings.nats_url, "fault-test")
     js = nc.jetstream()
@@ -340,6 +341,7 @@ async def test_afterwards_every_lease_ends_and_is_billed(stack: Stack) -> None:
     report = await stack.audit()
     assert report.ok, report.to_dict()
     ledger = next(c for c in report.checks if c.name.startswith("ledger"))
-    assert ledger.checked >= 100 and not ledger.notes, ledger.to_dict()
+    assert ledger.checked >= len(stack.load.placed) and not ledger.notes, ledger.to_dict()  # >= 1 charge each
     ended = next(c for c in report.checks if c.name == "expired lease has an ending event")
     assert ended.checked == 0  # every lease in the record has its end
+
