@@ -413,7 +413,7 @@ def check_meter_totals(o: Observation) -> CheckResult:
 
 
 CHECKS = (check_capacity, check_leased_counter, check_live_leases_durable, check_grants_live, check_restored,
-          check_records, check_expired_released, check_expired_ended, check_ledger, check_meter_totals)
+          check_records, check_ledger, check_meter_totals, check_expired_released, check_expired_ended)
 
 
 def audit(o: Observation) -> Report:
