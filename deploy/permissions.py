@@ -220,8 +220,9 @@ class RedisUser:
 # CB_REDIS_CLUSTER, redis-py's cluster client also reads the slot map and the command
 # table (to find each command's keys).
 CONNECTION = ["ping", "client|setinfo", "client|setname", "select", "cluster|slots", "cluster|shards", "command"]
-# Every service: the per-key rate limit (services/common/ratelimit.py, INCR/PEXPIRE/PTTL).
-BASE_COMMANDS = CONNECTION + ["incr", "pexpire", "pttl"]
+# Every service: the per-key rate limit and the key's live record (services/common/ratelimit.py:
+# INCRBY/PEXPIRE/PTTL in a script, EXISTS).
+BASE_COMMANDS = CONNECTION + ["incrby", "pexpire", "pttl", "exists"]
 # Lua scripts: EVALSHA, and SCRIPT LOAD/EXISTS when the server does not know the script yet.
 # Commands a script calls are checked against the caller's ACL too, so those are listed.
 SCRIPT_COMMANDS = ["evalsha", "eval", "script|load", "script|exists"]

@@ -139,6 +139,14 @@ class KeyLookup:
         self._cache[presented] = (now + self._ttl, principal)
         return principal
 
+    async def confirm(self, principal: Principal) -> Principal:
+        """A cached key whose live record has gone from Redis: revoked (a 401, at once, in
+        every replica) or Redis lost it (refilled from the bucket; the key still works)."""
+        self.forget(principal.key_id)
+        if await self._record(principal.key_id) is None:
+            raise Unauthorized("unknown or revoked API key")
+        return principal
+
     async def _record(self, key_id: str) -> KeyRecord | None:
         raw = await self.redis.get(self.keys.api_key(key_id))
         if raw is None:

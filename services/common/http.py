@@ -110,8 +110,9 @@ class ApiKeyAuth(AbstractAuthenticationMiddleware):
         lookup: KeyLookup = connection.app.state.key_lookup
         principal = await lookup.authenticate(connection.headers.get("authorization"))
         limiter: RateLimiter | None = getattr(connection.app.state, "rate_limiter", None)
-        if limiter is not None:  # per key, after authentication: a bad key never costs a counter
-            await limiter.hit(principal)
+        # after authentication (a bad key costs nothing): rate limit, and is the key still there?
+        if limiter is not None and not await limiter.hit(principal):
+            principal = await lookup.confirm(principal)  # its live record is gone: revoked, or Redis lost it
         return AuthenticationResult(user=principal, auth=None)
 
 

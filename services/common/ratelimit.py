@@ -1,17 +1,22 @@
-"""Per-key request limits, shared by every replica of every service through Redis.
+"""The per-request Redis check: per-key rate limits, and whether the key still exists.
 
-A fixed window per API key: the first request of a window creates a counter that
-expires with the window; requests add to it in one Lua call (INCRBY, PEXPIRE on the
-window's first, PTTL), so replicas never race on the window's start. Over the limit is
-a 429 whose ``Retry-After`` is when the window ends. A fixed window lets a burst of up to
-twice the limit straddle a boundary; for a guard against runaway clients that is fine
-and far cheaper than a sliding log.
+**Rate limits** are shared by every replica of every service: a fixed window per API key.
+The first request of a window creates a counter that expires with the window; requests
+add to it in one Lua call (INCRBY, PEXPIRE on the window's first, PTTL), so replicas
+never race on the window's start. Over the limit is a 429 whose ``Retry-After`` is when
+the window ends. A fixed window lets a burst of up to twice the limit straddle a
+boundary; for a guard against runaway clients that is fine and far cheaper than a
+sliding log.
 
-Concurrent requests are counted together, as heartbeats are written together: while
-one round trip is in flight the next requests wait for the following one, which adds
-each key's count in one call (a provider agent heartbeating thousands of pools a second
-costs one small script call per batch, not one per request). At low load a batch is a
-single request and nothing waits.
+**Revocation at once.** Each replica caches keys for a few seconds and drops a revoked
+one when the revocation broadcast reaches it, but a request may get there first. So the
+same round trip asks whether the key's live record still exists (a revocation deletes
+it before it answers): a request made after a revocation returned is refused by every
+replica, whatever the broadcast is doing.
+
+Concurrent requests share a round trip, as heartbeats do: while one is in flight the
+next requests wait for the following one, which adds each key's count in one call. At
+low load a batch is a single request and nothing waits.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -40,17 +46,26 @@ end
 return {n, ttl}
 """
 
-Count = tuple[int, int]  # this request's number in the window, milliseconds left
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    count: int  # this request's number in its key's window (0: not counted)
+    ttl_ms: int  # until the window ends
+    key_exists: bool  # the key's live record is in Redis (False: revoked, or Redis lost it)
+
+
+_UNCOUNTED = Seen(0, 0, True)
 
 
 class RateLimiter:
-    """``limit`` requests per ``window_s`` per API key; ``limit`` 0 turns it off."""
+    """``limit`` requests per ``window_s`` per API key (``limit`` 0: no limit, but the
+    key is still checked)."""
 
     def __init__(self, redis: Redis, keys: Keys, limit: int, window_s: float) -> None:
         self.redis, self.keys, self.limit = redis, keys, limit
         self.window_ms = max(1, int(window_s * 1000))
         self._script = redis.register_script(WINDOW_SCRIPT)
-        self._pending: dict[str, list[asyncio.Future[Count]]] = {}
+        self._pending: dict[Principal, list[asyncio.Future[Seen]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -58,45 +73,56 @@ class RateLimiter:
         """The key id (the bootstrap admin key has none: it counts as one key)."""
         return principal.key_id or f"{principal.role}-{principal.subject or 'key'}"
 
-    async def hit(self, principal: Principal) -> None:
-        if self.limit <= 0:
-            return
-        future: asyncio.Future[Count] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(self.bucket(principal), []).append(future)
+    async def hit(self, principal: Principal) -> bool:
+        """Count one request; raise ``TooManyRequests`` over the limit. Returns whether
+        the key's live record still exists (the caller re-checks the key if not)."""
+        if self.limit <= 0 and not principal.key_id:
+            return True
+        future: asyncio.Future[Seen] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(principal, []).append(future)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
-        count, ttl_ms = await future
-        if count > self.limit:
-            retry = max(1, math.ceil(ttl_ms / 1000))
+        seen = await future
+        if self.limit > 0 and seen.count > self.limit:
+            retry = max(1, math.ceil(seen.ttl_ms / 1000))
             raise TooManyRequests(f"more than {self.limit} requests in {self.window_ms / 1000:g} s with this key; "
                                   f"retry in {retry} s", retry_after=retry)
+        return seen.key_exists
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, {}
                 try:
-                    totals = await self._add(batch)
+                    seen = await self._round_trip(batch)
                 except Exception as exc:  # noqa: BLE001 - a guard, not a gate: a Redis blip lets requests through
                     log.warning("rate limit not counted (%s); letting %d requests through", exc,
                                 sum(len(f) for f in batch.values()))
-                    totals = [(0, 0)] * len(batch)
-                for futures, (total, ttl_ms) in zip(batch.values(), totals, strict=True):
-                    first = int(total) - len(futures)
-                    for i, future in enumerate(futures, 1):
+                    seen = [[_UNCOUNTED] * len(futures) for futures in batch.values()]
+                for futures, results in zip(batch.values(), seen, strict=True):
+                    for future, result in zip(futures, results, strict=True):
                         if not future.done():
-                            future.set_result((first + i, int(ttl_ms)))
+                            future.set_result(result)
         finally:
             self._task = None
 
-    async def _add(self, batch: dict[str, list[asyncio.Future[Count]]]) -> list[Count]:
+    async def _round_trip(self, batch: dict[Principal, list[asyncio.Future[Seen]]]) -> list[list[Seen]]:
         pipe = self.redis.pipeline(transaction=False)
-        for bucket, futures in batch.items():
-            # the raw command, as in the registry's store: routed by its key's slot in a cluster too
-            pipe.execute_command("EVALSHA", self._script.sha, 1, self.keys.rate_limit(bucket), self.window_ms,
-                                 len(futures))
+        for principal, futures in batch.items():
+            if self.limit > 0:  # the raw command, as in the registry's store: routed by its key's slot
+                pipe.execute_command("EVALSHA", self._script.sha, 1, self.keys.rate_limit(self.bucket(principal)),
+                                     self.window_ms, len(futures))
+            if principal.key_id:
+                pipe.exists(self.keys.api_key(principal.key_id))
         try:
-            return await pipe.execute()
+            replies = iter(await pipe.execute())
         except NoScriptError:  # first use, or Redis restarted
             await self._script.registered_client.script_load(self._script.script)
-            return await self._add(batch)
+            return await self._round_trip(batch)
+        out = []
+        for principal, futures in batch.items():
+            total, ttl_ms = next(replies) if self.limit > 0 else (0, 0)
+            exists = bool(next(replies)) if principal.key_id else True
+            first = int(total) - len(futures) if self.limit > 0 else -len(futures)
+            out.append([Seen(first + i, int(ttl_ms), exists) for i in range(1, len(futures) + 1)])
+        return out

@@ -2,8 +2,11 @@
 
 Two processes of the registry share NATS and Redis. Replica B has just accepted a key
 (so it sits in B's 5 s cache); replica A revokes or rotates it, and the very next request
-to B, with no waiting and no retry, is refused. Without the revocation broadcast B would
-keep accepting the key from its cache for up to 5 s, so these assertions would fail.
+to B, with no waiting and no retry, is refused. Two things make that so: the revocation
+broadcast empties every replica's cache, and every request checks, in the round trip
+that counts it against the rate limit, that the key's live record still exists (the
+revocation deletes it before it answers). Without both, B would keep accepting the key
+from its cache for up to 5 s.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from litestar.testing import AsyncTestClient
 
+from services.common.keys import Keys
 from services.common.settings import Settings
+from services.registry.app import create_app as create_registry
 
 from ..procs import service_process
 
@@ -35,7 +41,7 @@ def test_revoke_and_rotate_reach_every_replica_at_once(settings: Settings, tmp_p
     with service_process("registry", settings, tmp_path / "a") as a, \
             service_process("registry", settings, tmp_path / "b") as b, \
             httpx.Client(base_url=a.url, timeout=10) as on_a, httpx.Client(base_url=b.url, timeout=10) as on_b:
-        for round_ in range(5):  # a race would show up in some round
+        for round_ in range(20):  # a race would show up in some round
             issued = on_a.post("/v1/keys", json={"role": "provider", "subject": f"p{round_}"}, headers=admin).json()
             warm(on_b, issued["key"])
             assert on_a.delete(f"/v1/keys/{issued['key_id']}", headers=admin).status_code == 200
@@ -56,3 +62,15 @@ def test_revoke_and_rotate_reach_every_replica_at_once(settings: Settings, tmp_p
         # the old key can no longer rotate (or do) anything; a revoked id is unknown
         assert on_b.post(f"/v1/keys/{issued['key_id']}/rotate", headers=bearer(old)).status_code == 401
         assert on_b.post(f"/v1/keys/{issued['key_id']}/rotate", headers=admin).status_code == 404
+
+
+async def test_a_key_whose_live_record_redis_lost_still_works(settings: Settings, nc, rds) -> None:
+    """Only a revocation refuses a cached key: a live record lost with Redis is refilled
+    from the durable bucket."""
+    async with AsyncTestClient(app=create_registry(settings)) as client:
+        issued = (await client.post("/v1/keys", json={"role": "ops"}, headers=bearer(settings.admin_key or ""))).json()
+        assert (await client.get("/v1/pools", headers=bearer(issued["key"]))).status_code == 200  # cached now
+        keys = Keys(settings.prefix)
+        assert await rds.delete(keys.api_key(issued["key_id"])) == 1  # as if Redis lost it
+        assert (await client.get("/v1/pools", headers=bearer(issued["key"]))).status_code == 200
+        assert await rds.exists(keys.api_key(issued["key_id"])) == 1  # refilled from the bucket
