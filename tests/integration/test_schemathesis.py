@@ -34,6 +34,7 @@ from services.common.subjects import Subjects
 from ..procs import service_process
 
 EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "16"))  # more (and random) for a deeper run by hand
+DERANDOMIZE = "CB_FUZZ_EXAMPLES" not in os.environ
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
 NOT_FUZZED = {"/v1/events"}  # a live stream that never ends by design; tests/integration covers it
 
@@ -50,7 +51,7 @@ def fuzz(base_url: str, headers: dict[str, str], only: set[str] | None = None) -
         ran += 1
 
         @given(case=st.one_of(op.as_strategy(GenerationMode.POSITIVE), op.as_strategy(GenerationMode.NEGATIVE)))
-        @hsettings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="CB_FUZZ_EXAMPLES" not in os.environ,
+        @hsettings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
                    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         def check(case: schemathesis.Case) -> None:
             response = case.call(base_url=base_url, headers=headers, timeout=15)
