@@ -30,6 +30,7 @@ from rich.table import Table
 from services.common.keys import Keys
 from services.common.messages import AllocEvent, Pool
 from services.common.nats_conn import connect, read_stream
+from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import ALLOC, MeterNames, Subjects
 from services.meter.model import LedgerEntry, LedgerRecord
@@ -74,6 +75,7 @@ class AuditConfig:
     meter_durable: str = ""
     grace_s: float = 5.0
     confirm_s: float = 1.0
+    redis_cluster: bool = False  # redis_url is a seed node of a Redis Cluster
 
 
 def _s(v: object) -> str:
@@ -208,7 +210,7 @@ async def run_audit(cfg: AuditConfig, nc: NATS | None = None, redis: Redis | Non
     own_nc = nc is None
     own_redis = redis is None
     nc = nc or await connect(cfg.nats_url, "cbroker-audit")
-    redis = redis or Redis.from_url(cfg.redis_url)
+    redis = redis or redis_connect(cfg.redis_url, 8, cluster=cfg.redis_cluster)
     try:
         first = audit(await observe(cfg, nc, redis))
         if first.ok or cfg.confirm_s <= 0:
@@ -258,7 +260,8 @@ def register(cli: click.Group) -> None:
         key = key or os.environ.get("CB_ADMIN_KEY")
         cfg = AuditConfig(nats_url=settings.nats_url, redis_url=settings.redis_url, prefix=settings.prefix,
                           meter_url=meter_url, key=key, min_bill_s=settings.min_bill_s,
-                          meter_state=settings.meter_state, meter_durable=settings.meter_durable, grace_s=grace_s, confirm_s=confirm_s)
+                          meter_state=settings.meter_state, meter_durable=settings.meter_durable,
+                          redis_cluster=settings.redis_cluster, grace_s=grace_s, confirm_s=confirm_s)
         report = asyncio.run(run_audit(cfg))
         if as_json:
             sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -64,8 +64,8 @@ class PoolStore:
         for region, pool_id, owner, capacity, record, model in items:
             pipe.hsetnx(self.keys.pool_index(), pool_id, region)
             pipe.sadd(self.keys.regions(), region)
-            pipe.evalsha(sha, 3, *self._keys(region, pool_id), "upsert", now, pool_id, "", capacity, record, model,
-                         owner)
+            pipe.execute_command("EVALSHA", sha, 3, *self._keys(region, pool_id), "upsert", now, pool_id, "",
+                                 capacity, record, model, owner)  # raw: a cluster pipeline routes it by slot
         try:
             await pipe.execute()
         except NoScriptError:  # Redis restarted or flushed its script cache
