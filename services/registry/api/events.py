@@ -74,8 +74,10 @@ async def events(request: Request, kind: Q = None, type: Q = None, region: Q = N
     watch = KeyWatch(request.app.state.key_lookup, _authorization(request, key))
     who = await watch.lookup.authenticate(watch.authorization)
     limiter = getattr(request.app.state, "rate_limiter", None)
-    if limiter is not None:  # opening a stream counts like any request of this key (a reconnect storm too)
-        await limiter.hit(who)
+    # opening a stream counts like any request of this key (a reconnect storm too); a key
+    # revoked a moment ago is refused here even if this replica has not heard it yet
+    if limiter is not None and not await limiter.hit(who):
+        who = await watch.lookup.confirm(who)
     subjects: Subjects = request.app.state.subjects
     the_plan = plan(who, parse_filter(kind, type, region, provider, tenant), subjects.prefix)
     start = parse_since(last_event_id, since, datetime.now(UTC))
