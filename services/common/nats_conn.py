@@ -67,23 +67,56 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int
     """Create the event streams and record buckets, or bring them to this config.
     Safe to call from every replica at every start."""
     for config in stream_configs(subjects, replicas):
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
-        else:
-            await js.update_stream(config)
+        await ensure_stream(js, config)
     for bucket in BUCKETS:
         await ensure_bucket(js, subjects.bucket(bucket), replicas)
 
 
-async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1) -> KeyValue:
-    try:
-        return await js.key_value(name)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas)
-        )
+def _differs(have: StreamConfig, want: StreamConfig) -> bool:
+    return (sorted(have.subjects or []) != sorted(want.subjects or []) or have.num_replicas != want.num_replicas
+            or have.storage != want.storage
+            or abs((have.duplicate_window or 0) - (want.duplicate_window or 0)) > 1e-3)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: int = 3) -> None:
+    """Create the stream, or update it when its config differs (e.g. more replicas).
+    Replicas starting together on a fresh NATS cluster race, and an update that meets a
+    create in progress can go unanswered: a create or update that fails or times out is
+    retried after a fresh look."""
+    for attempt in range(attempts):
+        try:
+            try:
+                info = await js.stream_info(config.name)
+            except NotFoundError:
+                await js.add_stream(config)
+                return
+            if _differs(info.config, config):
+                await js.update_stream(config)
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("ensuring stream %s: %s; looking again", config.name, exc or type(exc).__name__)
+
+
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, attempts: int = 3) -> KeyValue:
+    """The bucket, created if missing. Replicas starting together on a fresh NATS cluster
+    race to create it, and a losing create can go unanswered (seen with R3 buckets):
+    a create that fails or times out is followed by another look-up."""
+    for attempt in range(attempts):
+        try:
+            return await js.key_value(name)
+        except BucketNotFoundError:
+            pass
+        try:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas)
+            )
+        except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("creating bucket %s: %s; looking again", name, exc or type(exc).__name__)
+    raise AssertionError("unreachable")
 
 
 async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:
