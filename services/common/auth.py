@@ -150,15 +150,23 @@ class KeyLookup:
     async def _record(self, key_id: str) -> KeyRecord | None:
         raw = await self.redis.get(self.keys.api_key(key_id))
         if raw is None:
-            try:
-                entry = await self.kv.get(key_id)
-            except KeyNotFoundError:
+            raw = await self._durable(key_id)
+            if raw is None:
                 return None
-            if not entry.value:
-                return None
-            raw = entry.value
             await self.redis.set(self.keys.api_key(key_id), raw)
+            # a revocation may have run between the read and the refill (its Redis delete
+            # before our set): look again, or the refill would bring a revoked key back
+            if await self._durable(key_id) is None:
+                await self.redis.delete(self.keys.api_key(key_id))
+                return None
         return _record_decoder.decode(raw)
+
+    async def _durable(self, key_id: str) -> bytes | None:
+        try:
+            entry = await self.kv.get(key_id)
+        except KeyNotFoundError:
+            return None
+        return entry.value or None
 
     async def issue(self, role: Role, subject: str, name: str, now: datetime) -> tuple[KeyRecord, str]:
         key_id, key = new_key()
