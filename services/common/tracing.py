@@ -79,15 +79,18 @@ def _from_scope(scope: Scope) -> str:
 
 
 class RequestIdMiddleware(ASGIMiddleware):
-    """Binds the request id for the handler (each request runs in its own task, so the
-    context variable never leaks into another request)."""
+    """Binds the request id while the request is handled (and unbinds it after, for
+    servers and test clients that run several requests in one task)."""
 
     scopes = (ScopeType.HTTP,)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        request_id.set(_from_scope(scope))
+        token = request_id.set(_from_scope(scope))
         scope["started"] = time.perf_counter()  # type: ignore[typeddict-unknown-key]
-        await next_app(scope, receive, send)
+        try:
+            await next_app(scope, receive, send)
+        finally:
+            request_id.reset(token)
 
 
 async def add_request_id_header(message: Message, scope: Scope) -> None:
