@@ -48,9 +48,6 @@ class NatsCluster(_StopsOnExit):
             node.proc.send_signal(signal.SIGKILL)
             node.proc.wait()
 
-    def alive(self) -> list[ServerProcess]:
-        return [n for n in self.nodes if n.proc.poll() is None]
-
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
