@@ -17,11 +17,15 @@ from services.common.redis_conn import read_lua
 _info = msgspec.json.Decoder(LeaseInfo)
 
 
+PENDING_S = 30.0  # an unconfirmed reservation (its broker died before the grant was durable) ends this soon
+
+
 @dataclass(frozen=True, slots=True)
 class Ended:
     lease: LeaseInfo
     seq: int
     free_after: int
+    pending: bool = False  # never confirmed: the grant may not be in the record, the client heard nothing
 
 
 def _s(v: object) -> str:
@@ -97,6 +101,17 @@ class LeaseStore:
             pipe.hset(self.keys.lease_index(), lease.lease_id, lease.region)
             pipe.zadd(self.keys.tenant_leases(lease.tenant), {lease.lease_id: lease.granted_at.timestamp()})
 
+    async def confirm(self, leases: Sequence[LeaseInfo]) -> None:
+        """The grants are durable: the leases get their real expiry and lose the pending mark."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            expires = lease.expires_at.timestamp()
+            pipe.hset(k.lease(lease.region, lease.lease_id), "expires", expires)
+            pipe.hdel(k.lease(lease.region, lease.lease_id), "pending")
+            pipe.zadd(k.lease_expiry(lease.region), {lease.lease_id: expires})
+        await pipe.execute()
+
     async def mark_ready(self, regions: Sequence[str]) -> None:
         """This replica knows every live lease of these regions is in Redis."""
         pipe = self.redis.pipeline(transaction=False)
@@ -117,7 +132,7 @@ class LeaseStore:
         pipe.hdel(k.lease_index(), lease.lease_id)
         pipe.zrem(k.tenant_leases(lease.tenant), lease.lease_id)
         await pipe.execute()
-        return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]))
+        return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]), len(raw) > 4 and int(raw[4]) == 1)
 
     async def renew(self, lease: LeaseInfo, now: float) -> int | None:
         k, r = self.keys, lease.region

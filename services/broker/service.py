@@ -51,7 +51,7 @@ from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
-from .leases import Ended, LeaseStore
+from .leases import PENDING_S, Ended, LeaseStore
 from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.batch import plan_queue
 from .matching.engine import Engine
@@ -147,7 +147,8 @@ class Broker:
         done: list[LeaseInfo] = []
         truth: dict[str, int] = {}
         allocations = [(lease.pool_id, lease.units) for lease in leases]
-        expires = leases[0].expires_at.timestamp()
+        # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
+        expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
             for region, group in by_region.items():
                 try:
@@ -173,6 +174,11 @@ class Broker:
                 id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
                 free_after=truth.get(lease.pool_id, -1))) for lease in leases), return_exceptions=True)
             failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is None:
+                try:
+                    await self.leases.confirm(leases)
+                except Exception as exc:  # noqa: BLE001 - as if the grant had failed
+                    failed = exc
             if failed is not None:
                 log.error("grant not durable (%s): giving the units back", failed)
                 truth.update(await self._undo(done))
@@ -605,7 +611,13 @@ class Broker:
         for region in self.world.countries:
             for lease in await self.leases.expired(region, now.timestamp()):
                 ended = await self.leases.end(lease, "expire", now.timestamp())
-                if ended is not None:
+                if ended is not None and ended.pending:
+                    # its broker died between reservation and confirmation: nobody was told
+                    # 201; end it in the record at its grant time (nothing billed)
+                    log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
+                    await self._ended(LeaseLost, ended, lease.granted_at, reason="grant never completed")
+                    n += 1
+                elif ended is not None:
                     await self._ended(LeaseExpired, ended, now)
                     n += 1
         return n

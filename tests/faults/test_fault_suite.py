@@ -315,6 +315,53 @@ async def test_sigstop_a_broker_mid_reservation(stack: Stack) -> None:
     assert res["audit_s"] <= BOUND_S
 
 
+async def test_broker_dies_between_reservation_and_grant(stack: Stack) -> None:
+    """What a broker that dies after its reservation script and before its grant is
+    durable leaves behind, written with the broker's own lease store: units held by a
+    lease with no grant, marked pending, with the short provisional expiry the broker
+    gives it. The auditor names the lease; the other brokers' sweepers give the units
+    back and end it in the record (nothing billed), and the auditor passes."""
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from services.broker.leases import LeaseStore
+    from services.common.messages import LeaseInfo, LeaseLost
+
+    keys = Keys(stack.settings.prefix)
+    pool, region = "acme-0", PROVIDERS["acme"][0][0]
+    client = aioredis.Redis.from_url(stack.settings.redis_url)
+    now = datetime.now(UTC)
+    lease = LeaseInfo(lease_id="lease_orphan000000000000", request_id="req_orphan", tenant="t1", pool_id=pool,
+                      provider="acme", region=region, model=PROVIDERS["acme"][0][1], units=3, billing="on_demand",
+                      unit_price=Decimal("1.20"), granted_at=now, expires_at=now + timedelta(seconds=300), ttl_s=300)
+    try:
+        t0 = time.monotonic()
+        ok, _ = await LeaseStore(client, keys).reserve(region, [lease], time.time() + 2.0)  # provisional: 2 s
+        assert ok
+        report = (await stack.audit(confirm_s=0)).to_dict()
+        assert _failing(report).get("live lease has its grant in the stream") == {lease.lease_id}, report
+
+        async def given_back() -> bool:
+            return not await client.exists(keys.lease(region, lease.lease_id))
+
+        gone = await until(given_back, t0, what="the orphaned reservation given back")
+        audit_s, _ = await stack.audit_passes(t0)
+    finally:
+        await client.aclose()
+    nc = await connect(stack.settings.nats_url, "fault-test")
+    try:
+        from services.cli.audit import read_alloc
+
+        events, _ = await read_alloc(nc.jetstream(), Subjects(stack.settings.prefix))
+    finally:
+        await nc.drain()
+    mine = [e for _, e in events if e.lease.lease_id == lease.lease_id]
+    assert [type(e) for e in mine] == [LeaseLost] and mine[0].at == lease.granted_at  # ended at grant: billed 0
+    RESULTS["broker dies between reservation and grant (simulated)"] = {
+        "back_s": gone, "placing_s": 0.0, "audit_s": audit_s, "leases_told": len(stack.load.placed),
+        "note": "units held by an unconfirmed lease given back after its 2 s provisional expiry (30 s in the broker)"}
+
+
 async def test_afterwards_every_lease_ends_and_is_billed(stack: Stack) -> None:
     """Faults can leave damage that shows only later (a lease that never ends is never
     billed): with the load stopped, once every lease has expired and the meter has

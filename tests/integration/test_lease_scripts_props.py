@@ -37,6 +37,7 @@ class Live(msgspec.Struct):
     expiry: float
     seq: int
     interruptible: bool
+    confirmed: bool = False  # the broker confirmed it once its grant was durable
 
 
 def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
@@ -123,6 +124,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             """An ended lease: its next seq, and the pool's free units (-1 once removed)."""
             lv = self.live.pop(lease_id)
             assert int(raw[2]) == lv.seq + 1
+            assert int(raw[4]) == (0 if lv.confirmed else 1)  # an unconfirmed lease says so when it ends
             assert int(raw[3]) == (self.free_model(lv.pool) if self.present[lv.pool] else -1)
 
         @rule(ids=leases, mode=st.sampled_from(["release", "lost", "preempt", "revoke"]))
@@ -145,6 +147,20 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert (int(raw[0]) == 1) == (lv.expiry <= self.now)
                 if lv.expiry <= self.now:
                     self._ended(lease_id, raw)
+
+        @rule(ids=leases, ttl=st.integers(1, 100))
+        def broker_confirms(self, ids: list[str], ttl: int) -> None:
+            """What the broker does once the grant is durable: the real expiry, no pending mark."""
+            self.step()
+            k = self.k
+            for lease_id in ids:
+                if lease_id not in self.live:
+                    continue
+                lv = self.live[lease_id]
+                lv.expiry, lv.confirmed = self.now + ttl, True
+                client.hset(k.lease(REGION, lease_id), "expires", lv.expiry)
+                client.hdel(k.lease(REGION, lease_id), "pending")
+                client.zadd(k.lease_expiry(REGION), {lease_id: lv.expiry})
 
         @rule(ids=leases, ttl=st.integers(1, 100))
         def renew_lease(self, ids: list[str], ttl: int) -> None:
@@ -226,6 +242,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 p = next(p for p in POOLS if self.bookable(p))
                 assert int(self._reserve("check", [(p, 1, "probe", False, self.now + 5)])[0]) == -1
             self.live = {i: lv for i, lv in self.live.items() if lv.expiry > self.now}
+            for lv in self.live.values():
+                lv.confirmed = True  # restored from the durable record: nothing pending
             k = self.k
             keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION)], []
             for lease_id, lv in self.live.items():

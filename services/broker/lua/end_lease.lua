@@ -2,10 +2,11 @@
 -- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set,
 -- KEYS[5] region set of interruptible leases
 -- ARGV[1] lease id, ARGV[2] mode ('expire' re-checks the expiry against ARGV[3] = now)
--- Reply: {1, lease json, seq, free_after} or {0} when there is nothing (left) to end
+-- Reply: {1, lease json, seq, free_after, pending} or {0} when there is nothing (left) to end;
+-- pending = 1: the broker never confirmed the grant (it died before its event was durable)
 local lease = KEYS[2]
 if redis.call('EXISTS', lease) == 0 then return {0} end
-local f = redis.call('HMGET', lease, 'units', 'expires', 'info', 'seq')
+local f = redis.call('HMGET', lease, 'units', 'expires', 'info', 'seq', 'pending')
 if ARGV[2] == 'expire' and tonumber(f[2]) > tonumber(ARGV[3]) then return {0} end
 local free = -1
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -17,4 +18,4 @@ redis.call('DEL', lease)
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
-return {1, f[3], tonumber(f[4]) + 1, free}
+return {1, f[3], tonumber(f[4]) + 1, free, tonumber(f[5]) or 0}

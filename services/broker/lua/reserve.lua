@@ -2,7 +2,10 @@
 -- KEYS[1] region lease-expiry zset, KEYS[2] the region's leases-ready marker, KEYS[3] the
 --   region's set of interruptible leases; then per allocation i (0-based): KEYS[4+3i] pool
 --   hash, KEYS[5+3i] the pool's lease set, KEYS[6+3i] the lease hash.
--- ARGV[1] mode ('check' = only if free, 'force' = restore after Redis loss), ARGV[2] expires_at,
+-- ARGV[1] mode ('check' = only if free, 'force' = restore after Redis loss), ARGV[2] expires_at
+--   (for 'check' a provisional one: the lease is marked pending until the broker, its grant
+--   durable, confirms it with the real expiry; an unconfirmed lease ends at the provisional
+--   one, so a broker that dies in between leaks nothing for long),
 --   then per allocation: ARGV[3+4i] lease id, ARGV[4+4i] units, ARGV[5+4i] lease json,
 --   ARGV[6+4i] interruptible (1/0)
 -- Reply: {1, free_after_1, ...} or {0, i (1-based), free_of_that_pool} or {-1} (leases not
@@ -34,6 +37,7 @@ for i = 0, n - 1 do
   redis.call('HSET', lease, 'info', ARGV[5 + 4 * i], 'units', units, 'expires', expires, 'seq', 1,
     'interruptible', ARGV[6 + 4 * i], 'pool', pool)
   redis.call('SADD', leases, lease_id)
+  if mode == 'check' then redis.call('HSET', lease, 'pending', 1) end
   if ARGV[6 + 4 * i] == '1' then redis.call('SADD', KEYS[3], lease_id) end
   redis.call('ZADD', KEYS[1], expires, lease_id)
 end
