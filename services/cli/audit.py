@@ -88,7 +88,7 @@ def _pool_id(pool_key: str) -> str:
 
 async def _regions(redis: Redis, keys: Keys, extra: set[str]) -> set[str]:
     found = {_s(r) for r in await redis.smembers(keys.regions())}
-    found |= {_s(r) for r in (await redis.hgetall(keys.lease_index())).values()}
+    found |= {_s(r) for r in await redis.hvals(keys.lease_index())}
     return found | extra
 
 

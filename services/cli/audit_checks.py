@@ -86,6 +86,13 @@ class Observation:
     min_bill_s: int = 60
     grace_s: float = 5.0  # an expired lease may hold its units this long (sweep interval + slack)
     undecodable: int = 0  # allocation events that did not decode
+    _folded: tuple[int, int, dict[str, History]] | None = None  # folded once, read by several checks
+
+    def histories(self) -> dict[str, History]:
+        key = (id(self.events), len(self.events))
+        if self._folded is None or self._folded[:2] != key:
+            self._folded = (*key, histories(self.events))
+        return self._folded[2]
 
 
 # --- what was found ---------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def check_capacity(o: Observation) -> CheckResult:
     r = CheckResult("pool leased <= capacity", 1)
     newest: dict[str, float] = {}
     held: dict[str, int] = defaultdict(int)
-    grants = {lease_id: h.grant[1].lease.granted_at.timestamp() for lease_id, h in histories(o.events).items()
+    grants = {lease_id: h.grant[1].lease.granted_at.timestamp() for lease_id, h in o.histories().items()
               if h.grant}
     for lease in o.leases.values():
         at = grants.get(lease.lease_id, o.now)
@@ -239,7 +246,7 @@ def check_live_leases_durable(o: Observation) -> CheckResult:
     """Every lease live in Redis was granted in the allocation stream (the durable
     record), on the same pool with the same units, and has not ended there."""
     r = CheckResult("live lease has its grant in the stream", 2)
-    hs = histories(o.events)
+    hs = o.histories()
     for lease in o.leases.values():
         r.checked += 1
         h = hs.get(lease.lease_id)
@@ -260,7 +267,7 @@ def check_grants_live(o: Observation) -> CheckResult:
     """Every grant in the stream (before Redis was read) that has not ended and not
     expired is live in Redis: nothing a client was told about is lost."""
     r = CheckResult("granted lease is live until it ends", 2)
-    for lease_id, h in histories(o.events).items():
+    for lease_id, h in o.histories().items():
         if h.grant is None or h.grant[0] > o.alloc_seq_before or h.end is not None:
             continue
         if h.expires <= o.now:
@@ -327,7 +334,7 @@ def check_expired_ended(o: Observation) -> CheckResult:
     """Every lease past its expiry (plus grace) has an ending event: without one the
     meter never bills its usage."""
     r = CheckResult("expired lease has an ending event", 4)
-    for lease_id, h in histories(o.events).items():
+    for lease_id, h in o.histories().items():
         if h.grant is None or h.end is not None:
             continue
         r.checked += 1
@@ -368,7 +375,7 @@ def check_ledger(o: Observation) -> CheckResult:
         got[entry.id].append(entry)
     pending = 0
     owed: dict[str, tuple[Decimal, str]] = {}
-    for lease_id, h in histories(o.events).items():
+    for lease_id, h in o.histories().items():
         for eid, amount, seq in expected_charges(h, o.min_bill_s):
             owed[eid] = (amount, lease_id)
             r.checked += 1
