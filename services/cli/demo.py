@@ -158,7 +158,8 @@ WORKLOAD: tuple[tuple[str, dict[str, Any], float | None], ...] = (
                     "billing": "reserved_month"}, None),
     ("beta-media", {"units": 4, "billing": "interruptible", "duration_s": 600}, None),
     ("alpha-labs", {"units": 2, "accelerators": {"min_memory_gib": 80}, "duration_s": 120}, None),
-    ("beta-media", {"units": 1, "placement": {"users_region": "ap-east", "max_latency_ms": 60}}, 45.0),
+    ("beta-media", {"units": 2, "accelerators": {"min_memory_gib": 48},
+                    "placement": {"users_region": "ap-east", "max_latency_ms": 60}}, 45.0),
     ("alpha-labs", {"units": 4, "accelerators": {"vendors": ["huawei"]}, "duration_s": 300}, 90.0),
     ("beta-media", {"units": 2, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 180}, None),
 )

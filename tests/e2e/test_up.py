@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,7 +108,9 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
         wide = {**os.environ, "COLUMNS": "200"}  # rich tables, not wrapped
         out = subprocess.run([*cli, "usage", *bill, "--tenant", "beta-media", "--group-by", "billing"],
                              capture_output=True, text=True, timeout=30, env=wide)
-        assert out.returncode == 0 and "on_demand" in out.stdout and usage["amount"] in out.stdout, out
+        assert out.returncode == 0 and "on_demand" in out.stdout, out
+        shown = re.search(r"total ([0-9.]+) USD", out.stdout)  # the workload goes on: at least what the API said
+        assert shown and float(shown.group(1)) >= float(usage["amount"]), out.stdout
         out = subprocess.run([*cli, "invoice", period, *bill, "--tenant", "alpha-labs"], capture_output=True, text=True,
                              timeout=30, env=wide)
         assert out.returncode == 0 and "reserved_month" in out.stdout and "draft" in out.stdout.lower(), out
