@@ -112,6 +112,13 @@ class LeaseStore:
             pipe.zadd(k.lease_expiry(lease.region), {lease.lease_id: expires})
         await pipe.execute()
 
+    async def not_ready(self, regions: Sequence[str]) -> list[str]:
+        """The regions whose leases-ready marker is missing (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region in regions:
+            pipe.exists(self.keys.leases_ready(region))
+        return [r for r, n in zip(regions, await pipe.execute(), strict=True) if not n]
+
     async def mark_ready(self, regions: Sequence[str]) -> None:
         """This replica knows every live lease of these regions is in Redis."""
         pipe = self.redis.pipeline(transaction=False)

@@ -86,6 +86,7 @@ class Broker:
         self.queue_kick = asyncio.Event()
         self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
         self.budget_grace_s = 300.0
+        self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
 
     # --- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -599,9 +600,31 @@ class Broker:
     async def sweep_and_rebuild(self) -> None:
         await self.rebuild_if_lost()
         if await self.redis.exists(self.keys.rebuilt_marker("broker")):
-            await self.leases.mark_ready(list(self.world.countries))  # regions added since
+            await self._mark_new_regions_ready()
         await self.sweep()
         await self.revoke_over_budget()
+
+    async def _mark_new_regions_ready(self) -> None:
+        """Regions added since the last rebuild start ready: they have no leases to lose.
+        A region without its marker but with allocations in the durable record lost its
+        live state on its own (its Redis Cluster master came back empty, while the global
+        rebuilt markers live elsewhere): it stays refused (503), loudly, rather than be
+        booked over leases Redis no longer holds. Flushing Redis rebuilds everything."""
+        missing = await self.leases.not_ready(list(self.world.countries))
+        self._lost_regions.intersection_update(missing)
+        new = []
+        for region in missing:
+            info = await self.js.stream_info(self.subjects.stream("alloc"),
+                                             subjects_filter=self.subjects.alloc(region, "*"))
+            if not info.state.subjects:
+                new.append(region)
+            elif region not in self._lost_regions:
+                self._lost_regions.add(region)
+                log.error("region %s lost its live leases in Redis while the rest did not; it refuses "
+                          "placements until Redis is rebuilt (flush it: everything is restored from JetStream)",
+                          region)
+        if new:
+            await self.leases.mark_ready(new)
 
     async def sweep(self) -> int:
         """Expire unrenewed leases. Safe in every replica: the script re-checks expiry

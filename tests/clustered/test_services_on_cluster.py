@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from services.common.keys import Keys
+from services.common.messages import LeaseExpired
 from services.common.nats_conn import connect
 from services.common.settings import Settings
 from services.common.subjects import Subjects
@@ -147,3 +148,53 @@ async def test_a_split_refused_in_one_region_holds_nothing_in_the_others(cluster
         assert [(x["region"], x["units"]) for x in r.json()["leases"]] == [(cheap, 8), (dear, 4)]
         states = s.pool_states(pools)
         assert states["cheap-1"]["leased"] == 8 and states["dear-1"]["leased"] == 4, states
+
+
+async def test_a_region_that_lost_its_live_state_alone_stays_refused(cluster_settings: Settings, tmp_path) -> None:
+    """A Redis Cluster master comes back empty: one region's keys are gone (here deleted,
+    marker, pool and lease alike), while the global "rebuilt" markers, elsewhere, are
+    not. The broker's sweep must not mark that region ready again (it would be booked
+    over a lease Redis no longer holds); a region that never had a lease still is."""
+    s_ = cluster_settings
+    keys = Keys(s_.prefix)
+    lost, other = REGIONS[0], REGIONS[2]
+    async with stack(s_, tmp_path) as s:
+        await s.pool("lost-1", lost, 8)
+        await s.pool("other-1", other, 8)
+        await eventually(lambda: _quotes(s, [lost, other]), timeout=30)
+        r = await s.request("t1", {"units": 8, "placement": {"regions": [lost]}, "lease_ttl_s": 600})
+        assert r.status_code == 201, r.text
+        (held,) = r.json()["leases"]
+
+        with s.redis() as rc:  # the master of `lost` restarted without its data
+            gone = [keys.leases_ready(lost), keys.pool(lost, "lost-1"), keys.region_pools(lost),
+                    keys.heartbeats(lost), keys.lease(lost, held["lease_id"]), keys.lease_expiry(lost),
+                    keys.pool_leases(lost, "lost-1"), keys.interruptible_leases(lost)]
+            assert sum(rc.delete(k) for k in gone) >= 5
+            fresh = "ap-south"  # a region nobody ever placed in loses its marker too
+            rc.delete(keys.leases_ready(fresh))
+        # a 1 s lease elsewhere: its expiry proves the sweep ran since (expiring is its last step)
+        r = await s.request("t2", {"units": 1, "placement": {"regions": [other]}, "lease_ttl_s": 1})
+        assert r.status_code == 201, r.text
+        short = r.json()["leases"][0]["lease_id"]
+
+        async def swept() -> bool:
+            return any(isinstance(e, LeaseExpired) and e.lease.lease_id == short for e in await s.alloc_events())
+
+        await eventually(swept, timeout=30, every=0.3)
+        with s.redis() as rc:
+            assert not rc.exists(keys.leases_ready(lost))  # not re-marked: it would be booked over `held`
+            assert rc.exists(keys.leases_ready(fresh))  # nothing to lose there
+        r = await s.request("t1", {"units": 1, "placement": {"regions": [lost]}})
+        assert r.status_code in (409, 503), r.text  # never a 201 on the lost region
+        r = await s.request("t1", {"units": 1, "placement": {"regions": [other]}})
+        assert r.status_code == 201, r.text
+
+
+async def _quotes(s, regions: list[str]) -> bool:  # noqa: ANN001
+    for region in regions:
+        r = await s.broker.post("/v1/quotes", json={"units": 1, "placement": {"regions": [region]}},
+                                headers=s.admin)
+        if r.status_code != 200 or not r.json()["options"]:
+            return False
+    return True
