@@ -3,6 +3,12 @@
 Keys that a Lua script touches together share a ``{region}`` hash tag, so the same
 scripts run unchanged on Redis Cluster. Keys that are looked up by id alone (the
 pool index, API keys) are single-key and may live in any slot.
+
+The global keys below carry no hash tag on purpose: each is read and written one key
+per command (never in a script or transaction with another), so they need no common
+slot, and untagged they spread over the masters instead of piling onto one. A script
+that ever needs several of them must first give them a tag of their own
+(docs/decisions.md, "Cluster mode").
 """
 
 from __future__ import annotations
