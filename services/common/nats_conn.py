@@ -74,7 +74,7 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int
 
 def _differs(have: StreamConfig, want: StreamConfig) -> bool:
     return (sorted(have.subjects or []) != sorted(want.subjects or []) or have.num_replicas != want.num_replicas
-            or have.storage != want.storage
+            or have.storage != want.storage or bool(have.allow_direct) != bool(want.allow_direct)
             or abs((have.duplicate_window or 0) - (want.duplicate_window or 0)) > 1e-3)
 
 

@@ -14,10 +14,11 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from services.common.lifecycle import stop_tasks
+from services.common.nats_conn import ensure_stream  # idempotent, safe for replicas starting at once
 from services.common.settings import Settings
 from services.common.subjects import MeterNames
 
@@ -35,19 +36,6 @@ _folded = msgspec.json.Decoder(FoldedRecord)
 
 def encode(record: msgspec.Struct) -> bytes:
     return _encoder.encode(record)
-
-
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
-        await js.stream_info(config.name)
-    except NotFoundError:
-        try:
-            await js.add_stream(config)
-        except APIError as exc:  # another replica created it first
-            if exc.err_code != 10058:
-                raise
-    else:
-        await js.update_stream(config)
 
 
 async def ensure_ledger(js: JetStreamContext, names: MeterNames, settings: Settings, replicas: int = 1) -> None:
