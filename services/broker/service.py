@@ -608,8 +608,9 @@ class Broker:
         """Regions added since the last rebuild start ready: they have no leases to lose.
         A region without its marker but with allocations in the durable record lost its
         live state on its own (its Redis Cluster master came back empty, while the global
-        rebuilt markers live elsewhere): it stays refused (503), loudly, rather than be
-        booked over leases Redis no longer holds. Flushing Redis rebuilds everything."""
+        rebuilt markers live elsewhere): it stays refused (503) rather than be booked over
+        leases Redis no longer holds, and the rebuilt markers are removed, so that the
+        registry puts its pools back and ``rebuild_if_lost`` its leases."""
         missing = await self.leases.not_ready(list(self.world.countries))
         self._lost_regions.intersection_update(missing)
         new = []
@@ -621,8 +622,9 @@ class Broker:
             elif region not in self._lost_regions:
                 self._lost_regions.add(region)
                 log.error("region %s lost its live leases in Redis while the rest did not; it refuses "
-                          "placements until Redis is rebuilt (flush it: everything is restored from JetStream)",
-                          region)
+                          "placements while the registry and the broker rebuild it from JetStream", region)
+                for service in ("registry", "broker"):  # the rebuild restores the regions without a marker
+                    await self.redis.delete(self.keys.rebuilt_marker(service))
         if new:
             await self.leases.mark_ready(new)
 
@@ -673,13 +675,20 @@ class Broker:
             t_read = time.perf_counter()
             now = self.clock()
             open_ = [e for e in last.values() if isinstance(e, (LeaseGranted, LeaseRenewed))]
+            # the regions that lost their leases (all of them after a flush; one when a Redis
+            # Cluster master came back empty): only theirs are restored, as a lease of an
+            # intact region released meanwhile must not come back; the others' lookups are
+            # written again (they may have been on that master)
+            lost = set(await self.leases.not_ready(sorted(set(self.world.countries) |
+                                                          {e.lease.region for e in open_})))
             alive = [e for e in open_ if e.lease.expires_at > now]
-            await self.leases.restore([(e.lease, e.seq) for e in alive])
-            restored = len(alive)
+            await self.leases.restore([(e.lease, e.seq) for e in alive if e.lease.region in lost])
+            await self.leases.index([e.lease for e in alive if e.lease.region not in lost])
+            restored = sum(1 for e in alive if e.lease.region in lost)
             t_restored = time.perf_counter()
             # expired while Redis was lost, so no sweeper saw them: end them in the record,
             # else the meter (which bills on the ending event) would never bill them
-            gone = [e for e in open_ if e.lease.expires_at <= now]
+            gone = [e for e in open_ if e.lease.expires_at <= now and e.lease.region in lost]
             for i in range(0, len(gone), 500):
                 await asyncio.gather(*(self._publish_alloc(LeaseExpired(
                     id=f"{e.lease.lease_id}.{e.seq + 1}", at=now, lease=e.lease, seq=e.seq + 1))

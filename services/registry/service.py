@@ -340,15 +340,19 @@ class Registry:
         now = self.clock()
         n = 0
         batch: list[tuple[str, str, str, int, bytes, str]] = []
+        intact: dict[str, bool] = {}  # a Redis Cluster master lost alone: the other regions keep their pools
         async for pool in self.records.all():
-            batch.append((pool.spec.region, pool.pool_id, pool.provider, pool.spec.units, msgspec.json.encode(pool),
+            region = pool.spec.region
+            if region not in intact:
+                intact[region] = bool(await self.redis.exists(self.keys.region_pools(region)))
+            batch.append((region, pool.pool_id, pool.provider, pool.spec.units, msgspec.json.encode(pool),
                           pool.spec.model))
             n += 1
             if len(batch) >= 1000:
-                await self.store.upsert_many(batch, now.timestamp())
+                await self.store.upsert_many(batch, now.timestamp(), index_only=intact)
                 batch = []
         if batch:
-            await self.store.upsert_many(batch, now.timestamp())
+            await self.store.upsert_many(batch, now.timestamp(), index_only=intact)
         await self.redis.set(marker, now.isoformat())
         self._region_cache.clear()
         if n:

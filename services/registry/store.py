@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -55,22 +55,26 @@ class PoolStore:
         await self.redis.sadd(self.keys.regions(), region)
         return await self._run("upsert", region, pool_id, now, acting_provider, capacity, record, model, owner)
 
-    async def upsert_many(self, items: Sequence[tuple[str, str, str, int, bytes, str]], now: float) -> None:
+    async def upsert_many(self, items: Sequence[tuple[str, str, str, int, bytes, str]], now: float,
+                          index_only: Mapping[str, bool] | None = None) -> None:
         """Many ``(region, pool_id, owner, capacity, record, model)`` registrations in one
         pipelined round trip: refilling a lost Redis with 10,000 pools must not take
-        30,000 round trips."""
+        30,000 round trips. Regions with ``index_only[region]`` true kept their pools
+        (only the global lookups are written again for them)."""
         pipe = self.redis.pipeline(transaction=False)
         sha = self._script.sha
         for region, pool_id, owner, capacity, record, model in items:
             pipe.hsetnx(self.keys.pool_index(), pool_id, region)
             pipe.sadd(self.keys.regions(), region)
+            if index_only and index_only.get(region):
+                continue
             pipe.execute_command("EVALSHA", sha, 3, *self._keys(region, pool_id), "upsert", now, pool_id, "",
                                  capacity, record, model, owner)  # raw: a cluster pipeline routes it by slot
         try:
             await pipe.execute()
         except NoScriptError:  # Redis restarted or flushed its script cache
             await self._script.registered_client.script_load(self._script.script)
-            await self.upsert_many(items, now)
+            await self.upsert_many(items, now, index_only)
 
     async def heartbeat(self, region: str, pool_id: str, now: float, provider: str,
                         healthy: int | None) -> Transition:

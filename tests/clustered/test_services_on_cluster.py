@@ -5,6 +5,8 @@ invariants hold (leased <= capacity; leased = units of the live leases)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from decimal import Decimal
 
@@ -13,7 +15,6 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from services.common.keys import Keys
-from services.common.messages import LeaseExpired
 from services.common.nats_conn import connect
 from services.common.settings import Settings
 from services.common.subjects import Subjects
@@ -150,11 +151,13 @@ async def test_a_split_refused_in_one_region_holds_nothing_in_the_others(cluster
         assert states["cheap-1"]["leased"] == 8 and states["dear-1"]["leased"] == 4, states
 
 
-async def test_a_region_that_lost_its_live_state_alone_stays_refused(cluster_settings: Settings, tmp_path) -> None:
-    """A Redis Cluster master comes back empty: one region's keys are gone (here deleted,
+async def test_a_region_that_lost_its_live_state_alone_is_rebuilt(cluster_settings: Settings, tmp_path) -> None:
+    """A Redis Cluster master comes back empty: one region's keys are gone (here deleted:
     marker, pool and lease alike), while the global "rebuilt" markers, elsewhere, are
-    not. The broker's sweep must not mark that region ready again (it would be booked
-    over a lease Redis no longer holds); a region that never had a lease still is."""
+    not. The broker's sweep must not mark that region ready as it is (it would be booked
+    over a lease Redis no longer holds): the region's pools and leases are rebuilt from
+    the record, and only then does it place again; a region that never had a lease is
+    simply marked ready."""
     s_ = cluster_settings
     keys = Keys(s_.prefix)
     lost, other = REGIONS[0], REGIONS[2]
@@ -165,6 +168,9 @@ async def test_a_region_that_lost_its_live_state_alone_stays_refused(cluster_set
         r = await s.request("t1", {"units": 8, "placement": {"regions": [lost]}, "lease_ttl_s": 600})
         assert r.status_code == 201, r.text
         (held,) = r.json()["leases"]
+        r = await s.request("t2", {"units": 2, "placement": {"regions": [other]}, "lease_ttl_s": 600})
+        assert r.status_code == 201, r.text
+        (kept,) = r.json()["leases"]
 
         with s.redis() as rc:  # the master of `lost` restarted without its data
             gone = [keys.leases_ready(lost), keys.pool(lost, "lost-1"), keys.region_pools(lost),
@@ -173,22 +179,34 @@ async def test_a_region_that_lost_its_live_state_alone_stays_refused(cluster_set
             assert sum(rc.delete(k) for k in gone) >= 5
             fresh = "ap-south"  # a region nobody ever placed in loses its marker too
             rc.delete(keys.leases_ready(fresh))
-        # a 1 s lease elsewhere: its expiry proves the sweep ran since (expiring is its last step)
-        r = await s.request("t2", {"units": 1, "placement": {"regions": [other]}, "lease_ttl_s": 1})
-        assert r.status_code == 201, r.text
-        short = r.json()["leases"][0]["lease_id"]
+            before = rc.hgetall(keys.pool(other, "other-1"))
 
-        async def swept() -> bool:
-            return any(isinstance(e, LeaseExpired) and e.lease.lease_id == short for e in await s.alloc_events())
+        async def rebuilt() -> bool:
+            with s.redis() as rc:
+                return bool(rc.exists(keys.leases_ready(lost)))
 
-        await eventually(swept, timeout=30, every=0.3)
+        # while it is being rebuilt the region never places over `held`; then it is back whole
+        deadline = time.monotonic() + 60
+        while not await rebuilt():
+            assert time.monotonic() < deadline, "the lost region was not rebuilt"
+            r = await s.request("t1", {"units": 1, "placement": {"regions": [lost]}})
+            assert r.status_code in (409, 503), r.text
+            await asyncio.sleep(0.2)
+        states = s.pool_states({"lost-1": lost, "other-1": other})
+        assert states["lost-1"] == {"capacity": 8, "leased": 8, "live": 8}, states  # `held` is back
+        assert states["other-1"] == {"capacity": 8, "leased": 2, "live": 2}, states  # untouched
         with s.redis() as rc:
-            assert not rc.exists(keys.leases_ready(lost))  # not re-marked: it would be booked over `held`
             assert rc.exists(keys.leases_ready(fresh))  # nothing to lose there
+            after = rc.hgetall(keys.pool(other, "other-1"))
+        assert after["leased"] == before["leased"] and after["gen"] == before["gen"]  # not re-registered
         r = await s.request("t1", {"units": 1, "placement": {"regions": [lost]}})
-        assert r.status_code in (409, 503), r.text  # never a 201 on the lost region
-        r = await s.request("t1", {"units": 1, "placement": {"regions": [other]}})
+        assert r.status_code == 409, r.text  # full: the restored lease holds all 8
+        r = await s.lease_op("t1", held["lease_id"], "release")
+        assert r.status_code == 200, r.text
+        r = await s.request("t1", {"units": 1, "placement": {"regions": [lost]}})
         assert r.status_code == 201, r.text
+        r = await s.lease_op("t2", kept["lease_id"], "release")  # lookups of the intact region work
+        assert r.status_code == 200, r.text
 
 
 async def _quotes(s, regions: list[str]) -> bool:  # noqa: ANN001
