@@ -421,6 +421,11 @@ class Broker:
                 except NotPlaced as np:
                     record.reasons = list(np.decision.reasons)
                     continue
+                except Unavailable as exc:  # the event store or Redis did not answer: try again next pass
+                    log.warning("queued request %s stays queued: %s", record.request_id, exc.detail)
+                    record.reasons = [f"capacity was found but not granted: {exc.detail}; retried on the next pass"]
+                    await self._save(record)
+                    continue
                 except BrokerError as exc:  # e.g. a model vanished from the catalogue
                     await self._finish_queued(record, "rejected", now, reasons=[exc.detail])
                     continue

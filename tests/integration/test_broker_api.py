@@ -8,7 +8,7 @@ import pytest
 
 from services.common.messages import AllocEvent, LeaseGranted, LeaseReleased, RequestEvent, RequestPlaced
 
-from ..helpers import EventTap
+from ..helpers import EventTap, eventually
 from .broker_world import broker_world
 
 POOLS = {
@@ -285,3 +285,34 @@ async def test_budget_exhausted_stops_placing_and_revokes_after_grace(settings, 
             return (await w.request("t1", {"units": 1})).status_code == 201
 
         await eventually(placeable, timeout=5)
+
+
+async def test_a_queued_request_stays_queued_when_its_grant_cannot_be_recorded(settings, nc, subjects) -> None:
+    """The allocation stream refusing the grant is the event store's failure, not the
+    request's: it stays queued (and says why) and is placed once the store takes grants."""
+    js = nc.jetstream()
+    async with broker_world(settings, {"gz-910b": POOLS["gz-910b"]}) as w:
+        assert (await w.request("t1", {"units": 32})).status_code == 201
+        queued = (await w.request("t2", {"units": 8})).json()
+        assert queued["state"] == "queued"
+        info = await js.stream_info(subjects.stream("alloc"))
+        config = info.config
+        config.max_msg_size = 64
+        await js.update_stream(config)  # the allocation stream now refuses every grant (too big)
+        await w.pool("gz-910b-2", **{**POOLS["gz-910b"], "units": 8})  # capacity appears: a queue pass runs
+
+        async def said_why() -> bool:
+            view = (await w.broker.get(f"/v1/requests/{queued['request_id']}", headers=w.tenants["t2"])).json()
+            assert view["state"] == "queued", view  # never rejected for the store's failure
+            return any("not granted" in r for r in view["reasons"])
+
+        await eventually(said_why, timeout=30)
+        config.max_msg_size = -1
+        await js.update_stream(config)
+        await w.pool("gz-910b-3", **{**POOLS["gz-910b"], "units": 8})  # another capacity event, another pass
+
+        async def placed() -> bool:
+            view = (await w.broker.get(f"/v1/requests/{queued['request_id']}", headers=w.tenants["t2"])).json()
+            return view["state"] == "placed"
+
+        await eventually(placed, timeout=30)
