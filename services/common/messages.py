@@ -167,7 +167,7 @@ __all__ = [
 Billing = Literal["on_demand", "reserved_month", "reserved_year", "interruptible"]
 
 
-class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True):
+class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the meter needs to bill one lease: everything is locked at grant time."""
 
     lease_id: str
@@ -189,7 +189,7 @@ class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 5
 
 
-class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     id: str
     at: datetime
     lease: LeaseInfo

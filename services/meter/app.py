@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import api_key_auth, problem_handlers, prometheus
-from services.common.lifecycle import stop_tasks
+from services.common.lifecycle import relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.problem_docs import document_problems
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         await directory.start()
         await budgets.start()
         await consumer.start()
+        relax_gc()  # the account cache and the aggregate are long-lived
         app.state.meter = meter
         app.state.update(nc=nc, redis=redis, subjects=subjects)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,

@@ -15,7 +15,7 @@ BudgetKind = Literal["prepaid", "limit"]
 
 
 # --- the ledger stream ------------------------------------------------------------------------
-class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="entry"):
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="entry", gc=False):
     """One charge: a lease's usage within one calendar month, or one month of a reserved
     term. ``id`` is deterministic (lease id + what is charged + period) and is the entry's
     ``Nats-Msg-Id``: appending it twice is a no-op."""
@@ -84,7 +84,7 @@ FoldedRecord = FoldedEntry | PeriodsClosed
 
 
 # --- per-lease accounts (KV, optimistic concurrency) -------------------------------------------
-class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     lease_id: str
     tenant: str
     billing: Billing
