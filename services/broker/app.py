@@ -34,7 +34,7 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.lifecycle import stop_tasks
+from services.common.lifecycle import relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await world.load()
         gc.collect()
         gc.freeze()  # the pool index is long-lived: keep it out of every later GC pass (p99)
+        relax_gc()  # and what comes later (leases, records, caches) is walked rarely
         broker = Broker(nc=nc, js=js, redis=redis, keys=keys, subjects=subjects, world=world,
                         leases=LeaseStore(redis, keys))
 
