@@ -19,7 +19,7 @@ from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
 from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
-from services.common.lifecycle import stop_tasks
+from services.common.lifecycle import relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
         sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
+        relax_gc()  # pool records, views and caches are long-lived (lifecycle.relax_gc)
         try:
             yield
         finally:
