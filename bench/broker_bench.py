@@ -41,6 +41,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.loadgen import Result, request, run  # noqa: E402
+from bench.results import Lines, append_section, bullets, command  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis, stop_process  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
 from services.common.settings import Settings, settings_to_env  # noqa: E402
@@ -200,12 +201,8 @@ def main() -> None:
     floor_port = free_port()
     floor_log = tmp / "floor.log"
     floor: subprocess.Popen | None = None
-    lines: list[str] = []
+    say = lines = Lines()  # printed as it goes, kept for --write
     ok = server_errors = False
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
 
     try:
         registry.start()
@@ -326,13 +323,8 @@ def main() -> None:
         else:  # keep the logs and stores of a failed run
             print(f"logs kept in {tmp}", file=sys.stderr, flush=True)
     if args.write:
-        out = ROOT / "docs" / "benchmarks.md"
-        given = {k: getattr(args, k) for k in ("pools", "seconds", "connections", "workers")}
-        command = "python bench/broker_bench.py" + "".join(
-            f" --{k} {int(v) if float(v).is_integer() else v}" for k, v in given.items() if v != ap.get_default(k))
-        with out.open("a") as f:
-            f.write(f"\n### broker — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
-            f.writelines(f"- {line}\n" for line in lines)
+        append_section("broker", command("broker_bench.py", ap, args, ("pools", "seconds", "connections", "workers")),
+                       bullets(lines))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from bench.broker_bench import (  # noqa: E402
     wait_until,
 )
 from bench.loadgen import Result, request, run  # noqa: E402
+from bench.results import Lines, append_section, bullets, command  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
 from services.common.nats_conn import connect  # noqa: E402
@@ -218,11 +219,7 @@ def main() -> None:
                     help="also run NATS cluster + single Redis and single NATS + Redis Cluster (where the cost is)")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
     args = ap.parse_args()
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = lines = Lines()  # printed as it goes, kept for --write
 
     say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}; "
         f"{args.pools} pools, {args.connections} connections, {args.seconds:g}s measured per set-up in "
@@ -245,13 +242,9 @@ def main() -> None:
         else:
             print(f"logs of {s.name} kept in {s.tmp}", file=sys.stderr, flush=True)
     if args.write:
-        given = {k: getattr(args, k) for k in ("pools", "seconds", "connections", "rounds", "mixed")}
-        command = "python bench/cluster_bench.py" + "".join(
-            (f" --{k}" if isinstance(v, bool) else f" --{k} {int(v) if float(v).is_integer() else v}")
-            for k, v in given.items() if v != ap.get_default(k))
-        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
-            f.write(f"\n### clustered engines — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
-            f.writelines(f"- {line}\n" for line in lines)
+        append_section("clustered engines",
+                       command("cluster_bench.py", ap, args, ("pools", "seconds", "connections", "rounds", "mixed")),
+                       bullets(lines))
     if not all(results):
         raise SystemExit(1)
 

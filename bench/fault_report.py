@@ -18,10 +18,12 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.results import append_section  # noqa: E402
 TARGET_S = 5.0
 
 
@@ -54,13 +56,11 @@ def main() -> None:
     verdict = "met" if worst <= TARGET_S else "MISSED"
     print(f"\nslowest service restart: {worst:.2f}s (target <= {TARGET_S:.0f}s: {verdict})")
     if args.write:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
-            f.write(f"\n### Fault recovery — {when} — `python bench/fault_report.py`\n\n")
-            f.write(f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; the whole "
-                    "deployment (nats-server, redis-server, registry, two brokers, meter, load) on one machine. "
-                    "Times from the fault; see docs/faults.md.\n\n")
-            f.write(out + f"\n\nSlowest service restart {worst:.2f} s (target ≤ {TARGET_S:.0f} s: {verdict}).\n")
+        append_section("Fault recovery", "python bench/fault_report.py",
+                       f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; the whole "
+                       "deployment (nats-server, redis-server, registry, two brokers, meter, load) on one machine. "
+                       "Times from the fault; see docs/faults.md.\n\n"
+                       + out + f"\n\nSlowest service restart {worst:.2f} s (target ≤ {TARGET_S:.0f} s: {verdict}).\n")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import httpx  # noqa: E402
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.results import Lines, append_section, bullets  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
 from services.common.messages import LeaseExpired, LeaseGranted, LeaseInfo, LeaseReleased, LeaseRenewed  # noqa: E402
@@ -229,11 +230,7 @@ def main() -> None:
     nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
     settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=f"bench-{secrets.token_hex(8)}",
                         log_level="warning", meter_batch=args.batch)
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = lines = Lines()  # printed as it goes, kept for --write
 
     svc = None
 
@@ -259,10 +256,7 @@ def main() -> None:
         nats.stop()
         redis.stop()
     if args.write:
-        out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        with out.open("a") as f:
-            f.write(f"\n### meter — {time.strftime('%Y-%m-%d %H:%M')} — `python bench/meter_bench.py`\n\n")
-            f.writelines(f"- {line}\n" for line in lines)
+        append_section("meter", "python bench/meter_bench.py", bullets(lines))
 
 
 if __name__ == "__main__":

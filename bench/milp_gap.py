@@ -64,6 +64,7 @@ from scipy.sparse import coo_matrix
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import append_section  # noqa: E402
 from services.broker.matching import Ask, Engine, Placement, PoolState, place_batch  # noqa: E402
 from services.common.messages import Topology  # noqa: E402
 from services.registry.domain.catalogue import load_catalogue  # noqa: E402
@@ -714,13 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
 
     if args.write:
-        out = ROOT / "docs" / "benchmarks.md"
-        command = "python bench/milp_gap.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
-        with out.open("a", encoding="utf-8") as f:
-            f.write(f"\n### MILP gap — {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n")
-            f.write("\n".join(lines) + "\n")
-        print(f"appended to {out}")
+        given = argv if argv is not None else sys.argv[1:]
+        out = append_section("MILP gap", "python bench/milp_gap.py" + "".join(f" {a}" for a in given if a != "--write"),
+                             "\n".join(lines) + "\n")
+        print(f"appended to {out.name}")
     return 0
 
 

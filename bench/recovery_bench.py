@@ -33,6 +33,7 @@ import httpx  # noqa: E402
 import msgspec  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
+from bench.results import Lines, append_section  # noqa: E402
 from services.cli.audit import AuditConfig, run_audit  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
@@ -180,11 +181,7 @@ def main() -> None:
     ap.add_argument("--leases", type=int, default=50_000)
     ap.add_argument("--write", action="store_true", help="append the numbers to docs/benchmarks.md")
     args = ap.parse_args()
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = lines = Lines()  # printed as it goes, kept for --write
 
     out = asyncio.run(bench(args.pools, args.leases, say))
     target = "met" if out["placing_s"] <= 10 else "MISSED"
@@ -192,13 +189,10 @@ def main() -> None:
     if args.write:
         cmd = "python bench/recovery_bench.py" + ("" if (args.pools, args.leases) == (10_000, 50_000) else
                                                   f" --pools {args.pools} --leases {args.leases}")
-        doc = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-        with doc.open("a") as f:
-            f.write(f"\n### Redis rebuilt from empty — {when} — `{cmd}`\n\n")
-            f.write(f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-                    "nats-server, redis-server, registry and broker on one machine.\n\n```\n")
-            f.write("\n".join(lines) + "\n```\n")
+        append_section("Redis rebuilt from empty", cmd,
+                       f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+                       "nats-server, redis-server, registry and broker on one machine.\n\n```\n"
+                       + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":

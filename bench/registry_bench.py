@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from click.testing import CliRunner  # noqa: E402
 
 from bench.loadgen import request, run  # noqa: E402
+from bench.results import Lines, append_section, bullets  # noqa: E402
 from services.cli.main import cli  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
@@ -76,11 +77,7 @@ def main() -> None:
     settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=admin, heartbeat_ttl_s=300,
                         log_level="warning", workers=args.workers)
     registry = ServiceProcess("registry", free_port(), settings_to_env(settings), tmp / "registry.log")
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    say = lines = Lines()  # printed as it goes, kept for --write
 
     try:
         registry.start()
@@ -124,10 +121,7 @@ def main() -> None:
         nats.stop()
         redis.stop()
     if args.write:
-        out = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-        with out.open("a") as f:
-            f.write(f"\n### registry — {time.strftime('%Y-%m-%d %H:%M')} — `python bench/registry_bench.py`\n\n")
-            f.writelines(f"- {line}\n" for line in lines)
+        append_section("registry", "python bench/registry_bench.py", bullets(lines))
 
 
 if __name__ == "__main__":
