@@ -9,13 +9,14 @@ and a store directory of its own; nothing here listens anywhere but 127.0.0.1.
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 from services.cli.servers import ServerError, ServerProcess, _spawn, find_binary, free_port, wait_port
+
+from .helpers import wait_until
 
 SLOTS = 16384
 
@@ -129,16 +130,20 @@ def _wait_meta_leader(cluster: NatsCluster, timeout: float = 30.0) -> None:
         finally:
             await nc.close()
 
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    last: list[Exception] = []
+
+    def ready() -> bool:
         try:
             asyncio.run(probe())
-            return
+            return True
         except Exception as exc:  # noqa: BLE001 - not ready yet
-            last = exc
-            time.sleep(0.3)
-    raise ServerError(f"JetStream cluster not ready within {timeout}s: {last!r}")
+            last[:] = [exc]
+            return False
+
+    try:
+        wait_until(ready, timeout, every=0.3)
+    except AssertionError:
+        raise ServerError(f"JetStream cluster not ready within {timeout}s: {last[0] if last else None!r}") from None
 
 
 def _free_port_pair(low: int = 20000, high: int = 55535) -> int:
@@ -199,14 +204,15 @@ def start_redis_cluster(base: Path, masters: int = 3) -> RedisCluster:
 
 
 def _wait_redis_cluster_ok(clients: list[redis.Redis], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ok() -> bool:
         infos = [c.execute_command("CLUSTER INFO") for c in clients]
-        if all(i.get("cluster_state") == "ok" and int(i.get("cluster_known_nodes", 0)) == len(clients)
-               for i in infos):
-            return
-        time.sleep(0.1)
-    raise ServerError("Redis Cluster did not reach cluster_state:ok")
+        return all(i.get("cluster_state") == "ok" and int(i.get("cluster_known_nodes", 0)) == len(clients)
+                   for i in infos)
+
+    try:
+        wait_until(ok, timeout)
+    except AssertionError:
+        raise ServerError("Redis Cluster did not reach cluster_state:ok") from None
 
 
 def nats_cluster(base: Path) -> NatsCluster:

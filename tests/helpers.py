@@ -53,13 +53,43 @@ class EventTap:
                 pass
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05) -> None:
-    """Poll ``check`` with a deadline (for state that has no event of its own)."""
+async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, every: float = 0.05,
+                     what: str = "condition") -> Any:
+    """Poll ``check`` (sync or async) with a deadline, for state that has no event of its
+    own; returns its first truthy result. The one polling loop of the async tests."""
     deadline = time.monotonic() + timeout
-    while not await check():
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(every)
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(every)  # the poll interval: the deadline above bounds the wait
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.1,
+               what: str = "condition") -> Any:
+    """``eventually`` for synchronous code (server fixtures, subprocess tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(every)  # the poll interval: the deadline above bounds the wait
+
+
+async def pause(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``stop`` (a load generator's pace between operations:
+    it ends at once when the test stops the load). True if ``stop`` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+    return stop.is_set()
 
 
 async def drop_streams(nats_url: str, prefix: str) -> None:

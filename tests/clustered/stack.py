@@ -7,9 +7,7 @@ The checks read Redis with redis-py's cluster client and JetStream with nats-py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -31,6 +29,7 @@ from services.meter.accounts import event_kind
 from services.meter.model import LedgerEntry, LedgerRecord
 from services.meter.pricing import ending_charges
 
+from ..helpers import eventually
 from ..procs import service_process
 
 MODEL = "nvidia-a100-sxm-80gb"
@@ -106,17 +105,17 @@ class Stack:
     async def _read(self, stream: str, subject: str) -> list[bytes]:
         """A whole stream, read again from the start if JetStream is unavailable meanwhile
         (right after a node died, a stream may still be electing its leader)."""
-        deadline = time.monotonic() + 60
-        while True:
+        async def read() -> tuple[list[bytes]] | None:  # a tuple: an empty stream is an answer too
             nc = await connect(self.settings.nats_url, "test-reader")
             try:
-                return [data async for _, data in read_stream(nc.jetstream(), stream, subject)]
+                return ([data async for _, data in read_stream(nc.jetstream(), stream, subject)],)
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+                return None
             finally:
                 await nc.close()
+
+        (data,) = await eventually(read, timeout=60, every=0.5, what=f"{stream} readable")
+        return data
 
     async def alloc_events(self) -> list[AllocEvent]:
         subjects = Subjects(self.settings.prefix)

@@ -23,7 +23,7 @@ from services.common.nats_conn import connect
 from services.common.subjects import Subjects
 
 from ..cluster import NatsCluster, RedisCluster
-from ..helpers import eventually
+from ..helpers import eventually, pause
 from .conftest import clustered_settings
 from .stack import REGIONS, Stack, expected_charges, granted_ids, pool_body, stack
 
@@ -59,7 +59,7 @@ class Load:
             r = await self.s.request(tenant, body)
             self.statuses[r.status_code] += 1
             if r.status_code != 201:
-                await asyncio.sleep(0.05)
+                await pause(self.stop, 0.05)  # a client backs off a little after a refusal
                 continue
             now = time.monotonic()
             for lease in r.json()["leases"]:
@@ -90,12 +90,12 @@ class Load:
                 self.provider_statuses[r.status_code] += 1
                 if r.status_code != 503:
                     break
-                await asyncio.sleep(0.5)
+                await pause(self.stop, 0.5)
             if r.status_code == 201:
                 self.registered[pool_id] = REGIONS[n % 3]
             r = await self.s.registry.post("/v1/heartbeats", json={"pools": list(POOLS)}, headers=self.s.provider)
             self.provider_statuses[r.status_code] += 1
-            await asyncio.sleep(0.5)
+            await pause(self.stop, 0.5)  # twice a second
 
     def placed_since(self, t: float) -> int:
         return len({lease["request_id"] for at, lease in self.granted if at > t})

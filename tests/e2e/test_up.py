@@ -17,15 +17,7 @@ import psutil
 
 from services.cli.servers import free_port
 
-
-def _wait(check, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from ..helpers import wait_until
 
 
 def _health(url: str) -> dict | None:
@@ -46,7 +38,7 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
     url, broker = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{broker_port}"
     keys_file = tmp_path / "demo-keys.json"
     try:
-        _wait(lambda: keys_file.exists() and keys_file.stat().st_size > 0, 60, "demo-keys.json")
+        wait_until(lambda: keys_file.exists() and keys_file.stat().st_size > 0, 60, what="demo-keys.json")
         keys = json.loads(keys_file.read_text())
         assert set(keys) == {"admin", "ops", "providers", "tenants"}
         assert len(keys["providers"]) >= 2 and len(keys["tenants"]) >= 2
@@ -98,8 +90,8 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
             return [r for r in rows if r["billing"] == billing and float(r["unit_hours"]) + float(r["unit_months"]) > 0
                     and r["entries"] > 0] or None
 
-        [term] = _wait(lambda: billed(alpha, "reserved_month"), 60, "alpha-labs' reserved term billed")
-        [usage] = _wait(lambda: billed(beta, "on_demand"), 90, "beta-media's on-demand usage billed")
+        [term] = wait_until(lambda: billed(alpha, "reserved_month"), 60, what="alpha-labs' reserved term billed")
+        [usage] = wait_until(lambda: billed(beta, "on_demand"), 90, what="beta-media's on-demand usage billed")
         assert term["currency"] == usage["currency"] == "USD"
         period = time.strftime("%Y-%m", time.gmtime())
         invoice = httpx.get(f"{meter}/v1/invoices/{period}", headers=alpha).json()
@@ -120,7 +112,7 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
         assert first is not None
         children = psutil.Process(proc.pid).children(recursive=True)
         os.kill(first["pid"], signal.SIGKILL)
-        again = _wait(lambda: (h := _health(url)) and h["pid"] != first["pid"] and h, 30, "registry restart")
+        again = wait_until(lambda: (h := _health(url)) and h["pid"] != first["pid"] and h, 30, what="registry restart")
         assert again["status"] == "ok"
         assert httpx.get(f"{url}/v1/pools", headers=ops).json()["total"] == page["total"]
         children = psutil.Process(proc.pid).children(recursive=True)

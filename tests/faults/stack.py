@@ -27,6 +27,7 @@ from services.common.nats_conn import connect
 from services.common.settings import Settings, settings_to_env
 from services.common.subjects import Subjects
 
+from ..helpers import eventually, pause
 from ..integration.conftest import pool_body
 
 HEARTBEAT_TTL_S = 8.0
@@ -57,8 +58,8 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
     heartbeats: list[tuple[float, str]] = field(default_factory=list)  # (when, provider) of every 200
-    stopping: bool = False
-    clients_stopping: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # everything stops
+    clients_stopping: asyncio.Event = field(default_factory=asyncio.Event)  # the tenants stop
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     def start(self) -> None:
@@ -66,12 +67,13 @@ class Load:
         self._tasks += [asyncio.create_task(self._agent(p)) for p in self.pools]
 
     async def stop(self) -> None:
-        self.stopping = True
+        self.stopping.set()
+        self.clients_stopping.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def stop_clients(self) -> None:
         """The tenants stop (what they hold ends by release or expiry); agents go on."""
-        self.clients_stopping = True
+        self.clients_stopping.set()
         await asyncio.gather(*self._tasks[:self.clients], return_exceptions=True)
 
     def placed_since(self, t: float, broker: str | None = None) -> list[str]:
@@ -83,7 +85,7 @@ class Load:
         held: list[tuple[float, str, str]] = []  # (release at, broker url, lease id)
         async with httpx.AsyncClient(headers=self.tenants[tenant], timeout=5) as http:
             n = 0
-            while not (self.stopping or self.clients_stopping):
+            while not self.clients_stopping.is_set():
                 n += 1
                 url = self.brokers[(i + n) % len(self.brokers)].url
                 try:
@@ -112,15 +114,14 @@ class Load:
                                 held.append((time.monotonic() + rng.uniform(0.3, 3), url, lease["lease_id"]))
                 except httpx.HTTPError:
                     self.errors += 1
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(0.05)
+                await pause(self.clients_stopping, 0.05)  # one operation at a time, paced
 
     def _count(self, status: int) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
 
     async def _agent(self, provider: str) -> None:
         async with httpx.AsyncClient(headers=self.providers[provider], timeout=5) as http:
-            while not self.stopping:
+            while not self.stopping.is_set():
                 if provider not in self.silent:
                     try:
                         r = await http.post(f"{self.registry.url}/v1/heartbeats", json={"pools": self.pools[provider]})
@@ -128,7 +129,7 @@ class Load:
                             self.heartbeats.append((time.monotonic(), provider))
                     except httpx.HTTPError:
                         pass
-                await asyncio.sleep(0.5)
+                await pause(self.stopping, 0.5)  # an agent heartbeats twice a second
 
 
 @dataclass
@@ -155,18 +156,24 @@ class Stack:
 
     async def audit_passes(self, t0: float, timeout: float = 45.0) -> tuple[float, Report]:
         """Seconds from ``t0`` until the auditor passes (the last report if it never does)."""
-        deadline = time.monotonic() + timeout
-        report = None
-        while time.monotonic() < deadline:
+        last: list[Report | Exception] = []
+
+        async def passing() -> Report | None:
             try:
                 report = await self.audit()
             except Exception as exc:  # noqa: BLE001 - a server still coming back
-                report = exc
-            if isinstance(report, Report) and report.ok:
-                return time.monotonic() - t0, report
-            await asyncio.sleep(0.3)
-        raise AssertionError(f"auditor still failing {timeout}s after the fault: "
-                             f"{report.to_dict() if isinstance(report, Report) else report!r}")
+                last[:] = [exc]
+                return None
+            last[:] = [report]
+            return report if report.ok else None
+
+        try:
+            report = await eventually(passing, timeout=timeout, every=0.3)
+        except AssertionError:
+            seen = last[0] if last else None
+            raise AssertionError(f"auditor still failing {timeout}s after the fault: "
+                                 f"{seen.to_dict() if isinstance(seen, Report) else seen!r}") from None
+        return time.monotonic() - t0, report
 
     async def told_leases_are_durable(self) -> int:
         """Every lease a client got a 201 for has its grant in the allocation stream."""

@@ -24,10 +24,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from services.cli.audit_checks import Report
 from services.common.keys import Keys
 from services.common.nats_conn import connect
 from services.common.subjects import ALLOC, MeterNames, Subjects
 
+from ..helpers import eventually
 from .stack import HEARTBEAT_TTL_S, PROVIDERS, Stack, running_stack
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,16 +62,8 @@ def _fmt(v: object) -> str:
 async def until(check: Callable[[], Awaitable[bool] | bool], t0: float, timeout: float = BOUND_S,
                 what: str = "") -> float:
     """Seconds from ``t0`` until ``check`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not recovered within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
+    await eventually(check, timeout=timeout, what=f"recovery ({what})")
+    return time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
@@ -287,19 +281,29 @@ async def test_sigstop_a_broker_mid_reservation(stack: Stack) -> None:
     assert stack.load is not None
     b1, b2 = stack.brokers
     tenant = stack.load.tenants["t1"]
-    async with httpx.AsyncClient(headers=tenant, timeout=30) as http:
-        inflight = asyncio.create_task(http.post(f"{b1.url}/v1/requests",
-                                                 json={"units": 2, "queue": False, "lease_ttl_s": 6}))
-        await asyncio.sleep(0.005)  # the request is on its way / being reserved
+    sent = asyncio.Event()
+
+    async def on_request(_: httpx.Request) -> None:
+        sent.set()
+
+    async with httpx.AsyncClient(headers=tenant, timeout=30) as http, \
+            httpx.AsyncClient(headers=tenant, timeout=30, event_hooks={"request": [on_request]}) as paused:
+        inflight = asyncio.create_task(paused.post(f"{b1.url}/v1/requests",
+                                                   json={"units": 2, "queue": False, "lease_ttl_s": 6}))
+        await sent.wait()  # the request is on its way to the broker about to be paused
         t0 = time.monotonic()
         stack.kill("broker1", signal.SIGSTOP)
         try:
-            other = await http.post(f"{b2.url}/v1/requests", json={"units": 1, "queue": False, "lease_ttl_s": 6})
-            during = time.monotonic() - t0
-            assert other.status_code == 201, other.text  # availability: the other broker places meanwhile
-            for lease in other.json()["leases"]:
-                stack.load.placed.append((time.monotonic(), b2.url, lease["lease_id"]))
-            await asyncio.sleep(max(0.0, 3.0 - during))  # paused for 3 s in all
+            # availability: for the 3 s of the pause the other broker keeps placing (and
+            # giving back, so the pause's length does not fill the pools)
+            during = 0.0
+            while time.monotonic() - t0 < 3.0:
+                other = await http.post(f"{b2.url}/v1/requests", json={"units": 1, "queue": False, "lease_ttl_s": 6})
+                during = during or time.monotonic() - t0
+                assert other.status_code == 201, other.text
+                for lease in other.json()["leases"]:
+                    stack.load.placed.append((time.monotonic(), b2.url, lease["lease_id"]))
+                    assert (await http.post(f"{b2.url}/v1/leases/{lease['lease_id']}/release")).status_code == 200
         finally:
             stack.kill("broker1", signal.SIGCONT)
         t1 = time.monotonic()
@@ -384,8 +388,13 @@ async def test_afterwards_every_lease_ends_and_is_billed(stack: Stack) -> None:
     finally:
         await nc.drain()
         await client.aclose()
-    await asyncio.sleep(3.5)  # past the auditor's grace, so that a lease that never ended shows
-    report = await stack.audit()
+
+    async def every_end_recorded() -> Report | None:  # an end event may trail its lease leaving Redis
+        report = await stack.audit()
+        ended = next(c for c in report.checks if c.name == "expired lease has an ending event")
+        return report if ended.checked == 0 else None
+
+    report = await eventually(every_end_recorded, timeout=30, every=0.5, what="every lease's end in the stream")
     assert report.ok, report.to_dict()
     ledger = next(c for c in report.checks if c.name.startswith("ledger"))
     assert ledger.checked >= len(stack.load.placed) and not ledger.notes, ledger.to_dict()  # >= 1 charge each

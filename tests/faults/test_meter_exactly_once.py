@@ -18,7 +18,6 @@ import asyncio
 import os
 import random
 import signal
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,12 +34,12 @@ from services.cli.supervisor import ServiceProcess
 from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseInfo
 from services.common.nats_conn import read_stream
 from services.common.settings import Settings, settings_to_env
-from services.common.subjects import Subjects
+from services.common.subjects import MeterNames, Subjects
 from services.meter.accounts import entry_id, event_kind
 from services.meter.model import LedgerEntry, LedgerRecord
 from services.meter.pricing import RESERVED, ending_charges, reserved_charges
-from services.common.subjects import MeterNames
 
+from ..helpers import eventually
 from ..integration.test_meter_support import ENDS, granted, publish_many, renewed
 
 pytestmark = pytest.mark.timeout(170)
@@ -169,24 +168,21 @@ def meter_process(settings: Settings, log: Path) -> ServiceProcess:
 async def settled(js: JetStreamContext, settings: Settings, names: MeterNames, svc: ServiceProcess,
                   timeout: float = 60.0) -> None:
     """The durable consumer has nothing pending or unacked, and the meter folded its ledger."""
-    deadline = time.monotonic() + timeout
     stream = Subjects(settings.prefix).stream("alloc")
     headers = {"Authorization": f"Bearer {settings.admin_key}"}
     async with httpx.AsyncClient(base_url=svc.url, timeout=5) as http:
-        while True:
+        async def done() -> bool:
             info = await js.consumer_info(stream, names.durable)
-            if info.num_pending == 0 and info.num_ack_pending == 0:
-                ledger = await js.stream_info(names.ledger_stream)
-                try:
-                    status = (await http.get("/v1/meter/status", headers=headers)).json()
-                except httpx.HTTPError:
-                    status = {}
-                if status.get("ledger_seq", -1) >= ledger.state.last_seq:
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not settled: pending {info.num_pending}, unacked {info.num_ack_pending}; "
-                                     f"see {svc.log_path}")
-            await asyncio.sleep(0.1)
+            if info.num_pending or info.num_ack_pending:
+                return False
+            ledger = await js.stream_info(names.ledger_stream)
+            try:
+                status = (await http.get("/v1/meter/status", headers=headers)).json()
+            except httpx.HTTPError:
+                return False
+            return status.get("ledger_seq", -1) >= ledger.state.last_seq
+
+        await eventually(done, timeout=timeout, every=0.1, what=f"meter settled (see {svc.log_path})")
 
 
 async def api_totals(svc: ServiceProcess, settings: Settings) -> dict[tuple[str, str], Decimal]:
@@ -219,13 +215,20 @@ async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_pat
     svc.start()
     await asyncio.to_thread(svc.wait_healthy)
     published = 0
+    stream = Subjects(settings.prefix).stream("alloc")
 
     async def publisher() -> None:
         nonlocal published
         for i in range(0, len(s.events), 250):
             await publish_many(js, Subjects(settings.prefix), s.events[i:i + 250], msg_ids=s.msg_ids[i:i + 250])
             published = i + 250
-            await asyncio.sleep(0.02)  # a steady flow rather than one burst
+            # a steady flow rather than one burst: at most ~1,000 events ahead of the meter
+
+            async def caught_up(ahead: int = published - 1000) -> bool:
+                info = await js.consumer_info(stream, names.durable)
+                return (info.delivered.stream_seq if info.delivered else 0) >= ahead
+
+            await eventually(caught_up, timeout=60, every=0.02, what="the meter keeping up")
 
     kills = []
 
@@ -233,10 +236,13 @@ async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_pat
         for _ in range(6):
             # kill while busy: after a random number of ledger entries since the (re)start
             target = (await js.stream_info(names.ledger_stream)).state.last_seq + rng.randrange(20, 600)
-            deadline = time.monotonic() + 20
-            while (await js.stream_info(names.ledger_stream)).state.last_seq < target and \
-                    time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            async def busy(target: int = target) -> bool:
+                return (await js.stream_info(names.ledger_stream)).state.last_seq >= target
+
+            try:
+                await eventually(busy, timeout=20, every=0.01)
+            except AssertionError:
+                pass  # the flow ended first: kill it anyway
             assert svc.proc is not None
             os.kill(svc.proc.pid, signal.SIGKILL)
             await asyncio.to_thread(svc.proc.wait)

@@ -35,9 +35,10 @@ from services.common.messages import (
 )
 from services.common.nats_conn import ensure_bucket, publish_event
 from services.common.settings import Settings
-from services.common.subjects import Subjects
+from services.common.subjects import MeterNames, Subjects
 from services.meter.app import create_app
-from services.common.subjects import MeterNames
+
+from ..helpers import eventually
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ENDS = {"released": LeaseReleased, "expired": LeaseExpired, "preempted": LeasePreempted, "lost": LeaseLost,
@@ -161,16 +162,15 @@ class MeterWorld:
 
     async def settled(self, timeout: float = 20.0) -> dict:
         """Every published event consumed and acked, and every ledger entry folded."""
-        deadline = time.monotonic() + timeout
-        while True:
+        async def status_if_settled() -> dict | None:
             status = (await self.get("/v1/meter/status")).json()
             info = await self.js.stream_info(self.names.ledger_stream)
             if (status.get("ready") and status["pending"] == 0 and status["ack_pending"] == 0
                     and status["ledger_seq"] >= info.state.last_seq):
                 return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"meter not settled: {status}")
-            await asyncio.sleep(0.05)
+            return None
+
+        return await eventually(status_if_settled, timeout=timeout, what="meter settled")
 
     async def usage(self, who: str = "admin", **params: Any) -> dict:
         r = await self.get("/v1/usage", who, **params)
