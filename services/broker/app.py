@@ -13,15 +13,12 @@ import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 from nats.aio.msg import Msg
 
 from services.common.auth import KeyLookup
-from services.common.http import api_key_auth, problem_handlers, prometheus
-from services.common.problem_docs import document_problems
+from services.common.http import prometheus, service_app
 from services.common.ratelimit import RateLimiter
 from services.common import tracing
-from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.messages import (
     ENDING_EVENTS,
@@ -151,17 +148,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
-    return document_problems(Litestar(
+    return service_app(
+        "broker", "App-facing API: requests, quotes, leases.",
+        max_body_bytes=settings.max_body_bytes, metrics=metrics,
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
+        lifespan=lifespan,
         dependencies={"broker": Provide(_broker, sync_to_thread=False)},
-        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
-        before_send=[add_request_id_header],
-        lifespan=[lifespan],
-        exception_handlers=problem_handlers(),
-        request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Compute Broker — broker", version="0.1.0",
-                                     description="App-facing API: requests, quotes, leases."),
-        debug=False,
-        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
-    ))
+    )

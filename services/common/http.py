@@ -1,4 +1,5 @@
-"""HTTP pieces every service shares: problem-details errors and authentication.
+"""HTTP pieces every service shares: problem-details errors, authentication, and the
+app itself (``service_app``: one place for the middleware and settings all three use).
 
 Errors are translated in exactly one place per service: the exception handlers
 returned by ``problem_handlers``. Every 4xx carries a human reason (``detail``) and,
@@ -13,17 +14,20 @@ from typing import Any
 
 import redis.exceptions
 
-from litestar import Request, Response
+from litestar import Litestar, Request, Response
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
 from .nats_conn import FAILOVER_ERRORS
+from .problem_docs import document_problems
 from .ratelimit import RateLimiter
+from .tracing import RequestIdMiddleware, add_request_id_header
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -118,3 +122,23 @@ class ApiKeyAuth(AbstractAuthenticationMiddleware):
 
 def api_key_auth() -> DefineMiddleware:
     return DefineMiddleware(ApiKeyAuth, exclude=["^/schema", "^/health", "^/metrics"])
+
+
+def service_app(service: str, description: str, *, max_body_bytes: int, metrics: PrometheusConfig,
+                route_handlers: list[Any], lifespan: Callable[..., Any], **extra: Any) -> Litestar:
+    """A service's litestar app with what every service shares, said once: request ids
+    (middleware and response header), request metrics, API-key auth, problem details
+    (handled and documented in the schema), the body limit, the OpenAPI title, and no
+    logging config of litestar's own (the process logs JSON lines: ``logs.py``)."""
+    return document_problems(Litestar(
+        route_handlers=route_handlers,
+        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
+        before_send=[add_request_id_header],
+        lifespan=[lifespan],
+        exception_handlers=problem_handlers(),
+        request_max_body_size=max_body_bytes,
+        openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description),
+        debug=False,
+        logging_config=None,
+        **extra,
+    ))

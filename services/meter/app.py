@@ -13,16 +13,13 @@ from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.config.cors import CORSConfig
-from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
-from services.common.http import api_key_auth, problem_handlers, prometheus
+from services.common.http import prometheus, service_app
 from services.common.lifecycle import relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
-from services.common.problem_docs import document_problems
 from services.common.ratelimit import RateLimiter
-from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
 from services.common.redis_conn import connect as redis_connect
@@ -130,20 +127,14 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             await close_quietly(nc)
             await redis.aclose()
 
-    return document_problems(Litestar(
+    return service_app(
+        "meter", "Usage, invoices, provider statements, budgets.",
+        max_body_bytes=settings.max_body_bytes, metrics=metrics,
         route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
                         InvoiceController, StatementController, BudgetController, OpsController],
+        lifespan=lifespan,
+        dependencies={"meter": Provide(_meter, sync_to_thread=False)},
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
         # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold
         cors_config=CORSConfig(allow_origins=["*"], allow_methods=["GET"], allow_headers=["Authorization"]),
-        dependencies={"meter": Provide(_meter, sync_to_thread=False)},
-        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
-        before_send=[add_request_id_header],
-        lifespan=[lifespan],
-        exception_handlers=problem_handlers(),
-        request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Compute Broker — meter", version="0.1.0",
-                                     description="Usage, invoices, provider statements, budgets."),
-        debug=False,
-        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
-    ))
+    )

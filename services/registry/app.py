@@ -11,13 +11,10 @@ from collections.abc import AsyncIterator
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 
 from services.common.auth import KeyLookup
-from services.common.http import api_key_auth, problem_handlers, prometheus
-from services.common.problem_docs import document_problems
+from services.common.http import prometheus, service_app
 from services.common.ratelimit import RateLimiter
-from services.common.tracing import RequestIdMiddleware, add_request_id_header
 from services.common.keys import Keys
 from services.common.lifecycle import relax_gc, stop_tasks
 from services.common.ready import ready_route
@@ -108,20 +105,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_quietly(nc)
             await redis.aclose()
 
-    return document_problems(Litestar(
+    return service_app(
+        "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
+        max_body_bytes=settings.max_body_bytes, metrics=metrics,
         route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
                         HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],
-        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
-        before_send=[add_request_id_header],
+        lifespan=lifespan,
         dependencies={
             "registry": Provide(_registry, sync_to_thread=False),
         },
-        lifespan=[lifespan],
-        exception_handlers=problem_handlers(),
-        request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Compute Broker — registry", version="0.1.0",
-                                     description="Provider-facing API: pools, heartbeats, catalogue, topology."),
-        debug=False,
-        logging_config=None,  # the process logs JSON lines (services/common/logs.py)
-    ))
+    )
