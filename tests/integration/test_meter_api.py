@@ -6,13 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import msgspec
 
 from services.common.messages import BillingEvent, InvoiceIssued
 from services.meter.ledger import ensure_ledger
 
 from ..helpers import EventTap, eventually
-from .test_meter_support import FAST, T0, Clock, ended, granted, lease, meter_world, money, renewed
+from .test_meter_support import T0, Clock, ended, granted, lease, meter_world, money, renewed
 
 
 async def test_on_demand_usage_and_draft_invoice(settings, nc) -> None:

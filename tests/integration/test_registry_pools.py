@@ -11,7 +11,7 @@ from services.common.messages import CapacityEvent, PoolOffline, PoolOnline, Poo
 from services.registry.app import create_app
 
 from ..helpers import EventTap
-from .conftest import MODEL, REGION, Api, pool_body, with_settings
+from .conftest import MODEL, REGION, Api, with_settings
 
 
 async def test_register_get_and_event(registry_api: Api, nc, subjects) -> None:
