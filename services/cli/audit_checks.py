@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseGranted, LeaseRenewed, Pool
+from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseGranted, Pool
 from services.meter.accounts import entry_id, event_kind
 from services.meter.model import LedgerEntry
 from services.meter.pricing import RESERVED, ending_charges, reserved_charges

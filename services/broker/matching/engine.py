@@ -31,7 +31,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections import Counter
 from collections.abc import Callable, Iterable
 from decimal import Decimal
-from itertools import chain, combinations, islice
+from itertools import chain, combinations
 
 import msgspec
 
