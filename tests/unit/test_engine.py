@@ -455,3 +455,20 @@ def test_set_free_between_matches_keeps_index_exact() -> None:
     e.set_free("p3", 20)
     e.set_free("p5", 12)
     assert ids(e.match(Ask(units=10))) == [["p5"], ["p3"]]
+
+
+def test_walk_order_follows_pools_filling_up_and_freeing() -> None:
+    """The walk over cells is ordered by the cheapest price with a free unit, cached per
+    request shape: a cheap pool that fills up stops holding the walk back, and one that
+    frees up again is found at once (its cell moves back to the front)."""
+    e = engine(pool("c1", "us-east", "1.00", capacity=8, model=H100),
+               pool("c2", "us-east", "5.00", capacity=8, model=H100),
+               pool("m1", "us-east", "2.00", capacity=8, model=A100))
+    e.set_free("c1", 0)  # the H100 cell's floor is 5.00, behind the A100 one
+    assert ids(e.match(Ask(units=1), limit=1)) == [["m1"]]  # orders the cells for "any units"
+    e.set_free("c1", 3)  # and back down to 1.00: the cached orders must know
+    assert ids(e.match(Ask(units=1), limit=1)) == [["c1"]]
+    assert ids(e.match(Ask(units=2), limit=1)) == [["c1"]]
+    assert ids(e.match(Ask(units=4), limit=1)) == [["m1"]]
+    e.set_free("m1", 0)
+    assert ids(e.match(Ask(units=4), limit=2)) == [["c2"]]

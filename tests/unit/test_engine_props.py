@@ -337,9 +337,13 @@ def test_incremental_updates_match_a_fresh_index(data: st.DataObject) -> None:
                 sorted(world) + [f"n{len(extra)}"])))
             engine.upsert(p)
             world[p.pool_id] = p
-        if data.draw(st.booleans()):
-            engine.match(Ask(units=1))  # interleave matches so updates hit built books
+        if data.draw(st.booleans()) and world:
+            # interleave matches so that updates hit built books and cached walk orders
+            engine.match(data.draw(st.sampled_from([Ask(units=1), data.draw(asks(sorted(world)))])))
     assert len(engine) == len(world)
+    for cell in engine._cells:  # noqa: SLF001 - each book's floor is kept, not recomputed
+        for book in cell.books.values():
+            assert book.floor == book.first(0, 1)
     for pid, p in world.items():
         assert engine.get(pid) == p
     fresh = engine_for(list(world.values()))

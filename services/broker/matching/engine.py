@@ -228,22 +228,32 @@ class _Order:
     the same rows grouped by region and by (region, egress bandwidth). Cached per
     (static constraints, billing) until a cell is re-indexed."""
 
-    __slots__ = ("_by_region", "_groups", "_max_egress", "rows")
+    __slots__ = ("_by_region", "_groups", "_max_egress", "billing", "epoch", "metric", "rows")
 
-    def __init__(self, ctx: _Ctx, cells: list[Cell]) -> None:
-        billing = ctx.billing
-        if ctx.perf:
-            metric = ctx.metric
-            rows = [(book.min_ppv(metric, c.tflops(metric)), c.id, c, book) for c in cells
-                    if (book := c.books.get(billing)) is not None]
+    def __init__(self, ctx: _Ctx, cells: list[Cell], epoch: int) -> None:
+        self.billing = ctx.billing
+        self.metric = ctx.metric if ctx.perf else None
+        self.sort([(c, book) for c in cells if (book := c.books.get(self.billing)) is not None], epoch)
+
+    def sort(self, offering: list[tuple[Cell, Book]], epoch: int) -> None:
+        """(Re)order by each book's floor, which moves as pools fill up and empty: a
+        bound from the cheapest price ever offered would let the walk wade through
+        every cell whose cheap pools are long taken."""
+        metric = self.metric
+        if metric is not None:
+            rows = [(book.min_ppv(metric, c.tflops(metric)), c.id, c, book) for c, book in offering]
         else:
-            rows = [(book.prices[0], c.id, c, book) for c in cells
-                    if (book := c.books.get(billing)) is not None]
+            rows = [(book.floor_price, c.id, c, book) for c, book in offering]
         rows.sort()  # (bound, cell id) is unique: cells and books are never compared
         self.rows: list[Row] = [(ppv, c, book) for ppv, _, c, book in rows]
+        self.epoch = epoch
         self._by_region: dict[str, list[Row]] | None = None
         self._groups: dict[tuple[str, float], list[Row]] | None = None
         self._max_egress: dict[str, float] = {}
+
+    def refresh(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.sort([(c, book) for _, c, book in self.rows], epoch)
 
     @property
     def by_region(self) -> dict[str, list[Row]]:
@@ -288,6 +298,7 @@ class Engine:
         self._dims: dict[tuple, frozenset[int]] = {}
         self._cands: dict[tuple, list[Cell]] = {}
         self._orders: dict[tuple, _Order] = {}
+        self._epoch = 0  # bumped when a book's floor moves: cached orders re-sort on use
         self._live: frozenset[int] | None = None
         self._attr_index: dict[str, dict[object, set[int]]] = {a: {} for a in _INDEXED}
         self._fw_index: dict[str, set[int]] = {}
@@ -338,8 +349,8 @@ class Engine:
             return  # re-indexed on the next match
         for billing, book in cell.books.items():
             price = getattr(pool, billing)
-            if price is not None:
-                book.update(price, pool_id, old, free)
+            if price is not None and book.update(price, pool_id, old, free):
+                self._epoch += 1
 
     def free_units(self) -> dict[str, int]:
         """Free units of every pool (a snapshot to restore with ``set_free``)."""
@@ -461,7 +472,9 @@ class Engine:
         if hit is None:
             if len(self._orders) >= _ORDER_CACHE_MAX:
                 del self._orders[next(iter(self._orders))]  # oldest first
-            hit = self._orders[okey] = _Order(ctx, cells)
+            hit = self._orders[okey] = _Order(ctx, cells, self._epoch)
+        else:
+            hit.refresh(self._epoch)
         return hit
 
     # --- matching --------------------------------------------------------------------
@@ -497,7 +510,7 @@ class Engine:
             for ppv, cell, book in order.rows:
                 if len(best) >= limit and ppv * need_lo_f > best[-1][0]:
                     break
-                if cap is not None and book.prices[0] > cap:
+                if cap is not None and book.floor_price > cap:
                     if ctx.perf:
                         continue
                     break  # unit asks: cells are in price order
@@ -531,7 +544,7 @@ class Engine:
                     heapq.heappush(heap, (ctime, lbc, g, j + 1) if ctx.time_obj
                                    else (lbc, ctime, g, j + 1))
                 _, cell, book = rows[j]
-                if cap is not None and book.prices[0] > cap:
+                if cap is not None and book.floor_price > cap:
                     continue
                 n = ctx.units(cell)
                 if book.mx[1] >= n:
@@ -720,7 +733,7 @@ class Engine:
         while True:
             while ptr < n_rows and (not heap or rows[ptr][0] <= heap[0][0]):
                 _, cell, book = rows[ptr]
-                if cap is not None and book.prices[0] > cap:
+                if cap is not None and book.floor_price > cap:
                     if not ctx.perf:
                         ptr = n_rows  # unit asks: rows are in price order
                         break

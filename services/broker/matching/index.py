@@ -45,7 +45,7 @@ def cell_key(pool: PoolState) -> CellKey:
 class Book:
     """The pools of one cell that offer one billing mode, by price level."""
 
-    __slots__ = ("_caps", "_min_ppv", "billing", "cap_max", "cap_sum", "index", "levels", "mx",
+    __slots__ = ("_caps", "_min_ppv", "billing", "cap_max", "cap_sum", "floor", "index", "levels", "mx",
                  "lsum", "pools", "prices", "size", "total")
 
     def __init__(self, billing: str, pools: dict[str, PoolState],
@@ -84,6 +84,9 @@ class Book:
             a, b = mx[2 * i], mx[2 * i + 1]
             mx[i] = a if a > b else b
         self.mx = mx  # segment tree: max free per level, root at 1
+        # the cheapest level with any free unit (-1: none): a lower bound on the price of
+        # any pool that can take a unit, which orders the engine's walk over cells
+        self.floor = self.first(0, 1)
         self.lsum = [sum(f for f, _ in level) for level in self.levels]  # free per level
         self.total = sum(self.lsum)
 
@@ -142,11 +145,18 @@ class Book:
         hi = min(hi, len(self.prices))
         return self.cap_max[hi - 1], self.cap_sum[hi - 1]
 
+    @property
+    def floor_price(self) -> Decimal:
+        """The price of the cheapest level with a free unit. With none free, the top
+        price: no pool can be used, so any bound holds, and this one keeps the book last
+        among its peers."""
+        return self.prices[self.floor] if self.floor >= 0 else self.prices[-1]
+
     def min_ppv(self, metric: str, tflops: float) -> Decimal:
-        """Cheapest price per TFLOPS of ``metric`` (cached)."""
+        """Price per TFLOPS of ``metric`` at the floor (cached until the floor moves)."""
         ppv = self._min_ppv.get(metric)
         if ppv is None:
-            ppv = self._min_ppv[metric] = self.prices[0] / Decimal(repr(float(tflops)))
+            ppv = self._min_ppv[metric] = self.floor_price / Decimal(repr(float(tflops)))
         return ppv
 
     def price(self, pool_id: str) -> Decimal:
@@ -185,7 +195,8 @@ class Book:
                 yield capacity, pid
 
     # --- updates -------------------------------------------------------------------
-    def update(self, price: Decimal, pool_id: str, old: int, new: int) -> None:
+    def update(self, price: Decimal, pool_id: str, old: int, new: int) -> bool:
+        """Returns whether the floor (cheapest level with a free unit) moved."""
         li = self.index[price]
         level = self.levels[li]
         del level[bisect_left(level, (old, pool_id))]
@@ -196,17 +207,27 @@ class Book:
         mx = self.mx
         i = li + self.size
         top = level[-1][0]
-        if mx[i] == top:
-            return
+        was = mx[i]
+        if was == top:
+            return False
         mx[i] = top
         i >>= 1
         while i:
             a, b = mx[2 * i], mx[2 * i + 1]
             m = a if a > b else b
             if mx[i] == m:
-                return  # unchanged from here up
+                break  # unchanged from here up
             mx[i] = m
             i >>= 1
+        floor = self.floor
+        if top > 0 and was <= 0 and (floor < 0 or li < floor):
+            self.floor = li
+        elif top <= 0 and was > 0 and li == floor:
+            self.floor = self.first(li + 1, 1)
+        else:
+            return False
+        self._min_ppv.clear()
+        return True
 
 
 class Cell:
