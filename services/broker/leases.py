@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from services.common.errors import Unavailable
 from services.common.keys import Keys
@@ -28,6 +29,21 @@ class Ended:
     pending: bool = False  # never confirmed: the grant may not be in the record, the client heard nothing
 
 
+Reservation = tuple[str, Sequence[LeaseInfo], float]  # region, its leases, provisional expiry
+
+
+def missing_leases(leases: Sequence[LeaseInfo], replies: Sequence[object], n: int) -> list[str]:
+    """Ids of the leases that ``confirm_into``'s ``n`` replies (the first ``n`` of
+    ``replies``) say were gone."""
+    by_region: dict[str, list[LeaseInfo]] = {}
+    for lease in leases:
+        by_region.setdefault(lease.region, []).append(lease)
+    gone = []
+    for group, reply in zip(by_region.values(), replies[:n], strict=True):
+        gone += [lease.lease_id for lease, ok in zip(group, reply, strict=True) if not int(ok)]
+    return gone
+
+
 def _s(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -39,23 +55,62 @@ class LeaseStore:
         self._end = redis.register_script(read_lua("services.broker.lua", "end_lease.lua"))
         self._renew = redis.register_script(read_lua("services.broker.lua", "renew.lua"))
         self._restore = redis.register_script(read_lua("services.broker.lua", "restore.lua"))
+        self._confirm = redis.register_script(read_lua("services.broker.lua", "confirm.lua"))
 
-    async def reserve(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
-                      force: bool = False) -> tuple[bool, list[int]]:
-        """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
-        ``(False, [index of the pool that lacked units, its free units])``."""
+    def _reserve_call(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
+                      force: bool = False) -> tuple[list[str], list[object]]:
         k = self.keys
         keys = [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
         args: list[object] = ["force" if force else "check", expires_at]
         for lease in leases:
             keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id), k.lease(region, lease.lease_id)]
             args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
-        raw = await self._reserve(keys=keys, args=args)
+        return keys, args
+
+    @staticmethod
+    def _reserved(region: str, raw: list) -> tuple[bool, list[int]]:
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
         if int(raw[0]) == 1:
             return True, [int(x) for x in raw[1:]]
         return False, [int(raw[1]) - 1, int(raw[2])]
+
+    async def reserve(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
+                      force: bool = False) -> tuple[bool, list[int]]:
+        """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
+        ``(False, [index of the pool that lacked units, its free units])``."""
+        keys, args = self._reserve_call(region, leases, expires_at, force)
+        return self._reserved(region, await self._reserve(keys=keys, args=args))
+
+    async def reserve_many(self, groups: Sequence[Reservation]) -> list[tuple[bool, list[int]] | Exception]:
+        """``reserve`` for many ``(region, leases, expires_at)`` in one pipelined round
+        trip; each group is atomic on its own. A group's failure (its region's node
+        down, leases being restored) is its result, not the batch's."""
+        results: list[tuple[bool, list[int]] | Exception | None] = [None] * len(groups)
+        todo = list(range(len(groups)))
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for i in todo:
+                keys, args = self._reserve_call(*groups[i])
+                # the raw command, not pipe.evalsha: routed by its keys' slot in a cluster pipeline
+                pipe.execute_command("EVALSHA", self._reserve.sha, len(keys), *keys, *args)
+            raws = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, raw in zip(todo, raws, strict=True):
+                if isinstance(raw, NoScriptError) and attempt == 0:
+                    missing.append(i)  # not run at all: safe to send again
+                elif isinstance(raw, Exception):
+                    results[i] = raw
+                else:
+                    try:
+                        results[i] = self._reserved(groups[i][0], raw)
+                    except Unavailable as exc:
+                        results[i] = exc
+            if not missing:
+                break
+            await self.redis.script_load(self._reserve.script)  # Redis restarted or flushed its scripts
+            todo = missing
+        return results  # type: ignore[return-value]
 
     async def restore(self, items: Sequence[tuple[LeaseInfo, int]], chunk: int = 500) -> int:
         """Put ``(lease, seq)`` back after a Redis loss (``lua/restore.lua``): units taken
@@ -79,13 +134,7 @@ class LeaseStore:
         pipe = self.redis.pipeline(transaction=False)  # the lookups, a few commands per chunk
         leases = [lease for lease, _ in items]
         for i in range(0, len(leases), 5000):
-            part = leases[i:i + 5000]
-            pipe.hset(k.lease_index(), mapping={lease.lease_id: lease.region for lease in part})
-            by_tenant: dict[str, dict[str, float]] = {}
-            for lease in part:
-                by_tenant.setdefault(lease.tenant, {})[lease.lease_id] = lease.granted_at.timestamp()
-            for tenant, members in by_tenant.items():
-                pipe.zadd(k.tenant_leases(tenant), members)
+            self.index_into(pipe, leases[i:i + 5000])
         if leases:
             await pipe.execute()
         return restored
@@ -97,20 +146,49 @@ class LeaseStore:
         await pipe.execute()
 
     def index_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> None:
+        if not leases:
+            return
+        pipe.hset(self.keys.lease_index(), mapping={lease.lease_id: lease.region for lease in leases})
+        by_tenant: dict[str, dict[str, float]] = {}
         for lease in leases:
-            pipe.hset(self.keys.lease_index(), lease.lease_id, lease.region)
-            pipe.zadd(self.keys.tenant_leases(lease.tenant), {lease.lease_id: lease.granted_at.timestamp()})
+            by_tenant.setdefault(lease.tenant, {})[lease.lease_id] = lease.granted_at.timestamp()
+        for tenant, members in by_tenant.items():
+            pipe.zadd(self.keys.tenant_leases(tenant), members)
 
-    async def confirm(self, leases: Sequence[LeaseInfo]) -> None:
-        """The grants are durable: the leases get their real expiry and lose the pending mark."""
-        k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
+    def confirm_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> int:
+        """The grants are durable: the leases get their real expiry and lose the pending
+        mark (``lua/confirm.lua``, one call per region). Adds that many replies to
+        ``pipe``, each a list of 1 (confirmed) or 0 (the lease was gone), in the order of
+        ``leases`` grouped by region; see ``confirmed``."""
+        by_region: dict[str, list[LeaseInfo]] = {}
         for lease in leases:
-            expires = lease.expires_at.timestamp()
-            pipe.hset(k.lease(lease.region, lease.lease_id), "expires", expires)
-            pipe.hdel(k.lease(lease.region, lease.lease_id), "pending")
-            pipe.zadd(k.lease_expiry(lease.region), {lease.lease_id: expires})
-        await pipe.execute()
+            by_region.setdefault(lease.region, []).append(lease)
+        k = self.keys
+        for region, group in by_region.items():
+            keys = [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
+            args: list[object] = []
+            for lease in group:
+                args += [lease.lease_id, lease.expires_at.timestamp()]
+            pipe.execute_command("EVALSHA", self._confirm.sha, len(keys), *keys, *args)
+        return len(by_region)
+
+    async def load_scripts(self) -> None:
+        """After a NOSCRIPT reply (Redis restarted or flushed its script cache)."""
+        for script in (self._reserve, self._end, self._renew, self._restore, self._confirm):
+            await self.redis.script_load(script.script)
+
+    async def confirm(self, leases: Sequence[LeaseInfo]) -> list[str]:
+        """``confirm_into`` on its own; returns the ids of leases that were gone."""
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            n = self.confirm_into(pipe, leases)
+            try:
+                return missing_leases(leases, await pipe.execute(), n)
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.load_scripts()
+        return []
 
     async def not_ready(self, regions: Sequence[str]) -> list[str]:
         """The regions whose leases-ready marker is missing (one round trip)."""

@@ -20,8 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from services.common.auth import Principal
+from services.common.coalesce import Coalescer
 from services.common.errors import BrokerError, Conflict, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import new_id
 from services.common.keys import Keys
@@ -50,7 +52,7 @@ from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
-from .leases import PENDING_S, Ended, LeaseStore
+from .leases import PENDING_S, Ended, LeaseStore, Reservation, missing_leases
 from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.batch import plan_queue
 from .matching.engine import Engine
@@ -86,6 +88,9 @@ class Broker:
         self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
         self.budget_grace_s = 300.0
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
+        self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
+        self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
+            Coalescer(self._commit_batch)
 
     # --- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -139,55 +144,106 @@ class Broker:
 
     async def _reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
-        then make the grants durable. All or nothing. The caller holds the units in the
-        engine; ``truth`` collects what Redis said about each pool touched."""
+        make the grants durable, then confirm them (with the lookups and the request
+        record). All or nothing. The caller holds the units in the engine; ``truth``
+        collects what Redis said about each pool touched.
+
+        The reservations and the confirmations of concurrent placements share pipelined
+        round trips (``Coalescer``): per-call client overhead, not Redis, is what limits a
+        broker process."""
         by_region: dict[str, list[LeaseInfo]] = defaultdict(list)
         for lease in leases:
             by_region[lease.region].append(lease)
-        done: list[LeaseInfo] = []
         truth: dict[str, int] = {}
         allocations = [(lease.pool_id, lease.units) for lease in leases]
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
-            for region, group in by_region.items():
-                try:
-                    ok, result = await self.leases.reserve(region, group, expires)
-                except Exception:
+            groups = [(region, group, expires) for region, group in by_region.items()]
+            done: list[LeaseInfo] = []
+            failure: Exception | None = None
+            refused = False
+            for (_, group, _), result in zip(groups, await self._reservations.submit(groups), strict=True):
+                if isinstance(result, Exception):
                     # this region's slot is unreachable or refused (on Redis Cluster regions
-                    # live on different nodes): the regions already reserved give back
-                    truth.update(await self._undo(done))
-                    raise
-                if not ok:
-                    index, free = result
+                    # live on different nodes): the regions reserved give back
+                    failure = failure or result
+                elif result[0]:
+                    done += group
+                    truth.update({lease.pool_id: free for lease, free in zip(group, result[1], strict=True)})
+                else:
+                    refused = True
+                    index, free = result[1]
                     truth[group[index].pool_id] = free
-                    truth.update(await self._undo(done))
-                    return False
-                done += group
-                truth.update({lease.pool_id: free for lease, free in zip(group, result, strict=True)})
-            pipe = self.redis.pipeline(transaction=False)  # lookups and the request record: one round trip
-            self.leases.index_into(pipe, leases)
-            if record is not None:
-                record.lease_ids = [lease.lease_id for lease in leases]
-                self._save_into(pipe, record)
-            results = await asyncio.gather(pipe.execute(), *(self._publish_alloc(LeaseGranted(
-                id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-                free_after=truth.get(lease.pool_id, -1))) for lease in leases), return_exceptions=True)
+            if failure is not None or refused:
+                truth.update(await self._undo(done))
+                if failure is not None:
+                    raise failure
+                return False
+            grants = [LeaseGranted(id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+                                   free_after=truth.get(lease.pool_id, -1)) for lease in leases]
+            if len(grants) == 1:
+                results: list[object] = [None]
+                try:
+                    await self._publish_alloc(grants[0])
+                except Exception as exc:  # noqa: BLE001 - handled with the others below
+                    results[0] = exc
+            else:
+                results = await asyncio.gather(*map(self._publish_alloc, grants), return_exceptions=True)
             failed = next((r for r in results if isinstance(r, BaseException)), None)
             if failed is None:
+                if record is not None:
+                    record.lease_ids = [lease.lease_id for lease in leases]
                 try:
-                    await self.leases.confirm(leases)
+                    gone = await self._commits.submit((leases, record))
+                    if gone:
+                        failed = Unavailable(f"leases {gone} expired before their grants were confirmed")
                 except Exception as exc:  # noqa: BLE001 - as if the grant had failed
                     failed = exc
             if failed is not None:
                 log.error("grant not durable (%s): giving the units back", failed)
                 truth.update(await self._undo(done))
-                await self._retract([lease for lease, r in zip(leases, results[1:], strict=True)
+                await self._retract([lease for lease, r in zip(leases, results, strict=True)
                                      if not isinstance(r, BaseException)])
                 raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from failed
             return True
         finally:
             self.world.settle(allocations, truth)
+
+    async def _reserve_batch(self, items: list[list[Reservation]]) -> list[list[tuple[bool, list[int]] | Exception]]:
+        """The reservations of concurrent placements in one pipelined round trip."""
+        flat = [group for item in items for group in item]
+        results = await self.leases.reserve_many(flat)
+        out, i = [], 0
+        for item in items:
+            out.append(results[i:i + len(item)])
+            i += len(item)
+        return out
+
+    async def _commit_batch(self, items: list[tuple[list[LeaseInfo], RequestRecord | None]]) -> list[list[str]]:
+        """Durable grants of concurrent placements confirmed in one pipelined round trip,
+        with their lookups and request records. Returns, per placement, the leases that
+        were gone (their provisional expiry passed first)."""
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            counts = [self.leases.confirm_into(pipe, leases) for leases, _ in items]
+            self.leases.index_into(pipe, [lease for leases, _ in items for lease in leases])
+            for _, record in items:
+                if record is not None:
+                    self._save_into(pipe, record)
+            try:
+                replies = await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.leases.load_scripts()
+                continue
+            out, i = [], 0
+            for (leases, _), n in zip(items, counts, strict=True):
+                out.append(missing_leases(leases, replies[i:i + n], n))
+                i += n
+            return out
+        raise AssertionError("unreachable")
 
     async def _retract(self, leases: list[LeaseInfo]) -> None:
         """Grants that reached the durable record although the grant as a whole failed

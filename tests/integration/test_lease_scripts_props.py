@@ -47,6 +47,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     end = client.register_script(read_lua("services.broker.lua", "end_lease.lua"))
     renew = client.register_script(read_lua("services.broker.lua", "renew.lua"))
     restore = client.register_script(read_lua("services.broker.lua", "restore.lua"))
+    confirm = client.register_script(read_lua("services.broker.lua", "confirm.lua"))
 
     class LeaseScripts(RuleBasedStateMachine):
         leases = Bundle("leases")
@@ -150,17 +151,23 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
         @rule(ids=leases, ttl=st.integers(1, 100))
         def broker_confirms(self, ids: list[str], ttl: int) -> None:
-            """What the broker does once the grant is durable: the real expiry, no pending mark."""
+            """What the broker does once the grants are durable (``confirm.lua``): the real
+            expiry, no pending mark; a lease already gone is reported, not brought back."""
             self.step()
             k = self.k
+            ids = list(dict.fromkeys(ids))
+            expiry = self.now + ttl
+            args: list[object] = []
             for lease_id in ids:
-                if lease_id not in self.live:
-                    continue
-                lv = self.live[lease_id]
-                lv.expiry, lv.confirmed = self.now + ttl, True
-                client.hset(k.lease(REGION, lease_id), "expires", lv.expiry)
-                client.hdel(k.lease(REGION, lease_id), "pending")
-                client.zadd(k.lease_expiry(REGION), {lease_id: lv.expiry})
+                args += [lease_id, expiry]
+            raw = confirm(keys=[k.lease_expiry(REGION), *(k.lease(REGION, i) for i in ids)], args=args)
+            assert [int(x) for x in raw] == [int(i in self.live) for i in ids]
+            for lease_id in ids:
+                if lease_id in self.live:
+                    lv = self.live[lease_id]
+                    lv.expiry, lv.confirmed = expiry, True
+                else:
+                    assert not client.exists(k.lease(REGION, lease_id))
 
         @rule(ids=leases, ttl=st.integers(1, 100))
         def renew_lease(self, ids: list[str], ttl: int) -> None:
