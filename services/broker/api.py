@@ -41,9 +41,9 @@ class RequestController(Controller):
             PLACEMENTS.labels("placed" if status == 201 else "queued").inc()
             return status, msgspec.json.encode(view)
 
-        body = msgspec.json.encode(data)  # canonical: same meaning, same bytes
-        status, content = await once(broker.redis, broker.keys, tenant, request.headers.get("idempotency-key"),
-                                     body, run)
+        key = request.headers.get("idempotency-key")
+        body = msgspec.json.encode(data) if key is not None else b""  # canonical: same meaning, same bytes
+        status, content = await once(broker.redis, broker.keys, tenant, key, body, run)
         return Response(content, status_code=status, media_type="application/json")
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")

@@ -276,10 +276,11 @@ class Broker:
 
     async def _try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
                          record: RequestRecord | None = None,
-                         prefer: Placement | None = None) -> tuple[list[LeaseInfo], Placement]:
+                         prefer: Placement | None = None, ask: Ask | None = None) -> tuple[list[LeaseInfo], Placement]:
         """``prefer``: a placement planned for this request (a queue pass's batch plan),
-        tried first; if its units are gone by now, the request is matched afresh."""
-        ask = self.ask_for(body)
+        tried first; if its units are gone by now, the request is matched afresh.
+        ``ask``: the request as the engine sees it, if the caller has it already."""
+        ask = ask or self.ask_for(body)
         if prefer is not None and self.world.hold((a.pool_id, a.units) for a in prefer.allocations):
             leases = self._leases_for(prefer, request_id, tenant, body, now)
             if await self._reserve(leases, record):
@@ -383,7 +384,7 @@ class Broker:
     async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
         tenant = self.tenant_of(principal)
         self._check_budget(tenant)
-        self.ask_for(body)  # validate before anything happens
+        ask = self.ask_for(body)  # validate before anything happens
         now = self.clock()
         request_id = new_id("req")
         record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
@@ -392,7 +393,7 @@ class Broker:
                                                     units=body.units or 0))
         try:
             try:
-                leases, option = await self._try_place(request_id, tenant, body, now, record)
+                leases, option = await self._try_place(request_id, tenant, body, now, record, ask=ask)
             except NotPlaced as np:
                 preempted = None if np.decision.never or np.contended else \
                     await self._try_preempt(request_id, tenant, body, now)
