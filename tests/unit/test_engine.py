@@ -463,7 +463,8 @@ def test_walk_order_follows_pools_filling_up_and_freeing() -> None:
     frees up again is found at once (its cell moves back to the front)."""
     e = engine(pool("c1", "us-east", "1.00", capacity=8, model=H100),
                pool("c2", "us-east", "5.00", capacity=8, model=H100),
-               pool("m1", "us-east", "2.00", capacity=8, model=A100))
+               pool("m1", "us-east", "2.00", capacity=8, model=A100),
+               pool("d1", "us-east", "3.00", capacity=8, model=MI300X))
     e.set_free("c1", 0)  # the H100 cell's floor is 5.00, behind the A100 one
     assert ids(e.match(Ask(units=1), limit=1)) == [["m1"]]  # orders the cells for "any units"
     e.set_free("c1", 3)  # and back down to 1.00: the cached orders must know
@@ -471,4 +472,34 @@ def test_walk_order_follows_pools_filling_up_and_freeing() -> None:
     assert ids(e.match(Ask(units=2), limit=1)) == [["c1"]]
     assert ids(e.match(Ask(units=4), limit=1)) == [["m1"]]
     e.set_free("m1", 0)
-    assert ids(e.match(Ask(units=4), limit=2)) == [["c2"]]
+    assert ids(e.match(Ask(units=4), limit=2)) == [["d1"], ["c2"]]
+
+
+@pytest.mark.parametrize("keep", [3, 4096])
+def test_cached_orders_catch_up_after_many_floor_moves(monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+    """More moves than an order replays one by one (or than the engine remembers): the
+    order re-sorts in full, and answers stay those of a fresh engine."""
+    from services.broker.matching import engine as engine_module
+
+    monkeypatch.setattr(engine_module._Moves, "KEEP", keep)  # noqa: SLF001
+    models = [H100, A100, MI300X, ASCEND]
+    pools = [pool(f"p{i}", "us-east" if i % 2 else "eu-central", f"{1 + i % 7}.{i % 10}0", capacity=8,
+                  model=models[i % 4]) for i in range(40)]
+    e = engine(*pools)
+    shapes = [Ask(units=1), Ask(units=3), Ask(units=2, regions=frozenset({"us-east"})),
+              Ask(units=1, models=frozenset({H100, A100}))]
+    for ask in shapes:
+        e.match(ask)  # cache an order per shape
+    free = {p.pool_id: 8 for p in pools}
+    for round_ in range(3):  # fill pools, let the orders see it, free them again, ...
+        for i, p in enumerate(pools):
+            if (i + round_) % 3:
+                free[p.pool_id] = 0 if free[p.pool_id] else 8
+                e.set_free(p.pool_id, free[p.pool_id])
+        for ask in shapes:
+            e.match(ask)
+        assert e.match(shapes[0]) == engine(*(msgspec.structs.replace(p, free=free[p.pool_id])
+                                              for p in pools)).match(shapes[0])
+    fresh = engine(*(msgspec.structs.replace(p, free=free[p.pool_id]) for p in pools))
+    for ask in shapes:
+        assert e.match(ask, limit=3) == fresh.match(ask, limit=3)

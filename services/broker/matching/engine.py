@@ -222,38 +222,98 @@ class _Ctx:
         return bisect_right(book.prices, self.cap)
 
 
+def _row_key(row: Row) -> tuple[Decimal, int]:
+    return row[0], row[1].id
+
+
+class _Moves:
+    """The cells whose floor moved, in order; ``epoch`` counts them. Only the recent
+    ones are kept: an order older than that re-sorts in full."""
+
+    KEEP = 4096
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.cells: list[Cell] = []
+
+    @property
+    def epoch(self) -> int:
+        return self.base + len(self.cells)
+
+    def add(self, cell: Cell) -> None:
+        if len(self.cells) >= self.KEEP:
+            self.base += len(self.cells)
+            self.cells = []
+        self.cells.append(cell)
+
+    def since(self, epoch: int) -> list[Cell] | None:
+        if epoch < self.base:
+            return None
+        return self.cells[epoch - self.base:]
+
+
 class _Order:
     """The candidate cells of one request shape that offer one billing mode, sorted by
     their cheapest price per unit of value (a lower bound on any of their pools), and
     the same rows grouped by region and by (region, egress bandwidth). Cached per
     (static constraints, billing) until a cell is re-indexed."""
 
-    __slots__ = ("_by_region", "_groups", "_max_egress", "billing", "epoch", "metric", "rows")
+    __slots__ = ("_by_region", "_groups", "_max_egress", "billing", "epoch", "ids", "metric", "rows")
 
     def __init__(self, ctx: _Ctx, cells: list[Cell], epoch: int) -> None:
         self.billing = ctx.billing
         self.metric = ctx.metric if ctx.perf else None
         self.sort([(c, book) for c in cells if (book := c.books.get(self.billing)) is not None], epoch)
 
-    def sort(self, offering: list[tuple[Cell, Book]], epoch: int) -> None:
-        """(Re)order by each book's floor, which moves as pools fill up and empty: a
-        bound from the cheapest price ever offered would let the walk wade through
-        every cell whose cheap pools are long taken."""
+    def bound(self, cell: Cell, book: Book) -> Decimal:
+        """A lower bound on the price (per unit of value) of any pool of ``book`` that
+        can take a unit: its floor. It moves as pools fill up and empty; a bound from
+        the cheapest price ever offered would let the walk wade through every cell whose
+        cheap pools are long taken."""
         metric = self.metric
-        if metric is not None:
-            rows = [(book.min_ppv(metric, c.tflops(metric)), c.id, c, book) for c, book in offering]
-        else:
-            rows = [(book.floor_price, c.id, c, book) for c, book in offering]
+        return book.floor_price if metric is None else book.min_ppv(metric, cell.tflops(metric))
+
+    def sort(self, offering: list[tuple[Cell, Book]], epoch: int) -> None:
+        rows = [(self.bound(c, book), c.id, c, book) for c, book in offering]
         rows.sort()  # (bound, cell id) is unique: cells and books are never compared
         self.rows: list[Row] = [(ppv, c, book) for ppv, _, c, book in rows]
+        self.ids = {c.id for _, c, _ in self.rows}
+        self._reset(epoch)
+
+    def _reset(self, epoch: int) -> None:
         self.epoch = epoch
         self._by_region: dict[str, list[Row]] | None = None
         self._groups: dict[tuple[str, float], list[Row]] | None = None
         self._max_egress: dict[str, float] = {}
 
-    def refresh(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.sort([(c, book) for _, c, book in self.rows], epoch)
+    def refresh(self, moves: _Moves) -> None:
+        """Catch up with the floors that moved since this order was last used: the rows
+        of those cells move to their new place (all rows re-sort if many moved)."""
+        if self.epoch == moves.epoch:
+            return
+        since = moves.since(self.epoch)
+        if since is None or len(since) > 16:
+            self.sort([(c, book) for _, c, book in self.rows], moves.epoch)
+            return
+        rows, ids, billing = self.rows, self.ids, self.billing
+        touched = False
+        for cell in dict.fromkeys(since):
+            if cell.id not in ids:
+                continue
+            book = cell.books.get(billing)
+            if book is None:
+                continue
+            for j, row in enumerate(rows):
+                if row[1] is cell:
+                    del rows[j]
+                    break
+            new = (self.bound(cell, book), cell, book)
+            insort(rows, new, key=_row_key)
+            touched = True
+        if touched:
+            self._reset(moves.epoch)
+        else:
+            self.epoch = moves.epoch
 
     @property
     def by_region(self) -> dict[str, list[Row]]:
@@ -298,7 +358,7 @@ class Engine:
         self._dims: dict[tuple, frozenset[int]] = {}
         self._cands: dict[tuple, list[Cell]] = {}
         self._orders: dict[tuple, _Order] = {}
-        self._epoch = 0  # bumped when a book's floor moves: cached orders re-sort on use
+        self._moves = _Moves()  # cells whose floor moved: cached orders catch up on use
         self._live: frozenset[int] | None = None
         self._attr_index: dict[str, dict[object, set[int]]] = {a: {} for a in _INDEXED}
         self._fw_index: dict[str, set[int]] = {}
@@ -350,7 +410,7 @@ class Engine:
         for billing, book in cell.books.items():
             price = getattr(pool, billing)
             if price is not None and book.update(price, pool_id, old, free):
-                self._epoch += 1
+                self._moves.add(cell)
 
     def free_units(self) -> dict[str, int]:
         """Free units of every pool (a snapshot to restore with ``set_free``)."""
@@ -472,9 +532,9 @@ class Engine:
         if hit is None:
             if len(self._orders) >= _ORDER_CACHE_MAX:
                 del self._orders[next(iter(self._orders))]  # oldest first
-            hit = self._orders[okey] = _Order(ctx, cells, self._epoch)
+            hit = self._orders[okey] = _Order(ctx, cells, self._moves.epoch)
         else:
-            hit.refresh(self._epoch)
+            hit.refresh(self._moves)
         return hit
 
     # --- matching --------------------------------------------------------------------
