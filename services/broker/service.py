@@ -48,6 +48,7 @@ from services.common.messages import (
     RequestRejected,
 )
 from services.common.nats_conn import publish_durably, read_stream
+from services.common.redis_conn import is_cluster
 from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
@@ -88,6 +89,7 @@ class Broker:
         self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
         self.budget_grace_s = 300.0
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
+        self._cluster = is_cluster(redis)
         self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
@@ -118,9 +120,20 @@ class Broker:
         self._save_into(pipe, record)
         await pipe.execute()
 
-    def _save_into(self, pipe: Pipeline, record: RequestRecord) -> None:
-        pipe.set(self.keys.request(record.request_id), msgspec.json.encode(record))
-        pipe.zadd(self.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
+    def _save_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
+        """Few commands for many records: one MSET (per record on Redis Cluster, where
+        the keys live in different slots) and one ZADD per tenant."""
+        values = {self.keys.request(r.request_id): msgspec.json.encode(r) for r in records}
+        if len(values) == 1 or self._cluster:
+            for key, value in values.items():
+                pipe.set(key, value)
+        elif values:
+            pipe.mset(values)
+        by_tenant: dict[str, dict[str, float]] = {}
+        for r in records:
+            by_tenant.setdefault(r.tenant, {})[r.request_id] = r.created_at.timestamp()
+        for tenant, members in by_tenant.items():
+            pipe.zadd(self.keys.tenant_requests(tenant), members)
 
     async def record(self, request_id: str) -> RequestRecord | None:
         raw = await self.redis.get(self.keys.request(request_id))
@@ -228,9 +241,7 @@ class Broker:
             pipe = self.redis.pipeline(transaction=False)
             counts = [self.leases.confirm_into(pipe, leases) for leases, _ in items]
             self.leases.index_into(pipe, [lease for leases, _ in items for lease in leases])
-            for _, record in items:
-                if record is not None:
-                    self._save_into(pipe, record)
+            self._save_into(pipe, *(record for _, record in items if record is not None))
             try:
                 replies = await pipe.execute()
             except NoScriptError:

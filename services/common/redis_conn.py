@@ -5,8 +5,34 @@ from __future__ import annotations
 from importlib import resources
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - a dependency (redis[hiredis]); plain redis-py still works
+    hiredis = None
 
 CLUSTER_MIN_CONNECTIONS = 512  # per node: a full cluster pool raises instead of waiting
+
+
+class HiredisPackingConnection(Connection):
+    """redis-py's asyncio connection packs every command in pure Python, argument by
+    argument (its synchronous one packs with hiredis when that is installed): at a few
+    thousand placements per second that was a tenth of the broker's CPU. This packs
+    the way the synchronous client does (same bytes, same ``DataError`` for values
+    Redis cannot take)."""
+
+    def pack_command(self, *args):  # noqa: ANN002, ANN201 - redis-py's signature
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
 
 
 def connect(url: str, max_connections: int = 64, cluster: bool = False) -> Redis:
@@ -20,8 +46,16 @@ def connect(url: str, max_connections: int = 64, cluster: bool = False) -> Redis
         from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(url, max_connections=max(max_connections, CLUSTER_MIN_CONNECTIONS))  # type: ignore[return-value]
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10)
+    extra = {"connection_class": HiredisPackingConnection} if hiredis and url.startswith("redis://") else {}
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10, **extra)
     return Redis(connection_pool=pool)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether multi-key commands must keep to one hash slot (Redis Cluster)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 def read_lua(package: str, name: str) -> str:
