@@ -47,7 +47,7 @@ from services.common.messages import (
     RequestQueued,
     RequestRejected,
 )
-from services.common.nats_conn import publish_durably, read_stream
+from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably, read_stream
 from services.common.redis_conn import is_cluster
 from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
@@ -90,6 +90,7 @@ class Broker:
         self.budget_grace_s = 300.0
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
         self._cluster = is_cluster(redis)
+        self.acks = AckedPublisher(nc)
         self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
@@ -111,9 +112,14 @@ class Broker:
                               headers=nats_headers({"Nats-Msg-Id": event.id}))
 
     async def _publish_alloc(self, event: AllocEvent) -> None:
-        """Retried through a NATS failover: a grant not acknowledged is undone by the
-        caller, but a release, renewal or expiry has already happened in Redis."""
-        await publish_durably(self.js, self.subjects.alloc(event.lease.region, event.lease.tenant), event)
+        """Published with the concurrent others (``AckedPublisher``); retried through a
+        NATS failover: a grant not acknowledged is undone by the caller, but a release,
+        renewal or expiry has already happened in Redis."""
+        subject = self.subjects.alloc(event.lease.region, event.lease.tenant)
+        try:
+            await self.acks.publish(subject, event)
+        except FAILOVER_ERRORS:
+            await publish_durably(self.js, subject, event)
 
     async def _save(self, record: RequestRecord) -> None:
         pipe = self.redis.pipeline(transaction=False)
