@@ -487,19 +487,38 @@ def test_cached_orders_catch_up_after_many_floor_moves(monkeypatch: pytest.Monke
                   model=models[i % 4]) for i in range(40)]
     e = engine(*pools)
     shapes = [Ask(units=1), Ask(units=3), Ask(units=2, regions=frozenset({"us-east"})),
-              Ask(units=1, models=frozenset({H100, A100}))]
+              Ask(units=1, models=frozenset({H100, A100})),
+              Ask(units=2, data_region="us-east", data_gb=500.0),  # walks the (region, egress) groups
+              Ask(units=12, gang=False, max_pools=3, max_regions=2),  # walks the regions
+              Ask(units=12, gang=False, max_pools=2, data_region="eu-central", data_gb=50.0)]
     for ask in shapes:
         e.match(ask)  # cache an order per shape
     free = {p.pool_id: 8 for p in pools}
-    for round_ in range(3):  # fill pools, let the orders see it, free them again, ...
-        for i, p in enumerate(pools):
-            if (i + round_) % 3:
-                free[p.pool_id] = 0 if free[p.pool_id] else 8
-                e.set_free(p.pool_id, free[p.pool_id])
+    for round_ in range(40):  # a few pools fill or free up, the orders catch up, ...
+        for i in ((round_ * 7) % 40, (round_ * 13 + 5) % 40)[: 1 + round_ % 2]:
+            pid = pools[i].pool_id
+            free[pid] = 0 if free[pid] else 8
+            e.set_free(pid, free[pid])
+        fresh = engine(*(msgspec.structs.replace(p, free=free[p.pool_id]) for p in pools))
         for ask in shapes:
-            e.match(ask)
-        assert e.match(shapes[0]) == engine(*(msgspec.structs.replace(p, free=free[p.pool_id])
-                                              for p in pools)).match(shapes[0])
-    fresh = engine(*(msgspec.structs.replace(p, free=free[p.pool_id]) for p in pools))
-    for ask in shapes:
-        assert e.match(ask, limit=3) == fresh.match(ask, limit=3)
+            assert e.match(ask, limit=3) == fresh.match(ask, limit=3), (round_, ask)
+        assert_orders_current(e)
+    for p in pools[:30]:  # many moves between two uses: the orders re-sort in full
+        free[p.pool_id] = 0 if free[p.pool_id] else 8
+        e.set_free(p.pool_id, free[p.pool_id])
+    assert_orders_current(e)
+
+
+def assert_orders_current(e: Engine) -> None:
+    """Every cached walk order, once caught up, is what sorting afresh gives: rows by
+    (floor bound, cell id), and its per-region and per-group views the same rows."""
+    for order in e._orders.values():  # noqa: SLF001 - the engine's internals, checked directly
+        order.refresh(e._moves)  # noqa: SLF001
+        expected = sorted(((order.bound(c, b), c, b) for _, c, b in order.rows), key=lambda r: (r[0], r[1].id))
+        assert order.rows == expected
+        if order._by_region is not None:  # noqa: SLF001
+            for region, rows in order._by_region.items():  # noqa: SLF001
+                assert rows == [r for r in expected if r[1].region == region]
+        if order._groups is not None:  # noqa: SLF001
+            for (region, egress), rows in order._groups.items():  # noqa: SLF001
+                assert rows == [r for r in expected if (r[1].region, r[1].egress_gbps) == (region, egress)]

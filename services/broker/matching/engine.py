@@ -226,6 +226,12 @@ def _row_key(row: Row) -> tuple[Decimal, int]:
     return row[0], row[1].id
 
 
+def _move(rows: list[Row], old: Row, new: Row) -> None:
+    """Replace ``old`` by ``new`` in ``rows``, which stay sorted by ``_row_key``."""
+    del rows[bisect_left(rows, _row_key(old), key=_row_key)]
+    insort(rows, new, key=_row_key)
+
+
 class _Moves:
     """The cells whose floor moved, in order; ``epoch`` counts them. Only the recent
     ones are kept: an order older than that re-sorts in full."""
@@ -277,7 +283,7 @@ class _Order:
         rows = [(self.bound(c, book), c.id, c, book) for c, book in offering]
         rows.sort()  # (bound, cell id) is unique: cells and books are never compared
         self.rows: list[Row] = [(ppv, c, book) for ppv, _, c, book in rows]
-        self.ids = {c.id for _, c, _ in self.rows}
+        self.ids = {c.id: row for row in self.rows if (c := row[1]) is not None}  # cell id -> its row
         self._reset(epoch)
 
     def _reset(self, epoch: int) -> None:
@@ -288,32 +294,30 @@ class _Order:
 
     def refresh(self, moves: _Moves) -> None:
         """Catch up with the floors that moved since this order was last used: the rows
-        of those cells move to their new place (all rows re-sort if many moved)."""
+        of those cells move to their new place, here and in the per-region and
+        per-group views (a full re-sort only when the engine no longer remembers the
+        moves, or they are more than a quarter of the rows)."""
         if self.epoch == moves.epoch:
             return
         since = moves.since(self.epoch)
-        if since is None or len(since) > 16:
+        if since is None or 4 * len(since) > len(self.rows) + 64:
             self.sort([(c, book) for _, c, book in self.rows], moves.epoch)
             return
-        rows, ids, billing = self.rows, self.ids, self.billing
-        touched = False
+        ids = self.ids
         for cell in dict.fromkeys(since):
-            if cell.id not in ids:
+            old = ids.get(cell.id)
+            if old is None:
                 continue
-            book = cell.books.get(billing)
-            if book is None:
+            new = (self.bound(cell, old[2]), cell, old[2])
+            if new[0] == old[0]:
                 continue
-            for j, row in enumerate(rows):
-                if row[1] is cell:
-                    del rows[j]
-                    break
-            new = (self.bound(cell, book), cell, book)
-            insort(rows, new, key=_row_key)
-            touched = True
-        if touched:
-            self._reset(moves.epoch)
-        else:
-            self.epoch = moves.epoch
+            _move(self.rows, old, new)
+            if self._by_region is not None:
+                _move(self._by_region[cell.region], old, new)
+            if self._groups is not None:
+                _move(self._groups[(cell.region, cell.egress_gbps)], old, new)
+            ids[cell.id] = new
+        self.epoch = moves.epoch
 
     @property
     def by_region(self) -> dict[str, list[Row]]:
