@@ -84,7 +84,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await connect(settings.nats_url, "broker")
+        # no echo: this replica applies its own grants and endings to its engine as it
+        # makes them (reservation replies, ``free_after``); the allocation stream's copy
+        # of them would only cost it a decode each. Other replicas' events still arrive.
+        nc = await connect(settings.nats_url, "broker", no_echo=True)
         redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)

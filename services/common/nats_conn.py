@@ -26,10 +26,12 @@ DUPLICATE_WINDOW_S = 120.0
 BUCKETS = ("pools", "keys", "regions")  # durable records that are state, not events
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, *, no_echo: bool = False) -> NATS:
     """Connect with unbounded reconnects and a short backoff: a NATS restart is a pause,
     not an outage, for a service. ``url`` may list several servers of a cluster,
-    comma-separated; the client also learns the others from the server it reaches."""
+    comma-separated; the client also learns the others from the server it reaches.
+    ``no_echo``: the server does not deliver this connection's own messages to its own
+    subscriptions (for a process that already applied what it published)."""
 
     async def _disconnected() -> None:
         log.debug("nats disconnected (%s)", name)  # also on every normal drain; reconnects are warned
@@ -50,6 +52,7 @@ async def connect(url: str, name: str) -> NATS:
         disconnected_cb=_disconnected,
         reconnected_cb=_reconnected,
         error_cb=_error,
+        no_echo=no_echo,
     )
 
 
