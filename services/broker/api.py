@@ -20,6 +20,8 @@ from .records import LeaseView, QuoteView, RequestView, lease_view
 from .service import Broker
 
 Id = Annotated[str, Parameter(max_length=200)]
+# the counters' children, bound once: a labels() lookup per placement is a lock and a dict
+OUTCOMES = {outcome: PLACEMENTS.labels(outcome) for outcome in ("placed", "queued", "rejected", "no_capacity", "error")}
 
 class RequestController(Controller):
     path = "/v1/requests"
@@ -35,10 +37,10 @@ class RequestController(Controller):
             try:
                 status, view = await broker.place(request.user, data)
             except BrokerError as exc:
-                PLACEMENTS.labels({422: "rejected", 409: "no_capacity"}.get(exc.status, "error")).inc()
+                OUTCOMES[{422: "rejected", 409: "no_capacity"}.get(exc.status, "error")].inc()
                 raise
             PLACEMENT_SECONDS.observe(time.perf_counter() - started)
-            PLACEMENTS.labels("placed" if status == 201 else "queued").inc()
+            OUTCOMES["placed" if status == 201 else "queued"].inc()
             return status, msgspec.json.encode(view)
 
         key = request.headers.get("idempotency-key")

@@ -188,6 +188,7 @@ BAD = {
     "both units and performance": {"units": 1, "performance": {"min_tflops": 100}},
     "unknown model": {"units": 1, "accelerators": {"models": ["nvidia-h9000"]}},
     "unknown vendor": {"units": 1, "accelerators": {"vendors": ["acme-chips"]}},
+    "unknown stack": {"units": 1, "accelerators": {"stacks": ["cobol"]}},
     "unknown region": {"units": 1, "placement": {"regions": ["atlantis"]}},
     "latency without users": {"units": 1, "placement": {"max_latency_ms": 20}},
     "data without region": {"units": 1, "placement": {"data_gb": 100}},

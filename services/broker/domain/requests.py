@@ -93,11 +93,12 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
     unknown = [m for m in acc.models if m not in catalogue]
     if unknown:
         raise Unprocessable(f"unknown accelerator models {unknown}; see GET /v1/accelerators on the registry")
-    for field, values, known in (("vendors", acc.vendors, {a.vendor for a in catalogue.values()}),
-                                 ("stacks", acc.stacks, {a.stack for a in catalogue.values()})):
-        bad = [v for v in values if v not in known]
-        if bad:
-            raise Unprocessable(f"unknown accelerators.{field} {bad}; known: {sorted(known)}")
+    for field, values, attr in (("vendors", acc.vendors, "vendor"), ("stacks", acc.stacks, "stack")):
+        if values:  # most requests name neither: no need to gather what is known
+            known = {getattr(a, attr) for a in catalogue.values()}
+            bad = [v for v in values if v not in known]
+            if bad:
+                raise Unprocessable(f"unknown accelerators.{field} {bad}; known: {sorted(known)}")
     for field, region in (("regions", None), ("data_region", where.data_region), ("users_region", where.users_region)):
         names = where.regions if field == "regions" else ([region] if region else [])
         bad = [r for r in names if r not in regions]
