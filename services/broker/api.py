@@ -44,8 +44,11 @@ class RequestController(Controller):
             return status, msgspec.json.encode(view)
 
         key = request.headers.get("idempotency-key")
-        body = msgspec.json.encode(data) if key is not None else b""  # canonical: same meaning, same bytes
-        status, content = await once(broker.redis, broker.keys, tenant, key, body, run)
+        if key is None:  # the common case, called directly: two coroutine layers fewer to resume
+            status, content = await run()
+        else:
+            body = msgspec.json.encode(data)  # canonical: same meaning, same bytes
+            status, content = await once(broker.redis, broker.keys, tenant, key, body, run)
         return Response(content, status_code=status, media_type="application/json")
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")

@@ -4,6 +4,8 @@ stamped with the latest of their arrival times."""
 
 from __future__ import annotations
 
+import asyncio
+
 from services.common.coalesce import Coalescer
 
 from .store import PoolStore, Transition
@@ -16,8 +18,8 @@ class HeartbeatCoalescer:
         self.store = store
         self._batches: Coalescer[tuple[Item, float], Transition] = Coalescer(self._flush, max_batch)
 
-    async def heartbeat(self, item: Item, now: float) -> Transition:
-        return await self._batches.submit((item, now))
+    def heartbeat(self, item: Item, now: float) -> asyncio.Future[Transition]:
+        return self._batches.submit((item, now))
 
     async def _flush(self, batch: list[tuple[Item, float]]) -> list[Transition]:
         return await self.store.heartbeat_many([item for item, _ in batch], max(now for _, now in batch))

@@ -19,9 +19,9 @@ async def test_concurrent_items_share_batches_and_get_their_own_results() -> Non
         return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
 
     c: Coalescer[int, int] = Coalescer(flush)
-    first = asyncio.create_task(c.submit(0))
+    first = c.submit(0)
     await asyncio.sleep(0)  # the drain task takes item 0 alone
-    rest = [asyncio.create_task(c.submit(i)) for i in range(1, 6)]
+    rest = [c.submit(i) for i in range(1, 6)]
     await asyncio.sleep(0)
     gate.set()
     assert await first == 0
@@ -41,7 +41,7 @@ async def test_a_failed_flush_fails_every_item_of_its_batch_only() -> None:
         return [s.upper() for s in items]
 
     c: Coalescer[str, str] = Coalescer(flush, max_batch=2)
-    tasks = [asyncio.create_task(c.submit(s)) for s in ("a", "b", "c")]
+    tasks = [c.submit(s) for s in ("a", "b", "c")]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert [type(r).__name__ if isinstance(r, Exception) else r for r in results] == \
         ["ConnectionError", "ConnectionError", "C"]
@@ -57,8 +57,8 @@ async def test_a_cancelled_drain_fails_the_waiting_items_instead_of_hanging() ->
         return items
 
     c: Coalescer[int, int] = Coalescer(flush, max_batch=1)
-    a = asyncio.create_task(c.submit(1))
-    b = asyncio.create_task(c.submit(2))
+    a = c.submit(1)
+    b = c.submit(2)
     await started.wait()
     assert c._task is not None  # noqa: SLF001
     c._task.cancel()  # noqa: SLF001 - what a shutdown does to it
