@@ -182,7 +182,14 @@ class Broker:
             done: list[LeaseInfo] = []
             failure: Exception | None = None
             refused = False
-            for (_, group, _), result in zip(groups, await self._reservations.submit(groups), strict=True):
+            try:
+                results = await self._reservations.submit(groups)
+            except Exception:
+                # the whole batch failed (Redis unreachable, a cluster node down, the script
+                # reload refused) after some of it may have run: give back whatever did
+                truth.update(await self._undo(leases))
+                raise
+            for (_, group, _), result in zip(groups, results, strict=True):
                 if isinstance(result, Exception):
                     # this region's slot is unreachable or refused (on Redis Cluster regions
                     # live on different nodes): the regions reserved give back

@@ -139,7 +139,8 @@ async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struc
 # leaders, clients reconnect elsewhere); anything else is not retried
 FAILOVER_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.StaleConnectionError,
                     nats.errors.ConnectionReconnectingError, nats.js.errors.ServiceUnavailableError,
-                    nats.js.errors.NoStreamResponseError)
+                    nats.js.errors.NoStreamResponseError,
+                    nats.errors.OutboundBufferLimitError)  # disconnected long enough to fill the client's buffer
 
 
 async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Struct, within: float = 30.0,
@@ -202,24 +203,34 @@ class AckedPublisher:
             await self.nc.subscribe(f"{inbox}.*", cb=self._on_ack)
             self._inbox = inbox
         loop = asyncio.get_running_loop()
-        sent: list[tuple[str, asyncio.Future[Msg]]] = []
+        sent: list[tuple[str, asyncio.Future[Msg]] | Exception] = []
         try:
             for subject, payload, headers in items:
                 self._next += 1
                 token = str(self._next)
                 future: asyncio.Future[Msg] = loop.create_future()
                 self._waiting[token] = future
-                sent.append((token, future))
-                await self.nc.publish(subject, payload, reply=f"{self._inbox}.{token}", headers=headers)
-            await asyncio.wait([f for _, f in sent], timeout=self.timeout)
-        finally:
-            for token, future in sent:
-                if not future.done():
+                try:
+                    await self.nc.publish(subject, payload, reply=f"{self._inbox}.{token}", headers=headers)
+                except Exception as exc:  # noqa: BLE001 - not written (buffer full, draining, too big): that item's error
                     self._waiting.pop(token, None)
-                    future.cancel()
+                    sent.append(exc)
+                    continue
+                sent.append((token, future))
+            waiting = [f for item in sent if not isinstance(item, Exception) for f in (item[1],)]
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.timeout)
+        finally:
+            for item in sent:
+                if not isinstance(item, Exception) and not item[1].done():
+                    self._waiting.pop(item[0], None)
+                    item[1].cancel()
         out: list[int | Exception] = []
-        for _, future in sent:
-            out.append(_pub_ack(future.result()) if not future.cancelled() else nats.errors.TimeoutError())
+        for item in sent:
+            if isinstance(item, Exception):
+                out.append(item)
+            else:
+                out.append(_pub_ack(item[1].result()) if not item[1].cancelled() else nats.errors.TimeoutError())
         return out
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import msgspec
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -40,3 +42,20 @@ async def test_no_stream_fails_that_publish_only(nc, subjects: Subjects) -> None
     assert isinstance(results[1], nats.js.errors.NoStreamResponseError)
     with pytest.raises(nats.js.errors.NoStreamResponseError):
         await nc.jetstream().publish("nobody.listens.here", b"{}")  # what js.publish says, for comparison
+
+
+class Big(msgspec.Struct, frozen=True):
+    id: str
+    blob: str
+
+
+async def test_a_message_the_client_cannot_send_fails_alone(nc, subjects: Subjects) -> None:
+    """Refused before it was written (here: above the server's max payload): that caller
+    gets the error; the others in the same batch are written and acknowledged."""
+    acks = AckedPublisher(nc)
+    subject = subjects.request("t1")
+    too_big = Big(id="big-1", blob="x" * (nc.max_payload + 1))
+    results = await asyncio.gather(acks.publish(subject, event(1)), acks.publish(subject, too_big),
+                                   acks.publish(subject, event(2)), return_exceptions=True)
+    assert results[0] == 1 and results[2] == 2, results
+    assert isinstance(results[1], nats.errors.MaxPayloadError)

@@ -317,3 +317,26 @@ async def test_a_queued_request_stays_queued_when_its_grant_cannot_be_recorded(s
             return view["state"] == "placed"
 
         await eventually(placed, timeout=30)
+
+
+async def test_a_reservation_batch_that_fails_after_running_gives_the_units_back(settings, nc) -> None:
+    """Redis (or a cluster node) fails the whole reservation pipeline after its scripts
+    ran: the placement is a 503 and every unit it took comes back."""
+    import redis.exceptions
+
+    async with broker_world(settings, {"gz-910b": POOLS["gz-910b"]}) as w:
+        leases = w.broker.app.state.broker.leases
+        real = leases.reserve_many
+
+        async def ran_then_failed(groups):  # noqa: ANN001, ANN202
+            await real(groups)
+            raise redis.exceptions.ConnectionError("connection lost after the pipeline was sent")
+
+        leases.reserve_many = ran_then_failed
+        r = await w.request("t1", {"units": 3})
+        assert r.status_code == 503, r.text
+        assert await w.free("gz-910b") == 32
+        leases.reserve_many = real
+        r = await w.request("t1", {"units": 3})
+        assert r.status_code == 201, r.text
+        assert await w.free("gz-910b") == 29
