@@ -84,7 +84,7 @@ def _differs(have: StreamConfig, want: StreamConfig) -> bool:
             or abs((have.duplicate_window or 0) - (want.duplicate_window or 0)) > 1e-3)
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: int = 3) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: int = 6) -> None:
     """Create the stream, or update it when its config differs (e.g. more replicas).
     Replicas starting together on a fresh NATS cluster race, and an update that meets a
     create in progress can go unanswered: a create or update that fails or times out is
@@ -105,7 +105,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: in
             log.warning("ensuring stream %s: %s; looking again", config.name, exc or type(exc).__name__)
 
 
-async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, attempts: int = 3) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, attempts: int = 6) -> KeyValue:
     """The bucket, created if missing. Replicas starting together on a fresh NATS cluster
     race to create it, and a losing create can go unanswered (seen with R3 buckets):
     a create that fails or times out is followed by another look-up."""
