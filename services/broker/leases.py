@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -29,17 +30,24 @@ class Ended:
     pending: bool = False  # never confirmed: the grant may not be in the record, the client heard nothing
 
 
+T = TypeVar("T")
 Reservation = tuple[str, Sequence[LeaseInfo], float]  # region, its leases, provisional expiry
+
+
+def by_region(leases: Iterable[LeaseInfo]) -> dict[str, list[LeaseInfo]]:
+    """Leases grouped by region, regions in first-seen order: one script call per group
+    (a region's keys share one hash slot), replies read back in the same order."""
+    groups: dict[str, list[LeaseInfo]] = {}
+    for lease in leases:
+        groups.setdefault(lease.region, []).append(lease)
+    return groups
 
 
 def missing_leases(leases: Sequence[LeaseInfo], replies: Sequence[object], n: int) -> list[str]:
     """Ids of the leases that ``confirm_into``'s ``n`` replies (the first ``n`` of
     ``replies``) say were gone."""
-    by_region: dict[str, list[LeaseInfo]] = {}
-    for lease in leases:
-        by_region.setdefault(lease.region, []).append(lease)
     gone = []
-    for group, reply in zip(by_region.values(), replies[:n], strict=True):
+    for group, reply in zip(by_region(leases).values(), replies[:n], strict=True):
         gone += [lease.lease_id for lease, ok in zip(group, reply, strict=True) if not int(ok)]
     return gone
 
@@ -117,11 +125,11 @@ class LeaseStore:
         whatever is free (the lease was granted when they were), seq kept, lookups
         written. A few round trips for many leases: 50,000 must not take 100,000."""
         k = self.keys
-        by_region: dict[str, list[tuple[LeaseInfo, int]]] = {}
+        groups: dict[str, list[tuple[LeaseInfo, int]]] = {}
         for lease, seq in items:
-            by_region.setdefault(lease.region, []).append((lease, seq))
+            groups.setdefault(lease.region, []).append((lease, seq))
         restored = 0
-        for r, group in by_region.items():
+        for r, group in groups.items():
             for i in range(0, len(group), chunk):
                 part = group[i:i + chunk]
                 keys = [k.lease_expiry(r), k.interruptible_leases(r)]
@@ -159,36 +167,42 @@ class LeaseStore:
         """The grants are durable: the leases get their real expiry and lose the pending
         mark (``lua/confirm.lua``, one call per region). Adds that many replies to
         ``pipe``, each a list of 1 (confirmed) or 0 (the lease was gone), in the order of
-        ``leases`` grouped by region; see ``confirmed``."""
-        by_region: dict[str, list[LeaseInfo]] = {}
-        for lease in leases:
-            by_region.setdefault(lease.region, []).append(lease)
+        ``by_region(leases)``; ``missing_leases`` reads them."""
+        groups = by_region(leases)
         k = self.keys
-        for region, group in by_region.items():
+        for region, group in groups.items():
             keys = [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
             args: list[object] = []
             for lease in group:
                 args += [lease.lease_id, lease.expires_at.timestamp()]
             pipe.execute_command("EVALSHA", self._confirm.sha, len(keys), *keys, *args)
-        return len(by_region)
+        return len(groups)
 
     async def load_scripts(self) -> None:
         """After a NOSCRIPT reply (Redis restarted or flushed its script cache)."""
         for script in (self._reserve, self._end, self._renew, self._restore, self._confirm):
             await self.redis.script_load(script.script)
 
-    async def confirm(self, leases: Sequence[LeaseInfo]) -> list[str]:
-        """``confirm_into`` on its own; returns the ids of leases that were gone."""
-        for attempt in range(2):
+    async def run_pipeline(self, build: Callable[[Pipeline], T]) -> tuple[T, list]:
+        """Run the pipeline that ``build`` fills (its return value comes back with the
+        replies). After a NOSCRIPT reply (Redis restarted or flushed its scripts) the
+        scripts are loaded and the pipeline runs once more: only for pipelines whose
+        every command may safely run twice."""
+        for attempt in (0, 1):
             pipe = self.redis.pipeline(transaction=False)
-            n = self.confirm_into(pipe, leases)
+            built = build(pipe)
             try:
-                return missing_leases(leases, await pipe.execute(), n)
+                return built, await pipe.execute()
             except NoScriptError:
                 if attempt:
                     raise
                 await self.load_scripts()
-        return []
+        raise AssertionError("unreachable")
+
+    async def confirm(self, leases: Sequence[LeaseInfo]) -> list[str]:
+        """``confirm_into`` on its own; returns the ids of leases that were gone."""
+        n, replies = await self.run_pipeline(lambda pipe: self.confirm_into(pipe, leases))
+        return missing_leases(leases, replies, n)
 
     async def not_ready(self, regions: Sequence[str]) -> list[str]:
         """The regions whose leases-ready marker is missing (one round trip)."""

@@ -20,7 +20,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
 
 from services.common.auth import Principal
 from services.common.coalesce import Coalescer
@@ -53,7 +52,7 @@ from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
-from .leases import PENDING_S, Ended, LeaseStore, Reservation, missing_leases
+from .leases import PENDING_S, Ended, LeaseStore, Reservation, by_region, missing_leases
 from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.batch import plan_queue
 from .matching.engine import Engine
@@ -170,15 +169,12 @@ class Broker:
         The reservations and the confirmations of concurrent placements share pipelined
         round trips (``Coalescer``): per-call client overhead, not Redis, is what limits a
         broker process."""
-        by_region: dict[str, list[LeaseInfo]] = defaultdict(list)
-        for lease in leases:
-            by_region[lease.region].append(lease)
         truth: dict[str, int] = {}
         allocations = [(lease.pool_id, lease.units) for lease in leases]
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
-            groups = [(region, group, expires) for region, group in by_region.items()]
+            groups = [(region, group, expires) for region, group in by_region(leases).items()]
             done: list[LeaseInfo] = []
             failure: Exception | None = None
             refused = False
@@ -250,24 +246,18 @@ class Broker:
         """Durable grants of concurrent placements confirmed in one pipelined round trip,
         with their lookups and request records. Returns, per placement, the leases that
         were gone (their provisional expiry passed first)."""
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
+        def build(pipe: Pipeline) -> list[int]:
             counts = [self.leases.confirm_into(pipe, leases) for leases, _ in items]
             self.leases.index_into(pipe, [lease for leases, _ in items for lease in leases])
             self._save_into(pipe, *(record for _, record in items if record is not None))
-            try:
-                replies = await pipe.execute()
-            except NoScriptError:
-                if attempt:
-                    raise
-                await self.leases.load_scripts()
-                continue
-            out, i = [], 0
-            for (leases, _), n in zip(items, counts, strict=True):
-                out.append(missing_leases(leases, replies[i:i + n], n))
-                i += n
-            return out
-        raise AssertionError("unreachable")
+            return counts
+
+        counts, replies = await self.leases.run_pipeline(build)  # every command idempotent
+        out, i = [], 0
+        for (leases, _), n in zip(items, counts, strict=True):
+            out.append(missing_leases(leases, replies[i:i + n], n))
+            i += n
+        return out
 
     async def _retract(self, leases: list[LeaseInfo]) -> None:
         """Grants that reached the durable record although the grant as a whole failed

@@ -17,6 +17,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from .coalesce import Coalescer
 from .subjects import EVENT_KINDS, Subjects
 from .tracing import nats_headers
 
@@ -179,8 +180,6 @@ class AckedPublisher:
     ``Nats-Msg-Id`` makes that safe."""
 
     def __init__(self, nc: NATS, timeout: float = 3.0) -> None:
-        from .coalesce import Coalescer
-
         self.nc, self.timeout = nc, timeout
         self._inbox: str | None = None
         self._waiting: dict[str, asyncio.Future[Msg]] = {}

@@ -264,12 +264,11 @@ class _Order:
     the same rows grouped by region and by (region, egress bandwidth). Cached per
     (static constraints, billing) until a cell is re-indexed."""
 
-    __slots__ = ("_by_region", "_groups", "_max_egress", "billing", "epoch", "ids", "metric", "rows")
+    __slots__ = ("_by_region", "_groups", "_max_egress", "epoch", "metric", "row_of", "rows")
 
     def __init__(self, ctx: _Ctx, cells: list[Cell], epoch: int) -> None:
-        self.billing = ctx.billing
         self.metric = ctx.metric if ctx.perf else None
-        self.sort([(c, book) for c in cells if (book := c.books.get(self.billing)) is not None], epoch)
+        self.sort([(c, book) for c in cells if (book := c.books.get(ctx.billing)) is not None], epoch)
 
     def bound(self, cell: Cell, book: Book) -> Decimal:
         """A lower bound on the price (per unit of value) of any pool of ``book`` that
@@ -283,7 +282,7 @@ class _Order:
         rows = [(self.bound(c, book), c.id, c, book) for c, book in offering]
         rows.sort()  # (bound, cell id) is unique: cells and books are never compared
         self.rows: list[Row] = [(ppv, c, book) for ppv, _, c, book in rows]
-        self.ids = {c.id: row for row in self.rows if (c := row[1]) is not None}  # cell id -> its row
+        self.row_of = {row[1].id: row for row in self.rows}  # cell id -> its row
         self._reset(epoch)
 
     def _reset(self, epoch: int) -> None:
@@ -303,9 +302,9 @@ class _Order:
         if since is None or 4 * len(since) > len(self.rows) + 64:
             self.sort([(c, book) for _, c, book in self.rows], moves.epoch)
             return
-        ids = self.ids
+        row_of = self.row_of
         for cell in dict.fromkeys(since):
-            old = ids.get(cell.id)
+            old = row_of.get(cell.id)
             if old is None:
                 continue
             new = (self.bound(cell, old[2]), cell, old[2])
@@ -316,7 +315,7 @@ class _Order:
                 _move(self._by_region[cell.region], old, new)
             if self._groups is not None:
                 _move(self._groups[(cell.region, cell.egress_gbps)], old, new)
-            ids[cell.id] = new
+            row_of[cell.id] = new
         self.epoch = moves.epoch
 
     @property
