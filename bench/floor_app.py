@@ -92,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     uvicorn.run("bench.floor_app:create_app", factory=True, host="127.0.0.1", port=args.port,
                 workers=args.workers, log_level="warning", access_log=False, lifespan="on",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, proxy_headers=False)  # as services/common/serve.py
 
 
 if __name__ == "__main__":

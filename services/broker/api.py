@@ -1,4 +1,8 @@
-"""App-facing HTTP endpoints; thin over ``Broker``."""
+"""App-facing HTTP endpoints; thin over ``Broker``.
+
+The broker is taken from the app's state (``broker_of``), not injected: litestar's
+dependency resolution costs a request ~19 us, about 5% of a placement's CPU
+(docs/benchmarks.md, session 4)."""
 
 from __future__ import annotations
 
@@ -23,13 +27,18 @@ Id = Annotated[str, Parameter(max_length=200)]
 # the counters' children, bound once: a labels() lookup per placement is a lock and a dict
 OUTCOMES = {outcome: PLACEMENTS.labels(outcome) for outcome in ("placed", "queued", "rejected", "no_capacity", "error")}
 
+def broker_of(request: AuthedRequest) -> Broker:
+    return request.app.state.broker
+
+
 class RequestController(Controller):
     path = "/v1/requests"
     tags = ["requests"]
 
     @post("/", summary="Ask for compute: 201 placed, 202 queued, 422 never placeable",
           responses=None)
-    async def create(self, request: AuthedRequest, broker: Broker, data: ComputeRequest) -> Response[bytes]:
+    async def create(self, request: AuthedRequest, data: ComputeRequest) -> Response[bytes]:
+        broker = broker_of(request)
         tenant = broker.tenant_of(request.user)
 
         async def run() -> tuple[int, bytes]:
@@ -52,39 +61,39 @@ class RequestController(Controller):
         return Response(content, status_code=status, media_type="application/json")
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")
-    async def get_request(self, request: AuthedRequest, broker: Broker, request_id: Id) -> RequestView:
-        return await broker.get_request(request.user, request_id)
+    async def get_request(self, request: AuthedRequest, request_id: Id) -> RequestView:
+        return await broker_of(request).get_request(request.user, request_id)
 
     @delete("/{request_id:str}", summary="Cancel a queued request", status_code=200)
-    async def cancel(self, request: AuthedRequest, broker: Broker, request_id: Id) -> RequestView:
-        return await broker.cancel(request.user, request_id)
+    async def cancel(self, request: AuthedRequest, request_id: Id) -> RequestView:
+        return await broker_of(request).cancel(request.user, request_id)
 
 class QuoteController(Controller):
     path = "/v1/quotes"
     tags = ["requests"]
 
     @post("/", summary="Ranked placement options with prices; reserves nothing", status_code=200)
-    async def quote(self, request: AuthedRequest, broker: Broker, data: ComputeRequest) -> QuoteView:
-        return await broker.quote(request.user, data)
+    async def quote(self, request: AuthedRequest, data: ComputeRequest) -> QuoteView:
+        return await broker_of(request).quote(request.user, data)
 
 class LeaseController(Controller):
     path = "/v1/leases"
     tags = ["leases"]
 
     @get("/", summary="Active leases (a tenant's own; admin/ops: ?tenant=)")
-    async def list_leases(self, request: AuthedRequest, broker: Broker,
+    async def list_leases(self, request: AuthedRequest,
                           tenant: Annotated[str | None, Parameter(max_length=64)] = None) -> list[LeaseView]:
-        return [lease_view(lease) for lease in await broker.list_leases(request.user, tenant)]
+        return [lease_view(lease) for lease in await broker_of(request).list_leases(request.user, tenant)]
 
     @get("/{lease_id:str}", summary="One active lease")
-    async def get_lease(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> LeaseView:
-        return lease_view(await broker.own_lease(request.user, lease_id))
+    async def get_lease(self, request: AuthedRequest, lease_id: Id) -> LeaseView:
+        return lease_view(await broker_of(request).own_lease(request.user, lease_id))
 
     @post("/{lease_id:str}/renew", summary="Keep an open lease alive for another TTL", status_code=200)
-    async def renew(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> LeaseView:
-        return lease_view(await broker.renew(request.user, lease_id))
+    async def renew(self, request: AuthedRequest, lease_id: Id) -> LeaseView:
+        return lease_view(await broker_of(request).renew(request.user, lease_id))
 
     @post("/{lease_id:str}/release", summary="Give the units back", status_code=200)
-    async def release(self, request: AuthedRequest, broker: Broker, lease_id: Id) -> dict[str, Any]:
-        lease = await broker.release(request.user, lease_id)
+    async def release(self, request: AuthedRequest, lease_id: Id) -> dict[str, Any]:
+        lease = await broker_of(request).release(request.user, lease_id)
         return {"lease_id": lease.lease_id, "released": True}

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
-from litestar.di import Provide
 from nats.aio.msg import Msg
 
 from services.common.auth import KeyLookup
@@ -46,10 +45,6 @@ from .service import Broker
 from .world import World
 
 log = logging.getLogger("broker")
-
-
-def _broker(state: State) -> Broker:
-    return state.broker
 
 
 @get("/health", tags=["ops"], summary="The process is alive")
@@ -157,5 +152,4 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
         lifespan=lifespan,
-        dependencies={"broker": Provide(_broker, sync_to_thread=False)},
     )
