@@ -14,11 +14,12 @@ from redis.exceptions import NoScriptError
 from services.common.errors import Unavailable
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
-from services.common.redis_conn import read_lua
+from services.common.redis_conn import is_cluster, read_lua
 
 _info = msgspec.json.Decoder(LeaseInfo)
 
 
+GROUPS_PER_CALL = 256  # bounds how long one call holds Redis
 PENDING_S = 30.0  # an unconfirmed reservation (its broker died before the grant was durable) ends this soon
 
 
@@ -43,13 +44,11 @@ def by_region(leases: Iterable[LeaseInfo]) -> dict[str, list[LeaseInfo]]:
     return groups
 
 
-def missing_leases(leases: Sequence[LeaseInfo], replies: Sequence[object], n: int) -> list[str]:
-    """Ids of the leases that ``confirm_into``'s ``n`` replies (the first ``n`` of
-    ``replies``) say were gone."""
-    gone = []
-    for group, reply in zip(by_region(leases).values(), replies[:n], strict=True):
-        gone += [lease.lease_id for lease, ok in zip(group, reply, strict=True) if not int(ok)]
-    return gone
+def missing_leases(groups: Sequence[Sequence[LeaseInfo]], replies: Sequence[Sequence[object]]) -> list[str]:
+    """Ids of the leases that ``confirm_into``'s replies (one list of 1/0 per group, in
+    the order of ``groups``) say were gone."""
+    return [lease.lease_id for group, reply in zip(groups, replies, strict=True)
+            for lease, ok in zip(group, reply, strict=True) if not int(ok)]
 
 
 def _s(v: object) -> str:
@@ -59,20 +58,27 @@ def _s(v: object) -> str:
 class LeaseStore:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
+        # on one Redis, the groups of many placements go in one script call; on Redis
+        # Cluster one call per group (a region's keys share a slot, regions do not)
+        self._per_call = 1 if is_cluster(redis) else GROUPS_PER_CALL
         self._reserve = redis.register_script(read_lua("services.broker.lua", "reserve.lua"))
         self._end = redis.register_script(read_lua("services.broker.lua", "end_lease.lua"))
         self._renew = redis.register_script(read_lua("services.broker.lua", "renew.lua"))
         self._restore = redis.register_script(read_lua("services.broker.lua", "restore.lua"))
         self._confirm = redis.register_script(read_lua("services.broker.lua", "confirm.lua"))
 
-    def _reserve_call(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
-                      force: bool = False) -> tuple[list[str], list[object]]:
+    def _reserve_call(self, groups: Sequence[Reservation], force: bool = False) -> tuple[list[str], list[object]]:
+        """Keys and arguments of one ``lua/reserve.lua`` call for ``groups``."""
         k = self.keys
-        keys = [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
-        args: list[object] = ["force" if force else "check", expires_at]
-        for lease in leases:
-            keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id), k.lease(region, lease.lease_id)]
-            args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
+        keys: list[str] = []
+        args: list[object] = [len(groups)]
+        for region, leases, expires_at in groups:
+            keys += [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
+            args += ["force" if force else "check", expires_at, len(leases)]
+            for lease in leases:
+                keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id),
+                         k.lease(region, lease.lease_id)]
+                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
         return keys, args
 
     @staticmethod
@@ -87,37 +93,43 @@ class LeaseStore:
                       force: bool = False) -> tuple[bool, list[int]]:
         """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
         ``(False, [index of the pool that lacked units, its free units])``."""
-        keys, args = self._reserve_call(region, leases, expires_at, force)
-        return self._reserved(region, await self._reserve(keys=keys, args=args))
+        keys, args = self._reserve_call([(region, leases, expires_at)], force)
+        [raw] = await self._reserve(keys=keys, args=args)
+        return self._reserved(region, raw)
 
     async def reserve_many(self, groups: Sequence[Reservation]) -> list[tuple[bool, list[int]] | Exception]:
-        """``reserve`` for many ``(region, leases, expires_at)`` in one pipelined round
-        trip; each group is atomic on its own. A group's failure (its region's node
-        down, leases being restored) is its result, not the batch's."""
+        """``reserve`` for many ``(region, leases, expires_at)`` in one round trip (a few
+        script calls, pipelined); each group is atomic on its own. A group refused (its
+        leases being restored) or, on Redis Cluster, unreachable (its region's node down)
+        is its result, not the batch's. A call that failed outright raises: it may have
+        run in part, so the callers give back every lease of theirs."""
+        calls = [list(range(i, min(i + self._per_call, len(groups)))) for i in range(0, len(groups), self._per_call)]
         results: list[tuple[bool, list[int]] | Exception | None] = [None] * len(groups)
-        todo = list(range(len(groups)))
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            for i in todo:
-                keys, args = self._reserve_call(*groups[i])
+            for call in calls:
+                keys, args = self._reserve_call([groups[i] for i in call])
                 # the raw command, not pipe.evalsha: routed by its keys' slot in a cluster pipeline
                 pipe.execute_command("EVALSHA", self._reserve.sha, len(keys), *keys, *args)
             raws = await pipe.execute(raise_on_error=False)
             missing = []
-            for i, raw in zip(todo, raws, strict=True):
+            for call, raw in zip(calls, raws, strict=True):
                 if isinstance(raw, NoScriptError) and attempt == 0:
-                    missing.append(i)  # not run at all: safe to send again
+                    missing.append(call)  # not run at all: safe to send again
                 elif isinstance(raw, Exception):
-                    results[i] = raw
+                    if len(call) > 1:
+                        raise raw
+                    results[call[0]] = raw
                 else:
-                    try:
-                        results[i] = self._reserved(groups[i][0], raw)
-                    except Unavailable as exc:
-                        results[i] = exc
+                    for i, group_raw in zip(call, raw, strict=True):
+                        try:
+                            results[i] = self._reserved(groups[i][0], group_raw)
+                        except Unavailable as exc:
+                            results[i] = exc
             if not missing:
                 break
             await self.redis.script_load(self._reserve.script)  # Redis restarted or flushed its scripts
-            todo = missing
+            calls = missing
         return results  # type: ignore[return-value]
 
     async def restore(self, items: Sequence[tuple[LeaseInfo, int]], chunk: int = 500) -> int:
@@ -163,20 +175,28 @@ class LeaseStore:
         for tenant, members in by_tenant.items():
             pipe.zadd(self.keys.tenant_leases(tenant), members)
 
-    def confirm_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> int:
+    def confirm_into(self, pipe: Pipeline, groups: Sequence[Sequence[LeaseInfo]]) -> int:
         """The grants are durable: the leases get their real expiry and lose the pending
-        mark (``lua/confirm.lua``, one call per region). Adds that many replies to
-        ``pipe``, each a list of 1 (confirmed) or 0 (the lease was gone), in the order of
-        ``by_region(leases)``; ``missing_leases`` reads them."""
-        groups = by_region(leases)
+        mark (``lua/confirm.lua``). ``groups``: leases of one region each. Returns how
+        many replies it added to ``pipe``; ``confirmed`` reads them back."""
         k = self.keys
-        for region, group in groups.items():
-            keys = [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
-            args: list[object] = []
-            for lease in group:
-                args += [lease.lease_id, lease.expires_at.timestamp()]
+        calls = [groups[i:i + self._per_call] for i in range(0, len(groups), self._per_call)]
+        for call in calls:
+            keys: list[str] = []
+            args: list[object] = [len(call)]
+            for group in call:
+                region = group[0].region
+                keys += [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
+                args.append(len(group))
+                for lease in group:
+                    args += [lease.lease_id, lease.expires_at.timestamp()]
             pipe.execute_command("EVALSHA", self._confirm.sha, len(keys), *keys, *args)
-        return len(groups)
+        return len(calls)
+
+    @staticmethod
+    def confirmed(replies: Sequence[object], n: int) -> list[list[object]]:
+        """The first ``n`` pipeline replies of ``confirm_into``: one list of 1/0 per group."""
+        return [group for reply in replies[:n] for group in reply]  # type: ignore[union-attr]
 
     async def load_scripts(self) -> None:
         """After a NOSCRIPT reply (Redis restarted or flushed its script cache)."""
@@ -201,8 +221,9 @@ class LeaseStore:
 
     async def confirm(self, leases: Sequence[LeaseInfo]) -> list[str]:
         """``confirm_into`` on its own; returns the ids of leases that were gone."""
-        n, replies = await self.run_pipeline(lambda pipe: self.confirm_into(pipe, leases))
-        return missing_leases(leases, replies, n)
+        groups = list(by_region(leases).values())
+        n, replies = await self.run_pipeline(lambda pipe: self.confirm_into(pipe, groups))
+        return missing_leases(groups, self.confirmed(replies, n))
 
     async def not_ready(self, regions: Sequence[str]) -> list[str]:
         """The regions whose leases-ready marker is missing (one round trip)."""

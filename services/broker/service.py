@@ -246,17 +246,21 @@ class Broker:
         """Durable grants of concurrent placements confirmed in one pipelined round trip,
         with their lookups and request records. Returns, per placement, the leases that
         were gone (their provisional expiry passed first)."""
-        def build(pipe: Pipeline) -> list[int]:
-            counts = [self.leases.confirm_into(pipe, leases) for leases, _ in items]
+        per_item = [list(by_region(leases).values()) for leases, _ in items]
+        groups = [group for item_groups in per_item for group in item_groups]
+
+        def build(pipe: Pipeline) -> int:
+            n = self.leases.confirm_into(pipe, groups)
             self.leases.index_into(pipe, [lease for leases, _ in items for lease in leases])
             self._save_into(pipe, *(record for _, record in items if record is not None))
-            return counts
+            return n
 
-        counts, replies = await self.leases.run_pipeline(build)  # every command idempotent
+        n, replies = await self.leases.run_pipeline(build)  # every command idempotent
+        confirmed = self.leases.confirmed(replies, n)
         out, i = [], 0
-        for (leases, _), n in zip(items, counts, strict=True):
-            out.append(missing_leases(leases, replies[i:i + n], n))
-            i += n
+        for item_groups in per_item:
+            out.append(missing_leases(item_groups, confirmed[i:i + len(item_groups)]))
+            i += len(item_groups)
         return out
 
     async def _retract(self, leases: list[LeaseInfo]) -> None:

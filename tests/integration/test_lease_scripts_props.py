@@ -85,7 +85,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
         def _reserve(self, mode: str, picks: list[tuple[str, int, str, bool, float]]) -> list:
             k = self.k
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION)]
-            args: list[object] = [mode, picks[0][4]]
+            args: list[object] = [1, mode, picks[0][4], len(picks)]  # one group: one placement in one region
             for pool_id, units, lease_id, interruptible, expiry in picks:
                 info = LeaseInfo(lease_id=lease_id, request_id="r", tenant="t", pool_id=pool_id, provider="acme",
                                  region=REGION, model="m", units=units,
@@ -94,7 +94,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                                  expires_at=datetime.fromtimestamp(expiry, UTC))
                 keys += [k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)]
                 args += [lease_id, units, msgspec.json.encode(info), int(interruptible)]
-            return reserve(keys=keys, args=args)
+            [reply] = reserve(keys=keys, args=args)
+            return reply
 
         @rule(target=leases, picks=st.lists(st.tuples(st.sampled_from(POOLS), st.integers(1, 8)), min_size=1,
                                             max_size=3, unique_by=lambda t: t[0]),
@@ -157,10 +158,10 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             k = self.k
             ids = list(dict.fromkeys(ids))
             expiry = self.now + ttl
-            args: list[object] = []
+            args: list[object] = [1, len(ids)]  # one group: the leases of one region
             for lease_id in ids:
                 args += [lease_id, expiry]
-            raw = confirm(keys=[k.lease_expiry(REGION), *(k.lease(REGION, i) for i in ids)], args=args)
+            [raw] = confirm(keys=[k.lease_expiry(REGION), *(k.lease(REGION, i) for i in ids)], args=args)
             assert [int(x) for x in raw] == [int(i in self.live) for i in ids]
             for lease_id in ids:
                 if lease_id in self.live:

@@ -1,19 +1,25 @@
 -- Confirm reservations whose grants are durable: each lease gets its real expiry and loses
 -- its pending mark. A lease that is gone (its provisional expiry passed and a sweeper ended
 -- it) is not brought back: the broker hears which, and fails that grant.
--- KEYS[1] the region's lease-expiry zset, then KEYS[1+i] lease hash i (1-based)
--- ARGV[2i-1] lease id i, ARGV[2i] its expires_at
--- Reply: {confirmed_1, ...} with 1 when confirmed, 0 when the lease was gone
-local out = {}
-for i = 1, #KEYS - 1 do
-  local lease, id, expires = KEYS[1 + i], ARGV[2 * i - 1], ARGV[2 * i]
-  if redis.call('EXISTS', lease) == 1 then
-    redis.call('HSET', lease, 'expires', expires)
-    redis.call('HDEL', lease, 'pending')
-    redis.call('ZADD', KEYS[1], expires, id)
-    out[i] = 1
-  else
-    out[i] = 0
+-- ARGV[1] number of groups (a group: leases of one region); per group, from offset a:
+--   ARGV[a] n leases, then ARGV[a+2i-1] lease id i, ARGV[a+2i] its expires_at (i 1-based)
+-- KEYS per group, from offset k: KEYS[k] the region's lease-expiry zset, KEYS[k+i] lease hash i
+-- Reply: per group {confirmed_1, ...} with 1 when confirmed, 0 when the lease was gone
+local replies, k, a = {}, 1, 2
+for g = 1, tonumber(ARGV[1]) do
+  local n, out = tonumber(ARGV[a]), {}
+  for i = 1, n do
+    local lease, id, expires = KEYS[k + i], ARGV[a + 2 * i - 1], ARGV[a + 2 * i]
+    if redis.call('EXISTS', lease) == 1 then
+      redis.call('HSET', lease, 'expires', expires)
+      redis.call('HDEL', lease, 'pending')
+      redis.call('ZADD', KEYS[k], expires, id)
+      out[i] = 1
+    else
+      out[i] = 0
+    end
   end
+  replies[g] = out
+  k, a = k + 1 + n, a + 1 + 2 * n
 end
-return out
+return replies
