@@ -304,8 +304,10 @@ class Broker:
             if await self._reserve(leases, record):
                 return leases, prefer
         decision = Decision()
-        for _ in range(ATTEMPTS):
-            decision = self.world.engine.match(ask, limit=3)
+        for attempt in range(ATTEMPTS):
+            # the best option alone first (the walk stops sooner and builds one placement,
+            # about a third of a match's time); with runners-up once contention has shown
+            decision = self.world.engine.match(ask, limit=1 if attempt == 0 else 3)
             if not decision.placed:
                 raise NotPlaced(decision)
             for option in decision.options:
