@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.params import Parameter
 
-from services.common.http import AuthedRequest
+from services.common.http import AuthedRequest, raw_header
 
 from services.common.errors import BrokerError
 
@@ -52,7 +52,7 @@ class RequestController(Controller):
             OUTCOMES["placed" if status == 201 else "queued"].inc()
             return status, msgspec.json.encode(view)
 
-        key = request.headers.get("idempotency-key")
+        key = raw_header(request.scope, b"idempotency-key")
         if key is None:  # the common case, called directly: two coroutine layers fewer to resume
             status, content = await run()
         else:

@@ -109,6 +109,13 @@ _AUTHORIZATION = b"authorization"
 _OPEN_PATHS = ("/schema", "/health", "/metrics")
 
 
+def raw_header(scope: Scope, name: bytes) -> str | None:
+    """One request header (``name`` lower-case), read from the ASGI scope: on a hot
+    path, ``request.headers`` builds a multidict of every header to answer one."""
+    value = next((v for k, v in scope["headers"] if k.lower() == name), None)
+    return value.decode("latin-1") if value is not None else None
+
+
 class ApiKeyAuth(ASGIMiddleware):
     """Bearer API keys; ``request.user`` is the ``Principal``. Routes opt out with
     ``opt=PUBLIC``; the schema, health and metrics paths are open.
@@ -128,9 +135,8 @@ class ApiKeyAuth(ASGIMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         state = scope["litestar_app"].state
-        raw = next((value for name, value in scope["headers"] if name.lower() == _AUTHORIZATION), None)
         lookup: KeyLookup = state.key_lookup
-        principal = await lookup.authenticate(raw.decode("latin-1") if raw is not None else None)
+        principal = await lookup.authenticate(raw_header(scope, _AUTHORIZATION))
         limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
         # after authentication (a bad key costs nothing): rate limit, and is the key still there?
         if limiter is not None and not await limiter.hit(principal):
