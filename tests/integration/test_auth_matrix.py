@@ -467,3 +467,17 @@ async def test_role_endpoint_owner_matrix(settings: Settings) -> None:
     assert not failures, f"{len(failures)} of {cells} cells wrong:\n" + "\n".join(failures)
     assert cells > 300
 
+
+
+async def test_options_and_open_paths_need_no_key_the_rest_does(settings: Settings) -> None:
+    """OPTIONS (what methods a route has) and the schema, health and metrics paths are
+    answered without a key, as litestar's authentication middleware did; a key-guarded
+    route still refuses a request without one."""
+    async with AsyncTestClient(app=create_registry(settings)) as registry:
+        options = await registry.options("/v1/keys")
+        assert options.status_code == 204, options.text
+        assert "POST" in options.headers["allow"]
+        for path in ("/health", "/metrics", "/schema/openapi.json"):
+            assert (await registry.get(path)).status_code == 200, path
+        refused = await registry.post("/v1/keys", json={"role": "tenant", "subject": "t-options"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
