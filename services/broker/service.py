@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -64,7 +65,7 @@ log = logging.getLogger("broker")
 _record = msgspec.json.Decoder(RequestRecord)
 _alloc = msgspec.json.Decoder(AllocEvent)
 _request_event = msgspec.json.Decoder(RequestEvent)
-ATTEMPTS = 4
+ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
 QUEUE_PLAN_BUDGET_S = 0.02  # a queue pass plans jointly for at most this long (it blocks the loop)
 QUEUE_PLAN_MAX = 200  # requests at the head of the queue planned jointly
 
@@ -90,6 +91,7 @@ class Broker:
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
         self._cluster = is_cluster(redis)
         self.acks = AckedPublisher(nc)
+        self._spread = random.Random()  # the order of the options tried after a lost race
         self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
@@ -306,11 +308,17 @@ class Broker:
         decision = Decision()
         for attempt in range(ATTEMPTS):
             # the best option alone first (the walk stops sooner and builds one placement,
-            # about a third of a match's time); with runners-up once contention has shown
+            # about a third of a match's time). Once a race is lost, the runners-up too, in
+            # a random order: replicas that lost a race to each other would otherwise all
+            # reach for the same next-best units and lose again (seen as 409s with two
+            # broker processes)
             decision = self.world.engine.match(ask, limit=1 if attempt == 0 else 3)
             if not decision.placed:
                 raise NotPlaced(decision)
-            for option in decision.options:
+            options = list(decision.options)
+            if attempt:
+                self._spread.shuffle(options)
+            for option in options:
                 if not self.world.hold((a.pool_id, a.units) for a in option.allocations):
                     continue  # a concurrent request here took these units since the match
                 leases = self._leases_for(option, request_id, tenant, body, now)

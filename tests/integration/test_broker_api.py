@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from services.common.messages import AllocEvent, LeaseGranted, LeaseReleased, RequestEvent, RequestPlaced
@@ -340,3 +342,72 @@ async def test_a_reservation_batch_that_fails_after_running_gives_the_units_back
         r = await w.request("t1", {"units": 3})
         assert r.status_code == 201, r.text
         assert await w.free("gz-910b") == 29
+
+
+def _cn_gz_pools(n: int) -> dict[str, dict]:
+    """``n`` pools of 8 units alike but for their price (1.00, 1.01, ...): best first."""
+    return {f"gz-{i:02d}": {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 8,
+                            "prices": {"on_demand": f"{1 + i / 100:.2f}"}} for i in range(n)}
+
+
+def _losing_races(leases, lose: dict[str, int], tried: list[str]):  # noqa: ANN001, ANN202
+    """``reserve_many`` under which the first ``lose["n"]`` reservations lose their race:
+    just before each, a rival broker reserves every free unit of that pool (for real, in
+    Redis), so the broker's own script refuses it."""
+    real = leases.reserve_many
+    rivals = itertools.count()
+
+    async def reserve_many(groups):  # noqa: ANN001, ANN202
+        out = []
+        for group in groups:
+            region, group_leases, expires = group
+            tried.append(group_leases[0].pool_id)
+            if lose["n"] > 0:
+                lose["n"] -= 1
+                pool_id = group_leases[0].pool_id
+                free = int(await leases.redis.hget(leases.keys.pool(region, pool_id), "free"))
+                rival = msgspec.structs.replace(group_leases[0], lease_id=f"rival-{next(rivals)}", tenant="rival",
+                                                units=free)
+                assert (await leases.reserve(region, [rival], expires))[0]
+            out += await real([group])
+        return out
+
+    return reserve_many
+
+
+async def test_a_placement_that_keeps_losing_races_tries_on_before_giving_up(settings, nc) -> None:
+    """Replicas race for the same units; the loser learns the pool's real free count and
+    matches again. Eleven lost races in a row still end in a placement."""
+    async with broker_world(settings, _cn_gz_pools(16)) as w:
+        leases = w.broker.app.state.broker.leases
+        lose, tried = {"n": 11}, []
+        leases.reserve_many = _losing_races(leases, lose, tried)
+        r = await w.request("t1", {"units": 8})
+        assert r.status_code == 201, r.text
+        placed = r.json()["leases"][0]["pool_id"]
+        assert len(tried) == 12 and placed == tried[-1] and placed not in tried[:-1], tried
+        assert await w.free(placed) == 0
+
+
+async def test_after_a_lost_race_the_runners_up_are_tried_in_random_order(settings, nc) -> None:
+    """Replicas that lost a race to each other must not all reach for the same next-best
+    pool (they would lose again, and again): after a lost race the broker tries the best
+    few options in a random order. Eight placements, each losing its first race: with the
+    options tried best first, every second try would be the cheapest pool still in view;
+    in random order, that happens eight times in a row with probability (1/3)^8."""
+    pools = _cn_gz_pools(24)
+    async with broker_world(settings, pools) as w:
+        leases = w.broker.app.state.broker.leases
+        lose, tried = {"n": 0}, []
+        leases.reserve_many = _losing_races(leases, lose, tried)
+        gone: set[str] = set()  # taken whole, by the rival or by a placement
+        cheapest_second = []
+        for _ in range(8):
+            lose["n"], tried[:] = 1, []
+            r = await w.request("t1", {"units": 8})
+            assert r.status_code == 201, r.text
+            assert len(tried) == 2, tried
+            in_view = sorted(p for p in pools if p not in gone | {tried[0]})  # by price
+            cheapest_second.append(tried[1] == in_view[0])
+            gone |= set(tried)
+        assert not all(cheapest_second), tried
