@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -82,6 +83,42 @@ def pool_items(n: int, models: list[dict], regions: list[str], rng: random.Rando
     return items
 
 
+@dataclass
+class BenchWorld:
+    """What the broker benchmarks register: pools of real models over every region, and
+    tenant keys."""
+
+    models: list[dict]
+    regions: list[str]
+    items: list[dict]
+    created: int
+    took: float  # seconds to register the pools
+    tenant_keys: list[str]
+
+
+def populate(registry_url: str, admin: str, n_pools: int, rng: random.Random) -> BenchWorld:
+    """Register ``n_pools`` pools through the registry's bulk API, and ``N_TENANTS`` tenant keys."""
+    with httpx.Client(base_url=registry_url, headers={"Authorization": f"Bearer {admin}"}, timeout=120) as reg:
+        models = pick_models(reg.get("/v1/accelerators").raise_for_status().json(), N_MODELS)
+        regions = [r["id"] for r in reg.get("/v1/regions").raise_for_status().json()]
+        provider_key = reg.post("/v1/keys", json={"role": "provider", "subject": PROVIDER}).raise_for_status().json()
+        items = pool_items(n_pools, models, regions, rng)
+        t0 = time.perf_counter()
+        created = 0
+        with httpx.Client(base_url=registry_url, headers={"Authorization": f"Bearer {provider_key['key']}"},
+                          timeout=120) as prov:
+            for j in range(0, len(items), BATCH):
+                r = prov.post("/v1/pools/bulk", content=json.dumps(items[j:j + BATCH]),
+                              headers={"content-type": "application/json"})
+                if r.status_code >= 400:
+                    raise SystemExit(f"registry refused a batch: {r.status_code} {r.text}")
+                created += r.json()["created"]
+        took = time.perf_counter() - t0
+        tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
+                                ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
+    return BenchWorld(models, regions, items, created, took, tenant_keys)
+
+
 def request_bodies(n: int, models: list[dict], regions: list[str], rng: random.Random) -> list[dict]:
     """Mostly "any N units"; one in ten each with a model, a vendor or a region."""
     vendors = sorted({m["vendor"] for m in models})
@@ -126,12 +163,7 @@ def combine(results: list[Result]) -> Result:
     """Rounds of one side taken as one run."""
     out = Result()
     for r in results:
-        out.requests += r.requests
-        out.errors += r.errors
-        out.latencies += r.latencies
-        out.seconds += r.seconds
-        for status, n in r.statuses.items():
-            out.statuses[status] = out.statuses.get(status, 0) + n
+        out.absorb(r)
     return out
 
 
@@ -223,22 +255,8 @@ def main() -> None:
         say(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}; "
             f"broker and floor workers: {args.workers}; {args.connections} connections")
         admin_auth = {"Authorization": f"Bearer {admin}"}
-        reg = httpx.Client(base_url=registry.url, headers=admin_auth, timeout=120)
-        models = pick_models(reg.get("/v1/accelerators").raise_for_status().json(), N_MODELS)
-        regions = [r["id"] for r in reg.get("/v1/regions").raise_for_status().json()]
-        provider_key = reg.post("/v1/keys", json={"role": "provider", "subject": PROVIDER}).raise_for_status().json()
-        prov = httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {provider_key['key']}"},
-                            timeout=120)
-        items = pool_items(args.pools, models, regions, rng)
-        t0 = time.perf_counter()
-        created = 0
-        for j in range(0, len(items), BATCH):
-            r = prov.post("/v1/pools/bulk", content=json.dumps(items[j:j + BATCH]),
-                          headers={"content-type": "application/json"})
-            if r.status_code >= 400:
-                raise SystemExit(f"registry refused a batch: {r.status_code} {r.text}")
-            created += r.json()["created"]
-        took = time.perf_counter() - t0
+        world = populate(registry.url, admin, args.pools, rng)
+        models, regions, items, created, took = world.models, world.regions, world.items, world.created, world.took
         total_units = sum(i["units"] for i in items)
         say(f"pools: {created} registered via POST /v1/pools/bulk (batches of {BATCH}) in {took:.2f}s; "
             f"{len(models)} models x {len(regions)} regions, {total_units:,} units")
@@ -269,10 +287,8 @@ def main() -> None:
             + (f" ({' + '.join(f'{x:.0f}' for x in each)} MiB: uvicorn parent, then its children)"
                if len(each) > 1 else ""))
 
-        tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
-                                ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
         bodies = request_bodies(2000, models, regions, rng)
-        reqs = [request("POST", "/v1/requests", {"Authorization": f"Bearer {tenant_keys[k % N_TENANTS]}"},
+        reqs = [request("POST", "/v1/requests", {"Authorization": f"Bearer {world.tenant_keys[k % N_TENANTS]}"},
                         json.dumps(b).encode()) for k, b in enumerate(bodies)]
 
         floor = subprocess.Popen(

@@ -169,15 +169,6 @@ def start_setup(name: str, engines: Callable, args: argparse.Namespace, stack: E
     return Setup(name, settings, broker, reqs, len(items), took, tmp)
 
 
-def add(total: Result, part: Result) -> None:
-    total.requests += part.requests
-    total.errors += part.errors
-    total.seconds += part.seconds
-    total.latencies += part.latencies
-    for status, n in part.statuses.items():
-        total.statuses[status] = total.statuses.get(status, 0) + n
-
-
 def measure(setups: list[Setup], args: argparse.Namespace) -> None:
     """A warm-up each, then ``--rounds`` slices of the measured time per set-up, taking
     turns, so that a change in the machine's other load hits every set-up alike."""
@@ -192,7 +183,7 @@ def measure(setups: list[Setup], args: argparse.Namespace) -> None:
                                    connections=args.connections, seconds=args.seconds / args.rounds))
             s.cpu_s += cpu_s(s.broker.proc.pid) - cpu0
             s.wall_s += time.perf_counter() - wall0
-            add(s.result, part)
+            s.result.absorb(part)
         offset += 7919
 
 

@@ -32,6 +32,15 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def absorb(self, other: Result) -> None:
+        """Count ``other`` (another round or connection set) into this one."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        for status, n in other.statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + n
+
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0

@@ -33,10 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
 import msgspec  # noqa: E402
 
-from bench.broker_bench import BATCH, N_MODELS, N_TENANTS, PROVIDER, pick_models, pool_items, request_bodies  # noqa: E402
+from bench.broker_bench import N_TENANTS, populate, request_bodies  # noqa: E402
 from services.broker.app import create_app  # noqa: E402
 from services.broker.domain.requests import ComputeRequest  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
@@ -145,23 +144,11 @@ def main() -> None:
     try:
         registry.start()
         registry.wait_healthy()
-        auth = {"Authorization": f"Bearer {admin}"}
-        reg = httpx.Client(base_url=registry.url, headers=auth, timeout=120)
-        models = pick_models(reg.get("/v1/accelerators").raise_for_status().json(), N_MODELS)
-        regions = [r["id"] for r in reg.get("/v1/regions").raise_for_status().json()]
-        provider_key = reg.post("/v1/keys", json={"role": "provider", "subject": PROVIDER}).raise_for_status().json()
-        prov = httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {provider_key['key']}"},
-                            timeout=120)
-        items = pool_items(args.pools, models, regions, rng)
-        for j in range(0, len(items), BATCH):
-            prov.post("/v1/pools/bulk", content=json.dumps(items[j:j + BATCH]),
-                      headers={"content-type": "application/json"}).raise_for_status()
-        tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
-                                ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
-        bodies = request_bodies(2000, models, regions, rng)
+        world = populate(registry.url, admin, args.pools, rng)
+        bodies = request_bodies(2000, world.models, world.regions, rng)
         import uvloop
 
-        uvloop.run(measure(settings, bodies, tenant_keys, args))
+        uvloop.run(measure(settings, bodies, world.tenant_keys, args))
     finally:
         registry.stop()
         nats.stop()
