@@ -80,6 +80,16 @@ class NotPlaced(Exception):
         self.decision, self.contended = decision, contended
 
 
+def _per_item(flat: list, sizes: list[int]) -> list[list]:
+    """``flat`` (the results of a batch's groups, in order) cut back into one list per
+    item of ``sizes`` groups."""
+    out, i = [], 0
+    for size in sizes:
+        out.append(flat[i:i + size])
+        i += size
+    return out
+
+
 class Broker:
     def __init__(self, *, nc: NATS, js: JetStreamContext, redis: Redis, keys: Keys, subjects: Subjects,
                  world: World, leases: LeaseStore, clock: Callable[[], datetime] = utcnow) -> None:
@@ -236,13 +246,8 @@ class Broker:
 
     async def _reserve_batch(self, items: list[list[Reservation]]) -> list[list[tuple[bool, list[int]] | Exception]]:
         """The reservations of concurrent placements in one pipelined round trip."""
-        flat = [group for item in items for group in item]
-        results = await self.leases.reserve_many(flat)
-        out, i = [], 0
-        for item in items:
-            out.append(results[i:i + len(item)])
-            i += len(item)
-        return out
+        results = await self.leases.reserve_many([group for item in items for group in item])
+        return _per_item(results, [len(item) for item in items])
 
     async def _commit_batch(self, items: list[tuple[list[LeaseInfo], RequestRecord | None]]) -> list[list[str]]:
         """Durable grants of concurrent placements confirmed in one pipelined round trip,
@@ -258,12 +263,8 @@ class Broker:
             return n
 
         n, replies = await self.leases.run_pipeline(build)  # every command idempotent
-        confirmed = self.leases.confirmed(replies, n)
-        out, i = [], 0
-        for item_groups in per_item:
-            out.append(missing_leases(item_groups, confirmed[i:i + len(item_groups)]))
-            i += len(item_groups)
-        return out
+        confirmed = _per_item(self.leases.confirmed(replies, n), [len(g) for g in per_item])
+        return [missing_leases(item_groups, replies) for item_groups, replies in zip(per_item, confirmed, strict=True)]
 
     async def _retract(self, leases: list[LeaseInfo]) -> None:
         """Grants that reached the durable record although the grant as a whole failed

@@ -216,7 +216,7 @@ class AckedPublisher:
                     sent.append(exc)
                     continue
                 sent.append((token, future))
-            waiting = [f for item in sent if not isinstance(item, Exception) for f in (item[1],)]
+            waiting = [item[1] for item in sent if not isinstance(item, Exception)]
             if waiting:
                 await asyncio.wait(waiting, timeout=self.timeout)
         finally:
