@@ -1,4 +1,4 @@
-"""Invariants 1, 2 and 4 of DESIGN.md with real processes: two broker processes behind
+"""Invariants 1, 2 and 4 of docs/design.md with real processes: two broker processes behind
 200 concurrent clients never overbook; a flushed Redis is rebuilt with every lease a
 client was told about; an unrenewed lease's units come back."""
 
