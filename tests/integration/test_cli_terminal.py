@@ -331,7 +331,7 @@ def test_events_follow_resumes_after_the_last_printed_event(stack: Stack) -> Non
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
 
     def pools() -> list[str]:
-        return [json.loads(line)["event"]["pool_id"] for line in lines if line.strip()]
+        return [json.loads(line)["event"]["pool_id"] for line in lines if line.startswith("{")]
 
     def register(name: str) -> None:
         r = httpx.put(f"{stack.registry}/v1/pools/{prov}-{name}", json=pool_body(),
@@ -352,6 +352,7 @@ def test_events_follow_resumes_after_the_last_printed_event(stack: Stack) -> Non
         proc.wait(10)
         proxy.close()
     assert "connection lost" in proc.stderr.read()
+    assert all(line.startswith("{") for line in lines)  # stdout is the events alone, one JSON a line
 
 
 def test_events_history_prints_in_time_order(stack: Stack) -> None:
