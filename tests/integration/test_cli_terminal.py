@@ -374,3 +374,30 @@ def test_events_history_prints_in_time_order(stack: Stack) -> None:
     assert kinds == {"capacity", "alloc"}, kinds
     times = [datetime.fromisoformat(e["event"]["at"]) for e in events]
     assert times == sorted(times)
+
+
+# --- progress while a request waits in the queue ------------------------------------------------
+def test_request_wait_shows_the_queue_position_until_placed(stack: Stack) -> None:
+    model = "nvidia-t4"
+    stack.pool(f"acme-{REGION}-t4-pool", model=model, units=8, units_per_node=8)
+    body = {"units": 8, "accelerators": {"models": [model]}}
+    auth = {"Authorization": f"Bearer {stack.tenant}"}
+    first = wait_until(lambda: (r := httpx.post(f"{stack.broker}/v1/requests", json=body, headers=auth, timeout=10))
+                       .status_code == 201 and r.json(), 30, what="the T4 pool taken whole")
+    proc = subprocess.Popen([*CLI, "request", "-n", "8", "--model", model, "--wait", "60", "--broker-url", stack.broker,
+                             "--data-dir", str(stack.data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "COLUMNS": "80"})
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    try:
+        wait_until(lambda: any("queued at position 1" in line for line in err), 30, what="the queue position shown")
+        r = httpx.post(f"{stack.broker}/v1/leases/{first['leases'][0]['lease_id']}/release", headers=auth, timeout=10)
+        assert r.status_code in (200, 204), r.text
+        out = proc.stdout.read()  # the command ends by itself once placed (--wait bounds it)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    text = ANSI.sub("", out)
+    assert "placed" in text and f"acme-{REGION}-t4-pool" in text
