@@ -20,6 +20,7 @@ import click
 import httpx
 from rich.markup import escape
 
+from .apps import demo_keys
 from .term import Refused, ServiceFailed, handled, note, out
 
 
@@ -112,9 +113,9 @@ def line_for(envelope: dict[str, Any]) -> str:
 def _key(key: str | None, data_dir: Path) -> str:
     if key:
         return key
-    keys_file = data_dir / "demo-keys.json"
-    if keys_file.exists():
-        return json.loads(keys_file.read_text())["ops"]
+    keys = demo_keys(data_dir)
+    if keys is not None and keys.get("ops"):
+        return keys["ops"]
     admin = data_dir / "admin-key"
     if admin.exists():
         return admin.read_text().strip()

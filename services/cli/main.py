@@ -32,13 +32,18 @@ class Cli(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:  # a program calling in: it handles the exceptions
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
             click.echo("interrupted", err=True)
             sys.exit(INTERRUPTED)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare command group: its help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             _say(e)
             sys.exit(e.exit_code)
@@ -52,9 +57,7 @@ class Cli(click.Group):
             click.echo(f"Error: internal error: {type(e).__name__}: {e} (run with -v for the traceback)".replace(
                 "\n", " "), err=True)
             sys.exit(INTERNAL)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
+        sys.exit(0)
 
 
 def _say(e: click.ClickException) -> None:
