@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import msgspec
 
-from services.broker.client import BrokerClient
+from services.broker.client import BrokerApiError, BrokerClient
 from services.broker.domain.requests import ComputeRequest
 from services.broker.records import LeaseView, RequestView
 
@@ -195,7 +196,14 @@ def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> No
             soonest = min(lease.expires_at for lease in live.values())
             time.sleep(max(0.2, (soonest - datetime.now(UTC)).total_seconds() / 3))
             for lease_id in list(live):
-                live[lease_id] = lease = client.renew(lease_id)
+                try:
+                    live[lease_id] = lease = client.renew(lease_id)
+                except (httpx.TransportError, BrokerApiError) as exc:  # a blip: try again before it expires
+                    if isinstance(exc, BrokerApiError) and exc.status < 500:
+                        raise  # the lease is gone or not ours: say so and stop
+                    note(f"[yellow]warning:[/] could not renew {lease_id} ({exc or type(exc).__name__}); "
+                         f"trying again")
+                    continue
                 note(f"renewed {lease_id} until {lease.expires_at.isoformat(timespec='seconds')}")
     except KeyboardInterrupt:
         for lease in live.values():

@@ -102,15 +102,28 @@ def _width(stream: Any) -> int | None:
     return None if stream.isatty() else PIPED_WIDTH
 
 
+_consoles: dict[tuple[int, int | None], tuple[Any, Console]] = {}
+
+
+def _console(stream: Any) -> Console:
+    """One console per stream and width, so that a spinner and the lines printed while it
+    spins share it (rich keeps them apart); looked up at each call so that a test runner's
+    stream is the one written."""
+    width = _width(stream)
+    held = _consoles.get((id(stream), width))
+    if held is None or held[0] is not stream:
+        held = _consoles[(id(stream), width)] = (stream, Console(file=stream, width=width, highlight=False))
+    return held[1]
+
+
 def out() -> Console:
-    """The console for results (stdout, looked up at each call so that a test runner's
-    stream is the one written)."""
-    return Console(file=sys.stdout, width=_width(sys.stdout), highlight=False)
+    """The console for results (stdout)."""
+    return _console(sys.stdout)
 
 
 def err() -> Console:
     """The console for progress, warnings and errors (stderr)."""
-    return Console(file=sys.stderr, width=_width(sys.stderr), highlight=False)
+    return _console(sys.stderr)
 
 
 def print_json(value: Any) -> None:
