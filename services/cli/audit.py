@@ -30,7 +30,6 @@ from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
-from rich.table import Table
 
 from services.common.keys import Keys
 from services.common.messages import AllocEvent, Pool
@@ -42,7 +41,7 @@ from services.meter.model import LedgerEntry, LedgerRecord
 from services.registry.records import PoolRecords
 
 from .audit_checks import LeaseLive, MeterView, Observation, PoolLive, Report, audit, confirmed
-from .term import Unreachable, handled
+from .term import Unreachable, handled, out, table
 
 T = TypeVar("T")
 
@@ -245,13 +244,11 @@ async def _bounded(call: Awaitable[T], cfg: AuditConfig, what: str) -> T:
 
 
 def print_report(report: Report, console: Console) -> None:
-    table = Table(title="Compute Broker audit", title_justify="left")
-    for col in ("inv.", "check", "checked", "violations", "notes"):
-        table.add_column(col, justify="right" if col in ("inv.", "checked", "violations") else "left")
-    for c in report.checks:
-        bad = f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]"
-        table.add_row(str(c.invariant), c.name, f"{c.checked:,}", bad, "; ".join(c.notes))
-    console.print(table)
+    rows = [[str(c.invariant), c.name, f"{c.checked:,}",
+             f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]", "; ".join(c.notes)]
+            for c in report.checks]
+    console.print(table("Compute Broker audit", ("inv.", "check", "checked", "violations", "notes"), rows,
+                        width=console.width, right=("inv.", "checked", "violations")))
     for c in report.checks:
         for v in c.violations[:10]:
             console.print(f"[red]✗[/] {c.name}: [bold]{v.subject}[/] {v.detail}")
@@ -292,5 +289,5 @@ def register(cli: click.Group) -> None:
         if as_json:
             sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         else:
-            print_report(report, Console(width=None if sys.stdout.isatty() else 160))
+            print_report(report, out())
         raise SystemExit(0 if report.ok else 1)

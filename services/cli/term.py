@@ -149,8 +149,12 @@ def note(message: str) -> None:
 
 
 # --- tables -------------------------------------------------------------------------------
+def _plain(text: str) -> str:
+    return Text.from_markup(text).plain
+
+
 def _longest_word(text: str) -> int:
-    return max((len(w) for w in text.split()), default=0)
+    return max((len(w) for w in _plain(text).split()), default=0)
 
 
 def fit_widths(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int] | None:
@@ -158,7 +162,7 @@ def fit_widths(columns: Sequence[str], rows: Sequence[Sequence[str]], width: int
     default box: one space either side of a cell and a rule between columns), or None when
     the columns cannot fit."""
     need = [max([_longest_word(c)] + [_longest_word(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    want = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    want = [max([len(c)] + [len(_plain(r[i])) for r in rows]) for i, c in enumerate(columns)]
     frame = 3 * len(columns) + 1
     spare = width - frame - sum(need)
     if spare < 0:

@@ -62,3 +62,19 @@ def test_every_value_is_shown_whole_at_any_width(rows: list[list[str]], width: i
     for row in rows:
         for value in row:
             assert value in text
+
+
+def test_audit_report_fits_80_columns() -> None:
+    from services.cli.audit import print_report
+    from services.cli.audit_checks import CheckResult, Report, Violation
+
+    report = Report([CheckResult("no overbooking", 1, 12_345, [Violation("pool-a", "leased 9 > capacity 8")],
+                                 ["3 pools pending their first heartbeat after a rebuild"]),
+                     CheckResult("every 201 durable", 2, 678)])
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    print_report(report, console)
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for value in ("no overbooking", "12,345", "every 201 durable", "678", "pool-a", "1 violation(s)",
+                  "3 pools pending their first heartbeat after a rebuild"):
+        assert all(word in text for word in value.split()), value  # words wrap in a cell, never break
