@@ -41,7 +41,7 @@ from services.meter.model import LedgerEntry, LedgerRecord
 from services.registry.records import PoolRecords
 
 from .audit_checks import LeaseLive, MeterView, Observation, PoolLive, Report, audit, confirmed
-from .term import Unreachable, handled, out, table
+from .term import Unreachable, handled, out, table, waiting
 
 T = TypeVar("T")
 
@@ -285,7 +285,8 @@ def register(cli: click.Group) -> None:
                           meter_state=settings.meter_state, meter_durable=settings.meter_durable,
                           redis_cluster=settings.redis_cluster, grace_s=grace_s, confirm_s=confirm_s,
                           connect_timeout_s=connect_timeout)
-        report = asyncio.run(run_audit(cfg))
+        with waiting("reading Redis, JetStream and the meter"):
+            report = asyncio.run(run_audit(cfg))
         if as_json:
             sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         else:

@@ -124,7 +124,8 @@ def _key(key: str | None, data_dir: Path) -> str:
 
 @dataclass
 class Cursor:
-    """The id of the last event printed: where a reconnect resumes (``Last-Event-ID``)."""
+    """Where a reconnect resumes (``Last-Event-ID``): the id of the last event printed, or
+    before the first, the id of the stream's start (its ``ready`` event)."""
     last_id: str | None = None
 
 
@@ -159,6 +160,8 @@ def _stream(url: str, key: str, params: dict[str, str], cursor: Cursor, as_json:
             if ev.event == "end":
                 ended = True
                 break
+            if ev.event == "ready" and follow:  # where this connection starts: a reconnect resumes there
+                cursor.last_id = ev.id or cursor.last_id
             if ev.event != "message":
                 continue
             if not follow:
@@ -212,17 +215,17 @@ def register(cli: click.Group) -> None:
         backoff = 0.5
         try:
             while True:
+                seen = cursor.last_id
                 try:
                     if _stream(url.rstrip("/"), token, params, cursor, as_json) or not follow:
                         return
+                    why = "the server closed the stream"
                 except httpx.TransportError as exc:
                     if not follow:
                         raise
-                    note(f"[dim]connection lost ({exc or type(exc).__name__}); resuming after "
-                         f"{cursor.last_id or 'now'}[/]")
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                backoff = 0.5
+                    why = f"connection lost ({exc or type(exc).__name__})"
+                note(f"[dim]{why}; resuming after {cursor.last_id or 'now'}[/]")
+                backoff = 0.5 if cursor.last_id != seen else min(backoff * 2, 10.0)
+                time.sleep(backoff)
         except KeyboardInterrupt:
             return

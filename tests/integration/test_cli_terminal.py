@@ -272,6 +272,7 @@ class CuttableProxy:
         self.port = self.listener.getsockname()[1]
         self.open = threading.Event()
         self.open.set()
+        self.ready = threading.Event()  # the registry's "ready" event went through: the watch is on
         self.socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -290,10 +291,11 @@ class CuttableProxy:
         for a, b in ((client, upstream), (upstream, client)):
             threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while data := a.recv(65536):
+                if b"event: ready" in data:
+                    self.ready.set()
                 b.sendall(data)
         except OSError:
             pass
@@ -305,6 +307,7 @@ class CuttableProxy:
 
     def cut_and_hold(self) -> None:
         self.open.clear()
+        self.ready.clear()
         for s in self.socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -353,6 +356,34 @@ def test_events_follow_resumes_after_the_last_printed_event(stack: Stack) -> Non
         proxy.close()
     assert "connection lost" in proc.stderr.read()
     assert all(line.startswith("{") for line in lines)  # stdout is the events alone, one JSON a line
+
+
+def test_events_follow_from_now_misses_nothing_across_an_early_drop(stack: Stack) -> None:
+    """Dropped before it printed anything: it resumes where its stream started, not from
+    a new "now" (what happened in between would be lost)."""
+    proxy = CuttableProxy(int(stack.registry.rsplit(":", 1)[1]))
+    prov = f"p{uuid.uuid4().hex[:8]}"
+    pkey = stack.key("provider", prov)
+    proc = subprocess.Popen([*CLI, "events", "--follow", "--json", "--registry-url", f"http://127.0.0.1:{proxy.port}",
+                             "--key", stack.ops, "--provider", prov],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        assert proxy.ready.wait(30), "the command never started watching"
+        proxy.cut_and_hold()
+        for name in ("a", "b"):
+            r = httpx.put(f"{stack.registry}/v1/pools/{prov}-{name}", json=pool_body(),
+                          headers={"Authorization": f"Bearer {pkey}"}, timeout=10)
+            assert r.status_code in (200, 201), r.text
+            if name == "a":
+                proxy.release()
+        wait_until(lambda: any(f"{prov}-b" in line for line in lines), 30, what="the event after the reconnect")
+        assert [json.loads(line)["event"]["pool_id"] for line in lines] == [f"{prov}-a", f"{prov}-b"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proxy.close()
 
 
 def test_events_history_prints_in_time_order(stack: Stack) -> None:
