@@ -294,9 +294,9 @@ class CuttableProxy:
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         try:
             while data := a.recv(65536):
-                if b"event: ready" in data:
-                    self.ready.set()
                 b.sendall(data)
+                if b"event: ready" in data:  # passed on: the command has it (before any cut)
+                    self.ready.set()
         except OSError:
             pass
         for s in (a, b):
@@ -378,7 +378,11 @@ def test_events_follow_from_now_misses_nothing_across_an_early_drop(stack: Stack
             assert r.status_code in (200, 201), r.text
             if name == "a":
                 proxy.release()
-        wait_until(lambda: any(f"{prov}-b" in line for line in lines), 30, what="the event after the reconnect")
+        try:
+            wait_until(lambda: any(f"{prov}-b" in line for line in lines), 30, what="the event after the reconnect")
+        except AssertionError:
+            proc.terminate()
+            raise AssertionError(f"{lines} {proc.stderr.read()}")
         assert [json.loads(line)["event"]["pool_id"] for line in lines] == [f"{prov}-a", f"{prov}-b"]
     finally:
         proc.terminate()
