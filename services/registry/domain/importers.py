@@ -236,6 +236,9 @@ _TPU_RE = re.compile(r"^tpu-(v\d+[a-z]*)-(\d+)$", re.IGNORECASE)
 _TPU_CORES_PER_CHIP = {"v2": 2, "v3": 2, "v4": 2, "v5p": 2}
 _TPU_CHIPS_PER_HOST = {"v5litepod": 8, "v6e": 8}
 _AARCH64_MODELS = frozenset({"nvidia-gh200-96gb"})
+# SkyPilot's GCP catalogue writes 700.0 for TPU slices GCP lists no price for (seen for
+# whole regions, e.g. southamerica-east1, next to real prices such as 691.2 for v6e-256).
+_TPU_PLACEHOLDER_PRICE = Decimal("700")
 
 
 class FileError(ValueError):
@@ -289,6 +292,8 @@ def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None
     Python-literal GpuInfo. Values under 1024 are GiB (RunPod writes 80 for 80 GB)."""
     if not text or not text.strip():
         return None, None, None, None, None
+    if text.strip()[0] not in "{[":
+        return text.strip(), None, None, None, None  # GCP writes the accelerator's name
     info: Any
     try:
         info = ast.literal_eval(text)
@@ -352,6 +357,8 @@ def _sku_form(cloud: str, instance: str) -> str | None:
             return "pcie"
         if re.search(r"_nc\d+a?dis?_h100_v5", i):
             return "nvl"
+    if "hbm3" in i:
+        return "sxm"  # "H100 80GB HBM3" is the SXM part; the PCIe card has HBM2e
     if cloud in {"runpod", "paperspace"} and "sxm" not in i:
         return "pcie"
     return None
@@ -453,13 +460,19 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 name, count, per_node = tpu[0], tpu[1] * count, tpu[2]
             if count > _MAX_UNITS_PER_NODE * 64 or per_node > _MAX_UNITS_PER_NODE:
                 raise _RowError(f"AcceleratorCount {count} out of range")
-            info_name, maker, size, total, info_problem = _gpu_info(row.get("GpuInfo", ""))
+            info_name, maker, size, total, info_problem = _gpu_info("" if tpu else row.get("GpuInfo", ""))
             form = _form_hint(name, info_name or "", instance) or _sku_form(regions.cloud, instance)
             acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form)
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
-            on_demand = _per_unit(_price(row.get("Price", ""), "Price"), count, "Price")
-            spot, note = _spot(row.get("SpotPrice", ""), count, on_demand)
+            price_total = _price(row.get("Price", ""), "Price")
+            spot_text = row.get("SpotPrice", "")
+            if tpu and price_total == _TPU_PLACEHOLDER_PRICE:
+                raise _RowError("Price 700.0 is SkyPilot's placeholder for a TPU slice GCP lists no price for")
+            if tpu and spot_text.strip() in {"700", "700.0"}:
+                spot_text = ""
+            on_demand = _per_unit(price_total, count, "Price")
+            spot, note = _spot(spot_text, count, on_demand)
             where = regions.locate(region_raw, row.get("AvailabilityZone", ""))
             if isinstance(where, str):
                 raise _RowError(where)
