@@ -32,7 +32,7 @@ from rich.table import Table
 from services.common.messages import PoolSpec, Region
 from services.registry.domain.importers import (
     SKYPILOT_REQUIRED, FileError, ImportResult, RowOutcome, check_columns, parse_alibaba_nodes, parse_skypilot,
-    read_catalogue_text, read_csv_rows,
+    read_catalogue_text, read_csv_rows, reason_kind,
 )
 from services.registry.domain.offer_formats import GPUHUNT_REQUIRED, gpuhunt_to_skypilot
 
@@ -215,7 +215,7 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
     table.add_row("not attempted (registry failed)", str(counts["not-attempted"]))
     table.add_row("regions added to the topology", str(regions_added))
     out.print(table)
-    reasons = Counter(_reason_kind(r.reason) for r in rows if r.status in {"rejected", "refused", "not-attempted"})
+    reasons = Counter(reason_kind(r.reason) for r in rows if r.status in {"rejected", "refused", "not-attempted"})
     if reasons:
         why = Table(title="offers not registered, by reason (every row is in --report)")
         why.add_column("reason")
@@ -226,17 +226,6 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
     pct = f" ({100 * registered / offers:.1f}% of offers)" if offers else ""
     out.print(f"{counts['created']} pools registered, {counts['updated']} updated{pct}; "
               f"{counts['skipped']} rows without an accelerator skipped")
-
-
-def _reason_kind(reason: str) -> str:
-    """Reasons grouped for the summary: the text before any row-specific value."""
-    for marker in (" '", ' "', ": "):
-        if marker in reason:
-            head = reason.split(marker)[0]
-            if marker == " '" and reason.startswith(("unknown accelerator", "region")):
-                return f"{head} {reason.split(marker)[1].split(chr(39))[0]!r}"
-            return head
-    return reason
 
 
 def _run(client: httpx.Client, result: ImportResult, provider: str, reject: bool, report: Path | None) -> list[str]:

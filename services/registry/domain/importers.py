@@ -42,7 +42,7 @@ from .cloud_regions import RegionResolver
 __all__ = [
     "DEFAULT_ON_DEMAND_USD", "MAX_UNIT_PRICE", "SKYPILOT_REQUIRED", "FileError", "ImportResult", "RowOutcome",
     "check_columns", "classify_skypilot", "default_price", "make_pool_id", "parse_alibaba_nodes",
-    "parse_skypilot", "read_catalogue_text", "read_csv_rows", "sanitise_id",
+    "parse_skypilot", "read_catalogue_text", "read_csv_rows", "reason_kind", "sanitise_id",
 ]
 
 Rows = Iterable[Mapping[str, Any]] | str
@@ -542,6 +542,18 @@ def parse_skypilot(rows: Rows, provider: str, known_regions: set[str] | frozense
     ids = _assign_ids(result, pending)
     result.outcomes = _with_ids(outcomes, ids)
     return result
+
+
+def reason_kind(reason: str) -> str:
+    """A row's reason without its row-specific values, to count reasons in a summary:
+    "bad Price 'abc'" -> "bad Price"; names of accelerators and regions are kept."""
+    for marker in (" '", ' "', ": "):
+        if marker in reason:
+            head = reason.split(marker)[0]
+            if marker == " '" and reason.startswith(("unknown accelerator", "region")):
+                return f"{head} {reason.split(marker)[1].split(chr(39))[0]!r}"
+            return head
+    return reason
 
 
 def _with_ids(outcomes: list[RowOutcome], ids: Mapping[int, str | None]) -> list[RowOutcome]:
