@@ -401,9 +401,10 @@ def _price(text: str, what: str) -> Decimal:
 
 
 def _per_unit(total: Decimal, count: int, what: str) -> Decimal:
-    price = (total / count).quantize(_PLACES, rounding=ROUND_HALF_EVEN)
-    if price > MAX_UNIT_PRICE:
-        raise _RowError(f"absurd {what} {total}: {price:f} per GPU-hour is above the {MAX_UNIT_PRICE} ceiling")
+    raw = total / count
+    if raw > MAX_UNIT_PRICE:  # checked before rounding: 1e400 cannot be quantized
+        raise _RowError(f"absurd {what} {total}: {raw:.6g} per GPU-hour is above the {MAX_UNIT_PRICE} ceiling")
+    price = raw.quantize(_PLACES, rounding=ROUND_HALF_EVEN)
     if price <= 0:
         raise _RowError(f"{what} {total} is below 0.000001 per GPU-hour")
     return price
@@ -421,6 +422,8 @@ def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, st
         return None, f"SpotPrice {t!r} unreadable: no interruptible price"
     if not total.is_finite() or total <= 0:
         return None, f"SpotPrice {t} means no spot offer: no interruptible price"
+    if total / count > on_demand:
+        return None, f"SpotPrice {t} is above on-demand: ignored"
     price = (total / count).quantize(_PLACES, rounding=ROUND_HALF_EVEN)
     if price <= 0 or price > on_demand:
         return None, f"SpotPrice {t} is {'above on-demand' if price > 0 else 'below 0.000001'}: ignored"
