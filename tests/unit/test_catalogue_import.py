@@ -54,6 +54,10 @@ def _lines(cloud: str) -> list[str]:
     ("aws", 3, "nvidia-a100-sxm-80gb", "5.120000"),
     ("aws", 6, "intel-gaudi1", "1.638630"),
     ("aws", 7, "aws-inferentia2", "0.758200"),
+    ("cudo", 2, "nvidia-a100-pcie-80gb", "1.529400"),    # epyc-genoa-a100-pcie
+    ("cudo", 4, "nvidia-a100-pcie-80gb", "1.396800"),    # intel-ice-lake-a100-pci, 2 GPUs
+    ("cudo", 3, "nvidia-h100-sxm-80gb", "1.821400"),
+    ("cudo", 5, "nvidia-rtx-a5000", "0.369200"),
     ("gcp", 3, "google-tpu-v6e", "2.700000"),            # tpu-v6e-4: 4 chips for 10.8
     ("gcp", 8, "google-tpu-v6e", "2.970000"),
 ])
