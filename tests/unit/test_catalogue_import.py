@@ -89,6 +89,19 @@ def test_gcp_attachable_gpus_without_instance_type_are_offers() -> None:
     assert (l4.model, l4.on_demand, l4.interruptible) == ("nvidia-l4", Decimal("0.56"), Decimal("0.2"))
 
 
+@pytest.mark.parametrize(("instance", "name", "model"), [
+    ("Standard_NC24ads_A100_v4", "A100-80GB", "nvidia-a100-pcie-80gb"),
+    ("Standard_NC40ads_H100_v5", "H100", "nvidia-h100-nvl-94gb"),
+    ("Standard_NCC40ads_H100_v5", "H100", "nvidia-h100-nvl-94gb"),
+    ("Standard_ND96isr_H100_v5", "H100", "nvidia-h100-sxm-80gb"),
+    ("Standard_ND96amsr_A100_v4", "A100-80GB", "nvidia-a100-sxm-80gb"),
+])
+def test_azure_instance_names_tell_the_form_factor(instance: str, name: str, model: str) -> None:
+    header = "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice"
+    (_, spec), = _parse("azure", f"{header}\n{instance},{name},1,24,220,3.67,eastus,,\n").pools
+    assert spec.model == model and spec.region == "azure-eastus"
+
+
 def test_host_arch_for_arm_parts() -> None:
     result = _parse("aws")
     assert dict(result.pools)[_row(result, 5).pool_id].host_arch == "aarch64"  # g5g: T4g on Graviton

@@ -192,6 +192,10 @@ class RegionResolver:
                 return self._new(rid, name, c, lat, lon, "derived")
         if country is None and len(words) >= 2 and words[1].upper() in countries and words[0] in _NOT_COUNTRY_WORDS:
             country = words[1].upper()  # "EU-CZ-1", "AP-JP-1"
+        if country is not None and _slug(code) in _country_by_name():
+            # a bare country name ("FINLAND") is a location, not an id
+            cname, lat, lon = countries[country]
+            return self._new(_region_id(self.cloud, country), cname, country, lat, lon, "derived")
         if country is not None:
             cname, lat, lon = countries[country]
             if len(words) >= 2 and country == "US" and (zone_hit := self._us_state(words[1])):

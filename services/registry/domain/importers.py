@@ -355,7 +355,7 @@ def _sku_form(cloud: str, instance: str) -> str | None:
     if cloud == "azure":
         if re.search(r"_nc\d+ads_a100_v4", i):
             return "pcie"
-        if re.search(r"_nc\d+a?dis?_h100_v5", i):
+        if re.search(r"_ncc?\d+a?d?i?s?_h100_v5", i):
             return "nvl"
     if "hbm3" in i:
         return "sxm"  # "H100 80GB HBM3" is the SXM part; the PCIe card has HBM2e
