@@ -121,6 +121,7 @@ def _add_regions(client: httpx.Client, result: ImportResult, reject: bool) -> di
         raise click.ClickException(f"unknown regions (rejected by --reject-unknown-regions): "
                                    f"{', '.join(sorted(needed))}; nothing was imported")
     failed: dict[str, str] = {}
+    shown = 0
     for rid in sorted(needed):
         region = result.new_regions[rid]
         r = client.put(f"/v1/regions/{rid}", content=msgspec.json.encode(region),
@@ -129,8 +130,12 @@ def _add_regions(client: httpx.Client, result: ImportResult, reject: bool) -> di
             failed[rid] = (f"region {rid} could not be added: {r.status_code} {r.text[:200]} "
                            "(adding regions needs an admin key)")
             continue
-        console.print(f"[yellow]note:[/] region {rid} was not in the topology; added as {region.name}, "
-                      f"{region.country} with derived network links")
+        shown += 1
+        if shown <= 10:
+            console.print(f"[yellow]note:[/] region {rid} was not in the topology; added as {region.name}, "
+                          f"{region.country} with derived network links")
+    if shown > 10:
+        console.print(f"[yellow]note:[/] ... and {shown - 10} more regions added (GET /v1/regions lists them)")
     return failed
 
 
@@ -226,6 +231,7 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
     pct = f" ({100 * registered / offers:.1f}% of offers)" if offers else ""
     out.print(f"{counts['created']} pools registered, {counts['updated']} updated{pct}; "
               f"{counts['skipped']} rows without an accelerator skipped")
+    out.print("pool ids are the same on every run: re-running this import updates these pools")
 
 
 def _run(client: httpx.Client, result: ImportResult, provider: str, reject: bool, report: Path | None) -> list[str]:
