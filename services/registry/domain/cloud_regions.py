@@ -115,9 +115,16 @@ class RegionResolver:
         self.cloud = _slug(cloud) or "cloud"
         self.known = set(known)
         self.map = {k.strip().lower(): v for k, v in (region_map or {}).items()}
+        self._seen: dict[tuple[str, str], Located | str] = {}
 
     def locate(self, raw: str, zone: str = "") -> Located | str:
         """The region of an offer, or the reason there is none (a one-line string)."""
+        key = (raw, zone)
+        if key not in self._seen:
+            self._seen[key] = self._locate(raw, zone)
+        return self._seen[key]
+
+    def _locate(self, raw: str, zone: str) -> Located | str:
         code = raw.strip()
         key = code.lower()
         if key in self.map:

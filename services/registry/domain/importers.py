@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,6 +288,7 @@ def read_catalogue_text(data: bytes, what: str) -> str:
     return text
 
 
+@lru_cache(maxsize=4096)
 def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None, str | None]:
     """(name, manufacturer, MemoryInfo MiB, TotalGpuMemoryInMiB, problem) from SkyPilot's
     Python-literal GpuInfo. Values under 1024 are GiB (RunPod writes 80 for 80 GB)."""
@@ -326,17 +328,17 @@ def _fit(acc: Accelerator, mib: int) -> float:
     return abs(acc.memory_gib * 1024 - mib) / (acc.memory_gib * 1024)
 
 
-def _memory_candidates(size: int | None, total: int | None, count: int) -> list[int]:
+def _memory_candidates(size: int | None, total: int | None, count: int) -> tuple[int, ...]:
     """Per-GPU memory readings of GpuInfo. Catalogues disagree whether ``SizeInMiB`` is per
     GPU (Lambda, AWS) or the instance's total (Vast.ai); when the total says so it is per
     GPU, else both readings are tried, the instance total first."""
     if size is None:
-        return []
+        return ()
     if count <= 1:
-        return [size]
+        return (size,)
     if total is not None and abs(total - size * count) <= 0.02 * total:
-        return [size]
-    return [size // count, size]
+        return (size,)
+    return (size // count, size)
 
 
 def _form_hint(*texts: str) -> str | None:
@@ -364,11 +366,12 @@ def _sku_form(cloud: str, instance: str) -> str | None:
     return None
 
 
-def _resolve_model(name: str, info_name: str | None, maker: str | None, candidates: list[int],
+@lru_cache(maxsize=4096)
+def _resolve_model(name: str, info_name: str | None, maker: str | None, candidates: tuple[int, ...],
                    form: str | None) -> tuple[Accelerator | None, int | None]:
     """Resolve the accelerator and the per-GPU memory reading that fits it best."""
     best: tuple[float, Accelerator, int | None] | None = None
-    for mib in candidates or [None]:  # type: ignore[list-item]
+    for mib in candidates or (None,):
         for label in (name, info_name):
             if not label:
                 continue
