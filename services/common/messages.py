@@ -105,6 +105,9 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     egress_gbps: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 10.0
     prices: Prices
     provider: Id | None = None  # admin may register on behalf of a provider
+    # "listed": imported from a public catalogue; its availability is what the catalogue
+    # lists, not what a provider agent reports live (quotes say so)
+    availability: Literal["live", "listed"] = "live"
 
 
 class Pool(msgspec.Struct, frozen=True, kw_only=True):

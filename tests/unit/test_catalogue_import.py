@@ -233,3 +233,30 @@ def test_malformed_files_exit_2_with_one_line(tmp_path: Path, name: str, content
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# --- listed supply says so in quotes -----------------------------------------------------------
+def test_quotes_say_imported_supply_is_listed_not_live() -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from services.broker.matching import Ask, Engine
+    from services.broker.world import pool_state
+    from services.common.messages import Pool
+    from services.registry.domain.catalogue import load_catalogue
+    from services.registry.domain.topology import default_topology
+
+    (pool_id, spec), *_ = _parse("nebius").pools
+    assert all(s.availability == "listed" for _, s in _parse("vast").pools)
+    spec = msgspec.structs.replace(spec, region="eu-central")  # a region of the default topology
+    now = datetime.now(UTC)
+    acc = load_catalogue()[spec.model]
+    listed = Pool(pool_id=pool_id, provider="nebius", spec=spec, accelerator=acc, created_at=now, updated_at=now)
+    live = Pool(pool_id="agent-1", provider="acme", spec=msgspec.structs.replace(spec, availability="live"),
+                accelerator=acc, created_at=now, updated_at=now)
+    engine = Engine(default_topology())
+    for pool in (listed, live):
+        engine.upsert(pool_state(pool, "DE", pool.spec.units))
+    said = {a.pool_id: a.availability for o in engine.match(Ask(units=8), limit=5).options for a in o.allocations}
+    assert said == {pool_id: "listed", "agent-1": "live"}

@@ -1005,7 +1005,8 @@ class Engine:
             pool = cell.pools[pid]
             allocations.append(Allocation(
                 pool_id=pid, region=cell.region, provider=pool.provider, model=cell.model,
-                units=u, unit_price=price, price_basis=ctx.basis))
+                units=u, unit_price=price, price_basis=ctx.basis,
+                availability="listed" if pool.listed else "live"))
             compute += price * u * f
             price_units += price * u
             units += u

@@ -491,6 +491,7 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 region=where.id, zone=zone[:64], model=acc.model, units=units, units_per_node=per_node,
                 host_arch=arch,  # type: ignore[arg-type]
                 prices=Prices(currency=currency, on_demand=on_demand, interruptible=spot), provider=provider,
+                availability="listed",
             ))
         except _RowError as exc:
             outcomes.append(RowOutcome(row_no, "rejected", offer, region_raw, str(exc)))
@@ -630,6 +631,7 @@ def parse_alibaba_nodes(rows: Rows, provider: str, region: str, assume: Mapping[
                 region=region, model=acc.model, units=gpus, units_per_node=gpus,
                 prices=Prices(currency=currency, on_demand=on_demand.quantize(_PLACES, rounding=ROUND_HALF_EVEN)),
                 provider=provider,
+                availability="listed",
             ))
         except _RowError as exc:
             result.errors.append(f"row {row_no}: {exc}")
