@@ -50,6 +50,13 @@ def _lines(cloud: str) -> list[str]:
     ("nebius", 2, "nvidia-h100-sxm-80gb", "2.950000"),   # SizeInMiB 0: the name decides
     ("nebius", 5, "nvidia-b200-180gb", "5.500000"),
     ("lambda", 2, "nvidia-v100-sxm2-16gb", "0.790000"),  # SizeInMiB per GPU, "Total" wrong
+    ("lambda", 7, "nvidia-a100-pcie-40gb", "1.990000"),  # gpu_1x_a100 is the PCIe card ...
+    ("lambda", 8, "nvidia-a100-sxm-40gb", "1.990000"),   # ... gpu_1x_a100_sxm4 the SXM one
+    ("lambda", 9, "nvidia-h100-pcie-80gb", "3.290000"),
+    ("lambda", 10, "nvidia-h100-sxm-80gb", "3.990000"),
+    ("lambda", 11, "nvidia-quadro-rtx-6000", "0.690000"),
+    ("lambda", 12, "nvidia-b200-180gb", "6.690000"),
+    ("lambda", 13, "nvidia-gh200-96gb", "2.290000"),
     ("aws", 2, "nvidia-a100-sxm-40gb", "4.096575"),      # p4d: 8 x 40 GB, total 320 GB
     ("aws", 3, "nvidia-a100-sxm-80gb", "5.120000"),
     ("aws", 6, "intel-gaudi1", "1.638630"),
@@ -105,6 +112,8 @@ def test_azure_instance_names_tell_the_form_factor(instance: str, name: str, mod
 def test_host_arch_for_arm_parts() -> None:
     result = _parse("aws")
     assert dict(result.pools)[_row(result, 5).pool_id].host_arch == "aarch64"  # g5g: T4g on Graviton
+    result = _parse("lambda")
+    assert dict(result.pools)[_row(result, 13).pool_id].host_arch == "aarch64"  # GH200: Grace
 
 
 # --- prices by rule ---------------------------------------------------------------------------

@@ -351,14 +351,17 @@ def _form_hint(*texts: str) -> str | None:
 
 def _sku_form(cloud: str, instance: str) -> str | None:
     """Form factors that only the provider's instance name tells (documented in
-    docs/accelerators.md): Azure's NC A100 v4 is PCIe, its NC H100 v5 is H100 NVL; RunPod
-    and Paperspace sell "H100"/"A100-80GB" as PCIe cards unless they say SXM."""
+    docs/accelerators.md): Azure's NC A100 v4 is PCIe, its NC H100 v5 is H100 NVL; Lambda's
+    gpu_1x_a100 is PCIe; RunPod and Paperspace sell "H100"/"A100-80GB" as PCIe cards unless
+    they say SXM."""
     i = instance.lower()
     if cloud == "azure":
         if re.search(r"_nc\d+ads_a100_v4", i):
             return "pcie"
         if re.search(r"_ncc?\d+a?d?i?s?_h100_v5", i):
             return "nvl"
+    if cloud == "lambda" and i == "gpu_1x_a100":
+        return "pcie"  # Lambda's "1x A100 (40 GB PCIe)"; its SXM4 twin is gpu_1x_a100_sxm4
     if "hbm3" in i:
         return "sxm"  # "H100 80GB HBM3" is the SXM part; the PCIe card has HBM2e
     if cloud in {"runpod", "paperspace"} and "sxm" not in i:
