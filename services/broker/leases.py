@@ -271,9 +271,18 @@ class LeaseStore:
         ids = [_s(i) for i in await self.redis.zrange(self.keys.tenant_leases(tenant), 0, limit - 1)]
         return [lease for lease in [await self.get(i) for i in ids] if lease is not None]
 
-    async def expired(self, region: str, now: float, limit: int = 500) -> list[LeaseInfo]:
-        ids = await self.redis.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
-        return await self._infos(region, ids)
+    async def expired_in(self, regions: Sequence[str], now: float, limit: int = 500) -> list[LeaseInfo]:
+        """Expired leases (up to ``limit`` a region) of many regions in one round trip (a
+        sweep over thousands of regions must not be thousands of round trips), plus one
+        per region that has some."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region in regions:
+            pipe.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
+        out: list[LeaseInfo] = []
+        for region, ids in zip(regions, await pipe.execute(), strict=True):
+            if ids:
+                out += await self._infos(region, ids)
+        return out
 
     async def interruptible(self, region: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.interruptible_leases(region)))

@@ -182,6 +182,41 @@ class Network:
         link = self._derived[pair] = derive_link(a, b)
         return link
 
+    def rtt_ms(self, src: str, dst: str) -> float | None:
+        """``link(src, dst).latency_ms``, without building (or remembering) a link."""
+        link = self._published.get((src, dst)) or self._derived.get((src, dst))
+        if link is not None:
+            return link.latency_ms
+        a, b = self.regions.get(src), self.regions.get(dst)
+        if a is None or b is None:
+            return None
+        return SAME_REGION_RTT_MS if src == dst else _rtt_ms(great_circle_km(a, b))
+
+    def within(self, src: str, max_ms: float, among: Iterable[str]) -> list[str]:
+        """Those of ``among`` at most ``max_ms`` RTT from ``src``; where ``src -> r`` has
+        no link (an unknown region), a published ``r -> src`` counts. A derived link is
+        only computed for regions whose latitude alone does not rule them out (the
+        meridian arc bounds the great circle from below), so the cost follows the
+        regions near ``src``, not all of them."""
+        a = self.regions.get(src)
+        max_km = (max_ms - FIXED_RTT_MS) * FIBRE_KM_PER_MS / (2 * ROUTE_FACTOR) + 1.0  # 1 km: rounding
+        band = math.degrees(max_km / EARTH_RADIUS_KM)
+        out = []
+        for r in among:
+            link = self._published.get((src, r))
+            if link is not None:
+                ms: float | None = link.latency_ms
+            elif a is not None and (b := self.regions.get(r)) is not None:
+                if r != src and abs(b.lat - a.lat) > band:
+                    continue
+                ms = self.rtt_ms(src, r)
+            else:
+                back = self._published.get((r, src))
+                ms = back.latency_ms if back is not None else (0.0 if r == src else None)
+            if ms is not None and ms <= max_ms:
+                out.append(r)
+        return out
+
     def links(self, src: str | None = None, dst: str | None = None) -> Iterator[Link]:
         """Every link from ``src`` and/or to ``dst`` (all n² when neither is given)."""
         for s in [src] if src is not None else list(self.regions):

@@ -451,12 +451,12 @@ class Engine:
 
     # --- static filters --------------------------------------------------------------
     def _latency(self, src: str, dst: str) -> float:
-        link = self._links.link(src, dst)
-        if link is None:
-            link = self._links.link(dst, src)
-        if link is None:
+        ms = self._links.rtt_ms(src, dst)
+        if ms is None:
+            ms = self._links.rtt_ms(dst, src)
+        if ms is None:
             return 0.0 if src == dst else _INF
-        return float(link.latency_ms)
+        return float(ms)
 
     def _dim(self, key: tuple, compute: Callable[[], frozenset[int]]) -> frozenset[int]:
         s = self._dims.get(key)
@@ -509,8 +509,7 @@ class Engine:
         if ask.users_region is not None and ask.max_latency_ms is not None:
             users, ms = ask.users_region, float(ask.max_latency_ms)
             dims.append(("latency", ("latency", users, ms), lambda: self._union(
-                "region", [r for r in self._attr_index["region"]
-                           if self._latency(users, r) <= ms])))
+                "region", self._links.within(users, ms, list(self._attr_index["region"])))))
         currency = ask.currency
         dims.append(("currency", ("currency", currency),
                      lambda: self._union("currency", (currency,))))
