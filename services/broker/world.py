@@ -76,6 +76,7 @@ class World:
         self.catalogue: dict[str, Accelerator] = {}
         self.topology = Network()  # followed from the regions bucket (follow_topology)
         self.countries = self.topology.countries  # region id -> country, kept by the network
+        self._revisions: dict[str, int] = {}  # topology record key -> revision applied
         self.pools: dict[str, PoolState] = {}  # every registered pool, online or not
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
@@ -128,7 +129,12 @@ class World:
         self._topology_kv = await ensure_bucket(self.js, self.subjects.bucket("regions"))
         await follow_bucket(self.js, self.subjects.bucket("regions"), self._topology_changed)
 
-    def _topology_changed(self, key: str, value: bytes | None) -> None:
+    def _topology_changed(self, key: str, value: bytes | None, revision: int) -> None:
+        """A record of the bucket; an older revision than the one applied is ignored
+        (a key read may answer after the follower brought a newer one)."""
+        if revision <= self._revisions.get(key, 0):
+            return
+        self._revisions[key] = revision
         if self.topology.apply(key, value):
             self.engine.set_topology(self.topology)  # cached latency and transfer filters are stale
 
@@ -139,7 +145,7 @@ class World:
             entry = await self._topology_kv.get(region_key(region_id))
         except (KeyNotFoundError, InvalidKeyError):
             return
-        self._topology_changed(entry.key, entry.value)
+        self._topology_changed(entry.key, entry.value, entry.revision or 0)
 
     async def load(self) -> None:
         self.catalogue = {a.model: a for a in msgspec.json.decode(await self._rpc("catalogue"),

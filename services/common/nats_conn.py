@@ -127,13 +127,13 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, atte
     raise AssertionError("unreachable")
 
 
-async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[str, bytes | None], object],
+async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[str, bytes | None, int], object],
                         timeout: float = 30.0) -> JetStreamContext.PushSubscription:
     """Keep a process's copy of a key-value bucket current through one ordered consumer
-    that lives as long as the connection: ``on_entry(key, value)`` for every key's
-    latest value, then for each change as it comes (``value`` None: the key was deleted).
-    Returns once the copy has caught up with the bucket. Readers serve from that copy,
-    so a read costs no consumer (opening one per read leaked them, issue 16)."""
+    that lives as long as the connection: ``on_entry(key, value, revision)`` for every
+    key's latest value, then for each change as it comes (``value`` None: the key was
+    deleted). Returns once the copy has caught up with the bucket. Readers serve from
+    that copy, so a read costs no consumer (opening one per read leaked them, issue 16)."""
     prefix = f"$KV.{bucket}."
     caught_up = asyncio.Event()
 
@@ -141,7 +141,7 @@ async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[s
         headers = msg.headers or {}
         deleted = (headers.get("KV-Operation") in ("DEL", "PURGE")
                    or headers.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove"))
-        on_entry(msg.subject[len(prefix):], None if deleted else msg.data)
+        on_entry(msg.subject[len(prefix):], None if deleted else msg.data, msg.metadata.sequence.stream)
         if msg.metadata.num_pending == 0:
             caught_up.set()
 

@@ -71,13 +71,14 @@ class RegionBook:
         self.js, self.kv, self.bucket = js, kv, bucket
         self.network = Network()
         self.file_ids: frozenset[str] = frozenset()  # regions the topology file defines
+        self._revisions: dict[str, int] = {}  # record key -> revision applied
 
     async def open(self, base: topo.TopologyFile) -> None:
         """Catch up with the bucket, then write what the topology file says where the
         bucket differs. The file is the source of its regions and of every published
         link: links it no longer lists are removed; regions are never removed (pools
         may be in them)."""
-        await follow_bucket(self.js, self.bucket, self.network.apply)
+        await follow_bucket(self.js, self.bucket, self._record)
         self.file_ids = frozenset(r.id for r in base.regions)
         writes: list[tuple[str, Region | Link]] = [
             (region_key(r.id), r) for r in base.regions if self.network.regions.get(r.id) != r]
@@ -86,17 +87,24 @@ class RegionBook:
                    if self.network.published.get(pair) != link]
         await self._put(writes)
         for src, dst in [pair for pair in self.network.published if pair not in wanted]:
-            await self.kv.delete(link_key(src, dst))
+            await self.kv.delete(link_key(src, dst))  # the follower brings the deletion's revision
             self.network.drop_link(src, dst)
+
+    def _record(self, key: str, value: bytes | None, revision: int) -> None:
+        """A record of the bucket; an older revision than the one applied is ignored (a
+        write or key read may return after the follower brought a newer one)."""
+        if revision > self._revisions.get(key, 0):
+            self._revisions[key] = revision
+            self.network.apply(key, value)
 
     async def _put(self, items: Sequence[tuple[str, Region | Link]], concurrency: int = 256) -> None:
         """Write records (and apply them here at once: this replica's next read sees them)."""
         encoded = [(key, msgspec.json.encode(value)) for key, value in items]
         for i in range(0, len(encoded), concurrency):
             chunk = encoded[i:i + concurrency]
-            await asyncio.gather(*(self.kv.put(key, data) for key, data in chunk))
-            for key, data in chunk:
-                self.network.apply(key, data)
+            revisions = await asyncio.gather(*(self.kv.put(key, data) for key, data in chunk))
+            for (key, data), revision in zip(chunk, revisions, strict=True):
+                self._record(key, data, revision)
 
     # --- reads (memory only; ``known`` looks in the bucket on a miss) --------------------
     def __contains__(self, region_id: object) -> bool:
@@ -112,7 +120,7 @@ class RegionBook:
             entry = await self.kv.get(region_key(region_id))
         except KeyNotFoundError:
             return False
-        self.network.apply(entry.key, entry.value)
+        self._record(entry.key, entry.value, entry.revision or 0)
         return region_id in self.network
 
     # --- changes (admin) -------------------------------------------------------------------

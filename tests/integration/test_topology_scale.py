@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 from litestar.testing import AsyncTestClient
 
 from services.broker.app import create_app as create_broker
@@ -17,6 +18,7 @@ from services.common.settings import Settings
 from services.common.subjects import Subjects
 from services.registry.app import create_app as create_registry
 
+from ..helpers import eventually
 from .conftest import pool_body
 
 COUNTRIES = ("US", "DE", "BR", "IN", "JP", "AU", "ZA", "CA", "FR", "SG")
@@ -145,3 +147,44 @@ async def test_region_changes_are_checked(settings: Settings, nc) -> None:
         tenant = await key(registry, settings, "tenant", "t1")
         r = await registry.post("/v1/regions/bulk", json=[good], headers=tenant)
         assert r.status_code == 403
+
+
+async def test_the_file_is_the_source_of_published_links(settings: Settings, nc, tmp_path) -> None:
+    """A link dropped from the topology file is gone after the next start (derived
+    again); a region dropped from it stays (pools may be in it)."""
+    import json
+
+    north = {"id": "dc-north", "name": "North", "country": "NO", "lat": 59.9, "lon": 10.7}
+    south = {"id": "dc-south", "name": "South", "country": "ZA", "lat": -33.9, "lon": 18.4}
+    link = {"src": "dc-north", "dst": "dc-south", "latency_ms": 190, "bandwidth_gbps": 5, "egress_per_gb": "0.12"}
+    path = tmp_path / "topology.json"
+    one = {"src": "dc-north", "dst": "dc-south"}
+    path.write_text(json.dumps({"regions": [north, south], "links": [link]}))
+    file_settings = msgspec.structs.replace(settings, topology_file=str(path))
+    async with AsyncTestClient(app=create_registry(file_settings)) as registry:
+        assert (await registry.get("/v1/network", params=one)).json()[0]["latency_ms"] == 190
+    path.write_text(json.dumps({"regions": [north]}))
+    async with AsyncTestClient(app=create_registry(file_settings)) as registry:
+        got = (await registry.get("/v1/network", params=one)).json()[0]
+        assert got["derived"] is True and got["latency_ms"] != 190
+        assert {r["id"] for r in (await registry.get("/v1/regions")).json()} >= {"dc-north", "dc-south"}
+
+
+async def test_a_region_added_while_the_broker_runs(settings: Settings, nc) -> None:
+    """The broker follows the bucket: a region added after it started is placeable at
+    once, latency bound included."""
+    region = {"id": "zz-late", "name": "added late", "country": "NO", "lat": 59.9, "lon": 10.7}
+    async with AsyncTestClient(app=create_registry(settings)) as registry:
+        prov = await key(registry, settings, "provider", "acme")
+        tenant = await key(registry, settings, "tenant", "t1")
+        async with AsyncTestClient(app=create_broker(settings)) as broker:
+            assert (await registry.put("/v1/regions/zz-late", json=region, headers=admin(settings))).status_code == 200
+            r = await registry.put("/v1/pools/acme-late", json=pool_body(region="zz-late"), headers=prov)
+            assert r.status_code == 201, r.text
+            ask = {"units": 8, "placement": {"users_region": "zz-late", "max_latency_ms": 5}}
+
+            async def placed() -> bool:
+                r = await broker.post("/v1/quotes", json=ask, headers=tenant)
+                return r.status_code == 200 and bool(r.json()["options"])
+
+            await eventually(placed, what="the broker places in a region added after it started")
