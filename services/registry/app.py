@@ -32,7 +32,7 @@ from .api.pools import HeartbeatController, PoolController
 from .capacity import SummaryCache, set_gauges
 from .console import console_router
 from .domain.catalogue import load_catalogue
-from .domain.topology import default_topology, load_topology
+from .domain.topology import default_records, load_records
 from .events import CapacityEvents
 from .records import PoolRecords
 from .rpc import serve_rpc
@@ -78,9 +78,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
-        base = load_topology(settings.topology_file) if settings.topology_file else default_topology()
-        regions = RegionBook(base, await ensure_bucket(js, subjects.bucket("regions")))
-        await regions.refresh()
+        base = load_records(settings.topology_file) if settings.topology_file else default_records()
+        bucket = subjects.bucket("regions")
+        regions = RegionBook(js, await ensure_bucket(js, bucket), bucket)
+        await regions.open(base)
         registry = Registry(
             redis=redis, keys=keys, store=PoolStore(redis, keys),
             records=PoolRecords(await ensure_bucket(js, subjects.bucket("pools"))),
