@@ -122,12 +122,7 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
         assert httpx.get(f"{url}/v1/pools", headers=ops).json()["total"] == page["total"]
         children = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = _stop(proc)
     assert proc.returncode == 0, out
     assert "Compute Broker is up" in out and "registry" in out
     assert f"Ops console: {url}/console?key=" in out  # the one URL to open (docs/console.md)
