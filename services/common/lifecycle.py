@@ -26,6 +26,20 @@ async def stop_tasks(tasks: list[asyncio.Task], timeout: float = 5.0) -> None:
         _, pending = await asyncio.wait(pending, timeout=min(0.2, remaining))
 
 
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set. Unlike
+    ``asyncio.wait_for(event.wait(), t)`` on Python 3.11, a cancellation of the caller
+    that races with the event being set is never lost (a lost one hangs shutdown)."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
 def relax_gc(gen0: int = 50_000) -> None:
     """For a process that keeps hundreds of thousands of long-lived objects (the meter's
     account cache and ledger aggregate): with CPython's default thresholds (700, 10, 10)

@@ -16,7 +16,8 @@ from litestar.config.cors import CORSConfig
 
 from services.common.auth import KeyLookup
 from services.common.http import prometheus, service_app
-from services.common.lifecycle import relax_gc, stop_tasks
+from services.common.jetstream import Publisher
+from services.common.lifecycle import relax_gc, stop_tasks, wait_event
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.ratelimit import RateLimiter
@@ -26,13 +27,11 @@ from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import MeterNames, Subjects
 
-from .aio import wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
 from .budgets import Budgets
 from .metrics import refresh as refresh_gauges
 from .consumer import AccountStore, AllocConsumer
-from .jspub import Publisher
-from .ledger import Ledger, ensure_kv, ensure_ledger
+from .ledger import Ledger, ensure_ledger
 from .service import Meter, TenantDirectory, utcnow
 
 log = logging.getLogger("meter")
@@ -83,9 +82,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
         await ensure_ledger(js, names, settings, settings.stream_replicas)
-        accounts_kv = await ensure_kv(js, names.accounts, settings.stream_replicas)
-        invoices_kv = await ensure_kv(js, names.invoices, settings.stream_replicas)
-        budgets_kv = await ensure_kv(js, names.budgets, settings.stream_replicas)
+        accounts_kv = await ensure_bucket(js, names.accounts, settings.stream_replicas, direct=True)
+        invoices_kv = await ensure_bucket(js, names.invoices, settings.stream_replicas, direct=True)
+        budgets_kv = await ensure_bucket(js, names.budgets, settings.stream_replicas, direct=True)
         publisher = Publisher(nc)
         await publisher.start()
         ledger = Ledger(nc, js, names, publisher)

@@ -36,7 +36,7 @@ from services.common.nats_conn import publish_event
 from services.common.subjects import ALLOC, Subjects
 
 from .aggregate import Aggregate
-from .aio import wait_event
+from services.common.lifecycle import wait_event
 from .ledger import encode
 from .model import Budget, BudgetView, LedgerEntry
 from .periods import period_of

@@ -46,13 +46,13 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from services.common import tracing
+from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence
 from services.common.lifecycle import stop_tasks
 from services.common.messages import AllocEvent
 from services.common.settings import Settings
 from services.common.subjects import ALLOC, MeterNames, Subjects
 
 from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
-from .jspub import JsError, Publisher, Puller
 from .ledger import Ledger, encode
 from .model import Account, DeadLetter, LedgerEntry
 from .pricing import PricingError, validate
@@ -66,7 +66,6 @@ _APPLIED, _DUPLICATE = EVENTS.labels("applied"), EVENTS.labels("duplicate")
 
 _event = msgspec.json.Decoder(AllocEvent)
 _account = msgspec.json.Decoder(Account)
-WRONG_LAST_SEQUENCE = (10071, 10164)
 _LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -339,7 +338,7 @@ class AllocConsumer:
                     assert group.new is not None
                     self.accounts.remember(group.key, fut.result(), group.new)
                     results.append((group, None))
-                elif isinstance(fut.exception(), JsError) and fut.exception().err_code in WRONG_LAST_SEQUENCE:
+                elif is_wrong_last_sequence(fut.exception()):
                     CONFLICTS.inc()
                     self.accounts.forget(group.key)
                     group.loaded = False

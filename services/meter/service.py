@@ -28,7 +28,7 @@ from services.common.settings import Settings
 from services.common.subjects import MeterNames, Subjects
 
 from .aggregate import Aggregate
-from .aio import wait_event
+from services.common.lifecycle import wait_event
 from .budgets import Budgets
 from .consumer import AllocConsumer, Poison
 from .invoices import GROUPS, build_invoice, usage_rows, usage_totals
