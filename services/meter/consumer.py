@@ -9,8 +9,8 @@ in per-lease ``seq`` order:
    redelivery, a replay);
 3. compute the account after the remaining events and the ledger entries they post
    (pure: ``accounts.transition``);
-4. append those entries to the ledger stream with deterministic ``Nats-Msg-Id``s and wait
-   for the acks;
+4. append those entries to the ledger stream, create-only by deterministic entry id, and
+   wait for the acks;
 5. write the new account with ``Nats-Expected-Last-Subject-Sequence`` = the revision read
    (on a conflict another replica got there first: reload and go back to 2);
 6. ack the events.
@@ -18,7 +18,8 @@ in per-lease ``seq`` order:
 The leases of a batch go through these steps together (pipelined: one round trip per step
 for the whole batch), and one account write covers all of a lease's events in the batch.
 A crash before 4 or between 4 and 5 redelivers the events, which post the same entry ids
-again: JetStream drops them (7-day duplicate window). A crash between 5 and 6 redelivers
+again: JetStream refuses them (each entry's subject already holds it, at any age: see
+``Ledger.append``). A crash between 5 and 6 redelivers
 events that step 2 skips. Events that cannot be decoded or priced go to the dead-letter
 stream at once; events whose processing keeps failing go there after
 ``meter_max_attempts`` attempts (backoff 1, 2, 4, 8 s between them).
