@@ -8,15 +8,17 @@ raises a server's error reply inside its reply handler, so the future of a refus
 one wildcard reply subscription, numbers its messages, and resolves a plain future per
 message, errors included (as the nats-py error ``js.publish`` would raise), with one
 deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such batches.
-``Puller`` fetches from a pull consumer through one callback subscription.
+``Puller`` fetches from a pull consumer through one callback subscription;
+``follow_bucket`` follows a key-value bucket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import nats.errors
@@ -24,6 +26,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.kv import KeyValue
 
 from .coalesce import Coalescer
 from .lifecycle import wait_event
@@ -278,3 +281,21 @@ class Puller:
         if first and batch > 1:
             first += await self._request(batch - 1, None)
         return first
+
+
+async def follow_bucket(kv: KeyValue, on_entry: Callable[[KeyValue.Entry], None], ready: asyncio.Event,
+                        ignore_deletes: bool = False) -> None:
+    """Every entry of a bucket, the current ones and then each change, to ``on_entry``;
+    ``ready`` is set once the current ones are in. Follows until an error or a cancel:
+    run it under ``lifecycle.forever``, which starts it again (from the current entries)."""
+    watcher = await kv.watchall(ignore_deletes=ignore_deletes)
+    try:
+        while True:
+            entry = await watcher.updates(timeout=None)
+            if entry is None:  # the current entries are all in
+                ready.set()
+            else:
+                on_entry(entry)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()

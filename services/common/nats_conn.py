@@ -169,17 +169,20 @@ async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Str
             await asyncio.sleep(0.25)
 
 
-async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000):  # noqa: ANN201
-    """Every message of ``stream`` on ``subject`` from the start up to its last sequence
-    now (for rebuilding state from the durable record). Yields ``(seq, data)``."""
+async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000,  # noqa: ANN201
+                      start: int = 1):
+    """Every message of ``stream`` on ``subject`` from sequence ``start`` up to its last
+    sequence now (for rebuilding state from the durable record, or reading the latest
+    few). Yields ``(seq, data)``."""
     info = await js.stream_info(stream)
     last = info.state.last_seq
-    if info.state.messages == 0:
+    if info.state.messages == 0 or start > last:
         return
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+        opt_start_seq=start if start > 1 else None, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
     try:
         while True:
             try:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from litestar import Litestar, get
@@ -15,9 +15,10 @@ from litestar.di import Provide
 from litestar.config.cors import CORSConfig
 
 from services.common.auth import KeyLookup
+from services.common.clock import utcnow
 from services.common.http import prometheus, service_app
 from services.common.jetstream import Publisher
-from services.common.lifecycle import relax_gc, stop_tasks, wait_event
+from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.ratelimit import RateLimiter
@@ -32,27 +33,13 @@ from .budgets import Budgets
 from .metrics import refresh as refresh_gauges
 from .consumer import AccountStore, AllocConsumer
 from .ledger import Ledger, ensure_ledger
-from .service import Meter, TenantDirectory, utcnow
+from .service import Meter, TenantDirectory
 
 log = logging.getLogger("meter")
 
 
 def _meter(state: State) -> Meter:
     return state.meter
-
-
-async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]], stopping: asyncio.Event,
-                 kick: asyncio.Event | None = None) -> None:
-    while not stopping.is_set():
-        try:
-            await fn()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # keep going through a NATS blip
-            log.exception("%s failed", what)
-        await wait_event(kick or stopping, interval)
-        if kick is not None:
-            kick.clear()
 
 
 def create_app(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> Litestar:
@@ -109,9 +96,10 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
                                               settings.rate_limit_window_s)
         stopping = asyncio.Event()
         tasks = [
-            asyncio.create_task(_every(settings.finalize_interval_s, "finalize", meter.finalize_due, stopping)),
-            asyncio.create_task(_every(settings.budget_interval_s, "budgets", budgets.evaluate_all, stopping,
-                                       budgets.kick)),
+            asyncio.create_task(forever("finalize", meter.finalize_due, interval=settings.finalize_interval_s,
+                                        until=stopping.is_set, logger=log)),
+            asyncio.create_task(forever("budgets", budgets.evaluate_all, interval=settings.budget_interval_s,
+                                        kick=budgets.kick, until=stopping.is_set, logger=log)),
         ]
         try:
             yield

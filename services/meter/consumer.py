@@ -48,7 +48,7 @@ from prometheus_client import Counter
 
 from services.common import tracing
 from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence
-from services.common.lifecycle import stop_tasks
+from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import AllocEvent
 from services.common.settings import Settings
 from services.common.subjects import ALLOC, MeterNames, Subjects
@@ -180,7 +180,8 @@ class AllocConsumer:
         advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.names.durable}"
         self._advisory = await self.nc.subscribe(advisory, queue=f"{self.names.durable}-maxdeliver",
                                                  cb=self._on_max_deliveries)
-        self._tasks = [asyncio.create_task(self._run(i)) for i in range(workers)]
+        self._tasks = [asyncio.create_task(forever(f"consumer worker {i}", self._pull, until=lambda: self._stopping,
+                                                   logger=log)) for i in range(workers)]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -195,25 +196,20 @@ class AllocConsumer:
         return info.num_pending or 0, info.num_ack_pending or 0
 
     # --- the loop -----------------------------------------------------------------------------
-    async def _run(self, worker: int) -> None:
-        while not self._stopping:
-            puller = Puller(self.nc, self.stream, self.names.durable)
-            try:
-                await puller.start()
-                while not self._stopping:
-                    msgs = await puller.fetch(self.settings.meter_batch, timeout=1.0)
-                    if msgs:
-                        await self.handle(msgs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS restart, consumer being created: keep going
-                log.warning("consumer worker %d restarting after %r", worker, exc)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
-                    await self.ensure()
-            finally:
-                with contextlib.suppress(Exception):
-                    await puller.stop()
+    async def _pull(self) -> None:
+        """One worker, fetching and applying until an error (a NATS restart, the consumer
+        deleted): ``forever`` starts it again, and it makes sure the consumer exists."""
+        await self.ensure()
+        puller = Puller(self.nc, self.stream, self.names.durable)
+        try:
+            await puller.start()
+            while not self._stopping:
+                msgs = await puller.fetch(self.settings.meter_batch, timeout=1.0)
+                if msgs:
+                    await self.handle(msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
 
     async def handle(self, msgs: list[Msg]) -> None:
         leases: dict[str, _Lease] = {}

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence, stream_seq
-from services.common.lifecycle import stop_tasks, wait_event
+from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.nats_conn import ensure_stream  # idempotent, safe for replicas starting at once
 from services.common.settings import Settings
 from services.common.subjects import MeterNames
@@ -88,7 +88,8 @@ class Ledger:
         self.target_seq = info.state.last_seq
         if self.target_seq == 0 or info.state.messages == 0:
             self.ready.set()
-        self._task = asyncio.create_task(self._follow())
+        self._task = asyncio.create_task(forever("ledger follower", self._follow, until=lambda: self._stopping,
+                                                 logger=log))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -114,31 +115,24 @@ class Ledger:
 
     async def _follow(self) -> None:
         """An ephemeral, unacknowledged pull consumer from the next unfolded sequence;
-        recreated from where it left off after any error (NATS restart, consumer lost)."""
-        while not self._stopping:
-            puller = None
-            try:
-                start = self.aggregate.applied_seq + 1
-                info = await self.js.add_consumer(self.names.ledger_stream, ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, ack_policy=AckPolicy.NONE,
-                    inactive_threshold=60.0, filter_subject=self.names.ledger_subjects, max_waiting=4))
-                puller = Puller(self.nc, self.names.ledger_stream, info.name)
-                await puller.start()
-                while not self._stopping:
-                    msgs = await puller.fetch(2000, timeout=1.0)
-                    if msgs:
-                        await self._fold(msgs)
-                    elif not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
-                        self.ready.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep following through a NATS blip
-                log.warning("ledger follower restarting after %r", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if puller is not None:
-                    with contextlib.suppress(Exception):
-                        await puller.stop()
+        recreated (by ``forever``) from where it left off after any error (NATS restart,
+        consumer lost)."""
+        start = self.aggregate.applied_seq + 1
+        info = await self.js.add_consumer(self.names.ledger_stream, ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0, filter_subject=self.names.ledger_subjects, max_waiting=4))
+        puller = Puller(self.nc, self.names.ledger_stream, info.name)
+        try:
+            await puller.start()
+            while not self._stopping:
+                msgs = await puller.fetch(2000, timeout=1.0)
+                if msgs:
+                    await self._fold(msgs)
+                elif not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
+                    self.ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
 
     async def _fold(self, msgs: list) -> None:
         agg = self.aggregate

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import msgspec
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from services.common.auth import Principal
+from services.common.clock import utcnow
 from services.common.ids import is_valid_id
 from services.common.keys import Keys
 from services.common.messages import Accelerator, PoolSpec, Region, Topology
@@ -39,10 +40,6 @@ _region_decoder = msgspec.json.Decoder(Region)
 
 
 _OUTCOME = {0: "not_found", -1: "forbidden"}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
