@@ -9,7 +9,7 @@ one wildcard reply subscription, numbers its messages, and resolves a plain futu
 message, errors included (as the nats-py error ``js.publish`` would raise), with one
 deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such batches.
 ``Puller`` fetches from a pull consumer through one callback subscription;
-``follow_bucket`` follows a key-value bucket.
+``follow_bucket`` follows a key-value bucket, ``bucket_values`` reads it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import msgspec
 import nats.errors
@@ -299,3 +299,16 @@ async def follow_bucket(kv: KeyValue, on_entry: Callable[[KeyValue.Entry], None]
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()
+
+
+async def bucket_values(kv: KeyValue) -> AsyncIterator[bytes]:
+    """The current value of every key of a bucket (deleted keys left out)."""
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # end of the current values
+                break
+            if entry.value:
+                yield entry.value
+    finally:
+        await watcher.stop()
