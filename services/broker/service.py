@@ -14,7 +14,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -23,7 +23,6 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from services.common.auth import Principal
-from services.common.clock import utcnow
 from services.common.coalesce import Coalescer
 from services.common.errors import BrokerError, Conflict, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import new_id
@@ -69,6 +68,10 @@ _request_event = msgspec.json.Decoder(RequestEvent)
 ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
 QUEUE_PLAN_BUDGET_S = 0.02  # a queue pass plans jointly for at most this long (it blocks the loop)
 QUEUE_PLAN_MAX = 200  # requests at the head of the queue planned jointly
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class NotPlaced(Exception):

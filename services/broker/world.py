@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
 
+from services.common.jetstream import bucket_values
 from services.common.keys import Keys
 from services.common.messages import (
     Accelerator,
@@ -38,7 +39,6 @@ from services.common.messages import (
     Topology,
 )
 from services.common import tracing
-from services.common.jetstream import bucket_values
 from services.common.nats_conn import ensure_bucket
 from services.common.subjects import ALLOC, CAPACITY, Subjects
 

@@ -9,7 +9,7 @@ one wildcard reply subscription, numbers its messages, and resolves a plain futu
 message, errors included (as the nats-py error ``js.publish`` would raise), with one
 deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such batches.
 ``Puller`` fetches from a pull consumer through one callback subscription;
-``follow_bucket`` follows a key-value bucket, ``bucket_values`` reads it.
+``watch_bucket`` follows a key-value bucket, ``bucket_values`` reads it.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ class Puller:
         return first
 
 
-async def follow_bucket(kv: KeyValue, on_entry: Callable[[KeyValue.Entry], None], ready: asyncio.Event,
+async def watch_bucket(kv: KeyValue, on_entry: Callable[[KeyValue.Entry], None], ready: asyncio.Event,
                         ignore_deletes: bool = False) -> None:
     """Every entry of a bucket, the current ones and then each change, to ``on_entry``;
     ``ready`` is set once the current ones are in. Follows until an error or a cancel:

@@ -11,7 +11,6 @@ from datetime import datetime
 
 from litestar import Litestar, get
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.config.cors import CORSConfig
 
 from services.common.auth import KeyLookup
@@ -36,10 +35,6 @@ from .ledger import Ledger, ensure_ledger
 from .service import Meter, TenantDirectory
 
 log = logging.getLogger("meter")
-
-
-def _meter(state: State) -> Meter:
-    return state.meter
 
 
 def create_app(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> Litestar:
@@ -120,7 +115,6 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
                         InvoiceController, StatementController, BudgetController, OpsController],
         lifespan=lifespan,
-        dependencies={"meter": Provide(_meter, sync_to_thread=False)},
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
         # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold
         cors_config=CORSConfig(allow_origins=["*"], allow_methods=["GET"], allow_headers=["Authorization"]),

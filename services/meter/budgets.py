@@ -30,7 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.jetstream import follow_bucket
+from services.common.jetstream import watch_bucket
 from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
@@ -73,7 +73,7 @@ class Budgets:
 
     # --- following the buckets -----------------------------------------------------------------
     async def start(self) -> None:
-        self._budget_watch = asyncio.create_task(forever("budget watch", lambda: follow_bucket(
+        self._budget_watch = asyncio.create_task(forever("budget watch", lambda: watch_bucket(
             self.kv, self._on_budget, self.ready), logger=log))
         await wait_event(self.ready, 10)
 

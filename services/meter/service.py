@@ -21,7 +21,7 @@ from services.common.auth import KeyRecord, Principal
 from services.common.clock import utcnow
 from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import is_valid_id
-from services.common.jetstream import follow_bucket
+from services.common.jetstream import watch_bucket
 from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import InvoiceIssued
 from services.common.nats_conn import publish_event, read_stream
@@ -70,7 +70,7 @@ class TenantDirectory:
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(forever("keys watch", lambda: follow_bucket(
+        self._task = asyncio.create_task(forever("keys watch", lambda: watch_bucket(
             self.kv, self._on_key, self.ready, ignore_deletes=True), logger=log))
         await wait_event(self.ready, 10)
 
