@@ -149,8 +149,17 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int]]:
     return proc, ports
 
 
+def _alive(p: psutil.Process, name: str | None = None) -> bool:
+    """Running, not a zombie (and named ``name``); a process that ends while it is looked
+    at is not alive."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE and (name is None or p.name() == name)
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _child(up: subprocess.Popen, name: str) -> psutil.Process | None:
-    found = [c for c in psutil.Process(up.pid).children() if c.name() == name and c.status() != psutil.STATUS_ZOMBIE]
+    found = [c for c in psutil.Process(up.pid).children() if _alive(c, name)]
     return found[0] if found else None
 
 
@@ -227,10 +236,8 @@ def test_sigkill_of_up_takes_its_children_with_it(tmp_path: Path) -> None:
         up.kill()
         up.wait()
 
-        def gone() -> bool:
-            return all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)
-
-        wait_until(gone, 5, what="every child of the killed cbroker up exited")
+        wait_until(lambda: not any(_alive(c) for c in children), 5,
+                   what="every child of the killed cbroker up exited")
         assert all(_port_free(p) for p in ports.values()), ports
     finally:
         for c in children:  # what this test started, if the assertion above failed
