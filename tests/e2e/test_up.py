@@ -196,7 +196,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def test_up_restarts_a_killed_nats_server_on_the_same_store(tmp_path: Path) -> None:
+async def test_up_restarts_killed_nats_and_redis_servers_on_the_same_port_and_store(tmp_path: Path) -> None:
     up, ports = _start_up(tmp_path)
     url = f"nats://127.0.0.1:{ports['nats']}"
     try:
@@ -221,10 +221,18 @@ async def test_up_restarts_a_killed_nats_server_on_the_same_store(tmp_path: Path
             await nc.close()
         # and every service works with it again
         await asyncio.to_thread(wait_until, lambda: _ready(ports), 30, 0.2, "services ready again")
+        # redis-server too (it holds live state only: the services rebuild it)
+        first = _child(up, "redis-server")
+        assert first is not None
+        first.kill()
+        await asyncio.to_thread(wait_until, lambda: (c := _child(up, "redis-server")) and c.pid != first.pid, 30,
+                                0.1, "redis-server restarted")
+        await asyncio.to_thread(wait_until, lambda: _ready(ports), 30, 0.2, "services ready after redis")
     finally:
         out = await asyncio.to_thread(_stop, up)
     assert up.returncode == 0, out
     assert "nats-server exited" in out and "nats-server restarted" in out, out
+    assert "redis-server exited" in out and "redis-server restarted" in out, out
 
 
 def test_sigkill_of_up_takes_its_children_with_it(tmp_path: Path) -> None:
