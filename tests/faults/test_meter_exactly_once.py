@@ -9,7 +9,8 @@ waits until its durable consumer has nothing pending, and checks the ledger — 
 straight from the ledger stream — against the charges computed independently from the
 test's own record of the events with the pure pricing functions: same entries, same
 amounts, to the minor unit. A second test replays the whole stream into a fresh meter
-(new state, new durable consumer) and gets identical totals.
+(new state, new durable consumer) and gets identical totals. A third retries a dead letter
+after the ledger's duplicate window has passed and finds nothing billed twice.
 """
 
 from __future__ import annotations
