@@ -127,9 +127,12 @@ def die_with_parent() -> Callable[[], None] | None:
     return arm
 
 
-def _spawn(args: list[str], log_path: Path | None, tied: bool = False) -> subprocess.Popen:
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+def _spawn(args: list[str], log_path: Path | None, tied: bool = False,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child in its own session (a Ctrl-C reaches only its parent, which stops it in
+    order), its output appended to ``log_path``."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True, preexec_fn=die_with_parent() if tied else None)
 
 

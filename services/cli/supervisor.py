@@ -14,7 +14,7 @@ from typing import Protocol
 
 import httpx
 
-from .servers import die_with_parent, stop_process
+from .servers import _spawn, stop_process
 
 log = logging.getLogger("cbroker.up")
 
@@ -88,11 +88,8 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, **self.env, "CB_PORT": str(self.port)}
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=env, stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent() if self.tied else None)
+        self.proc = _spawn([sys.executable, "-m", f"services.{self.name}"], self.log_path, self.tied,
+                           env={**os.environ, **self.env, "CB_PORT": str(self.port)})
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
