@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from redis.asyncio import Redis
 
+from services.common.jetstream import bucket_values
 from services.common.keys import Keys
 from services.common.messages import (
     Accelerator,
@@ -158,16 +159,9 @@ class World:
         """Read every pool from the registry's record and its live numbers from Redis."""
         kv = await ensure_bucket(self.js, self.subjects.bucket("pools"))
         pools: dict[str, PoolState] = {}
-        watcher = await kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    pool = _pool.decode(entry.value)
-                    pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
-        finally:
-            await watcher.stop()
+        async for value in bucket_values(kv):
+            pool = _pool.decode(value)
+            pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
         live = await self._live(list(pools.values()))
         self.pools = pools
         for state, (status, free) in zip(pools.values(), live, strict=True):

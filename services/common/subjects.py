@@ -101,8 +101,9 @@ class MeterNames:
     def ledger_stream(self) -> str:
         return f"{self.state.upper()}_LEDGER"
 
-    def ledger(self, tenant: str) -> str:
-        return f"{self.state}.ledger.{tenant}"
+    def ledger(self, tenant: str, entry_id: str) -> str:
+        """One subject per entry: appending is create-only on it (``meter/ledger.py``)."""
+        return f"{self.state}.ledger.{tenant}.{entry_id}"
 
     @property
     def ledger_control(self) -> str:

@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from services.common.auth import Principal
+from services.common.clock import utcnow
 from services.common.ids import is_valid_id
 from services.common.keys import Keys
 from services.common.messages import Accelerator, Link, PoolSpec, Region
@@ -43,10 +44,6 @@ log = logging.getLogger(__name__)
 
 
 _OUTCOME = {0: "not_found", -1: "forbidden"}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
