@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from redis.asyncio import Redis
 
-from services.common.jetstream import bucket_values
+from services.common.jetstream import bucket_values, follow_bucket
 from services.common.keys import Keys
 from services.common.messages import (
     Accelerator,
@@ -42,7 +42,7 @@ from services.common.messages import (
     PoolUpdated,
 )
 from services.common import tracing
-from services.common.nats_conn import ensure_bucket, follow_bucket
+from services.common.nats_conn import ensure_bucket
 from services.common.network import Network
 from services.common.subjects import ALLOC, CAPACITY, Subjects, region_key
 

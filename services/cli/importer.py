@@ -36,6 +36,8 @@ from services.registry.domain.importers import (
 )
 from services.registry.domain.offer_formats import GPUHUNT_REQUIRED, gpuhunt_to_skypilot
 
+from .term import print_json
+
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 BATCH = 500
@@ -203,24 +205,45 @@ def _write_report(path: Path, rows: list[RowResult]) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
-def _summary(rows: list[RowResult], regions_added: int) -> None:
+def _counts(rows: list[RowResult]) -> dict[str, int]:
     counts = Counter(r.status for r in rows)
-    offers = len(rows) - counts["skipped"]
-    registered = counts["created"] + counts["updated"]
+    return {"rows": len(rows), "skipped": counts["skipped"], "offers": len(rows) - counts["skipped"],
+            "registered": counts["created"] + counts["updated"], "created": counts["created"],
+            "updated": counts["updated"], "rejected": counts["rejected"], "refused": counts["refused"],
+            "not_attempted": counts["not-attempted"]}
+
+
+def _not_registered(rows: list[RowResult]) -> Counter[str]:
+    return Counter(reason_kind(r.reason) for r in rows if r.status in {"rejected", "refused", "not-attempted"})
+
+
+def _summary_json(rows: list[RowResult], regions_added: int, provider: str, cloud: str, report: Path | None,
+                  error: str) -> dict:
+    """``--json``: the summary as one object (an import covers one cloud's region codes;
+    ``clouds`` is keyed by it so that scripts read every import alike)."""
+    return {"provider": provider, "clouds": {cloud: _counts(rows)}, "regions_added": regions_added,
+            "not_registered_by_reason": dict(_not_registered(rows).most_common()),
+            "report": None if report is None else {"path": str(report), "rows": len(rows)},
+            "error": error or None}
+
+
+def _summary(rows: list[RowResult], regions_added: int) -> None:
+    c = _counts(rows)
+    offers, registered = c["offers"], c["registered"]
     table = Table(title="import summary")
     table.add_column("rows")
     table.add_column("count", justify="right")
     table.add_row("read", str(len(rows)))
-    table.add_row("not accelerator offers (skipped)", str(counts["skipped"]))
+    table.add_row("not accelerator offers (skipped)", str(c["skipped"]))
     table.add_row("accelerator offers", str(offers))
-    table.add_row("registered: created", str(counts["created"]))
-    table.add_row("registered: updated", str(counts["updated"]))
-    table.add_row("rejected by the importer's rules", str(counts["rejected"]))
-    table.add_row("refused by the registry", str(counts["refused"]))
-    table.add_row("not attempted (registry failed)", str(counts["not-attempted"]))
+    table.add_row("registered: created", str(c["created"]))
+    table.add_row("registered: updated", str(c["updated"]))
+    table.add_row("rejected by the importer's rules", str(c["rejected"]))
+    table.add_row("refused by the registry", str(c["refused"]))
+    table.add_row("not attempted (registry failed)", str(c["not_attempted"]))
     table.add_row("regions added to the topology", str(regions_added))
     out.print(table)
-    reasons = Counter(reason_kind(r.reason) for r in rows if r.status in {"rejected", "refused", "not-attempted"})
+    reasons = _not_registered(rows)
     if reasons:
         why = Table(title="offers not registered, by reason (every row is in --report)")
         why.add_column("reason")
@@ -229,14 +252,15 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
             why.add_row(reason, str(n))
         out.print(why)
     pct = f" ({100 * registered / offers:.1f}% of offers)" if offers else ""
-    out.print(f"{counts['created']} pools registered, {counts['updated']} updated{pct}; "
-              f"{counts['skipped']} rows without an accelerator skipped")
+    out.print(f"{c['created']} pools registered, {c['updated']} updated{pct}; "
+              f"{c['skipped']} rows without an accelerator skipped")
     out.print("pool ids are the same on every run: re-running this import updates these pools")
 
 
-def _run(client: httpx.Client, result: ImportResult, provider: str, reject: bool, report: Path | None) -> list[str]:
-    """Register a parsed import, print the summary, write the report; returns the ids of
-    the pools registered."""
+def _run(client: httpx.Client, result: ImportResult, provider: str, cloud: str, reject: bool, report: Path | None,
+         as_json: bool) -> list[str]:
+    """Register a parsed import, print the summary (``as_json``: as one JSON object),
+    write the report; returns the ids of the pools registered."""
     failed_regions = _add_regions(client, result, reject)
     by_id = dict(result.pools)
     to_register = [(p, s) for p, s in result.pools if s.region not in failed_regions]
@@ -265,10 +289,15 @@ def _run(client: httpx.Client, result: ImportResult, provider: str, reject: bool
         n = sum(1 for r in rows if r.region == region and r.status == "rejected")
         console.print(f"[red]warning:[/] region {region} is unknown ({n} rows not imported; "
                       "give it a location with --region-map)")
-    _summary(rows, len({s.region for _, s in to_register} & set(result.new_regions)))
+    regions_added = len({s.region for _, s in to_register} & set(result.new_regions))
     if report:
         _write_report(report, rows)
-        out.print(f"report: {report} ({len(rows)} rows)")
+    if as_json:
+        print_json(_summary_json(rows, regions_added, provider, cloud, report, error))
+    else:
+        _summary(rows, regions_added)
+        if report:
+            out.print(f"report: {report} ({len(rows)} rows)")
     if error:
         raise click.ClickException(f"registry failed: {error}; pools registered before it stay registered "
                                    "(re-run the import to finish: it updates them)")
@@ -325,6 +354,8 @@ _catalogue_options = [
                  help="Stay running and heartbeat the imported pools so they stay matchable."),
     click.option("--keep-alive-interval", type=click.FloatRange(0.5, 3600), default=10.0, show_default=True,
                  help="Seconds between heartbeats (below the registry's heartbeat TTL, 30 s by default)."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print the summary as one JSON object on stdout (counts per cloud, where the report went)."),
 ]
 
 
@@ -356,7 +387,7 @@ def _catalogue_rows(path: Path, required: Iterable[str], what: str) -> list[dict
 
 def _import_catalogue(rows: list[dict[str, str]], registry_url: str, key: str, provider: str, cloud: str | None,
                       units_per_offer: int, region_map: Path | None, reject_unknown_regions: bool,
-                      report: Path | None, keep: bool, interval: float) -> None:
+                      report: Path | None, keep: bool, interval: float, as_json: bool) -> None:
     try:
         mapping = load_region_map(region_map) if region_map else None
     except FileError as exc:
@@ -368,7 +399,7 @@ def _import_catalogue(rows: list[dict[str, str]], registry_url: str, key: str, p
             raise click.ClickException(f"cannot read the registry's regions at {registry_url}: {exc}") from None
         result = parse_skypilot(rows, provider, known, units_per_offer=units_per_offer, cloud=cloud,
                                 region_map=mapping)
-        pool_ids = _run(client, result, provider, reject_unknown_regions, report)
+        pool_ids = _run(client, result, provider, cloud or provider, reject_unknown_regions, report, as_json)
         if keep and pool_ids:
             keep_alive(client, pool_ids, interval)
 
@@ -378,11 +409,11 @@ def _import_catalogue(rows: list[dict[str, str]], registry_url: str, key: str, p
 @_options(_common + _catalogue_options)
 def skypilot(file: Path, registry_url: str, key: str, provider: str, cloud: str | None, units_per_offer: int,
              region_map: Path | None, reject_unknown_regions: bool, report: Path | None, keep_alive: bool,
-             keep_alive_interval: float) -> None:
+             keep_alive_interval: float, as_json: bool) -> None:
     """Import a SkyPilot catalogue file (vms.csv format)."""
     rows = _catalogue_rows(file, SKYPILOT_REQUIRED, "SkyPilot vms.csv")
     _import_catalogue(rows, registry_url, key, provider, cloud, units_per_offer, region_map,
-                      reject_unknown_regions, report, keep_alive, keep_alive_interval)
+                      reject_unknown_regions, report, keep_alive, keep_alive_interval, as_json)
 
 
 @import_group.command("gpuhunt")
@@ -390,11 +421,11 @@ def skypilot(file: Path, registry_url: str, key: str, provider: str, cloud: str 
 @_options(_common + _catalogue_options)
 def gpuhunt(file: Path, registry_url: str, key: str, provider: str, cloud: str | None, units_per_offer: int,
             region_map: Path | None, reject_unknown_regions: bool, report: Path | None, keep_alive: bool,
-            keep_alive_interval: float) -> None:
+            keep_alive_interval: float, as_json: bool) -> None:
     """Import a dstack gpuhunt catalogue CSV (one provider's file, e.g. runpod.csv)."""
     rows = _catalogue_rows(file, GPUHUNT_REQUIRED, "gpuhunt catalogue CSV")
     _import_catalogue(gpuhunt_to_skypilot(rows), registry_url, key, provider, cloud, units_per_offer, region_map,
-                      reject_unknown_regions, report, keep_alive, keep_alive_interval)
+                      reject_unknown_regions, report, keep_alive, keep_alive_interval, as_json)
 
 
 @import_group.command("alibaba-trace")
@@ -403,8 +434,9 @@ def gpuhunt(file: Path, registry_url: str, key: str, provider: str, cloud: str |
 @click.option("--region", default="cn-yrd", show_default=True, help="Region the cluster's nodes are in.")
 @click.option("--assume", multiple=True, metavar="CODE=MODEL",
               help="Map an undisclosed model code (G1, G2, G3) to a catalogue model id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 def alibaba_trace(nodes_csv: Path, registry_url: str, key: str, provider: str, region: str,
-                  assume: tuple[str, ...]) -> None:
+                  assume: tuple[str, ...], as_json: bool) -> None:
     """Import the node list of Alibaba's GPU cluster trace (one pool per node)."""
     mapping = {}
     for item in assume:
@@ -419,6 +451,17 @@ def alibaba_trace(nodes_csv: Path, registry_url: str, key: str, provider: str, r
         except (_Refused, httpx.HTTPError) as exc:
             raise click.ClickException(f"registry failed: {exc}") from None
         counts = Counter(status for status, _ in registered.values())
+        if as_json:
+            print_json({"provider": provider, "clouds": {"alibaba": {
+                "registered": counts["created"] + counts["updated"], "created": counts["created"],
+                "updated": counts["updated"], "refused": counts["refused"],
+                "skipped": result.skipped_no_accelerator, "unmapped": sum(result.unmapped.values())}},
+                "unmapped_names": dict(result.unmapped.most_common()), "row_errors": result.errors,
+                "refused": {p: reason for p, (status, reason) in registered.items() if status == "refused"},
+                "report": None})
+            if counts["refused"]:
+                raise SystemExit(1)
+            return
         out.print(f"{counts['created']} pools registered, {counts['updated']} updated; "
                   f"{result.skipped_no_accelerator} rows without an accelerator skipped")
         if result.unmapped:

@@ -108,14 +108,16 @@ def check_ports_free(ports: dict[str, int | None]) -> None:
 @click.option("--meter-port", type=PORT, default=8083, show_default=True)
 @click.option("--demo-pace", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
               help="Speed of the demo tenants' workload: every wait is multiplied by this (0.1 = ten times faster).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Once everything is up, print one line of JSON (every URL, the data dir) instead of the table.")
 def up(demo: bool, data_dir: Path, nats_port: int | None, redis_port: int | None, registry_port: int,
-       broker_port: int, meter_port: int, demo_pace: float) -> None:
+       broker_port: int, meter_port: int, demo_pace: float, as_json: bool) -> None:
     """Start NATS, Redis and every service on loopback (NATS_URL/REDIS_URL: use running servers)."""
     check_ports_free({"--registry-port": registry_port, "--broker-port": broker_port, "--meter-port": meter_port,
                       "--nats-port": nats_port, "--redis-port": redis_port})
     opts = UpOptions(data_dir=data_dir.resolve(), demo=demo, nats_port=nats_port, redis_port=redis_port,
                      ports={"registry": registry_port, "broker": broker_port, "meter": meter_port},
-                     demo_pace=demo_pace)
+                     demo_pace=demo_pace, as_json=as_json)
     raise SystemExit(asyncio.run(run_up(opts, console)))
 
 

@@ -20,6 +20,7 @@ from services.common.subjects import Subjects
 from .demo import heartbeat_agent, load_demo, tenant_agent
 from .servers import ServerProcess, start_nats, start_redis
 from .supervisor import ServiceProcess, Supervisor, available_services
+from .term import print_json
 
 log = logging.getLogger("cbroker.up")
 
@@ -32,6 +33,31 @@ class UpOptions:
     redis_port: int | None
     ports: dict[str, int]
     demo_pace: float = 1.0  # the demo tenants' waits are multiplied by this
+    as_json: bool = False  # once ready, one line of JSON on stdout instead of the table
+
+
+def ready_json(servers: list[ServerProcess], services: list[ServiceProcess], data_dir: Path, keys: Path,
+               console_url: str | None) -> dict:
+    """``up --json``: where everything is, for a script waiting on the first line."""
+    return {"servers": {s.name: s.url for s in servers},
+            "services": {s.name: {"url": s.url, "docs": f"{s.url}/schema", "metrics": f"{s.url}/metrics"}
+                         for s in services},
+            "console": console_url, "data_dir": str(data_dir), "keys": str(keys)}
+
+
+def _ready_table(servers: list[ServerProcess], services: list[ServiceProcess], data_dir: Path, keys: Path) -> Table:
+    table = Table(title="Compute Broker is up", show_lines=False)
+    for col in ("what", "where"):
+        table.add_column(col)
+    for s in servers:
+        table.add_row(s.name, s.url)
+    for svc in services:
+        table.add_row(f"{svc.name} API", svc.url)
+        table.add_row(f"{svc.name} OpenAPI docs", f"{svc.url}/schema")
+        table.add_row(f"{svc.name} metrics", f"{svc.url}/metrics")
+    table.add_row("data and logs", str(data_dir))
+    table.add_row("API keys", str(keys))
+    return table
 
 
 async def _ensure_streams(settings: Settings) -> None:
@@ -84,22 +110,18 @@ async def run_up(opts: UpOptions, console: Console) -> int:
             (opts.data_dir / "admin-key").write_text(admin_key)
             (opts.data_dir / "admin-key").chmod(0o600)
 
-        table = Table(title="Compute Broker is up", show_lines=False)
-        for col in ("what", "where"):
-            table.add_column(col)
-        for s in servers:
-            table.add_row(s.name, s.url)
-        for svc in services:
-            table.add_row(f"{svc.name} API", svc.url)
-            table.add_row(f"{svc.name} OpenAPI docs", f"{svc.url}/schema")
-            table.add_row(f"{svc.name} metrics", f"{svc.url}/metrics")
-        table.add_row("data and logs", str(opts.data_dir))
-        table.add_row("API keys", str(keys_path) if opts.demo else str(opts.data_dir / "admin-key"))
-        console.print(table)
         registry = next((s for s in services if s.name == "registry"), None)
+        console_url = None
         if registry is not None:  # the ops console (docs/console.md); with --demo, signed in as ops
-            url = f"{registry.url}/console" + (f"?key={keys['ops']}" if opts.demo else "")
-            console.print(f"Ops console: {url}", soft_wrap=True, highlight=False)
+            console_url = f"{registry.url}/console" + (f"?key={keys['ops']}" if opts.demo else "")
+        keys_at = keys_path if opts.demo else opts.data_dir / "admin-key"
+        if opts.as_json:
+            print_json(ready_json(servers, services, opts.data_dir, keys_at, console_url))
+            console = Console(stderr=True)  # what follows is for people: stdout holds the one line
+        else:
+            console.print(_ready_table(servers, services, opts.data_dir, keys_at))
+            if console_url is not None:
+                console.print(f"Ops console: {console_url}", soft_wrap=True, highlight=False)
         console.print("Ctrl-C stops everything.")
 
         # every child is started (and restarted) from this thread: a child's parent-death

@@ -9,13 +9,12 @@ one wildcard reply subscription, numbers its messages, and resolves a plain futu
 message, errors included (as the nats-py error ``js.publish`` would raise), with one
 deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such batches.
 ``Puller`` fetches from a pull consumer through one callback subscription;
-``watch_bucket`` follows a key-value bucket, ``bucket_values`` reads it.
+``follow_bucket`` keeps a copy of a key-value bucket, ``bucket_values`` reads it once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +24,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
@@ -283,22 +284,40 @@ class Puller:
         return first
 
 
-async def watch_bucket(kv: KeyValue, on_entry: Callable[[KeyValue.Entry], None], ready: asyncio.Event,
-                        ignore_deletes: bool = False) -> None:
-    """Every entry of a bucket, the current ones and then each change, to ``on_entry``;
-    ``ready`` is set once the current ones are in. Follows until an error or a cancel:
-    run it under ``lifecycle.forever``, which starts it again (from the current entries)."""
-    watcher = await kv.watchall(ignore_deletes=ignore_deletes)
-    try:
-        while True:
-            entry = await watcher.updates(timeout=None)
-            if entry is None:  # the current entries are all in
-                ready.set()
-            else:
-                on_entry(entry)
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
+async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[str, bytes | None, int], object],
+                        timeout: float = 30.0) -> JetStreamContext.PushSubscription:
+    """Keep a process's copy of a key-value bucket current through one ordered consumer
+    that lives as long as the connection (or until the returned subscription is
+    unsubscribed): ``on_entry(key, value, revision)`` for every key's latest value, then
+    for each change as it comes (``value`` None: the key was deleted or purged; the
+    revision is the stream sequence, so a caller can ignore an older one that a key read
+    or a write of its own already overtook). Returns once the copy has caught up with the
+    bucket, and raises ``TimeoutError`` if it has not within ``timeout``.
+
+    nats-py's ordered consumer re-creates itself after a gap or missed heartbeats (a NATS
+    restart), from the next sequence, so a follower is a subscription, not a loop. Readers
+    serve from the copy, so a read costs no consumer (opening one per read leaked them,
+    issue 16)."""
+    prefix = f"$KV.{bucket}."
+    caught_up = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        headers = msg.headers or {}
+        deleted = (headers.get("KV-Operation") in ("DEL", "PURGE")
+                   or headers.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove"))
+        on_entry(msg.subject[len(prefix):], None if deleted else msg.data, msg.metadata.sequence.stream)
+        if msg.metadata.num_pending == 0:
+            caught_up.set()
+
+    info = await js.stream_info(f"KV_{bucket}")
+    if info.state.messages == 0:
+        caught_up.set()
+    sub = await js.subscribe(f"{prefix}>", stream=f"KV_{bucket}", cb=on_msg, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+    if not await wait_event(caught_up, timeout):
+        await sub.unsubscribe()
+        raise TimeoutError(f"the copy of bucket {bucket} did not catch up within {timeout}s")
+    return sub
 
 
 async def bucket_values(kv: KeyValue) -> AsyncIterator[bytes]:

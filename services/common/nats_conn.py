@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -126,37 +124,6 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, atte
                 raise
             log.warning("creating bucket %s: %s; looking again", name, exc or type(exc).__name__)
     raise AssertionError("unreachable")
-
-
-async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[str, bytes | None, int], object],
-                        timeout: float = 30.0) -> JetStreamContext.PushSubscription:
-    """Keep a process's copy of a key-value bucket current through one ordered consumer
-    that lives as long as the connection: ``on_entry(key, value, revision)`` for every
-    key's latest value, then for each change as it comes (``value`` None: the key was
-    deleted). Returns once the copy has caught up with the bucket. Readers serve from
-    that copy, so a read costs no consumer (opening one per read leaked them, issue 16)."""
-    prefix = f"$KV.{bucket}."
-    caught_up = asyncio.Event()
-
-    async def on_msg(msg: Msg) -> None:
-        headers = msg.headers or {}
-        deleted = (headers.get("KV-Operation") in ("DEL", "PURGE")
-                   or headers.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove"))
-        on_entry(msg.subject[len(prefix):], None if deleted else msg.data, msg.metadata.sequence.stream)
-        if msg.metadata.num_pending == 0:
-            caught_up.set()
-
-    info = await js.stream_info(f"KV_{bucket}")
-    if info.state.messages == 0:
-        caught_up.set()
-    sub = await js.subscribe(f"{prefix}>", stream=f"KV_{bucket}", cb=on_msg, ordered_consumer=True,
-                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
-    try:
-        await asyncio.wait_for(caught_up.wait(), timeout)
-    except TimeoutError:
-        await sub.unsubscribe()
-        raise
-    return sub
 
 
 async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:

@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         consumer = AllocConsumer(nc, js, names, subjects, settings, ledger,
                                  AccountStore(publisher, accounts_kv, names.accounts), clock)
         budgets = Budgets(js, budgets_kv, ledger.aggregate, subjects, settings.min_bill_s, clock)
-        directory = TenantDirectory(await ensure_bucket(js, subjects.bucket("keys")))
+        await ensure_bucket(js, subjects.bucket("keys"))
+        directory = TenantDirectory(js, subjects.bucket("keys"))
         meter = Meter(js=js, names=names, subjects=subjects, settings=settings, ledger=ledger, consumer=consumer,
                       budgets=budgets, invoices_kv=invoices_kv, directory=directory, clock=clock)
         ledger.on_entries = budgets.mark

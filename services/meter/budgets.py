@@ -30,7 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.jetstream import watch_bucket
+from services.common.jetstream import follow_bucket
 from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
@@ -65,7 +65,7 @@ class Budgets:
         # leases whose usage the ledger already holds: never accrued again (their account
         # may say "open" for a moment after the entry is folded)
         self._posted: dict[str, dict[str, None]] = {}
-        self._budget_watch: asyncio.Task | None = None
+        self._budget_watch: JetStreamContext.PushSubscription | None = None
         self.kick = asyncio.Event()
         self.dirty: set[str] = set()
         self.ready = asyncio.Event()
@@ -73,19 +73,22 @@ class Budgets:
 
     # --- following the buckets -----------------------------------------------------------------
     async def start(self) -> None:
-        self._budget_watch = asyncio.create_task(forever("budget watch", lambda: watch_bucket(
-            self.kv, self._on_budget, self.ready), logger=log))
-        await wait_event(self.ready, 10)
+        """Returns once every budget of the bucket is in."""
+        self._budget_watch = await follow_bucket(self.js, (await self.kv.status()).bucket, self._on_budget)
+        self.ready.set()
 
     async def stop(self) -> None:
         self._stopping = True
-        await stop_tasks([t for t in [self._budget_watch, *self._watchers.values()] if t is not None])
+        if self._budget_watch is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await self._budget_watch.unsubscribe()
+        await stop_tasks(list(self._watchers.values()))
 
-    def _on_budget(self, entry: KeyValue.Entry) -> None:
-        if entry.operation in ("DEL", "PURGE") or not entry.value:
-            self.records.pop(entry.key, None)
+    def _on_budget(self, key: str, value: bytes | None, revision: int) -> None:
+        if not value:
+            self.records.pop(key, None)
         else:
-            self._remember(entry.revision, _budget.decode(entry.value))
+            self._remember(revision, _budget.decode(value))
 
     def _remember(self, revision: int, budget: Budget) -> None:
         seen = self.records.get(budget.tenant)

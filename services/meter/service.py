@@ -21,8 +21,7 @@ from services.common.auth import KeyRecord, Principal
 from services.common.clock import utcnow
 from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import is_valid_id
-from services.common.jetstream import watch_bucket
-from services.common.lifecycle import forever, stop_tasks, wait_event
+from services.common.jetstream import follow_bucket
 from services.common.messages import InvoiceIssued
 from services.common.nats_conn import publish_event, read_stream
 from services.common.settings import Settings
@@ -63,25 +62,24 @@ class TenantDirectory:
     """Tenants that exist: those with a tenant key (the keys bucket, watched) or any
     ledger entry."""
 
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+        self.js, self.bucket = js, bucket
         self.tenants: set[str] = set()
-        self._task: asyncio.Task | None = None
-        self.ready = asyncio.Event()
+        self._sub: JetStreamContext.PushSubscription | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(forever("keys watch", lambda: watch_bucket(
-            self.kv, self._on_key, self.ready, ignore_deletes=True), logger=log))
-        await wait_event(self.ready, 10)
+        """Returns once every key of the bucket is in."""
+        self._sub = await follow_bucket(self.js, self.bucket, self._on_key)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await stop_tasks([self._task])
+        if self._sub is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await self._sub.unsubscribe()
 
-    def _on_key(self, entry: KeyValue.Entry) -> None:
-        if entry.value:
+    def _on_key(self, key: str, value: bytes | None, revision: int) -> None:
+        if value:
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                record = _key_record.decode(entry.value)
+                record = _key_record.decode(value)
                 if record.role == "tenant" and record.subject:
                     self.tenants.add(record.subject)
 

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 from litestar import Litestar, get
 from litestar.datastructures import State
-from litestar.di import Provide
 
 from services.common.auth import KeyLookup
 from services.common.http import prometheus, service_app
@@ -40,10 +39,6 @@ from .service import Registry, RegionBook
 from .store import PoolStore
 
 log = logging.getLogger("registry")
-
-
-def _registry(state: State) -> Registry:
-    return state.registry
 
 
 @get("/health", tags=["ops"], summary="The process is alive")
@@ -106,7 +101,4 @@ def create_app(settings: Settings | None = None) -> Litestar:
                         HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],
         lifespan=lifespan,
-        dependencies={
-            "registry": Provide(_registry, sync_to_thread=False),
-        },
     )

@@ -19,7 +19,7 @@ from services.common.clock import utcnow
 from services.common.ids import is_valid_id
 from services.common.keys import Keys
 from services.common.messages import Accelerator, Link, PoolSpec, Region
-from services.common.nats_conn import follow_bucket
+from services.common.jetstream import follow_bucket
 from services.common.network import Network
 from services.common.subjects import link_key, region_key
 

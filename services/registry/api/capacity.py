@@ -4,7 +4,6 @@ ops console polls it; open to every authenticated role, like pool search)."""
 from __future__ import annotations
 
 from litestar import get
-from litestar.datastructures import State
 
 from services.common.http import AuthedRequest
 
@@ -12,5 +11,5 @@ from ..capacity import CapacitySummary
 
 
 @get("/v1/capacity", tags=["pools"], summary="Capacity by region and model (free, leased), queue depth")
-async def capacity(request: AuthedRequest, state: State) -> CapacitySummary:
-    return await state.capacity.get()
+async def capacity(request: AuthedRequest) -> CapacitySummary:
+    return await request.app.state.capacity.get()
