@@ -9,7 +9,6 @@ it, ``request --keep-alive`` stays in the foreground renewing until interrupted.
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -24,6 +23,7 @@ from services.broker.client import BrokerApiError, BrokerClient
 from services.broker.domain.requests import ComputeRequest
 from services.broker.records import LeaseView, RequestView
 
+from .options import data_dir_option, key_option, url_option, with_options
 from .term import LocalError, handled, note, print_json, show, waiting
 
 LEASE_COLUMNS = ("lease", "pool", "region", "model", "units", "billing", "price", "expires")
@@ -90,14 +90,6 @@ _request_options = [
     click.option("--body", help="The whole request body as JSON, instead of the options above."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 ]
-
-
-def _with(options):  # noqa: ANN001, ANN202
-    def deco(f):  # noqa: ANN001, ANN202
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return deco
 
 
 def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
@@ -213,26 +205,22 @@ def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> No
 
 def register(cli: click.Group) -> None:
     common = [
-        click.option("--broker-url", "url", default=lambda: os.environ.get("CB_BROKER_URL", "http://127.0.0.1:8082"),
-                     show_default="$CB_BROKER_URL or http://127.0.0.1:8082"),
-        click.option("--key", default=lambda: os.environ.get("CB_KEY"), help="Tenant API key (default $CB_KEY)."),
+        url_option("broker"),
+        key_option("Tenant API key (default $CB_KEY)."),
         click.option("--tenant", help="With the demo keys file: which demo tenant."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True),
+        data_dir_option,
     ]
     json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
     def setup(f):  # noqa: ANN001, ANN202
-        f = click.pass_context(f)
-        for option in reversed(common):
-            f = option(f)
-        return f
+        return with_options(common)(click.pass_context(f))
 
     def client(url: str, key: str | None, tenant: str | None, data_dir: Path) -> BrokerClient:
         return BrokerClient(url, tenant_key(key, tenant, data_dir))
 
     @cli.command()
     @setup
-    @_with(_request_options)
+    @with_options(_request_options)
     @handled
     def quote(ctx, url, key, tenant, data_dir, as_json, **kw) -> None:  # noqa: ANN001
         """Ranked placement options with prices; reserves nothing."""
@@ -253,7 +241,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("request")
     @setup
-    @_with(_request_options)
+    @with_options(_request_options)
     @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
                   help="Seconds to wait for a queued request to be placed, showing its position.")
     @click.option("--keep-alive", is_flag=True,

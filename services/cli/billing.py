@@ -3,7 +3,6 @@ CSV or JSON."""
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from services.meter.client import MeterClient
 from services.meter.model import Invoice, InvoiceLine
 
 from .apps import demo_keys
+from .options import data_dir_option, key_option, url_option, with_options
 from .term import handled, out, print_json, show, table
 
 GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
@@ -71,19 +71,14 @@ def print_invoice(inv: Invoice) -> None:
 
 def register(cli: click.Group) -> None:
     common = [
-        click.option("--meter-url", "url", default=lambda: os.environ.get("CB_METER_URL", "http://127.0.0.1:8083"),
-                     show_default="$CB_METER_URL or http://127.0.0.1:8083"),
-        click.option("--key", default=lambda: os.environ.get("CB_KEY"), help="API key (default $CB_KEY)."),
+        url_option("meter"),
+        key_option("API key (default $CB_KEY)."),
         click.option("--tenant", help="Whose bills: with the demo keys file, that demo tenant's key; with an "
                                       "ops/admin key (or --ops), the tenant asked about."),
         click.option("--ops", is_flag=True, help="With the demo keys file: use the ops key."),
-        click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True),
+        data_dir_option,
     ]
-
-    def setup(f):  # noqa: ANN001, ANN202
-        for option in reversed(common):
-            f = option(f)
-        return f
+    setup = with_options(common)
 
     @cli.command()
     @click.option("--period", help="Service period YYYY-MM.")

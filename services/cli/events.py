@@ -8,7 +8,6 @@ reconnects after a drop from the last event id it printed, so nothing is missed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import httpx
 from rich.markup import escape
 
 from .apps import demo_keys
+from .options import data_dir_option, key_option, url_option
 from .term import Refused, ServiceFailed, handled, note, out
 
 
@@ -193,11 +193,9 @@ def register(cli: click.Group) -> None:
                   help="An event id, a duration (15m, 2h, 1d), an ISO time, or 'all'. "
                        "Default: 1h without --follow, now with it.")
     @click.option("--json", "as_json", is_flag=True, help="Print each event envelope as JSON.")
-    @click.option("--registry-url", "url", default=lambda: os.environ.get("CB_REGISTRY_URL", "http://127.0.0.1:8081"),
-                  show_default="$CB_REGISTRY_URL or http://127.0.0.1:8081")
-    @click.option("--key", default=lambda: os.environ.get("CB_KEY"),
-                  help="API key (default $CB_KEY, else the ops key of `cbroker up --demo`).")
-    @click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True)
+    @url_option("registry")
+    @key_option("API key (default $CB_KEY, else the ops key of `cbroker up --demo`).")
+    @data_dir_option
     @handled
     def events(follow: bool, kind: str | None, type_: str | None, region: str | None, provider: str | None,
                tenant: str | None, since: str | None, as_json: bool, url: str, key: str | None,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import threading
 from collections import Counter
@@ -36,6 +35,7 @@ from services.registry.domain.importers import (
 )
 from services.registry.domain.offer_formats import GPUHUNT_REQUIRED, gpuhunt_to_skypilot
 
+from .options import key_option, url_option, with_options
 from .term import print_json
 
 console = Console(stderr=True, soft_wrap=True)
@@ -330,10 +330,8 @@ def keep_alive(client: httpx.Client, pool_ids: list[str], interval_s: float,
 
 
 _common = [
-    click.option("--registry-url", default=lambda: os.environ.get("CB_REGISTRY_URL", "http://127.0.0.1:8081"),
-                 show_default="$CB_REGISTRY_URL or http://127.0.0.1:8081"),
-    click.option("--key", default=lambda: os.environ.get("CB_KEY"), required=True,
-                 help="API key (admin, or the provider's own); default $CB_KEY"),
+    url_option("registry", dest=None),
+    key_option("API key (admin, or the provider's own); default $CB_KEY", required=True),
     click.option("--provider", required=True, help="Provider id the pools belong to."),
 ]
 
@@ -357,14 +355,6 @@ _catalogue_options = [
     click.option("--json", "as_json", is_flag=True,
                  help="Print the summary as one JSON object on stdout (counts per cloud, where the report went)."),
 ]
-
-
-def _options(options: list) -> Callable:
-    def decorate(f):  # noqa: ANN001, ANN202
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return decorate
 
 
 @click.group("import")
@@ -406,7 +396,7 @@ def _import_catalogue(rows: list[dict[str, str]], registry_url: str, key: str, p
 
 @import_group.command("skypilot")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_options(_common + _catalogue_options)
+@with_options(_common + _catalogue_options)
 def skypilot(file: Path, registry_url: str, key: str, provider: str, cloud: str | None, units_per_offer: int,
              region_map: Path | None, reject_unknown_regions: bool, report: Path | None, keep_alive: bool,
              keep_alive_interval: float, as_json: bool) -> None:
@@ -418,7 +408,7 @@ def skypilot(file: Path, registry_url: str, key: str, provider: str, cloud: str 
 
 @import_group.command("gpuhunt")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_options(_common + _catalogue_options)
+@with_options(_common + _catalogue_options)
 def gpuhunt(file: Path, registry_url: str, key: str, provider: str, cloud: str | None, units_per_offer: int,
             region_map: Path | None, reject_unknown_regions: bool, report: Path | None, keep_alive: bool,
             keep_alive_interval: float, as_json: bool) -> None:
@@ -430,7 +420,7 @@ def gpuhunt(file: Path, registry_url: str, key: str, provider: str, cloud: str |
 
 @import_group.command("alibaba-trace")
 @click.argument("nodes_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_options(_common)
+@with_options(_common)
 @click.option("--region", default="cn-yrd", show_default=True, help="Region the cluster's nodes are in.")
 @click.option("--assume", multiple=True, metavar="CODE=MODEL",
               help="Map an undisclosed model code (G1, G2, G3) to a catalogue model id.")

@@ -15,6 +15,7 @@ deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -318,6 +319,14 @@ async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[s
         await sub.unsubscribe()
         raise TimeoutError(f"the copy of bucket {bucket} did not catch up within {timeout}s")
     return sub
+
+
+async def unfollow(sub: JetStreamContext.PushSubscription | None) -> None:
+    """Stop following a bucket; on a shutdown the connection may be gone already, which
+    is no error."""
+    if sub is not None:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
 
 
 async def bucket_values(kv: KeyValue) -> AsyncIterator[bytes]:

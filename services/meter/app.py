@@ -13,18 +13,16 @@ from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.config.cors import CORSConfig
 
-from services.common.auth import KeyLookup
 from services.common.clock import utcnow
 from services.common.http import prometheus, service_app
 from services.common.jetstream import Publisher
 from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
-from services.common.ratelimit import RateLimiter
 from services.common.keys import Keys
-from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
-from services.common.redis_conn import connect as redis_connect
+from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings, settings_from_env
+from services.common.startup import close_connections, guard_requests, open_connections
 from services.common.subjects import MeterNames, Subjects
 
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
@@ -59,10 +57,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await connect(settings.nats_url, "meter")
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
-        js = nc.jetstream()
-        await ensure_streams(js, subjects, settings.stream_replicas)
+        nc, redis, js = await open_connections(settings, subjects, "meter")
         await ensure_ledger(js, names, settings, settings.stream_replicas)
         accounts_kv = await ensure_bucket(js, names.accounts, settings.stream_replicas, direct=True)
         invoices_kv = await ensure_bucket(js, names.invoices, settings.stream_replicas, direct=True)
@@ -86,10 +81,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         relax_gc()  # the account cache and the aggregate are long-lived
         app.state.meter = meter
         app.state.update(nc=nc, redis=redis, subjects=subjects)
-        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
-                                                    subjects.key_revoked())
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
-                                              settings.rate_limit_window_s)
+        await guard_requests(app.state, nc, redis, settings, subjects, keys)
         stopping = asyncio.Event()
         tasks = [
             asyncio.create_task(forever("finalize", meter.finalize_due, interval=settings.finalize_interval_s,
@@ -107,8 +99,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             await directory.stop()
             await ledger.stop()
             await publisher.stop()
-            await close_quietly(nc)
-            await redis.aclose()
+            await close_connections(nc, redis)
 
     return service_app(
         "meter", "Usage, invoices, provider statements, budgets.",

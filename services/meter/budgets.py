@@ -30,7 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.jetstream import follow_bucket
+from services.common.jetstream import follow_bucket, unfollow
 from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
@@ -79,9 +79,7 @@ class Budgets:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._budget_watch is not None:
-            with contextlib.suppress(Exception):  # the connection may be gone already
-                await self._budget_watch.unsubscribe()
+        await unfollow(self._budget_watch)
         await stop_tasks(list(self._watchers.values()))
 
     def _on_budget(self, key: str, value: bytes | None, revision: int) -> None:

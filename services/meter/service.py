@@ -21,7 +21,7 @@ from services.common.auth import KeyRecord, Principal
 from services.common.clock import utcnow
 from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import is_valid_id
-from services.common.jetstream import follow_bucket
+from services.common.jetstream import follow_bucket, unfollow
 from services.common.messages import InvoiceIssued
 from services.common.nats_conn import publish_event, read_stream
 from services.common.settings import Settings
@@ -72,9 +72,7 @@ class TenantDirectory:
         self._sub = await follow_bucket(self.js, self.bucket, self._on_key)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):  # the connection may be gone already
-                await self._sub.unsubscribe()
+        await unfollow(self._sub)
 
     def _on_key(self, key: str, value: bytes | None, revision: int) -> None:
         if value:

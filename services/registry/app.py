@@ -11,16 +11,14 @@ from collections.abc import AsyncIterator
 from litestar import Litestar, get
 from litestar.datastructures import State
 
-from services.common.auth import KeyLookup
 from services.common.http import prometheus, service_app
-from services.common.ratelimit import RateLimiter
 from services.common.keys import Keys
 from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
-from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
-from services.common.redis_conn import connect as redis_connect
+from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings, settings_from_env
+from services.common.startup import close_connections, guard_requests, open_connections
 from services.common.subjects import Subjects
 
 from .api.capacity import capacity
@@ -57,10 +55,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        nc = await connect(settings.nats_url, "registry")
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
-        js = nc.jetstream()
-        await ensure_streams(js, subjects, settings.stream_replicas)
+        nc, redis, js = await open_connections(settings, subjects, "registry")
         base = load_records(settings.topology_file) if settings.topology_file else default_records()
         bucket = subjects.bucket("regions")
         regions = RegionBook(js, await ensure_bucket(js, bucket), bucket)
@@ -74,10 +69,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.registry = registry
         app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, events_idle_s=5.0,
                          capacity=SummaryCache(registry.store, keys))
-        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
-                                                    subjects.key_revoked())
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
-                                              settings.rate_limit_window_s)
+        await guard_requests(app.state, nc, redis, settings, subjects, keys)
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
         async def sweep() -> None:
@@ -91,8 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await stop_tasks([sweeper])
-            await close_quietly(nc)
-            await redis.aclose()
+            await close_connections(nc, redis)
 
     return service_app(
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -252,3 +253,33 @@ def test_sigkill_of_up_takes_its_children_with_it(tmp_path: Path) -> None:
             with contextlib.suppress(psutil.Error):
                 c.kill()
         up.communicate()
+
+
+def test_up_json_prints_one_line_with_every_url_once_ready(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("nats", "redis", "registry", "broker", "meter")}
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "CB_ADMIN_KEY")}
+    up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--json", "--data-dir", str(tmp_path),
+                           *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(up.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+            assert sel.select(timeout=60), "no line from cbroker up --json within 60 s"
+        first = json.loads(up.stdout.readline())  # type: ignore[union-attr]
+        assert set(first["services"]) == {"registry", "broker", "meter"}
+        for name, where in first["services"].items():
+            assert where["url"] == f"http://127.0.0.1:{ports[name]}"
+            assert httpx.get(f"{where['url']}/health").json()["service"] == name  # up when it says so
+            assert httpx.get(where["metrics"]).status_code == 200
+            assert httpx.get(where["docs"] + "/openapi.json").status_code == 200
+        servers = " ".join(first["servers"].values())
+        assert f"nats://127.0.0.1:{ports['nats']}" in servers and f":{ports['redis']}" in servers, servers
+        assert first["data_dir"] == str(tmp_path.resolve())
+        assert Path(first["keys"]).read_text().startswith("cbadmin_")
+        assert first["console"] == f"http://127.0.0.1:{ports['registry']}/console"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, err = up.communicate(timeout=40)
+    assert up.returncode == 0, err
+    assert rest == "", rest  # the one line was all of stdout; the rest went to stderr
+    assert "Ctrl-C stops everything" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -77,3 +78,12 @@ def test_import_alibaba_trace(settings, nc, tmp_path: Path) -> None:
                          headers=admin).json()
         assert page["total"] == 26  # the excerpt's nodes of disclosed models (G1-G3 are not)
         assert {p["model"] for p in page["items"]} >= {"nvidia-t4", "nvidia-p100-pcie-16gb"}
+
+        as_json = CliRunner().invoke(cli, ["import", "alibaba-trace", str(nodes), "--provider", "alibaba",
+                                           "--region", "cn-yrd", "--registry-url", registry.url,
+                                           "--key", settings.admin_key or "", "--json"])
+        assert as_json.exit_code == 0, as_json.output
+        summary = json.loads(as_json.stdout)  # one JSON object, nothing else on stdout
+        counts = summary["clouds"]["alibaba"]
+        assert counts["registered"] == counts["updated"] == 26 and counts["refused"] == 0
+        assert set(summary["unmapped_names"]) >= {"G2", "G3"}

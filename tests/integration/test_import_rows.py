@@ -81,6 +81,19 @@ def test_a_refused_row_does_not_sink_its_batch(settings, nc, tmp_path: Path) -> 
         pools = _pools(registry.url, settings.admin_key or "", "lambda")
         assert len(pools) == 11 and taken not in pools
 
+        # --json: the same summary as one JSON object on stdout, and the same exit status
+        report2 = tmp_path / "report2.json"
+        as_json = _import(registry.url, settings.admin_key or "", csv_path, "lambda", "--report", str(report2),
+                          "--json")
+        assert as_json.exit_code == 1, as_json.output
+        summary = json.loads(as_json.stdout)
+        assert summary["provider"] == "lambda" and list(summary["clouds"]) == ["lambda"]
+        counts = summary["clouds"]["lambda"]
+        assert counts["registered"] == counts["updated"] == 11 and counts["created"] == 0
+        assert counts["refused"] == 1 and counts["rows"] == len(json.loads(report2.read_text()))
+        assert summary["report"] == {"path": str(report2), "rows": counts["rows"]}
+        assert summary["error"] is None and sum(summary["not_registered_by_reason"].values()) >= 1
+
 
 def test_keep_alive_keeps_imported_pools_online(settings, nc, tmp_path: Path) -> None:
     fast = msgspec.structs.replace(settings, heartbeat_ttl_s=1.0, sweep_interval_s=0.1)

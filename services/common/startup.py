@@ -1,0 +1,41 @@
+"""What every service's lifespan does first and last: open its NATS and Redis
+connections with the event streams in place, put the request guards (API keys, rate
+limit) on the app's state, and close the connections without hanging a shutdown."""
+
+from __future__ import annotations
+
+from litestar.datastructures import State
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from redis.asyncio import Redis
+
+from .auth import KeyLookup
+from .keys import Keys
+from .nats_conn import close_quietly, connect, ensure_streams
+from .ratelimit import RateLimiter
+from .redis_conn import connect as redis_connect
+from .settings import Settings
+from .subjects import Subjects
+
+
+async def open_connections(settings: Settings, subjects: Subjects, name: str) -> tuple[NATS, Redis, JetStreamContext]:
+    """NATS (named ``name``), Redis and JetStream, with the event streams and record
+    buckets created or brought to this config."""
+    nc = await connect(settings.nats_url, name)
+    redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, settings.stream_replicas)
+    return nc, redis, js
+
+
+async def guard_requests(state: State, nc: NATS, redis: Redis, settings: Settings, subjects: Subjects,
+                         keys: Keys) -> None:
+    """The key lookup the auth middleware reads and the per-key rate limiter."""
+    state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
+                                            subjects.key_revoked())
+    state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests, settings.rate_limit_window_s)
+
+
+async def close_connections(nc: NATS, redis: Redis) -> None:
+    await close_quietly(nc)
+    await redis.aclose()
