@@ -49,7 +49,8 @@ async def forever(what: str, step: Callable[[], Awaitable[object]], *, interval:
     have passed or as soon as ``kick`` is set; after it raises (a NATS or Redis blip, a
     consumer being re-created), the error is logged and it runs again after ``interval``.
     Periodic work (sweeps, finalising) returns from each ``step``; a follower of a stream
-    or a bucket follows inside its ``step`` until an error, and is started afresh."""
+    follows inside its ``step`` until an error, and is started afresh (a bucket's follower
+    is a subscription: ``jetstream.follow_bucket``)."""
     while not until():
         try:
             await step()
