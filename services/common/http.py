@@ -25,6 +25,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
+from .json_limits import LimitedRequest
 from .nats_conn import FAILOVER_ERRORS
 from .problem_docs import document_problems
 from .ratelimit import RateLimiter
@@ -164,6 +165,7 @@ def service_app(service: str, description: str, *, max_body_bytes: int, metrics:
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
         request_max_body_size=max_body_bytes,
+        request_class=LimitedRequest,  # JSON bodies nested too deep are refused before decoding
         openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description),
         debug=False,
         logging_config=None,
