@@ -69,6 +69,7 @@ def ready_route(service: str, extra: Sequence[Check] = ()):  # noqa: ANN201 - a 
     async def ready(state: State) -> Response[Readiness]:
         reasons = await reasons_not_ready(state, extra)
         body = Readiness(status="ready" if not reasons else "not ready", service=service, reasons=reasons)
-        return Response(body, status_code=200 if not reasons else 503)
+        return Response(body, status_code=200 if not reasons else 503,
+                        headers={"Retry-After": "1"} if reasons else None)
 
     return ready

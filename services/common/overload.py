@@ -1,0 +1,89 @@
+"""Load shedding: a service works on at most ``max_in_flight`` requests at once and
+refuses the rest at once with a 503 and ``Retry-After`` (docs/overload.md).
+
+Without a bound, every request past what Redis' connection pool can serve waited for
+a connection (10 s) and then failed with a message blaming the store; admitted and
+excess requests alike got slow. A request holds its slot until its answer starts, so
+an event stream (open for hours) is counted while it is set up, not while it runs.
+Probes and scrapes (``/health``, ``/ready``, ``/metrics``) are never shed: an
+orchestrator must still see a busy replica as alive.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from prometheus_client import Counter
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+SHED = Counter("cb_http_shed", "Requests refused with a 503 because the service was at its in-flight limit")
+NEVER_SHED = ("/health", "/ready", "/metrics")
+RETRY_AFTER_S = 1  # admitted requests take milliseconds: a slot frees well within a second
+
+
+def _refusal(limit: int) -> bytes:
+    return msgspec.json.encode({
+        "type": "about:blank", "title": "busy", "status": 503,
+        "detail": f"the service is working on its limit of {limit} requests; retry after {RETRY_AFTER_S}s",
+        "retry_after": RETRY_AFTER_S,
+    })
+
+
+class Slots:
+    """The service's requests in flight: one count per process (litestar builds a
+    route's middleware once per route; every route shares this), no lock, since one
+    event loop runs them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_flight = limit, 0
+        body = _refusal(limit)
+        self.refusal = [
+            {"type": "http.response.start", "status": 503,
+             "headers": [(b"content-type", b"application/problem+json"),
+                         (b"retry-after", str(RETRY_AFTER_S).encode()), (b"content-length", str(len(body)).encode())]},
+            {"type": "http.response.body", "body": body},
+        ]
+
+
+class LoadShedder:
+    """Raw ASGI, first of the middleware: nothing else spends time on a request that
+    will be refused."""
+
+    def __init__(self, app: ASGIApp, slots: Slots) -> None:
+        self.app, self.slots = app, slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        slots = self.slots
+        if scope["type"] != "http" or scope["path"].startswith(NEVER_SHED):
+            await self.app(scope, receive, send)
+            return
+        if slots.in_flight >= slots.limit:
+            SHED.inc()
+            for message in slots.refusal:
+                await send(message)
+            return
+        slots.in_flight += 1
+        held = True
+
+        async def send_and_release(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start":
+                held = False
+                slots.in_flight -= 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_release)
+        finally:
+            if held:
+                slots.in_flight -= 1
+
+
+class load_shedding:  # noqa: N801 - used as a middleware factory, like litestar's own
+    """The middleware for ``service_app``; ``limit`` 0 turns shedding off."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = Slots(limit)
+
+    def __call__(self, app: ASGIApp) -> ASGIApp:
+        return LoadShedder(app, self.slots) if self.slots.limit > 0 else app
