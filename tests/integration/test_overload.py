@@ -179,3 +179,9 @@ def test_the_in_flight_limit_is_a_setting_of_every_service(service: str) -> None
 
     app = import_module(f"services.{service}.app").create_app(Settings(max_in_flight=7))
     assert slots_of(app).limit == 7
+
+
+async def test_a_fresh_service_lists_the_documented_error_counter(registry_api) -> None:  # noqa: ANN001
+    """docs/metrics.md names cb_requests_error_total; litestar made it only at the first 5xx."""
+    r = await registry_api.client.get("/metrics")
+    assert "# TYPE cb_requests_error_total counter" in r.text
