@@ -23,6 +23,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, 
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from .api_docs import assets_router, render_plugins
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
 from .json_limits import LimitedRequest
@@ -164,17 +165,19 @@ def service_app(service: str, description: str, *, max_body_bytes: int, metrics:
     """A service's litestar app with what every service shares, said once: load
     shedding past ``max_in_flight`` requests, request ids (middleware and response
     header), request metrics, API-key auth, problem details (handled and documented in
-    the schema), the body size and nesting limits, the OpenAPI title, and no logging
+    the schema), the body size and nesting limits, the OpenAPI title and documentation
+    pages (their files served here: ``api_docs.py``), and no logging
     config of litestar's own (the process logs JSON lines: ``logs.py``)."""
     return document_problems(Litestar(
-        route_handlers=route_handlers,
+        route_handlers=[*route_handlers, assets_router()],
         middleware=[load_shedding(max_in_flight), RequestIdMiddleware(), metrics.middleware, api_key_auth()],
         before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
         request_max_body_size=max_body_bytes,
         request_class=LimitedRequest,  # JSON bodies nested too deep are refused before decoding
-        openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description),
+        openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description,
+                                     render_plugins=render_plugins()),  # pages that work offline
         debug=False,
         logging_config=None,
         **extra,
