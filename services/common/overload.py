@@ -19,6 +19,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 SHED = Counter("cb_http_shed", "Requests refused with a 503 because the service was at its in-flight limit")
 NEVER_SHED = ("/health", "/ready", "/metrics")
 RETRY_AFTER_S = 1  # admitted requests take milliseconds: a slot frees well within a second
+RETRY_AFTER_SCOPE_KEY = "cb.retry_after"  # set on a refused request: its connection pauses (http_protocol.py)
 
 
 def _refusal(limit: int) -> bytes:
@@ -36,13 +37,15 @@ class Slots:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.in_flight = limit, 0
-        body = _refusal(limit)
-        self.refusal = [
-            {"type": "http.response.start", "status": 503,
-             "headers": [(b"content-type", b"application/problem+json"),
-                         (b"retry-after", str(RETRY_AFTER_S).encode()), (b"content-length", str(len(body)).encode())]},
-            {"type": "http.response.body", "body": body},
-        ]
+        self.body = _refusal(limit)
+        self.headers = [(b"content-type", b"application/problem+json"), (b"retry-after", str(RETRY_AFTER_S).encode()),
+                        (b"content-length", str(len(self.body)).encode())]
+
+    async def refuse(self, send: Send) -> None:
+        SHED.inc()
+        # a fresh header list each time: what runs before sending (the request id) appends to it
+        await send({"type": "http.response.start", "status": 503, "headers": list(self.headers)})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class LoadShedder:
@@ -58,9 +61,8 @@ class LoadShedder:
             await self.app(scope, receive, send)
             return
         if slots.in_flight >= slots.limit:
-            SHED.inc()
-            for message in slots.refusal:
-                await send(message)
+            scope[RETRY_AFTER_SCOPE_KEY] = RETRY_AFTER_S  # type: ignore[literal-required]
+            await slots.refuse(send)
             return
         slots.in_flight += 1
         held = True

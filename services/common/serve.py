@@ -7,7 +7,7 @@ import os
 
 import uvicorn
 
-from .http_timeouts import TimedHttpToolsProtocol
+from .http_protocol import TimedHttpToolsProtocol
 from .logs import log_config
 from .settings import settings_from_env
 

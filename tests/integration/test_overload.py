@@ -22,7 +22,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from services.cli.servers import free_port
 from services.common.errors import Busy, Unavailable
 from services.common.http import PUBLIC, prometheus, service_app
-from services.common.http_timeouts import TimedHttpToolsProtocol
+from services.common.http_protocol import TimedHttpToolsProtocol
 from services.common.overload import Slots, load_shedding
 from services.common.settings import Settings
 
@@ -84,15 +84,16 @@ def shedding_app(max_in_flight: int, gate: asyncio.Event):  # noqa: ANN201
         raise failures[what]
 
     metrics, _ = prometheus(f"test{max_in_flight}")
-    app = service_app("test", "a test", max_body_bytes=1000, metrics=metrics, route_handlers=[slow, slow_other, health, echo, fail],
-                      lifespan=nothing, max_in_flight=max_in_flight)
+    app = service_app("test", "a test", max_body_bytes=1000, metrics=metrics, lifespan=nothing,
+                      route_handlers=[slow, slow_other, health, echo, fail], max_in_flight=max_in_flight)
     return app, list(failures)
 
 
 async def test_past_the_in_flight_limit_requests_are_refused_at_once() -> None:
     gate = asyncio.Event()
     app, _ = shedding_app(2, gate)
-    async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http, \
+            httpx.AsyncClient(base_url=url, timeout=10) as probe:
         held = [asyncio.create_task(http.get(path)) for path in ("/slow", "/slow/other")]
         while slots_of(app).in_flight < 2:
             await asyncio.sleep(0.01)
@@ -102,7 +103,13 @@ async def test_past_the_in_flight_limit_requests_are_refused_at_once() -> None:
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
         assert refused.headers["content-type"].startswith("application/problem+json")
         assert "limit of 2 requests" in refused.json()["detail"]
-        assert (await http.get("/health")).status_code == 200  # probes are never shed
+        # each refusal is its own answer (its own request id); a client that asks again at
+        # once on the same connection waits out the Retry-After: it is not read before
+        started = time.monotonic()
+        again = await http.get("/slow")
+        assert again.status_code == 503 and len(again.headers.get_list("x-request-id")) == 1, again.headers
+        assert time.monotonic() - started >= 0.9
+        assert (await probe.get("/health")).status_code == 200  # probes are never shed
         gate.set()
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
         assert (await http.get("/slow")).status_code == 200  # the slots came back
