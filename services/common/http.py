@@ -27,7 +27,7 @@ from .api_docs import assets_router, render_plugins
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
 from .json_limits import LimitedRequest
-from .overload import load_shedding
+from .overload import shed_load
 from .nats_conn import FAILOVER_ERRORS
 from .problem_docs import document_problems
 from .ratelimit import RateLimiter
@@ -168,9 +168,9 @@ def service_app(service: str, description: str, *, max_body_bytes: int, metrics:
     the schema), the body size and nesting limits, the OpenAPI title and documentation
     pages (their files served here: ``api_docs.py``), and no logging
     config of litestar's own (the process logs JSON lines: ``logs.py``)."""
-    return document_problems(Litestar(
+    return shed_load(document_problems(Litestar(
         route_handlers=[*route_handlers, assets_router()],
-        middleware=[load_shedding(max_in_flight), RequestIdMiddleware(), metrics.middleware, api_key_auth()],
+        middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
         before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
@@ -181,4 +181,4 @@ def service_app(service: str, description: str, *, max_body_bytes: int, metrics:
         debug=False,
         logging_config=None,
         **extra,
-    ))
+    )), max_in_flight)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 from prometheus_client import Counter
 
+from litestar import Litestar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 SHED = Counter("cb_http_shed", "Requests refused with a 503 because the service was at its in-flight limit")
@@ -31,9 +32,8 @@ def _refusal(limit: int) -> bytes:
 
 
 class Slots:
-    """The service's requests in flight: one count per process (litestar builds a
-    route's middleware once per route; every route shares this), no lock, since one
-    event loop runs them."""
+    """The service's requests in flight, counted without a lock: one event loop runs
+    them all (a worker process has its own)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.in_flight = limit, 0
@@ -49,7 +49,7 @@ class Slots:
 
 
 class LoadShedder:
-    """Raw ASGI, first of the middleware: nothing else spends time on a request that
+    """Raw ASGI around the app's router: nothing else spends time on a request that
     will be refused."""
 
     def __init__(self, app: ASGIApp, slots: Slots) -> None:
@@ -81,11 +81,14 @@ class LoadShedder:
                 slots.in_flight -= 1
 
 
-class load_shedding:  # noqa: N801 - used as a middleware factory, like litestar's own
-    """The middleware for ``service_app``; ``limit`` 0 turns shedding off."""
+def shed_load(app: Litestar, limit: int) -> Litestar:
+    """Put the shedder in front of ``app``'s routing (``limit`` 0: no shedding): a
+    refusal costs no routing and no middleware. litestar's route middleware would be
+    built per route, after routing; its request-id header still comes (``before_send``)."""
+    if limit > 0:
+        app.asgi_handler = LoadShedder(app.asgi_handler, Slots(limit))
+    return app
 
-    def __init__(self, limit: int) -> None:
-        self.slots = Slots(limit)
 
-    def __call__(self, app: ASGIApp) -> ASGIApp:
-        return LoadShedder(app, self.slots) if self.slots.limit > 0 else app
+def slots_of(app: Litestar) -> Slots | None:
+    return app.asgi_handler.slots if isinstance(app.asgi_handler, LoadShedder) else None

@@ -23,7 +23,7 @@ from services.cli.servers import free_port
 from services.common.errors import Busy, Unavailable
 from services.common.http import PUBLIC, prometheus, service_app
 from services.common.http_protocol import TimedHttpToolsProtocol
-from services.common.overload import Slots, load_shedding
+from services.common.overload import slots_of
 from services.common.settings import Settings
 
 from ..procs import service_process
@@ -49,10 +49,6 @@ async def served(app, **protocol: float) -> AsyncIterator[str]:  # noqa: ANN001
 @contextlib.asynccontextmanager
 async def nothing(_app):  # noqa: ANN001, ANN202
     yield
-
-
-def slots_of(app) -> Slots:  # noqa: ANN001
-    return next(m for m in app.middleware if isinstance(m, load_shedding)).slots
 
 
 def shedding_app(max_in_flight: int, gate: asyncio.Event):  # noqa: ANN201
@@ -185,7 +181,8 @@ def test_the_in_flight_limit_is_a_setting_of_every_service(service: str) -> None
     from importlib import import_module
 
     app = import_module(f"services.{service}.app").create_app(Settings(max_in_flight=7))
-    assert slots_of(app).limit == 7
+    slots = slots_of(app)
+    assert slots is not None and slots.limit == 7
 
 
 async def test_a_fresh_service_lists_the_documented_error_counter(registry_api) -> None:  # noqa: ANN001
