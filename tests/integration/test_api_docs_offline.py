@@ -3,12 +3,18 @@ only this service's own paths, and each file it references is served (docs/api.m
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
+import pytest
 from litestar.testing import AsyncTestClient
 
 from services.common.settings import Settings
+
+from ..e2e.test_console import ARGS, CHROMIUM
+from ..procs import service_process
 
 from .broker_world import broker_world
 
@@ -42,3 +48,32 @@ async def test_every_services_doc_pages_load_nothing_from_other_hosts(settings: 
 
     async with AsyncTestClient(app=create_meter(settings)) as meter:
         await check_pages(meter)
+
+
+def test_the_swagger_page_renders_in_a_browser_cut_off_from_other_hosts(settings: Settings, tmp_path: Path) -> None:
+    """Every request to another host is refused, as on a network without internet
+    access: the page still lists the service's operations."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does this)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with service_process("registry", settings, tmp_path) as registry, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            elsewhere: list[str] = []
+
+            def only_here(route) -> None:  # noqa: ANN001
+                if route.request.url.startswith(registry.url):
+                    route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_here)
+            page.goto(f"{registry.url}/schema/swagger")
+            expect(page.locator(".opblock-summary-path", has_text="/v1/pools/{pool_id}").first).to_be_visible(
+                timeout=20_000)
+            assert not elsewhere, elsewhere
+        finally:
+            browser.close()
