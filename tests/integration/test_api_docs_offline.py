@@ -15,7 +15,6 @@ from services.common.settings import Settings
 
 from ..e2e.test_console import ARGS, CHROMIUM
 from ..procs import service_process
-
 from .broker_world import broker_world
 
 PAGES = ["/schema", "/schema/swagger", "/schema/redoc", "/schema/rapidoc"]

@@ -24,6 +24,7 @@ from services.common.errors import Busy, Unavailable
 from services.common.http import PUBLIC, prometheus, service_app
 from services.common.http_protocol import TimedHttpToolsProtocol
 from services.common.overload import slots_of
+from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings
 
 from ..procs import service_process
@@ -189,3 +190,21 @@ async def test_a_fresh_service_lists_the_documented_error_counter(registry_api) 
     """docs/metrics.md names cb_requests_error_total; litestar made it only at the first 5xx."""
     r = await registry_api.client.get("/metrics")
     assert "# TYPE cb_requests_error_total counter" in r.text
+
+
+async def test_a_full_redis_pool_is_busy_after_a_second_not_a_store_failure(redis_url: str, prefix: str) -> None:
+    """Every pooled connection held (a blocking pop stands for slow work): the next
+    command waits about a second, then says the service is busy; Redis is fine."""
+    client = redis_connect(redis_url, max_connections=1)
+    try:
+        holder = asyncio.create_task(client.blpop([f"{prefix}:nothing"], timeout=4))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(Busy) as refused:
+            await client.get(f"{prefix}:k")
+        assert 0.8 <= time.monotonic() - started < 2.5
+        assert refused.value.status == 503 and "in use" in refused.value.detail
+        assert await holder is None  # the slow command itself was never disturbed
+        assert await client.get(f"{prefix}:k") is None  # and the pool serves again
+    finally:
+        await client.aclose()
