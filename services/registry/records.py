@@ -5,12 +5,14 @@ Redis is rebuilt from it when lost; events tell the world, this remembers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from services.common.jetstream import bucket_values
 from services.common.messages import Pool
 
 _decoder = msgspec.json.Decoder(Pool)
@@ -36,12 +38,6 @@ class PoolRecords:
         await self.kv.delete(pool_id)
 
     async def all(self) -> AsyncIterator[Pool]:
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    break
-                if entry.value:
-                    yield _decoder.decode(entry.value)
-        finally:
-            await watcher.stop()
+        async with contextlib.aclosing(bucket_values(self.kv)) as values:
+            async for value in values:
+                yield _decoder.decode(value)
