@@ -40,6 +40,7 @@ __all__ = ["Located", "RegionResolver", "country_table", "place_table", "region_
 Source = Literal["map", "topology", "table", "location", "derived"]
 
 _SANITISE = re.compile(r"[^a-z0-9]+")
+_GLUED_NUMBER = re.compile(r"(?<=[a-z])\d+(?=-|$)")
 _ISO3 = {
     "usa": "US", "can": "CA", "gbr": "GB", "deu": "DE", "fra": "FR", "nld": "NL", "fin": "FI", "swe": "SE",
     "nor": "NO", "dnk": "DK", "isl": "IS", "irl": "IE", "ita": "IT", "esp": "ES", "prt": "PT", "pol": "PL",
@@ -84,6 +85,8 @@ def _places_by_slug() -> Mapping[str, list[tuple[str, str, float, float]]]:
     out: dict[str, list[tuple[str, str, float, float]]] = {}
     for (country, key), (name, lat, lon) in place_table().items():
         out.setdefault(key, []).append((country, name, lat, lon))
+        if "-" in key:  # Shadeform writes "kansascity-usa-1", "newyork-usa-1"
+            out.setdefault(key.replace("-", ""), []).append((country, name, lat, lon))
     return out
 
 
@@ -160,6 +163,14 @@ class RegionResolver:
     def _from_location(self, text: str) -> Located | str:
         parts = [p.strip() for p in text.split(",")]
         country = next((p.upper() for p in parts if len(p) == 2 and p.upper() in country_table()), None)
+        if country is None and len(parts) == 1:
+            # "Finland 3" (Spheron): a country's name and a number
+            words = [w for w in _slug(text).split("-") if not w.isdigit()]
+            country = _country_by_name().get("-".join(words))
+            if country is not None:
+                numbers = [w for w in _slug(text).split("-") if w.isdigit()]
+                return self._new(_region_id(self.cloud, country, *numbers), country_table()[country][0], country,
+                                 *country_table()[country][1:], "location")
         if country is None:
             return f"location {text!r} names no ISO country code; map it with --region-map"
         place = next((p for p in parts if p and p.upper() != country and len(p) > 3), "")
@@ -176,7 +187,8 @@ class RegionResolver:
         return self._new(_region_id(self.cloud, country), cname, country, lat, lon, source)
 
     def _derive(self, code: str, zone: str) -> Located | str:
-        words = [w for w in _slug(code).split("-") if w and not w.isdigit()]
+        # "IN2", "MON1": a trailing number glued to the name is still a number
+        words = [w for w in _GLUED_NUMBER.sub("", _slug(code)).split("-") if w and not w.isdigit()]
         if not words:
             return f"region {code!r} names no place; map it with --region-map"
         countries = country_table()
@@ -185,6 +197,8 @@ class RegionResolver:
             country = words[0].upper()
         elif words[0] in _ISO3:
             country = _ISO3[words[0]]
+        elif len(words) >= 2 and words[-1] in _ISO3:
+            country = _ISO3[words[-1]]  # "<city>-<iso3>-<n>" (Shadeform, Spheron): "casper-usa-1"
         else:
             country = next((_country_by_name().get(w) for w in words if w in _country_by_name()), None)
         # a place word (or two words: "north-carolina", "sao-paulo") anywhere in the code

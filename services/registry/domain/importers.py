@@ -288,6 +288,11 @@ def read_catalogue_text(data: bytes, what: str) -> str:
     return text
 
 
+# Hyperstack's GpuInfo mixes Python quotes with JSON's null ('Manufacturer': null).
+_JSON_WORDS = re.compile(r"(?<=[:\[,\s])(?:null|true|false)(?=\s*[,}\]])")
+_PY_WORDS = {"null": "None", "true": "True", "false": "False"}
+
+
 @lru_cache(maxsize=4096)
 def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None, str | None]:
     """(name, manufacturer, MemoryInfo MiB, TotalGpuMemoryInMiB, problem) from SkyPilot's
@@ -298,7 +303,7 @@ def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None
         return text.strip(), None, None, None, None  # GCP writes the accelerator's name
     info: Any
     try:
-        info = ast.literal_eval(text)
+        info = ast.literal_eval(_JSON_WORDS.sub(lambda m: _PY_WORDS[m.group(0)], text))
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         try:
             info = json.loads(text)
@@ -337,7 +342,9 @@ def _memory_candidates(size: int | None, total: int | None, count: int) -> tuple
     if count <= 1:
         return (size,)
     if total is not None and abs(total - size * count) <= 0.02 * total:
-        return (size,)
+        # Prime Intellect writes the instance total as SizeInMiB *and* multiplies it again
+        # in the total (8 x H100: 655360 and 5242880): the per-GPU share stays a candidate
+        return (size, size // count)
     return (size // count, size)
 
 
