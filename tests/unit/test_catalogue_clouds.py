@@ -35,6 +35,10 @@ def _row(result: ImportResult, row: int) -> RowOutcome:
     ("spheron", 3, "nvidia-rtx-5090", "0.924000"),        # RTX5090_PCIE_BAREMETAL
     ("spheron", 4, "nvidia-l40s", "0.910800"),            # L40S_PCIE_BAREMETAL, raleigh-usa-1
     ("spheron", 5, "nvidia-a100-sxm-80gb", "1.636800"),   # desmoines-usa-1
+    ("spheron", 8, "nvidia-v100-pcie-32gb", "3.088800"),  # V100_32G_PCIE
+    ("spheron", 9, "nvidia-rtx-a6000", "0.468000"),       # A6000_PCIE_LOW_RAM
+    ("spheron", 10, "nvidia-rtx-pro-6000", "2.112000"),   # Region TYO4
+    ("spheron", 11, "nvidia-a16", "0.673200"),            # Region atl
     ("shadeform", 1, "nvidia-rtx-a6000", "0.570000"),     # kansascity-usa-1
     ("shadeform", 2, "nvidia-a100-sxm-40gb", "1.990000"), # sanjose-usa-2
     ("shadeform", 3, "nvidia-h100-sxm-80gb", "4.290000"), # saltlakecity-usa-1
@@ -57,7 +61,7 @@ def test_hyperstack_null_manufacturer_still_reads_gpuinfo() -> None:
     ("shadeform", 1, "US", "Kansas City"), ("shadeform", 2, "US", "San Jose"),
     ("shadeform", 3, "US", "Salt Lake City"), ("shadeform", 4, "US", "Casper"),
     ("spheron", 1, "FI", "Finland"), ("spheron", 4, "US", "Raleigh"), ("spheron", 5, "US", "Des Moines"),
-    ("jarvislabs", 1, "IN", "India"),
+    ("jarvislabs", 1, "IN", "India"), ("spheron", 10, "JP", "Tokyo"), ("spheron", 11, "US", "Atlanta"),
 ])
 def test_city_country_codes_are_located(cloud: str, row: int, country: str, name: str) -> None:
     result = _parse(cloud)
@@ -68,7 +72,21 @@ def test_city_country_codes_are_located(cloud: str, row: int, country: str, name
     assert pool.region != outcome.region  # a location string is never the id
 
 
-def test_spot_only_rows_are_reported_not_dropped() -> None:
-    """Prime Intellect lists DataCrunch's spot instance types as rows with only a SpotPrice."""
-    outcome = _row(_parse("primeintellect"), 3)
-    assert outcome.status == "rejected" and "Price" in outcome.reason
+@pytest.mark.parametrize(("cloud", "spot_row", "twin_row", "spot"), [
+    ("primeintellect", 3, 5, "0.855000"),  # DataCrunch's 8H100.80S.176V_SPOT, after its twin
+    ("spheron", 7, 6, "1.147600"),         # n3-A100x1-spot__CANADA-1
+])
+def test_spot_only_rows_price_their_on_demand_twin(cloud: str, spot_row: int, twin_row: int, spot: str) -> None:
+    """Prime Intellect and Spheron list spot instance types as rows with only a SpotPrice:
+    the price is the interruptible price of the same offer's on-demand pool."""
+    result = _parse(cloud)
+    twin, merged = _row(result, twin_row), _row(result, spot_row)
+    assert twin.status == merged.status == "ready" and twin.pool_id == merged.pool_id
+    assert twin.interruptible == merged.interruptible == Decimal(spot)
+    assert dict(result.pools)[twin.pool_id].prices.interruptible == Decimal(spot)
+    assert sum(1 for pool_id, _ in result.pools if pool_id == twin.pool_id) == 1
+
+
+def test_spot_only_row_without_twin_is_reported() -> None:
+    outcome = _row(_parse("primeintellect"), 6)
+    assert outcome.status == "rejected" and "spot-only" in outcome.reason and "on-demand" in outcome.reason

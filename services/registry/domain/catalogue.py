@@ -57,7 +57,7 @@ _DATA_FILE = "accelerators.json"
 # picks the Ada (48 GB) or Blackwell RTX PRO (96 GB) part.
 FAMILIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "a100": ("nvidia-a100-sxm-40gb", "nvidia-a100-sxm-80gb", "nvidia-a100-pcie-40gb", "nvidia-a100-pcie-80gb"),
-    "v100": ("nvidia-v100-sxm2-16gb", "nvidia-v100-sxm2-32gb"),
+    "v100": ("nvidia-v100-sxm2-16gb", "nvidia-v100-sxm2-32gb", "nvidia-v100-pcie-16gb", "nvidia-v100-pcie-32gb"),
     "h100": ("nvidia-h100-sxm-80gb", "nvidia-h100-pcie-80gb", "nvidia-h100-nvl-94gb"),
     "h200": ("nvidia-h200-sxm-141gb", "nvidia-h200-nvl-141gb"),
     "910b": ("huawei-ascend-910b", "huawei-ascend-910b2", "huawei-ascend-910b4"),
@@ -104,8 +104,10 @@ _FORM_WORDS: Mapping[str, str] = MappingProxyType({
     "sxm": "sxm", "sxm2": "sxm", "sxm3": "sxm", "sxm4": "sxm", "sxm5": "sxm", "sxm6": "sxm", "nvlink": "sxm",
     "pcie": "pcie", "pci": "pcie", "nvl": "nvl", "oam": "oam",
 })
-# Words that say nothing about the card: memory kinds, and how it is rented ("BAREMETAL").
-_NOISE_WORDS = frozenset({"hbm", "hbm2", "hbm2e", "hbm3", "hbm3e", "gddr6", "gddr6x", "gddr7", "baremetal"})
+# Words that say nothing about the card: memory kinds, and how the host is rented or sized
+# (Spheron's "H100_PCIE_BAREMETAL", "A6000_PCIE_HIGH_PERF", "A6000_PCIE_LOW_RAM").
+_NOISE_WORDS = frozenset({"hbm", "hbm2", "hbm2e", "hbm3", "hbm3e", "gddr6", "gddr6x", "gddr7", "baremetal",
+                          "high", "perf", "low", "ram"})
 
 
 class CatalogueError(ValueError):

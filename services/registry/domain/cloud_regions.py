@@ -48,6 +48,16 @@ _ISO3 = {
     "aus": "AU", "bra": "BR", "mex": "MX", "zaf": "ZA", "are": "AE", "isr": "IL", "hkg": "HK", "twn": "TW",
     "chn": "CN", "est": "EE", "ltu": "LT", "lva": "LV", "rou": "RO", "bgr": "BG", "grc": "GR", "tur": "TR",
 }
+# Metro codes (IATA city codes) that bare-metal providers use as region names (Latitude.sh
+# behind Spheron and Prime Intellect: "TYO4", "SYD2", "atl"), -> places.csv keys. A bare
+# "FRA" is Frankfurt here, not France's alpha-3 code.
+_METRO = {
+    "tyo": ("JP", "tokyo"), "syd": ("AU", "sydney"), "atl": ("US", "atlanta"), "lax": ("US", "los-angeles"),
+    "dal": ("US", "dallas"), "chi": ("US", "chicago"), "nyc": ("US", "new-york"), "mia": ("US", "miami"),
+    "lon": ("GB", "london"), "fra": ("DE", "frankfurt"), "ams": ("NL", "amsterdam"),
+    "par": ("FR", "paris"), "sgp": ("SG", "singapore"), "sao": ("BR", "sao-paulo"), "yyz": ("CA", "toronto"),
+    "bom": ("IN", "mumbai"),
+}
 # Continent words that can start a code without naming a country.
 _NOT_COUNTRY_WORDS = frozenset({"eu", "ap", "me", "af", "sa", "na", "as", "oc", "eur", "sea", "asia", "europe"})
 
@@ -193,6 +203,9 @@ class RegionResolver:
             return f"region {code!r} names no place; map it with --region-map"
         countries = country_table()
         country: str | None = None
+        if len(words) == 1 and words[0] in _METRO and _METRO[words[0]] in place_table():
+            name, lat, lon = place_table()[_METRO[words[0]]]
+            return self._new(_region_id(self.cloud, code), name, _METRO[words[0]][0], lat, lon, "derived")
         if words[0].upper() in countries and words[0] not in _NOT_COUNTRY_WORDS:
             country = words[0].upper()
         elif words[0] in _ISO3:

@@ -263,6 +263,7 @@ class RowOutcome:
     memory_gib: float | None = None
     on_demand: Decimal | None = None
     interruptible: Decimal | None = None
+    merged_into: int = 0  # a spot-only row whose price became the interruptible price of this row's offer
 
 
 def check_columns(header: Iterable[str] | None, required: Iterable[str], what: str) -> None:
@@ -367,6 +368,8 @@ def _sku_form(cloud: str, instance: str) -> str | None:
             return "pcie"
         if re.search(r"_ncc?\d+a?d?i?s?_h100_v5", i):
             return "nvl"
+        if re.search(r"_nc\d+r?s_v3$", i):
+            return "pcie"  # NCv3 is V100 PCIe; the ND40rs_v2 has the SXM2 boards
     if cloud == "lambda" and i == "gpu_1x_a100":
         return "pcie"  # Lambda's "1x A100 (40 GB PCIe)"; its SXM4 twin is gpu_1x_a100_sxm4
     if "hbm3" in i:
@@ -443,6 +446,31 @@ def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, st
     return price, ""
 
 
+_SPOT_WORD = re.compile(r"[_-]+spot(?=$|[_-])", re.IGNORECASE)
+
+
+def _merge_spot_rows(table: list[dict[str, str]]) -> dict[int, int]:
+    """Spot-only rows (a SpotPrice, no Price) whose on-demand twin is in the file: the same
+    instance type but for a ``spot`` word (DataCrunch's ``1A100.22V_SPOT``, Spheron's
+    ``n3-A100x1-spot__CANADA-1``), region, zone, accelerator and count. The twin takes the
+    spot price as its SpotPrice (when it has none); returns {spot row: twin row}, rows from 1."""
+    def key(row: dict[str, str]) -> tuple[str, ...]:
+        return (_SPOT_WORD.sub("", row.get("InstanceType", "")).lower(), row.get("Region", ""),
+                row.get("AvailabilityZone", ""), row.get("AcceleratorName", ""), row.get("AcceleratorCount", ""))
+
+    def spot_only(row: dict[str, str]) -> bool:
+        return bool(row.get("AcceleratorName") and not row.get("Price") and row.get("SpotPrice"))
+
+    on_demand = {key(r): n for n, r in enumerate(table, start=1) if r.get("Price") and not spot_only(r)}
+    twins: dict[int, int] = {}
+    for n, row in enumerate(table, start=1):
+        twin = on_demand.get(key(row)) if spot_only(row) else None
+        if twin is not None and not table[twin - 1].get("SpotPrice"):
+            table[twin - 1]["SpotPrice"] = row["SpotPrice"]
+            twins[n] = twin
+    return twins
+
+
 def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, units_per_offer: int = 1,
                       currency: str = "USD") -> tuple[list[RowOutcome], list[tuple[int, str, str, PoolSpec]],
                                                       dict[str, Region]]:
@@ -453,11 +481,18 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
     outcomes: list[RowOutcome] = []
     pending: list[tuple[int, str, str, PoolSpec]] = []
     new_regions: dict[str, Region] = {}
-    for row_no, row in enumerate(_iter_rows(rows), start=1):
+    table = list(_iter_rows(rows))
+    twins = _merge_spot_rows(table)
+    for row_no, row in enumerate(table, start=1):
         name = row.get("AcceleratorName", "")
         instance = row.get("InstanceType", "")
         region_raw = row.get("Region", "")
         offer = instance or name
+        if row_no in twins:
+            outcomes.append(RowOutcome(row_no, "ready", offer, region_raw, merged_into=twins[row_no],
+                                       note=f"spot-only row: its SpotPrice is the interruptible price of row "
+                                            f"{twins[row_no]}'s offer"))
+            continue
         try:
             if not name:
                 outcomes.append(RowOutcome(row_no, "skipped", offer, region_raw, "no accelerator"))
@@ -481,6 +516,9 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form)
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
+            if not row.get("Price") and row.get("SpotPrice"):
+                raise _RowError("spot-only row (SpotPrice, no Price) and no on-demand row of the same offer: "
+                                "a pool needs an on-demand price")
             price_total = _price(row.get("Price", ""), "Price")
             spot_text = row.get("SpotPrice", "")
             if tpu and price_total == _TPU_PLACEHOLDER_PRICE:
@@ -558,6 +596,8 @@ def parse_skypilot(rows: Rows, provider: str, known_regions: set[str] | frozense
             result.errors.append(f"row {outcome.row}: {outcome.reason}")
     ids = _assign_ids(result, pending)
     result.outcomes = _with_ids(outcomes, ids)
+    result.errors += [f"row {o.row}: {o.reason}" for o, before in zip(result.outcomes, outcomes, strict=True)
+                      if o.status == "rejected" and before.merged_into]
     return result
 
 
@@ -576,8 +616,20 @@ def reason_kind(reason: str) -> str:
 def _with_ids(outcomes: list[RowOutcome], ids: Mapping[int, str | None]) -> list[RowOutcome]:
     """Fill in pool ids; a duplicate offer (id None) becomes a rejected row."""
     out = []
+    by_row = {o.row: o for o in outcomes}
     for o in outcomes:
-        if o.status == "ready" and o.row in ids:
+        if o.merged_into:
+            twin = by_row.get(o.merged_into)
+            if twin is None or twin.status != "ready" or not ids.get(twin.row):
+                o = RowOutcome(o.row, "rejected", o.offer, o.region,
+                               f"spot-only row: its on-demand row {o.merged_into} was not registered")
+            elif twin.interruptible is None:
+                o = RowOutcome(o.row, "rejected", o.offer, o.region,
+                               f"spot-only row: its SpotPrice is not usable (row {twin.row}: {twin.note})")
+            else:
+                o = dataclasses.replace(o, pool_id=ids[twin.row] or "", model=twin.model, memory_gib=twin.memory_gib,
+                                        on_demand=twin.on_demand, interruptible=twin.interruptible)
+        elif o.status == "ready" and o.row in ids:
             pool_id = ids[o.row]
             o = (dataclasses.replace(o, pool_id=pool_id) if pool_id else
                  RowOutcome(o.row, "rejected", o.offer, o.region, "duplicate offer (an earlier row has it)"))
