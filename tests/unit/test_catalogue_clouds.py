@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from services.registry.domain.cloud_regions import RegionResolver
 from services.registry.domain.importers import ImportResult, RowOutcome, parse_skypilot
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "catalogues"
@@ -45,6 +46,12 @@ def _row(result: ImportResult, row: int) -> RowOutcome:
     ("shadeform", 4, "nvidia-l40", "1.375000"),           # casper-usa-2
     ("jarvislabs", 1, "nvidia-l4", "0.440000"),           # IN2
     ("jarvislabs", 2, "nvidia-rtx-pro-6000", "2.190000"), # IN1
+    ("azure", 1, "nvidia-v100-pcie-16gb", "3.458000"),    # NCv3 is V100 PCIe
+    ("azure", 2, "nvidia-v100-pcie-16gb", "3.803500"),
+    ("azure", 3, "nvidia-v100-sxm2-32gb", "2.754000"),    # ND40rs_v2 has the SXM2 boards
+    ("azure", 4, "nvidia-h100-sxm-80gb", "8.193333"),
+    ("azure", 5, "nvidia-h100-nvl-94gb", "6.980000"),
+    ("azure", 6, "nvidia-a100-pcie-80gb", "4.150000"),
 ])
 def test_rows_register_the_right_model_and_price(cloud: str, row: int, model: str, per_gpu: str) -> None:
     outcome = _row(_parse(cloud), row)
@@ -90,3 +97,28 @@ def test_spot_only_rows_price_their_on_demand_twin(cloud: str, spot_row: int, tw
 def test_spot_only_row_without_twin_is_reported() -> None:
     outcome = _row(_parse("primeintellect"), 6)
     assert outcome.status == "rejected" and "spot-only" in outcome.reason and "on-demand" in outcome.reason
+
+
+@pytest.mark.parametrize(("row", "spot"), [(4, "8.193333"), (5, "6.980000")])
+def test_spot_equal_to_on_demand_is_kept(row: int, spot: str) -> None:
+    """Azure lists the H100 v5 sizes with SpotPrice = Price; for 12 GPUs the per-GPU price
+    rounds below the spot share, which must not read as "spot above on-demand"."""
+    outcome = _row(_parse("azure"), row)
+    assert outcome.interruptible == Decimal(spot) and "above" not in outcome.note, outcome
+
+
+def test_row_without_price_is_reported() -> None:
+    outcome = _row(_parse("azure"), 7)
+    assert outcome.status == "rejected" and "missing Price" in outcome.reason
+
+
+@pytest.mark.parametrize(("cloud", "code", "country", "name"), [
+    ("oci", "uk-cardiff-1", "GB", "Cardiff"), ("oci", "sa-bogota-1", "CO", "Bogota"),
+    ("oci", "eu-jovanovac-1", "RS", "Jovanovac"), ("oci", "mx-monterrey-1", "MX", "Monterrey"),
+    ("azure", "austriaeast", "AT", "Vienna"), ("azure", "newzealandnorth", "NZ", "Auckland"),
+    ("azure", "uaecentral", "AE", "Abu Dhabi"), ("spheron", "london-uk-1", "GB", "London"),
+])
+def test_provider_regions_the_table_lacked(cloud: str, code: str, country: str, name: str) -> None:
+    found = RegionResolver(cloud, set()).locate(code)
+    assert not isinstance(found, str) and found.region is not None, found
+    assert (found.region.country, found.region.name) == (country, name)

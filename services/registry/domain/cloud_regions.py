@@ -47,6 +47,7 @@ _ISO3 = {
     "che": "CH", "aut": "AT", "bel": "BE", "cze": "CZ", "jpn": "JP", "kor": "KR", "sgp": "SG", "ind": "IN",
     "aus": "AU", "bra": "BR", "mex": "MX", "zaf": "ZA", "are": "AE", "isr": "IL", "hkg": "HK", "twn": "TW",
     "chn": "CN", "est": "EE", "ltu": "LT", "lva": "LV", "rou": "RO", "bgr": "BG", "grc": "GR", "tur": "TR",
+    "uk": "GB",  # not ISO, but how providers write it: OCI's uk-cardiff-1, Spheron's london-uk-1
 }
 # Metro codes (IATA city codes) that bare-metal providers use as region names (Latitude.sh
 # behind Spheron and Prime Intellect: "TYO4", "SYD2", "atl"), -> places.csv keys. A bare

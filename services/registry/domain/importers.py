@@ -426,9 +426,11 @@ def _per_unit(total: Decimal, count: int, what: str) -> Decimal:
     return price
 
 
-def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, str]:
+def _spot(text: str, count: int, on_demand: Decimal, on_demand_total: Decimal) -> tuple[Decimal | None, str]:
     """The interruptible price per unit-hour and a note: missing, 0, unreadable or absurd
-    spot prices, and spot above on-demand, mean no interruptible offer (never a rejection)."""
+    spot prices, and spot above on-demand, mean no interruptible offer (never a rejection).
+    Spot and on-demand are compared per instance, before rounding: Azure's 12-GPU
+    ND96isr_H100_v5 lists 98.32 for both, which must not read as "spot above on-demand"."""
     t = text.strip()
     if not t or t.lower() in {"nan", "none", "null"}:
         return None, ""
@@ -438,7 +440,7 @@ def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, st
         return None, f"SpotPrice {t!r} unreadable: no interruptible price"
     if not total.is_finite() or total <= 0:
         return None, f"SpotPrice {t} means no spot offer: no interruptible price"
-    if total / count > on_demand:
+    if total > on_demand_total:
         return None, f"SpotPrice {t} is above on-demand: ignored"
     price = (total / count).quantize(_PLACES, rounding=ROUND_HALF_EVEN)
     if price <= 0 or price > on_demand:
@@ -526,7 +528,7 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             if tpu and spot_text.strip() in {"700", "700.0"}:
                 spot_text = ""
             on_demand = _per_unit(price_total, count, "Price")
-            spot, note = _spot(spot_text, count, on_demand)
+            spot, note = _spot(spot_text, count, on_demand, price_total)
             where = regions.locate(region_raw, row.get("AvailabilityZone", ""))
             if isinstance(where, str):
                 raise _RowError(where)
