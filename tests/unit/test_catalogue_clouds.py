@@ -46,6 +46,11 @@ def _row(result: ImportResult, row: int) -> RowOutcome:
     ("shadeform", 4, "nvidia-l40", "1.375000"),           # casper-usa-2
     ("jarvislabs", 1, "nvidia-l4", "0.440000"),           # IN2
     ("jarvislabs", 2, "nvidia-rtx-pro-6000", "2.190000"), # IN1
+    ("simplepod", 1, "nvidia-rtx-a2000", "0.060000"),     # RTX A2000
+    ("simplepod", 2, "nvidia-rtx-3060", "0.070000"),      # Region "North America-CA"
+    ("simplepod", 3, "nvidia-rtx-pro-6000", "0.990000"),  # "RTXPRO6000Blackwell"
+    ("simplepod", 6, "nvidia-rtx-a2000", "0.060000"),     # 2 GPUs, TotalGpuMemoryInMiB of one
+    ("verda", 1, "nvidia-b300-288gb", "6.990000"),
     ("azure", 1, "nvidia-v100-pcie-16gb", "3.458000"),    # NCv3 is V100 PCIe
     ("azure", 2, "nvidia-v100-pcie-16gb", "3.803500"),
     ("azure", 3, "nvidia-v100-sxm2-32gb", "2.754000"),    # ND40rs_v2 has the SXM2 boards
@@ -69,6 +74,7 @@ def test_hyperstack_null_manufacturer_still_reads_gpuinfo() -> None:
     ("shadeform", 3, "US", "Salt Lake City"), ("shadeform", 4, "US", "Casper"),
     ("spheron", 1, "FI", "Finland"), ("spheron", 4, "US", "Raleigh"), ("spheron", 5, "US", "Des Moines"),
     ("jarvislabs", 1, "IN", "India"), ("spheron", 10, "JP", "Tokyo"), ("spheron", 11, "US", "Atlanta"),
+    ("simplepod", 2, "CA", "Canada"), ("simplepod", 1, "NO", "Norway"),
 ])
 def test_city_country_codes_are_located(cloud: str, row: int, country: str, name: str) -> None:
     result = _parse(cloud)
@@ -122,3 +128,23 @@ def test_provider_regions_the_table_lacked(cloud: str, code: str, country: str, 
     found = RegionResolver(cloud, set()).locate(code)
     assert not isinstance(found, str) and found.region is not None, found
     assert (found.region.country, found.region.name) == (country, name)
+
+
+def test_same_name_different_price_are_two_offers_ranked_by_price() -> None:
+    """SimplePod lists gpu_4x_rtx4090_128 in Europe-PL twice (two hosts, 1.28 and 1.36): two
+    pools; the cheaper keeps the plain id whatever the row order, so re-imports update them."""
+    result = _parse("simplepod")
+    cheap, dear = _row(result, 4), _row(result, 5)
+    assert (cheap.status, dear.status) == ("ready", "ready")
+    assert dear.pool_id == cheap.pool_id + "-2" and (cheap.on_demand, dear.on_demand) == (Decimal("0.32"), Decimal("0.34"))
+    lines = (FIXTURES / "simplepod" / "vms.csv").read_text("utf-8").splitlines()
+    swapped = "\n".join([lines[0], lines[5], lines[4]])
+    again = {o.on_demand: o.pool_id for o in parse_skypilot(swapped, "simplepod", set(), cloud="simplepod").outcomes}
+    assert again == {cheap.on_demand: cheap.pool_id, dear.on_demand: dear.pool_id}
+
+
+def test_spot_only_offer_without_on_demand_is_reported() -> None:
+    """Verda sells 2B300.60V as spot only: no on-demand price, so no pool (the wire contract
+    prices pools on-demand first); the row says why."""
+    outcome = _row(_parse("verda"), 2)
+    assert outcome.status == "rejected" and "spot-only" in outcome.reason

@@ -61,6 +61,8 @@ _METRO = {
 }
 # Continent words that can start a code without naming a country.
 _NOT_COUNTRY_WORDS = frozenset({"eu", "ap", "me", "af", "sa", "na", "as", "oc", "eur", "sea", "asia", "europe"})
+_CONTINENT_WORDS = _NOT_COUNTRY_WORDS | {"north", "south", "central", "america", "africa", "oceania", "middle", "east",
+                                         "latam", "apac", "emea"}
 
 
 def _slug(text: str) -> str:
@@ -182,6 +184,10 @@ class RegionResolver:
                 numbers = [w for w in _slug(text).split("-") if w.isdigit()]
                 return self._new(_region_id(self.cloud, country, *numbers), country_table()[country][0], country,
                                  *country_table()[country][1:], "location")
+        if country is None and len(parts) == 1:
+            derived = self._derive(text, "")  # SimplePod's "North America-CA": a code with a space
+            if isinstance(derived, Located):
+                return derived
         if country is None:
             return f"location {text!r} names no ISO country code; map it with --region-map"
         place = next((p for p in parts if p and p.upper() != country and len(p) > 3), "")
@@ -227,6 +233,9 @@ class RegionResolver:
                 return self._new(rid, name, c, lat, lon, "derived")
         if country is None and len(words) >= 2 and words[1].upper() in countries and words[0] in _NOT_COUNTRY_WORDS:
             country = words[1].upper()  # "EU-CZ-1", "AP-JP-1"
+        if (country is None and len(words) >= 2 and words[-1].upper() in countries
+                and all(w in _CONTINENT_WORDS for w in words[:-1])):
+            country = words[-1].upper()  # SimplePod's "Europe-NO", "North America-CA"
         if country is not None and _slug(code) in _country_by_name():
             # a bare country name ("FINLAND") is a location, not an id
             cname, lat, lon = countries[country]

@@ -195,18 +195,40 @@ def _host_arch(text: str) -> str:
     return "aarch64" if text.strip().lower() in {"arm64", "aarch64", "arm"} else "x86_64"
 
 
+def _rank_variants(pending: list[tuple[int, str, str, PoolSpec]]) -> list[tuple[int, str, str, PoolSpec]]:
+    """Rename the 2nd, 3rd... distinct spec of a raw key (by on-demand price, then spec)."""
+    specs: dict[str, dict[bytes, PoolSpec]] = defaultdict(dict)
+    for _, raw, _, spec in pending:
+        specs[raw].setdefault(msgspec.json.encode(spec), spec)
+    rank: dict[tuple[str, bytes], int] = {}
+    for raw, variants in specs.items():
+        ordered = sorted(variants.items(), key=lambda kv: (kv[1].prices.on_demand, kv[0]))
+        rank.update({(raw, enc): k for k, (enc, _) in enumerate(ordered, start=1)})
+    out = []
+    for row_no, raw, base, spec in pending:
+        k = rank[(raw, msgspec.json.encode(spec))]
+        if k > 1:
+            raw, base = f"{raw}#{k}", f"{base}-{k}"
+            base = base if len(base) <= _MAX_ID else _with_hash(base, raw)
+        out.append((row_no, raw, base, spec))
+    return out
+
+
 def _assign_ids(result: ImportResult, pending: list[tuple[int, str, str, PoolSpec]]) -> dict[int, str | None]:
     """Give pending pools their ids: ``(row, raw key, base id, spec)``.
 
     Two different raw keys that sanitise to the same id both get a hash suffix of their
-    raw key, so ids do not depend on row order. A repeated raw key is a duplicate offer:
-    the first row wins and later ones are reported.
+    raw key, so ids do not depend on row order. A repeated raw key with the same spec is a
+    duplicate offer: the first row wins and later ones are reported. A repeated raw key
+    with a different spec is another offer of the same name (a marketplace's hosts:
+    SimplePod lists ``gpu_4x_rtx4090_128`` in Europe-PL at 1.28 and at 1.36): the
+    cheapest keeps the id, the k-th cheapest gets ``-k`` (ranked by price, not by row).
     """
     keys_by_base: dict[str, set[str]] = defaultdict(set)
     seen_raw: set[str] = set()
     unique: list[tuple[int, str, str, PoolSpec]] = []
     ids: dict[int, str | None] = {}
-    for row_no, raw, base, spec in pending:
+    for row_no, raw, base, spec in _rank_variants(pending):
         if raw in seen_raw:
             result.errors.append(f"row {row_no}: duplicate offer {raw!r}")
             ids[row_no] = None
