@@ -51,6 +51,7 @@ def _row(result: ImportResult, row: int) -> RowOutcome:
     ("simplepod", 3, "nvidia-rtx-pro-6000", "0.990000"),  # "RTXPRO6000Blackwell"
     ("simplepod", 6, "nvidia-rtx-a2000", "0.060000"),     # 2 GPUs, TotalGpuMemoryInMiB of one
     ("verda", 1, "nvidia-b300-288gb", "6.990000"),
+    ("cudo", 7, "nvidia-a800-pcie-80gb", "0.823400"),     # intel-ice-lake-a800-pci
     ("azure", 1, "nvidia-v100-pcie-16gb", "3.458000"),    # NCv3 is V100 PCIe
     ("azure", 2, "nvidia-v100-pcie-16gb", "3.803500"),
     ("azure", 3, "nvidia-v100-sxm2-32gb", "2.754000"),    # ND40rs_v2 has the SXM2 boards

@@ -58,6 +58,7 @@ _DATA_FILE = "accelerators.json"
 FAMILIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "a100": ("nvidia-a100-sxm-40gb", "nvidia-a100-sxm-80gb", "nvidia-a100-pcie-40gb", "nvidia-a100-pcie-80gb"),
     "v100": ("nvidia-v100-sxm2-16gb", "nvidia-v100-sxm2-32gb", "nvidia-v100-pcie-16gb", "nvidia-v100-pcie-32gb"),
+    "a800": ("nvidia-a800-sxm-80gb", "nvidia-a800-pcie-80gb"),
     "h100": ("nvidia-h100-sxm-80gb", "nvidia-h100-pcie-80gb", "nvidia-h100-nvl-94gb"),
     "h200": ("nvidia-h200-sxm-141gb", "nvidia-h200-nvl-141gb"),
     "910b": ("huawei-ascend-910b", "huawei-ascend-910b2", "huawei-ascend-910b4"),
