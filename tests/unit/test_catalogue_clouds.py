@@ -31,6 +31,7 @@ def _row(result: ImportResult, row: int) -> RowOutcome:
     ("primeintellect", 1, "nvidia-h100-sxm-80gb", "2.990000"),  # SizeInMiB 655360 is the 8 GPUs' total
     ("primeintellect", 2, "nvidia-h100-sxm-80gb", "1.900000"),  # 163840 for 2 GPUs
     ("primeintellect", 4, "nvidia-h200-sxm-141gb", "2.000000"),
+    ("primeintellect", 7, "nvidia-v100-sxm2-16gb", "0.140000"),  # 32768 MiB for 2: the name says 16GB
     ("spheron", 1, "nvidia-h100-sxm-80gb", "2.912400"),   # Region "Finland 3"
     ("spheron", 2, "nvidia-h100-pcie-80gb", "2.626800"),  # H100_PCIE_BAREMETAL
     ("spheron", 3, "nvidia-rtx-5090", "0.924000"),        # RTX5090_PCIE_BAREMETAL

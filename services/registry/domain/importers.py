@@ -403,9 +403,12 @@ def _sku_form(cloud: str, instance: str) -> str | None:
 
 @lru_cache(maxsize=4096)
 def _resolve_model(name: str, info_name: str | None, maker: str | None, candidates: tuple[int, ...],
-                   form: str | None) -> tuple[Accelerator | None, int | None]:
-    """Resolve the accelerator and the per-GPU memory reading that fits it best."""
-    best: tuple[float, Accelerator, int | None] | None = None
+                   form: str | None, named_gib: int | None = None) -> tuple[Accelerator | None, int | None]:
+    """Resolve the accelerator and the per-GPU memory reading that fits it best. When two
+    readings fit two variants equally well (Prime Intellect's 2 x V100: 32768 MiB is the
+    instance's total or one 32 GB card), the memory the instance name states
+    (``datacrunch__2xV100_16GB__10__45``) decides."""
+    best: tuple[float, int, Accelerator, int | None] | None = None
     for mib in candidates or (None,):
         for label in (name, info_name):
             if not label:
@@ -414,10 +417,11 @@ def _resolve_model(name: str, info_name: str | None, maker: str | None, candidat
             if acc is None:
                 continue
             score = _fit(acc, mib) if mib else 0.5
-            if best is None or score < best[0] - 1e-9:
-                best = (score, acc, mib)
+            named = 0 if named_gib is None or abs(acc.memory_gib - named_gib) <= 1 else 1
+            if best is None or score < best[0] - 1e-9 or (abs(score - best[0]) <= 1e-9 and named < best[1]):
+                best = (score, named, acc, mib)
             break
-    return (best[1], best[2]) if best else (None, None)
+    return (best[2], best[3]) if best else (None, None)
 
 
 def _tpu(name: str) -> tuple[str, int, int] | None:
@@ -537,7 +541,8 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 raise _RowError(f"AcceleratorCount {count} out of range")
             info_name, maker, size, total, info_problem = _gpu_info("" if tpu else row.get("GpuInfo", ""))
             form = _form_hint(name, info_name or "", instance) or _sku_form(regions.cloud, instance)
-            acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form)
+            acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form,
+                                      split_hints(instance)[1])
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
             if not row.get("Price") and row.get("SpotPrice"):
