@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.messages import Region
 from services.registry.domain.cloud_regions import RegionResolver
 from services.registry.domain.importers import ImportResult, RowOutcome, parse_skypilot
 
@@ -150,3 +151,16 @@ def test_spot_only_offer_without_on_demand_is_reported() -> None:
     prices pools on-demand first); the row says why."""
     outcome = _row(_parse("verda"), 2)
     assert outcome.status == "rejected" and "spot-only" in outcome.reason
+
+
+def test_empty_region_is_reported_and_can_be_mapped() -> None:
+    """Seeweb lists GPU plans with no Region: reported by row, and an operator can place
+    them with a --region-map entry for the empty code."""
+    text = (FIXTURES / "seeweb" / "vms.csv").read_text("utf-8")
+    plain = parse_skypilot(text, "seeweb", set(), cloud="seeweb")
+    assert [o.status for o in plain.outcomes] == ["rejected", "rejected", "ready"]
+    assert all(o.reason == "empty Region" for o in plain.outcomes[:2])
+    site = Region(id="seeweb-frosinone", name="Frosinone", country="IT", lat=41.64, lon=13.35)
+    mapped = parse_skypilot(text, "seeweb", set(), cloud="seeweb", region_map={"": site})
+    assert [o.status for o in mapped.outcomes] == ["ready", "ready", "ready"]
+    assert dict(mapped.pools)[mapped.outcomes[0].pool_id].region == "seeweb-frosinone"
