@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
         broker.budget_grace_s = settings.budget_grace_s
+        broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
 
         async def on_billing(msg: Msg) -> None:
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
         lifespan=lifespan,

@@ -210,7 +210,10 @@ def _counts(rows: list[RowResult]) -> dict[str, int]:
     return {"rows": len(rows), "skipped": counts["skipped"], "offers": len(rows) - counts["skipped"],
             "registered": counts["created"] + counts["updated"], "created": counts["created"],
             "updated": counts["updated"], "rejected": counts["rejected"], "refused": counts["refused"],
-            "not_attempted": counts["not-attempted"]}
+            "not_attempted": counts["not-attempted"],
+            # a spot-only row shares its on-demand twin's pool: pools, not rows
+            **{f"pools_{status}": len({r.pool_id for r in rows if r.status == status})
+               for status in ("created", "updated")}}
 
 
 def _not_registered(rows: list[RowResult]) -> Counter[str]:
@@ -252,7 +255,7 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
             why.add_row(reason, str(n))
         out.print(why)
     pct = f" ({100 * registered / offers:.1f}% of offers)" if offers else ""
-    out.print(f"{c['created']} pools registered, {c['updated']} updated{pct}; "
+    out.print(f"{c['pools_created']} pools registered, {c['pools_updated']} updated{pct}; "
               f"{c['skipped']} rows without an accelerator skipped")
     out.print("pool ids are the same on every run: re-running this import updates these pools")
 

@@ -87,3 +87,17 @@ def test_import_alibaba_trace(settings, nc, tmp_path: Path) -> None:
         counts = summary["clouds"]["alibaba"]
         assert counts["registered"] == counts["updated"] == 26 and counts["refused"] == 0
         assert set(summary["unmapped_names"]) >= {"G2", "G3"}
+
+def test_spot_only_rows_register_one_pool_with_both_prices(settings, nc, tmp_path: Path) -> None:
+    """Spheron's ``n3-A100x1-spot__CANADA-1`` prices its on-demand twin: 11 rows, 10 pools."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "catalogues" / "spheron" / "vms.csv"
+    with service_process("registry", settings, tmp_path) as registry:
+        result = CliRunner().invoke(cli, ["import", "skypilot", str(fixture), "--provider", "spheron",
+                                          "--registry-url", registry.url, "--key", settings.admin_key or ""])
+        assert result.exit_code == 0, result.output
+        assert "10 pools registered" in result.output, result.output
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        pools = httpx.get(f"{registry.url}/v1/pools", params={"provider": "spheron"}, headers=admin).json()["items"]
+        a100 = next(p for p in pools if p["pool_id"] == "spheron-canada-1-n3-a100x1__canada-1")
+        prices = a100["spec"]["prices"]
+        assert (Decimal(prices["on_demand"]), Decimal(prices["interruptible"])) == (Decimal("1.4327"), Decimal("1.1476"))
