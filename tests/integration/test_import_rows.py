@@ -90,7 +90,8 @@ def test_a_refused_row_does_not_sink_its_batch(settings, nc, tmp_path: Path) -> 
         assert summary["provider"] == "lambda" and list(summary["clouds"]) == ["lambda"]
         counts = summary["clouds"]["lambda"]
         assert counts["registered"] == counts["updated"] == 11 and counts["created"] == 0
-        assert counts["refused"] == 1 and counts["rows"] == len(json.loads(report2.read_text()))
+        assert counts["pools_updated"] == 11 and counts["refused"] == 1
+        assert counts["rows"] == len(json.loads(report2.read_text()))
         assert summary["report"] == {"path": str(report2), "rows": counts["rows"]}
         assert summary["error"] is None and sum(summary["not_registered_by_reason"].values()) >= 1
 
