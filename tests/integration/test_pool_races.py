@@ -17,13 +17,13 @@ from services.broker.app import create_app as create_broker
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
 from services.common.keys import Keys
-from services.common.messages import AllocEvent, LeaseLost, Pool
+from services.common.messages import AllocEvent, CapacityEvent, LeaseLost, Pool, PoolOffline, PoolOnline
 from services.common.settings import settings_to_env
 from services.common.subjects import Subjects
 from services.registry.app import create_app as create_registry
 
 from ..helpers import EventTap, eventually
-from .conftest import pool_body
+from .conftest import pool_body, with_settings
 
 X = {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 8, "prices": {"on_demand": "1.20"}}
 
@@ -140,3 +140,48 @@ async def test_the_same_provider_creating_twice_at_once_is_one_pool(settings, tm
                 assert sorted((a.status_code, b.status_code)) == [200, 201], (a.text, b.text)
                 view = (await one.get(f"/v1/pools/{pool_id}", headers=admin)).json()
                 assert view["generation"] == a.json()["generation"] == b.json()["generation"]
+
+
+async def test_an_outage_while_the_broker_was_down_loses_only_the_leases_it_took(settings, nc, subjects) -> None:
+    """Issue 11, item 7: a pool goes offline (and comes back) while no broker runs. Before:
+    the broker heard ``pool.offline`` on core NATS only, so the lease lived on. Now the
+    durable consumer delivers it when the broker is back, and it ends exactly the leases
+    the outage took, not one granted after the pool came back."""
+    fast = with_settings(settings, heartbeat_ttl_s=1.0, sweep_interval_s=0.1)
+    admin = {"Authorization": f"Bearer {settings.admin_key}"}
+    async with AsyncTestClient(app=create_registry(fast)) as registry, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc, \
+            EventTap(nc.jetstream(), subjects.events("capacity"), CapacityEvent) as capacity:
+        provider = await _key(registry, admin, "provider", "acme")
+        tenant = await _key(registry, admin, "tenant", "t1")
+        beating = asyncio.Event()
+        beating.set()
+
+        async def agent() -> None:  # the provider's agent: heartbeats while ``beating``
+            while True:
+                await beating.wait()
+                await registry.post("/v1/pools/x/heartbeat", headers=provider)
+                await asyncio.sleep(0.2)  # the agent's heartbeat interval (TTL 1 s)
+
+        assert (await registry.put("/v1/pools/x", json=X, headers=provider)).status_code == 201
+        task = asyncio.create_task(agent())
+        try:
+            async with AsyncTestClient(app=create_broker(fast)) as broker:
+                r = await broker.post("/v1/requests", json={"units": 4}, headers=tenant)
+                assert r.status_code == 201, r.text
+                old = r.json()["leases"][0]["lease_id"]
+            beating.clear()  # the broker is down; the pool misses its heartbeats, then comes back
+            offline = await capacity.wait_for(lambda e: isinstance(e, PoolOffline) and e.pool_id == "x")
+            beating.set()
+            await capacity.wait_for(lambda e: isinstance(e, PoolOnline) and e.pool_id == "x")
+            async with AsyncTestClient(app=create_broker(fast)) as broker:
+                lost = await alloc.wait_for(lambda e: isinstance(e, LeaseLost) and e.lease.lease_id == old)
+                assert "offline" in lost.reason and offline.lease_ids == (old,)  # the outage names what it took
+                r = await broker.post("/v1/requests", json={"units": 2, "queue": False}, headers=tenant)
+                assert r.status_code == 201, r.text
+                new = r.json()["leases"][0]["lease_id"]
+                assert (await broker.get(f"/v1/leases/{new}", headers=tenant)).status_code == 200
+                assert (await broker.get(f"/v1/leases/{old}", headers=tenant)).status_code == 404
+                assert not any(isinstance(e, LeaseLost) and e.lease.lease_id == new for e in alloc.events)
+        finally:
+            task.cancel()
