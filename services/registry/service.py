@@ -13,9 +13,8 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from services.common.auth import Principal
-from services.common.ids import is_valid_id
+from services.common.ids import is_valid_id, new_id
 from services.common.keys import Keys
-from services.common.ids import new_id
 from services.common.messages import Accelerator, Pool, PoolRemoved, PoolSpec, Region, Topology
 
 from .domain import topology as topo
