@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -69,7 +70,7 @@ class PoolLossFeed:
             for msg in msgs:
                 await self._handle(msg)
 
-    async def _handle(self, msg) -> None:  # noqa: ANN001 - a nats Msg
+    async def _handle(self, msg: Msg) -> None:
         try:
             event = _capacity.decode(msg.data)
         except msgspec.DecodeError:
