@@ -109,10 +109,11 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         allow_responses=True,
     )
     broker = NatsUser(
-        "broker", "allocation and request events; reads capacity, billing, pools and keys",
+        "broker", "allocation and request events; reads capacity, billing, pools, keys and regions",
         publish=base_pub
         + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*")]
-        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"])
+        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
+                        buckets["regions"])
            for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )

@@ -7,7 +7,7 @@ import gc
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Litestar, get
@@ -30,7 +30,7 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.lifecycle import relax_gc, stop_tasks
+from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
@@ -51,23 +51,6 @@ log = logging.getLogger("broker")
 @get("/health", tags=["ops"], summary="The process is alive")
 async def health() -> dict[str, object]:
     return {"status": "ok", "service": "broker", "pid": os.getpid()}
-
-
-async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]],
-                 kick: asyncio.Event | None = None) -> None:
-    while True:
-        try:
-            await fn()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # keep going through a NATS/Redis blip
-            log.exception("%s failed", what)
-        if kick is None:
-            await asyncio.sleep(interval)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), interval)
-            kick.clear()
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -113,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                    "pool offline" if isinstance(event, PoolOffline) else "pool removed",
                                    generation=event.generation, lease_ids=event.lease_ids)
 
-        pool_loss = PoolLossFeed(js, subjects, on_pool_gone)
+        pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
         broker.budget_grace_s = settings.budget_grace_s
         await broker.load_budgets()
@@ -135,9 +118,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
                                               settings.rate_limit_window_s)
         tasks = [
-            asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
-            asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),
-            asyncio.create_task(_every(300.0, "world resync", world.resync)),  # safety net; events keep it current
+            asyncio.create_task(forever("lease sweep", broker.sweep_and_rebuild, interval=settings.sweep_interval_s,
+                                        logger=log)),
+            asyncio.create_task(forever("queue", broker.run_queue, interval=1.0, kick=broker.queue_kick, logger=log)),
+            # safety net; events keep it current
+            asyncio.create_task(forever("world resync", world.resync, interval=300.0, logger=log)),
         ]
         try:
             yield

@@ -12,18 +12,19 @@ units counted against whatever pool next took the id (docs/lifecycle.md, "Pool")
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
 
 from services.common import tracing
-from services.common.lifecycle import stop_tasks
+from services.common.jetstream import Puller
+from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import CapacityEvent, PoolOffline, PoolRemoved
 from services.common.subjects import CAPACITY, Subjects
 
@@ -36,39 +37,46 @@ PoolLoss = PoolOffline | PoolRemoved
 
 
 class PoolLossFeed:
-    def __init__(self, js: JetStreamContext, subjects: Subjects,
+    def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects,
                  on_loss: Callable[[PoolLoss], Awaitable[object]], batch: int = 64) -> None:
-        self.js, self.subjects, self.on_loss, self.batch = js, subjects, on_loss, batch
+        self.nc, self.js, self.subjects, self.on_loss, self.batch = nc, js, subjects, on_loss, batch
+        self.stream = subjects.stream(CAPACITY)
         self._tasks: list[asyncio.Task] = []
 
+    async def ensure(self) -> None:
+        """Created on first start, from the events that come next: a broker installed over
+        an old stream must not replay years of removals. Every later start finds it."""
+        config = ConsumerConfig(
+            durable_name=DURABLE, filter_subject=self.subjects.events(CAPACITY), deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_deliver=-1,
+            description="broker: leases of pools gone offline or removed")
+        try:
+            await self.js.consumer_info(self.stream, DURABLE)
+        except NotFoundError:
+            try:
+                await self.js.add_consumer(self.stream, config)
+            except APIError as exc:  # another replica created it
+                if exc.err_code not in (10148, 10013):
+                    raise
+
     async def start(self) -> None:
-        # created on first start from the events that come next: a broker installed over an
-        # old stream must not replay years of removals (bound to the existing one afterwards)
-        self._sub = await self.js.pull_subscribe(
-            self.subjects.events(CAPACITY), durable=DURABLE, stream=self.subjects.stream(CAPACITY),
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
-                                  max_deliver=-1, description="broker: leases of pools gone offline or removed"))
-        self._tasks = [asyncio.create_task(self._run())]
+        await self.ensure()
+        self._tasks = [asyncio.create_task(forever("pool-loss feed", self._follow, interval=RETRY_S, logger=log))]
 
     async def stop(self) -> None:
         await stop_tasks(self._tasks)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                msgs = await self._sub.fetch(self.batch, timeout=1.0)
-            except (TimeoutError, NatsTimeout):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS restarting: keep going
-                log.warning("pool-loss feed: %r", exc)
-                await asyncio.sleep(RETRY_S)
-                continue
-            for msg in msgs:
-                await self._handle(msg)
+    async def _follow(self) -> None:
+        """Until an error (NATS restarting, the consumer gone): ``forever`` starts it again."""
+        await self.ensure()
+        puller = Puller(self.nc, self.stream, DURABLE)
+        await puller.start()
+        try:
+            while True:
+                for msg in await puller.fetch(self.batch, timeout=1.0):
+                    await self._handle(msg)
+        finally:
+            await puller.stop()
 
     async def _handle(self, msg: Msg) -> None:
         try:

@@ -723,18 +723,17 @@ class Broker:
         and only the caller that removed a lease announces it."""
         now = self.clock()
         n = 0
-        for region in self.world.countries:
-            for lease in await self.leases.expired(region, now.timestamp()):
-                ended = await self.leases.end(lease, "expire", now.timestamp())
-                if ended is not None and ended.pending:
-                    # its broker died between reservation and confirmation: nobody was told
-                    # 201; end it in the record at its grant time (nothing billed)
-                    log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
-                    await self._ended(LeaseLost, ended, lease.granted_at, reason="grant never completed")
-                    n += 1
-                elif ended is not None:
-                    await self._ended(LeaseExpired, ended, now)
-                    n += 1
+        for lease in await self.leases.expired_in(list(self.world.countries), now.timestamp()):
+            ended = await self.leases.end(lease, "expire", now.timestamp())
+            if ended is not None and ended.pending:
+                # its broker died between reservation and confirmation: nobody was told
+                # 201; end it in the record at its grant time (nothing billed)
+                log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
+                await self._ended(LeaseLost, ended, lease.granted_at, reason="grant never completed")
+                n += 1
+            elif ended is not None:
+                await self._ended(LeaseExpired, ended, now)
+                n += 1
         return n
 
     async def rebuild_if_lost(self) -> int:

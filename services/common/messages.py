@@ -27,6 +27,7 @@ Vendor = Literal[
 Stack = Literal["cuda", "rocm", "cann", "neuware", "dtk", "xpu", "synapseai", "musa", "corex",
                 "suppa", "maca", "topsrider", "neuron", "xla"]
 HostArch = Literal["x86_64", "aarch64"]
+FormFactor = Literal["sxm", "pcie", "nvl", "oam", "superchip", "other"]
 PoolStatus = Literal["online", "offline", "draining"]
 
 
@@ -46,6 +47,7 @@ class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
     interconnect_gbs: float
     stack: Stack
     frameworks: tuple[str, ...] = ("pytorch",)
+    form_factor: FormFactor | None = None  # how the card is built: SXM and PCIe parts differ in power and links
     aliases: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
 
@@ -103,6 +105,9 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     egress_gbps: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 10.0
     prices: Prices
     provider: Id | None = None  # admin may register on behalf of a provider
+    # "listed": imported from a public catalogue; its availability is what the catalogue
+    # lists, not what a provider agent reports live (quotes say so)
+    availability: Literal["live", "listed"] = "live"
 
 
 class Pool(msgspec.Struct, frozen=True, kw_only=True):

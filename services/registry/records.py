@@ -8,6 +8,7 @@ both win, and whoever loses reads again and decides again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,10 +16,10 @@ import msgspec
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.common.jetstream import WRONG_LAST_SEQUENCE, bucket_entries
 from services.common.messages import Pool
 
 _decoder = msgspec.json.Decoder(Pool)
-_WRONG_LAST = (10071, 10164)  # JetStream: wrong last sequence (the key moved on)
 
 
 class RecordChanged(Exception):
@@ -74,20 +75,14 @@ class PoolRecords:
         try:
             await self.kv.delete(pool_id, last=last)
         except APIError as exc:
-            if exc.err_code in _WRONG_LAST:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
                 raise RecordChanged(pool_id) from exc
             raise
 
     async def entries(self) -> AsyncIterator[Entry]:
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    break
-                if entry.value:
-                    yield Entry(_resolved(entry.value, entry.revision), entry.revision)
-        finally:
-            await watcher.stop()
+        async with contextlib.aclosing(bucket_entries(self.kv)) as entries:
+            async for value, revision in entries:
+                yield Entry(_resolved(value, revision), revision)
 
     async def all(self) -> AsyncIterator[Pool]:
         async for entry in self.entries():

@@ -9,13 +9,19 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from services.common.auth import Principal
+from services.common.clock import utcnow
 from services.common.ids import is_valid_id, new_id
 from services.common.keys import Keys
-from services.common.messages import Accelerator, Pool, PoolRemoved, PoolSpec, Region, Topology
+from services.common.messages import Accelerator, Link, Pool, PoolRemoved, PoolSpec, Region
+from services.common.nats_conn import follow_bucket
+from services.common.network import Network
+from services.common.subjects import link_key, region_key
 
 from .domain import topology as topo
 from .domain.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -35,15 +41,10 @@ from .store import PoolStore, Transition
 from .views import PoolPage, PoolView, pool_view
 
 log = logging.getLogger(__name__)
-_region_decoder = msgspec.json.Decoder(Region)
 
 
 _OUTCOME = {0: "not_found", -1: "forbidden"}
 _CAS_ATTEMPTS = 8  # compare-and-set rounds lost to concurrent writers before a 409
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,41 +60,93 @@ class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RegionBook:
-    """The topology in force: the default (or operator's file) plus regions added at
-    run time, which live durably in a key-value bucket shared by all replicas."""
+    """The topology in force, kept in the ``regions`` bucket: one key per region, one per
+    published link, never a mesh (``docs/topology.md``, "Storage and scale"). Each replica
+    follows the bucket with one consumer for its lifetime and answers every read from
+    that copy, so a read, anonymous or not, costs NATS nothing."""
 
-    def __init__(self, base: Topology, kv: KeyValue) -> None:
-        self.base, self.kv = base, kv
-        self.topology = base
-        self.index = topo.TopologyIndex(base)
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self.js, self.kv, self.bucket = js, kv, bucket
+        self.network = Network()
+        self.file_ids: frozenset[str] = frozenset()  # regions the topology file defines
+        self._revisions: dict[str, int] = {}  # record key -> revision applied
 
-    async def refresh(self) -> None:
-        topology = self.base
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # no keys yet: nats-py raises NoKeysError
-            keys = []
-        for key in keys:
-            entry = await self.kv.get(key)
-            if entry.value:
-                region = _region_decoder.decode(entry.value)
-                if region.id not in topo.TopologyIndex(topology):
-                    topology = topo.add_region(topology, region)
-        self.topology = topology
-        self.index = topo.TopologyIndex(topology)
+    async def open(self, base: topo.TopologyFile) -> None:
+        """Catch up with the bucket, then write what the topology file says where the
+        bucket differs. The file is the source of its regions and of every published
+        link: links it no longer lists are removed; regions are never removed (pools
+        may be in them)."""
+        await follow_bucket(self.js, self.bucket, self._record)
+        self.file_ids = frozenset(r.id for r in base.regions)
+        writes: list[tuple[str, Region | Link]] = [
+            (region_key(r.id), r) for r in base.regions if self.network.regions.get(r.id) != r]
+        wanted = {(link.src, link.dst): link for link in base.links}
+        writes += [(link_key(*pair), link) for pair, link in wanted.items()
+                   if self.network.published.get(pair) != link]
+        await self._put(writes)
+        for src, dst in [pair for pair in self.network.published if pair not in wanted]:
+            await self.kv.delete(link_key(src, dst))  # the follower brings the deletion's revision
+            self.network.drop_link(src, dst)
 
+    def _record(self, key: str, value: bytes | None, revision: int) -> None:
+        """A record of the bucket; an older revision than the one applied is ignored (a
+        write or key read may return after the follower brought a newer one)."""
+        if revision > self._revisions.get(key, 0):
+            self._revisions[key] = revision
+            self.network.apply(key, value)
+
+    async def _put(self, items: Sequence[tuple[str, Region | Link]], concurrency: int = 256) -> None:
+        """Write records (and apply them here at once: this replica's next read sees them)."""
+        encoded = [(key, msgspec.json.encode(value)) for key, value in items]
+        for i in range(0, len(encoded), concurrency):
+            chunk = encoded[i:i + concurrency]
+            revisions = await asyncio.gather(*(self.kv.put(key, data) for key, data in chunk))
+            for (key, data), revision in zip(chunk, revisions, strict=True):
+                self._record(key, data, revision)
+
+    # --- reads (memory only; ``known`` looks in the bucket on a miss) --------------------
     def __contains__(self, region_id: object) -> bool:
-        return region_id in self.index
+        return region_id in self.network
 
     async def known(self, region_id: str) -> bool:
-        if region_id in self.index:
+        """Known here, or just added by another replica: one key read, no consumer."""
+        if region_id in self.network:
             return True
-        await self.refresh()  # another replica may have added it
-        return region_id in self.index
+        if not is_valid_id(region_id):
+            return False
+        try:
+            entry = await self.kv.get(region_key(region_id))
+        except KeyNotFoundError:
+            return False
+        self._record(entry.key, entry.value, entry.revision or 0)
+        return region_id in self.network
 
-    async def add(self, region: Region) -> None:
-        await self.kv.put(region.id, msgspec.json.encode(region))
-        await self.refresh()
+    # --- changes (admin) -------------------------------------------------------------------
+    def _check(self, region: Region) -> None:
+        try:
+            topo.check_region(region)
+        except topo.TopologyError as exc:
+            raise BadRequest(str(exc)) from None
+        have = self.network.regions.get(region.id)
+        if region.id in self.file_ids and have is not None and have != region:
+            raise Conflict(f"region {region.id!r} comes from the registry's topology file, which has "
+                           f"{msgspec.json.encode(have).decode()}; change it there")
+
+    async def add(self, region: Region) -> bool:
+        """Add or change a region; False if it was there unchanged."""
+        return bool(await self.add_many([region]))
+
+    async def add_many(self, regions: Sequence[Region]) -> int:
+        """Validates every region before writing any; returns how many were new or changed."""
+        seen: set[str] = set()
+        for region in regions:
+            self._check(region)
+            if region.id in seen:
+                raise BadRequest(f"region {region.id!r} appears twice")
+            seen.add(region.id)
+        writes = [(region_key(r.id), r) for r in regions if self.network.regions.get(r.id) != r]
+        await self._put(writes)
+        return len(writes)
 
 
 class Registry:

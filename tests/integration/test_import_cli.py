@@ -31,9 +31,9 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
                                           "--registry-url", registry.url, "--key", settings.admin_key or ""])
         assert result.exit_code == 0, result.output
         out = result.output
-        assert "4 pools registered" in out  # 3 in us-east-1 (added) + 1 in us-east (known)
+        assert "4 pools registered" in out  # 3 in Lambda's us-east-1 (added) + 1 in us-east (known)
         assert "Quantum9000" in out  # unmapped names are reported, never dropped silently
-        assert "us-east-1 was not in the topology" in out
+        assert "lambda-us-east-1 was not in the topology" in out
         assert "mars-north-1 is unknown" in out
         assert "1 rows without an accelerator skipped" in out
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
@@ -42,11 +42,11 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
         assert set(by_model) == {"nvidia-a100-sxm-40gb", "nvidia-a100-sxm-80gb", "nvidia-rtx-a6000",
                                  "nvidia-h100-sxm-80gb"}
         a100 = by_model["nvidia-a100-sxm-40gb"]
-        assert a100["region"] == "us-east-1" and a100["capacity"] == 8
+        assert a100["region"] == "lambda-us-east-1" and a100["capacity"] == 8
         assert Decimal(a100["spec"]["prices"]["on_demand"]) == Decimal("1.29")  # 10.32 / 8
         assert Decimal(by_model["nvidia-a100-sxm-80gb"]["spec"]["prices"]["interruptible"]) == Decimal("0.5")
         regions = {r["id"] for r in httpx.get(f"{registry.url}/v1/regions").json()}
-        assert "us-east-1" in regions and "mars-north-1" not in regions
+        assert "lambda-us-east-1" in regions and not any("mars" in r for r in regions)
 
         # re-import is idempotent: same pools, updated not duplicated
         again = CliRunner().invoke(cli, ["import", "skypilot", str(csv_path), "--provider", "lambda",
@@ -55,11 +55,11 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
 
         # --reject-unknown-regions changes nothing
         csv2 = tmp_path / "vms2.csv"
-        csv2.write_text(SKYPILOT.replace("us-east-1", "eu-north-1"))
-        rejected = CliRunner().invoke(cli, ["import", "skypilot", str(csv2), "--provider", "lambda2",
+        csv2.write_text(SKYPILOT.replace("us-east-1", "europe-central-1"))
+        rejected = CliRunner().invoke(cli, ["import", "skypilot", str(csv2), "--provider", "lambda2", "--cloud", "lambda",
                                             "--registry-url", registry.url, "--key", settings.admin_key or "",
                                             "--reject-unknown-regions"])
-        assert rejected.exit_code != 0 and "eu-north-1" in rejected.output
+        assert rejected.exit_code != 0 and "lambda-europe-central-1" in rejected.output
         assert httpx.get(f"{registry.url}/v1/pools", params={"provider": "lambda2"},
                          headers=admin).json()["total"] == 0
 

@@ -94,8 +94,9 @@ def test_skypilot_spot_zone_and_arch() -> None:
     row = "g5g.xlarge,T4g,1,4,8,0.42,us-west-2,,0.1301,us-west-2a,arm64"
     row2 = "g4dn.xlarge,T4,1,4,16,0.526,us-west-2,,0.2,us-west-2b,x86_64"
     result = parse_skypilot(_csv(row, row2, header=header), "aws", {"us-west-2"})
-    assert result.unmapped == Counter({"T4g": 1})
-    (pool_id, spec), = result.pools
+    assert not result.unmapped  # T4g is the T4 on Graviton hosts
+    assert result.pools[0][1].model == "nvidia-t4" and result.pools[0][1].host_arch == "aarch64"
+    (pool_id, spec) = result.pools[1]
     assert pool_id == "aws-us-west-2-us-west-2b-g4dn-xlarge"
     assert spec.zone == "us-west-2b" and spec.model == "nvidia-t4"
     assert spec.prices.on_demand == Decimal("0.526000")
@@ -120,14 +121,15 @@ def test_skypilot_rows_without_accelerators_are_skipped_and_counted() -> None:
 
 def test_skypilot_unmapped_names_are_reported() -> None:
     rows = _csv(
-        "p2.xlarge,K80,1,4,61,0.9,us-east-1,\"{'Gpus': [{'Name': 'K80', 'Manufacturer': 'NVIDIA', 'Count': 1}]}\",",
-        "p2.8xlarge,K80,8,32,488,7.2,us-east-1,,",
+        "p2.xlarge,Voodoo5,1,4,61,0.9,us-east-1,\"{'Gpus': [{'Name': 'Voodoo5', 'Manufacturer': '3dfx', 'Count': 1}]}\",",
+        "p2.8xlarge,Voodoo5,8,32,488,7.2,us-east-1,,",
         "weird.1,FancyChip,2,4,8,1.0,us-east-1,,",
         ROW_A6000,
     )
     result = parse_skypilot(rows, "aws", {"us-east-1"})
-    assert result.unmapped == Counter({"K80": 2, "FancyChip": 1})
-    assert len(result.pools) == 1 and result.errors == []
+    assert result.unmapped == Counter({"Voodoo5": 2, "FancyChip": 1})
+    assert len(result.pools) == 1
+    assert [e.split(":")[0] for e in result.errors] == ["row 1", "row 2", "row 3"]  # reported by row
 
 
 def test_skypilot_bad_rows_are_reported_with_row_numbers() -> None:
@@ -142,11 +144,12 @@ def test_skypilot_bad_rows_are_reported_with_row_numbers() -> None:
         ROW_A6000,
     )
     result = parse_skypilot(rows, "lambda", {"us-east-1"})
-    assert len(result.pools) == 2
-    assert len(result.errors) == 6
+    assert len(result.pools) == 3  # an unreadable SpotPrice only drops the interruptible price
+    spot_row = next(o for o in result.outcomes if o.row == 5)
+    assert spot_row.status == "ready" and spot_row.interruptible is None and "SpotPrice" in spot_row.note
+    assert len(result.errors) == 5
     joined = "\n".join(result.errors)
-    for row_no, word in [(2, "Price"), (3, "Price"), (4, "Price"), (5, "SpotPrice"), (6, "AcceleratorCount"),
-                         (7, "Region")]:
+    for row_no, word in [(2, "Price"), (3, "Price"), (4, "Price"), (6, "AcceleratorCount"), (7, "Region")]:
         assert any(e.startswith(f"row {row_no}:") and word in e for e in result.errors), (row_no, joined)
 
 
@@ -165,11 +168,12 @@ def test_skypilot_gpuinfo_name_is_a_fallback() -> None:
     assert spec.model == "nvidia-l4"
 
 
-def test_skypilot_unknown_regions_are_listed_but_kept() -> None:
-    rows = _csv(ROW_A100, ROW_A100.replace("us-east-1", "Mars North 1"))
+def test_skypilot_unknown_regions_are_reported_by_row() -> None:
+    rows = _csv(ROW_A100, ROW_A100.replace("us-east-1", "mars-north-1"))
     result = parse_skypilot(rows, "lambda", {"us-east-1"})
     assert result.unknown_regions == {"mars-north-1"}
-    assert sorted(spec.region for _, spec in result.pools) == ["mars-north-1", "us-east-1"]
+    assert [spec.region for _, spec in result.pools] == ["us-east-1"]
+    assert result.errors[0].startswith("row 2:") and "--region-map" in result.errors[0]
     _assert_ids_ok(result)
 
 
