@@ -23,32 +23,26 @@
 local function reserve(k, a)
   local mode, expires, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if mode == 'check' and redis.call('EXISTS', KEYS[k + 1]) == 0 then return {-1} end
-  local gens = {}
+  local gens, held, demand = {}, {}, {}  -- per allocation: its generation, whether its pool takes the units
   for i = 0, n - 1 do
     local pool, want = KEYS[k + 3 + 3 * i], tonumber(ARGV[a + 7 + 5 * i])
-    local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
-    if mode == 'check' and not cb_same_generation(want, have) then return {0, i + 1, 0} end
+    local f = redis.call('HMGET', pool, 'generation', 'status', 'free')  -- status is set on every pool hash
+    local have, free = tonumber(f[1]) or 0, tonumber(f[3]) or 0
     gens[i] = have
     if want ~= 0 then gens[i] = want end
-  end
-  if mode == 'check' then
-    local demand = {}  -- a group naming one pool twice takes the sum from it
-    for i = 0, n - 1 do
-      local pool = KEYS[k + 3 + 3 * i]
-      local f = redis.call('HMGET', pool, 'status', 'free')
-      demand[pool] = (demand[pool] or 0) + tonumber(ARGV[a + 4 + 5 * i])
-      if f[1] ~= 'online' or (tonumber(f[2]) or 0) < demand[pool] then
-        return {0, i + 1, tonumber(f[2]) or 0}
-      end
-      if redis.call('EXISTS', KEYS[k + 5 + 3 * i]) == 1 then return {0, i + 1, tonumber(f[2]) or 0} end
+    held[i] = f[2] ~= false and cb_same_generation(gens[i], have)
+    if mode == 'check' then
+      if not cb_same_generation(want, have) then return {0, i + 1, 0} end
+      demand[pool] = (demand[pool] or 0) + tonumber(ARGV[a + 4 + 5 * i])  -- one pool named twice: the sum
+      if f[2] ~= 'online' or free < demand[pool] then return {0, i + 1, free} end
+      if redis.call('EXISTS', KEYS[k + 5 + 3 * i]) == 1 then return {0, i + 1, free} end
     end
   end
   local out = {1}
   for i = 0, n - 1 do
     local pool, leases, lease = KEYS[k + 3 + 3 * i], KEYS[k + 4 + 3 * i], KEYS[k + 5 + 3 * i]
     local lease_id, units, interruptible = ARGV[a + 3 + 5 * i], tonumber(ARGV[a + 4 + 5 * i]), ARGV[a + 6 + 5 * i]
-    local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
-    if redis.call('EXISTS', pool) == 1 and cb_same_generation(gens[i], have) then
+    if held[i] then
       redis.call('HINCRBY', pool, 'leased', units)
       out[#out + 1] = cb_recompute(pool)[2]
     else
