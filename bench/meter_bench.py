@@ -19,7 +19,7 @@ is restarted, rebuilds its aggregate from the stream, and ``GET /v1/invoices/{pe
 is timed over HTTP.
 
 Targets (issue 4): >= 20,000 events/s; invoice over 1,000,000 entries <= 1 s.
-``--write`` appends the printed lines to docs/benchmarks.md.
+``--write`` appends the printed lines to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2],
                     help="meter processes (uvicorn workers) for the ingest runs")
     ap.add_argument("--skip-invoice", action="store_true")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cb-meter-bench-"))

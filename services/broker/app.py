@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
         broker.budget_grace_s = settings.budget_grace_s
+        broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
 
         async def on_billing(msg: Msg) -> None:
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
         lifespan=lifespan,

@@ -58,6 +58,7 @@ from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.batch import plan_queue
 from .matching.engine import Engine
 from .matching.model import Ask, Decision, Placement
+from .queue_cap import TenantQueueCap, refused
 from .records import QuoteView, RequestRecord, RequestView, lease_view
 from .world import World
 
@@ -98,6 +99,7 @@ class Broker:
         self.queue_kick = asyncio.Event()
         self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
         self.budget_grace_s = 300.0
+        self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
         self._cluster = is_cluster(redis)
         self.acks = AckedPublisher(nc)
@@ -432,11 +434,16 @@ class Broker:
         except NotPlaced as np:
             reasons = list(np.decision.reasons) or ["no capacity matches right now"]
             record.reasons = reasons
-            if np.decision.never or not body.queue:
+            full = None if np.decision.never or not body.queue else await self.queue_cap.refusal(tenant, request_id)
+            if full is not None:  # the tenant's queue is at its cap (docs/overload.md)
+                record.reasons = reasons = [*reasons, full]
+            if np.decision.never or not body.queue or full is not None:
                 record.state = "rejected"
                 await self._save(record)
                 await self._publish_request(RequestRejected(id=new_id("ev"), at=now, request_id=request_id,
                                                             tenant=tenant, reasons=tuple(reasons)))
+                if full is not None:
+                    raise refused(full, reasons, request_id) from None
                 if np.decision.never:
                     raise Unprocessable("this request can never be placed on the registered capacity",
                                         reasons=reasons, request_id=request_id) from None

@@ -104,6 +104,11 @@ class Keys:
         """Sorted set: queued request ids, scored priority first, then fair share."""
         return f"{self.prefix}:queue"
 
+    def tenant_queued(self, tenant: str) -> str:
+        """Set: ids of a tenant's requests that went into the queue (pruned of those that
+        left it when the tenant reaches its cap; docs/overload.md)."""
+        return f"{self.prefix}:queue:tenant:{tenant}"
+
     def tenant_vtime(self) -> str:
         """Hash: tenant -> virtual finish time of its last queued request (fair share)."""
         return f"{self.prefix}:queue:vtime"

@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
     return service_app(
         "meter", "Usage, invoices, provider statements, budgets.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
                         InvoiceController, StatementController, BudgetController, OpsController],
         lifespan=lifespan,

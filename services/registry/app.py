@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return service_app(
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
                         HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],

@@ -274,9 +274,12 @@ def pool_put(s: Stage, side: str) -> Any:
 
 PUBLIC_SCHEMA = {p: anyone(get(p)) for p in ("/schema", "/schema/openapi.json", "/schema/openapi.yaml",
                                                "/schema/openapi.yml", "/schema/swagger", "/schema/redoc",
-                                               "/schema/rapidoc", "/schema/elements",
-                                               "/schema/oauth2-redirect.html")}
+                                               "/schema/rapidoc", "/schema/oauth2-redirect.html")}
 PUBLIC_SCHEMA["/schema/{path:str}"] = anyone(get("/schema/redoc"))
+# the documentation pages' own files (services/common/api_docs.py)
+PUBLIC_SCHEMA.update({f"/schema/assets/{ui}/{{file_path:path}}": anyone(get(f"/schema/assets/{ui}/{name}"))
+                      for ui, name in (("swagger", "swagger-ui.css"), ("redoc", "redoc.standalone.js"),
+                                       ("rapidoc", "rapidoc-min.js"))})
 
 
 def schema_entries(service: str) -> dict[tuple[str, str, str], Entry]:

@@ -17,8 +17,8 @@ from services.registry.domain.importers import (
     ImportResult, default_price, make_pool_id, parse_alibaba_nodes, parse_skypilot, read_csv_rows, sanitise_id,
 )
 
-ALIBABA_NODES = (Path(__file__).parents[2].parent / "shared" / "data" / "alibaba-gpu-v2023"
-                 / "openb_node_list_gpu_node.csv")
+ALIBABA_NODES = (Path(__file__).parents[1] / "data" / "alibaba-gpu-v2023"
+                 / "openb_node_list_gpu_node_excerpt.csv")
 
 HEADER = "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice"
 ROW_A100 = ("gpu_8x_a100,A100,8.0,124.0,1800.0,10.32,us-east-1,\"{'Gpus': [{'Name': 'A100', 'Manufacturer': "
@@ -234,19 +234,19 @@ def test_id_helpers() -> None:
 # --- Alibaba GPU trace -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def node_rows() -> list[dict[str, str]]:
-    assert ALIBABA_NODES.is_file(), f"shared data missing: {ALIBABA_NODES}"
+    assert ALIBABA_NODES.is_file(), f"test data missing: {ALIBABA_NODES}"
     with open(ALIBABA_NODES, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_alibaba_real_trace_without_assume(node_rows: list[dict[str, str]]) -> None:
-    assert len(node_rows) == 1213
+    assert len(node_rows) == 38  # every model of the trace: six nodes of each, both A10s
     codes = Counter(r["model"] for r in node_rows if r["model"].startswith("G"))
     assert codes and set(codes) <= {"G1", "G2", "G3"}
     result = parse_alibaba_nodes(read_csv_rows(ALIBABA_NODES), "alibaba", "cn-hangzhou")
-    assert result.rows == 1213 and result.errors == []
+    assert result.rows == len(node_rows) and result.errors == []
     assert result.unmapped == codes  # undisclosed codes are reported, never guessed
-    assert len(result.pools) + result.skipped_no_accelerator + sum(codes.values()) == 1213
+    assert len(result.pools) + result.skipped_no_accelerator + sum(codes.values()) == len(node_rows)
     disclosed = sum(int(r["gpu"]) for r in node_rows if not r["model"].startswith("G"))
     assert result.units == disclosed
     expected = {"V100M16": "nvidia-v100-sxm2-16gb", "V100M32": "nvidia-v100-sxm2-32gb", "P100": "nvidia-p100-pcie-16gb",
@@ -266,7 +266,7 @@ def test_alibaba_real_trace_with_assume(node_rows: list[dict[str, str]]) -> None
     result = parse_alibaba_nodes(read_csv_rows(ALIBABA_NODES), "alibaba", "cn-hangzhou", assume=assume)
     assert not result.unmapped and result.errors == []
     nonzero = [r for r in node_rows if int(r["gpu"]) > 0]
-    assert len(result.pools) == len(nonzero) == 1213 - result.skipped_no_accelerator
+    assert len(result.pools) == len(nonzero) == len(node_rows) - result.skipped_no_accelerator
     assert result.units == sum(int(r["gpu"]) for r in node_rows)
     models = Counter(spec.model for _, spec in result.pools)
     g2 = sum(1 for r in nonzero if r["model"] == "G2")
