@@ -1,6 +1,6 @@
 """Latency of every pool and lease transition script on Redis at 100,000 pools.
 
-    python bench/script_latency.py [--pools 100000] [--leases 50000] [--calls 2000] [--seed 7]
+    python bench/script_latency.py [--pools 100000] [--leases 50000] [--calls 2000] [--seed 7] [--write]
 
 Starts its own redis-server on a free port (never a shared one), loads ``--pools`` pools
 over the default topology's regions through ``pool.lua`` and ``--leases`` live leases
@@ -38,6 +38,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results import Lines, append_section, command  # noqa: E402
 from services.cli.servers import start_redis  # noqa: E402
 from services.common.keys import Keys  # noqa: E402
 from services.common.messages import LeaseInfo  # noqa: E402
@@ -161,6 +162,7 @@ def main() -> int:
     parser.add_argument("--leases", type=int, default=50_000)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = parser.parse_args()
     RECORD = Path(__file__).resolve().parents[1].joinpath("services/registry/domain/accelerators.json").read_bytes()[
         :1500]  # about a real record's size
@@ -178,20 +180,26 @@ def main() -> int:
             info = client.info("memory") | client.info("server")
         finally:
             proc.stop()
-    print(f"script latency at {args.pools:,} pools in {len(regions)} regions, {args.leases:,} live leases "
+    say = Lines()  # printed as it goes, kept for --write
+    say(f"script latency at {args.pools:,} pools in {len(regions)} regions, {args.leases:,} live leases "
           f"(loaded in {loaded:.1f}s, Redis {info['used_memory_human']}); {ROUNDS} rounds of {args.calls} calls per "
           f"script, the median round shown; "
           f"redis {info['redis_version']}, Python {platform.python_version()}, {platform.machine()}\n")
-    print("| script | op | on Redis p50 (µs) | p99 (µs) | p99 of each round (µs) | max (µs) "
+    say("| script | op | on Redis p50 (µs) | p99 (µs) | p99 of each round (µs) | max (µs) "
           "| round trip p50 (µs) | p99 (µs) |")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    say("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for row in rows:
         script, _, op = str(row["script"]).partition(" ")
         each = " / ".join(f"{x:.0f}" for x in row["p99s"])  # type: ignore[attr-defined]
-        print(f"| `{script}` | {op} | {row['p50']:.0f} | {row['p99']:.0f} | {each} | {row['max']:.0f} | "
+        say(f"| `{script}` | {op} | {row['p50']:.0f} | {row['p99']:.0f} | {each} | {row['max']:.0f} | "
               f"{row['rtt_p50']:.0f} | {row['rtt_p99']:.0f} |")
     worst = max(float(row["p99"]) for row in rows)
-    print(f"\nworst p99 on Redis: {worst:.0f} µs (target <= 1000 µs): {'met' if worst <= 1000 else 'NOT met'}")
+    say(f"\nworst p99 on Redis: {worst:.0f} µs (target <= 1000 µs): {'met' if worst <= 1000 else 'NOT met'}")
+    if args.write:
+        where = append_section("Transition scripts on Redis (issue 11)",
+                               command("script_latency.py", parser, args, ("pools", "leases", "calls", "seed")),
+                               "\n".join(say) + "\n")
+        print(f"appended to {where}")
     return 0
 
 
