@@ -229,7 +229,9 @@ def _summary(rows: list[RowResult], regions_added: int) -> None:
             why.add_row(reason, str(n))
         out.print(why)
     pct = f" ({100 * registered / offers:.1f}% of offers)" if offers else ""
-    out.print(f"{counts['created']} pools registered, {counts['updated']} updated{pct}; "
+    # a spot-only row shares its on-demand twin's pool: count pools, not rows
+    pools = {status: len({r.pool_id for r in rows if r.status == status}) for status in ("created", "updated")}
+    out.print(f"{pools['created']} pools registered, {pools['updated']} updated{pct}; "
               f"{counts['skipped']} rows without an accelerator skipped")
     out.print("pool ids are the same on every run: re-running this import updates these pools")
 

@@ -77,3 +77,18 @@ def test_import_alibaba_trace(settings, nc, tmp_path: Path) -> None:
                          headers=admin).json()
         assert page["total"] == 26  # the excerpt's nodes of disclosed models (G1-G3 are not)
         assert {p["model"] for p in page["items"]} >= {"nvidia-t4", "nvidia-p100-pcie-16gb"}
+
+
+def test_spot_only_rows_register_one_pool_with_both_prices(settings, nc, tmp_path: Path) -> None:
+    """Spheron's ``n3-A100x1-spot__CANADA-1`` prices its on-demand twin: 11 rows, 10 pools."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "catalogues" / "spheron" / "vms.csv"
+    with service_process("registry", settings, tmp_path) as registry:
+        result = CliRunner().invoke(cli, ["import", "skypilot", str(fixture), "--provider", "spheron",
+                                          "--registry-url", registry.url, "--key", settings.admin_key or ""])
+        assert result.exit_code == 0, result.output
+        assert "10 pools registered" in result.output, result.output
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        pools = httpx.get(f"{registry.url}/v1/pools", params={"provider": "spheron"}, headers=admin).json()["items"]
+        a100 = next(p for p in pools if p["pool_id"] == "spheron-canada-1-n3-a100x1__canada-1")
+        prices = a100["spec"]["prices"]
+        assert (Decimal(prices["on_demand"]), Decimal(prices["interruptible"])) == (Decimal("1.4327"), Decimal("1.1476"))

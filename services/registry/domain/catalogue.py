@@ -13,7 +13,7 @@ cached. No I/O besides reading that packaged file.
    brackets removed ("NVIDIA A100 80GB" -> "nvidiaa10080gb").
 2. An exact match on a model id, display name or alias wins: explicit names beat hints.
 3. Otherwise the name is split into words; a form-factor word ("SXM", "SXM4", "SXM5",
-   "NVLink" = SXM, "PCIe", "NVL", "OAM") and a memory word ("80GB", "80G", "40GiB") are
+   "NVLink" = SXM unless the name also says PCIe, "PCIe", "NVL", "OAM") and a memory word ("80GB", "80G", "40GiB") are
    taken out as hints, and the rest is looked up. A hint written in the name beats one
    given by the caller.
 4. A *family* name ("A100", "V100", "H100", "H200", "RTX6000", "910B", ...) covers several
@@ -57,7 +57,8 @@ _DATA_FILE = "accelerators.json"
 # picks the Ada (48 GB) or Blackwell RTX PRO (96 GB) part.
 FAMILIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "a100": ("nvidia-a100-sxm-40gb", "nvidia-a100-sxm-80gb", "nvidia-a100-pcie-40gb", "nvidia-a100-pcie-80gb"),
-    "v100": ("nvidia-v100-sxm2-16gb", "nvidia-v100-sxm2-32gb"),
+    "v100": ("nvidia-v100-sxm2-16gb", "nvidia-v100-sxm2-32gb", "nvidia-v100-pcie-16gb", "nvidia-v100-pcie-32gb"),
+    "a800": ("nvidia-a800-sxm-80gb", "nvidia-a800-pcie-80gb"),
     "h100": ("nvidia-h100-sxm-80gb", "nvidia-h100-pcie-80gb", "nvidia-h100-nvl-94gb"),
     "h200": ("nvidia-h200-sxm-141gb", "nvidia-h200-nvl-141gb"),
     "910b": ("huawei-ascend-910b", "huawei-ascend-910b2", "huawei-ascend-910b4"),
@@ -104,7 +105,10 @@ _FORM_WORDS: Mapping[str, str] = MappingProxyType({
     "sxm": "sxm", "sxm2": "sxm", "sxm3": "sxm", "sxm4": "sxm", "sxm5": "sxm", "sxm6": "sxm", "nvlink": "sxm",
     "pcie": "pcie", "pci": "pcie", "nvl": "nvl", "oam": "oam",
 })
-_NOISE_WORDS = frozenset({"hbm", "hbm2", "hbm2e", "hbm3", "hbm3e", "gddr6", "gddr6x", "gddr7"})
+# Words that say nothing about the card: memory kinds, and how the host is rented or sized
+# (Spheron's "H100_PCIE_BAREMETAL", "A6000_PCIE_HIGH_PERF", "A6000_PCIE_LOW_RAM").
+_NOISE_WORDS = frozenset({"hbm", "hbm2", "hbm2e", "hbm3", "hbm3e", "gddr6", "gddr6x", "gddr7", "baremetal",
+                          "high", "perf", "low", "ram"})
 
 
 class CatalogueError(ValueError):
@@ -246,7 +250,9 @@ def split_hints(name: str) -> tuple[str, int | None, str | None]:
         if not word or word in _NOISE_WORDS:
             continue
         if word in _FORM_WORDS:
-            form = _FORM_WORDS[word]
+            # "A100-80G-PCIe-NVLink" is PCIe cards joined by an NVLink bridge, not SXM
+            if not (word == "nvlink" and form == "pcie"):
+                form = _FORM_WORDS[word]
         elif (m := _MEMORY_WORD_RE.match(word)) and int(m.group(1)) > 0:
             memory = int(m.group(1))
         else:

@@ -40,15 +40,29 @@ __all__ = ["Located", "RegionResolver", "country_table", "place_table", "region_
 Source = Literal["map", "topology", "table", "location", "derived"]
 
 _SANITISE = re.compile(r"[^a-z0-9]+")
+_GLUED_NUMBER = re.compile(r"(?<=[a-z])\d+(?=-|$)")
 _ISO3 = {
     "usa": "US", "can": "CA", "gbr": "GB", "deu": "DE", "fra": "FR", "nld": "NL", "fin": "FI", "swe": "SE",
     "nor": "NO", "dnk": "DK", "isl": "IS", "irl": "IE", "ita": "IT", "esp": "ES", "prt": "PT", "pol": "PL",
     "che": "CH", "aut": "AT", "bel": "BE", "cze": "CZ", "jpn": "JP", "kor": "KR", "sgp": "SG", "ind": "IN",
     "aus": "AU", "bra": "BR", "mex": "MX", "zaf": "ZA", "are": "AE", "isr": "IL", "hkg": "HK", "twn": "TW",
     "chn": "CN", "est": "EE", "ltu": "LT", "lva": "LV", "rou": "RO", "bgr": "BG", "grc": "GR", "tur": "TR",
+    "uk": "GB",  # not ISO, but how providers write it: OCI's uk-cardiff-1, Spheron's london-uk-1
+}
+# Metro codes (IATA city codes) that bare-metal providers use as region names (Latitude.sh
+# behind Spheron and Prime Intellect: "TYO4", "SYD2", "atl"), -> places.csv keys. A bare
+# "FRA" is Frankfurt here, not France's alpha-3 code.
+_METRO = {
+    "tyo": ("JP", "tokyo"), "syd": ("AU", "sydney"), "atl": ("US", "atlanta"), "lax": ("US", "los-angeles"),
+    "dal": ("US", "dallas"), "chi": ("US", "chicago"), "nyc": ("US", "new-york"), "mia": ("US", "miami"),
+    "lon": ("GB", "london"), "fra": ("DE", "frankfurt"), "ams": ("NL", "amsterdam"),
+    "par": ("FR", "paris"), "sgp": ("SG", "singapore"), "sao": ("BR", "sao-paulo"), "yyz": ("CA", "toronto"),
+    "bom": ("IN", "mumbai"),
 }
 # Continent words that can start a code without naming a country.
 _NOT_COUNTRY_WORDS = frozenset({"eu", "ap", "me", "af", "sa", "na", "as", "oc", "eur", "sea", "asia", "europe"})
+_CONTINENT_WORDS = _NOT_COUNTRY_WORDS | {"north", "south", "central", "america", "africa", "oceania", "middle", "east",
+                                         "latam", "apac", "emea"}
 
 
 def _slug(text: str) -> str:
@@ -84,6 +98,8 @@ def _places_by_slug() -> Mapping[str, list[tuple[str, str, float, float]]]:
     out: dict[str, list[tuple[str, str, float, float]]] = {}
     for (country, key), (name, lat, lon) in place_table().items():
         out.setdefault(key, []).append((country, name, lat, lon))
+        if "-" in key:  # Shadeform writes "kansascity-usa-1", "newyork-usa-1"
+            out.setdefault(key.replace("-", ""), []).append((country, name, lat, lon))
     return out
 
 
@@ -160,6 +176,18 @@ class RegionResolver:
     def _from_location(self, text: str) -> Located | str:
         parts = [p.strip() for p in text.split(",")]
         country = next((p.upper() for p in parts if len(p) == 2 and p.upper() in country_table()), None)
+        if country is None and len(parts) == 1:
+            # "Finland 3" (Spheron): a country's name and a number
+            words = [w for w in _slug(text).split("-") if not w.isdigit()]
+            country = _country_by_name().get("-".join(words))
+            if country is not None:
+                numbers = [w for w in _slug(text).split("-") if w.isdigit()]
+                return self._new(_region_id(self.cloud, country, *numbers), country_table()[country][0], country,
+                                 *country_table()[country][1:], "location")
+        if country is None and len(parts) == 1:
+            derived = self._derive(text, "")  # SimplePod's "North America-CA": a code with a space
+            if isinstance(derived, Located):
+                return derived
         if country is None:
             return f"location {text!r} names no ISO country code; map it with --region-map"
         place = next((p for p in parts if p and p.upper() != country and len(p) > 3), "")
@@ -176,15 +204,21 @@ class RegionResolver:
         return self._new(_region_id(self.cloud, country), cname, country, lat, lon, source)
 
     def _derive(self, code: str, zone: str) -> Located | str:
-        words = [w for w in _slug(code).split("-") if w and not w.isdigit()]
+        # "IN2", "MON1": a trailing number glued to the name is still a number
+        words = [w for w in _GLUED_NUMBER.sub("", _slug(code)).split("-") if w and not w.isdigit()]
         if not words:
             return f"region {code!r} names no place; map it with --region-map"
         countries = country_table()
         country: str | None = None
+        if len(words) == 1 and words[0] in _METRO and _METRO[words[0]] in place_table():
+            name, lat, lon = place_table()[_METRO[words[0]]]
+            return self._new(_region_id(self.cloud, code), name, _METRO[words[0]][0], lat, lon, "derived")
         if words[0].upper() in countries and words[0] not in _NOT_COUNTRY_WORDS:
             country = words[0].upper()
         elif words[0] in _ISO3:
             country = _ISO3[words[0]]
+        elif len(words) >= 2 and words[-1] in _ISO3:
+            country = _ISO3[words[-1]]  # "<city>-<iso3>-<n>" (Shadeform, Spheron): "casper-usa-1"
         else:
             country = next((_country_by_name().get(w) for w in words if w in _country_by_name()), None)
         # a place word (or two words: "north-carolina", "sao-paulo") anywhere in the code
@@ -199,6 +233,9 @@ class RegionResolver:
                 return self._new(rid, name, c, lat, lon, "derived")
         if country is None and len(words) >= 2 and words[1].upper() in countries and words[0] in _NOT_COUNTRY_WORDS:
             country = words[1].upper()  # "EU-CZ-1", "AP-JP-1"
+        if (country is None and len(words) >= 2 and words[-1].upper() in countries
+                and all(w in _CONTINENT_WORDS for w in words[:-1])):
+            country = words[-1].upper()  # SimplePod's "Europe-NO", "North America-CA"
         if country is not None and _slug(code) in _country_by_name():
             # a bare country name ("FINLAND") is a location, not an id
             cname, lat, lon = countries[country]

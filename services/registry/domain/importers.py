@@ -195,18 +195,40 @@ def _host_arch(text: str) -> str:
     return "aarch64" if text.strip().lower() in {"arm64", "aarch64", "arm"} else "x86_64"
 
 
+def _rank_variants(pending: list[tuple[int, str, str, PoolSpec]]) -> list[tuple[int, str, str, PoolSpec]]:
+    """Rename the 2nd, 3rd... distinct spec of a raw key (by on-demand price, then spec)."""
+    specs: dict[str, dict[bytes, PoolSpec]] = defaultdict(dict)
+    for _, raw, _, spec in pending:
+        specs[raw].setdefault(msgspec.json.encode(spec), spec)
+    rank: dict[tuple[str, bytes], int] = {}
+    for raw, variants in specs.items():
+        ordered = sorted(variants.items(), key=lambda kv: (kv[1].prices.on_demand, kv[0]))
+        rank.update({(raw, enc): k for k, (enc, _) in enumerate(ordered, start=1)})
+    out = []
+    for row_no, raw, base, spec in pending:
+        k = rank[(raw, msgspec.json.encode(spec))]
+        if k > 1:
+            raw, base = f"{raw}#{k}", f"{base}-{k}"
+            base = base if len(base) <= _MAX_ID else _with_hash(base, raw)
+        out.append((row_no, raw, base, spec))
+    return out
+
+
 def _assign_ids(result: ImportResult, pending: list[tuple[int, str, str, PoolSpec]]) -> dict[int, str | None]:
     """Give pending pools their ids: ``(row, raw key, base id, spec)``.
 
     Two different raw keys that sanitise to the same id both get a hash suffix of their
-    raw key, so ids do not depend on row order. A repeated raw key is a duplicate offer:
-    the first row wins and later ones are reported.
+    raw key, so ids do not depend on row order. A repeated raw key with the same spec is a
+    duplicate offer: the first row wins and later ones are reported. A repeated raw key
+    with a different spec is another offer of the same name (a marketplace's hosts:
+    SimplePod lists ``gpu_4x_rtx4090_128`` in Europe-PL at 1.28 and at 1.36): the
+    cheapest keeps the id, the k-th cheapest gets ``-k`` (ranked by price, not by row).
     """
     keys_by_base: dict[str, set[str]] = defaultdict(set)
     seen_raw: set[str] = set()
     unique: list[tuple[int, str, str, PoolSpec]] = []
     ids: dict[int, str | None] = {}
-    for row_no, raw, base, spec in pending:
+    for row_no, raw, base, spec in _rank_variants(pending):
         if raw in seen_raw:
             result.errors.append(f"row {row_no}: duplicate offer {raw!r}")
             ids[row_no] = None
@@ -263,6 +285,7 @@ class RowOutcome:
     memory_gib: float | None = None
     on_demand: Decimal | None = None
     interruptible: Decimal | None = None
+    merged_into: int = 0  # a spot-only row whose price became the interruptible price of this row's offer
 
 
 def check_columns(header: Iterable[str] | None, required: Iterable[str], what: str) -> None:
@@ -288,6 +311,11 @@ def read_catalogue_text(data: bytes, what: str) -> str:
     return text
 
 
+# Hyperstack's GpuInfo mixes Python quotes with JSON's null ('Manufacturer': null).
+_JSON_WORDS = re.compile(r"(?<=[:\[,\s])(?:null|true|false)(?=\s*[,}\]])")
+_PY_WORDS = {"null": "None", "true": "True", "false": "False"}
+
+
 @lru_cache(maxsize=4096)
 def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None, str | None]:
     """(name, manufacturer, MemoryInfo MiB, TotalGpuMemoryInMiB, problem) from SkyPilot's
@@ -298,7 +326,7 @@ def _gpu_info(text: str) -> tuple[str | None, str | None, int | None, int | None
         return text.strip(), None, None, None, None  # GCP writes the accelerator's name
     info: Any
     try:
-        info = ast.literal_eval(text)
+        info = ast.literal_eval(_JSON_WORDS.sub(lambda m: _PY_WORDS[m.group(0)], text))
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         try:
             info = json.loads(text)
@@ -337,7 +365,9 @@ def _memory_candidates(size: int | None, total: int | None, count: int) -> tuple
     if count <= 1:
         return (size,)
     if total is not None and abs(total - size * count) <= 0.02 * total:
-        return (size,)
+        # Prime Intellect writes the instance total as SizeInMiB *and* multiplies it again
+        # in the total (8 x H100: 655360 and 5242880): the per-GPU share stays a candidate
+        return (size, size // count)
     return (size // count, size)
 
 
@@ -360,6 +390,8 @@ def _sku_form(cloud: str, instance: str) -> str | None:
             return "pcie"
         if re.search(r"_ncc?\d+a?d?i?s?_h100_v5", i):
             return "nvl"
+        if re.search(r"_nc\d+r?s_v3$", i):
+            return "pcie"  # NCv3 is V100 PCIe; the ND40rs_v2 has the SXM2 boards
     if cloud == "lambda" and i == "gpu_1x_a100":
         return "pcie"  # Lambda's "1x A100 (40 GB PCIe)"; its SXM4 twin is gpu_1x_a100_sxm4
     if "hbm3" in i:
@@ -371,9 +403,12 @@ def _sku_form(cloud: str, instance: str) -> str | None:
 
 @lru_cache(maxsize=4096)
 def _resolve_model(name: str, info_name: str | None, maker: str | None, candidates: tuple[int, ...],
-                   form: str | None) -> tuple[Accelerator | None, int | None]:
-    """Resolve the accelerator and the per-GPU memory reading that fits it best."""
-    best: tuple[float, Accelerator, int | None] | None = None
+                   form: str | None, named_gib: int | None = None) -> tuple[Accelerator | None, int | None]:
+    """Resolve the accelerator and the per-GPU memory reading that fits it best. When two
+    readings fit two variants equally well (Prime Intellect's 2 x V100: 32768 MiB is the
+    instance's total or one 32 GB card), the memory the instance name states
+    (``datacrunch__2xV100_16GB__10__45``) decides."""
+    best: tuple[float, int, Accelerator, int | None] | None = None
     for mib in candidates or (None,):
         for label in (name, info_name):
             if not label:
@@ -382,10 +417,11 @@ def _resolve_model(name: str, info_name: str | None, maker: str | None, candidat
             if acc is None:
                 continue
             score = _fit(acc, mib) if mib else 0.5
-            if best is None or score < best[0] - 1e-9:
-                best = (score, acc, mib)
+            named = 0 if named_gib is None or abs(acc.memory_gib - named_gib) <= 1 else 1
+            if best is None or score < best[0] - 1e-9 or (abs(score - best[0]) <= 1e-9 and named < best[1]):
+                best = (score, named, acc, mib)
             break
-    return (best[1], best[2]) if best else (None, None)
+    return (best[2], best[3]) if best else (None, None)
 
 
 def _tpu(name: str) -> tuple[str, int, int] | None:
@@ -416,9 +452,11 @@ def _per_unit(total: Decimal, count: int, what: str) -> Decimal:
     return price
 
 
-def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, str]:
+def _spot(text: str, count: int, on_demand: Decimal, on_demand_total: Decimal) -> tuple[Decimal | None, str]:
     """The interruptible price per unit-hour and a note: missing, 0, unreadable or absurd
-    spot prices, and spot above on-demand, mean no interruptible offer (never a rejection)."""
+    spot prices, and spot above on-demand, mean no interruptible offer (never a rejection).
+    Spot and on-demand are compared per instance, before rounding: Azure's 12-GPU
+    ND96isr_H100_v5 lists 98.32 for both, which must not read as "spot above on-demand"."""
     t = text.strip()
     if not t or t.lower() in {"nan", "none", "null"}:
         return None, ""
@@ -428,12 +466,37 @@ def _spot(text: str, count: int, on_demand: Decimal) -> tuple[Decimal | None, st
         return None, f"SpotPrice {t!r} unreadable: no interruptible price"
     if not total.is_finite() or total <= 0:
         return None, f"SpotPrice {t} means no spot offer: no interruptible price"
-    if total / count > on_demand:
+    if total > on_demand_total:
         return None, f"SpotPrice {t} is above on-demand: ignored"
     price = (total / count).quantize(_PLACES, rounding=ROUND_HALF_EVEN)
     if price <= 0 or price > on_demand:
         return None, f"SpotPrice {t} is {'above on-demand' if price > 0 else 'below 0.000001'}: ignored"
     return price, ""
+
+
+_SPOT_WORD = re.compile(r"[_-]+spot(?=$|[_-])", re.IGNORECASE)
+
+
+def _merge_spot_rows(table: list[dict[str, str]]) -> dict[int, int]:
+    """Spot-only rows (a SpotPrice, no Price) whose on-demand twin is in the file: the same
+    instance type but for a ``spot`` word (DataCrunch's ``1A100.22V_SPOT``, Spheron's
+    ``n3-A100x1-spot__CANADA-1``), region, zone, accelerator and count. The twin takes the
+    spot price as its SpotPrice (when it has none); returns {spot row: twin row}, rows from 1."""
+    def key(row: dict[str, str]) -> tuple[str, ...]:
+        return (_SPOT_WORD.sub("", row.get("InstanceType", "")).lower(), row.get("Region", ""),
+                row.get("AvailabilityZone", ""), row.get("AcceleratorName", ""), row.get("AcceleratorCount", ""))
+
+    def spot_only(row: dict[str, str]) -> bool:
+        return bool(row.get("AcceleratorName") and not row.get("Price") and row.get("SpotPrice"))
+
+    on_demand = {key(r): n for n, r in enumerate(table, start=1) if r.get("Price") and not spot_only(r)}
+    twins: dict[int, int] = {}
+    for n, row in enumerate(table, start=1):
+        twin = on_demand.get(key(row)) if spot_only(row) else None
+        if twin is not None and not table[twin - 1].get("SpotPrice"):
+            table[twin - 1]["SpotPrice"] = row["SpotPrice"]
+            twins[n] = twin
+    return twins
 
 
 def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, units_per_offer: int = 1,
@@ -446,11 +509,18 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
     outcomes: list[RowOutcome] = []
     pending: list[tuple[int, str, str, PoolSpec]] = []
     new_regions: dict[str, Region] = {}
-    for row_no, row in enumerate(_iter_rows(rows), start=1):
+    table = list(_iter_rows(rows))
+    twins = _merge_spot_rows(table)
+    for row_no, row in enumerate(table, start=1):
         name = row.get("AcceleratorName", "")
         instance = row.get("InstanceType", "")
         region_raw = row.get("Region", "")
         offer = instance or name
+        if row_no in twins:
+            outcomes.append(RowOutcome(row_no, "ready", offer, region_raw, merged_into=twins[row_no],
+                                       note=f"spot-only row: its SpotPrice is the interruptible price of row "
+                                            f"{twins[row_no]}'s offer"))
+            continue
         try:
             if not name:
                 outcomes.append(RowOutcome(row_no, "skipped", offer, region_raw, "no accelerator"))
@@ -471,9 +541,13 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 raise _RowError(f"AcceleratorCount {count} out of range")
             info_name, maker, size, total, info_problem = _gpu_info("" if tpu else row.get("GpuInfo", ""))
             form = _form_hint(name, info_name or "", instance) or _sku_form(regions.cloud, instance)
-            acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form)
+            acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form,
+                                      split_hints(instance)[1])
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
+            if not row.get("Price") and row.get("SpotPrice"):
+                raise _RowError("spot-only row (SpotPrice, no Price) and no on-demand row of the same offer: "
+                                "a pool needs an on-demand price")
             price_total = _price(row.get("Price", ""), "Price")
             spot_text = row.get("SpotPrice", "")
             if tpu and price_total == _TPU_PLACEHOLDER_PRICE:
@@ -481,7 +555,7 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             if tpu and spot_text.strip() in {"700", "700.0"}:
                 spot_text = ""
             on_demand = _per_unit(price_total, count, "Price")
-            spot, note = _spot(spot_text, count, on_demand)
+            spot, note = _spot(spot_text, count, on_demand, price_total)
             where = regions.locate(region_raw, row.get("AvailabilityZone", ""))
             if isinstance(where, str):
                 raise _RowError(where)
@@ -551,6 +625,8 @@ def parse_skypilot(rows: Rows, provider: str, known_regions: set[str] | frozense
             result.errors.append(f"row {outcome.row}: {outcome.reason}")
     ids = _assign_ids(result, pending)
     result.outcomes = _with_ids(outcomes, ids)
+    result.errors += [f"row {o.row}: {o.reason}" for o, before in zip(result.outcomes, outcomes, strict=True)
+                      if o.status == "rejected" and before.merged_into]
     return result
 
 
@@ -569,8 +645,20 @@ def reason_kind(reason: str) -> str:
 def _with_ids(outcomes: list[RowOutcome], ids: Mapping[int, str | None]) -> list[RowOutcome]:
     """Fill in pool ids; a duplicate offer (id None) becomes a rejected row."""
     out = []
+    by_row = {o.row: o for o in outcomes}
     for o in outcomes:
-        if o.status == "ready" and o.row in ids:
+        if o.merged_into:
+            twin = by_row.get(o.merged_into)
+            if twin is None or twin.status != "ready" or not ids.get(twin.row):
+                o = RowOutcome(o.row, "rejected", o.offer, o.region,
+                               f"spot-only row: its on-demand row {o.merged_into} was not registered")
+            elif twin.interruptible is None:
+                o = RowOutcome(o.row, "rejected", o.offer, o.region,
+                               f"spot-only row: its SpotPrice is not usable (row {twin.row}: {twin.note})")
+            else:
+                o = dataclasses.replace(o, pool_id=ids[twin.row] or "", model=twin.model, memory_gib=twin.memory_gib,
+                                        on_demand=twin.on_demand, interruptible=twin.interruptible)
+        elif o.status == "ready" and o.row in ids:
             pool_id = ids[o.row]
             o = (dataclasses.replace(o, pool_id=pool_id) if pool_id else
                  RowOutcome(o.row, "rejected", o.offer, o.region, "duplicate offer (an earlier row has it)"))
