@@ -112,8 +112,9 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         "broker", "allocation and request events; reads capacity, billing, pools, keys and regions",
         publish=base_pub
         + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*")]
-        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), buckets["pools"], buckets["keys"], buckets["regions"])
-           for p in read(st)],
+        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
+                        buckets["regions"])
+           for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
     meter_buckets = [m.accounts, m.invoices, m.budgets]
@@ -236,7 +237,8 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
     pool = [k.pool("*", "*"), k.region_pools("*"), k.heartbeats("*")]  # shared by registry and broker
     registry = RedisUser(
         "registry", "pools, heartbeats and the pool index; API-key cache",
-        keys=pool + [k.pool_index(), k.regions(), k.rebuilt_marker("registry"), *every],
+        keys=pool + [k.pool_leases("*", "*"), k.removed_pools("*"), k.pool_index(), k.regions(),
+                     k.rebuilt_marker("registry"), *every],
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore"],

@@ -36,11 +36,12 @@ from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import BILLING, CAPACITY, Subjects
+from services.common.subjects import BILLING, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
+from .pool_loss import PoolLossFeed
 from .service import Broker
 from .world import World
 
@@ -89,15 +90,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         world.on_alloc = on_alloc  # type: ignore[method-assign]
         await world.start()
 
-        async def on_pool_gone(msg: Msg) -> None:
-            """One replica (queue group) marks the leases of a vanished pool lost."""
-            event = msgspec.json.decode(msg.data, type=CapacityEvent)
-            if isinstance(event, (PoolOffline, PoolRemoved)):
-                with tracing.bound(tracing.from_headers(msg.headers)):  # lease.lost events carry the request id
-                    await broker.pool_lost(event.region, event.pool_id,
-                                           "pool offline" if isinstance(event, PoolOffline) else "pool removed")
+        async def on_pool_gone(event: PoolOffline | PoolRemoved) -> None:
+            """One replica (the durable consumer's) marks the leases of a vanished pool lost."""
+            await broker.pool_lost(event.region, event.pool_id,
+                                   "pool offline" if isinstance(event, PoolOffline) else "pool removed",
+                                   generation=event.generation, lease_ids=event.lease_ids)
 
-        await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
+        pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
+        await pool_loss.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await stop_tasks(tasks)
+            await pool_loss.stop()
             await close_quietly(nc)
             await redis.aclose()
 

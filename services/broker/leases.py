@@ -85,7 +85,8 @@ class LeaseStore:
             for lease in leases:
                 keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id),
                          k.lease(region, lease.lease_id)]
-                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
+                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible"),
+                         lease.pool_generation]
         return keys, args
 
     @staticmethod
@@ -156,7 +157,8 @@ class LeaseStore:
                 for lease, seq in part:
                     keys += [k.pool(r, lease.pool_id), k.pool_leases(r, lease.pool_id), k.lease(r, lease.lease_id)]
                     args += [lease.lease_id, lease.units, msgspec.json.encode(lease),
-                             int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq]
+                             int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq,
+                             lease.pool_generation]
                 restored += int(await self._restore(keys=keys, args=args))
         pipe = self.redis.pipeline(transaction=False)  # the lookups, a few commands per chunk
         leases = [lease for lease, _ in items]
@@ -193,7 +195,9 @@ class LeaseStore:
             args: list[object] = [len(call)]
             for group in call:
                 region = group[0].region
-                keys += [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
+                keys.append(k.lease_expiry(region))
+                for lease in group:
+                    keys += [k.lease(region, lease.lease_id), k.pool(region, lease.pool_id)]
                 args.append(len(group))
                 for lease in group:
                     args += [lease.lease_id, lease.expires_at.timestamp()]
@@ -301,6 +305,10 @@ class LeaseStore:
 
     async def on_pool(self, region: str, pool_id: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.pool_leases(region, pool_id)))
+
+    async def of_region(self, region: str, lease_ids: Iterable[str]) -> list[LeaseInfo]:
+        """The leases of ``lease_ids`` still live in ``region``."""
+        return await self._infos(region, lease_ids)
 
     async def _infos(self, region: str, ids: Iterable[object]) -> list[LeaseInfo]:
         pipe = self.redis.pipeline(transaction=False)

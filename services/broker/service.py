@@ -171,7 +171,7 @@ class Broker:
                 provider=a.provider, region=a.region, model=a.model, units=a.units, billing=body.billing,
                 unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
-                priority=body.priority))
+                priority=body.priority, pool_generation=self.world.generations.get(a.pool_id, 0)))
         return out
 
     async def _reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None) -> bool:
@@ -813,10 +813,19 @@ class Broker:
         finally:
             await self.redis.delete(self.keys.lock("rebuild"))
 
-    async def pool_lost(self, region: str, pool_id: str, reason: str) -> int:
+    async def pool_lost(self, region: str, pool_id: str, reason: str, generation: int = 0,
+                        lease_ids: tuple[str, ...] = ()) -> int:
+        """End the leases a pool outage or removal took: those the event names (the pool's
+        leases at that moment), else every lease on the pool of that generation or older;
+        never a lease granted on a later generation (the pool registered again since)."""
         now = self.clock()
+        if lease_ids:
+            leases = await self.leases.of_region(region, lease_ids)
+        else:
+            leases = [lease for lease in await self.leases.on_pool(region, pool_id)
+                      if not generation or lease.pool_generation <= generation]
         n = 0
-        for lease in await self.leases.on_pool(region, pool_id):
+        for lease in leases:
             ended = await self.leases.end(lease, "lost", now.timestamp())
             if ended is not None:
                 await self._ended(LeaseLost, ended, now, reason=reason)

@@ -16,6 +16,7 @@ free units atomically), so a stale view costs a retry, never an overbooking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from redis.asyncio import Redis
 
-from services.common.jetstream import bucket_values, follow_bucket
+from services.common.jetstream import bucket_entries, follow_bucket
 from services.common.keys import Keys
 from services.common.messages import (
     Accelerator,
@@ -80,6 +81,7 @@ class World:
         self.countries = self.topology.countries  # region id -> country, kept by the network
         self._revisions: dict[str, int] = {}  # topology record key -> revision applied
         self.pools: dict[str, PoolState] = {}  # every registered pool, online or not
+        self.generations: dict[str, int] = {}  # pool -> the generation (registration) this view holds
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
 
@@ -159,11 +161,14 @@ class World:
         """Read every pool from the registry's record and its live numbers from Redis."""
         kv = await ensure_bucket(self.js, self.subjects.bucket("pools"))
         pools: dict[str, PoolState] = {}
-        async for value in bucket_values(kv):
-            pool = _pool.decode(value)
-            pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
+        generations: dict[str, int] = {}
+        async with contextlib.aclosing(bucket_entries(kv)) as entries:
+            async for value, revision in entries:
+                pool = _pool.decode(value)
+                pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
+                generations[pool.pool_id] = pool.generation or revision  # 0: this entry's create
         live = await self._live(list(pools.values()))
-        self.pools = pools
+        self.pools, self.generations = pools, generations
         for state, (status, free) in zip(pools.values(), live, strict=True):
             self._apply(state, status, free)
         for pool_id in [p for p in self._engine_ids() if p not in pools]:
@@ -207,7 +212,11 @@ class World:
             return
         log.debug("capacity event %s for pool %s", type(event).__name__, event.pool_id,
                   extra={"subject": msg.subject})
-        if isinstance(event, (PoolRegistered, PoolUpdated)):
+        if self._stale(event):
+            log.debug("capacity event %s of an older generation of pool %s ignored", type(event).__name__,
+                      event.pool_id)
+        elif isinstance(event, (PoolRegistered, PoolUpdated)):
+            self.generations[event.pool_id] = event.pool.generation
             if event.region not in self.countries:
                 await self._learn_region(event.region)
             state = pool_state(event.pool, self.countries.get(event.region, ""), 0)
@@ -221,7 +230,18 @@ class World:
         elif isinstance(event, PoolRemoved):
             self.engine.remove(event.pool_id)
             self.pools.pop(event.pool_id, None)
+            self.generations.pop(event.pool_id, None)
         await self.on_capacity(event)
+
+    def _stale(self, event: CapacityEvent) -> bool:
+        """An event about an older generation than the one this view holds (events of
+        different registry replicas may arrive out of order): it says nothing about now."""
+        held = self.generations.get(event.pool_id, 0)
+        if isinstance(event, (PoolRegistered, PoolUpdated)):
+            return 0 < event.pool.generation < held
+        if isinstance(event, (PoolOffline, PoolRemoved)):
+            return 0 < event.generation < held
+        return False
 
     async def on_capacity(self, event: CapacityEvent) -> None:
         """Hook for the broker: capacity appeared or vanished."""

@@ -54,12 +54,13 @@ local pools, leases, seen = {}, {}, {}
 local function lease(id)
   if seen[id] then return end
   seen[id] = true
-  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool')
-  if f[1] then leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or ''} end
+  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool', 'generation')
+  if f[1] then leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or '', f[5] or '0'} end
 end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', base .. ':pool:' .. id, 'capacity', 'healthy', 'leased', 'free', 'status')
-  if f[1] then pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or ''} end
+  local f = redis.call('HMGET', base .. ':pool:' .. id, 'capacity', 'healthy', 'leased', 'free', 'status',
+    'generation')
+  if f[1] then pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0'} end
   for _, l in ipairs(redis.call('SMEMBERS', base .. ':pool:' .. id .. ':leases')) do lease(l) end
 end
 for _, l in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do lease(l) end
@@ -112,11 +113,13 @@ async def read_redis(redis: Redis, keys: Keys, regions: set[str]) -> tuple[dict,
         if int(is_ready):
             ready.add(region)
         for row in raw_pools:
-            pool_id, cap, healthy, leased, free, status = (_s(x) for x in row)
-            pools[pool_id] = PoolLive(region, pool_id, int(cap), int(healthy), int(leased), int(free), status)
+            pool_id, cap, healthy, leased, free, status, gen = (_s(x) for x in row)
+            pools[pool_id] = PoolLive(region, pool_id, int(cap), int(healthy), int(leased), int(free), status,
+                                      int(gen))
         for row in raw_leases:
-            lease_id, units, expires, seq, pool = (_s(x) for x in row)
-            leases[lease_id] = LeaseLive(region, lease_id, _pool_id(pool), int(units), float(expires), int(seq))
+            lease_id, units, expires, seq, pool, gen = (_s(x) for x in row)
+            leases[lease_id] = LeaseLive(region, lease_id, _pool_id(pool), int(units), float(expires), int(seq),
+                                         int(gen))
     rebuilt = {s: bool(await redis.exists(keys.rebuilt_marker(s))) for s in ("registry", "broker")}
     return pools, leases, ready, rebuilt
 

@@ -9,7 +9,8 @@ one wildcard reply subscription, numbers its messages, and resolves a plain futu
 message, errors included (as the nats-py error ``js.publish`` would raise), with one
 deadline per batch. ``AckedPublisher`` puts concurrent callers' events into such batches.
 ``Puller`` fetches from a pull consumer through one callback subscription;
-``follow_bucket`` keeps a copy of a key-value bucket, ``bucket_values`` reads it once.
+``follow_bucket`` keeps a copy of a key-value bucket, ``bucket_entries`` and
+``bucket_values`` read it once.
 """
 
 from __future__ import annotations
@@ -329,14 +330,21 @@ async def unfollow(sub: JetStreamContext.PushSubscription | None) -> None:
             await sub.unsubscribe()
 
 
-async def bucket_values(kv: KeyValue) -> AsyncIterator[bytes]:
-    """The current value of every key of a bucket (deleted keys left out)."""
+async def bucket_entries(kv: KeyValue) -> AsyncIterator[tuple[bytes, int]]:
+    """The current value of every key of a bucket with its revision (deleted keys left out)."""
     watcher = await kv.watchall(ignore_deletes=True)
     try:
         async for entry in watcher:
             if entry is None:  # end of the current values
                 break
             if entry.value:
-                yield entry.value
+                yield entry.value, entry.revision
     finally:
         await watcher.stop()
+
+
+async def bucket_values(kv: KeyValue) -> AsyncIterator[bytes]:
+    """The current value of every key of a bucket (deleted keys left out)."""
+    async with contextlib.aclosing(bucket_entries(kv)) as entries:
+        async for value, _ in entries:
+            yield value

@@ -32,6 +32,11 @@ class Keys:
         """Set: ids of the pools registered in a region."""
         return f"{self._r(region)}:pools"
 
+    def removed_pools(self, region: str) -> str:
+        """Hash: pool id -> the last generation of it removed (a late write of that
+        generation must not bring it back)."""
+        return f"{self._r(region)}:pools:removed"
+
     def heartbeats(self, region: str) -> str:
         """Sorted set: pool id scored by its last heartbeat (unix seconds)."""
         return f"{self._r(region)}:hb"

@@ -119,6 +119,11 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True):
     accelerator: Accelerator
     created_at: datetime
     updated_at: datetime
+    # One registration of this pool id, from creation to removal: the revision of the
+    # record's creating write in the registry's bucket (so a pool removed and registered
+    # again is a new, higher generation). 0 in a stored record means "the revision of this
+    # entry" (a create cannot name its own revision). Leases hold the generation they were
+    # granted on and never touch another (docs/lifecycle.md, "Pool").
     generation: int = 1
 
 
@@ -145,6 +150,8 @@ class PoolUpdated(_CapacityEvent, tag="pool.updated"):
 
 class PoolOffline(_CapacityEvent, tag="pool.offline"):
     reason: str = "heartbeat missed"
+    generation: int = 0  # the pool generation that went offline (0: not said)
+    lease_ids: tuple[str, ...] = ()  # its leases at that moment: the broker marks them lost
 
 
 class PoolOnline(_CapacityEvent, tag="pool.online"):
@@ -157,6 +164,8 @@ class PoolDraining(_CapacityEvent, tag="pool.draining"):
 
 class PoolRemoved(_CapacityEvent, tag="pool.removed"):
     leased: int = 0  # units still leased when removed: the broker marks them lost
+    generation: int = 0  # the pool generation removed (0: not said)
+    lease_ids: tuple[str, ...] = ()  # its leases at that moment
 
 
 CapacityEvent = PoolRegistered | PoolUpdated | PoolOffline | PoolOnline | PoolDraining | PoolRemoved
@@ -192,6 +201,7 @@ class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     term_months: int = 0  # reserved terms: 1 or 12
     ttl_s: int = 0  # open leases: each renewal moves expires_at to now + ttl_s; 0 = fixed end
     priority: int = 5
+    pool_generation: int = 0  # the pool generation granted on (0: from before generations were kept)
 
 
 class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):

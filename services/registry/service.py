@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 
 from services.common.auth import Principal
 from services.common.clock import utcnow
-from services.common.ids import is_valid_id
+from services.common.ids import is_valid_id, new_id
 from services.common.keys import Keys
-from services.common.messages import Accelerator, Link, PoolSpec, Region
 from services.common.jetstream import follow_bucket
+from services.common.messages import Accelerator, Link, Pool, PoolRemoved, PoolSpec, Region
 from services.common.network import Network
 from services.common.subjects import link_key, region_key
 
@@ -36,7 +36,7 @@ from .domain.pools import (
 from .coalesce import HeartbeatCoalescer
 from .events import CapacityEvents, for_status, for_upsert
 from .metrics import HEARTBEAT_MISSES, HEARTBEATS, STATUS_CHANGES
-from .records import PoolRecords
+from .records import Entry, PoolRecords, RecordChanged
 from .store import PoolStore, Transition
 from .views import PoolPage, PoolView, pool_view
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 _OUTCOME = {0: "not_found", -1: "forbidden"}
+_CAS_ATTEMPTS = 8  # compare-and-set rounds lost to concurrent writers before a 409
 
 
 class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,6 +189,8 @@ class Registry:
             raise NotFound(f"no pool {pool_id}")
         if t.code == -1:
             raise Forbidden("this pool belongs to another provider")
+        if t.code == -2:
+            raise Conflict(f"pool {pool_id} was removed and registered again meanwhile; retry")
         return t
 
     async def _publish_status(self, pool_id: str, provider: str, region: str, t: Transition,
@@ -208,20 +211,51 @@ class Registry:
 
     # --- provider use cases ------------------------------------------------------------
     async def register(self, principal: Principal, pool_id: str, spec: PoolSpec) -> tuple[PoolView, bool]:
+        """Create-only for a new pool, compare-and-set for an existing one, in the durable
+        record first: the owner is checked against the revision the write replaces, so of
+        two providers creating one pool id exactly one wins; the other reads the winner's
+        record and is refused. Redis then follows the record (stale writes change nothing)."""
         self._check_id(pool_id)
         now = self.clock()
         owner = owner_for(principal, spec.provider)
-        existing = await self.records.get(pool_id)
         await self.regions.known(spec.region)  # refresh if another replica added it; build_pool checks
-        pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now, existing)
-        raw = await self.records.put(pool)
-        t = self._checked(await self.store.upsert(pool.spec.region, pool_id, now.timestamp(), owner, pool.spec.units,
-                                                  raw, pool.spec.model), pool_id)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now,
+                              current.pool if current else None)
+            try:
+                entry = await (self.records.create(pool) if current is None
+                               else self.records.update(pool, current.revision))
+            except RecordChanged:
+                continue  # another writer got there first: read again, decide again
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
+        t = await self._follow(entry, now)
         self._region_cache[pool_id] = pool.spec.region
-        await self.events.publish(for_upsert(pool, t, now))
-        if t.code == 1 and t.changed and t.status == "online":
-            await self._publish_status(pool_id, owner, pool.spec.region, t, now)
-        return await self.view(pool_id), t.code == 2
+        created = current is None
+        if t.code != 3:  # a newer record reached Redis first and announced itself
+            if t.replaced:
+                await self._publish_replaced(entry.pool, t, now)
+            await self.events.publish(for_upsert(entry.pool, t, now, created))
+            if not created and t.changed and t.status == "online":
+                await self._publish_status(pool_id, owner, pool.spec.region, t, now)
+        return await self.view(pool_id), created
+
+    async def _follow(self, entry: Entry, now: datetime) -> Transition:
+        """Redis takes the record ``entry`` (live state follows the durable record)."""
+        pool = entry.pool
+        t = await self.store.upsert(pool.spec.region, pool.pool_id, now.timestamp(), pool.provider, pool.spec.units,
+                                    msgspec.json.encode(pool), pool.spec.model, pool.generation, entry.revision)
+        if t.code == -1:  # a hash of this generation with another owner: only a record could say that
+            raise Conflict(f"pool {pool.pool_id}: live state disagrees with the record about its owner")
+        return t
+
+    async def _publish_replaced(self, pool: Pool, t: Transition, now: datetime) -> None:
+        """Redis still held an older generation (its removal never reached Redis): that
+        generation is gone, and its leases with it."""
+        await self.events.publish(PoolRemoved(id=new_id("ev"), at=now, pool_id=pool.pool_id, provider=pool.provider,
+                                              region=pool.spec.region, generation=t.replaced, lease_ids=t.lost))
 
     async def register_many(self, principal: Principal, items: Sequence[tuple[str, PoolSpec]],
                             concurrency: int = 64) -> list[tuple[str, bool]]:
@@ -258,16 +292,24 @@ class Registry:
     async def patch(self, principal: Principal, pool_id: str, patch: PoolPatch) -> PoolView:
         self._check_id(pool_id)
         acting = self._acting(principal)
-        existing = await self.records.get(pool_id)
-        if existing is None:
-            raise NotFound(f"no pool {pool_id}")
-        check_owner(principal, existing.provider)
         now = self.clock()
-        pool = apply_patch(existing, patch, now)
-        raw = await self.records.put(pool)
-        t = self._checked(await self.store.patch(pool.spec.region, pool_id, now.timestamp(), acting,
-                                                 pool.spec.units, raw), pool_id)
-        await self.events.publish(for_upsert(pool, t, now))
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            if current is None:
+                raise NotFound(f"no pool {pool_id}")
+            check_owner(principal, current.pool.provider)
+            pool = apply_patch(current.pool, patch, now)
+            try:
+                entry = await self.records.update(pool, current.revision)
+            except RecordChanged:
+                continue
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
+        t = self._checked(await self.store.patch(pool.spec.region, pool_id, now.timestamp(), acting, pool.spec.units,
+                                                 msgspec.json.encode(pool), pool.generation, entry.revision), pool_id)
+        if t.code != 3:
+            await self.events.publish(for_upsert(pool, t, now, False))
         return await self.view(pool_id)
 
     async def heartbeat(self, principal: Principal, pool_id: str, healthy: int | None) -> Transition:
@@ -320,16 +362,28 @@ class Registry:
         return view
 
     async def remove(self, principal: Principal, pool_id: str) -> Transition:
+        """The record goes first (compare-and-set on the revision whose owner was
+        checked), then Redis, only the generation the record held: a pool registered
+        again meanwhile is another generation and stays."""
         acting = self._acting(principal)
         region = await self._region(pool_id)
-        existing = await self.records.get(pool_id)
-        if existing is not None:
-            check_owner(principal, existing.provider)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            if current is None:
+                break  # no record (a removal that stopped before Redis): Redis alone, by its owner
+            check_owner(principal, current.pool.provider)
+            try:
+                await self.records.delete(pool_id, current.revision)
+            except RecordChanged:
+                continue
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
         now = self.clock()
-        t = self._checked(await self.store.remove(region, pool_id, now.timestamp(), acting), pool_id)
-        await self.records.delete(pool_id)
+        t = self._checked(await self.store.remove(region, pool_id, now.timestamp(), acting,
+                                                  current.pool.generation if current else 0), pool_id)
         self._region_cache.pop(pool_id, None)
-        provider = existing.provider if existing else principal.subject
+        provider = current.pool.provider if current else principal.subject
         await self._publish_status(pool_id, provider, region, t, now)
         return t
 
@@ -392,14 +446,15 @@ class Registry:
             return 0
         now = self.clock()
         n = 0
-        batch: list[tuple[str, str, str, int, bytes, str]] = []
+        batch: list[tuple[str, str, str, int, bytes, str, int, int]] = []
         intact: dict[str, bool] = {}  # a Redis Cluster master lost alone: the other regions keep their pools
-        async for pool in self.records.all():
+        async for entry in self.records.entries():
+            pool = entry.pool
             region = pool.spec.region
             if region not in intact:
                 intact[region] = bool(await self.redis.exists(self.keys.region_pools(region)))
             batch.append((region, pool.pool_id, pool.provider, pool.spec.units, msgspec.json.encode(pool),
-                          pool.spec.model))
+                          pool.spec.model, pool.generation, entry.revision))
             n += 1
             if len(batch) >= 1000:
                 await self.store.upsert_many(batch, now.timestamp(), index_only=intact)
