@@ -10,7 +10,7 @@ from decimal import Decimal as D
 import msgspec
 import pytest
 
-from services.broker.matching import Ask, Decision, Engine, PoolState
+from services.broker.matching import Ask, Engine, PoolState
 from services.broker.world import pool_state
 from services.common.messages import Pool, Region, Topology
 from services.common.network import Network
@@ -108,6 +108,6 @@ def test_spot_only_pool_takes_interruptible_asks_only() -> None:
     d = e.match(Ask(units=8, billing="interruptible"))
     assert first(d) == "verda-spot" and d.options[0].allocations[0].unit_price == D("1.5")
     for billing in ("on_demand", "reserved_month", "reserved_year"):
-        d: Decision = e.match(Ask(units=8, billing=billing))
+        d = e.match(Ask(units=8, billing=billing))
         assert reason(d) == f"no pool offers {billing} (they offer ['interruptible'])", billing
         assert d.never
