@@ -5,8 +5,9 @@ Reads a directory of SkyPilot catalogues laid out as in skypilot-org/skypilot-ca
 pure function the import uses (:func:`parse_skypilot`; no registry needed: a row the
 classifier accepts is what the import registers, since the registry applies no further
 rule to it). Offers are rows with an accelerator; "registered" are offers that resolve to
-a catalogue model with a memory-per-GPU reading, a per-GPU-hour price and a located
-region (a spot-only row that prices its on-demand twin counts as registered). Everything
+a catalogue model with a memory-per-GPU reading, a per-GPU-hour price and a region (a
+located one, or the cloud's region of unknown location for codes that name no place; a
+spot-only row is registered as an interruptible-only pool or prices its on-demand twin). Everything
 else is counted by reason. A row repeated verbatim (GCP lists some TPU slices twice) is
 one offer: the repeats are counted in their own column, not as offers.
 

@@ -133,7 +133,10 @@ def _add_regions(client: httpx.Client, result: ImportResult, reject: bool) -> di
                            "(adding regions needs an admin key)")
             continue
         shown += 1
-        if shown <= 10:
+        if shown <= 10 and not region.located:
+            console.print(f"[yellow]note:[/] region {rid} was not in the topology; added as a region of unknown "
+                          "location (no network links: only asks without a location constraint match it)")
+        elif shown <= 10:
             console.print(f"[yellow]note:[/] region {rid} was not in the topology; added as {region.name}, "
                           f"{region.country} with derived network links")
     if shown > 10:

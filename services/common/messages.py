@@ -53,12 +53,19 @@ class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Region(msgspec.Struct, frozen=True, kw_only=True):
+    """A place capacity runs in. ``located=False``: the provider says nothing about where
+    (a catalogue's ``default``, ``earth`` or empty region); ``country``, ``lat`` and
+    ``lon`` are then placeholders no reader may use (``docs/topology.md``, "Regions of
+    unknown location"): no link is derived to or from it, and only asks without a
+    location constraint are placed there."""
+
     id: Id
     name: str
     country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
     lat: Annotated[float, msgspec.Meta(ge=-90, le=90)]  # bounded: links are derived from the location,
     lon: Annotated[float, msgspec.Meta(ge=-180, le=180)]  # and lat 1e7 made the region list a 500 (fuzzing)
     kind: Literal["hub", "cloud", "edge"] = "cloud"
+    located: bool = True
 
 
 class Link(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,10 +89,12 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
 # --- pools ------------------------------------------------------------------------------
 class Prices(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Per-unit prices. ``reserved_*`` are per unit-month for a month- or year-long term;
-    ``interruptible`` is the floor per unit-hour for preemptible use."""
+    ``interruptible`` is the floor per unit-hour for preemptible use. A mode without a
+    price is not sold: ``on_demand`` None is a pool sold as interruptible (spot) only.
+    At least one price is given (the registry says so with a 422)."""
 
     currency: Currency = "USD"
-    on_demand: Price
+    on_demand: Price | None = None
     reserved_month: Price | None = None
     reserved_year: Price | None = None
     interruptible: Price | None = None

@@ -12,6 +12,9 @@ pair, hence one copy of the model, here.
   the same region is ``SAME_REGION_RTT_MS``.
 * ``bandwidth_gbps`` and ``egress_per_gb`` (USD, Decimal) by tier: same region, same
   country, nearby cross-border, far or mainland-China cross-border.
+* A region of unknown location (``Region.located`` False) has **no link** at all, not
+  even to itself: its pools could be anywhere, so no distance, latency or transfer price
+  is ever made up for it (never 0 because the ids match).
 """
 
 from __future__ import annotations
@@ -110,11 +113,12 @@ class Network:
     region or one link at a time. ``link`` is None only when a region is unknown.
     """
 
-    __slots__ = ("_derived", "_published", "countries", "regions")
+    __slots__ = ("_derived", "_published", "countries", "regions", "unlocated")
 
     def __init__(self, regions: Iterable[Region] = (), links: Iterable[Link] = ()) -> None:
         self.regions: dict[str, Region] = {}
         self.countries: dict[str, str] = {}  # region id -> ISO country code
+        self.unlocated: set[str] = set()  # regions whose location nobody knows: no links
         self._published: dict[tuple[str, str], Link] = {}
         self._derived: dict[tuple[str, str], Link] = {}
         for region in regions:
@@ -131,12 +135,17 @@ class Network:
             self._derived.clear()  # it moved: every derived link to or from it changed
         self.regions[region.id] = region
         self.countries[region.id] = region.country
+        if region.located:
+            self.unlocated.discard(region.id)
+        else:
+            self.unlocated.add(region.id)
         return True
 
     def drop_region(self, region_id: str) -> bool:
         if self.regions.pop(region_id, None) is None:
             return False
         del self.countries[region_id]
+        self.unlocated.discard(region_id)
         self._derived.clear()
         return True
 
@@ -169,7 +178,14 @@ class Network:
         return False
 
     # --- reads -------------------------------------------------------------------------
+    def is_unlocated(self, region_id: str) -> bool:
+        """A known region whose location is unknown (an unknown id is not: it is unknown)."""
+        return region_id in self.unlocated
+
     def link(self, src: str, dst: str) -> Link | None:
+        """The link ``src -> dst``; None when a region is unknown or of unknown location."""
+        if self.unlocated and (src in self.unlocated or dst in self.unlocated):
+            return None
         pair = (src, dst)
         found = self._published.get(pair) or self._derived.get(pair)
         if found is not None:
@@ -184,6 +200,8 @@ class Network:
 
     def rtt_ms(self, src: str, dst: str) -> float | None:
         """``link(src, dst).latency_ms``, without building (or remembering) a link."""
+        if self.unlocated and (src in self.unlocated or dst in self.unlocated):
+            return None
         link = self._published.get((src, dst)) or self._derived.get((src, dst))
         if link is not None:
             return link.latency_ms
@@ -197,12 +215,18 @@ class Network:
         no link (an unknown region), a published ``r -> src`` counts. A derived link is
         only computed for regions whose latitude alone does not rule them out (the
         meridian arc bounds the great circle from below), so the cost follows the
-        regions near ``src``, not all of them."""
+        regions near ``src``, not all of them. A region of unknown location is never
+        within any bound (nor is anything within a bound of it)."""
+        unlocated = self.unlocated
+        if src in unlocated:
+            return []
         a = self.regions.get(src)
         max_km = (max_ms - FIXED_RTT_MS) * FIBRE_KM_PER_MS / (2 * ROUTE_FACTOR) + 1.0  # 1 km: rounding
         band = math.degrees(max_km / EARTH_RADIUS_KM)
         out = []
         for r in among:
+            if r in unlocated:
+                continue
             link = self._published.get((src, r))
             if link is not None:
                 ms: float | None = link.latency_ms

@@ -12,6 +12,7 @@ from services.common.messages import AllocEvent, LeaseGranted, LeaseReleased, Re
 
 from ..helpers import EventTap, eventually
 from .broker_world import broker_world
+from .conftest import pool_body
 
 POOLS = {
     "yrd-a100": {"region": "cn-yrd", "model": "nvidia-a100-sxm-80gb", "units": 16,
@@ -411,3 +412,54 @@ async def test_after_a_lost_race_the_runners_up_are_tried_in_random_order(settin
             cheapest_second.append(tried[1] == in_view[0])
             gone |= set(tried)
         assert not all(cheapest_second), tried
+
+
+async def test_unlocated_and_spot_only_pools_end_to_end(settings, nc) -> None:
+    """A catalogue's offers of unknown location and its spot-only offers, through the real
+    registry and broker: placed where nothing forbids it, refused with the reason where a
+    location or on-demand price would be needed; the quote says the location is unknown."""
+    async with broker_world(settings) as w:
+        nowhere = {"id": "daytona-unlocated", "name": "daytona: location unknown", "country": "ZZ",
+                   "lat": 0.0, "lon": 0.0, "located": False}
+        r = await w.registry.put("/v1/regions/daytona-unlocated", json=nowhere, headers=w.admin)
+        assert r.status_code == 200 and r.json()["located"] is False, r.text
+        r = await w.registry.get("/v1/network", params={"src": "us-east", "dst": "daytona-unlocated"})
+        assert r.status_code == 200 and r.json() == []  # no link is made up for it
+        await w.pool("far-h100", region="daytona-unlocated", model="nvidia-h100-sxm-80gb", units=8,
+                     prices={"on_demand": "2.00"}, availability="listed")
+        await w.pool("spot-a100", region="eu-west", model="nvidia-a100-sxm-80gb", units=8,
+                     prices={"interruptible": "0.70"}, availability="listed")
+        r = await w.registry.put("/v1/pools/no-price", json=pool_body(prices={"currency": "USD"}),
+                                 headers=w.provider)
+        assert r.status_code == 422 and "at least one of on_demand" in r.text, r.text
+
+        async def quote(body: dict) -> dict:
+            r = await w.broker.post("/v1/quotes", json=body, headers=w.tenants["t1"])
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        h100 = {"units": 8, "accelerators": {"models": ["nvidia-h100-sxm-80gb"]}}
+        q = await eventually(lambda: _placeable(quote(h100)), what="the unlocated pool is matchable")
+        alloc = q["options"][0]["allocations"][0]
+        assert (alloc["pool_id"], alloc["location"], alloc["availability"]) == ("far-h100", "unknown", "listed")
+        for placement, check in (({"users_region": "us-east", "max_latency_ms": 500}, "latency"),
+                                 ({"countries": ["US"]}, "residency"),
+                                 ({"data_region": "us-east", "data_gb": 10}, "distance to data")):
+            r = await w.request("t1", {**h100, "placement": placement})
+            assert r.status_code == 422, r.text
+            assert any("location of pool far-h100 unknown" in x and check in x for x in r.json()["reasons"]), r.text
+
+        a100 = {"units": 8, "accelerators": {"models": ["nvidia-a100-sxm-80gb"]}}
+        await eventually(lambda: _placeable(quote({**a100, "billing": "interruptible"})), what="spot pool matchable")
+        r = await w.request("t1", a100)
+        assert r.status_code == 422 and "no pool of models ['nvidia-a100-sxm-80gb'] offers on_demand " \
+            "(they offer ['interruptible'])" in r.json()["reasons"], r.text
+        r = await w.request("t1", {**a100, "billing": "interruptible"})
+        assert r.status_code == 201, r.text
+        lease = r.json()["leases"][0]
+        assert (lease["pool_id"], Decimal(lease["unit_price"])) == ("spot-a100", Decimal("0.70"))
+
+
+async def _placeable(q) -> dict | None:
+    q = await q
+    return q if q["placeable_now"] else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,24 @@ def test_keep_alive_keeps_imported_pools_online(settings, nc, tmp_path: Path) ->
                 beat.join(timeout=5)
         _until(lambda: all(p["status"] == "offline" for p in _pools(registry.url, key, "nebius").values()),
                what="pools offline once the heartbeats stop")
+
+
+def test_placeless_and_spot_only_offers_register(settings, nc, tmp_path: Path) -> None:
+    # Daytona's rows say Region "earth"; Verda sells 2B300.60V as spot only. Both were
+    # rejected; now they are pools: in Daytona's region of unknown location (added with
+    # located: false and no links), and interruptible-only.
+    with service_process("registry", settings, tmp_path) as registry:
+        key = settings.admin_key or ""
+        result = _import(registry.url, key, FIXTURES / "daytona" / "vms.csv", "daytona")
+        assert result.exit_code == 0, result.output
+        assert "3 pools registered" in result.output and "unknown location" in result.output
+        pools = _pools(registry.url, key, "daytona")
+        assert len(pools) == 3 and {p["spec"]["region"] for p in pools.values()} == {"daytona-unlocated"}
+        regions = {r["id"]: r for r in httpx.get(f"{registry.url}/v1/regions").json()}
+        assert regions["daytona-unlocated"]["located"] is False
+        assert httpx.get(f"{registry.url}/v1/network", params={"dst": "daytona-unlocated"}).json() == []
+        result = _import(registry.url, key, FIXTURES / "verda" / "vms.csv", "verda")
+        assert result.exit_code == 0, result.output
+        prices = {p["spec"]["prices"]["on_demand"]: p["spec"]["prices"]["interruptible"]
+                  for p in _pools(registry.url, key, "verda").values()}
+        assert Decimal(prices[None]) == Decimal("2.4465")

@@ -103,9 +103,12 @@ def test_spot_only_rows_price_their_on_demand_twin(cloud: str, spot_row: int, tw
     assert sum(1 for pool_id, _ in result.pools if pool_id == twin.pool_id) == 1
 
 
-def test_spot_only_row_without_twin_is_reported() -> None:
-    outcome = _row(_parse("primeintellect"), 6)
-    assert outcome.status == "rejected" and "spot-only" in outcome.reason and "on-demand" in outcome.reason
+def test_spot_only_row_without_twin_is_an_interruptible_only_pool() -> None:
+    result = _parse("primeintellect")
+    outcome = _row(result, 6)
+    assert (outcome.status, outcome.on_demand, outcome.interruptible) == ("ready", None, Decimal("0.53"))
+    prices = dict(result.pools)[outcome.pool_id].prices
+    assert (prices.on_demand, prices.interruptible) == (None, Decimal("0.53"))
 
 
 @pytest.mark.parametrize(("row", "spot"), [(4, "8.193333"), (5, "6.980000")])
@@ -146,20 +149,38 @@ def test_same_name_different_price_are_two_offers_ranked_by_price() -> None:
     assert again == {cheap.on_demand: cheap.pool_id, dear.on_demand: dear.pool_id}
 
 
-def test_spot_only_offer_without_on_demand_is_reported() -> None:
-    """Verda sells 2B300.60V as spot only: no on-demand price, so no pool (the wire contract
-    prices pools on-demand first); the row says why."""
-    outcome = _row(_parse("verda"), 2)
-    assert outcome.status == "rejected" and "spot-only" in outcome.reason
+def test_spot_only_offer_is_an_interruptible_only_pool() -> None:
+    """Verda sells 2B300.60V as spot only: a pool with no on-demand price, sold as
+    interruptible at the spot price per GPU (4.893 for 2 GPUs); the row says so."""
+    result = _parse("verda")
+    outcome = _row(result, 2)
+    assert outcome.status == "ready" and "spot only" in outcome.note
+    prices = dict(result.pools)[outcome.pool_id].prices
+    assert (prices.on_demand, prices.interruptible) == (None, Decimal("2.446500"))
 
 
-def test_empty_region_is_reported_and_can_be_mapped() -> None:
-    """Seeweb lists GPU plans with no Region: reported by row, and an operator can place
-    them with a --region-map entry for the empty code."""
+@pytest.mark.parametrize(("cloud", "rows", "code"), [
+    ("daytona", (1, 2, 3), "earth"), ("hyperbolic", (1, 2), "default"), ("seeweb", (1, 2), ""),
+])
+def test_offers_that_name_no_place_register_in_the_unlocated_region(cloud: str, rows: tuple[int, ...],
+                                                                    code: str) -> None:
+    """Daytona says ``earth``, Hyperbolic ``default``, Seeweb nothing: the offers register
+    in the cloud's region of unknown location, which has no coordinates anyone may use."""
+    result = _parse(cloud)
+    for n in rows:
+        outcome = _row(result, n)
+        assert outcome.status == "ready" and outcome.region == code, outcome
+        assert dict(result.pools)[outcome.pool_id].region == f"{cloud}-unlocated"
+        assert "location unknown" in outcome.note
+    region = result.new_regions[f"{cloud}-unlocated"]
+    assert region.located is False and region.country == "ZZ"
+    assert result.unknown_regions == set()
+
+
+def test_empty_region_can_be_mapped() -> None:
+    """Seeweb lists GPU plans with no Region: an operator who knows where they run places
+    them with a --region-map entry for the empty code (the map wins over "unlocated")."""
     text = (FIXTURES / "seeweb" / "vms.csv").read_text("utf-8")
-    plain = parse_skypilot(text, "seeweb", set(), cloud="seeweb")
-    assert [o.status for o in plain.outcomes] == ["rejected", "rejected", "ready"]
-    assert all(o.reason == "empty Region" for o in plain.outcomes[:2])
     site = Region(id="seeweb-frosinone", name="Frosinone", country="IT", lat=41.64, lon=13.35)
     mapped = parse_skypilot(text, "seeweb", set(), cloud="seeweb", region_map={"": site})
     assert [o.status for o in mapped.outcomes] == ["ready", "ready", "ready"]

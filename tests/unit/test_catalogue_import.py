@@ -168,8 +168,9 @@ def test_bad_gpuinfo_and_empty_instance_type_are_row_level() -> None:
     assert bad_info.status == "ready" and "GpuInfo" in bad_info.note
     assert no_type.status == "ready" and no_type.pool_id.endswith("a6000x4")
     assert share.status == "rejected" and "fractional" in share.reason
-    assert default.status == "rejected" and "--region-map" in default.reason
-    assert result.unknown_regions == {"default"}
+    assert default.status == "ready" and "location unknown" in default.note
+    assert dict(result.pools)[default.pool_id].region == "lambda-unlocated"
+    assert result.unknown_regions == set()
 
 
 # --- regions ---------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_codes_the_table_lacks_are_derived(cloud: str, code: str, zone: str, cou
 def test_region_map_places_what_nothing_else_can() -> None:
     header, row = _lines("lambda")[0], _lines("lambda")[2].replace("europe-central-1", "default")
     text = f"{header}\n{row}\n"
-    assert _parse("lambda", text).pools == []
+    assert [s.region for _, s in _parse("lambda", text).pools] == ["lambda-unlocated"]  # unless mapped
     mapped = _parse("lambda", text, region_map={"default": Region(id="lambda-tx", name="Texas", country="US",
                                                                    lat=32.8, lon=-96.8)})
     assert [s.region for _, s in mapped.pools] == ["lambda-tx"] and "lambda-tx" in mapped.new_regions
@@ -218,7 +219,8 @@ def test_gpuhunt_rows_merge_on_demand_and_spot() -> None:
     assert (h100.model, h100.on_demand, h100.interruptible) == ("nvidia-h100-sxm-80gb", Decimal("2.99"),
                                                               Decimal("1.99"))
     assert a100.model == "nvidia-a100-pcie-80gb" and rtx.interruptible == Decimal("0.34")
-    assert l40s.status == "rejected" and "Price" in l40s.reason  # spot-only: no on-demand price
+    # spot-only: an interruptible-only pool
+    assert (l40s.status, l40s.on_demand, l40s.interruptible) == ("ready", None, Decimal("0.79"))
 
 
 # --- malformed files: exit 2, one line, no traceback (nothing is sent to a registry) -----------

@@ -163,6 +163,8 @@ class _Ctx:
         info: tuple[Decimal, float] | None
         if self.data_region is None:
             info = (ZERO, _INF)
+        elif self.links.is_unlocated(region) or self.links.is_unlocated(self.data_region):
+            info = None  # no distance is made up for a place nobody knows, not even 0
         else:
             link = self.links.link(self.data_region, region)
             if link is None and region != self.data_region:
@@ -221,6 +223,19 @@ class _Ctx:
         if self.cap is None:
             return len(book.prices)
         return bisect_right(book.prices, self.cap)
+
+
+def _location_checks(ask: Ask) -> list[str]:
+    """The ask's constraints that need to know where a pool is (empty: it may run in a
+    region of unknown location)."""
+    checks = []
+    if ask.users_region is not None and ask.max_latency_ms is not None:
+        checks.append(f"latency to users in {ask.users_region}")
+    if ask.countries:
+        checks.append("residency")
+    if ask.data_region is not None:
+        checks.append(f"distance to data in {ask.data_region}")
+    return checks
 
 
 def _row_key(row: Row) -> tuple[Decimal, int]:
@@ -455,7 +470,7 @@ class Engine:
         if ms is None:
             ms = self._links.rtt_ms(dst, src)
         if ms is None:
-            return 0.0 if src == dst else _INF
+            return 0.0 if src == dst and not self._links.is_unlocated(src) else _INF
         return float(ms)
 
     def _dim(self, key: tuple, compute: Callable[[], frozenset[int]]) -> frozenset[int]:
@@ -483,8 +498,13 @@ class Engine:
         """The active static dimensions of ``ask`` as (name, cache key, compute the set
         of matching cell ids), in the order reasons report them."""
         dims: list[tuple[str, tuple, Callable[[], frozenset[int]]]] = []
-        for name, attr in (("models", "model"), ("regions", "region"), ("countries", "country"),
-                           ("vendors", "vendor"), ("stacks", "stack")):
+        for name, attr in (("models", "model"), ("regions", "region"), ("located", ""),
+                           ("countries", "country"), ("vendors", "vendor"), ("stacks", "stack")):
+            if name == "located":
+                if self._links.unlocated and _location_checks(ask):
+                    dims.append(("located", ("located",), lambda: self._scan(
+                        lambda c: not self._links.is_unlocated(c.region))))
+                continue
             values = getattr(ask, name)
             if values:
                 dims.append((name, (name, values),
@@ -519,7 +539,8 @@ class Engine:
         key = (ask.models, ask.vendors, ask.stacks, ask.frameworks, ask.interconnects,
                ask.host_archs, ask.min_memory_gib, ask.regions, ask.countries,
                ask.users_region if ask.max_latency_ms is not None else None,
-               ask.max_latency_ms, ask.currency, ask.metric if perf else None)
+               ask.max_latency_ms, ask.currency, ask.metric if perf else None,
+               ask.data_region is not None)
         hit = self._cands.get(key)
         if hit is None:
             s: frozenset[int] | None = None
@@ -1008,7 +1029,8 @@ class Engine:
             allocations.append(Allocation(
                 pool_id=pid, region=cell.region, provider=pool.provider, model=cell.model,
                 units=u, unit_price=price, price_basis=ctx.basis,
-                availability="listed" if pool.listed else "live"))
+                availability="listed" if pool.listed else "live",
+                location="unknown" if self._links.is_unlocated(cell.region) else "known"))
             compute += price * u * f
             price_units += price * u
             units += u
@@ -1054,6 +1076,8 @@ class Engine:
                     scope += f" in allowed regions {_few(ask.regions)}"
                 elif name == "countries":
                     scope += f" in countries {_few(ask.countries)}"
+                elif name == "located" and (gone := s - nxt):
+                    notes.append(self._unlocated_note(ask, [self._cells[i] for i in gone]) + " (not considered)")
                 elif name == "currency":
                     others = Counter()
                     for i in s - nxt:
@@ -1068,6 +1092,8 @@ class Engine:
             elif name == "regions":
                 msg = (f"no pool{scope} is in allowed regions {_few(ask.regions)} "
                        f"(they are in {_few(c.region for c in cells)})")
+            elif name == "located":
+                msg = self._unlocated_note(ask, cells)
             elif name == "countries":
                 msg = (f"no pool{scope} is in countries {_few(ask.countries)} "
                        f"(they are in {_few(c.country for c in cells)})")
@@ -1097,7 +1123,7 @@ class Engine:
                 for c in cells:
                     others[c.currency] += len(c.pools)
                 msg = self._currency_note(others, ask.currency)
-            return [msg], True
+            return [msg] + notes, True
         cells = sorted((self._cells[i] for i in s), key=lambda c: c.id)
         reached = [c for c in cells if ctx.region(c.region) is not None]
         if not reached:
@@ -1127,6 +1153,13 @@ class Engine:
                         "broker)"] + notes, never
         reasons, never = self._explain_capacity(ctx, offering)
         return reasons + notes, never
+
+    @staticmethod
+    def _unlocated_note(ask: Ask, cells: list[Cell]) -> str:
+        pools = sorted(pid for c in cells for pid in c.pools)
+        which = f"pool {pools[0]}" if len(pools) == 1 else f"{len(pools)} pools {_few(pools, 3)}"
+        return (f"location of {which} unknown (region {_few(c.region for c in cells)}): "
+                f"cannot check {', '.join(_location_checks(ask))}")
 
     @staticmethod
     def _currency_note(others: Counter, currency: str) -> str:

@@ -44,7 +44,7 @@ class PoolState(msgspec.Struct, kw_only=True):
     free: int
     listed: bool = False  # availability from a public catalogue, not reported live
     currency: str = "USD"
-    on_demand: Decimal  # per unit-hour
+    on_demand: Decimal | None  # per unit-hour; None: sold as interruptible only
     reserved_month: Decimal | None = None  # per unit-month, month term
     reserved_year: Decimal | None = None  # per unit-month, year term
     interruptible: Decimal | None = None  # per unit-hour
@@ -95,6 +95,7 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     unit_price: Decimal  # per unit-hour (on-demand / interruptible) or per unit-month (reserved)
     price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
     availability: Literal["live", "listed"] = "live"  # "listed": from a public catalogue, not reported live
+    location: Literal["known", "unknown"] = "known"  # "unknown": the provider says nothing about where the pool is
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):

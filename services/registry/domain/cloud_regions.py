@@ -15,7 +15,11 @@ answers, for one cloud, which topology region an offer is in:
    string itself;
 5. a code whose words name a country (ISO 3166 alpha-2 first word, or alpha-3) or a city
    or state of ``places.csv`` (``fin-01``, ``eu-amsterdam-1``, ``US-TX-1``);
-6. anything else is unknown, with the reason.
+6. a code that names no place at all (empty, ``default``, ``earth``, ...: see
+   :data:`NOWHERE`) is the cloud's region of unknown location ``<cloud>-unlocated``
+   (``Region.located`` False): registered, but matched only by asks without a location
+   constraint (``docs/topology.md``, "Regions of unknown location");
+7. anything else is unknown, with the reason.
 
 New regions get the id ``<cloud>-<code>`` (sanitised), so the same code at two providers
 (Nebius' ``us-central1`` is Kansas City, GCP's is Iowa) never names one place twice.
@@ -35,9 +39,16 @@ from typing import Literal
 from services.common.ids import is_valid_id
 from services.common.messages import Region
 
-__all__ = ["Located", "RegionResolver", "country_table", "place_table", "region_table"]
+__all__ = ["NOWHERE", "Located", "RegionResolver", "country_table", "place_table", "region_table",
+           "unlocated_region"]
 
-Source = Literal["map", "topology", "table", "location", "derived"]
+Source = Literal["map", "topology", "table", "location", "derived", "unlocated"]
+
+# Region codes that say where nothing is: SkyPilot's Hyperbolic rows say ``default``,
+# Daytona's ``earth``, Seeweb leaves some empty. They become the cloud's region of
+# unknown location, never a guessed place.
+NOWHERE = frozenset({"", "default", "earth", "global", "world", "any", "anywhere"})
+UNLOCATED_COUNTRY = "ZZ"  # CLDR's "unknown region"; a placeholder no reader uses
 
 _SANITISE = re.compile(r"[^a-z0-9]+")
 _GLUED_NUMBER = re.compile(r"(?<=[a-z])\d+(?=-|$)")
@@ -123,6 +134,13 @@ def _region_id(*parts: str) -> str:
     return rid[:63].strip("-")
 
 
+def unlocated_region(cloud: str) -> Region:
+    """The region of ``cloud``'s offers that say nothing about where they are."""
+    rid = _region_id(cloud, "unlocated")
+    return Region(id=rid, name=f"{cloud}: location unknown", country=UNLOCATED_COUNTRY, lat=0.0, lon=0.0,
+                  kind="cloud", located=False)
+
+
 class RegionResolver:
     """Resolve one cloud's region codes against the topology, the tables and a map."""
 
@@ -150,10 +168,11 @@ class RegionResolver:
             if target not in self.known:
                 return f"--region-map sends {code!r} to {target!r}, which is not a topology region"
             return self._existing(target, "map")
-        if not code:
-            return "empty Region"
-        if key in self.known:
+        if code and key in self.known:
             return self._existing(key, "topology")
+        if key in NOWHERE:
+            region = unlocated_region(self.cloud)
+            return Located(region.id, None if region.id in self.known else region, "unlocated")
         if (self.cloud, key) in region_table():
             name, country, lat, lon = region_table()[(self.cloud, key)]
             return self._new(_region_id(self.cloud, key), name, country, lat, lon, "table")

@@ -202,7 +202,8 @@ def _rank_variants(pending: list[tuple[int, str, str, PoolSpec]]) -> list[tuple[
         specs[raw].setdefault(msgspec.json.encode(spec), spec)
     rank: dict[tuple[str, bytes], int] = {}
     for raw, variants in specs.items():
-        ordered = sorted(variants.items(), key=lambda kv: (kv[1].prices.on_demand, kv[0]))
+        ordered = sorted(variants.items(), key=lambda kv: (kv[1].prices.on_demand or kv[1].prices.interruptible,
+                                                           kv[0]))
         rank.update({(raw, enc): k for k, (enc, _) in enumerate(ordered, start=1)})
     out = []
     for row_no, raw, base, spec in pending:
@@ -545,17 +546,21 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                                       split_hints(instance)[1])
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
+            on_demand: Decimal | None
             if not row.get("Price") and row.get("SpotPrice"):
-                raise _RowError("spot-only row (SpotPrice, no Price) and no on-demand row of the same offer: "
-                                "a pool needs an on-demand price")
-            price_total = _price(row.get("Price", ""), "Price")
-            spot_text = row.get("SpotPrice", "")
-            if tpu and price_total == _TPU_PLACEHOLDER_PRICE:
-                raise _RowError("Price 700.0 is SkyPilot's placeholder for a TPU slice GCP lists no price for")
-            if tpu and spot_text.strip() in {"700", "700.0"}:
-                spot_text = ""
-            on_demand = _per_unit(price_total, count, "Price")
-            spot, note = _spot(spot_text, count, on_demand, price_total)
+                # sold as spot only (Verda): an interruptible-only pool, never on-demand
+                on_demand = None
+                spot = _per_unit(_price(row["SpotPrice"], "SpotPrice"), count, "SpotPrice")
+                note = "sold as spot only: interruptible pool, no on-demand price"
+            else:
+                price_total = _price(row.get("Price", ""), "Price")
+                spot_text = row.get("SpotPrice", "")
+                if tpu and price_total == _TPU_PLACEHOLDER_PRICE:
+                    raise _RowError("Price 700.0 is SkyPilot's placeholder for a TPU slice GCP lists no price for")
+                if tpu and spot_text.strip() in {"700", "700.0"}:
+                    spot_text = ""
+                on_demand = _per_unit(price_total, count, "Price")
+                spot, note = _spot(spot_text, count, on_demand, price_total)
             where = regions.locate(region_raw, row.get("AvailabilityZone", ""))
             if isinstance(where, str):
                 raise _RowError(where)
@@ -577,6 +582,7 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             new_regions.setdefault(where.id, where.region)
         notes = "; ".join(n for n in (note, info_problem or "",
                                       f"region located by {where.source}" if where.source in {"derived", "location"}
+                                      else f"location unknown: region {where.id}" if where.source == "unlocated"
                                       else "") if n)
         key_instance = instance or f"{row.get('AcceleratorName', '')}x{count_value.normalize():f}"
         raw_key = "-".join(p for p in (provider, region_raw, zone, key_instance) if p)

@@ -37,8 +37,16 @@ class BatchHeartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     healthy_units: dict[str, Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]] = {}
 
 
+_PRICE_FIELDS = ("on_demand", "reserved_month", "reserved_year", "interruptible")
+
+
 def check_prices(prices: Prices) -> None:
-    for name in ("on_demand", "reserved_month", "reserved_year", "interruptible"):
+    """Every given price is sane, and at least one is given: a mode without a price is
+    not sold (``on_demand`` may be left out for a pool sold as interruptible only)."""
+    if all(getattr(prices, name) is None for name in _PRICE_FIELDS):
+        raise Unprocessable("prices: give at least one of " + ", ".join(_PRICE_FIELDS)
+                            + " (a pool sold as spot only gives interruptible)")
+    for name in _PRICE_FIELDS:
         value = getattr(prices, name)
         if value is not None and (why := price_problem(value)):
             raise Unprocessable(f"prices.{name} {why}")

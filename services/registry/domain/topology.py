@@ -126,7 +126,8 @@ def _check_link(link: Link, by_id: dict[str, Region]) -> None:
 
 # --- building ----------------------------------------------------------------------------
 def build_topology(regions: Iterable[Region], overrides: Iterable[Link] = ()) -> Topology:
-    """The full directed mesh over ``regions`` (self-links included).
+    """The full directed mesh over ``regions`` (self-links included), but for regions of
+    unknown location, which have no link (``Region.located``).
 
     A pair listed in ``overrides`` takes that link, marked ``derived=False`` (published);
     an override applies to its own direction only. Every other pair is derived.
@@ -144,6 +145,7 @@ def build_topology(regions: Iterable[Region], overrides: Iterable[Link] = ()) ->
     links = tuple(
         published[(a.id, b.id)] if (a.id, b.id) in published else derive_link(a, b)
         for a in regions for b in regions
+        if a.located and b.located  # a region of unknown location has no link
     )
     return Topology(regions=regions, links=links, model=MODEL)
 
@@ -162,8 +164,12 @@ def add_region(topology: Topology, region: Region) -> Topology:
                 return topology
             raise TopologyError(f"region {region.id!r} already exists with different "
                                 f"fields: {existing!r}")
+    if not region.located:  # a region of unknown location has no link
+        return Topology(regions=(*topology.regions, region), links=topology.links, model=topology.model or MODEL)
     new_links = [derive_link(region, region)]
     for other in topology.regions:
+        if not other.located:
+            continue
         new_links.append(derive_link(region, other))
         new_links.append(derive_link(other, region))
     return Topology(regions=(*topology.regions, region), links=(*topology.links, *new_links),
