@@ -20,7 +20,6 @@ from services.common.errors import Forbidden
 from services.common.keys import Keys
 from services.common.messages import AllocEvent, RequestEvent
 from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably
-from services.common.redis_conn import is_cluster
 from services.common.subjects import Subjects
 from services.common.tracing import nats_headers
 
@@ -28,9 +27,8 @@ from .domain.requests import ComputeRequest, to_ask
 from .leases import Ended, LeaseStore
 from .metrics import LEASE_ENDS
 from .records import RequestRecord
+from .request_states import RequestStates
 from .world import World
-
-_record = msgspec.json.Decoder(RequestRecord)
 
 
 def utcnow() -> datetime:
@@ -59,7 +57,7 @@ class Core:
         self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
         self.world, self.leases, self.clock = world, leases, clock
         self.queue_kick = asyncio.Event()
-        self.cluster = is_cluster(redis)
+        self.requests = RequestStates(redis, keys)
         self.acks = AckedPublisher(nc)
         self.spread = random.Random()  # the order of the options tried after a lost race
 
@@ -71,6 +69,16 @@ class Core:
         (JetStream still stores them); the lease events are the durable record."""
         await self.nc.publish(self.subjects.request(event.tenant), msgspec.json.encode(event),
                               headers=nats_headers({"Nats-Msg-Id": event.id}))
+
+    async def publish_request_durably(self, event: RequestEvent) -> None:
+        """For an event that records a change of a queued request already made in Redis
+        (placed, rejected, cancelled, expired): the rebuild after a Redis loss reads it,
+        so it is acknowledged (retried through a failover), not just sent."""
+        subject = self.subjects.request(event.tenant)
+        try:
+            await self.acks.publish(subject, event)
+        except FAILOVER_ERRORS:
+            await publish_durably(self.js, subject, event)
 
     async def publish_alloc(self, event: AllocEvent) -> None:
         """Published with the concurrent others (``AckedPublisher``); retried through a
@@ -88,14 +96,10 @@ class Core:
         await pipe.execute()
 
     def save_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
-        """Few commands for many records: one MSET (per record on Redis Cluster, where
-        the keys live in different slots) and one ZADD per tenant."""
-        values = {self.keys.request(r.request_id): msgspec.json.encode(r) for r in records}
-        if len(values) == 1 or self.cluster:
-            for key, value in values.items():
-                pipe.set(key, value)
-        elif values:
-            pipe.mset(values)
+        """Records of requests decided by the call that accepted them (placed or
+        rejected at once), and one ZADD per tenant."""
+        for record in records:
+            self.requests.record_into(pipe, record)
         by_tenant: dict[str, dict[str, float]] = {}
         for r in records:
             by_tenant.setdefault(r.tenant, {})[r.request_id] = r.created_at.timestamp()
@@ -103,16 +107,7 @@ class Core:
             pipe.zadd(self.keys.tenant_requests(tenant), members)
 
     async def record(self, request_id: str) -> RequestRecord | None:
-        raw = await self.redis.get(self.keys.request(request_id))
-        return _record.decode(raw) if raw else None
-
-    async def records(self, ids: list) -> list[RequestRecord]:
-        if not ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)  # not MGET: on Redis Cluster the keys span slots
-        for i in ids:
-            pipe.get(self.keys.request(i.decode() if isinstance(i, bytes) else i))
-        return [_record.decode(raw) for raw in await pipe.execute() if raw]
+        return await self.requests.get(request_id)
 
     async def announce_end(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
         """A lease ended in Redis: the engine hears the pool's free units, the record the

@@ -62,7 +62,7 @@ class Intake:
             record.state = "queued"
             if body.deadline_s:
                 record.deadline_at = now + timedelta(seconds=body.deadline_s)
-            await self.queue.enqueue(record, now)
+            await self.queue.queue(record, now)
             return 202, await self.views.view(record)
         if record.lease_ids != [lease.lease_id for lease in leases]:  # placed by preemption
             record.lease_ids = [lease.lease_id for lease in leases]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from redis.asyncio.client import Pipeline
@@ -26,9 +27,11 @@ from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds
 from .leases import PENDING_S, Reservation, by_region, missing_leases
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
+from .request_states import Refused
 
 log = logging.getLogger("broker")
 ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
+Settle = Callable[[list[LeaseInfo]], Awaitable[None]]  # the request's own transition, between grant and confirm
 
 
 class NotPlaced(Exception):
@@ -59,11 +62,12 @@ class Placement:
                 priority=body.priority))
         return out
 
-    async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None) -> bool:
+    async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
+                      settle: Settle | None = None) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
         make the grants durable, then confirm them (with the lookups and the request
         record). All or nothing. The caller holds the units in the engine; ``truth``
-        collects what Redis said about each pool touched."""
+        collects what Redis said about each pool touched. ``settle``: see ``make_durable``."""
         core = self.core
         truth: dict[str, int] = {}
         allocations = [(lease.pool_id, lease.units) for lease in leases]
@@ -98,15 +102,21 @@ class Placement:
                 if failure is not None:
                     raise failure
                 return False
-            await self.make_durable(leases, done, truth, record)
+            await self.make_durable(leases, done, truth, record, settle)
             return True
         finally:
             core.world.settle(allocations, truth)
 
     async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
-                           record: RequestRecord | None) -> None:
+                           record: RequestRecord | None, settle: Settle | None = None) -> None:
         """Reserved leases: publish their grants, then confirm them (with ``record``);
-        raise ``Unavailable`` after giving back ``done`` if the record did not take them."""
+        raise ``Unavailable`` after giving back ``done`` if the record did not take them.
+
+        ``settle`` (a queued request's placing → placed) runs once the grants are durable
+        and before they are confirmed: if it is refused (the claim was taken over) the
+        grants are given back and retracted, and ``Refused`` raised; if the broker dies
+        after it, the unconfirmed leases end at their provisional expiry (nothing billed),
+        never placing a request twice."""
         grants = [LeaseGranted(id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
                                free_after=truth.get(lease.pool_id, -1)) for lease in leases]
         if len(grants) == 1:
@@ -118,6 +128,11 @@ class Placement:
         else:
             results = await asyncio.gather(*map(self.core.publish_alloc, grants), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None and settle is not None:
+            try:
+                await settle(leases)
+            except Exception as exc:  # noqa: BLE001 - handled below: the grant is given back
+                failed = exc
         if failed is None:
             if record is not None:
                 record.lease_ids = [lease.lease_id for lease in leases]
@@ -132,6 +147,8 @@ class Placement:
             truth.update(await self.undo(done))
             await self.retract([lease for lease, r in zip(leases, results, strict=True)
                                 if not isinstance(r, BaseException)])
+            if isinstance(failed, Refused):
+                raise failed
             raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from failed
 
     async def _reserve_batch(self, items: list[list[Reservation]]) -> list[list[tuple[bool, list[int]] | Exception]]:
@@ -189,7 +206,8 @@ class Placement:
 
     async def try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
                         record: RequestRecord | None = None,
-                        prefer: Option | None = None, ask: Ask | None = None) -> tuple[list[LeaseInfo], Option]:
+                        prefer: Option | None = None, ask: Ask | None = None,
+                        settle: Settle | None = None) -> tuple[list[LeaseInfo], Option]:
         """``prefer``: a placement planned for this request (a queue pass's batch plan),
         tried first; if its units are gone by now, the request is matched afresh.
         ``ask``: the request as the engine sees it, if the caller has it already."""
@@ -197,7 +215,7 @@ class Placement:
         ask = ask or self.core.ask_for(body)
         if prefer is not None and world.hold((a.pool_id, a.units) for a in prefer.allocations):
             leases = self.leases_for(prefer, request_id, tenant, body, now)
-            if await self.reserve(leases, record):
+            if await self.reserve(leases, record, settle):
                 return leases, prefer
         decision = Decision()
         for attempt in range(ATTEMPTS):
@@ -216,7 +234,7 @@ class Placement:
                 if not world.hold((a.pool_id, a.units) for a in option.allocations):
                     continue  # a concurrent request here took these units since the match
                 leases = self.leases_for(option, request_id, tenant, body, now)
-                if await self.reserve(leases, record):
+                if await self.reserve(leases, record, settle):
                     return leases, option
             # every option was lost to a concurrent request: match again on fresher numbers
         raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -24,18 +25,29 @@ from services.common.nats_conn import read_stream
 from .budgets import Budgets
 from .core import Core
 from .domain.requests import ComputeRequest
+from .locks import OwnedLock
 from .queue import RequestQueue
 from .records import RequestRecord
 
 log = logging.getLogger("broker")
 _alloc = msgspec.json.Decoder(AllocEvent)
 _request_event = msgspec.json.Decoder(RequestEvent)
+REBUILD_LOCK_MS = 60_000
+RETRACTED = ("grant not completed", "grant never completed")  # a LeaseLost that undid a grant
+
+
+def granted_requests(last: dict[str, AllocEvent]) -> set[str]:
+    """Requests with a grant in the durable record that was not undone: placed, whatever
+    the request stream says last (its broker may have died before recording that)."""
+    return {e.lease.request_id for e in last.values()
+            if not (isinstance(e, LeaseLost) and e.reason in RETRACTED)}
 
 
 class Recovery:
     def __init__(self, core: Core, queue: RequestQueue, budgets: Budgets) -> None:
         self.core, self.queue, self.budgets = core, queue, budgets
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
+        self.lock = OwnedLock(core.redis, core.keys.lock("rebuild"), REBUILD_LOCK_MS)
 
     async def sweep_and_rebuild(self) -> None:
         await self.rebuild_if_lost()
@@ -97,7 +109,8 @@ class Recovery:
         marker = core.keys.rebuilt_marker("broker")
         if await core.redis.exists(marker):
             return 0
-        if not await core.redis.set(core.keys.lock("rebuild"), "1", nx=True, px=60_000):
+        token = await self.lock.acquire()
+        if token is None:
             return 0
         try:
             # read the record while the registry puts the pools back; restore after it has
@@ -136,18 +149,7 @@ class Recovery:
                 await asyncio.gather(*(core.publish_alloc(LeaseExpired(
                     id=f"{e.lease.lease_id}.{e.seq + 1}", at=now, lease=e.lease, seq=e.seq + 1))
                     for e in gone[i:i + 500]))
-            queued: dict[str, RequestEvent] = {}
-            async for _, data in read_stream(core.js, core.subjects.stream("request"),
-                                             core.subjects.events("request")):
-                event = _request_event.decode(data)
-                queued[event.request_id] = event
-            for event in queued.values():
-                if isinstance(event, RequestQueued) and event.body:
-                    body = msgspec.json.decode(event.body, type=ComputeRequest)
-                    record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="queued",
-                                           created_at=event.at, updated_at=now, body=body,
-                                           reasons=list(event.reasons))
-                    await self.queue.enqueue(record, event.at, announce=False)
+            await self.restore_queue(granted_requests(last), now)
             await core.leases.mark_ready(list(core.world.countries))
             await core.redis.set(marker, now.isoformat())
             await core.world.resync()
@@ -158,7 +160,26 @@ class Recovery:
             core.queue_kick.set()
             return restored
         finally:
-            await core.redis.delete(core.keys.lock("rebuild"))
+            await self.lock.release(token)
+
+    async def restore_queue(self, granted: set[str], now: datetime) -> int:
+        """The queue from the request stream: each request whose last event says queued
+        and that was never granted goes back (create-only: one Redis still knows is kept)."""
+        core = self.core
+        last: dict[str, RequestEvent] = {}
+        async for _, data in read_stream(core.js, core.subjects.stream("request"), core.subjects.events("request")):
+            event = _request_event.decode(data)
+            last[event.request_id] = event
+        n = 0
+        for event in last.values():
+            if isinstance(event, RequestQueued) and event.body and event.request_id not in granted:
+                body = msgspec.json.decode(event.body, type=ComputeRequest)
+                record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="queued",
+                                       created_at=event.at, updated_at=now, body=body, reasons=list(event.reasons))
+                if body.deadline_s:
+                    record.deadline_at = event.at + timedelta(seconds=body.deadline_s)
+                n += await self.queue.add(record, event.at)
+        return n
 
     async def pool_lost(self, region: str, pool_id: str, reason: str) -> int:
         core = self.core
