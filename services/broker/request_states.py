@@ -134,12 +134,14 @@ class RequestStates:
     async def _leave_queue(self, request_id: str, state: str, updated_at: datetime,
                            record: RequestRecord | None) -> None:
         raw = await self._cancel(keys=[self.keys.request(request_id)],
-                                 args=[state, updated_at.isoformat(), msgspec.json.encode(record) if record else ""])
+                                 args=[state, updated_at.isoformat(), msgspec.json.encode(record) if record else "",
+                                       time.time()])
         if int(raw[0]) != 1:
             raise Refused(request_id, _s(raw[1]))
 
     async def cancel(self, request_id: str, now: datetime) -> None:
-        """queued → cancelled; ``Refused`` (with the state now) from any other state."""
+        """queued → cancelled (or from an abandoned claim); ``Refused`` (with the state now)
+        from any other state."""
         await self._leave_queue(request_id, "cancelled", now, None)
 
     async def expire(self, record: RequestRecord, now: datetime) -> None:

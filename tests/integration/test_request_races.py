@@ -194,3 +194,36 @@ async def test_a_202_queued_survives_a_redis_loss(settings, nc, rds) -> None:
         await a.rebuild_if_lost()
         record = await a.record(request_id)
         assert record is not None and record.state == "queued", "the 202 queued request was lost"
+
+
+async def test_the_rebuild_restores_the_queued_requests_and_only_those(settings, nc, rds) -> None:
+    """After the request records are lost: a queued request comes back; a cancelled one
+    and one a queue pass placed do not (their events are acknowledged too)."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        full, placed_later = await queued_behind_a_full_pool(rs)
+        cancelled = (await place(a, "t2", units=4))[1]["request_id"]
+        waiting = (await place(a, "t2", units=8))[1]["request_id"]
+        await a.cancel(tenant("t2"), cancelled)
+        await a.release(tenant("t1"), full)
+        assert await a.run_queue() == 1  # the 4-unit request; the 8-unit one waits behind it
+        assert (await a.record(placed_later)).state == "placed"
+        lost = [rs.keys.request(i) for i in (placed_later, cancelled, waiting)]
+        await rds.delete(*lost, rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        assert (await a.record(waiting)).state == "queued"
+        assert await a.record(cancelled) is None and await a.record(placed_later) is None
+        assert await rds.zrange(rs.keys.queue(), 0, -1) == [waiting]
+
+
+async def test_cancel_answers_409_with_the_state_and_changes_nothing(settings, nc) -> None:
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        status, view = await place(a, "t1", units=2)
+        assert status == 201
+        with pytest.raises(BrokerError) as refused:
+            await a.cancel(tenant("t1"), view["request_id"])
+        assert refused.value.status == 409 and refused.value.extra["state"] == "placed"
+        assert (await a.record(view["request_id"])).state == "placed"
+        assert len(await rs.leases_of(view["request_id"])) == 1
