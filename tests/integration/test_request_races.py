@@ -227,3 +227,19 @@ async def test_cancel_answers_409_with_the_state_and_changes_nothing(settings, n
         assert refused.value.status == 409 and refused.value.extra["state"] == "placed"
         assert (await a.record(view["request_id"])).state == "placed"
         assert len(await rs.leases_of(view["request_id"])) == 1
+
+
+async def test_a_lock_outlived_by_its_holder_is_not_released_by_it(settings, rds) -> None:
+    from services.broker.locks import OwnedLock
+
+    key = f"{settings.prefix}:lock:queue"
+    first, second = OwnedLock(rds, key, 10_000), OwnedLock(rds, key, 10_000)
+    slow = await first.acquire()
+    assert slow and await second.acquire() is None
+    await rds.pexpire(key, 1)  # the first holder's pass outlives its lock
+    while await rds.exists(key):
+        await asyncio.sleep(0.005)
+    fresh = await second.acquire()
+    assert fresh and not await first.release(slow)  # the late holder cannot delete the new lock
+    assert await rds.get(key) == fresh
+    assert await second.release(fresh) and not await rds.exists(key)
