@@ -435,11 +435,13 @@ def check(seen: Counter[str], min_steps: int) -> None:
     assert all(seen[what] for what in MET), [what for what in MET if not seen[what]]
 
 
+@pytest.mark.timeout(600)  # tens of seconds alone; a loaded 2-core machine takes minutes
 def test_request_scripts_match_model(redis_url: str) -> None:
     check(run(redis_url, 500, 80), MIN_STEPS)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_request_scripts_soak(redis_url: str) -> None:
     check(run(redis_url, 4000, 100), 10 * MIN_STEPS)
 
