@@ -56,7 +56,18 @@ class RequestQueue:
         except Exception as exc:  # noqa: BLE001 - any failure: not durable, so not queued
             raise Unavailable("the event store did not acknowledge the queued request; nothing was queued, "
                               "retry") from exc
-        await self.add(record, now)
+        try:
+            await self.add(record, now)
+        except Exception as exc:
+            # durable but not in Redis: the caller hears 503, so the record must not hold it
+            # queued either (a rebuild would place it for a client that gave up)
+            taken_back = RequestRejected(id=new_id("ev"), at=now, request_id=record.request_id,
+                                         tenant=record.tenant, reasons=("not queued: Redis did not answer",))
+            try:
+                await core.publish_request_durably(taken_back)
+            except Exception as again:  # noqa: BLE001 - both stores failing: say so
+                log.error("request %s is queued in the record but not in Redis (%s)", record.request_id, again)
+            raise Unavailable("the queued request could not be written to Redis; nothing was queued, retry") from exc
 
     async def add(self, record: RequestRecord, now: datetime) -> bool:
         """The queued request in Redis (create-only, so a rebuild never overwrites a newer

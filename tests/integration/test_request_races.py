@@ -243,3 +243,21 @@ async def test_a_lock_outlived_by_its_holder_is_not_released_by_it(settings, rds
     assert fresh and not await first.release(slow)  # the late holder cannot delete the new lock
     assert await rds.get(key) == fresh
     assert await second.release(fresh) and not await rds.exists(key)
+
+
+async def test_a_request_durable_but_not_written_to_redis_is_taken_back(settings, nc, rds) -> None:
+    """Redis refuses the queue's writes (here: its fair-share key holds a wrong type)
+    after the queued event was acknowledged: 503, and the record takes it back, so a
+    rebuild does not place it for a client that was told to retry."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        await rds.set(rs.keys.tenant_vtime(), "not a hash")
+        status, _ = await place(a, "t2", units=4)
+        assert status == 503
+        await rds.delete(rs.keys.tenant_vtime(), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+            await rds.delete(key)
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 0
