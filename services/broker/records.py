@@ -13,7 +13,9 @@ from services.common.messages import LeaseInfo
 from .domain.requests import ComputeRequest
 from .matching.model import Placement
 
-RequestState = Literal["placed", "queued", "rejected", "cancelled"]
+# the request lifecycle (docs/lifecycle.md): accepted → queued → placing → placed | rejected | cancelled | expired;
+# "accepted" is never stored (a request is placed, queued or rejected before its call returns)
+RequestState = Literal["queued", "placing", "placed", "rejected", "cancelled", "expired"]
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):

@@ -89,7 +89,8 @@ class Keys:
         return f"{self.prefix}:tenant:{tenant}:leases"
 
     def request(self, request_id: str) -> str:
-        """String: JSON record of one request (state, reasons, lease ids)."""
+        """Hash: one request's lifecycle state (``state``, ``claim``...) and its JSON record
+        (docs/lifecycle.md, "Request")."""
         return f"{self.prefix}:req:{request_id}"
 
     def tenant_requests(self, tenant: str) -> str:

@@ -1,0 +1,119 @@
+"""What every part of the broker shares: its connections, the world it places on, and
+the few writes all of them make (request records, request and allocation events, the
+announcement of a lease's end)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import datetime
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.common.auth import Principal
+from services.common.clock import utcnow
+from services.common.errors import Forbidden
+from services.common.keys import Keys
+from services.common.messages import AllocEvent, RequestEvent
+from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably
+from services.common.subjects import Subjects
+from services.common.tracing import nats_headers
+
+from .domain.requests import ComputeRequest, to_ask
+from .leases import Ended, LeaseStore
+from .metrics import LEASE_ENDS
+from .queue_cap import TenantQueueCap
+from .records import RequestRecord
+from .request_states import RequestStates
+from .world import World
+
+
+def tenant_of(principal: Principal) -> str:
+    if principal.role != "tenant":
+        raise Forbidden("only a tenant key places requests (its tenant id is the one billed)")
+    return principal.subject
+
+
+def per_item(flat: list, sizes: list[int]) -> list[list]:
+    """``flat`` (the results of a batch's groups, in order) cut back into one list per
+    item of ``sizes`` groups."""
+    out, i = [], 0
+    for size in sizes:
+        out.append(flat[i:i + size])
+        i += size
+    return out
+
+
+class Core:
+    def __init__(self, *, nc: NATS, js: JetStreamContext, redis: Redis, keys: Keys, subjects: Subjects,
+                 world: World, leases: LeaseStore, clock: Callable[[], datetime] = utcnow) -> None:
+        self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
+        self.world, self.leases, self.clock = world, leases, clock
+        self.queue_kick = asyncio.Event()
+        self.requests = RequestStates(redis, keys)
+        self.acks = AckedPublisher(nc)
+        self.spread = random.Random()  # the order of the options tried after a lost race
+        self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
+
+    def ask_for(self, body: ComputeRequest, exclude: frozenset[str] = frozenset()):  # noqa: ANN201
+        return to_ask(body, self.world.catalogue, self.world.countries, exclude)
+
+    async def publish_request(self, event: RequestEvent) -> None:
+        """Request events are informational: published without waiting for the ack
+        (JetStream still stores them); the lease events are the durable record."""
+        await self.nc.publish(self.subjects.request(event.tenant), msgspec.json.encode(event),
+                              headers=nats_headers({"Nats-Msg-Id": event.id}))
+
+    async def publish_request_durably(self, event: RequestEvent) -> None:
+        """For an event that records a change of a queued request already made in Redis
+        (placed, rejected, cancelled, expired): the rebuild after a Redis loss reads it,
+        so it is acknowledged (retried through a failover), not just sent."""
+        subject = self.subjects.request(event.tenant)
+        try:
+            await self.acks.publish(subject, event)
+        except FAILOVER_ERRORS:
+            await publish_durably(self.js, subject, event)
+
+    async def publish_alloc(self, event: AllocEvent) -> None:
+        """Published with the concurrent others (``AckedPublisher``); retried through a
+        NATS failover: a grant not acknowledged is undone by the caller, but a release,
+        renewal or expiry has already happened in Redis."""
+        subject = self.subjects.alloc(event.lease.region, event.lease.tenant)
+        try:
+            await self.acks.publish(subject, event)
+        except FAILOVER_ERRORS:
+            await publish_durably(self.js, subject, event)
+
+    async def save(self, record: RequestRecord) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self.save_into(pipe, record)
+        await pipe.execute()
+
+    def save_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
+        """Records of requests decided by the call that accepted them (placed or
+        rejected at once), and one ZADD per tenant."""
+        for record in records:
+            self.requests.record_into(pipe, record)
+        by_tenant: dict[str, dict[str, float]] = {}
+        for r in records:
+            by_tenant.setdefault(r.tenant, {})[r.request_id] = r.created_at.timestamp()
+        for tenant, members in by_tenant.items():
+            pipe.zadd(self.keys.tenant_requests(tenant), members)
+
+    async def record(self, request_id: str) -> RequestRecord | None:
+        return await self.requests.get(request_id)
+
+    async def announce_end(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
+        """A lease ended in Redis: the engine hears the pool's free units, the record the
+        ending event, and the queue a kick (units came back)."""
+        LEASE_ENDS.labels(kind.__name__.removeprefix("Lease").lower()).inc()
+        if ended.free_after >= 0:
+            self.world.observe_free(ended.lease.pool_id, ended.free_after)
+        await self.publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
+                                      seq=ended.seq, free_after=ended.free_after, **extra))
+        self.queue_kick.set()

@@ -1,0 +1,241 @@
+"""Placing one request: the engine proposes (pure), the reservation script takes the
+units atomically in Redis (the authority), the grant event is acknowledged by
+JetStream (the durable record), and only then is the grant confirmed. If the event
+cannot be made durable, the units are given back and the caller hears 503.
+
+The reservations and the confirmations of concurrent placements share pipelined round
+trips (``Coalescer``): per-call client overhead, not Redis, is what limits a broker
+process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from redis.asyncio.client import Pipeline
+
+from services.common.coalesce import Coalescer
+from services.common.errors import Unavailable
+from services.common.ids import new_id
+from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost
+
+from .core import Core, per_item
+from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds
+from .leases import PENDING_S, Reservation, by_region, missing_leases
+from .matching.model import Ask, Decision, Placement as Option
+from .records import RequestRecord
+from .request_states import Refused
+
+log = logging.getLogger("broker")
+ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
+Settle = Callable[[list[LeaseInfo]], Awaitable[None]]  # the request's own transition, between grant and confirm
+
+
+class NotPlaced(Exception):
+    def __init__(self, decision: Decision, contended: bool = False) -> None:
+        super().__init__("not placed")
+        self.decision, self.contended = decision, contended
+
+
+class Placement:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
+        self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
+            Coalescer(self._commit_batch)
+
+    def leases_for(self, option: Option, request_id: str, tenant: str, body: ComputeRequest,
+                   now: datetime) -> list[LeaseInfo]:
+        term = term_seconds(body)
+        ttl = 0 if term else body.lease_ttl_s
+        expires = now + timedelta(seconds=term or ttl)
+        out = []
+        for a in option.allocations:
+            out.append(LeaseInfo(
+                lease_id=new_id("lease"), request_id=request_id, tenant=tenant, pool_id=a.pool_id,
+                provider=a.provider, region=a.region, model=a.model, units=a.units, billing=body.billing,
+                unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
+                expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
+                priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0)))
+        return out
+
+    async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
+                      settle: Settle | None = None) -> bool:
+        """Take the units of every lease (grouped by region; each region atomically),
+        make the grants durable, then confirm them (with the lookups and the request
+        record). All or nothing. The caller holds the units in the engine; ``truth``
+        collects what Redis said about each pool touched. ``settle``: see ``make_durable``."""
+        core = self.core
+        truth: dict[str, int] = {}
+        allocations = [(lease.pool_id, lease.units) for lease in leases]
+        # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
+        expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
+        try:
+            groups = [(region, group, expires) for region, group in by_region(leases).items()]
+            done: list[LeaseInfo] = []
+            failure: Exception | None = None
+            refused = False
+            try:
+                results = await self._reservations.submit(groups)
+            except Exception:
+                # the whole batch failed (Redis unreachable, a cluster node down, the script
+                # reload refused) after some of it may have run: give back whatever did
+                truth.update(await self.undo(leases))
+                raise
+            for (_, group, _), result in zip(groups, results, strict=True):
+                if isinstance(result, Exception):
+                    # this region's slot is unreachable or refused (on Redis Cluster regions
+                    # live on different nodes): the regions reserved give back
+                    failure = failure or result
+                elif result[0]:
+                    done += group
+                    truth.update({lease.pool_id: free for lease, free in zip(group, result[1], strict=True)})
+                else:
+                    refused = True
+                    index, free = result[1]
+                    truth[group[index].pool_id] = free
+            if failure is not None or refused:
+                truth.update(await self.undo(done))
+                if failure is not None:
+                    raise failure
+                return False
+            await self.make_durable(leases, done, truth, record, settle)
+            return True
+        finally:
+            core.world.settle(allocations, truth)
+
+    async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
+                           record: RequestRecord | None, settle: Settle | None = None) -> None:
+        """Reserved leases: publish their grants, then confirm them (with ``record``);
+        raise ``Unavailable`` after giving back ``done`` if the record did not take them.
+
+        ``settle`` (a queued request's placing → placed) runs once the grants are durable
+        and before they are confirmed: if it is refused (the claim was taken over) the
+        grants are given back and retracted, and ``Refused`` raised; if the broker dies
+        after it, the unconfirmed leases end at their provisional expiry (nothing billed),
+        never placing a request twice."""
+        grants = [LeaseGranted(id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+                               free_after=truth.get(lease.pool_id, -1)) for lease in leases]
+        if len(grants) == 1:
+            results: list[object] = [None]
+            try:
+                await self.core.publish_alloc(grants[0])
+            except Exception as exc:  # noqa: BLE001 - handled with the others below
+                results[0] = exc
+        else:
+            results = await asyncio.gather(*map(self.core.publish_alloc, grants), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None and settle is not None:
+            try:
+                await settle(leases)
+            except Exception as exc:  # noqa: BLE001 - handled below: the grant is given back
+                failed = exc
+        if failed is None:
+            if record is not None:
+                record.lease_ids = [lease.lease_id for lease in leases]
+            try:
+                gone = await self._commits.submit((leases, record))
+                if gone:
+                    failed = Unavailable(f"leases {gone} expired before their grants were confirmed")
+            except Exception as exc:  # noqa: BLE001 - as if the grant had failed
+                failed = exc
+        if failed is not None:
+            log.error("grant not durable (%s): giving the units back", failed)
+            truth.update(await self.undo(done))
+            await self.retract([lease for lease, r in zip(leases, results, strict=True)
+                                if not isinstance(r, BaseException)])
+            if isinstance(failed, Refused):
+                raise failed
+            raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from failed
+
+    async def _reserve_batch(self, items: list[list[Reservation]]) -> list[list[tuple[bool, list[int]] | Exception]]:
+        """The reservations of concurrent placements in one pipelined round trip."""
+        results = await self.core.leases.reserve_many([group for item in items for group in item])
+        return per_item(results, [len(item) for item in items])
+
+    async def _commit_batch(self, items: list[tuple[list[LeaseInfo], RequestRecord | None]]) -> list[list[str]]:
+        """Durable grants of concurrent placements confirmed in one pipelined round trip,
+        with their lookups and request records. Returns, per placement, the leases that
+        were gone (their provisional expiry passed first)."""
+        store = self.core.leases
+        per_placement = [list(by_region(leases).values()) for leases, _ in items]
+        groups = [group for item_groups in per_placement for group in item_groups]
+
+        def build(pipe: Pipeline) -> int:
+            n = store.confirm_into(pipe, groups)
+            store.index_into(pipe, [lease for leases, _ in items for lease in leases])
+            self.core.save_into(pipe, *(record for _, record in items if record is not None))
+            return n
+
+        n, replies = await store.run_pipeline(build)  # every command idempotent
+        confirmed = per_item(store.confirmed(replies, n), [len(g) for g in per_placement])
+        return [missing_leases(item_groups, replies)
+                for item_groups, replies in zip(per_placement, confirmed, strict=True)]
+
+    async def retract(self, leases: list[LeaseInfo]) -> None:
+        """Grants that reached the durable record although the grant as a whole failed
+        (the client hears 503 and the units were given back): end them there too, at their
+        grant time, so that the meter bills nothing and a Redis rebuild does not bring
+        them back."""
+        for lease in leases:
+            try:
+                await self.core.publish_alloc(LeaseLost(id=f"{lease.lease_id}.2", at=lease.granted_at, lease=lease,
+                                                        seq=2, reason="grant not completed"))
+            except Exception as exc:  # noqa: BLE001 - the record is unreachable: say so, nothing more to do
+                log.error("grant of %s is in the record but could not be retracted (%s)", lease.lease_id, exc)
+
+    async def undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
+        """Compensation of a placement that failed part-way: every lease already reserved
+        gives its units back. Each one is tried even if another fails (a Redis Cluster
+        node may be down); one that cannot be undone stays until its expiry sweeps it."""
+        now = time.time()
+        truth = {}
+        for lease in leases:
+            try:
+                ended = await self.core.leases.end(lease, "release", now)
+            except Exception as exc:  # noqa: BLE001 - best effort, logged
+                log.error("could not give back lease %s in %s (%s); it expires at its TTL",
+                          lease.lease_id, lease.region, exc)
+                continue
+            if ended is not None and ended.free_after >= 0:
+                truth[lease.pool_id] = ended.free_after
+        return truth
+
+    async def try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
+                        record: RequestRecord | None = None,
+                        prefer: Option | None = None, ask: Ask | None = None,
+                        settle: Settle | None = None) -> tuple[list[LeaseInfo], Option]:
+        """``prefer``: a placement planned for this request (a queue pass's batch plan),
+        tried first; if its units are gone by now, the request is matched afresh.
+        ``ask``: the request as the engine sees it, if the caller has it already."""
+        world = self.core.world
+        ask = ask or self.core.ask_for(body)
+        if prefer is not None and world.hold((a.pool_id, a.units) for a in prefer.allocations):
+            leases = self.leases_for(prefer, request_id, tenant, body, now)
+            if await self.reserve(leases, record, settle):
+                return leases, prefer
+        decision = Decision()
+        for attempt in range(ATTEMPTS):
+            # the best option alone first (the walk stops sooner and builds one placement,
+            # about a third of a match's time). Once a race is lost, the runners-up too, in
+            # a random order: replicas that lost a race to each other would otherwise all
+            # reach for the same next-best units and lose again (seen as 409s with two
+            # broker processes)
+            decision = world.engine.match(ask, limit=1 if attempt == 0 else 3)
+            if not decision.placed:
+                raise NotPlaced(decision)
+            options = list(decision.options)
+            if attempt:
+                self.core.spread.shuffle(options)
+            for option in options:
+                if not world.hold((a.pool_id, a.units) for a in option.allocations):
+                    continue  # a concurrent request here took these units since the match
+                leases = self.leases_for(option, request_id, tenant, body, now)
+                if await self.reserve(leases, record, settle):
+                    return leases, option
+            # every option was lost to a concurrent request: match again on fresher numbers
+        raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),
+                        contended=True)

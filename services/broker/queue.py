@@ -1,0 +1,238 @@
+"""The queue of requests that could not be placed when they came: fair-share order,
+passes that place whatever fits now (backfill), deadlines, cancellation. Each step is a
+transition of the request lifecycle (``request_states``, docs/lifecycle.md): a pass
+*claims* a request (queued → placing) before it places it, so that a cancel or a second
+pass cannot meet it half-way; a cancel succeeds only from queued."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import msgspec
+
+from services.common.auth import Principal
+from services.common.errors import BrokerError, Conflict, Forbidden, Unavailable
+from services.common.ids import new_id
+from services.common.messages import LeaseInfo, RequestCancelled, RequestPlaced, RequestQueued, RequestRejected
+
+from .budgets import Budgets
+from .core import Core
+from .locks import OwnedLock
+from .matching.batch import plan_queue
+from .matching.model import Ask, Placement as Option
+from .metrics import QUEUE_WAIT_SECONDS
+from .placement import NotPlaced, Placement
+from .records import RequestRecord, RequestView
+from .request_states import Claim, Refused
+from .views import Views
+
+log = logging.getLogger("broker")
+QUEUE_PLAN_BUDGET_S = 0.02  # a queue pass plans jointly for at most this long (it blocks the loop)
+QUEUE_PLAN_MAX = 200  # requests at the head of the queue planned jointly
+QUEUE_LOCK_MS = 10_000  # one pass at a time, mostly: a longer pass lets another in, which the claims make safe
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RequestQueue:
+    def __init__(self, core: Core, placement: Placement, budgets: Budgets, views: Views) -> None:
+        self.core, self.placement, self.budgets, self.views = core, placement, budgets, views
+        self.lock = OwnedLock(core.redis, core.keys.lock("queue"), QUEUE_LOCK_MS)
+
+    # --- accepted → queued -------------------------------------------------------------------
+    async def queue(self, record: RequestRecord, now: datetime) -> None:
+        """A request that found no capacity waits: durable first (its ``RequestQueued``
+        acknowledged by JetStream, which a rebuild after a Redis loss replays), then in
+        Redis. If the event store does not take it, nothing is queued and the caller
+        hears 503: a 202 is a promise that survives a Redis loss."""
+        core = self.core
+        event = RequestQueued(id=new_id("ev"), at=now, request_id=record.request_id, tenant=record.tenant,
+                              reasons=tuple(record.reasons), body=msgspec.json.encode(record.body))
+        try:
+            await core.acks.publish(core.subjects.request(record.tenant), event)
+        except Exception as exc:  # noqa: BLE001 - any failure: not durable, so not queued
+            raise Unavailable("the event store did not acknowledge the queued request; nothing was queued, "
+                              "retry") from exc
+        try:
+            await self.add(record, now)
+        except Exception as exc:
+            # durable but not in Redis: the caller hears 503, so the record must not hold it
+            # queued either (a rebuild would place it for a client that gave up)
+            taken_back = RequestRejected(id=new_id("ev"), at=now, request_id=record.request_id,
+                                         tenant=record.tenant, reasons=("not queued: Redis did not answer",))
+            try:
+                await core.publish_request_durably(taken_back)
+            except Exception as again:  # noqa: BLE001 - both stores failing: say so
+                log.error("request %s is queued in the record but not in Redis (%s)", record.request_id, again)
+            raise Unavailable("the queued request could not be written to Redis; nothing was queued, retry") from exc
+
+    async def add(self, record: RequestRecord, now: datetime) -> bool:
+        """The queued request in Redis (create-only, so a rebuild never overwrites a newer
+        state). Score: priority band first, then a per-tenant virtual time so tenants take
+        turns (fair share), FIFO within a tenant."""
+        core = self.core
+        record.state = "queued"
+        if not await core.requests.queue(record):
+            return False
+        vtime = await core.redis.hget(core.keys.tenant_vtime(), record.tenant)
+        start = max(now.timestamp(), float(vtime or 0))
+        await core.redis.hset(core.keys.tenant_vtime(), record.tenant, start + 1.0)
+        score = (9 - record.body.priority) * 1e11 + start
+        pipe = core.redis.pipeline(transaction=False)
+        pipe.zadd(core.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
+        pipe.zadd(core.keys.queue(), {record.request_id: score})
+        await pipe.execute()
+        return True
+
+    # --- a pass ---------------------------------------------------------------------------------
+    async def run_queue(self, limit: int = 1000) -> int:
+        """One pass over the queue, in order; whatever fits now is placed (backfill).
+        Mostly one replica at a time (an owned lock); any replica may kick it."""
+        core = self.core
+        token = await self.lock.acquire()
+        if token is None:
+            return 0
+        placed = 0
+        try:
+            ids = [_s(i) for i in await core.redis.zrange(core.keys.queue(), 0, limit - 1)]
+            records = {r.request_id: r for r in await core.requests.get_many(ids)}
+            plan = self._plan_queue([records[k] for k in records if not self._skip(records[k])])
+            for request_id in ids:
+                record = records.get(request_id)
+                now = core.clock()
+                if record is None or record.state not in ("queued", "placing"):
+                    await core.redis.zrem(core.keys.queue(), request_id)  # the queue is an index: done ones leave
+                    continue
+                if record.deadline_at and now >= record.deadline_at:
+                    await self.expire(record, now)
+                    continue
+                if record.tenant in self.budgets.blocked:
+                    continue  # stays queued until the budget is topped up
+                prefer = plan.get(request_id)
+                if prefer is None and not self._may_fit(record):
+                    continue  # nothing to claim for: no capacity matches now
+                claim = await core.requests.claim(request_id)
+                if claim is None:
+                    continue  # cancelled, expired or held by another pass since it was read
+                placed += await self._place_claimed(claim, prefer)
+        finally:
+            await self.lock.release(token)
+        return placed
+
+    def _may_fit(self, record: RequestRecord) -> bool:
+        try:
+            decision = self.core.world.engine.match(self.core.ask_for(record.body), limit=1)
+        except BrokerError:
+            return True  # the claim settles it as rejected
+        if not decision.placed:
+            record.reasons = list(decision.reasons)
+        return decision.placed
+
+    async def _place_claimed(self, claim: Claim, prefer: Option | None) -> int:
+        """placing → placed (1), or back to queued / rejected (0)."""
+        core = self.core
+        record, now = claim.record, core.clock()
+        states = core.requests
+
+        async def settle(leases: list[LeaseInfo]) -> None:
+            record.lease_ids = [lease.lease_id for lease in leases]
+            record.updated_at = now
+            await states.place(claim, record)
+
+        try:
+            await self.placement.try_place(record.request_id, record.tenant, record.body, now, prefer=prefer,
+                                           settle=settle)
+        except NotPlaced as np:
+            record.reasons = list(np.decision.reasons) or ["no capacity matches right now"]
+            await self._settle_back(claim, record, now)
+            return 0
+        except Refused as refused:  # the claim was taken over (this pass outlived it): the grant was given back
+            log.warning("queued request %s was claimed by another pass (%s); not placed here",
+                        record.request_id, refused.state)
+            return 0
+        except Unavailable as exc:  # the event store or Redis did not answer: try again next pass
+            log.warning("queued request %s stays queued: %s", record.request_id, exc.detail)
+            record.reasons = [f"capacity was found but not granted: {exc.detail}; retried on the next pass"]
+            await self._settle_back(claim, record, now)
+            return 0
+        except BrokerError as exc:  # e.g. a model vanished from the catalogue
+            record.reasons, record.updated_at = [exc.detail], now
+            try:
+                await states.reject(claim, record)
+            except Refused:
+                return 0
+            await self._left_queue(record, now)
+            return 0
+        await self._left_queue(record, now)
+        return 1
+
+    async def _settle_back(self, claim: Claim, record: RequestRecord, now: datetime) -> None:
+        """placing → queued, with the reasons it stays; a claim lost meanwhile is the new
+        claimer's business."""
+        record.updated_at = now
+        try:
+            await self.core.requests.requeue(claim, record)
+        except Refused:
+            pass
+
+    def _skip(self, record: RequestRecord) -> bool:
+        """Not placed by this pass whatever the capacity (see run_queue)."""
+        return (record.state != "queued" or record.tenant in self.budgets.blocked
+                or bool(record.deadline_at and self.core.clock() >= record.deadline_at))
+
+    def _plan_queue(self, records: list[RequestRecord]) -> dict[str, Option]:
+        """Placements for this pass, planned jointly (``plan_queue``: who is served stays
+        what the queue's order says; only where they go is planned together)."""
+        asks: list[tuple[str, Ask]] = []
+        for record in records[:QUEUE_PLAN_MAX]:
+            try:
+                asks.append((record.request_id, self.core.ask_for(record.body)))
+            except BrokerError:
+                continue
+        plan = plan_queue(self.core.world.engine, [ask for _, ask in asks], time_budget_s=QUEUE_PLAN_BUDGET_S)
+        return {asks[i][0]: placement for i, placement in plan.items()}
+
+    async def _left_queue(self, record: RequestRecord, now: datetime) -> None:
+        """After a transition out of the queue: off the index, and its event made durable
+        (a rebuild after a Redis loss must not bring it back)."""
+        core = self.core
+        QUEUE_WAIT_SECONDS.labels(record.state).observe(max(0.0, (now - record.created_at).total_seconds()))
+        await core.redis.zrem(core.keys.queue(), record.request_id)
+        base = {"id": new_id("ev"), "at": now, "request_id": record.request_id, "tenant": record.tenant}
+        if record.state == "placed":
+            event = RequestPlaced(**base, lease_ids=tuple(record.lease_ids))
+        elif record.state == "cancelled":
+            event = RequestCancelled(**base)
+        else:  # rejected, expired
+            event = RequestRejected(**base, reasons=tuple(record.reasons))
+        try:
+            await core.publish_request_durably(event)
+        except Exception as exc:  # noqa: BLE001 - the transition is made; the rebuild also checks the grants
+            log.error("request %s is %s, but its event was not recorded (%s)", record.request_id, record.state, exc)
+
+    # --- queued → cancelled | expired ---------------------------------------------------------
+    async def cancel(self, principal: Principal, request_id: str) -> RequestView:
+        if principal.role == "ops":
+            raise Forbidden("ops reads requests; only their tenant cancels them")
+        record = await self.views.own_record(principal, request_id)
+        now = self.core.clock()
+        try:
+            await self.core.requests.cancel(request_id, now)
+        except Refused as refused:
+            raise Conflict(f"request {request_id} is {refused.state}; only a queued request can be cancelled "
+                           "(release its leases instead)", state=refused.state) from None
+        record.state, record.updated_at = "cancelled", now
+        await self._left_queue(record, now)
+        return await self.views.view(record)
+
+    async def expire(self, record: RequestRecord, now: datetime) -> None:
+        record.reasons = [*record.reasons, "deadline passed while queued"]
+        try:
+            await self.core.requests.expire(record, now)
+        except Refused:
+            return  # claimed or cancelled meanwhile
+        record.state = "expired"
+        await self._left_queue(record, now)

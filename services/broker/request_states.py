@@ -1,0 +1,150 @@
+"""The request lifecycle in Redis (docs/lifecycle.md, "Request"): each transition one
+compare-and-set script in ``lua/``, named as in the table. A request is one hash:
+``state`` (the authority), ``updated_at``, ``record`` (the rest, as JSON; its own state
+field is not read back) and, while a queue pass places it, ``claim`` and ``claim_until``.
+
+Only the request's own key is touched by a script (on Redis Cluster the queue's sorted
+set lives in another slot): the queue is an index, and a pass drops from it whatever
+is no longer queued."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.common.keys import Keys
+
+from .records import RequestRecord
+
+CLAIM_S = 60.0  # a claim outlives any live placement (a durable grant retries for at most 30 s)
+
+_record = msgspec.json.Decoder(RequestRecord)
+
+
+def _lua(name: str) -> str:
+    return resources.files("services.broker.lua").joinpath(name).read_text()
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _fields(record: RequestRecord) -> dict[str, bytes | str]:
+    return {"state": record.state, "updated_at": record.updated_at.isoformat(),
+            "record": msgspec.json.encode(record)}
+
+
+def decode(raw_record: object, state: object, updated_at: object) -> RequestRecord | None:
+    if raw_record is None or state is None:
+        return None
+    record = _record.decode(raw_record)  # type: ignore[arg-type]
+    record.state = _s(state)  # type: ignore[assignment]
+    if updated_at is not None:
+        record.updated_at = datetime.fromisoformat(_s(updated_at))
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A queue pass holds ``request_id`` (state ``placing``) under ``token`` until it settles."""
+    request_id: str
+    token: str
+    record: RequestRecord
+
+
+class Refused(Exception):
+    """A transition whose from-state did not hold: ``state`` is the request's state now."""
+
+    def __init__(self, request_id: str, state: str) -> None:
+        super().__init__(f"request {request_id} is {state or 'unknown'}")
+        self.request_id, self.state = request_id, state
+
+
+class RequestStates:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis, self.keys = redis, keys
+        self._queue = redis.register_script(_lua("queue_request.lua"))
+        self._claim = redis.register_script(_lua("claim_request.lua"))
+        self._settle = redis.register_script(_lua("settle_request.lua"))
+        self._cancel = redis.register_script(_lua("cancel_request.lua"))
+
+    # --- reading ---------------------------------------------------------------------------
+    async def get(self, request_id: str) -> RequestRecord | None:
+        return decode(*await self.redis.hmget(self.keys.request(request_id), "record", "state", "updated_at"))
+
+    async def get_many(self, ids: list) -> list[RequestRecord]:
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)  # on Redis Cluster the keys span slots
+        for i in ids:
+            pipe.hmget(self.keys.request(_s(i)), "record", "state", "updated_at")
+        return [r for r in (decode(*raw) for raw in await pipe.execute()) if r is not None]
+
+    # --- transitions -------------------------------------------------------------------------
+    def record_into(self, pipe: Pipeline, record: RequestRecord) -> None:
+        """accepted → placed | rejected: a request nobody else knows yet, decided by the
+        call that accepted it (no other transition can race it)."""
+        pipe.hset(self.keys.request(record.request_id), mapping=_fields(record))
+
+    async def queue(self, record: RequestRecord) -> bool:
+        """accepted → queued, create-only: False if the request has a record already."""
+        raw = await self._queue(keys=[self.keys.request(record.request_id)],
+                                args=[msgspec.json.encode(record), record.updated_at.isoformat()])
+        return int(raw[0]) == 1
+
+    async def claim(self, request_id: str, now: float | None = None) -> Claim | None:
+        """queued → placing; None when the request is not queued (cancelled, claimed by
+        another pass, done)."""
+        now = time.time() if now is None else now
+        token = uuid.uuid4().hex
+        raw = await self._claim(keys=[self.keys.request(request_id)], args=[token, now, now + CLAIM_S])
+        if int(raw[0]) != 1:
+            return None
+        record = _record.decode(raw[1])
+        record.state = "placing"
+        return Claim(request_id, token, record)
+
+    async def _settle_to(self, claim: Claim, state: str, record: RequestRecord) -> None:
+        record.state = state  # type: ignore[assignment]
+        raw = await self._settle(keys=[self.keys.request(claim.request_id)],
+                                 args=[claim.token, state, record.updated_at.isoformat(),
+                                       msgspec.json.encode(record)])
+        if int(raw[0]) != 1:
+            raise Refused(claim.request_id, _s(raw[1]))
+
+    async def place(self, claim: Claim, record: RequestRecord) -> None:
+        """placing → placed (with its lease ids); ``Refused`` if the claim was taken over."""
+        await self._settle_to(claim, "placed", record)
+
+    async def requeue(self, claim: Claim, record: RequestRecord) -> None:
+        """placing → queued: nothing fits now (the reasons say why); back in line."""
+        await self._settle_to(claim, "queued", record)
+
+    async def reject(self, claim: Claim, record: RequestRecord) -> None:
+        """placing → rejected: it can no longer be placed at all."""
+        await self._settle_to(claim, "rejected", record)
+
+    async def _leave_queue(self, request_id: str, state: str, updated_at: datetime,
+                           record: RequestRecord | None) -> None:
+        raw = await self._cancel(keys=[self.keys.request(request_id)],
+                                 args=[state, updated_at.isoformat(), msgspec.json.encode(record) if record else "",
+                                       time.time()])
+        if int(raw[0]) != 1:
+            raise Refused(request_id, _s(raw[1]))
+
+    async def cancel(self, request_id: str, now: datetime) -> None:
+        """queued → cancelled (or from an abandoned claim); ``Refused`` (with the state now)
+        from any other state."""
+        await self._leave_queue(request_id, "cancelled", now, None)
+
+    async def expire(self, record: RequestRecord, now: datetime) -> None:
+        """queued → expired: its deadline passed while it waited."""
+        record.updated_at = now
+        await self._leave_queue(record.request_id, "expired", now, record)

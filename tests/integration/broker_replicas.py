@@ -1,0 +1,123 @@
+"""Broker replicas built in the test's own event loop (no HTTP, no background tasks),
+over a registry app, real NATS and Redis: a test drives each replica's queue passes and
+placements itself and can stop one mid-step at a gate, to lay out a race exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from services.broker.leases import LeaseStore
+from services.broker.service import Broker
+from services.broker.world import World
+from services.common.auth import Principal
+from services.common.keys import Keys
+from services.common.messages import LeaseInfo
+from services.common.nats_conn import close_quietly, connect, ensure_streams
+from services.common.redis_conn import connect as redis_connect
+from services.common.settings import Settings
+from services.common.subjects import Subjects
+from services.registry.app import create_app as create_registry
+
+from .conftest import REGION, pool_body
+
+
+def tenant(name: str) -> Principal:
+    return Principal(role="tenant", subject=name, key_id=f"k-{name}")
+
+
+class Gate:
+    """Stops an awaited method of one object until opened; ``entered`` says a caller is
+    waiting at it. Our own code stopped, not a stand-in: what runs after is the real call."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.entered, self.open = asyncio.Event(), asyncio.Event()
+        original: Callable[..., Awaitable[Any]] = getattr(owner, name)
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            self.entered.set()
+            await self.open.wait()
+            return await original(*args, **kwargs)
+
+        setattr(owner, name, gated)
+
+
+async def reached(gate: Gate, task: asyncio.Task) -> bool:
+    """Wait until ``task`` waits at ``gate`` (True) or finished without passing it (False)."""
+    entered = asyncio.ensure_future(gate.entered.wait())
+    await asyncio.wait({entered, task}, return_when=asyncio.FIRST_COMPLETED, timeout=15)
+    entered.cancel()
+    return gate.entered.is_set()
+
+
+@dataclass
+class Replicas:
+    brokers: list[Broker]
+    keys: Keys
+    subjects: Subjects
+    registry: AsyncTestClient
+    provider: dict[str, str]
+
+    async def pool(self, pool_id: str, units: int) -> None:
+        r = await self.registry.put(f"/v1/pools/{pool_id}", json=pool_body(units=units, units_per_node=units),
+                                    headers=self.provider)
+        assert r.status_code in (200, 201), r.text
+        for broker in self.brokers:
+            for _ in range(400):
+                if (state := broker.world.engine.get(pool_id)) is not None and state.capacity == units:
+                    break
+                await asyncio.sleep(0.025)
+            else:
+                raise AssertionError(f"replica never saw pool {pool_id}")
+
+    async def sees_free(self, broker: Broker, pool_id: str, free: int) -> None:
+        for _ in range(400):
+            if (state := broker.world.engine.get(pool_id)) is not None and state.free == free:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"replica never saw {free} free on {pool_id}")
+
+    async def leases_of(self, request_id: str) -> list[LeaseInfo]:
+        broker = self.brokers[0]
+        out = []
+        for name in ("t1", "t2", "t3"):
+            out += [lease for lease in await broker.leases.of_tenant(name) if lease.request_id == request_id]
+        return out
+
+
+@contextlib.asynccontextmanager
+async def replicas(settings: Settings, n: int = 2) -> AsyncIterator[Replicas]:
+    keys, subjects = Keys(settings.prefix), Subjects(settings.prefix)
+    async with AsyncTestClient(app=create_registry(settings)) as registry:
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        r = await registry.post("/v1/keys", json={"role": "provider", "subject": "acme"}, headers=admin)
+        provider = {"Authorization": f"Bearer {r.json()['key']}"}
+        opened = []
+        brokers = []
+        try:
+            for i in range(n):
+                nc = await connect(settings.nats_url, f"broker-{i}", no_echo=True)
+                redis = redis_connect(settings.redis_url)
+                js = nc.jetstream()
+                await ensure_streams(js, subjects)
+                opened.append((nc, redis))
+                world = World(nc, js, redis, keys, subjects)
+                await world.load()
+                await world.start()
+                broker = Broker(nc=nc, js=js, redis=redis, keys=keys, subjects=subjects, world=world,
+                                leases=LeaseStore(redis, keys))
+                await broker.sweep_and_rebuild()
+                brokers.append(broker)
+            yield Replicas(brokers, keys, subjects, registry, provider)
+        finally:
+            for nc, redis in opened:
+                await close_quietly(nc)
+                await redis.aclose()
+
+
+__all__ = ["REGION", "Gate", "Replicas", "reached", "replicas", "tenant"]

@@ -1,0 +1,263 @@
+"""Issue 11, reproductions 3, 4 and 5, laid out exactly with two broker replicas in the
+test's loop: one replica is stopped at a gate in its own code (just before it reserves)
+while the other side acts, then let go.
+
+* a cancel answered 200 while a queue pass was placing the same request;
+* two queue passes (the first outlived its lock) placing one queued request twice;
+* preemption ending its victims before it knows it can place, and two preemptors
+  picking the same victims;
+* a 202 "queued" whose only trace was an event JetStream never stored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from services.broker.domain.requests import ComputeRequest
+from services.broker.leases import LeaseStore
+from services.common.errors import BrokerError
+from services.common.messages import AllocEvent, LeaseInfo, LeasePreempted
+from services.common.nats_conn import ensure_streams
+
+from ..helpers import EventTap
+from .broker_replicas import REGION, Gate, reached, replicas, tenant
+
+pytestmark = pytest.mark.asyncio
+
+
+def body(**fields: object) -> ComputeRequest:
+    return msgspec.convert(fields, ComputeRequest)
+
+
+async def place(broker, name: str, **fields: object) -> tuple[int, dict]:  # noqa: ANN001
+    try:
+        status, view = await broker.place(tenant(name), body(**fields))
+    except BrokerError as exc:
+        return exc.status, {"detail": exc.detail}
+    return status, msgspec.to_builtins(view)
+
+
+async def queued_behind_a_full_pool(rs) -> tuple[str, str]:  # noqa: ANN001
+    """Pool ``p`` (8 units) full with t1's lease; t2's 4-unit request queued. Returns
+    (the full lease, the queued request)."""
+    a = rs.brokers[0]
+    await rs.pool("p", 8)
+    status, full = await place(a, "t1", units=8)
+    assert status == 201, full
+    status, queued = await place(a, "t2", units=4)
+    assert status == 202, queued
+    return full["leases"][0]["lease_id"], queued["request_id"]
+
+
+async def test_a_cancel_answered_200_is_never_placed(settings, nc) -> None:
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        full, request_id = await queued_behind_a_full_pool(rs)
+        await a.release(tenant("t1"), full)
+        gate = Gate(a.leases, "reserve_many")
+        passing = asyncio.create_task(a.run_queue())
+        assert await reached(gate, passing), "the queue pass did not try to place the request"
+        try:
+            view = await a.cancel(tenant("t2"), request_id)
+            cancelled = view.state == "cancelled"
+        except BrokerError as exc:
+            assert exc.status == 409 and "placing" in exc.detail, exc.detail
+            cancelled = False
+        gate.open.set()
+        await passing
+        record = await a.record(request_id)
+        leases = await rs.leases_of(request_id)
+        if cancelled:  # the caller was told it is cancelled: then it is, and holds nothing
+            assert record.state == "cancelled" and leases == [], (record.state, leases)
+        else:
+            assert record.state == "placed" and len(leases) == 1
+
+
+async def test_two_queue_passes_place_a_request_once(settings, nc, rds) -> None:
+    """The first pass outlives its lock (made to expire here, as a slow pass would); a
+    second replica's pass starts, and both reach the same queued request."""
+    async with replicas(settings, 2) as rs:
+        a, b = rs.brokers
+        full, request_id = await queued_behind_a_full_pool(rs)
+        await a.release(tenant("t1"), full)
+        await rs.sees_free(b, "p", 8)
+        gate = Gate(a.leases, "reserve_many")
+        first = asyncio.create_task(a.run_queue())
+        assert await reached(gate, first)
+        await rds.pexpire(rs.keys.lock("queue"), 1)
+        while await rds.exists(rs.keys.lock("queue")):
+            await asyncio.sleep(0.005)
+        await b.run_queue()
+        gate.open.set()
+        await first
+        leases = await rs.leases_of(request_id)
+        assert len(leases) == 1, [lease.lease_id for lease in leases]
+        assert int(await rds.hget(rs.keys.pool(REGION, "p"), "leased")) == 4
+        assert (await a.record(request_id)).state == "placed"
+
+
+async def test_preemption_ends_its_victims_only_for_its_own_placement(settings, nc, rds) -> None:
+    """While a preemptor has made room, a concurrent request (straight to the reservation
+    script) reaches for the same units: the victim must not end for nothing."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        status, victim = await place(a, "t1", units=8, billing="interruptible", priority=2)
+        assert status == 201
+        victim_id = victim["leases"][0]["lease_id"]
+        gate = Gate(a.leases, "reserve_many")
+        preempting = asyncio.create_task(place(a, "t2", units=8, queue=False))
+        now = datetime.now(UTC)
+        other = LeaseInfo(lease_id="lease-other", request_id="req-other", tenant="t3", pool_id="p",
+                          provider="acme", region=REGION, model="m", units=8, billing="on_demand",
+                          unit_price=Decimal(1), granted_at=now, expires_at=now + timedelta(hours=1))
+        await reached(gate, preempting)  # the old code stops here with its victim already ended
+        took, _ = await LeaseStore(a.redis, rs.keys).reserve(REGION, [other], (now + timedelta(hours=1)).timestamp())
+        gate.open.set()
+        status, placed = await preempting
+        victim_alive = await rds.exists(rs.keys.lease(REGION, victim_id))
+        assert victim_alive or status == 201, f"victim ended, yet the preemptor got {status}: {placed}"
+        assert not (took and status == 201)
+        assert int(await rds.hget(rs.keys.pool(REGION, "p"), "leased")) <= 8
+
+
+async def test_two_preemptors_never_end_a_victim_for_nothing(settings, nc, rds, subjects) -> None:
+    """Two replicas preempt at once on one pool held by two interruptible leases: one
+    wants both, the other one of them. Whatever the order, a preempted lease was ended
+    for a request that got placed."""
+    async with replicas(settings, 2) as rs, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        a, b = rs.brokers
+        for attempt in range(4):
+            pool = f"p{attempt}"
+            await rs.pool(pool, 8)
+            region_pool = {"accelerators": {"models": ["nvidia-a100-sxm-80gb"]}}
+            for _ in range(2):
+                status, _ = await place(a, "t1", units=4, billing="interruptible", priority=2, **region_pool)
+                assert status == 201
+            await rs.sees_free(b, pool, 0)
+            barrier, arrived = asyncio.Event(), []
+            for broker in (a, b):  # both read the same victims before either acts
+                original = broker.leases.interruptible
+
+                async def read_then_wait(region: str, original=original) -> list:
+                    found = await original(region)
+                    arrived.append(1)
+                    if len(arrived) >= 2:
+                        barrier.set()
+                    await asyncio.wait_for(barrier.wait(), 5)
+                    return found
+
+                broker.leases.interruptible = read_then_wait
+            (s_a, v_a), (s_b, v_b) = await asyncio.gather(place(a, "t2", units=8, queue=False),
+                                                          place(b, "t2", units=4, queue=False))
+            for broker in (a, b):
+                del broker.leases.interruptible
+            placed = {v["request_id"] for s, v in ((s_a, v_a), (s_b, v_b)) if s == 201}
+            with contextlib.suppress(AssertionError):
+                await alloc.wait_for(lambda e: False, timeout=0.3)  # the preemption notices arrive
+            for event in alloc.events:
+                if isinstance(event, LeasePreempted) and event.lease.pool_id == pool:
+                    assert event.by_request in placed, f"attempt {attempt}: {event.lease.lease_id} ended for " \
+                                                       f"{event.by_request}, which got {s_a}/{s_b}"
+            assert int(await rds.hget(rs.keys.pool(REGION, pool), "leased")) <= 8
+            # the next attempt on a fresh pool: this one is left full
+            for name in ("t1", "t2"):
+                for lease in await a.leases.of_tenant(name):
+                    await a.release(tenant(name), lease.lease_id)
+            await rs.registry.delete(f"/v1/pools/{pool}", headers=rs.provider)
+
+
+async def test_a_202_queued_survives_a_redis_loss(settings, nc, rds) -> None:
+    """JetStream does not store the request's events (its stream is gone for a moment):
+    a 202 may only be answered once the queued request is durable."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        js = nc.jetstream()
+        await js.delete_stream(rs.subjects.stream("request"))
+        status, view = await place(a, "t2", units=4)
+        await ensure_streams(js, rs.subjects)
+        assert status in (202, 503), view
+        if status == 503:  # told to retry: nothing of it may stay queued to be placed later
+            assert await rds.zcard(rs.keys.queue()) == 0
+            return
+        request_id = view["request_id"]
+        # the broker's request records lost (as in a Redis loss), then the rebuild
+        await rds.delete(rs.keys.request(request_id), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        record = await a.record(request_id)
+        assert record is not None and record.state == "queued", "the 202 queued request was lost"
+
+
+async def test_the_rebuild_restores_the_queued_requests_and_only_those(settings, nc, rds) -> None:
+    """After the request records are lost: a queued request comes back; a cancelled one
+    and one a queue pass placed do not (their events are acknowledged too)."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        full, placed_later = await queued_behind_a_full_pool(rs)
+        cancelled = (await place(a, "t2", units=4))[1]["request_id"]
+        waiting = (await place(a, "t2", units=8))[1]["request_id"]
+        await a.cancel(tenant("t2"), cancelled)
+        await a.release(tenant("t1"), full)
+        assert await a.run_queue() == 1  # the 4-unit request; the 8-unit one waits behind it
+        assert (await a.record(placed_later)).state == "placed"
+        lost = [rs.keys.request(i) for i in (placed_later, cancelled, waiting)]
+        await rds.delete(*lost, rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        assert (await a.record(waiting)).state == "queued"
+        assert await a.record(cancelled) is None and await a.record(placed_later) is None
+        assert await rds.zrange(rs.keys.queue(), 0, -1) == [waiting]
+
+
+async def test_cancel_answers_409_with_the_state_and_changes_nothing(settings, nc) -> None:
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        status, view = await place(a, "t1", units=2)
+        assert status == 201
+        with pytest.raises(BrokerError) as refused:
+            await a.cancel(tenant("t1"), view["request_id"])
+        assert refused.value.status == 409 and refused.value.extra["state"] == "placed"
+        assert (await a.record(view["request_id"])).state == "placed"
+        assert len(await rs.leases_of(view["request_id"])) == 1
+
+
+async def test_a_lock_outlived_by_its_holder_is_not_released_by_it(settings, rds) -> None:
+    from services.broker.locks import OwnedLock
+
+    key = f"{settings.prefix}:lock:queue"
+    first, second = OwnedLock(rds, key, 10_000), OwnedLock(rds, key, 10_000)
+    slow = await first.acquire()
+    assert slow and await second.acquire() is None
+    await rds.pexpire(key, 1)  # the first holder's pass outlives its lock
+    while await rds.exists(key):
+        await asyncio.sleep(0.005)
+    fresh = await second.acquire()
+    assert fresh and not await first.release(slow)  # the late holder cannot delete the new lock
+    assert await rds.get(key) == fresh
+    assert await second.release(fresh) and not await rds.exists(key)
+
+
+async def test_a_request_durable_but_not_written_to_redis_is_taken_back(settings, nc, rds) -> None:
+    """Redis refuses the queue's writes (here: its fair-share key holds a wrong type)
+    after the queued event was acknowledged: 503, and the record takes it back, so a
+    rebuild does not place it for a client that was told to retry."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        await rds.set(rs.keys.tenant_vtime(), "not a hash")
+        status, _ = await place(a, "t2", units=4)
+        assert status == 503
+        await rds.delete(rs.keys.tenant_vtime(), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+            await rds.delete(key)
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 0
