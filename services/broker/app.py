@@ -39,6 +39,8 @@ from services.common.settings import Settings, settings_from_env
 from services.common.subjects import BILLING, CAPACITY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
+from .idempotency import IDEMPOTENCY_MARGIN_S, Keyring
+from .key_grants import LeaseGrants
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
 from .service import Broker
@@ -129,6 +131,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
+        app.state.placement_timeout_s = settings.placement_timeout_s
+        app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket("idempotency"),
+                                                                          settings.stream_replicas),
+                                    LeaseGrants(broker), stale_s=settings.placement_timeout_s + IDEMPOTENCY_MARGIN_S)
         app.state.update(nc=nc, redis=redis, subjects=subjects)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())

@@ -52,6 +52,7 @@ from services.common.redis_conn import is_cluster
 from services.common.tracing import nats_headers
 from services.common.subjects import Subjects
 
+from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, to_ask
 from .leases import PENDING_S, Ended, LeaseStore, Reservation, by_region, missing_leases
 from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
@@ -105,6 +106,7 @@ class Broker:
         self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
+        self._rollbacks: set[asyncio.Task] = set()  # late grants being undone (``_roll_back_late``)
 
     # --- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -186,6 +188,7 @@ class Broker:
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
+            await before_grant(leases)  # an idempotency key names them first (a recovery point)
             groups = [(region, group, expires) for region, group in by_region(leases).items()]
             done: list[LeaseInfo] = []
             failure: Exception | None = None
@@ -241,8 +244,26 @@ class Broker:
                                      if not isinstance(r, BaseException)])
                 raise Unavailable("the event store did not acknowledge the grant; nothing was reserved") from failed
             return True
+        except asyncio.CancelledError:
+            self._roll_back_late(leases)
+            raise
         finally:
             self.world.settle(allocations, truth)
+
+    def _roll_back_late(self, leases: list[LeaseInfo]) -> None:
+        """The placement's deadline passed mid-grant (its client hears 503): whatever step
+        the grant reached is undone (units given back, the lease ended in the durable
+        record at its grant time: nothing billed), never confirmed late. In the
+        background, so that the answer is not held up by a store that is not answering;
+        a reservation or confirmation of this grant still in flight meets a lease that
+        is gone (or is ended after it)."""
+        async def undo() -> None:
+            await self._undo(leases)
+            await self._retract(leases)
+
+        task = asyncio.create_task(undo())
+        self._rollbacks.add(task)
+        task.add_done_callback(self._rollbacks.discard)
 
     async def _reserve_batch(self, items: list[list[Reservation]]) -> list[list[tuple[bool, list[int]] | Exception]]:
         """The reservations of concurrent placements in one pipelined round trip."""
@@ -410,12 +431,14 @@ class Broker:
                     n += 1
         return n
 
-    async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
+    async def place(self, principal: Principal, body: ComputeRequest,
+                    request_id: str | None = None) -> tuple[int, RequestView]:
+        """``request_id``: the one an idempotency key claimed for this placement."""
         tenant = self.tenant_of(principal)
         self._check_budget(tenant)
         ask = self.ask_for(body)  # validate before anything happens
         now = self.clock()
-        request_id = new_id("req")
+        request_id = request_id or new_id("req")
         record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
                                updated_at=now, body=body)
         await self._publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,

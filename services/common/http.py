@@ -37,8 +37,10 @@ PROBLEM = "application/problem+json"
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if status == 429 and "retry_after" in extra:
+    if "retry_after" in extra:  # 429 over a rate limit, 409 a key in progress, 503 a store not answering
         headers = {"Retry-After": str(extra["retry_after"])}
+    elif status == 503:
+        headers = {"Retry-After": "1"}
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 

@@ -33,6 +33,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_max_connections: int = 64
     topology_file: str | None = None
     log_level: str = "info"
+    placement_timeout_s: float = 4.0  # broker: a placement not done by then answers 503 and grants nothing
     budget_grace_s: float = 300.0  # broker: revoke pay-as-you-go leases this long after a budget runs out
     workers: int = 1  # HTTP worker processes per service (uvicorn); replicas share state via NATS/Redis
     # --- clustered engines (docs/decisions.md, "Cluster mode") ---
