@@ -316,11 +316,35 @@ class Keyring:
         finally:
             _current.reset(token)
         if not await self.finish(claim, Answer(status=status, body=body)):
-            # a retry took the key over (this placement outlived its deadline): it decides
-            # whether these grants are answered or rolled back
-            raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
-                              retry_after=1)
+            return await self._superseded(claim)
         return status, body
+
+    async def _superseded(self, claim: Claim) -> tuple[int, bytes]:
+        """This placement outlived its deadline and a retry took the key over. While the
+        key still names this placement's request id, the new owner is deciding about its
+        leases (it answers them if they are live, or ends them). Once it names another
+        request id (or answered another), these leases were not taken: they end here.
+        If it answered them, that answer is this one."""
+        found = await self._current(claim)
+        if found is not None and found.request_id == claim.request_id:
+            if found.state == "done" and found.answer is not None:
+                return found.answer.give()
+        elif claim.named:
+            await self.grants.roll_back(claim.named)
+        raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer", retry_after=1)
+
+    async def _current(self, claim: Claim) -> Durable | None:
+        """The key as its durable record (or, without one, Redis) has it now."""
+        if self.kv is not None:
+            try:
+                return _durable.decode((await self.kv.get(claim.entry)).value)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+        state, request_id, answer = await self.redis.hmget(claim.slot, "state", "request_id", "answer")
+        if state is None:
+            return None
+        return Durable(digest=claim.digest, request_id=_s(request_id), state=_s(state),
+                       answer=_answer.decode(answer) if answer else None)
 
     async def _roll_back(self, claim: Claim) -> None:
         """The placement failed (5xx, its deadline, a crash of this task): what it named is
