@@ -36,7 +36,7 @@ from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import BILLING, CAPACITY, Subjects
+from services.common.subjects import BILLING, CAPACITY, IDEMPOTENCY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
 from .idempotency import IDEMPOTENCY_MARGIN_S, Keyring
@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
         app.state.placement_timeout_s = settings.placement_timeout_s
-        app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket("idempotency"),
+        app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket(IDEMPOTENCY),
                                                                           settings.stream_replicas),
                                     LeaseGrants(broker), stale_s=settings.placement_timeout_s + IDEMPOTENCY_MARGIN_S)
         app.state.update(nc=nc, redis=redis, subjects=subjects)

@@ -20,11 +20,11 @@ if state == 'pending' then
   local age = now - (tonumber(f[3]) or 0)
   if age < tonumber(ARGV[5]) then return {'busy', tostring(tonumber(ARGV[5]) - age)} end
   redis.call('HSET', h, 'token', ARGV[3], 'since', now, 'version', version + 1)
-  redis.call('EXPIRE', h, ARGV[6])
+  redis.call('PEXPIRE', h, tonumber(ARGV[6]) * 1000)
   return {'stale', version + 1, f[4] or '', f[7] or '[]'}
 end
 redis.call('HSET', h, 'state', 'pending', 'digest', ARGV[1], 'request_id', ARGV[2], 'token', ARGV[3],
   'since', now, 'version', version + 1, 'leases', '[]')
 redis.call('HDEL', h, 'answer')
-redis.call('EXPIRE', h, ARGV[6])
+redis.call('PEXPIRE', h, tonumber(ARGV[6]) * 1000)
 return {'claimed', version + 1}

@@ -15,5 +15,5 @@ else
   redis.call('HSET', KEYS[1], 'state', 'rolled_back', 'leases', '[]', 'version', (tonumber(f[3]) or 0) + 1)
 end
 redis.call('HDEL', KEYS[1], 'token')
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) * 1000)
 return 1
