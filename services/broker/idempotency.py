@@ -87,6 +87,9 @@ class Grants(Protocol):
     async def roll_back(self, named: Named) -> None:
         """End every named lease still live, in the durable record at its grant time."""
 
+    async def queued(self, request_id: str) -> tuple[int, bytes] | None:
+        """The 202 of a request that went to the queue (it names no leases), if it did."""
+
 
 Place = Callable[[str], Awaitable[tuple[int, bytes]]]  # request id -> (status, body)
 Adopt = Callable[[str, list[LeaseInfo]], Awaitable[tuple[int, bytes]]]  # request id, its leases -> 201
@@ -203,13 +206,18 @@ class Keyring:
         return durable or bool(done)
 
     # --- one idempotent placement ------------------------------------------------------------
-    async def run(self, tenant: str, key: str, body: bytes, place: Place, adopt: Adopt) -> tuple[int, bytes]:
+    def new_claim(self, tenant: str, key: str, body: bytes) -> Claim:
+        """A claim about to be made: where the key lives (Redis, KV), its body's digest,
+        a fresh token and request id."""
         if not key or len(key) > 255:
             raise BadRequest("Idempotency-Key must be 1-255 characters")
         key_hash = hashlib.sha256(key.encode()).hexdigest()
-        claim = Claim(self, self.keys.idempotency(tenant, key_hash),
-                      f"{hashlib.sha256(tenant.encode()).hexdigest()[:16]}.{key_hash}",
-                      hashlib.sha256(body).hexdigest(), new_id("claim"), new_id("req"), self.clock())
+        return Claim(self, self.keys.idempotency(tenant, key_hash),
+                     f"{hashlib.sha256(tenant.encode()).hexdigest()[:16]}.{key_hash}",
+                     hashlib.sha256(body).hexdigest(), new_id("claim"), new_id("req"), self.clock())
+
+    async def run(self, tenant: str, key: str, body: bytes, place: Place, adopt: Adopt) -> tuple[int, bytes]:
+        claim = self.new_claim(tenant, key, body)
         got = await self.claim(claim.slot, claim.digest, claim.request_id, claim.token)
         kind = got[0]
         if kind == "mismatch":
@@ -277,7 +285,16 @@ class Keyring:
 
     async def _recover(self, claim: Claim, request_id: str, named: Named, adopt: Adopt) -> tuple[int, bytes] | None:
         """The previous owner is past its deadline: answer what it granted if all of it is
-        live and confirmed (resume), else end whatever of it is live (roll back)."""
+        live and confirmed (resume), else end whatever of it is live (roll back). A
+        placement that named nothing may have queued its request: that is its answer."""
+        if not named and request_id:
+            queued = await self.grants.queued(request_id)
+            if queued is not None:
+                claim.request_id = request_id
+                if not await self.finish(claim, Answer(status=queued[0], body=queued[1])):
+                    raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
+                                      retry_after=1)
+                return queued
         if named:
             claim.request_id, claim.named = request_id, named
             leases = await self.grants.live(named)

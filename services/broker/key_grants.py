@@ -56,6 +56,16 @@ class LeaseGrants:
                 await self.broker._ended(LeaseLost, ended, lease.granted_at, reason=ROLLED_BACK)
 
 
+    async def queued(self, request_id: str) -> tuple[int, bytes] | None:
+        """A request that went to the queue names no leases: its record says so (queued,
+        or placed since by a queue pass, or cancelled). Its answer was a 202."""
+        record = await self.broker.record(request_id)
+        if record is None or not (record.state in ("queued", "cancelled") or
+                                  (record.state == "placed" and record.lease_ids)):
+            return None
+        return 202, msgspec.json.encode(await self.broker.view(record))
+
+
 async def adopt(broker: Broker, tenant: str, body: ComputeRequest, request_id: str,
                 leases: list[LeaseInfo]) -> tuple[int, bytes]:
     """The 201 of a placement whose broker granted ``leases`` and died (or missed its

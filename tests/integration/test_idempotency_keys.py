@@ -25,10 +25,13 @@ import msgspec
 
 from services.cli.audit import read_alloc
 from services.cli.servers import ServerProcess, start_nats
+from services.broker.domain.requests import ComputeRequest
+from services.broker.idempotency import Keyring
+from services.common.keys import Keys
 from services.common.messages import LeaseGranted, LeaseLost
 from services.common.nats_conn import connect, ensure_streams
 from services.common.settings import Settings
-from services.common.subjects import Subjects
+from services.common.subjects import IDEMPOTENCY, Subjects
 
 from ..helpers import eventually
 from ..procs import service_process
@@ -218,3 +221,32 @@ async def test_key_of_a_broker_killed_mid_request_gets_an_answer(settings: Setti
                     events = await _alloc_events(server.url, s.prefix)
                     _unbilled(events, {e.lease.lease_id for e in events if isinstance(e, LeaseGranted)} - answered)
 
+
+
+async def test_key_of_a_queued_request_whose_broker_died_answers_202(settings: Settings, nc, rds) -> None:
+    """The broker queued the request and died before recording the answer: the retry,
+    once the key is stale, answers that 202 (one queued request), not a second one."""
+    s = msgspec.structs.replace(settings, placement_timeout_s=1.0)  # stale 3 s after the claim
+    async with broker_world(s, POOLS) as w:
+        assert (await w.request("t1", {"units": 30})).status_code == 201
+        body = {"units": 8, "queue": True}
+        queued = await w.request("t1", body)
+        assert queued.status_code == 202, queued.text
+        request_id = queued.json()["request_id"]
+        # what the dead broker left: the key claimed, naming that request, never finished
+        kv = await Keyring.open_bucket(nc, Subjects(s.prefix).bucket(IDEMPOTENCY))
+        keyring = Keyring(rds, Keys(s.prefix), kv, grants=None, stale_s=3.0)  # type: ignore[arg-type]
+        claim = keyring.new_claim("t1", "queued-then-died", msgspec.json.encode(msgspec.convert(body, ComputeRequest)))
+        claim.request_id = request_id
+        assert (await keyring.claim(claim.slot, claim.digest, request_id, claim.token))[0] == "claimed"
+        await kv.create(claim.entry, claim.durable())
+        h = {"Idempotency-Key": "queued-then-died"}
+        assert (await w.request("t1", body, headers=h)).status_code == 409  # its owner may still be running
+
+        async def answered() -> httpx.Response | None:
+            r = await w.request("t1", body, headers=h)
+            return r if r.status_code != 409 else None
+
+        r = await eventually(answered, timeout=10, every=0.5)
+        assert r.status_code == 202 and r.json()["request_id"] == request_id, r.text
+        assert await rds.zcard(Keys(s.prefix).queue()) == 1

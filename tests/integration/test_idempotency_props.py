@@ -105,6 +105,9 @@ class Harness:
         self.granted: dict[str, LeaseInfo] = {}
         self.lost_at_grant: set[str] = set()
 
+    async def record(self, request_id: str) -> None:
+        return None  # this model's placements never queue
+
     async def _ended(self, kind: type, ended, at: datetime, **extra: object) -> None:  # noqa: ANN001
         assert at == ended.lease.granted_at, "a rollback ends a lease at its grant time"
         self.lost_at_grant.add(ended.lease.lease_id)
