@@ -227,8 +227,9 @@ class Keyring:
         if kind == "busy":
             raise self._busy(int(got[1]) / 1000)
         previous: tuple[str, Named] | None = None
-        if kind == "stale":
-            previous = (_s(got[2]), _named.decode(got[3]))
+        if kind == "stale":  # until recovered, both copies go on naming what the dead owner named
+            previous = (_s(got[2]), [tuple(n) for n in _named.decode(got[3])])  # type: ignore[misc]
+            claim.request_id, claim.named = previous[0], list(previous[1])
         found = await self._durable_claim(claim, previous)
         if isinstance(found, Answer):
             return found.give()
@@ -273,9 +274,11 @@ class Keyring:
         if found.state == "pending" and previous is None and self.clock() - found.since < self.stale_s:
             await self._release(claim)
             raise self._busy(self.stale_s - (self.clock() - found.since))
-        if found.state == "pending":  # abandoned: what either copy named is recovered
+        if found.state == "pending":  # abandoned: what either copy named stays named until recovered
             named = list(dict.fromkeys([*(previous[1] if previous else []), *(tuple(n) for n in found.leases)]))
-            previous = (previous[0] if previous and previous[0] else found.request_id, named)  # type: ignore[assignment]
+            previous = (found.request_id, named)  # type: ignore[assignment]
+            claim.request_id, claim.named = found.request_id, named  # type: ignore[assignment]
+            await self._name(keys=[claim.slot], args=[claim.token, claim.request_id, _encode(named)])
         try:  # taken over, fenced by the revision
             claim.revision = await self.kv.update(claim.entry, claim.durable(), last=entry.revision)
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -299,6 +302,8 @@ class Keyring:
             claim.request_id, claim.named = request_id, named
             leases = await self.grants.live(named)
             if leases is not None:
+                # the request id the leases were granted under (a copy may name a later one)
+                claim.request_id = request_id = leases[0].request_id
                 status, body = await adopt(request_id, leases)
                 if not await self.finish(claim, Answer(status=status, body=body)):
                     raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
