@@ -85,7 +85,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # makes them (reservation replies, ``free_after``); the allocation stream's copy
         # of them would only cost it a decode each. Other replicas' events still arrive.
         nc = await connect(settings.nats_url, "broker", no_echo=True)
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster,
+                              timeout=settings.redis_timeout_s)
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
         world = World(nc, js, redis, keys, subjects)

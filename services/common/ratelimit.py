@@ -57,6 +57,9 @@ class Seen:
 _UNCOUNTED = Seen(0, 0, True)
 
 
+WAIT_S = 0.5  # a guard, not a gate: a request is never held longer than this by a Redis that stalls
+
+
 class RateLimiter:
     """``limit`` requests per ``window_s`` per API key (``limit`` 0: no limit, but the
     key is still checked)."""
@@ -82,7 +85,11 @@ class RateLimiter:
         self._pending.setdefault(principal, []).append(future)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
-        seen = await future
+        try:
+            async with asyncio.timeout(WAIT_S):
+                seen = await future
+        except TimeoutError:  # Redis is not answering: let it through, the handler fails fast on its own
+            return True
         if self.limit > 0 and seen.count > self.limit:
             retry = max(1, math.ceil(seen.ttl_ms / 1000))
             raise TooManyRequests(f"more than {self.limit} requests in {self.window_ms / 1000:g} s with this key; "

@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_requests: int = 20_000  # per API key per window, across all replicas; 0 = no limit
     rate_limit_window_s: float = 1.0
     redis_max_connections: int = 64
+    redis_timeout_s: float = 2.0  # broker: a Redis command not answered by then fails (503) instead of hanging
     topology_file: str | None = None
     log_level: str = "info"
     placement_timeout_s: float = 4.0  # broker: a placement not done by then answers 503 and grants nothing
