@@ -26,7 +26,6 @@ from importlib import resources
 from typing import Protocol
 
 import msgspec
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
@@ -109,7 +108,7 @@ class Claim:
     since: float
     revision: int = 0
     named: Named = field(default_factory=list)
-    kv_ok: bool = True  # False once the durable record could not be written (the claim is Redis-only)
+    kv_ok: bool = True  # False when the durable record already holds the answer (nothing more to write there)
 
     def durable(self, state: str = "pending", answer: Answer | None = None) -> bytes:
         return _encode(Durable(digest=self.digest, request_id=self.request_id, state=state, since=self.since,
@@ -122,8 +121,12 @@ class Claim:
         failed after its grant was published fails the whole placement."""
         named = [(lease.region, lease.lease_id) for lease in leases]
         if not await self.keyring.name(self, named):
-            raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
-                              retry_after=1)
+            raise taken_over()
+
+
+def taken_over() -> Unavailable:
+    return Unavailable("this Idempotency-Key was taken over by a retry (this placement outlived its deadline); "
+                       "retry to get its answer", retry_after=1)
 
 
 _current: contextvars.ContextVar[Claim | None] = contextvars.ContextVar("idempotency_claim", default=None)
@@ -295,8 +298,7 @@ class Keyring:
             if queued is not None:
                 claim.request_id = request_id
                 if not await self.finish(claim, Answer(status=queued[0], body=queued[1])):
-                    raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
-                                      retry_after=1)
+                    raise taken_over()
                 return queued
         if named:
             claim.request_id, claim.named = request_id, named
@@ -306,8 +308,7 @@ class Keyring:
                 claim.request_id = request_id = leases[0].request_id
                 status, body = await adopt(request_id, leases)
                 if not await self.finish(claim, Answer(status=status, body=body)):
-                    raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
-                                      retry_after=1)
+                    raise taken_over()
                 log.warning("idempotent request %s resumed after its broker's deadline: %d leases answered",
                             request_id, len(leases))
                 return status, body
@@ -316,7 +317,7 @@ class Keyring:
         claim.named = []
         claim.request_id = new_id("req")
         if not await self.name(claim, []):
-            raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer", retry_after=1)
+            raise taken_over()
         return None
 
     async def _place(self, claim: Claim, place: Place) -> tuple[int, bytes]:
@@ -329,8 +330,7 @@ class Keyring:
                 raise
             error = {"detail": exc.detail, "title": exc.title, "extra": exc.extra}
             if not await self.finish(claim, Answer(status=exc.status, error=error)):
-                raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer",
-                                  retry_after=1) from exc
+                raise taken_over() from exc
             raise
         except BaseException:
             await self._roll_back(claim)
@@ -353,7 +353,7 @@ class Keyring:
                 return found.answer.give()
         elif claim.named:
             await self.grants.roll_back(claim.named)
-        raise Unavailable("this Idempotency-Key was taken over by a retry; retry to get its answer", retry_after=1)
+        raise taken_over()
 
     async def _current(self, claim: Claim) -> Durable | None:
         """The key as its durable record (or, without one, Redis) has it now."""
