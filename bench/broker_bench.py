@@ -14,7 +14,7 @@ after a warm-up of each), so that a slow spell of the machine falls on both side
 the ratio is taken over the totals and per round. Every 201 counted is a placement whose
 grant JetStream acknowledged; the run checks the allocation stream holds one grant per 201.
 Targets: placements/s >= 0.5 x floor req/s; p99 <= 50 ms. ``--write`` appends the printed
-lines to docs/benchmarks.md.
+lines to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1, help="uvicorn workers for the broker and the floor app")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
 
     rng = random.Random(20261125)

@@ -19,7 +19,7 @@ constraint; the same request bodies everywhere) from the raw load generator
 ``--rounds`` slices taken in turns, so that the machine's other load (the cores are shared)
 hits every set-up alike. Prints placements/s (201s), p50/p99, the broker's CPU and the
 durability check (grant events in the allocation stream = 201s). ``--write`` appends the
-printed lines to docs/benchmarks.md. The engines run on the same machine as the broker and
+printed lines to docs/benchmarks-log.md. The engines run on the same machine as the broker and
 the load generator: the cluster's six server processes compete with them for CPU.
 """
 
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="measured slices per set-up, taken in turns")
     ap.add_argument("--mixed", action="store_true",
                     help="also run NATS cluster + single Redis and single NATS + Redis Cluster (where the cost is)")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
     say = lines = Lines()  # printed as it goes, kept for --write
 

@@ -2,7 +2,7 @@
 
     python bench/fault_report.py            # run tests/faults/test_fault_suite.py, then print
     python bench/fault_report.py --no-run   # print what the last run wrote
-    python bench/fault_report.py --write    # ... and append the table to docs/benchmarks.md
+    python bench/fault_report.py --write    # ... and append the table to docs/benchmarks-log.md
 
 The suite writes its measurements to ``$CB_FAULT_REPORT`` (default
 ``.cbroker/fault-recovery.json``): for each fault, seconds from the fault until the
@@ -41,7 +41,7 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-run", action="store_true", help="print the last run's report only")
-    ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the table to docs/benchmarks-log.md")
     args = ap.parse_args()
     if not args.no_run:
         code = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/faults/test_fault_suite.py",

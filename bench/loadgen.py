@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _CL = re.compile(rb"content-length:\s*(\d+)", re.I)
+_RETRY_AFTER = re.compile(rb"retry-after:\s*(\d+)", re.I)
 
 
 def request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
@@ -31,6 +32,7 @@ class Result:
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    by_status: dict[int, list[float]] = field(default_factory=dict)  # the same latencies, per status
 
     def absorb(self, other: Result) -> None:
         """Count ``other`` (another round or connection set) into this one."""
@@ -38,6 +40,8 @@ class Result:
         self.errors += other.errors
         self.seconds += other.seconds
         self.latencies += other.latencies
+        for status, xs in other.by_status.items():
+            self.by_status.setdefault(status, []).extend(xs)
         for status, n in other.statuses.items():
             self.statuses[status] = self.statuses.get(status, 0) + n
 
@@ -45,10 +49,11 @@ class Result:
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
-    def pct(self, p: float) -> float:
-        if not self.latencies:
+    def pct(self, p: float, status: int | None = None) -> float:
+        """The ``p``-th percentile latency in ms, of every answer or of those with ``status``."""
+        xs = sorted(self.latencies if status is None else self.by_status.get(status, []))
+        if not xs:
             return float("nan")
-        xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000
 
     def summary(self) -> str:
@@ -58,7 +63,9 @@ class Result:
 
 
 async def run(port: int, make: Callable[[int], bytes], *, connections: int, seconds: float,
-              max_requests: int = 10_000_000) -> Result:
+              max_requests: int = 10_000_000, honour_retry_after: bool = False) -> Result:
+    """``honour_retry_after``: a connection told to come back later (a 429 or 503 with
+    Retry-After) waits that long before its next request, as a well-behaved client does."""
     result = Result()
     counter = iter(range(max_requests))
     deadline = time.perf_counter() + seconds
@@ -77,11 +84,15 @@ async def run(port: int, make: Callable[[int], bytes], *, connections: int, seco
                 if m:
                     await reader.readexactly(int(m.group(1)))
                 status = int(head[9:12])
-                result.latencies.append(time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                result.latencies.append(took)
+                result.by_status.setdefault(status, []).append(took)
                 result.statuses[status] = result.statuses.get(status, 0) + 1
                 result.requests += 1
                 if status >= 400:
                     result.errors += 1
+                if honour_retry_after and status in (429, 503) and (wait := _RETRY_AFTER.search(head)):
+                    await asyncio.sleep(min(int(wait.group(1)), max(0.0, deadline - time.perf_counter())))
         finally:
             writer.close()
 

@@ -19,7 +19,7 @@ is restarted, rebuilds its aggregate from the stream, and ``GET /v1/invoices/{pe
 is timed over HTTP.
 
 Targets (issue 4): >= 20,000 events/s; invoice over 1,000,000 entries <= 1 s.
-``--write`` appends the printed lines to docs/benchmarks.md.
+``--write`` appends the printed lines to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from services.common.messages import LeaseExpired, LeaseGranted, LeaseInfo, Leas
 from services.common.nats_conn import connect, ensure_streams  # noqa: E402
 from services.common.settings import Settings, settings_to_env  # noqa: E402
 from services.common.subjects import Subjects  # noqa: E402
-from services.meter.jspub import Publisher  # noqa: E402
+from services.common.jetstream import Publisher  # noqa: E402
 from services.meter.ledger import encode, ensure_ledger  # noqa: E402
 from services.meter.model import LedgerEntry  # noqa: E402
 from services.common.subjects import MeterNames  # noqa: E402
@@ -95,9 +95,9 @@ def alloc_events(n: int, rng: random.Random) -> list:
     return out
 
 
-async def publish(js, items: list[tuple[str, bytes, str]], window: int = 2000) -> float:  # noqa: ANN001
+async def publish(nc, items: list[tuple[str, bytes, str]], window: int = 2000) -> float:  # noqa: ANN001
     """Pipelined, every ack awaited (the meter's own publisher)."""
-    publisher = Publisher(js._nc, timeout=60)
+    publisher = Publisher(nc, timeout=60)
     await publisher.start()
     t0 = time.perf_counter()
     for k in range(0, len(items), window):
@@ -114,7 +114,7 @@ async def ingest(settings: Settings, svc: ServiceProcess, n: int, say, nats_pid:
     js = nc.jetstream()
     await ensure_streams(js, subjects)
     events = alloc_events(n, random.Random(7))
-    took = await publish(js, [(subjects.alloc(e.lease.region, e.lease.tenant), msgspec.json.encode(e), e.id)
+    took = await publish(nc, [(subjects.alloc(e.lease.region, e.lease.tenant), msgspec.json.encode(e), e.id)
                               for e in events])
     say(f"backlog: {len(events):,} allocation events ({len(events) / took:,.0f}/s) published in {took:.1f}s")
     total = len(events)
@@ -183,8 +183,8 @@ async def invoice(settings: Settings, svc: ServiceProcess, n: int, say) -> None:
                         period=period, start=start, end=start + timedelta(seconds=600), units=1,
                         seconds=Decimal(600), quantity=Decimal("0.166667"), unit_price=Decimal("2.49"),
                         currency="USD", amount=Decimal("0.42"), posted_at=start + timedelta(seconds=600))
-        items.append((names.ledger("big"), encode(e), e.id))
-    took = await publish(js, items, window=5000)
+        items.append((names.ledger("big", e.id), encode(e), e.id))
+    took = await publish(nc, items, window=5000)
     say(f"ledger: {n:,} entries of tenant 'big' appended in {took:.1f}s")
     t0 = time.perf_counter()
     svc.start()
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2],
                     help="meter processes (uvicorn workers) for the ingest runs")
     ap.add_argument("--skip-invoice", action="store_true")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cb-meter-bench-"))

@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=25.0, help="HiGHS seconds per batch")
     ap.add_argument("--batch-budget", type=float, default=60.0,
                     help="time cap of the batch mode per batch (it normally stops earlier: fixed rounds)")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t_start = time.perf_counter()

@@ -9,7 +9,7 @@ allocation stream (publishing 50,000 through the HTTP API would measure the clie
 Then Redis is flushed (FLUSHALL) and the clock runs until the registry has put the
 pools back, the broker has restored every lease, and a placement succeeds again; the
 auditor then checks the rebuilt state. Target (issue 6): rebuilt and placing within
-10 s. ``--write`` appends the numbers to docs/benchmarks.md.
+10 s. ``--write`` appends the numbers to docs/benchmarks-log.md.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pools", type=int, default=10_000)
     ap.add_argument("--leases", type=int, default=50_000)
-    ap.add_argument("--write", action="store_true", help="append the numbers to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the numbers to docs/benchmarks-log.md")
     args = ap.parse_args()
     say = lines = Lines()  # printed as it goes, kept for --write
 

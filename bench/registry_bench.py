@@ -3,7 +3,7 @@
     python bench/registry_bench.py [--pools 10000] [--seconds 10]
 
 Starts its own nats-server, redis-server and registry process (uvicorn, real HTTP) in a
-temporary folder, prints the numbers and appends them to docs/benchmarks.md with
+temporary folder, prints the numbers and appends them to docs/benchmarks-log.md with
 ``--write``. Targets (issue 2): import of 10,000 pools <= 10 s; >= 5,000 heartbeats/s.
 """
 
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1, help="registry worker processes")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cb-bench-"))

@@ -1,5 +1,5 @@
 """Where the benchmarks put what they measured: printed as they go, and with ``--write``
-a section appended to docs/benchmarks.md (the heading names the date and the command)."""
+a section appended to docs/benchmarks-log.md (the heading names the date and the command)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-log.md"
 
 
 class Lines(list[str]):

@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shrink", type=float, default=0.01,
                     help="fraction of nodes kept in the shrunk scenario (0: skip it)")
     ap.add_argument("--policies", default="engine,best-fit,first-fit,random-fit")
-    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks.md")
+    ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args(argv)
     which = [p.strip() for p in args.policies.split(",") if p.strip()]
     t_start = time.perf_counter()

@@ -110,11 +110,12 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     )
     idempotency = kv_stream(s.bucket(IDEMPOTENCY))  # the broker's own bucket
     broker = NatsUser(
-        "broker", "allocation and request events, idempotency keys; reads capacity, billing, pools and keys",
+        "broker", "allocation and request events, idempotency keys; reads capacity, billing, pools, keys and regions",
         publish=base_pub + manage(idempotency)
         + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*"), f"$KV.{s.bucket(IDEMPOTENCY)}.>"]
-        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), buckets["pools"], buckets["keys"], idempotency)
-           for p in read(st)],
+        + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
+                        buckets["regions"], idempotency)
+           for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
     meter_buckets = [m.accounts, m.invoices, m.budgets]
@@ -237,7 +238,8 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
     pool = [k.pool("*", "*"), k.region_pools("*"), k.heartbeats("*")]  # shared by registry and broker
     registry = RedisUser(
         "registry", "pools, heartbeats and the pool index; API-key cache",
-        keys=pool + [k.pool_index(), k.regions(), k.rebuilt_marker("registry"), *every],
+        keys=pool + [k.pool_leases("*", "*"), k.removed_pools("*"), k.pool_index(), k.regions(),
+                     k.rebuilt_marker("registry"), *every],
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore"],

@@ -167,7 +167,7 @@ def _free_port_pair(low: int = 20000, high: int = 55535) -> int:
 def start_redis_cluster(base: Path, masters: int = 3) -> RedisCluster:
     """``masters`` cluster-enabled redis-servers, slots split evenly, joined with
     CLUSTER MEET (no redis-cli needed). No replicas: Redis holds live state only and is
-    rebuilt from JetStream when lost (DESIGN.md), so the tests need shards, not copies."""
+    rebuilt from JetStream when lost (docs/design.md), so the tests need shards, not copies."""
     binary = find_binary("redis-server")
     nodes: list[ServerProcess] = []
     try:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from services.common.http import AuthedRequest, raw_header
@@ -38,7 +39,8 @@ class RequestController(Controller):
     tags = ["requests"]
 
     @post("/", summary="Ask for compute: 201 placed, 202 queued, 422 never placeable",
-          responses=None)
+          responses={201: ResponseSpec(RequestView, description="Placed: the request with its leases"),
+                     202: ResponseSpec(RequestView, description="Queued: its position and estimated wait")})
     async def create(self, request: AuthedRequest, data: ComputeRequest) -> Response[bytes]:
         broker = broker_of(request)
         tenant = broker.tenant_of(request.user)

@@ -7,7 +7,7 @@ import gc
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Litestar, get
@@ -30,19 +30,20 @@ from services.common.messages import (
     PoolRemoved,
     PoolUpdated,
 )
-from services.common.lifecycle import relax_gc, stop_tasks
+from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import BILLING, CAPACITY, IDEMPOTENCY, Subjects
+from services.common.subjects import BILLING, IDEMPOTENCY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
 from .idempotency import IDEMPOTENCY_MARGIN_S, Keyring
 from .key_grants import LeaseGrants
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
+from .pool_loss import PoolLossFeed
 from .service import Broker
 from .world import World
 
@@ -52,23 +53,6 @@ log = logging.getLogger("broker")
 @get("/health", tags=["ops"], summary="The process is alive")
 async def health() -> dict[str, object]:
     return {"status": "ok", "service": "broker", "pid": os.getpid()}
-
-
-async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]],
-                 kick: asyncio.Event | None = None) -> None:
-    while True:
-        try:
-            await fn()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # keep going through a NATS/Redis blip
-            log.exception("%s failed", what)
-        if kick is None:
-            await asyncio.sleep(interval)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), interval)
-            kick.clear()
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -109,16 +93,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         world.on_alloc = on_alloc  # type: ignore[method-assign]
         await world.start()
 
-        async def on_pool_gone(msg: Msg) -> None:
-            """One replica (queue group) marks the leases of a vanished pool lost."""
-            event = msgspec.json.decode(msg.data, type=CapacityEvent)
-            if isinstance(event, (PoolOffline, PoolRemoved)):
-                with tracing.bound(tracing.from_headers(msg.headers)):  # lease.lost events carry the request id
-                    await broker.pool_lost(event.region, event.pool_id,
-                                           "pool offline" if isinstance(event, PoolOffline) else "pool removed")
+        async def on_pool_gone(event: PoolOffline | PoolRemoved) -> None:
+            """One replica (the durable consumer's) marks the leases of a vanished pool lost."""
+            await broker.pool_lost(event.region, event.pool_id,
+                                   "pool offline" if isinstance(event, PoolOffline) else "pool removed",
+                                   generation=event.generation, lease_ids=event.lease_ids)
 
-        await nc.subscribe(subjects.events(CAPACITY), queue="broker-loss", cb=on_pool_gone)
+        pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
+        await pool_loss.start()
         broker.budget_grace_s = settings.budget_grace_s
+        broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
 
         async def on_billing(msg: Msg) -> None:
@@ -142,20 +126,24 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
                                               settings.rate_limit_window_s)
         tasks = [
-            asyncio.create_task(_every(settings.sweep_interval_s, "lease sweep", broker.sweep_and_rebuild)),
-            asyncio.create_task(_every(1.0, "queue", broker.run_queue, broker.queue_kick)),
-            asyncio.create_task(_every(300.0, "world resync", world.resync)),  # safety net; events keep it current
+            asyncio.create_task(forever("lease sweep", broker.sweep_and_rebuild, interval=settings.sweep_interval_s,
+                                        logger=log)),
+            asyncio.create_task(forever("queue", broker.run_queue, interval=1.0, kick=broker.queue_kick, logger=log)),
+            # safety net; events keep it current
+            asyncio.create_task(forever("world resync", world.resync, interval=300.0, logger=log)),
         ]
         try:
             yield
         finally:
             await stop_tasks(tasks)
+            await pool_loss.stop()
             await close_quietly(nc)
             await redis.aclose()
 
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
                         QuoteController, LeaseController],
         lifespan=lifespan,

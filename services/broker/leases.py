@@ -20,6 +20,7 @@ _info = msgspec.json.Decoder(LeaseInfo)
 
 
 GROUPS_PER_CALL = 256  # bounds how long one call holds Redis
+REGIONS_PER_PIPELINE = 250  # per-region scans (sweep, readiness): a pipeline holds the event loop ~5 ms
 PENDING_S = 30.0  # an unconfirmed reservation (its broker died before the grant was durable) ends this soon
 
 
@@ -51,6 +52,12 @@ def missing_leases(groups: Sequence[Sequence[LeaseInfo]], replies: Sequence[Sequ
             for lease, ok in zip(group, reply, strict=True) if not int(ok)]
 
 
+def _chunks(regions: Sequence[str]) -> Iterable[Sequence[str]]:
+    """Regions in slices of ``REGIONS_PER_PIPELINE``: one pipeline each, so that a scan
+    of thousands of regions never holds the event loop for long (requests wait on it)."""
+    return (regions[i:i + REGIONS_PER_PIPELINE] for i in range(0, len(regions), REGIONS_PER_PIPELINE))
+
+
 def _s(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -78,7 +85,8 @@ class LeaseStore:
             for lease in leases:
                 keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id),
                          k.lease(region, lease.lease_id)]
-                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible")]
+                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible"),
+                         lease.pool_generation]
         return keys, args
 
     @staticmethod
@@ -149,7 +157,8 @@ class LeaseStore:
                 for lease, seq in part:
                     keys += [k.pool(r, lease.pool_id), k.pool_leases(r, lease.pool_id), k.lease(r, lease.lease_id)]
                     args += [lease.lease_id, lease.units, msgspec.json.encode(lease),
-                             int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq]
+                             int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq,
+                             lease.pool_generation]
                 restored += int(await self._restore(keys=keys, args=args))
         pipe = self.redis.pipeline(transaction=False)  # the lookups, a few commands per chunk
         leases = [lease for lease, _ in items]
@@ -186,7 +195,9 @@ class LeaseStore:
             args: list[object] = [len(call)]
             for group in call:
                 region = group[0].region
-                keys += [k.lease_expiry(region), *(k.lease(region, lease.lease_id) for lease in group)]
+                keys.append(k.lease_expiry(region))
+                for lease in group:
+                    keys += [k.lease(region, lease.lease_id), k.pool(region, lease.pool_id)]
                 args.append(len(group))
                 for lease in group:
                     args += [lease.lease_id, lease.expires_at.timestamp()]
@@ -226,11 +237,15 @@ class LeaseStore:
         return missing_leases(groups, self.confirmed(replies, n))
 
     async def not_ready(self, regions: Sequence[str]) -> list[str]:
-        """The regions whose leases-ready marker is missing (one round trip)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for region in regions:
-            pipe.exists(self.keys.leases_ready(region))
-        return [r for r, n in zip(regions, await pipe.execute(), strict=True) if not n]
+        """The regions whose leases-ready marker is missing (a round trip per
+        ``REGIONS_PER_PIPELINE``)."""
+        out: list[str] = []
+        for part in _chunks(regions):
+            pipe = self.redis.pipeline(transaction=False)
+            for region in part:
+                pipe.exists(self.keys.leases_ready(region))
+            out += [r for r, n in zip(part, await pipe.execute(), strict=True) if not n]
+        return out
 
     async def mark_ready(self, regions: Sequence[str]) -> None:
         """This replica knows every live lease of these regions is in Redis."""
@@ -271,15 +286,29 @@ class LeaseStore:
         ids = [_s(i) for i in await self.redis.zrange(self.keys.tenant_leases(tenant), 0, limit - 1)]
         return [lease for lease in [await self.get(i) for i in ids] if lease is not None]
 
-    async def expired(self, region: str, now: float, limit: int = 500) -> list[LeaseInfo]:
-        ids = await self.redis.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
-        return await self._infos(region, ids)
+    async def expired_in(self, regions: Sequence[str], now: float, limit: int = 500) -> list[LeaseInfo]:
+        """Expired leases (up to ``limit`` a region) of many regions: a round trip per
+        ``REGIONS_PER_PIPELINE`` regions (a sweep over thousands of regions must not be
+        thousands of round trips), plus one per region that has some."""
+        out: list[LeaseInfo] = []
+        for part in _chunks(regions):
+            pipe = self.redis.pipeline(transaction=False)
+            for region in part:
+                pipe.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
+            for region, ids in zip(part, await pipe.execute(), strict=True):
+                if ids:
+                    out += await self._infos(region, ids)
+        return out
 
     async def interruptible(self, region: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.interruptible_leases(region)))
 
     async def on_pool(self, region: str, pool_id: str) -> list[LeaseInfo]:
         return await self._infos(region, await self.redis.smembers(self.keys.pool_leases(region, pool_id)))
+
+    async def of_region(self, region: str, lease_ids: Iterable[str]) -> list[LeaseInfo]:
+        """The leases of ``lease_ids`` still live in ``region``."""
+        return await self._infos(region, lease_ids)
 
     async def _infos(self, region: str, ids: Iterable[object]) -> list[LeaseInfo]:
         pipe = self.redis.pipeline(transaction=False)

@@ -59,6 +59,7 @@ from .metrics import LEASE_ENDS, QUEUE_WAIT_SECONDS
 from .matching.batch import plan_queue
 from .matching.engine import Engine
 from .matching.model import Ask, Decision, Placement
+from .queue_cap import TenantQueueCap, refused
 from .records import QuoteView, RequestRecord, RequestView, lease_view
 from .world import World
 
@@ -99,6 +100,7 @@ class Broker:
         self.queue_kick = asyncio.Event()
         self.blocked: dict[str, float] = {}  # tenant -> when its budget ran out (mirrors Redis)
         self.budget_grace_s = 300.0
+        self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
         self._lost_regions: set[str] = set()  # regions refused for a lost live state (logged once)
         self._cluster = is_cluster(redis)
         self.acks = AckedPublisher(nc)
@@ -171,7 +173,7 @@ class Broker:
                 provider=a.provider, region=a.region, model=a.model, units=a.units, billing=body.billing,
                 unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
-                priority=body.priority))
+                priority=body.priority, pool_generation=self.world.generations.get(a.pool_id, 0)))
         return out
 
     async def _reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None) -> bool:
@@ -455,11 +457,16 @@ class Broker:
         except NotPlaced as np:
             reasons = list(np.decision.reasons) or ["no capacity matches right now"]
             record.reasons = reasons
-            if np.decision.never or not body.queue:
+            full = None if np.decision.never or not body.queue else await self.queue_cap.refusal(tenant, request_id)
+            if full is not None:  # the tenant's queue is at its cap (docs/overload.md)
+                record.reasons = reasons = [*reasons, full]
+            if np.decision.never or not body.queue or full is not None:
                 record.state = "rejected"
                 await self._save(record)
                 await self._publish_request(RequestRejected(id=new_id("ev"), at=now, request_id=request_id,
                                                             tenant=tenant, reasons=tuple(reasons)))
+                if full is not None:
+                    raise refused(full, reasons, request_id) from None
                 if np.decision.never:
                     raise Unprocessable("this request can never be placed on the registered capacity",
                                         reasons=reasons, request_id=request_id) from None
@@ -746,18 +753,17 @@ class Broker:
         and only the caller that removed a lease announces it."""
         now = self.clock()
         n = 0
-        for region in self.world.countries:
-            for lease in await self.leases.expired(region, now.timestamp()):
-                ended = await self.leases.end(lease, "expire", now.timestamp())
-                if ended is not None and ended.pending:
-                    # its broker died between reservation and confirmation: nobody was told
-                    # 201; end it in the record at its grant time (nothing billed)
-                    log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
-                    await self._ended(LeaseLost, ended, lease.granted_at, reason="grant never completed")
-                    n += 1
-                elif ended is not None:
-                    await self._ended(LeaseExpired, ended, now)
-                    n += 1
+        for lease in await self.leases.expired_in(list(self.world.countries), now.timestamp()):
+            ended = await self.leases.end(lease, "expire", now.timestamp())
+            if ended is not None and ended.pending:
+                # its broker died between reservation and confirmation: nobody was told
+                # 201; end it in the record at its grant time (nothing billed)
+                log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
+                await self._ended(LeaseLost, ended, lease.granted_at, reason="grant never completed")
+                n += 1
+            elif ended is not None:
+                await self._ended(LeaseExpired, ended, now)
+                n += 1
         return n
 
     async def rebuild_if_lost(self) -> int:
@@ -830,10 +836,19 @@ class Broker:
         finally:
             await self.redis.delete(self.keys.lock("rebuild"))
 
-    async def pool_lost(self, region: str, pool_id: str, reason: str) -> int:
+    async def pool_lost(self, region: str, pool_id: str, reason: str, generation: int = 0,
+                        lease_ids: tuple[str, ...] = ()) -> int:
+        """End the leases a pool outage or removal took: those the event names (the pool's
+        leases at that moment), else every lease on the pool of that generation or older;
+        never a lease granted on a later generation (the pool registered again since)."""
         now = self.clock()
+        if lease_ids:
+            leases = await self.leases.of_region(region, lease_ids)
+        else:
+            leases = [lease for lease in await self.leases.on_pool(region, pool_id)
+                      if not generation or lease.pool_generation <= generation]
         n = 0
-        for lease in await self.leases.on_pool(region, pool_id):
+        for lease in leases:
             ended = await self.leases.end(lease, "lost", now.timestamp())
             if ended is not None:
                 await self._ended(LeaseLost, ended, now, reason=reason)

@@ -1,6 +1,9 @@
 """The broker's view of the world, fed into its matching engine.
 
-* catalogue and topology: asked of the registry over NATS request/reply;
+* catalogue: asked of the registry over NATS request/reply;
+* topology: the registry's ``regions`` bucket (one key per region and per published
+  link), read at start and then followed key by key with one consumer; links nobody
+  published are derived from the regions' coordinates here (``services.common.network``);
 * pools: the registry's durable record (its key-value bucket) at start, then capacity
   events (registered, updated, online, offline, draining, removed);
 * free units: Redis at start, then each reservation's own result and the ``free_after``
@@ -13,6 +16,7 @@ free units atomically), so a stale view costs a retry, never an overbooking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable
@@ -21,8 +25,10 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from redis.asyncio import Redis
 
+from services.common.jetstream import bucket_entries
 from services.common.keys import Keys
 from services.common.messages import (
     Accelerator,
@@ -35,11 +41,11 @@ from services.common.messages import (
     PoolRegistered,
     PoolRemoved,
     PoolUpdated,
-    Topology,
 )
 from services.common import tracing
-from services.common.nats_conn import ensure_bucket
-from services.common.subjects import ALLOC, CAPACITY, Subjects
+from services.common.nats_conn import ensure_bucket, follow_bucket
+from services.common.network import Network
+from services.common.subjects import ALLOC, CAPACITY, Subjects, region_key
 
 from .matching.engine import Engine
 from .matching.model import PoolState
@@ -63,6 +69,7 @@ def pool_state(pool: Pool, country: str, free: int) -> PoolState:
         fp16_tflops=a.fp16_tflops, fp8_tflops=a.fp8_tflops, units_per_node=s.units_per_node, capacity=s.units,
         free=free, currency=s.prices.currency, on_demand=s.prices.on_demand, reserved_month=s.prices.reserved_month,
         reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
+        listed=s.availability == "listed",
     )
 
 
@@ -70,9 +77,11 @@ class World:
     def __init__(self, nc: NATS, js: JetStreamContext, redis: Redis, keys: Keys, subjects: Subjects) -> None:
         self.nc, self.js, self.redis, self.keys, self.subjects = nc, js, redis, keys, subjects
         self.catalogue: dict[str, Accelerator] = {}
-        self.topology = Topology(regions=(), links=())
-        self.countries: dict[str, str] = {}
+        self.topology = Network()  # followed from the regions bucket (follow_topology)
+        self.countries = self.topology.countries  # region id -> country, kept by the network
+        self._revisions: dict[str, int] = {}  # topology record key -> revision applied
         self.pools: dict[str, PoolState] = {}  # every registered pool, online or not
+        self.generations: dict[str, int] = {}  # pool -> the generation (registration) this view holds
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
 
@@ -119,33 +128,47 @@ class World:
                     raise RuntimeError(f"registry did not answer {verb}: {exc}") from exc
                 await asyncio.sleep(0.2)
 
-    async def refresh_topology(self) -> None:
-        self.topology = msgspec.json.decode(await self._rpc("topology"), type=Topology)
-        self.countries = {r.id: r.country for r in self.topology.regions}
-        self.engine.set_topology(self.topology)
+    async def follow_topology(self) -> None:
+        """Read the regions bucket and keep following it; returns once caught up."""
+        self._topology_kv = await ensure_bucket(self.js, self.subjects.bucket("regions"))
+        await follow_bucket(self.js, self.subjects.bucket("regions"), self._topology_changed)
+
+    def _topology_changed(self, key: str, value: bytes | None, revision: int) -> None:
+        """A record of the bucket; an older revision than the one applied is ignored
+        (a key read may answer after the follower brought a newer one)."""
+        if revision <= self._revisions.get(key, 0):
+            return
+        self._revisions[key] = revision
+        if self.topology.apply(key, value):
+            self.engine.set_topology(self.topology)  # cached latency and transfer filters are stale
+
+    async def _learn_region(self, region_id: str) -> None:
+        """A pool names a region this replica has not seen yet (the registry wrote it just
+        before): one key read, no consumer."""
+        try:
+            entry = await self._topology_kv.get(region_key(region_id))
+        except (KeyNotFoundError, InvalidKeyError):
+            return
+        self._topology_changed(entry.key, entry.value, entry.revision or 0)
 
     async def load(self) -> None:
         self.catalogue = {a.model: a for a in msgspec.json.decode(await self._rpc("catalogue"),
                                                                   type=list[Accelerator])}
-        await self.refresh_topology()
+        await self.follow_topology()
         await self.resync()
 
     async def resync(self) -> None:
         """Read every pool from the registry's record and its live numbers from Redis."""
         kv = await ensure_bucket(self.js, self.subjects.bucket("pools"))
         pools: dict[str, PoolState] = {}
-        watcher = await kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    pool = _pool.decode(entry.value)
-                    pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
-        finally:
-            await watcher.stop()
+        generations: dict[str, int] = {}
+        async with contextlib.aclosing(bucket_entries(kv)) as entries:
+            async for value, revision in entries:
+                pool = _pool.decode(value)
+                pools[pool.pool_id] = pool_state(pool, self.countries.get(pool.spec.region, ""), 0)
+                generations[pool.pool_id] = pool.generation or revision  # 0: this entry's create
         live = await self._live(list(pools.values()))
-        self.pools = pools
+        self.pools, self.generations = pools, generations
         for state, (status, free) in zip(pools.values(), live, strict=True):
             self._apply(state, status, free)
         for pool_id in [p for p in self._engine_ids() if p not in pools]:
@@ -189,9 +212,13 @@ class World:
             return
         log.debug("capacity event %s for pool %s", type(event).__name__, event.pool_id,
                   extra={"subject": msg.subject})
-        if isinstance(event, (PoolRegistered, PoolUpdated)):
+        if self._stale(event):
+            log.debug("capacity event %s of an older generation of pool %s ignored", type(event).__name__,
+                      event.pool_id)
+        elif isinstance(event, (PoolRegistered, PoolUpdated)):
+            self.generations[event.pool_id] = event.pool.generation
             if event.region not in self.countries:
-                await self.refresh_topology()
+                await self._learn_region(event.region)
             state = pool_state(event.pool, self.countries.get(event.region, ""), 0)
             self.pools[event.pool_id] = state
             [(status, free)] = await self._live([state])
@@ -203,7 +230,18 @@ class World:
         elif isinstance(event, PoolRemoved):
             self.engine.remove(event.pool_id)
             self.pools.pop(event.pool_id, None)
+            self.generations.pop(event.pool_id, None)
         await self.on_capacity(event)
+
+    def _stale(self, event: CapacityEvent) -> bool:
+        """An event about an older generation than the one this view holds (events of
+        different registry replicas may arrive out of order): it says nothing about now."""
+        held = self.generations.get(event.pool_id, 0)
+        if isinstance(event, (PoolRegistered, PoolUpdated)):
+            return 0 < event.pool.generation < held
+        if isinstance(event, (PoolOffline, PoolRemoved)):
+            return 0 < event.generation < held
+        return False
 
     async def on_capacity(self, event: CapacityEvent) -> None:
         """Hook for the broker: capacity appeared or vanished."""

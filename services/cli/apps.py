@@ -1,80 +1,94 @@
-"""``cbroker quote|request|leases|release``: the app side of the broker, as tables."""
+"""``cbroker quote|request|leases|renew|release``: the app side of the broker.
+
+Every command prints a table that fits the terminal, or JSON with ``--json``; bad input
+is refused before anything is sent (exit 2), and failures are one line (services/cli/main.py).
+An open lease lives by renewals: ``request`` warns when it will expire, ``renew`` extends
+it, ``request --keep-alive`` stays in the foreground renewing until interrupted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import time
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
+import httpx
+import msgspec
 
 from services.broker.client import BrokerApiError, BrokerClient
+from services.broker.domain.requests import ComputeRequest
+from services.broker.records import LeaseView, RequestView
 
-console = Console(width=None if sys.stdout.isatty() else 200)  # piped: keep ids whole
+from .term import LocalError, handled, note, print_json, show, waiting
+
+LEASE_COLUMNS = ("lease", "pool", "region", "model", "units", "billing", "price", "expires")
+BODY_OPTIONS = ("units", "model", "vendor", "region", "min_memory", "tflops", "split", "billing", "duration",
+                "max_price", "data_region", "data_gb", "lease_ttl")
 
 
-def _key(key: str | None, tenant: str | None, data_dir: Path) -> str:
+def demo_keys(data_dir: Path) -> dict[str, Any] | None:
+    keys_file = data_dir / "demo-keys.json"
+    if not keys_file.exists():
+        return None
+    try:
+        keys = json.loads(keys_file.read_text())
+        keys["tenants"]  # noqa: B018 - the shape `cbroker up --demo` writes
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LocalError(f"cannot read the demo keys in {keys_file}: {exc}") from None
+    return keys
+
+
+def tenant_key(key: str | None, tenant: str | None, data_dir: Path) -> str:
     if key:
         return key
-    keys_file = data_dir / "demo-keys.json"
-    if keys_file.exists():
-        keys = json.loads(keys_file.read_text())
-        if tenant:
-            return keys["tenants"][tenant]
-        return next(iter(keys["tenants"].values()))
-    raise click.UsageError("give --key (or $CB_KEY), or run from where `cbroker up --demo` wrote its keys")
+    keys = demo_keys(data_dir)
+    if keys is None:
+        raise click.UsageError("give --key (or $CB_KEY), or run from where `cbroker up --demo` wrote its keys")
+    if tenant:
+        if tenant not in keys["tenants"]:
+            raise click.BadParameter(f"no demo tenant {tenant!r}; the demo tenants are "
+                                     f"{', '.join(keys['tenants'])}", param_hint="'--tenant'")
+        return keys["tenants"][tenant]
+    return next(iter(keys["tenants"].values()))
 
 
-def _client(ctx: click.Context) -> BrokerClient:
-    o = ctx.obj
-    return BrokerClient(o["url"], _key(o["key"], o["tenant"], o["data_dir"]))
+class PriceType(click.ParamType):
+    """A price per unit-hour: a positive decimal such as 2.50."""
+    name = "price"
 
-
-def _request_body(units: int | None, model: tuple[str, ...], vendor: tuple[str, ...], region: tuple[str, ...],
-                  min_memory: float, tflops: float | None, split: bool, billing: str, duration: int | None,
-                  max_price: str | None, data_region: str | None, data_gb: float, raw: str | None) -> dict[str, Any]:
-    if raw:
-        return json.loads(raw)
-    body: dict[str, Any] = {"billing": billing}
-    if tflops:
-        body["performance"] = {"min_tflops": tflops}
-    else:
-        body["units"] = units or 1
-    acc = {k: v for k, v in (("models", list(model)), ("vendors", list(vendor)),
-                             ("min_memory_gib", min_memory)) if v}
-    if acc:
-        body["accelerators"] = acc
-    placement = {k: v for k, v in (("regions", list(region)), ("data_region", data_region),
-                                   ("data_gb", data_gb)) if v}
-    if placement:
-        body["placement"] = placement
-    if split:
-        body["shape"] = {"kind": "split", "max_pools": 8, "max_regions": 3}
-    if duration:
-        body["duration_s"] = duration
-    if max_price:
-        body["max_price"] = max_price
-    return body
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            price = Decimal(str(value))
+        except InvalidOperation:
+            self.fail(f"{value!r} is not a price (a positive decimal such as 2.50)", param, ctx)
+        if not price.is_finite() or price <= 0:
+            self.fail(f"{value!r} is not a price (a positive decimal such as 2.50)", param, ctx)
+        return str(price)
 
 
 _request_options = [
-    click.option("-n", "--units", type=int, help="Accelerator units (default 1)."),
+    click.option("-n", "--units", type=click.IntRange(min=1), help="Accelerator units (default 1)."),
     click.option("--model", multiple=True, help="Acceptable model id (repeat)."),
     click.option("--vendor", multiple=True, help="Acceptable vendor (repeat)."),
     click.option("--region", multiple=True, help="Allowed region (repeat)."),
-    click.option("--min-memory", type=float, default=0, help="GiB per unit."),
-    click.option("--tflops", type=float, help="Normalised performance: total bf16 TFLOPS instead of units."),
+    click.option("--min-memory", type=click.FloatRange(min=0), default=0, help="GiB per unit."),
+    click.option("--tflops", type=click.FloatRange(min=0, min_open=True),
+                 help="Normalised performance: total bf16 TFLOPS instead of units."),
     click.option("--split", is_flag=True, help="Allow several pools and regions."),
     click.option("--billing", type=click.Choice(["on_demand", "reserved_month", "reserved_year", "interruptible"]),
                  default="on_demand", show_default=True),
-    click.option("--duration", type=int, help="Seconds (default: an open lease kept by renewals)."),
-    click.option("--max-price", help="Per unit-hour."),
-    click.option("--data-region"), click.option("--data-gb", type=float, default=0),
-    click.option("--json", "raw", help="The whole request body as JSON instead."),
+    click.option("--duration", type=click.IntRange(min=60), help="Seconds (default: an open lease kept by renewals)."),
+    click.option("--max-price", type=PriceType(), help="Per unit-hour, e.g. 2.50."),
+    click.option("--data-region"), click.option("--data-gb", type=click.FloatRange(min=0), default=0),
+    click.option("--lease-ttl", type=click.IntRange(1, 86400), default=None,
+                 help="Seconds an open lease lives without a renewal (server default 300)."),
+    click.option("--body", help="The whole request body as JSON, instead of the options above."),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 ]
 
 
@@ -86,22 +100,115 @@ def _with(options):  # noqa: ANN001, ANN202
     return deco
 
 
-def _fail(exc: BrokerApiError) -> None:
-    console.print(f"[red]{exc.status}[/] {exc.problem.get('detail', '')}")
-    for reason in exc.reasons:
-        console.print(f"  • {reason}")
-    raise SystemExit(1)
+def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
+    """The request the options describe, checked here against the broker's own schema."""
+    if kw["body"] is not None:
+        given = [f"--{n.replace('_', '-')}" for n in BODY_OPTIONS
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--body is the whole request; it cannot be combined with {', '.join(given)}")
+        try:
+            return msgspec.json.decode(kw["body"], type=ComputeRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise click.BadParameter(str(exc), param_hint="'--body'") from None
+    if kw["units"] is not None and kw["tflops"] is not None:
+        raise click.UsageError("give -n/--units or --tflops, not both")
+    body: dict[str, Any] = {"billing": kw["billing"]}
+    if kw["tflops"] is not None:
+        body["performance"] = {"min_tflops": kw["tflops"]}
+    else:
+        body["units"] = kw["units"] or 1
+    acc = {k: v for k, v in (("models", list(kw["model"])), ("vendors", list(kw["vendor"])),
+                             ("min_memory_gib", kw["min_memory"])) if v}
+    if acc:
+        body["accelerators"] = acc
+    placement = {k: v for k, v in (("regions", list(kw["region"])), ("data_region", kw["data_region"]),
+                                   ("data_gb", kw["data_gb"])) if v}
+    if placement:
+        body["placement"] = placement
+    if kw["split"]:
+        body["shape"] = {"kind": "split", "max_pools": 8, "max_regions": 3}
+    for name, field in (("duration", "duration_s"), ("max_price", "max_price"), ("lease_ttl", "lease_ttl_s")):
+        if kw[name] is not None:
+            body[field] = kw[name]
+    try:
+        return msgspec.convert(body, ComputeRequest)
+    except msgspec.ValidationError as exc:
+        raise click.UsageError(f"the request is not valid: {exc}") from None
 
 
-def _lease_table(leases: list, title: str) -> Table:
-    table = Table(title=title)
-    for col in ("lease", "pool", "region", "model", "units", "billing", "price", "expires"):
-        table.add_column(col, no_wrap=col in ("lease", "pool"))
+def until(at: datetime) -> str:
+    s = max(0, int((at - datetime.now(UTC)).total_seconds()))
+    if s >= 86400:
+        return f"{s // 86400}d {s % 86400 // 3600}h"
+    return f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s"
+
+
+def lease_rows(leases: list[LeaseView]) -> list[list[str]]:
+    rows = []
     for lease in leases:
         basis = "/unit-month" if lease.price_basis == "unit_month" else "/unit-h"
-        table.add_row(lease.lease_id, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
-                      f"{lease.unit_price} {lease.currency}{basis}", lease.expires_at.isoformat(timespec="seconds"))
-    return table
+        rows.append([lease.lease_id, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
+                     f"{lease.unit_price} {lease.currency}{basis}", lease.expires_at.isoformat(timespec="seconds")])
+    return rows
+
+
+def show_leases(leases: list[LeaseView], title: str) -> None:
+    show(title, LEASE_COLUMNS, lease_rows(leases), right=("units",))
+
+
+def warn_expiry(leases: list[LeaseView]) -> None:
+    for lease in leases:
+        if lease.renewable:
+            note(f"[yellow]warning:[/] lease {lease.lease_id} expires at "
+                 f"{lease.expires_at.isoformat(timespec='seconds')} (in {until(lease.expires_at)}) unless renewed: "
+                 f"`cbroker renew {lease.lease_id}`, or ask with --keep-alive")
+
+
+def wait_queued(client: BrokerClient, view: RequestView, seconds: float) -> RequestView:
+    """Poll a queued request until it is placed or ends, saying where it stands."""
+    deadline = time.monotonic() + seconds
+    said = None
+    with waiting(f"request {view.request_id} queued"):
+        while view.state == "queued" and time.monotonic() < deadline:
+            where = (view.queue_position, view.estimated_wait_s)
+            if where != said:
+                eta = f", estimated wait {view.estimated_wait_s:.0f}s" if view.estimated_wait_s is not None else ""
+                note(f"request {view.request_id}: queued at position {view.queue_position}{eta}")
+                said = where
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            view = client.get_request(view.request_id)
+    if view.state == "queued":
+        note(f"request {view.request_id}: still queued after {seconds:.0f}s at position {view.queue_position}")
+    return view
+
+
+def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> None:
+    """Renew every open lease at a third of its remaining time until Ctrl-C; then say
+    when each will expire."""
+    live = {lease.lease_id: lease for lease in leases if lease.renewable}
+    if not live:
+        note("nothing to keep alive: these leases run for a fixed term")
+        return
+    note(f"keeping {len(live)} lease(s) alive; Ctrl-C stops renewing (they then expire)")
+    try:
+        while True:
+            soonest = min(lease.expires_at for lease in live.values())
+            time.sleep(max(0.2, (soonest - datetime.now(UTC)).total_seconds() / 3))
+            for lease_id in list(live):
+                try:
+                    live[lease_id] = lease = client.renew(lease_id)
+                except (httpx.TransportError, BrokerApiError) as exc:  # a blip: try again before it expires
+                    if isinstance(exc, BrokerApiError) and exc.status < 500:
+                        raise  # the lease is gone or not ours: say so and stop
+                    note(f"[yellow]warning:[/] could not renew {lease_id} ({exc or type(exc).__name__}); "
+                         f"trying again")
+                    continue
+                note(f"renewed {lease_id} until {lease.expires_at.isoformat(timespec='seconds')}")
+    except KeyboardInterrupt:
+        for lease in live.values():
+            note(f"stopped renewing; lease {lease.lease_id} expires at "
+                 f"{lease.expires_at.isoformat(timespec='seconds')} (in {until(lease.expires_at)})")
 
 
 def register(cli: click.Group) -> None:
@@ -112,6 +219,7 @@ def register(cli: click.Group) -> None:
         click.option("--tenant", help="With the demo keys file: which demo tenant."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True),
     ]
+    json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
     def setup(f):  # noqa: ANN001, ANN202
         f = click.pass_context(f)
@@ -119,67 +227,104 @@ def register(cli: click.Group) -> None:
             f = option(f)
         return f
 
-    def obj(ctx: click.Context, url: str, key: str | None, tenant: str | None, data_dir: Path) -> None:
-        ctx.obj = {"url": url, "key": key, "tenant": tenant, "data_dir": data_dir}
+    def client(url: str, key: str | None, tenant: str | None, data_dir: Path) -> BrokerClient:
+        return BrokerClient(url, tenant_key(key, tenant, data_dir))
 
     @cli.command()
     @setup
     @_with(_request_options)
-    def quote(ctx, url, key, tenant, data_dir, **kw) -> None:  # noqa: ANN001
+    @handled
+    def quote(ctx, url, key, tenant, data_dir, as_json, **kw) -> None:  # noqa: ANN001
         """Ranked placement options with prices; reserves nothing."""
-        obj(ctx, url, key, tenant, data_dir)
-        try:
-            q = _client(ctx).quote(_request_body(**kw))
-        except BrokerApiError as exc:
-            _fail(exc)
-        table = Table(title="placement options" if q.options else "no placement now")
-        for col in ("#", "pools", "units", "per unit-h", "compute", "transfer", "total", "start"):
-            table.add_column(col)
-        for i, o in enumerate(q.options, 1):
-            pools = ", ".join(f"{a.pool_id}×{a.units}" for a in o.allocations)
-            table.add_row(str(i), pools, str(o.units), f"{o.unit_hour_price} {o.currency}", str(o.compute_cost),
-                          str(o.transfer_cost), str(o.total_cost), f"{o.expected_start_s:.0f}s")
-        console.print(table)
+        body = request_body(ctx, kw)
+        with client(url, key, tenant, data_dir) as broker, waiting("asking the broker"):
+            q = broker.quote(body)
+        if as_json:
+            print_json(q)
+            return
+        rows = [[str(i), ", ".join(f"{a.pool_id}×{a.units}" for a in o.allocations), str(o.units),
+                 f"{o.unit_hour_price} {o.currency}", str(o.compute_cost), str(o.transfer_cost), str(o.total_cost),
+                 f"{o.expected_start_s:.0f}s"] for i, o in enumerate(q.options, 1)]
+        show("placement options" if q.options else "no placement now",
+             ("#", "pools", "units", "per unit-h", "compute", "transfer", "total", "start"), rows,
+             right=("#", "units", "compute", "transfer", "total", "start"))
         for reason in q.reasons:
-            console.print(f"  • {reason}")
+            click.echo(f"  • {reason}")
 
     @cli.command("request")
     @setup
     @_with(_request_options)
-    def request_cmd(ctx, url, key, tenant, data_dir, **kw) -> None:  # noqa: ANN001
+    @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
+                  help="Seconds to wait for a queued request to be placed, showing its position.")
+    @click.option("--keep-alive", is_flag=True,
+                  help="Stay in the foreground renewing the open leases until Ctrl-C.")
+    @handled
+    def request_cmd(ctx, url, key, tenant, data_dir, as_json, wait, keep_alive, **kw) -> None:  # noqa: ANN001
         """Ask for compute: prints the lease(s), or the queue position and reasons."""
-        obj(ctx, url, key, tenant, data_dir)
-        try:
-            view = _client(ctx).request(_request_body(**kw))
-        except BrokerApiError as exc:
-            _fail(exc)
-        if view.state == "placed":
-            console.print(_lease_table(view.leases, f"request {view.request_id}: placed"))
-        else:
-            console.print(f"request {view.request_id}: [yellow]{view.state}[/] at position {view.queue_position}")
-            for reason in view.reasons:
-                console.print(f"  • {reason}")
+        body = request_body(ctx, kw)
+        with client(url, key, tenant, data_dir) as broker:
+            with waiting("asking the broker"):
+                view = broker.request(body)
+            if view.state == "queued" and wait > 0:
+                view = wait_queued(broker, view, wait)
+            if as_json:
+                print_json(view)
+            elif view.state == "placed":
+                show_leases(view.leases, f"request {view.request_id}: placed")
+            else:
+                where = f" at position {view.queue_position}" if view.queue_position is not None else ""
+                click.echo(f"request {view.request_id}: {view.state}{where}")
+                for reason in view.reasons:
+                    click.echo(f"  • {reason}")
+            if view.state == "placed":
+                if keep_alive:
+                    renew_until_interrupted(broker, view.leases)
+                else:
+                    warn_expiry(view.leases)
 
     @cli.command()
     @setup
-    def leases(ctx, url, key, tenant, data_dir) -> None:  # noqa: ANN001
+    @json_option
+    @handled
+    def leases(ctx, url, key, tenant, data_dir, as_json) -> None:  # noqa: ANN001
         """Your active leases."""
-        obj(ctx, url, key, tenant, data_dir)
-        try:
-            console.print(_lease_table(_client(ctx).leases(), "active leases"))
-        except BrokerApiError as exc:
-            _fail(exc)
+        with client(url, key, tenant, data_dir) as broker, waiting("asking the broker"):
+            found = broker.leases()
+        if as_json:
+            print_json(found)
+        else:
+            show_leases(found, "active leases")
 
     @cli.command()
     @click.argument("lease_ids", nargs=-1, required=True)
     @setup
-    def release(ctx, lease_ids, url, key, tenant, data_dir) -> None:  # noqa: ANN001
+    @json_option
+    @handled
+    def renew(ctx, lease_ids, url, key, tenant, data_dir, as_json) -> None:  # noqa: ANN001
+        """Keep open leases alive for another TTL; says when each now expires."""
+        with client(url, key, tenant, data_dir) as broker:
+            renewed = [broker.renew(lease_id) for lease_id in lease_ids]
+        if as_json:
+            print_json(renewed)
+            return
+        show_leases(renewed, "renewed")
+        warn_expiry(renewed)
+
+    @cli.command()
+    @click.argument("lease_ids", nargs=-1, required=True)
+    @setup
+    @json_option
+    @handled
+    def release(ctx, lease_ids, url, key, tenant, data_dir, as_json) -> None:  # noqa: ANN001
         """Give leased units back."""
-        obj(ctx, url, key, tenant, data_dir)
-        client = _client(ctx)
-        for lease_id in lease_ids:
+        released = []
+        with client(url, key, tenant, data_dir) as broker:
             try:
-                client.release(lease_id)
-                console.print(f"released {lease_id}")
-            except BrokerApiError as exc:
-                _fail(exc)
+                for lease_id in lease_ids:
+                    broker.release(lease_id)
+                    released.append(lease_id)
+                    if not as_json:
+                        click.echo(f"released {lease_id}")
+            finally:
+                if as_json:
+                    print_json({"released": released})

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TypeVar
 
 import click
 import httpx
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
-from rich.table import Table
 
 from services.common.keys import Keys
 from services.common.messages import AllocEvent, Pool
@@ -37,6 +41,9 @@ from services.meter.model import LedgerEntry, LedgerRecord
 from services.registry.records import PoolRecords
 
 from .audit_checks import LeaseLive, MeterView, Observation, PoolLive, Report, audit, confirmed
+from .term import Unreachable, handled, out, table, waiting
+
+T = TypeVar("T")
 
 # One region at one instant: its pools, their lease sets, its expiry index, the leases.
 # KEYS[1] region pool set, KEYS[2] lease-expiry zset, KEYS[3] leases-ready marker;
@@ -47,12 +54,13 @@ local pools, leases, seen = {}, {}, {}
 local function lease(id)
   if seen[id] then return end
   seen[id] = true
-  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool')
-  if f[1] then leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or ''} end
+  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool', 'generation')
+  if f[1] then leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or '', f[5] or '0'} end
 end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', base .. ':pool:' .. id, 'capacity', 'healthy', 'leased', 'free', 'status')
-  if f[1] then pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or ''} end
+  local f = redis.call('HMGET', base .. ':pool:' .. id, 'capacity', 'healthy', 'leased', 'free', 'status',
+    'generation')
+  if f[1] then pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0'} end
   for _, l in ipairs(redis.call('SMEMBERS', base .. ':pool:' .. id .. ':leases')) do lease(l) end
 end
 for _, l in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do lease(l) end
@@ -76,6 +84,7 @@ class AuditConfig:
     grace_s: float = 5.0
     confirm_s: float = 1.0
     redis_cluster: bool = False  # redis_url is a seed node of a Redis Cluster
+    connect_timeout_s: float = 10.0  # the services' clients retry forever; an audit gives up
 
 
 def _s(v: object) -> str:
@@ -104,11 +113,13 @@ async def read_redis(redis: Redis, keys: Keys, regions: set[str]) -> tuple[dict,
         if int(is_ready):
             ready.add(region)
         for row in raw_pools:
-            pool_id, cap, healthy, leased, free, status = (_s(x) for x in row)
-            pools[pool_id] = PoolLive(region, pool_id, int(cap), int(healthy), int(leased), int(free), status)
+            pool_id, cap, healthy, leased, free, status, gen = (_s(x) for x in row)
+            pools[pool_id] = PoolLive(region, pool_id, int(cap), int(healthy), int(leased), int(free), status,
+                                      int(gen))
         for row in raw_leases:
-            lease_id, units, expires, seq, pool = (_s(x) for x in row)
-            leases[lease_id] = LeaseLive(region, lease_id, _pool_id(pool), int(units), float(expires), int(seq))
+            lease_id, units, expires, seq, pool, gen = (_s(x) for x in row)
+            leases[lease_id] = LeaseLive(region, lease_id, _pool_id(pool), int(units), float(expires), int(seq),
+                                         int(gen))
     rebuilt = {s: bool(await redis.exists(keys.rebuilt_marker(s))) for s in ("registry", "broker")}
     return pools, leases, ready, rebuilt
 
@@ -209,9 +220,11 @@ async def run_audit(cfg: AuditConfig, nc: NATS | None = None, redis: Redis | Non
     only what both show is reported."""
     own_nc = nc is None
     own_redis = redis is None
-    nc = nc or await connect(cfg.nats_url, "cbroker-audit")
+    nc = nc or await _bounded(connect(cfg.nats_url, "cbroker-audit"), cfg, f"NATS at {cfg.nats_url}")
     redis = redis or redis_connect(cfg.redis_url, 8, cluster=cfg.redis_cluster)
     try:
+        if own_redis:
+            await _bounded(redis.ping(), cfg, f"Redis at {cfg.redis_url}")
         first = audit(await observe(cfg, nc, redis))
         if first.ok or cfg.confirm_s <= 0:
             return first
@@ -224,14 +237,21 @@ async def run_audit(cfg: AuditConfig, nc: NATS | None = None, redis: Redis | Non
             await nc.drain()
 
 
+async def _bounded(call: Awaitable[T], cfg: AuditConfig, what: str) -> T:
+    """The first contact with a server, given up after ``connect_timeout_s``."""
+    try:
+        return await asyncio.wait_for(call, cfg.connect_timeout_s)
+    except (TimeoutError, OSError, RedisConnectionError, nats.errors.NoServersError) as exc:
+        raise Unreachable(f"cannot reach {what} within {cfg.connect_timeout_s:g}s"
+                          + (f": {exc}" if str(exc) else "")) from None
+
+
 def print_report(report: Report, console: Console) -> None:
-    table = Table(title="Compute Broker audit", title_justify="left")
-    for col in ("inv.", "check", "checked", "violations", "notes"):
-        table.add_column(col, justify="right" if col in ("inv.", "checked", "violations") else "left")
-    for c in report.checks:
-        bad = f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]"
-        table.add_row(str(c.invariant), c.name, f"{c.checked:,}", bad, "; ".join(c.notes))
-    console.print(table)
+    rows = [[str(c.invariant), c.name, f"{c.checked:,}",
+             f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]", "; ".join(c.notes)]
+            for c in report.checks]
+    console.print(table("Compute Broker audit", ("inv.", "check", "checked", "violations", "notes"), rows,
+                        width=console.width, right=("inv.", "checked", "violations")))
     for c in report.checks:
         for v in c.violations[:10]:
             console.print(f"[red]✗[/] {c.name}: [bold]{v.subject}[/] {v.detail}")
@@ -252,19 +272,26 @@ def register(cli: click.Group) -> None:
                   help="How long past its expiry a lease may still hold units (sweep interval + slack).")
     @click.option("--confirm-s", type=float, default=1.0, show_default=True,
                   help="Look again after this long; report only what both looks show (0: one look).")
+    @click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+                  help="Seconds to wait for NATS and Redis to answer before giving up (exit 3).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @handled
     def audit_cmd(nats_url: str | None, redis_url: str | None, prefix: str | None, meter_url: str | None,
-                  key: str | None, grace_s: float, confirm_s: float, as_json: bool) -> None:
+                  key: str | None, grace_s: float, confirm_s: float, connect_timeout: float, as_json: bool) -> None:
         """Check invariants 1-4 (overbooking, durable leases, exact billing, no leaks); exit 1 on a violation."""
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # one line on failure, not a retry log (-v: all)
+            logging.getLogger("services.common.nats_conn").setLevel(logging.ERROR)
         settings = settings_from_env(nats_url=nats_url, redis_url=redis_url, prefix=prefix)
         key = key or os.environ.get("CB_ADMIN_KEY")
         cfg = AuditConfig(nats_url=settings.nats_url, redis_url=settings.redis_url, prefix=settings.prefix,
                           meter_url=meter_url, key=key, min_bill_s=settings.min_bill_s,
                           meter_state=settings.meter_state, meter_durable=settings.meter_durable,
-                          redis_cluster=settings.redis_cluster, grace_s=grace_s, confirm_s=confirm_s)
-        report = asyncio.run(run_audit(cfg))
+                          redis_cluster=settings.redis_cluster, grace_s=grace_s, confirm_s=confirm_s,
+                          connect_timeout_s=connect_timeout)
+        with waiting("reading Redis, JetStream and the meter"):
+            report = asyncio.run(run_audit(cfg))
         if as_json:
             sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         else:
-            print_report(report, Console(width=None if sys.stdout.isatty() else 160))
+            print_report(report, out())
         raise SystemExit(0 if report.ok else 1)

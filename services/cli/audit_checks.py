@@ -47,6 +47,7 @@ class PoolLive:
     leased: int
     free: int
     status: str
+    generation: int = 0  # 0: written before generations were kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,13 @@ class LeaseLive:
     units: int
     expires: float
     seq: int
+    generation: int = 0  # the pool generation it holds units of (0: from before generations)
+
+    def holds_units_of(self, pool: PoolLive | None) -> bool:
+        """Its units are counted in ``pool``'s ``leased``: the pool of its generation (a
+        lease that outlived its pool's removal waits for the broker to end it as lost)."""
+        return pool is not None and (self.generation == 0 or pool.generation == 0 or
+                                     self.generation == pool.generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +212,8 @@ def check_capacity(o: Observation) -> CheckResult:
     grants = {lease_id: h.grant[1].lease.granted_at.timestamp() for lease_id, h in o.histories().items()
               if h.grant}
     for lease in o.leases.values():
+        if not lease.holds_units_of(o.pools.get(lease.pool_id)):
+            continue
         at = grants.get(lease.lease_id, o.now)
         newest[lease.pool_id] = max(newest.get(lease.pool_id, 0.0), at)
         held[lease.pool_id] += lease.units
@@ -229,7 +239,8 @@ def check_leased_counter(o: Observation) -> CheckResult:
     r = CheckResult("pool leased = units of its live leases", 1)
     held: dict[str, int] = defaultdict(int)
     for lease in o.leases.values():
-        held[lease.pool_id] += lease.units
+        if lease.pool_id not in o.pools or lease.holds_units_of(o.pools[lease.pool_id]):
+            held[lease.pool_id] += lease.units
     for pool in o.pools.values():
         r.checked += 1
         if pool.leased != held.get(pool.pool_id, 0):

@@ -1,22 +1,21 @@
-"""``cbroker usage|invoice``: what the meter has billed, as tables."""
+"""``cbroker usage|invoice``: what the meter has billed, as tables that fit the terminal,
+CSV or JSON."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from services.meter.client import MeterApiError, MeterClient
+from services.meter.client import MeterClient
 from services.meter.model import Invoice, InvoiceLine
 
-console = Console(width=None if sys.stdout.isatty() else 200)  # piped: keep ids whole
+from .apps import demo_keys
+from .term import handled, out, print_json, show, table
+
 GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
 
 
@@ -24,22 +23,17 @@ def _key(key: str | None, tenant: str | None, ops: bool, data_dir: Path) -> tupl
     """(API key, tenant to ask about or None for the key's own)."""
     if key:
         return key, tenant
-    keys_file = data_dir / "demo-keys.json"
-    if keys_file.exists():
-        keys = json.loads(keys_file.read_text())
+    keys = demo_keys(data_dir)
+    if keys is not None:
         if ops:
             return keys["ops"], tenant
         if tenant:
             if tenant not in keys["tenants"]:
-                raise click.UsageError(f"no demo tenant {tenant}; the demo tenants are {', '.join(keys['tenants'])}")
+                raise click.BadParameter(f"no demo tenant {tenant!r}; the demo tenants are "
+                                         f"{', '.join(keys['tenants'])}", param_hint="'--tenant'")
             return keys["tenants"][tenant], None
         return next(iter(keys["tenants"].values())), None
     raise click.UsageError("give --key (or $CB_KEY), or run from where `cbroker up --demo` wrote its keys")
-
-
-def _fail(exc: MeterApiError) -> None:
-    console.print(f"[red]{exc.status}[/] {exc.problem.get('detail', '')}")
-    raise SystemExit(1)
 
 
 def _qty(value: Any) -> str:
@@ -47,22 +41,17 @@ def _qty(value: Any) -> str:
     return f"{q.normalize():f}" if q == q.to_integral_value() else f"{q:.3f}"
 
 
-def _lines_table(title: str, lines: list[InvoiceLine], currency: str, adjustments: bool = False) -> Table:
-    table = Table(title=title, title_justify="left")
+def _lines_table(title: str, lines: list[InvoiceLine], currency: str, width: int, adjustments: bool = False):  # noqa: ANN202
     cols = (["for period"] if adjustments else []) + ["billing", "region", "model", "pool", "quantity", "unit price",
                                                       "amount"]
-    for col in cols:
-        table.add_column(col, justify="right" if col in ("quantity", "unit price", "amount") else "left",
-                         no_wrap=col in ("pool", "model"))
-    for x in lines:
-        row = ([x.period] if adjustments else []) + [
-            x.billing, x.region, x.model, x.pool_id, f"{_qty(x.quantity)} {x.unit}{'' if x.quantity == 1 else 's'}",
-            f"{x.unit_price} {currency}/{x.unit.removeprefix('unit-')}", f"{x.amount} {currency}"]
-        table.add_row(*row)
-    return table
+    rows = [([x.period] if adjustments else []) + [
+        x.billing, x.region, x.model, x.pool_id, f"{_qty(x.quantity)} {x.unit}{'' if x.quantity == 1 else 's'}",
+        f"{x.unit_price} {currency}/{x.unit.removeprefix('unit-')}", f"{x.amount} {currency}"] for x in lines]
+    return table(title, cols, rows, width=width, right=("quantity", "unit price", "amount"))
 
 
 def print_invoice(inv: Invoice) -> None:
+    console = out()
     status = "[green]final[/]" if inv.status == "final" else "[yellow]draft[/]"
     when = f"issued {inv.issued_at:%Y-%m-%d %H:%M} UTC" if inv.issued_at else \
         f"final after {inv.final_after:%Y-%m-%d %H:%M} UTC"
@@ -71,10 +60,11 @@ def print_invoice(inv: Invoice) -> None:
         console.print("  nothing billed in this period")
     for section in inv.currencies:
         if section.lines:
-            console.print(_lines_table(f"charges in {section.currency}", section.lines, section.currency))
+            console.print(_lines_table(f"charges in {section.currency}", section.lines, section.currency,
+                                       console.width))
         if section.adjustments:
             console.print(_lines_table(f"adjustments (late charges of final periods) in {section.currency}",
-                                       section.adjustments, section.currency, adjustments=True))
+                                       section.adjustments, section.currency, console.width, adjustments=True))
         console.print(f"  subtotal {section.subtotal} + adjustments {section.adjustments_total} = "
                       f"[bold]{section.total} {section.currency}[/]")
 
@@ -105,32 +95,36 @@ def register(cli: click.Group) -> None:
     @click.option("--pool")
     @click.option("--billing", type=click.Choice(["on_demand", "reserved_month", "reserved_year", "interruptible"]))
     @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the meter's answer as JSON.")
     @setup
-    def usage(period, group_by, region, model, provider, pool, billing, as_csv, url, key, tenant, ops,  # noqa: ANN001
-              data_dir) -> None:
+    @handled
+    def usage(period, group_by, region, model, provider, pool, billing, as_csv, as_json, url, key, tenant,  # noqa: ANN001
+              ops, data_dir) -> None:
         """Usage the meter has posted, grouped and filtered."""
-        api_key, whose = _key(key, tenant, ops, data_dir)
+        if as_csv and as_json:
+            raise click.UsageError("give --csv or --json, not both")
         groups = [g.strip() for g in group_by.split(",") if g.strip()]
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown or not groups:
+            raise click.BadParameter(f"{', '.join(unknown) or 'nothing'} is not one of {', '.join(GROUPS)}",
+                                     param_hint="'--group-by'")
+        api_key, whose = _key(key, tenant, ops, data_dir)
         kw = dict(tenant=whose, period=period, region=region, model=model, provider=provider, pool=pool,
                   billing=billing, group_by=groups)
-        try:
-            with MeterClient(url, api_key) as meter:
-                if as_csv:
-                    click.echo(meter.usage_csv(**kw), nl=False)
-                    return
-                body = meter.usage(**kw)
-        except MeterApiError as exc:
-            _fail(exc)
+        with MeterClient(url, api_key) as meter:
+            if as_csv:
+                click.echo(meter.usage_csv(**kw), nl=False)
+                return
+            body = meter.usage(**kw)
+        if as_json:
+            print_json(body)
+            return
         title = f"usage of {body['tenant']}" if body.get("tenant") else "usage"
-        table = Table(title=title + (f" in {period}" if period else ""), title_justify="left")
-        for g in groups:
-            table.add_column(g, no_wrap=g in ("pool", "model"))
-        for col in ("unit-hours", "unit-months", "entries", "amount"):
-            table.add_column(col, justify="right")
-        for row in body["rows"]:
-            table.add_row(*[str(row[g]) for g in groups], _qty(row["unit_hours"]), _qty(row["unit_months"]),
-                          f"{row['entries']:,}", f"{row['amount']} {row['currency']}")
-        console.print(table)
+        rows = [[*[str(row[g]) for g in groups], _qty(row["unit_hours"]), _qty(row["unit_months"]),
+                 f"{row['entries']:,}", f"{row['amount']} {row['currency']}"] for row in body["rows"]]
+        show(title + (f" in {period}" if period else ""), [*groups, "unit-hours", "unit-months", "entries", "amount"],
+             rows, right=("unit-hours", "unit-months", "entries", "amount"))
+        console = out()
         if not body["rows"]:
             console.print("  nothing billed yet")
         for currency, amount in sorted(body["totals"].items()):
@@ -138,24 +132,28 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("period", required=False)
+    @click.option("--json", "as_json", is_flag=True, help="Print the invoice (or the list) as JSON.")
     @setup
-    def invoice(period, url, key, tenant, ops, data_dir) -> None:  # noqa: ANN001
+    @handled
+    def invoice(period, as_json, url, key, tenant, ops, data_dir) -> None:  # noqa: ANN001
         """An invoice (PERIOD as YYYY-MM), or the list of invoices without one."""
         api_key, whose = _key(key, tenant, ops, data_dir)
-        try:
-            with MeterClient(url, api_key) as meter:
-                if period:
-                    print_invoice(meter.invoice(period, whose))
-                    return
-                listing = meter.invoices(whose)
-        except MeterApiError as exc:
-            _fail(exc)
-        table = Table(title=f"invoices of {listing['tenant']}", title_justify="left")
-        for col in ("period", "status", "entries", "total"):
-            table.add_column(col, justify="right" if col in ("entries", "total") else "left")
-        for item in listing["invoices"]:
-            total = ", ".join(f"{v} {k}" for k, v in sorted(item["totals"].items())) or "0"
-            table.add_row(item["period"], item["status"], f"{item['entries']:,}", total)
-        console.print(table)
+        with MeterClient(url, api_key) as meter:
+            if period:
+                inv = meter.invoice(period, whose)
+                if as_json:
+                    print_json(inv)
+                else:
+                    print_invoice(inv)
+                return
+            listing = meter.invoices(whose)
+        if as_json:
+            print_json(listing)
+            return
+        rows = [[item["period"], item["status"], f"{item['entries']:,}",
+                 ", ".join(f"{v} {k}" for k, v in sorted(item["totals"].items())) or "0"]
+                for item in listing["invoices"]]
+        show(f"invoices of {listing['tenant']}", ("period", "status", "entries", "total"), rows,
+             right=("entries", "total"))
         if not listing["invoices"]:
-            console.print("  no invoices yet")
+            out().print("  no invoices yet")

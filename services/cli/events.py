@@ -1,27 +1,27 @@
 """``cbroker events``: the registry's event stream, one readable line per event.
 
-Without ``--follow`` it prints what happened since ``--since`` (default the last hour)
-and exits; with ``--follow`` it keeps printing, and reconnects after a drop from the
-last event id it saw, so nothing is missed.
+Without ``--follow`` it prints what happened since ``--since`` (default the last hour),
+in time order across the kinds, and exits; with ``--follow`` it keeps printing, and
+reconnects after a drop from the last event id it printed, so nothing is missed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
-from rich.console import Console
 from rich.markup import escape
 
-console = Console(width=None if sys.stdout.isatty() else 240, highlight=False)
+from .apps import demo_keys
+from .term import Refused, ServiceFailed, handled, note, out
 
 
 @dataclass
@@ -113,20 +113,40 @@ def line_for(envelope: dict[str, Any]) -> str:
 def _key(key: str | None, data_dir: Path) -> str:
     if key:
         return key
-    keys_file = data_dir / "demo-keys.json"
-    if keys_file.exists():
-        return json.loads(keys_file.read_text())["ops"]
+    keys = demo_keys(data_dir)
+    if keys is not None and keys.get("ops"):
+        return keys["ops"]
     admin = data_dir / "admin-key"
     if admin.exists():
         return admin.read_text().strip()
     raise click.UsageError("give --key (or $CB_KEY), or run from where `cbroker up` wrote its keys")
 
 
-def _stream(url: str, key: str, params: dict[str, str], last_id: str | None, as_json: bool) -> str | None:
-    """One connection; returns the last event id seen (``None`` if the feed ended)."""
+@dataclass
+class Cursor:
+    """Where a reconnect resumes (``Last-Event-ID``): the id of the last event printed, or
+    before the first, the id of the stream's start (its ``ready`` event)."""
+    last_id: str | None = None
+
+
+def _at(envelope: dict[str, Any]) -> float:
+    """When the event happened (events without a readable time sort first)."""
+    try:
+        return datetime.fromisoformat(str(envelope["event"]["at"])).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def _stream(url: str, key: str, params: dict[str, str], cursor: Cursor, as_json: bool) -> bool:
+    """One connection; True when the server ended the feed. Without ``follow`` the events
+    are gathered and printed in time order (the server sends each kind's backlog as it
+    comes); with it, each is printed as it arrives and the cursor moves past it."""
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
-    if last_id:
-        headers["Last-Event-ID"] = last_id
+    if cursor.last_id:
+        headers["Last-Event-ID"] = cursor.last_id
+    follow = params.get("follow") != "false"
+    history: list[tuple[float, int, SseEvent]] = []
+    console, ended = out(), False
     with httpx.stream("GET", f"{url}/v1/events", params=params, headers=headers,
                       timeout=httpx.Timeout(10.0, read=60.0)) as r:
         if r.status_code != 200:
@@ -135,18 +155,30 @@ def _stream(url: str, key: str, params: dict[str, str], last_id: str | None, as_
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
-            raise click.ClickException(f"{r.status_code}: {detail}")
+            raise (ServiceFailed if r.status_code >= 500 else Refused)(f"{r.status_code}: {detail}")
         for ev in parse_sse(r.iter_lines()):
-            last_id = ev.id or last_id
             if ev.event == "end":
-                return None
+                ended = True
+                break
+            if ev.event == "ready" and follow:  # where this connection starts: a reconnect resumes there
+                cursor.last_id = ev.id or cursor.last_id
             if ev.event != "message":
                 continue
-            if as_json:
-                click.echo(ev.data)
-            else:
-                console.print(line_for(ev.json()))
-    return last_id
+            if not follow:
+                history.append((_at(ev.json()), len(history), ev))
+                continue
+            _print(ev, as_json, console)
+            cursor.last_id = ev.id or cursor.last_id
+    for _, _, ev in sorted(history, key=lambda h: h[:2]):
+        _print(ev, as_json, console)
+    return ended
+
+
+def _print(ev: SseEvent, as_json: bool, console) -> None:  # noqa: ANN001
+    if as_json:
+        click.echo(ev.data)
+    else:
+        console.print(line_for(ev.json()), soft_wrap=True)  # one line per event, for grep
 
 
 def register(cli: click.Group) -> None:
@@ -166,6 +198,7 @@ def register(cli: click.Group) -> None:
     @click.option("--key", default=lambda: os.environ.get("CB_KEY"),
                   help="API key (default $CB_KEY, else the ops key of `cbroker up --demo`).")
     @click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".cbroker"), show_default=True)
+    @handled
     def events(follow: bool, kind: str | None, type_: str | None, region: str | None, provider: str | None,
                tenant: str | None, since: str | None, as_json: bool, url: str, key: str | None,
                data_dir: Path) -> None:
@@ -178,21 +211,21 @@ def register(cli: click.Group) -> None:
         if not follow:
             params["follow"] = "false"
         token = _key(key, data_dir)
-        last_id: str | None = None
+        cursor = Cursor()
         backoff = 0.5
         try:
             while True:
+                seen = cursor.last_id
                 try:
-                    last_id = _stream(url.rstrip("/"), token, params, last_id, as_json)
-                    if last_id is None or not follow:
+                    if _stream(url.rstrip("/"), token, params, cursor, as_json) or not follow:
                         return
+                    why = "the server closed the stream"
                 except httpx.TransportError as exc:
                     if not follow:
-                        raise click.ClickException(f"cannot reach the registry at {url}: {exc}") from None
-                    console.print(f"[dim]connection lost ({exc}); resuming from {last_id or 'now'}[/]")
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                backoff = 0.5
+                        raise
+                    why = f"connection lost ({exc or type(exc).__name__})"
+                note(f"[dim]{why}; resuming after {cursor.last_id or 'now'}[/]")
+                backoff = 0.5 if cursor.last_id != seen else min(backoff * 2, 10.0)
+                time.sleep(backoff)
         except KeyboardInterrupt:
             return

@@ -19,7 +19,7 @@ from services.common.subjects import Subjects
 
 from .demo import heartbeat_agent, load_demo, tenant_agent
 from .servers import ServerProcess, start_nats, start_redis
-from .supervisor import ServiceProcess, available_services
+from .supervisor import ServiceProcess, Supervisor, available_services
 
 log = logging.getLogger("cbroker.up")
 
@@ -53,11 +53,11 @@ async def run_up(opts: UpOptions, console: Console) -> int:
     try:
         nats_url = os.environ.get("NATS_URL")
         if not nats_url:
-            servers.append(start_nats(opts.data_dir / "nats", opts.nats_port))
+            servers.append(start_nats(opts.data_dir / "nats", opts.nats_port, tied=True))
             nats_url = servers[-1].url
         redis_url = os.environ.get("REDIS_URL")
         if not redis_url:
-            servers.append(start_redis(opts.data_dir / "redis", opts.redis_port))
+            servers.append(start_redis(opts.data_dir / "redis", opts.redis_port, tied=True))
             redis_url = servers[-1].url
         admin_key = os.environ.get("CB_ADMIN_KEY") or f"cbadmin_{secrets.token_hex(24)}"
         settings = settings_from_env(nats_url=nats_url, redis_url=redis_url, admin_key=admin_key,
@@ -65,7 +65,8 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         await _ensure_streams(settings)
         env = settings_to_env(settings)
         for name in available_services():
-            svc = ServiceProcess(name, getattr(settings, f"{name}_port"), env, opts.data_dir / f"{name}.log")
+            svc = ServiceProcess(name, getattr(settings, f"{name}_port"), env, opts.data_dir / f"{name}.log",
+                                 tied=True)
             svc.start()
             services.append(svc)
         for svc in services:
@@ -101,9 +102,11 @@ async def run_up(opts: UpOptions, console: Console) -> int:
             console.print(f"Ops console: {url}", soft_wrap=True, highlight=False)
         console.print("Ctrl-C stops everything.")
 
+        # every child is started (and restarted) from this thread: a child's parent-death
+        # signal follows the thread that forked it (``die_with_parent``)
+        supervisor = Supervisor([*servers, *services])
         while not stop.is_set():
-            for svc in services:
-                svc.supervise()
+            supervisor.check()
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
             except TimeoutError:

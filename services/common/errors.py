@@ -50,8 +50,20 @@ class Unprocessable(BrokerError):
 
 
 class Unavailable(BrokerError):
+    """A passing condition (a dependency restarting, state being rebuilt, the service
+    busy): every 503 tells the client when to retry (``Retry-After``, default 1 s)."""
+
     status = 503
     title = "unavailable"
+
+
+class Busy(Unavailable):
+    """Working at capacity (docs/overload.md), not broken: retry after ``retry_after`` seconds."""
+
+    title = "busy"
+
+    def __init__(self, detail: str, retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
 
 
 class TooManyRequests(BrokerError):

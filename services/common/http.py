@@ -19,12 +19,15 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from .api_docs import assets_router, render_plugins
 from .auth import KeyLookup, Principal
 from .errors import BrokerError
+from .json_limits import LimitedRequest
+from .overload import shed_load
 from .nats_conn import FAILOVER_ERRORS
 from .problem_docs import document_problems
 from .ratelimit import RateLimiter
@@ -35,12 +38,13 @@ PROBLEM = "application/problem+json"
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+    """Every 503 says when to retry (1 s unless the error knows better), as does a 429."""
+    if status == 503:
+        extra.setdefault("retry_after", 1)
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if "retry_after" in extra:  # 429 over a rate limit, 409 a key in progress, 503 a store not answering
+    if "retry_after" in extra:  # 429 over a rate limit, 503 a store not answering, 409 a key in progress
         headers = {"Retry-After": str(extra["retry_after"])}
-    elif status == 503:
-        headers = {"Retry-After": "1"}
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -71,9 +75,7 @@ def _unavailable(store: str) -> Callable[[Request, Exception], Response]:
         is broken (a 500 says "bug")."""
         log.warning("%s unavailable on %s %s: %s", store, request.method, request.url.path,
                     type(exc).__name__)
-        response = problem(503, "unavailable", f"the {store} did not answer in time; retry shortly")
-        response.headers["Retry-After"] = "1"
-        return response
+        return problem(503, "unavailable", f"the {store} did not answer in time; retry shortly")
 
     return handler
 
@@ -100,6 +102,10 @@ def prometheus(service: str, hot_paths: list[str] | None = None) -> tuple[Promet
     to domain counters: the middleware costs a heartbeat ~15% of its throughput."""
     config = PrometheusConfig(app_name=service, prefix="cb", group_path=True,
                               exclude=["^/metrics", "^/health", *(hot_paths or [])])
+    # litestar declares cb_requests_error_total at the first 5xx; declared now, it is
+    # listed from the start (docs/metrics.md), with a series per path once one fails
+    PrometheusMiddleware(app=None, config=config).requests_error_count(  # type: ignore[arg-type]
+        {"method": "", "path": "", "status_code": 0, "app_name": service})
     return config, PrometheusController
 
 
@@ -154,20 +160,25 @@ def api_key_auth() -> ApiKeyAuth:
 
 
 def service_app(service: str, description: str, *, max_body_bytes: int, metrics: PrometheusConfig,
-                route_handlers: list[Any], lifespan: Callable[..., Any], **extra: Any) -> Litestar:
-    """A service's litestar app with what every service shares, said once: request ids
-    (middleware and response header), request metrics, API-key auth, problem details
-    (handled and documented in the schema), the body limit, the OpenAPI title, and no
-    logging config of litestar's own (the process logs JSON lines: ``logs.py``)."""
-    return document_problems(Litestar(
-        route_handlers=route_handlers,
+                route_handlers: list[Any], lifespan: Callable[..., Any], max_in_flight: int = 0,
+                **extra: Any) -> Litestar:
+    """A service's litestar app with what every service shares, said once: load
+    shedding past ``max_in_flight`` requests, request ids (middleware and response
+    header), request metrics, API-key auth, problem details (handled and documented in
+    the schema), the body size and nesting limits, the OpenAPI title and documentation
+    pages (their files served here: ``api_docs.py``), and no logging
+    config of litestar's own (the process logs JSON lines: ``logs.py``)."""
+    return shed_load(document_problems(Litestar(
+        route_handlers=[*route_handlers, assets_router()],
         middleware=[RequestIdMiddleware(), metrics.middleware, api_key_auth()],
         before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
         request_max_body_size=max_body_bytes,
-        openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description),
+        request_class=LimitedRequest,  # JSON bodies nested too deep are refused before decoding
+        openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description,
+                                     render_plugins=render_plugins()),  # pages that work offline
         debug=False,
         logging_config=None,
         **extra,
-    ))
+    )), max_in_flight)

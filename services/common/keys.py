@@ -32,6 +32,11 @@ class Keys:
         """Set: ids of the pools registered in a region."""
         return f"{self._r(region)}:pools"
 
+    def removed_pools(self, region: str) -> str:
+        """Hash: pool id -> the last generation of it removed (a late write of that
+        generation must not bring it back)."""
+        return f"{self._r(region)}:pools:removed"
+
     def heartbeats(self, region: str) -> str:
         """Sorted set: pool id scored by its last heartbeat (unix seconds)."""
         return f"{self._r(region)}:hb"
@@ -98,6 +103,11 @@ class Keys:
     def queue(self) -> str:
         """Sorted set: queued request ids, scored priority first, then fair share."""
         return f"{self.prefix}:queue"
+
+    def tenant_queued(self, tenant: str) -> str:
+        """Set: ids of a tenant's requests that went into the queue (pruned of those that
+        left it when the tenant reaches its cap; docs/overload.md)."""
+        return f"{self.prefix}:queue:tenant:{tenant}"
 
     def tenant_vtime(self) -> str:
         """Hash: tenant -> virtual finish time of its last queued request (fair share)."""

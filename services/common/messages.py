@@ -27,6 +27,7 @@ Vendor = Literal[
 Stack = Literal["cuda", "rocm", "cann", "neuware", "dtk", "xpu", "synapseai", "musa", "corex",
                 "suppa", "maca", "topsrider", "neuron", "xla"]
 HostArch = Literal["x86_64", "aarch64"]
+FormFactor = Literal["sxm", "pcie", "nvl", "oam", "superchip", "other"]
 PoolStatus = Literal["online", "offline", "draining"]
 
 
@@ -46,6 +47,7 @@ class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
     interconnect_gbs: float
     stack: Stack
     frameworks: tuple[str, ...] = ("pytorch",)
+    form_factor: FormFactor | None = None  # how the card is built: SXM and PCIe parts differ in power and links
     aliases: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
 
@@ -103,6 +105,9 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     egress_gbps: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 10.0
     prices: Prices
     provider: Id | None = None  # admin may register on behalf of a provider
+    # "listed": imported from a public catalogue; its availability is what the catalogue
+    # lists, not what a provider agent reports live (quotes say so)
+    availability: Literal["live", "listed"] = "live"
 
 
 class Pool(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +119,11 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True):
     accelerator: Accelerator
     created_at: datetime
     updated_at: datetime
+    # One registration of this pool id, from creation to removal: the revision of the
+    # record's creating write in the registry's bucket (so a pool removed and registered
+    # again is a new, higher generation). 0 in a stored record means "the revision of this
+    # entry" (a create cannot name its own revision). Leases hold the generation they were
+    # granted on and never touch another (docs/lifecycle.md, "Pool").
     generation: int = 1
 
 
@@ -140,6 +150,8 @@ class PoolUpdated(_CapacityEvent, tag="pool.updated"):
 
 class PoolOffline(_CapacityEvent, tag="pool.offline"):
     reason: str = "heartbeat missed"
+    generation: int = 0  # the pool generation that went offline (0: not said)
+    lease_ids: tuple[str, ...] = ()  # its leases at that moment: the broker marks them lost
 
 
 class PoolOnline(_CapacityEvent, tag="pool.online"):
@@ -152,6 +164,8 @@ class PoolDraining(_CapacityEvent, tag="pool.draining"):
 
 class PoolRemoved(_CapacityEvent, tag="pool.removed"):
     leased: int = 0  # units still leased when removed: the broker marks them lost
+    generation: int = 0  # the pool generation removed (0: not said)
+    lease_ids: tuple[str, ...] = ()  # its leases at that moment
 
 
 CapacityEvent = PoolRegistered | PoolUpdated | PoolOffline | PoolOnline | PoolDraining | PoolRemoved
@@ -187,6 +201,7 @@ class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     term_months: int = 0  # reserved terms: 1 or 12
     ttl_s: int = 0  # open leases: each renewal moves expires_at to now + ttl_s; 0 = fixed end
     priority: int = 5
+    pool_generation: int = 0  # the pool generation granted on (0: from before generations were kept)
 
 
 class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):

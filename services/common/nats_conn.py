@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from collections.abc import Callable
 
 import msgspec
 import nats
@@ -13,11 +13,11 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from .coalesce import Coalescer
+from .jetstream import AckedPublisher  # noqa: F401 - imported from here by the services
 from .subjects import EVENT_KINDS, Subjects
 from .tracing import nats_headers
 
@@ -106,10 +106,12 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: in
             log.warning("ensuring stream %s: %s; looking again", config.name, exc or type(exc).__name__)
 
 
-async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, attempts: int = 6) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, attempts: int = 6,
+                        direct: bool = False) -> KeyValue:
     """The bucket, created if missing. Replicas starting together on a fresh NATS cluster
     race to create it, and a losing create can go unanswered (seen with R3 buckets):
-    a create that fails or times out is followed by another look-up."""
+    a create that fails or times out is followed by another look-up. ``direct``: allow
+    direct gets (the meter reads many accounts in one batched direct get)."""
     for attempt in range(attempts):
         try:
             return await js.key_value(name)
@@ -117,13 +119,44 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, atte
             pass
         try:
             return await js.create_key_value(
-                KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas)
+                KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas, direct=direct)
             )
         except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
             if attempt == attempts - 1:
                 raise
             log.warning("creating bucket %s: %s; looking again", name, exc or type(exc).__name__)
     raise AssertionError("unreachable")
+
+
+async def follow_bucket(js: JetStreamContext, bucket: str, on_entry: Callable[[str, bytes | None, int], object],
+                        timeout: float = 30.0) -> JetStreamContext.PushSubscription:
+    """Keep a process's copy of a key-value bucket current through one ordered consumer
+    that lives as long as the connection: ``on_entry(key, value, revision)`` for every
+    key's latest value, then for each change as it comes (``value`` None: the key was
+    deleted). Returns once the copy has caught up with the bucket. Readers serve from
+    that copy, so a read costs no consumer (opening one per read leaked them, issue 16)."""
+    prefix = f"$KV.{bucket}."
+    caught_up = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        headers = msg.headers or {}
+        deleted = (headers.get("KV-Operation") in ("DEL", "PURGE")
+                   or headers.get("Nats-Marker-Reason") in ("MaxAge", "Purge", "Remove"))
+        on_entry(msg.subject[len(prefix):], None if deleted else msg.data, msg.metadata.sequence.stream)
+        if msg.metadata.num_pending == 0:
+            caught_up.set()
+
+    info = await js.stream_info(f"KV_{bucket}")
+    if info.state.messages == 0:
+        caught_up.set()
+    sub = await js.subscribe(f"{prefix}>", stream=f"KV_{bucket}", cb=on_msg, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+    try:
+        await asyncio.wait_for(caught_up.wait(), timeout)
+    except TimeoutError:
+        await sub.unsubscribe()
+        raise
+    return sub
 
 
 async def publish_event(js: JetStreamContext, subject: str, event: msgspec.Struct) -> int:
@@ -152,7 +185,6 @@ async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Str
     Redis): giving up would leave the durable record behind the live state. Retrying is
     safe, as the same ``Nats-Msg-Id`` makes a repeat of a stored event a no-op, and it
     rides out a cluster failover (a few seconds) instead of failing the request."""
-    import asyncio
     import time
 
     deadline = time.monotonic() + within
@@ -170,97 +202,20 @@ async def publish_durably(js: JetStreamContext, subject: str, event: msgspec.Str
             await asyncio.sleep(0.25)
 
 
-class AckedPublisher:
-    """JetStream publishes of concurrent callers, sent together and acknowledged through
-    one inbox. nats-py's ``js.publish`` is a request with its own future, timer and
-    wait per message; under load that bookkeeping costs more than the publish. Here a
-    batch (``Coalescer``) is written in one go and its acks awaited together, each
-    caller getting its stream sequence or the error ``js.publish`` would raise.
-    Callers that must ride out a failover retry with ``publish_durably``: the same
-    ``Nats-Msg-Id`` makes that safe."""
-
-    def __init__(self, nc: NATS, timeout: float = 3.0) -> None:
-        self.nc, self.timeout = nc, timeout
-        self._inbox: str | None = None
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._next = 0
-        self._batches: Coalescer[tuple[str, bytes, dict[str, str] | None], int] = Coalescer(self._flush)
-
-    def publish(self, subject: str, event: msgspec.Struct) -> asyncio.Future[int]:
-        """The stream sequence, to await (a future, not a coroutine: one frame less)."""
-        headers = nats_headers({"Nats-Msg-Id": event.id})  # type: ignore[attr-defined]
-        return self._batches.submit((subject, msgspec.json.encode(event), headers))
-
-    async def _on_ack(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
-        if future is not None and not future.done():
-            future.set_result(msg)
-
-    async def _flush(self, items: list[tuple[str, bytes, dict[str, str] | None]]) -> list[int | Exception]:
-        if self._inbox is None:
-            inbox = self.nc.new_inbox()
-            await self.nc.subscribe(f"{inbox}.*", cb=self._on_ack)
-            self._inbox = inbox
-        loop = asyncio.get_running_loop()
-        sent: list[tuple[str, asyncio.Future[Msg]] | Exception] = []
-        try:
-            for subject, payload, headers in items:
-                self._next += 1
-                token = str(self._next)
-                future: asyncio.Future[Msg] = loop.create_future()
-                self._waiting[token] = future
-                try:
-                    await self.nc.publish(subject, payload, reply=f"{self._inbox}.{token}", headers=headers)
-                except Exception as exc:  # noqa: BLE001 - not written (buffer full, draining, too big): that item's error
-                    self._waiting.pop(token, None)
-                    sent.append(exc)
-                    continue
-                sent.append((token, future))
-            waiting = [item[1] for item in sent if not isinstance(item, Exception)]
-            if waiting:
-                await asyncio.wait(waiting, timeout=self.timeout)
-        finally:
-            for item in sent:
-                if not isinstance(item, Exception) and not item[1].done():
-                    self._waiting.pop(item[0], None)
-                    item[1].cancel()
-        out: list[int | Exception] = []
-        for item in sent:
-            if isinstance(item, Exception):
-                out.append(item)
-            else:
-                out.append(_pub_ack(item[1].result()) if not item[1].cancelled() else nats.errors.TimeoutError())
-        return out
-
-
-def _pub_ack(msg: Msg) -> int | Exception:
-    """A JetStream publish reply, as ``js.publish`` reads it: the stream sequence, or
-    the error (no stream listening: the server's 503)."""
-    if msg.headers and msg.headers.get("Status") == "503":
-        return nats.js.errors.NoStreamResponseError()
-    try:
-        reply = json.loads(msg.data)
-    except ValueError as exc:
-        return nats.js.errors.Error(f"unreadable publish acknowledgement: {exc}")
-    if "error" in reply:
-        try:
-            nats.js.errors.APIError.from_error(reply["error"])  # raises the matching error
-        except nats.js.errors.APIError as exc:
-            return exc
-    return int(reply["seq"])
-
-
-async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000):  # noqa: ANN201
-    """Every message of ``stream`` on ``subject`` from the start up to its last sequence
-    now (for rebuilding state from the durable record). Yields ``(seq, data)``."""
+async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: int = 1000,  # noqa: ANN201
+                      start: int = 1):
+    """Every message of ``stream`` on ``subject`` from sequence ``start`` up to its last
+    sequence now (for rebuilding state from the durable record, or reading the latest
+    few). Yields ``(seq, data)``."""
     info = await js.stream_info(stream)
     last = info.state.last_seq
-    if info.state.messages == 0:
+    if info.state.messages == 0 or start > last:
         return
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+        opt_start_seq=start if start > 1 else None, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
     try:
         while True:
             try:
@@ -279,8 +234,6 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str, batch: in
 async def close_quietly(nc: NATS, timeout: float = 5.0) -> None:
     """Drain (finish what is in flight), but never hang a shutdown on it: a drain that
     waits on a stuck callback or a gone server is cut short by a close."""
-    import asyncio
-
     try:
         await asyncio.wait_for(nc.drain(), timeout)
     except Exception as exc:  # noqa: BLE001 - includes TimeoutError

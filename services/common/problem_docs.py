@@ -51,6 +51,13 @@ def _spec(description: str) -> ResponseSpec:
                         generate_examples=False)
 
 
+def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """The documented problem responses ``codes`` for a handler's ``responses``: a public
+    route that still checks a key (the event stream) declares the authenticated ones."""
+    texts = {**_EVERY, **_AUTHENTICATED}
+    return {code: _spec(texts[code]) for code in codes}
+
+
 def document_problems(app: Litestar) -> Litestar:
     """Add the problem responses to every operation of ``app`` (before its schema is built)."""
     for route in app.routes:

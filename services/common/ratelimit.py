@@ -14,9 +14,9 @@ same round trip asks whether the key's live record still exists (a revocation de
 it before it answers): a request made after a revocation returned is refused by every
 replica, whatever the broadcast is doing.
 
-Concurrent requests share a round trip, as heartbeats do: while one is in flight the
-next requests wait for the following one, which adds each key's count in one call. At
-low load a batch is a single request and nothing waits.
+Concurrent requests share a round trip (``Coalescer``, as heartbeats do): while one is
+in flight the next requests wait for the following one, which adds each key's count in
+one call. At low load a batch is a single request and nothing waits.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from .auth import Principal
+from .coalesce import Coalescer
 from .errors import TooManyRequests
 from .keys import Keys
 
@@ -68,8 +69,7 @@ class RateLimiter:
         self.redis, self.keys, self.limit = redis, keys, limit
         self.window_ms = max(1, int(window_s * 1000))
         self._script = redis.register_script(WINDOW_SCRIPT)
-        self._pending: dict[Principal, list[asyncio.Future[Seen]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._batches: Coalescer[Principal, Seen] = Coalescer(self._flush)
 
     @staticmethod
     def bucket(principal: Principal) -> str:
@@ -81,13 +81,9 @@ class RateLimiter:
         the key's live record still exists (the caller re-checks the key if not)."""
         if self.limit <= 0 and not principal.key_id:
             return True
-        future: asyncio.Future[Seen] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(principal, []).append(future)
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain())
         try:
             async with asyncio.timeout(WAIT_S):
-                seen = await future
+                seen = await self._batches.submit(principal)
         except TimeoutError:  # Redis is not answering: let it through, the handler fails fast on its own
             return True
         if self.limit > 0 and seen.count > self.limit:
@@ -96,29 +92,28 @@ class RateLimiter:
                                   f"retry in {retry} s", retry_after=retry)
         return seen.key_exists
 
-    async def _drain(self) -> None:
+    async def _flush(self, principals: list[Principal]) -> list[Seen]:
+        """One round trip for the hits of a batch, counted per key."""
+        batch: dict[Principal, list[int]] = {}  # key -> positions of its hits in the batch
+        for i, principal in enumerate(principals):
+            batch.setdefault(principal, []).append(i)
         try:
-            while self._pending:
-                batch, self._pending = self._pending, {}
-                try:
-                    seen = await self._round_trip(batch)
-                except Exception as exc:  # noqa: BLE001 - a guard, not a gate: a Redis blip lets requests through
-                    log.warning("rate limit not counted (%s); letting %d requests through", exc,
-                                sum(len(f) for f in batch.values()))
-                    seen = [[_UNCOUNTED] * len(futures) for futures in batch.values()]
-                for futures, results in zip(batch.values(), seen, strict=True):
-                    for future, result in zip(futures, results, strict=True):
-                        if not future.done():
-                            future.set_result(result)
-        finally:
-            self._task = None
+            seen = await self._round_trip(batch)
+        except Exception as exc:  # noqa: BLE001 - a guard, not a gate: a Redis blip lets requests through
+            log.warning("rate limit not counted (%s); letting %d requests through", exc, len(principals))
+            return [_UNCOUNTED] * len(principals)
+        out: list[Seen] = [_UNCOUNTED] * len(principals)
+        for positions, results in zip(batch.values(), seen, strict=True):
+            for i, result in zip(positions, results, strict=True):
+                out[i] = result
+        return out
 
-    async def _round_trip(self, batch: dict[Principal, list[asyncio.Future[Seen]]]) -> list[list[Seen]]:
+    async def _round_trip(self, batch: dict[Principal, list[int]]) -> list[list[Seen]]:
         pipe = self.redis.pipeline(transaction=False)
-        for principal, futures in batch.items():
+        for principal, hits in batch.items():
             if self.limit > 0:  # the raw command, as in the registry's store: routed by its key's slot
                 pipe.execute_command("EVALSHA", self._script.sha, 1, self.keys.rate_limit(self.bucket(principal)),
-                                     self.window_ms, len(futures))
+                                     self.window_ms, len(hits))
             if principal.key_id:
                 pipe.exists(self.keys.api_key(principal.key_id))
         try:
@@ -127,9 +122,9 @@ class RateLimiter:
             await self._script.registered_client.script_load(self._script.script)
             return await self._round_trip(batch)
         out = []
-        for principal, futures in batch.items():
+        for principal, hits in batch.items():
             total, ttl_ms = next(replies) if self.limit > 0 else (0, 0)
             exists = bool(next(replies)) if principal.key_id else True
-            first = int(total) - len(futures) if self.limit > 0 else -len(futures)
-            out.append([Seen(first + i, int(ttl_ms), exists) for i in range(1, len(futures) + 1)])
+            first = int(total) - len(hits) if self.limit > 0 else -len(hits)
+            out.append([Seen(first + i, int(ttl_ms), exists) for i in range(1, len(hits) + 1)])
         return out

@@ -13,12 +13,21 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgspec
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 
 from .subjects import EVENT_KINDS, Subjects
 
 CHECK_TIMEOUT_S = 2.0
+
+
+class Readiness(msgspec.Struct, frozen=True, kw_only=True):
+    status: str  # "ready" or "not ready"
+    service: str
+    reasons: list[str]
+
 Check = Callable[[State], Awaitable[str | None]]
 
 
@@ -55,10 +64,12 @@ async def reasons_not_ready(state: State, extra: Sequence[Check] = ()) -> list[s
 
 def ready_route(service: str, extra: Sequence[Check] = ()):  # noqa: ANN201 - a litestar route handler
     @get("/ready", tags=["ops"], summary="Ready for traffic: NATS connected, Redis answers, streams exist",
-         opt={"exclude_from_auth": True}, include_in_schema=True)
-    async def ready(state: State) -> Response:
+         opt={"exclude_from_auth": True}, include_in_schema=True,
+         responses={503: ResponseSpec(Readiness, description="Not ready: every reason", generate_examples=False)})
+    async def ready(state: State) -> Response[Readiness]:
         reasons = await reasons_not_ready(state, extra)
-        body = {"status": "ready" if not reasons else "not ready", "service": service, "reasons": reasons}
-        return Response(body, status_code=200 if not reasons else 503)
+        body = Readiness(status="ready" if not reasons else "not ready", service=service, reasons=reasons)
+        return Response(body, status_code=200 if not reasons else 503,
+                        headers={"Retry-After": "1"} if reasons else None)
 
     return ready

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
+
+from .errors import Busy
 
 try:
     import hiredis
@@ -14,6 +18,22 @@ except ImportError:  # pragma: no cover - a dependency (redis[hiredis]); plain r
     hiredis = None
 
 CLUSTER_MIN_CONNECTIONS = 512  # per node: a full cluster pool raises instead of waiting
+POOL_WAIT_S = 1.0  # longest wait for a free pooled connection (docs/overload.md)
+
+
+class ShortWaitPool(BlockingConnectionPool):
+    """Waits at most ``timeout`` for a connection, and then says the service is busy:
+    every connection in use means too much work in flight, not a Redis that does not
+    answer (redis-py raises the same ``ConnectionError`` for both)."""
+
+    async def get_connection(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - redis-py's signature
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError):
+                raise Busy(f"all {self.max_connections} connections to the live state store are in use; "
+                           "retry shortly") from None
+            raise
 
 
 class HiredisPackingConnection(Connection):
@@ -36,7 +56,8 @@ class HiredisPackingConnection(Connection):
 
 
 def connect(url: str, max_connections: int = 64, cluster: bool = False, timeout: float | None = None) -> Redis:
-    """A pool that waits for a free connection instead of failing under a burst.
+    """A pool that waits briefly (``POOL_WAIT_S``) for a free connection instead of
+    failing under a burst.
 
     ``cluster``: ``url`` is one seed node of a Redis Cluster; the cluster client finds the
     others and routes each command (and each Lua script, by its keys' ``{region}`` hash
@@ -52,7 +73,7 @@ def connect(url: str, max_connections: int = 64, cluster: bool = False, timeout:
         return RedisCluster.from_url(url, max_connections=max(max_connections, CLUSTER_MIN_CONNECTIONS),  # type: ignore[return-value]
                                      **limits)
     extra = {"connection_class": HiredisPackingConnection} if hiredis and url.startswith("redis://") else {}
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10, **limits, **extra)
+    pool = ShortWaitPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S, **limits, **extra)
     return Redis(connection_pool=pool)
 
 

@@ -56,6 +56,32 @@ class Subjects:
         return f"{self.prefix}_{name}"
 
 
+# --- keys of the topology bucket (``Subjects.bucket("regions")``) -------------------------
+# One key per region (its id, as since the bucket's first version) and one per published
+# link; derived links are never stored (``services.common.network``).
+LINK_KEY = "link"
+
+
+def region_key(region_id: str) -> str:
+    """Key of a region's record (``Region`` JSON)."""
+    return region_id
+
+
+def link_key(src: str, dst: str) -> str:
+    """Key of a published link ``src -> dst`` (``Link`` JSON). Region ids have no dots."""
+    return f"{LINK_KEY}.{src}.{dst}"
+
+
+def parse_topology_key(key: str) -> tuple[str, str] | str | None:
+    """A region id, a ``(src, dst)`` pair for a link key, or None for a key of neither shape."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 3 and parts[0] == LINK_KEY:
+        return parts[1], parts[2]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class MeterNames:
     """Streams, subjects and buckets of the meter's state. ``state`` is a prefix of its own
@@ -76,8 +102,9 @@ class MeterNames:
     def ledger_stream(self) -> str:
         return f"{self.state.upper()}_LEDGER"
 
-    def ledger(self, tenant: str) -> str:
-        return f"{self.state}.ledger.{tenant}"
+    def ledger(self, tenant: str, entry_id: str) -> str:
+        """One subject per entry: appending is create-only on it (``meter/ledger.py``)."""
+        return f"{self.state}.ledger.{tenant}.{entry_id}"
 
     @property
     def ledger_control(self) -> str:

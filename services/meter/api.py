@@ -1,4 +1,5 @@
-"""The meter's HTTP endpoints; thin over ``Meter``."""
+"""The meter's HTTP endpoints; thin over ``Meter``, which each takes from the app's state
+(``meter_of``), as every service's handlers do (docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from .service import Meter
 Q = Annotated[str | None, Parameter(max_length=200)]
 
 
+def meter_of(request: AuthedRequest) -> Meter:
+    return request.app.state.meter
+
+
 def _group_by(raw: str | None) -> list[str]:
     if raw is None or raw.strip() == "":
         return []
@@ -30,15 +35,15 @@ class UsageController(Controller):
 
     @get("/", summary="Posted usage, filtered and grouped; JSON or CSV",
          operation_class=also_served_as("text/csv", "format=csv: one row per group, with a header row"))
-    async def usage(self, request: AuthedRequest, meter: Meter, tenant: Q = None, period: Q = None,
+    async def usage(self, request: AuthedRequest, tenant: Q = None, period: Q = None,
                     region: Q = None, model: Q = None, provider: Q = None, pool: Q = None,
                     billing: Annotated[Literal["on_demand", "reserved_month", "reserved_year", "interruptible"] | None,
                                        Parameter()] = None,
                     group_by: Q = None,
                     format: Annotated[Literal["json", "csv"], Parameter()] = "json") -> Response:  # noqa: A002
         groups = _group_by(group_by)
-        body = meter.usage(request.user, tenant=tenant, period=period, region=region, model=model, provider=provider,
-                           pool=pool, billing=billing, group_by=groups)
+        body = meter_of(request).usage(request.user, tenant=tenant, period=period, region=region, model=model,
+                                       provider=provider, pool=pool, billing=billing, group_by=groups)
         if format == "csv":
             columns = [*groups, "currency", "amount", "unit_hours", "unit_months", "entries"]
             return Response(to_csv(body["rows"], columns), media_type="text/csv",  # litestar adds the charset
@@ -51,13 +56,13 @@ class InvoiceController(Controller):
     tags = ["invoices"]
 
     @get("/", summary="A tenant's invoices, newest first (ops/admin: ?tenant=)")
-    async def list_invoices(self, request: AuthedRequest, meter: Meter, tenant: Q = None) -> dict[str, Any]:
-        return await meter.invoices(request.user, tenant)
+    async def list_invoices(self, request: AuthedRequest, tenant: Q = None) -> dict[str, Any]:
+        return await meter_of(request).invoices(request.user, tenant)
 
     @get("/{period:str}", summary="One invoice: a draft while the period is open, final after its grace")
-    async def get_invoice(self, request: AuthedRequest, meter: Meter,
+    async def get_invoice(self, request: AuthedRequest,
                           period: Annotated[str, Parameter(max_length=32)], tenant: Q = None) -> Invoice:
-        return await meter.invoice(request.user, period, tenant)
+        return await meter_of(request).invoice(request.user, period, tenant)
 
 
 class StatementController(Controller):
@@ -65,9 +70,9 @@ class StatementController(Controller):
     tags = ["statements"]
 
     @get("/", summary="What each of a provider's pools earned, per period")
-    async def statements(self, request: AuthedRequest, meter: Meter, provider: Q = None,
+    async def statements(self, request: AuthedRequest, provider: Q = None,
                          period: Q = None) -> dict[str, Any]:
-        return meter.statements(request.user, provider, period)
+        return meter_of(request).statements(request.user, provider, period)
 
 
 class BudgetController(Controller):
@@ -75,14 +80,14 @@ class BudgetController(Controller):
     tags = ["budgets"]
 
     @put("/{tenant:str}", summary="Set a tenant's prepaid credit or monthly spend limit (admin)")
-    async def put_budget(self, request: AuthedRequest, meter: Meter, tenant: Annotated[str, Parameter(max_length=64)],
+    async def put_budget(self, request: AuthedRequest, tenant: Annotated[str, Parameter(max_length=64)],
                          data: BudgetBody) -> BudgetView:
-        return await meter.put_budget(request.user, tenant, data)
+        return await meter_of(request).put_budget(request.user, tenant, data)
 
     @get("/{tenant:str}", summary="A tenant's budget and spend (the tenant, ops, admin)")
-    async def get_budget(self, request: AuthedRequest, meter: Meter,
+    async def get_budget(self, request: AuthedRequest,
                          tenant: Annotated[str, Parameter(max_length=64)]) -> BudgetView:
-        return await meter.get_budget(request.user, tenant)
+        return await meter_of(request).get_budget(request.user, tenant)
 
 
 class OpsController(Controller):
@@ -90,18 +95,18 @@ class OpsController(Controller):
     tags = ["ops"]
 
     @get("/deadletters", summary="Events the meter could not apply (ops, admin)")
-    async def dead_letters(self, request: AuthedRequest, meter: Meter,
+    async def dead_letters(self, request: AuthedRequest,
                            limit: Annotated[int, Parameter(ge=1, le=1000)] = 100) -> dict[str, Any]:
-        return await meter.dead_letters(request.user, limit)
+        return await meter_of(request).dead_letters(request.user, limit)
 
     @post("/deadletters/{stream_seq:int}/retry", status_code=200,
           summary="Apply a dead-lettered event again from the allocation stream (admin)")
-    async def retry(self, request: AuthedRequest, meter: Meter,
+    async def retry(self, request: AuthedRequest,
                     stream_seq: Annotated[int, Parameter(le=2**63 - 1)]) -> dict[str, Any]:
         if stream_seq < 1:  # (and at most int64: larger ones were a 500 from the NATS API)
             raise BadRequest("stream sequence must be >= 1")
-        return await meter.retry_dead_letter(request.user, stream_seq)
+        return await meter_of(request).retry_dead_letter(request.user, stream_seq)
 
     @get("/meter/status", summary="Consumer backlog, ledger position (ops, admin)")
-    async def status(self, request: AuthedRequest, meter: Meter) -> dict[str, Any]:
-        return await meter.status(request.user)
+    async def status(self, request: AuthedRequest) -> dict[str, Any]:
+        return await meter_of(request).status(request.user)

@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from litestar import Litestar, get
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.config.cors import CORSConfig
 
 from services.common.auth import KeyLookup
+from services.common.clock import utcnow
 from services.common.http import prometheus, service_app
-from services.common.lifecycle import relax_gc, stop_tasks
+from services.common.jetstream import Publisher
+from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.ratelimit import RateLimiter
@@ -26,34 +27,14 @@ from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
 from services.common.subjects import MeterNames, Subjects
 
-from .aio import wait_event
 from .api import BudgetController, InvoiceController, OpsController, StatementController, UsageController
 from .budgets import Budgets
 from .metrics import refresh as refresh_gauges
 from .consumer import AccountStore, AllocConsumer
-from .jspub import Publisher
-from .ledger import Ledger, ensure_kv, ensure_ledger
-from .service import Meter, TenantDirectory, utcnow
+from .ledger import Ledger, ensure_ledger
+from .service import Meter, TenantDirectory
 
 log = logging.getLogger("meter")
-
-
-def _meter(state: State) -> Meter:
-    return state.meter
-
-
-async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]], stopping: asyncio.Event,
-                 kick: asyncio.Event | None = None) -> None:
-    while not stopping.is_set():
-        try:
-            await fn()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # keep going through a NATS blip
-            log.exception("%s failed", what)
-        await wait_event(kick or stopping, interval)
-        if kick is not None:
-            kick.clear()
 
 
 def create_app(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> Litestar:
@@ -83,9 +64,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
         await ensure_ledger(js, names, settings, settings.stream_replicas)
-        accounts_kv = await ensure_kv(js, names.accounts, settings.stream_replicas)
-        invoices_kv = await ensure_kv(js, names.invoices, settings.stream_replicas)
-        budgets_kv = await ensure_kv(js, names.budgets, settings.stream_replicas)
+        accounts_kv = await ensure_bucket(js, names.accounts, settings.stream_replicas, direct=True)
+        invoices_kv = await ensure_bucket(js, names.invoices, settings.stream_replicas, direct=True)
+        budgets_kv = await ensure_bucket(js, names.budgets, settings.stream_replicas, direct=True)
         publisher = Publisher(nc)
         await publisher.start()
         ledger = Ledger(nc, js, names, publisher)
@@ -110,9 +91,10 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
                                               settings.rate_limit_window_s)
         stopping = asyncio.Event()
         tasks = [
-            asyncio.create_task(_every(settings.finalize_interval_s, "finalize", meter.finalize_due, stopping)),
-            asyncio.create_task(_every(settings.budget_interval_s, "budgets", budgets.evaluate_all, stopping,
-                                       budgets.kick)),
+            asyncio.create_task(forever("finalize", meter.finalize_due, interval=settings.finalize_interval_s,
+                                        until=stopping.is_set, logger=log)),
+            asyncio.create_task(forever("budgets", budgets.evaluate_all, interval=settings.budget_interval_s,
+                                        kick=budgets.kick, until=stopping.is_set, logger=log)),
         ]
         try:
             yield
@@ -130,10 +112,10 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
     return service_app(
         "meter", "Usage, invoices, provider statements, budgets.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
                         InvoiceController, StatementController, BudgetController, OpsController],
         lifespan=lifespan,
-        dependencies={"meter": Provide(_meter, sync_to_thread=False)},
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
         # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold
         cors_config=CORSConfig(allow_origins=["*"], allow_methods=["GET"], allow_headers=["Authorization"]),

@@ -30,13 +30,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.lifecycle import stop_tasks
+from services.common.jetstream import watch_bucket
+from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
 from services.common.nats_conn import publish_event
 from services.common.subjects import ALLOC, Subjects
 
 from .aggregate import Aggregate
-from .aio import wait_event
 from .ledger import encode
 from .model import Budget, BudgetView, LedgerEntry
 from .periods import period_of
@@ -73,36 +73,19 @@ class Budgets:
 
     # --- following the buckets -----------------------------------------------------------------
     async def start(self) -> None:
-        self._budget_watch = asyncio.create_task(self._watch_budgets())
+        self._budget_watch = asyncio.create_task(forever("budget watch", lambda: watch_bucket(
+            self.kv, self._on_budget, self.ready), logger=log))
         await wait_event(self.ready, 10)
 
     async def stop(self) -> None:
         self._stopping = True
         await stop_tasks([t for t in [self._budget_watch, *self._watchers.values()] if t is not None])
 
-    async def _watch_budgets(self) -> None:
-        while not self._stopping:
-            watcher = None
-            try:
-                watcher = await self.kv.watchall()
-                while not self._stopping:
-                    entry = await watcher.updates(timeout=None)
-                    if entry is None:
-                        self.ready.set()
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self.records.pop(entry.key, None)
-                        continue
-                    self._remember(entry.revision, _budget.decode(entry.value))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("budget watch restarting after %r", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
+    def _on_budget(self, entry: KeyValue.Entry) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self.records.pop(entry.key, None)
+        else:
+            self._remember(entry.revision, _budget.decode(entry.value))
 
     def _remember(self, revision: int, budget: Budget) -> None:
         seen = self.records.get(budget.tenant)
@@ -114,19 +97,21 @@ class Budgets:
         self.kick.set()
 
     async def _watch_leases(self, tenant: str) -> None:
-        """Open per-second leases of one tenant, from its allocation events."""
+        """Open per-second leases of one tenant, from its allocation events; after an
+        error followed again (``forever``) from the first event not seen."""
         stream = self.subjects.stream(ALLOC)
         leases: dict[str, LeaseInfo] = {}
         seqs: dict[str, int] = {}  # lease -> highest seq seen (an ended lease: -1, for good)
         self.open_leases[tenant] = leases
         next_seq = 1
-        while not self._stopping:
-            sub = None
+
+        async def follow() -> None:
+            nonlocal next_seq
+            sub = await self.js.pull_subscribe(
+                self.subjects.alloc("*", tenant), stream=stream,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=next_seq,
+                                      ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
             try:
-                sub = await self.js.pull_subscribe(
-                    self.subjects.alloc("*", tenant), stream=stream,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=next_seq,
-                                          ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
                 while not self._stopping:
                     if not self._loaded[tenant].is_set() and (await sub.consumer_info()).num_pending == 0:
                         self._loaded[tenant].set()
@@ -149,15 +134,11 @@ class Budgets:
                         elif event.seq > seqs.get(lease.lease_id, 0):
                             seqs[lease.lease_id] = event.seq
                             leases[lease.lease_id] = lease
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("lease watch of %s restarting after %r", tenant, exc)
-                await asyncio.sleep(0.5)
             finally:
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+        await forever(f"lease watch of {tenant}", follow, until=lambda: self._stopping, logger=log)
 
     async def leases_loaded(self, tenant: str, timeout: float = 5.0) -> None:
         loaded = self._loaded.get(tenant)

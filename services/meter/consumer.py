@@ -9,8 +9,8 @@ in per-lease ``seq`` order:
    redelivery, a replay);
 3. compute the account after the remaining events and the ledger entries they post
    (pure: ``accounts.transition``);
-4. append those entries to the ledger stream with deterministic ``Nats-Msg-Id``s and wait
-   for the acks;
+4. append those entries to the ledger stream, create-only by deterministic entry id, and
+   wait for the acks;
 5. write the new account with ``Nats-Expected-Last-Subject-Sequence`` = the revision read
    (on a conflict another replica got there first: reload and go back to 2);
 6. ack the events.
@@ -18,7 +18,8 @@ in per-lease ``seq`` order:
 The leases of a batch go through these steps together (pipelined: one round trip per step
 for the whole batch), and one account write covers all of a lease's events in the batch.
 A crash before 4 or between 4 and 5 redelivers the events, which post the same entry ids
-again: JetStream drops them (7-day duplicate window). A crash between 5 and 6 redelivers
+again: JetStream refuses them (each entry's subject already holds it, at any age: see
+``Ledger.append``). A crash between 5 and 6 redelivers
 events that step 2 skips. Events that cannot be decoded or priced go to the dead-letter
 stream at once; events whose processing keeps failing go there after
 ``meter_max_attempts`` attempts (backoff 1, 2, 4, 8 s between them).
@@ -46,13 +47,13 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from services.common import tracing
-from services.common.lifecycle import stop_tasks
+from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence
+from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import AllocEvent
 from services.common.settings import Settings
 from services.common.subjects import ALLOC, MeterNames, Subjects
 
 from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
-from .jspub import JsError, Publisher, Puller
 from .ledger import Ledger, encode
 from .model import Account, DeadLetter, LedgerEntry
 from .pricing import PricingError, validate
@@ -66,7 +67,6 @@ _APPLIED, _DUPLICATE = EVENTS.labels("applied"), EVENTS.labels("duplicate")
 
 _event = msgspec.json.Decoder(AllocEvent)
 _account = msgspec.json.Decoder(Account)
-WRONG_LAST_SEQUENCE = (10071, 10164)
 _LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -180,7 +180,8 @@ class AllocConsumer:
         advisory = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.names.durable}"
         self._advisory = await self.nc.subscribe(advisory, queue=f"{self.names.durable}-maxdeliver",
                                                  cb=self._on_max_deliveries)
-        self._tasks = [asyncio.create_task(self._run(i)) for i in range(workers)]
+        self._tasks = [asyncio.create_task(forever(f"consumer worker {i}", self._pull, until=lambda: self._stopping,
+                                                   logger=log)) for i in range(workers)]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -195,25 +196,20 @@ class AllocConsumer:
         return info.num_pending or 0, info.num_ack_pending or 0
 
     # --- the loop -----------------------------------------------------------------------------
-    async def _run(self, worker: int) -> None:
-        while not self._stopping:
-            puller = Puller(self.nc, self.stream, self.names.durable)
-            try:
-                await puller.start()
-                while not self._stopping:
-                    msgs = await puller.fetch(self.settings.meter_batch, timeout=1.0)
-                    if msgs:
-                        await self.handle(msgs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS restart, consumer being created: keep going
-                log.warning("consumer worker %d restarting after %r", worker, exc)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
-                    await self.ensure()
-            finally:
-                with contextlib.suppress(Exception):
-                    await puller.stop()
+    async def _pull(self) -> None:
+        """One worker, fetching and applying until an error (a NATS restart, the consumer
+        deleted): ``forever`` starts it again, and it makes sure the consumer exists."""
+        await self.ensure()
+        puller = Puller(self.nc, self.stream, self.names.durable)
+        try:
+            await puller.start()
+            while not self._stopping:
+                msgs = await puller.fetch(self.settings.meter_batch, timeout=1.0)
+                if msgs:
+                    await self.handle(msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
 
     async def handle(self, msgs: list[Msg]) -> None:
         leases: dict[str, _Lease] = {}
@@ -339,7 +335,7 @@ class AllocConsumer:
                     assert group.new is not None
                     self.accounts.remember(group.key, fut.result(), group.new)
                     results.append((group, None))
-                elif isinstance(fut.exception(), JsError) and fut.exception().err_code in WRONG_LAST_SEQUENCE:
+                elif is_wrong_last_sequence(fut.exception()):
                     CONFLICTS.inc()
                     self.accounts.forget(group.key)
                     group.loaded = False

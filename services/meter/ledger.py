@@ -1,6 +1,7 @@
-"""The durable ledger: a JetStream stream of entries, appended with deterministic ids
-(``Nats-Msg-Id``) so that appending an entry twice is a no-op, and followed by every
-replica into its in-memory ``Aggregate``."""
+"""The durable ledger: a JetStream stream of entries, each appended create-only on a
+subject of its own named by its deterministic id, so that appending an entry twice is a
+no-op however much later the second append comes; followed by every replica into its
+in-memory ``Aggregate``."""
 
 from __future__ import annotations
 
@@ -13,23 +14,19 @@ from datetime import datetime
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import APIError, BucketNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from services.common.lifecycle import stop_tasks
+from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence, stream_seq
+from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.nats_conn import ensure_stream  # idempotent, safe for replicas starting at once
 from services.common.settings import Settings
 from services.common.subjects import MeterNames
 
 from .aggregate import Aggregate
-from .jspub import Publisher, Puller, stream_seq
-from .aio import wait_event
 from .model import FoldedEntry, FoldedRecord, LedgerEntry, PeriodsClosed
 
 log = logging.getLogger("meter.ledger")
 
-PUBLISH_TIMEOUT_S = 10.0
 _encoder = msgspec.json.Encoder(decimal_format="string")
 _folded = msgspec.json.Decoder(FoldedRecord)
 
@@ -47,38 +44,10 @@ async def ensure_ledger(js: JetStreamContext, names: MeterNames, settings: Setti
         num_replicas=replicas, allow_direct=True))
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
-    """A record bucket with direct gets allowed (the consumer reads many accounts in one
-    batched direct get)."""
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        try:
-            return await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1,
-                                                            replicas=replicas, direct=True))
-        except APIError as exc:  # another replica created it
-            if exc.err_code != 10058:
-                raise
-            return await js.key_value(bucket)
-
-
-async def publish_all(js: JetStreamContext, items: Sequence[tuple[str, bytes, dict[str, str]]]) -> list[int]:
-    """Publish many messages concurrently (pipelined: one round trip for all) and wait for
-    every ack. Returns the stream sequences; raises if any publish failed. (Not
-    ``publish_async``: nats-py raises a server's error reply inside its reply handler, so
-    the future of a refused publish never completes.)"""
-    if len(items) == 1:
-        subject, data, headers = items[0]
-        return [(await js.publish(subject, data, timeout=PUBLISH_TIMEOUT_S, headers=headers)).seq]
-    acks = await asyncio.gather(*(js.publish(subject, data, timeout=PUBLISH_TIMEOUT_S, headers=headers)
-                                  for subject, data, headers in items))
-    return [ack.seq for ack in acks]
-
-
 class Ledger:
     """Append side and follow side of the ledger stream."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: MeterNames, publisher: Publisher | None = None,
+    def __init__(self, nc: NATS, js: JetStreamContext, names: MeterNames, publisher: Publisher,
                  aggregate: Aggregate | None = None) -> None:
         self.nc, self.js, self.names, self.publisher = nc, js, names, publisher
         self.aggregate = aggregate or Aggregate()
@@ -92,15 +61,22 @@ class Ledger:
 
     # --- appending ----------------------------------------------------------------------------
     async def append(self, entries: Sequence[LedgerEntry]) -> None:
-        """Durably append; an entry whose id was appended before (within the duplicate
-        window) is dropped by JetStream."""
+        """Durably append; an entry whose id was appended before is not appended again.
+
+        Each entry goes to a subject of its own (``MeterNames.ledger``) with
+        ``Nats-Expected-Last-Subject-Sequence: 0``: JetStream stores it only if that
+        subject holds nothing, at any age. (``Nats-Msg-Id`` alone de-duplicates within the
+        stream's duplicate window only: a dead letter retried after it would be billed
+        twice.) A repeat within the window is acknowledged as a duplicate, a later one is
+        refused as "wrong last sequence": both mean the entry is in the ledger."""
         if not entries:
             return
-        items = [(self.names.ledger(e.tenant), encode(e), {"Nats-Msg-Id": e.id}) for e in entries]
-        if self.publisher is not None:
-            await self.publisher.publish_all(items)
-        else:
-            await publish_all(self.js, items)
+        futures = [await self.publisher.send(self.names.ledger(e.tenant, e.id), encode(e),
+                                             {"Nats-Msg-Id": e.id, "Nats-Expected-Last-Subject-Sequence": "0"})
+                   for e in entries]
+        for result in await self.publisher.settle(futures):
+            if isinstance(result, Exception) and not is_wrong_last_sequence(result):
+                raise result
 
     async def close_through(self, period: str, at: datetime) -> None:
         marker = PeriodsClosed(id=f"close.{period}", at=at, through=period)
@@ -112,7 +88,8 @@ class Ledger:
         self.target_seq = info.state.last_seq
         if self.target_seq == 0 or info.state.messages == 0:
             self.ready.set()
-        self._task = asyncio.create_task(self._follow())
+        self._task = asyncio.create_task(forever("ledger follower", self._follow, until=lambda: self._stopping,
+                                                 logger=log))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -138,31 +115,24 @@ class Ledger:
 
     async def _follow(self) -> None:
         """An ephemeral, unacknowledged pull consumer from the next unfolded sequence;
-        recreated from where it left off after any error (NATS restart, consumer lost)."""
-        while not self._stopping:
-            puller = None
-            try:
-                start = self.aggregate.applied_seq + 1
-                info = await self.js.add_consumer(self.names.ledger_stream, ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, ack_policy=AckPolicy.NONE,
-                    inactive_threshold=60.0, filter_subject=self.names.ledger_subjects, max_waiting=4))
-                puller = Puller(self.nc, self.names.ledger_stream, info.name)
-                await puller.start()
-                while not self._stopping:
-                    msgs = await puller.fetch(2000, timeout=1.0)
-                    if msgs:
-                        await self._fold(msgs)
-                    elif not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
-                        self.ready.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep following through a NATS blip
-                log.warning("ledger follower restarting after %r", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if puller is not None:
-                    with contextlib.suppress(Exception):
-                        await puller.stop()
+        recreated (by ``forever``) from where it left off after any error (NATS restart,
+        consumer lost)."""
+        start = self.aggregate.applied_seq + 1
+        info = await self.js.add_consumer(self.names.ledger_stream, ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start, ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0, filter_subject=self.names.ledger_subjects, max_waiting=4))
+        puller = Puller(self.nc, self.names.ledger_stream, info.name)
+        try:
+            await puller.start()
+            while not self._stopping:
+                msgs = await puller.fetch(2000, timeout=1.0)
+                if msgs:
+                    await self._fold(msgs)
+                elif not self.ready.is_set() and self.aggregate.applied_seq >= self.target_seq:
+                    self.ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await puller.stop()
 
     async def _fold(self, msgs: list) -> None:
         agg = self.aggregate

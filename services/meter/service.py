@@ -8,27 +8,27 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
 from services.common.auth import KeyRecord, Principal
+from services.common.clock import utcnow
 from services.common.errors import BadRequest, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.ids import is_valid_id
-from services.common.lifecycle import stop_tasks
+from services.common.jetstream import watch_bucket
+from services.common.lifecycle import forever, stop_tasks, wait_event
 from services.common.messages import InvoiceIssued
-from services.common.nats_conn import publish_event
+from services.common.nats_conn import publish_event, read_stream
 from services.common.settings import Settings
 from services.common.subjects import MeterNames, Subjects
 
 from .aggregate import Aggregate
-from .aio import wait_event
 from .budgets import Budgets
 from .consumer import AllocConsumer, Poison
 from .invoices import GROUPS, build_invoice, usage_rows, usage_totals
@@ -42,10 +42,6 @@ _stored = msgspec.json.Decoder(StoredInvoice)
 _key_record = msgspec.json.Decoder(KeyRecord)
 _dead = msgspec.json.Decoder(DeadLetter)
 CURRENCY_PATTERN = "^[A-Z]{3}$"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def period_param(value: str | None) -> str | None:
@@ -72,41 +68,22 @@ class TenantDirectory:
         self.tenants: set[str] = set()
         self._task: asyncio.Task | None = None
         self.ready = asyncio.Event()
-        self._stopping = False
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch())
+        self._task = asyncio.create_task(forever("keys watch", lambda: watch_bucket(
+            self.kv, self._on_key, self.ready, ignore_deletes=True), logger=log))
         await wait_event(self.ready, 10)
 
     async def stop(self) -> None:
-        self._stopping = True
         if self._task is not None:
             await stop_tasks([self._task])
 
-    async def _watch(self) -> None:
-        while not self._stopping:
-            watcher = None
-            try:
-                watcher = await self.kv.watchall(ignore_deletes=True)
-                while not self._stopping:
-                    entry = await watcher.updates(timeout=None)
-                    if entry is None:
-                        self.ready.set()
-                        continue
-                    if entry.value:
-                        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                            record = _key_record.decode(entry.value)
-                            if record.role == "tenant" and record.subject:
-                                self.tenants.add(record.subject)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("keys watch restarting after %r", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
+    def _on_key(self, entry: KeyValue.Entry) -> None:
+        if entry.value:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                record = _key_record.decode(entry.value)
+                if record.role == "tenant" and record.subject:
+                    self.tenants.add(record.subject)
 
 
 class Meter:
@@ -354,23 +331,12 @@ class Meter:
         items: list[dict[str, Any]] = []
         if total:
             start = max(info.state.first_seq, last - limit + 1)
-            sub = await self.js.pull_subscribe(
-                self.names.dlq, stream=self.names.dlq_stream,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
-                                      ack_policy=AckPolicy.NONE, inactive_threshold=10.0))
-            try:
-                while len(items) < limit:
-                    try:
-                        msgs = await sub.fetch(min(limit, 500), timeout=1.0)
-                    except TimeoutError:
+            async with contextlib.aclosing(read_stream(self.js, self.names.dlq_stream, self.names.dlq,
+                                                       batch=min(limit, 500), start=start)) as letters:
+                async for seq, data in letters:
+                    items.append({"seq": seq, **msgspec.to_builtins(_dead.decode(data))})
+                    if len(items) >= limit:
                         break
-                    for msg in msgs:
-                        items.append({"seq": msg.metadata.sequence.stream,
-                                      **msgspec.to_builtins(_dead.decode(msg.data))})
-                    if msgs and msgs[-1].metadata.sequence.stream >= last:
-                        break
-            finally:
-                await sub.unsubscribe()
         return {"total": total, "items": items}
 
     async def retry_dead_letter(self, who: Principal, stream_seq: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from services.common.auth import KeyLookup
 from services.common.http import prometheus, service_app
 from services.common.ratelimit import RateLimiter
 from services.common.keys import Keys
-from services.common.lifecycle import relax_gc, stop_tasks
+from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.ready import ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_bucket, ensure_streams
@@ -32,7 +32,7 @@ from .api.pools import HeartbeatController, PoolController
 from .capacity import SummaryCache, set_gauges
 from .console import console_router
 from .domain.catalogue import load_catalogue
-from .domain.topology import default_topology, load_topology
+from .domain.topology import default_records, load_records
 from .events import CapacityEvents
 from .records import PoolRecords
 from .rpc import serve_rpc
@@ -40,18 +40,6 @@ from .service import Registry, RegionBook
 from .store import PoolStore
 
 log = logging.getLogger("registry")
-
-
-async def _sweeper(registry: Registry, interval: float) -> None:
-    while True:
-        try:
-            await registry.rebuild_if_lost()
-            await registry.sweep()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # keep sweeping through a NATS/Redis blip
-            log.exception("liveness sweep failed")
-        await asyncio.sleep(interval)
 
 
 def _registry(state: State) -> Registry:
@@ -78,9 +66,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
-        base = load_topology(settings.topology_file) if settings.topology_file else default_topology()
-        regions = RegionBook(base, await ensure_bucket(js, subjects.bucket("regions")))
-        await regions.refresh()
+        base = load_records(settings.topology_file) if settings.topology_file else default_records()
+        bucket = subjects.bucket("regions")
+        regions = RegionBook(js, await ensure_bucket(js, bucket), bucket)
+        await regions.open(base)
         registry = Registry(
             redis=redis, keys=keys, store=PoolStore(redis, keys),
             records=PoolRecords(await ensure_bucket(js, subjects.bucket("pools"))),
@@ -96,7 +85,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
                                               settings.rate_limit_window_s)
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
-        sweeper = asyncio.create_task(_sweeper(registry, settings.sweep_interval_s))
+        async def sweep() -> None:
+            await registry.rebuild_if_lost()
+            await registry.sweep()
+
+        sweeper = asyncio.create_task(forever("liveness sweep", sweep, interval=settings.sweep_interval_s,
+                                              logger=log))
         relax_gc()  # pool records, views and caches are long-lived (lifecycle.relax_gc)
         try:
             yield
@@ -108,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return service_app(
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
+        max_in_flight=settings.max_in_flight,
         route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
                         HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],

@@ -189,7 +189,11 @@ class EventFeed:
     async def close(self) -> None:
         subs, self._subs = self._subs, []
         for sub in subs:
+            info = None
+            with contextlib.suppress(Exception):  # the consumer now (an ordered one is renamed on each reset)
+                info = await sub.consumer_info()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            with contextlib.suppress(Exception):  # else the server drops it after inactive_threshold
-                await self.js.delete_consumer(sub._stream, sub._consumer)
+            if info is not None:
+                with contextlib.suppress(Exception):  # else the server drops it after inactive_threshold
+                    await self.js.delete_consumer(info.stream_name, info.name)

@@ -37,9 +37,10 @@ def _base(pool_id: str, provider: str, region: str, at: datetime, event_id: str 
     return {"id": event_id or new_id("ev"), "at": at, "pool_id": pool_id, "provider": provider, "region": region}
 
 
-def for_upsert(pool: Pool, t: Transition, at: datetime) -> CapacityEvent:
+def for_upsert(pool: Pool, t: Transition, at: datetime, created: bool) -> CapacityEvent:
+    """``created``: the durable record was created (not the Redis hash: the record decides)."""
     base = _base(pool.pool_id, pool.provider, pool.spec.region, at)
-    if t.code == 2:
+    if created:
         return PoolRegistered(**base, pool=pool, free=t.free)
     return PoolUpdated(**base, pool=pool, free=t.free, overcommit=t.overcommit)
 
@@ -51,11 +52,11 @@ def for_status(pool_id: str, provider: str, region: str, t: Transition, at: date
         return None
     base = _base(pool_id, provider, region, at, event_id)
     if t.status == "offline":
-        return PoolOffline(**base)
+        return PoolOffline(**base, generation=t.generation, lease_ids=t.lost)
     if t.status == "draining":
         return PoolDraining(**base)
     if t.status == "online":
         return PoolOnline(**base, free=t.free)
     if t.status == "removed":
-        return PoolRemoved(**base, leased=t.leased)
+        return PoolRemoved(**base, leased=t.leased, generation=t.generation, lease_ids=t.lost)
     return None

@@ -1,5 +1,6 @@
 """NATS request/reply for lookups other services must not wait an event for: the
-catalogue and the topology in force (``cb.rpc.registry.catalogue|topology``)."""
+catalogue (``cb.rpc.registry.catalogue``). The topology is not served here: it lives in
+the ``regions`` bucket, which every service reads incrementally (``docs/topology.md``)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,4 @@ async def serve_rpc(nc: NATS, subjects: Subjects, registry: Registry) -> None:
     async def on_catalogue(msg: Msg) -> None:
         await msg.respond(catalogue)
 
-    async def on_topology(msg: Msg) -> None:
-        await registry.regions.refresh()
-        await msg.respond(msgspec.json.encode(registry.regions.topology))
-
     await nc.subscribe(subjects.rpc("registry", "catalogue"), queue=QUEUE, cb=on_catalogue)
-    await nc.subscribe(subjects.rpc("registry", "topology"), queue=QUEUE, cb=on_topology)

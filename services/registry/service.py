@@ -9,13 +9,19 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from services.common.auth import Principal
-from services.common.ids import is_valid_id
+from services.common.clock import utcnow
+from services.common.ids import is_valid_id, new_id
 from services.common.keys import Keys
-from services.common.messages import Accelerator, PoolSpec, Region, Topology
+from services.common.messages import Accelerator, Link, Pool, PoolRemoved, PoolSpec, Region
+from services.common.nats_conn import follow_bucket
+from services.common.network import Network
+from services.common.subjects import link_key, region_key
 
 from .domain import topology as topo
 from .domain.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -30,19 +36,15 @@ from .domain.pools import (
 from .coalesce import HeartbeatCoalescer
 from .events import CapacityEvents, for_status, for_upsert
 from .metrics import HEARTBEAT_MISSES, HEARTBEATS, STATUS_CHANGES
-from .records import PoolRecords
+from .records import Entry, PoolRecords, RecordChanged
 from .store import PoolStore, Transition
 from .views import PoolPage, PoolView, pool_view
 
 log = logging.getLogger(__name__)
-_region_decoder = msgspec.json.Decoder(Region)
 
 
 _OUTCOME = {0: "not_found", -1: "forbidden"}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+_CAS_ATTEMPTS = 8  # compare-and-set rounds lost to concurrent writers before a 409
 
 
 class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,41 +60,93 @@ class SearchFilter(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RegionBook:
-    """The topology in force: the default (or operator's file) plus regions added at
-    run time, which live durably in a key-value bucket shared by all replicas."""
+    """The topology in force, kept in the ``regions`` bucket: one key per region, one per
+    published link, never a mesh (``docs/topology.md``, "Storage and scale"). Each replica
+    follows the bucket with one consumer for its lifetime and answers every read from
+    that copy, so a read, anonymous or not, costs NATS nothing."""
 
-    def __init__(self, base: Topology, kv: KeyValue) -> None:
-        self.base, self.kv = base, kv
-        self.topology = base
-        self.index = topo.TopologyIndex(base)
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self.js, self.kv, self.bucket = js, kv, bucket
+        self.network = Network()
+        self.file_ids: frozenset[str] = frozenset()  # regions the topology file defines
+        self._revisions: dict[str, int] = {}  # record key -> revision applied
 
-    async def refresh(self) -> None:
-        topology = self.base
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # no keys yet: nats-py raises NoKeysError
-            keys = []
-        for key in keys:
-            entry = await self.kv.get(key)
-            if entry.value:
-                region = _region_decoder.decode(entry.value)
-                if region.id not in topo.TopologyIndex(topology):
-                    topology = topo.add_region(topology, region)
-        self.topology = topology
-        self.index = topo.TopologyIndex(topology)
+    async def open(self, base: topo.TopologyFile) -> None:
+        """Catch up with the bucket, then write what the topology file says where the
+        bucket differs. The file is the source of its regions and of every published
+        link: links it no longer lists are removed; regions are never removed (pools
+        may be in them)."""
+        await follow_bucket(self.js, self.bucket, self._record)
+        self.file_ids = frozenset(r.id for r in base.regions)
+        writes: list[tuple[str, Region | Link]] = [
+            (region_key(r.id), r) for r in base.regions if self.network.regions.get(r.id) != r]
+        wanted = {(link.src, link.dst): link for link in base.links}
+        writes += [(link_key(*pair), link) for pair, link in wanted.items()
+                   if self.network.published.get(pair) != link]
+        await self._put(writes)
+        for src, dst in [pair for pair in self.network.published if pair not in wanted]:
+            await self.kv.delete(link_key(src, dst))  # the follower brings the deletion's revision
+            self.network.drop_link(src, dst)
 
+    def _record(self, key: str, value: bytes | None, revision: int) -> None:
+        """A record of the bucket; an older revision than the one applied is ignored (a
+        write or key read may return after the follower brought a newer one)."""
+        if revision > self._revisions.get(key, 0):
+            self._revisions[key] = revision
+            self.network.apply(key, value)
+
+    async def _put(self, items: Sequence[tuple[str, Region | Link]], concurrency: int = 256) -> None:
+        """Write records (and apply them here at once: this replica's next read sees them)."""
+        encoded = [(key, msgspec.json.encode(value)) for key, value in items]
+        for i in range(0, len(encoded), concurrency):
+            chunk = encoded[i:i + concurrency]
+            revisions = await asyncio.gather(*(self.kv.put(key, data) for key, data in chunk))
+            for (key, data), revision in zip(chunk, revisions, strict=True):
+                self._record(key, data, revision)
+
+    # --- reads (memory only; ``known`` looks in the bucket on a miss) --------------------
     def __contains__(self, region_id: object) -> bool:
-        return region_id in self.index
+        return region_id in self.network
 
     async def known(self, region_id: str) -> bool:
-        if region_id in self.index:
+        """Known here, or just added by another replica: one key read, no consumer."""
+        if region_id in self.network:
             return True
-        await self.refresh()  # another replica may have added it
-        return region_id in self.index
+        if not is_valid_id(region_id):
+            return False
+        try:
+            entry = await self.kv.get(region_key(region_id))
+        except KeyNotFoundError:
+            return False
+        self._record(entry.key, entry.value, entry.revision or 0)
+        return region_id in self.network
 
-    async def add(self, region: Region) -> None:
-        await self.kv.put(region.id, msgspec.json.encode(region))
-        await self.refresh()
+    # --- changes (admin) -------------------------------------------------------------------
+    def _check(self, region: Region) -> None:
+        try:
+            topo.check_region(region)
+        except topo.TopologyError as exc:
+            raise BadRequest(str(exc)) from None
+        have = self.network.regions.get(region.id)
+        if region.id in self.file_ids and have is not None and have != region:
+            raise Conflict(f"region {region.id!r} comes from the registry's topology file, which has "
+                           f"{msgspec.json.encode(have).decode()}; change it there")
+
+    async def add(self, region: Region) -> bool:
+        """Add or change a region; False if it was there unchanged."""
+        return bool(await self.add_many([region]))
+
+    async def add_many(self, regions: Sequence[Region]) -> int:
+        """Validates every region before writing any; returns how many were new or changed."""
+        seen: set[str] = set()
+        for region in regions:
+            self._check(region)
+            if region.id in seen:
+                raise BadRequest(f"region {region.id!r} appears twice")
+            seen.add(region.id)
+        writes = [(region_key(r.id), r) for r in regions if self.network.regions.get(r.id) != r]
+        await self._put(writes)
+        return len(writes)
 
 
 class Registry:
@@ -135,6 +189,8 @@ class Registry:
             raise NotFound(f"no pool {pool_id}")
         if t.code == -1:
             raise Forbidden("this pool belongs to another provider")
+        if t.code == -2:
+            raise Conflict(f"pool {pool_id} was removed and registered again meanwhile; retry")
         return t
 
     async def _publish_status(self, pool_id: str, provider: str, region: str, t: Transition,
@@ -155,20 +211,51 @@ class Registry:
 
     # --- provider use cases ------------------------------------------------------------
     async def register(self, principal: Principal, pool_id: str, spec: PoolSpec) -> tuple[PoolView, bool]:
+        """Create-only for a new pool, compare-and-set for an existing one, in the durable
+        record first: the owner is checked against the revision the write replaces, so of
+        two providers creating one pool id exactly one wins; the other reads the winner's
+        record and is refused. Redis then follows the record (stale writes change nothing)."""
         self._check_id(pool_id)
         now = self.clock()
         owner = owner_for(principal, spec.provider)
-        existing = await self.records.get(pool_id)
         await self.regions.known(spec.region)  # refresh if another replica added it; build_pool checks
-        pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now, existing)
-        raw = await self.records.put(pool)
-        t = self._checked(await self.store.upsert(pool.spec.region, pool_id, now.timestamp(), owner, pool.spec.units,
-                                                  raw, pool.spec.model), pool_id)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            pool = build_pool(pool_id, spec, owner, self.catalogue, self.regions, now,
+                              current.pool if current else None)
+            try:
+                entry = await (self.records.create(pool) if current is None
+                               else self.records.update(pool, current.revision))
+            except RecordChanged:
+                continue  # another writer got there first: read again, decide again
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
+        t = await self._follow(entry, now)
         self._region_cache[pool_id] = pool.spec.region
-        await self.events.publish(for_upsert(pool, t, now))
-        if t.code == 1 and t.changed and t.status == "online":
-            await self._publish_status(pool_id, owner, pool.spec.region, t, now)
-        return await self.view(pool_id), t.code == 2
+        created = current is None
+        if t.code != 3:  # a newer record reached Redis first and announced itself
+            if t.replaced:
+                await self._publish_replaced(entry.pool, t, now)
+            await self.events.publish(for_upsert(entry.pool, t, now, created))
+            if not created and t.changed and t.status == "online":
+                await self._publish_status(pool_id, owner, pool.spec.region, t, now)
+        return await self.view(pool_id), created
+
+    async def _follow(self, entry: Entry, now: datetime) -> Transition:
+        """Redis takes the record ``entry`` (live state follows the durable record)."""
+        pool = entry.pool
+        t = await self.store.upsert(pool.spec.region, pool.pool_id, now.timestamp(), pool.provider, pool.spec.units,
+                                    msgspec.json.encode(pool), pool.spec.model, pool.generation, entry.revision)
+        if t.code == -1:  # a hash of this generation with another owner: only a record could say that
+            raise Conflict(f"pool {pool.pool_id}: live state disagrees with the record about its owner")
+        return t
+
+    async def _publish_replaced(self, pool: Pool, t: Transition, now: datetime) -> None:
+        """Redis still held an older generation (its removal never reached Redis): that
+        generation is gone, and its leases with it."""
+        await self.events.publish(PoolRemoved(id=new_id("ev"), at=now, pool_id=pool.pool_id, provider=pool.provider,
+                                              region=pool.spec.region, generation=t.replaced, lease_ids=t.lost))
 
     async def register_many(self, principal: Principal, items: Sequence[tuple[str, PoolSpec]],
                             concurrency: int = 64) -> list[tuple[str, bool]]:
@@ -205,16 +292,24 @@ class Registry:
     async def patch(self, principal: Principal, pool_id: str, patch: PoolPatch) -> PoolView:
         self._check_id(pool_id)
         acting = self._acting(principal)
-        existing = await self.records.get(pool_id)
-        if existing is None:
-            raise NotFound(f"no pool {pool_id}")
-        check_owner(principal, existing.provider)
         now = self.clock()
-        pool = apply_patch(existing, patch, now)
-        raw = await self.records.put(pool)
-        t = self._checked(await self.store.patch(pool.spec.region, pool_id, now.timestamp(), acting,
-                                                 pool.spec.units, raw), pool_id)
-        await self.events.publish(for_upsert(pool, t, now))
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            if current is None:
+                raise NotFound(f"no pool {pool_id}")
+            check_owner(principal, current.pool.provider)
+            pool = apply_patch(current.pool, patch, now)
+            try:
+                entry = await self.records.update(pool, current.revision)
+            except RecordChanged:
+                continue
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
+        t = self._checked(await self.store.patch(pool.spec.region, pool_id, now.timestamp(), acting, pool.spec.units,
+                                                 msgspec.json.encode(pool), pool.generation, entry.revision), pool_id)
+        if t.code != 3:
+            await self.events.publish(for_upsert(pool, t, now, False))
         return await self.view(pool_id)
 
     async def heartbeat(self, principal: Principal, pool_id: str, healthy: int | None) -> Transition:
@@ -267,16 +362,28 @@ class Registry:
         return view
 
     async def remove(self, principal: Principal, pool_id: str) -> Transition:
+        """The record goes first (compare-and-set on the revision whose owner was
+        checked), then Redis, only the generation the record held: a pool registered
+        again meanwhile is another generation and stays."""
         acting = self._acting(principal)
         region = await self._region(pool_id)
-        existing = await self.records.get(pool_id)
-        if existing is not None:
-            check_owner(principal, existing.provider)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.records.entry(pool_id)
+            if current is None:
+                break  # no record (a removal that stopped before Redis): Redis alone, by its owner
+            check_owner(principal, current.pool.provider)
+            try:
+                await self.records.delete(pool_id, current.revision)
+            except RecordChanged:
+                continue
+            break
+        else:
+            raise Conflict(f"pool {pool_id} is being changed concurrently; retry")
         now = self.clock()
-        t = self._checked(await self.store.remove(region, pool_id, now.timestamp(), acting), pool_id)
-        await self.records.delete(pool_id)
+        t = self._checked(await self.store.remove(region, pool_id, now.timestamp(), acting,
+                                                  current.pool.generation if current else 0), pool_id)
         self._region_cache.pop(pool_id, None)
-        provider = existing.provider if existing else principal.subject
+        provider = current.pool.provider if current else principal.subject
         await self._publish_status(pool_id, provider, region, t, now)
         return t
 
@@ -339,14 +446,15 @@ class Registry:
             return 0
         now = self.clock()
         n = 0
-        batch: list[tuple[str, str, str, int, bytes, str]] = []
+        batch: list[tuple[str, str, str, int, bytes, str, int, int]] = []
         intact: dict[str, bool] = {}  # a Redis Cluster master lost alone: the other regions keep their pools
-        async for pool in self.records.all():
+        async for entry in self.records.entries():
+            pool = entry.pool
             region = pool.spec.region
             if region not in intact:
                 intact[region] = bool(await self.redis.exists(self.keys.region_pools(region)))
             batch.append((region, pool.pool_id, pool.provider, pool.spec.units, msgspec.json.encode(pool),
-                          pool.spec.model))
+                          pool.spec.model, pool.generation, entry.revision))
             n += 1
             if len(batch) >= 1000:
                 await self.store.upsert_many(batch, now.timestamp(), index_only=intact)

@@ -13,12 +13,13 @@ from services.common.redis_conn import read_lua
 
 HEALTHY_UNSAID = -2
 VIEW_FIELDS = ("provider", "model", "capacity", "healthy", "leased", "free", "overcommit", "status",
-               "last_hb", "record", "gen")
+               "last_hb", "record", "generation", "rev")
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """What one script call did: ``code`` 2 created, 1 ok, 0 not found, -1 not owner."""
+    """What one script call did: ``code`` 2 created, 1 ok, 0 not found, -1 not owner,
+    -2 another generation of the pool is there, 3 stale (a newer record is in Redis)."""
 
     code: int
     prev: str
@@ -27,6 +28,9 @@ class Transition:
     overcommit: int
     leased: int
     capacity: int
+    generation: int = 0
+    lost: tuple[str, ...] = ()  # the leases an outage or a removal took with it
+    replaced: int = 0  # created over this older generation, whose removal Redis had missed
 
     @property
     def changed(self) -> bool:
@@ -41,7 +45,8 @@ class PoolStore:
 
     def _keys(self, region: str, pool_id: str) -> list[str]:
         k = self.keys
-        return [k.pool(region, pool_id), k.region_pools(region), k.heartbeats(region)]
+        return [k.pool(region, pool_id), k.region_pools(region), k.heartbeats(region),
+                k.pool_leases(region, pool_id), k.removed_pools(region)]
 
     async def _run(self, op: str, region: str, pool_id: str, now: float, provider: str, *args: object,
                    client: Redis | None = None) -> Transition:
@@ -50,26 +55,29 @@ class PoolStore:
         return _transition(raw)
 
     async def upsert(self, region: str, pool_id: str, now: float, owner: str, capacity: int, record: bytes,
-                     model: str, acting_provider: str = "") -> Transition:
+                     model: str, generation: int, revision: int) -> Transition:
+        """Follow the durable record at ``revision`` (of pool ``generation``)."""
         await self.redis.hsetnx(self.keys.pool_index(), pool_id, region)
         await self.redis.sadd(self.keys.regions(), region)
-        return await self._run("upsert", region, pool_id, now, acting_provider, capacity, record, model, owner)
+        return await self._run("upsert", region, pool_id, now, "", capacity, record, model, owner, generation,
+                               revision)
 
-    async def upsert_many(self, items: Sequence[tuple[str, str, str, int, bytes, str]], now: float,
+    async def upsert_many(self, items: Sequence[tuple[str, str, str, int, bytes, str, int, int]], now: float,
                           index_only: Mapping[str, bool] | None = None) -> None:
-        """Many ``(region, pool_id, owner, capacity, record, model)`` registrations in one
+        """Many ``(region, pool_id, owner, capacity, record, model, generation, revision)`` registrations in one
         pipelined round trip: refilling a lost Redis with 10,000 pools must not take
         30,000 round trips. Regions with ``index_only[region]`` true kept their pools
         (only the global lookups are written again for them)."""
         pipe = self.redis.pipeline(transaction=False)
         sha = self._script.sha
-        for region, pool_id, owner, capacity, record, model in items:
+        for region, pool_id, owner, capacity, record, model, generation, revision in items:
             pipe.hsetnx(self.keys.pool_index(), pool_id, region)
             pipe.sadd(self.keys.regions(), region)
             if index_only and index_only.get(region):
                 continue
-            pipe.execute_command("EVALSHA", sha, 3, *self._keys(region, pool_id), "upsert", now, pool_id, "",
-                                 capacity, record, model, owner)  # raw: a cluster pipeline routes it by slot
+            pipe.execute_command("EVALSHA", sha, 5, *self._keys(region, pool_id), "upsert", now, pool_id, "",
+                                 capacity, record, model, owner, generation,
+                                 revision)  # raw: a cluster pipeline routes it by slot
         try:
             await pipe.execute()
         except NoScriptError:  # Redis restarted or flushed its script cache
@@ -88,7 +96,7 @@ class PoolStore:
         for region, pool_id, healthy, provider in items:
             # execute_command, not pipe.evalsha: redis-py refuses the latter in a cluster
             # pipeline, while the raw command is routed by its keys' slot like any other
-            pipe.execute_command("EVALSHA", sha, 3, *self._keys(region, pool_id), "heartbeat", now, pool_id,
+            pipe.execute_command("EVALSHA", sha, 5, *self._keys(region, pool_id), "heartbeat", now, pool_id,
                                  provider, HEALTHY_UNSAID if healthy is None else healthy)
         try:
             raws = await pipe.execute()
@@ -98,14 +106,15 @@ class PoolStore:
         return [_transition(raw) for raw in raws]
 
     async def patch(self, region: str, pool_id: str, now: float, provider: str, capacity: int,
-                    record: bytes) -> Transition:
-        return await self._run("patch", region, pool_id, now, provider, capacity, record)
+                    record: bytes, generation: int, revision: int) -> Transition:
+        return await self._run("patch", region, pool_id, now, provider, capacity, record, generation, revision)
 
     async def drain(self, region: str, pool_id: str, now: float, provider: str, on: bool = True) -> Transition:
         return await self._run("drain" if on else "undrain", region, pool_id, now, provider)
 
-    async def remove(self, region: str, pool_id: str, now: float, provider: str) -> Transition:
-        t = await self._run("remove", region, pool_id, now, provider)
+    async def remove(self, region: str, pool_id: str, now: float, provider: str, generation: int = 0) -> Transition:
+        """Remove ``generation`` of the pool (0: whichever is there)."""
+        t = await self._run("remove", region, pool_id, now, provider, generation)
         if t.code == 1:
             await self.redis.hdel(self.keys.pool_index(), pool_id)
         return t
@@ -163,4 +172,5 @@ def _transition(raw: list) -> Transition:
     def s(v: object) -> str:
         return v.decode() if isinstance(v, bytes) else str(v)
 
-    return Transition(int(raw[0]), s(raw[1]), s(raw[2]), int(raw[3]), int(raw[4]), int(raw[5]), int(raw[6]))
+    return Transition(int(raw[0]), s(raw[1]), s(raw[2]), int(raw[3]), int(raw[4]), int(raw[5]), int(raw[6]),
+                      int(raw[7]), tuple(sorted(s(i) for i in raw[8])), int(raw[9]))

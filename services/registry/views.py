@@ -26,9 +26,10 @@ class PoolView(msgspec.Struct, frozen=True, kw_only=True):
     free: int
     overcommit: int  # units leased beyond effective capacity (after a shrink)
     last_heartbeat: datetime
-    generation: int
+    generation: int  # one registration of this pool id: a new one after removal and re-registration
     spec: PoolSpec
     accelerator: Accelerator
+    revision: int = 0  # the durable record's revision this state follows (moves on every change)
 
 
 class PoolPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +47,6 @@ def pool_view(row: dict[str, str]) -> PoolView:
         status=row["status"],  # type: ignore[arg-type]
         capacity=int(row["capacity"]), healthy=None if healthy < 0 else healthy, leased=int(row["leased"]),
         free=int(row["free"]), overcommit=int(row["overcommit"]),
-        last_heartbeat=datetime.fromtimestamp(float(row["last_hb"]), UTC), generation=int(row["gen"]),
-        spec=pool.spec, accelerator=pool.accelerator,
+        last_heartbeat=datetime.fromtimestamp(float(row["last_hb"]), UTC), generation=int(row["generation"] or 0),
+        spec=pool.spec, accelerator=pool.accelerator, revision=int(row["rev"] or 0),
     )

@@ -206,7 +206,9 @@ async def test_a_region_that_lost_its_live_state_alone_is_rebuilt(cluster_settin
         with s.redis() as rc:
             assert rc.exists(keys.leases_ready(fresh))  # nothing to lose there
             after = rc.hgetall(keys.pool(other, "other-1"))
-        assert after["leased"] == before["leased"] and after["gen"] == before["gen"]  # not re-registered
+        # not registered again: the same generation, at the same record revision
+        assert (after["leased"], after["generation"], after["rev"]) == (before["leased"], before["generation"],
+                                                                       before["rev"])
         r = await s.request("t1", {"units": 1, "placement": {"regions": [lost]}})
         assert r.status_code == 409, r.text  # full: the restored lease holds all 8
         r = await s.lease_op("t1", held["lease_id"], "release")

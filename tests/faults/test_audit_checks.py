@@ -118,6 +118,17 @@ def test_capacity_cut_under_live_leases_is_excused_but_not_a_later_grant() -> No
     assert failures(o) == {"pool leased <= capacity": {"p1"}}
 
 
+def test_a_lease_of_a_removed_generation_holds_nothing_of_the_next() -> None:
+    """The pool was removed and registered again (generation 9) while leases of generation
+    5 wait for the broker to end them: their units are no part of the new pool's count."""
+    o = world()
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], generation=9, leased=0, free=8)
+    o.leases = {i: dataclasses.replace(lease, generation=5) for i, lease in o.leases.items()}
+    assert "pool leased = units of its live leases" not in failures(o)
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=3)  # counted on the new pool: units handed out twice
+    assert failures(o)["pool leased = units of its live leases"] == {"p1"}
+
+
 def test_lease_without_grant_and_lost_grant() -> None:
     o = world()
     o.leases["x"] = LeaseLive("cn-gz", "x", "p1", 4, T + 100, 1)

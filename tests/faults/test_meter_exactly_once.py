@@ -9,12 +9,14 @@ waits until its durable consumer has nothing pending, and checks the ledger — 
 straight from the ledger stream — against the charges computed independently from the
 test's own record of the events with the pure pricing functions: same entries, same
 amounts, to the minor unit. A second test replays the whole stream into a fresh meter
-(new state, new durable consumer) and gets identical totals.
+(new state, new durable consumer) and gets identical totals. A third retries a dead letter
+after the ledger's duplicate window has passed and finds nothing billed twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -28,6 +30,7 @@ import httpx
 import msgspec
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
 
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
@@ -40,7 +43,7 @@ from services.meter.model import LedgerEntry, LedgerRecord
 from services.meter.pricing import RESERVED, ending_charges, reserved_charges
 
 from ..helpers import eventually
-from ..integration.test_meter_support import ENDS, granted, publish_many, renewed
+from ..integration.test_meter_support import ENDS, granted, lease, publish_many, renewed
 
 pytestmark = pytest.mark.timeout(170)
 
@@ -302,3 +305,60 @@ async def test_replay_into_a_fresh_meter_gives_identical_totals(settings, nc, tm
                 await js.delete_stream(name)
             except Exception:  # noqa: BLE001 - not created
                 pass
+
+
+async def _set_max_msg_size(js: JetStreamContext, stream: str, size: int) -> None:
+    config = (await js.stream_info(stream)).config
+    await js.update_stream(msgspec.structs.replace(config, max_msg_size=size) if isinstance(config, msgspec.Struct)
+                           else dataclasses.replace(config, max_msg_size=size))
+
+
+async def test_a_dead_letter_retried_after_the_duplicate_window_bills_nothing_twice(settings, nc, tmp_path) -> None:
+    """The ledger's de-duplication must not rest on a time window: an event whose ledger
+    entries were appended but whose account write was refused is dead-lettered; retried
+    once the ledger's ``Nats-Msg-Id`` window (here 1 s, in production 7 days) has passed,
+    it appends the same entries again, and they must not be stored (or billed) twice."""
+    js = nc.jetstream()
+    settings = msgspec.structs.replace(settings, ledger_dup_window_s=1.0, meter_max_attempts=1,
+                                       meter_ack_wait_s=2.0)
+    names = MeterNames.of(settings)
+    svc = meter_process(settings, tmp_path / "meter.log")
+    svc.start()
+    try:
+        await asyncio.to_thread(svc.wait_healthy)
+        # the accounts bucket refuses every write (a real refusal by the server: too big)
+        await _set_max_msg_size(js, f"KV_{names.accounts}", 16)
+        info = lease(billing="reserved_month", unit_price=Decimal("1650"), tenant="t-window")
+        await publish_many(js, Subjects(settings.prefix), [granted(info)])
+
+        async def dead_letter() -> int:
+            return (await js.stream_info(names.dlq_stream)).state.messages
+
+        await eventually(dead_letter, timeout=30, what=f"the event dead-lettered (see {svc.log_path})")
+        entries = await read_ledger(js, names)
+        assert [e.id for e in entries] == [entry_id(info.lease_id, c) for c in reserved_charges(info)]
+        await _set_max_msg_size(js, f"KV_{names.accounts}", -1)
+
+        # The ledger's duplicate window has passed once that of a scratch stream with the
+        # same window has: JetStream forgets a message id when its window has passed since
+        # it was stored, and the scratch id is stored after the entries' ids were.
+        scratch = f"{settings.prefix.upper()}_WINDOW"
+        await js.add_stream(StreamConfig(name=scratch, subjects=[f"{settings.prefix}.window"], duplicate_window=1.0,
+                                         storage=StorageType.MEMORY))
+
+        async def window_passed() -> bool:
+            ack = await js.publish(f"{settings.prefix}.window", b"", headers={"Nats-Msg-Id": "probe"})
+            return ack.seq > 1
+
+        await eventually(window_passed, timeout=30, every=0.1, what="the duplicate window passed")
+        alloc_seq = (await js.stream_info(Subjects(settings.prefix).stream("alloc"))).state.last_seq
+        async with httpx.AsyncClient(base_url=svc.url, timeout=10) as http:
+            r = await http.post(f"/v1/deadletters/{alloc_seq}/retry",
+                                headers={"Authorization": f"Bearer {settings.admin_key}"})
+        assert r.status_code == 200 and r.json()["outcome"] == "applied", r.text
+        await settled(js, settings, names, svc)
+        again = await read_ledger(js, names)
+        check_ledger(again, Scenario([granted(info)], [], {info.lease_id: [(e.id, e.amount) for e in entries]}))
+        assert await api_totals(svc, settings) == {("t-window", "USD"): sum(e.amount for e in entries)}
+    finally:
+        svc.stop()

@@ -217,6 +217,10 @@ async def put_region(s: Stage, side: str, c: Caller) -> Req:
     return Req("PUT", f"/v1/regions/{s.region['id']}", json=s.region)
 
 
+async def put_regions(s: Stage, side: str, c: Caller) -> Req:
+    return Req("POST", "/v1/regions/bulk", json=[s.region])
+
+
 async def bulk(s: Stage, side: str, c: Caller) -> Req:
     pool_id = s.main_pool[side]
     return Req("POST", "/v1/pools/bulk", json=[{**pool_body(provider=s.provider(side)), "pool_id": pool_id}],
@@ -270,9 +274,12 @@ def pool_put(s: Stage, side: str) -> Any:
 
 PUBLIC_SCHEMA = {p: anyone(get(p)) for p in ("/schema", "/schema/openapi.json", "/schema/openapi.yaml",
                                                "/schema/openapi.yml", "/schema/swagger", "/schema/redoc",
-                                               "/schema/rapidoc", "/schema/elements",
-                                               "/schema/oauth2-redirect.html")}
+                                               "/schema/rapidoc", "/schema/oauth2-redirect.html")}
 PUBLIC_SCHEMA["/schema/{path:str}"] = anyone(get("/schema/redoc"))
+# the documentation pages' own files (services/common/api_docs.py)
+PUBLIC_SCHEMA.update({f"/schema/assets/{ui}/{{file_path:path}}": anyone(get(f"/schema/assets/{ui}/{name}"))
+                      for ui, name in (("swagger", "swagger-ui.css"), ("redoc", "redoc.standalone.js"),
+                                       ("rapidoc", "rapidoc-min.js"))})
 
 
 def schema_entries(service: str) -> dict[tuple[str, str, str], Entry]:
@@ -298,6 +305,7 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
     ("registry", "GET", "/v1/network"): anyone(get("/v1/network")),
     ("registry", "PUT", "/v1/regions/{region_id:str}"): roles(put_region, admin=OK, ops=E403, provider=E403,
                                                                tenant=E403),
+    ("registry", "POST", "/v1/regions/bulk"): roles(put_regions, admin=OK, ops=E403, provider=E403, tenant=E403),
     ("registry", "GET", "/v1/pools"): roles(get("/v1/pools"), admin=OK, ops=OK, provider=OK, tenant=OK),
     ("registry", "GET", "/v1/capacity"): roles(get("/v1/capacity"), admin=OK, ops=OK, provider=OK, tenant=OK),
     ("registry", "GET", "/v1/pools/{pool_id:str}"): owned(on_pool("GET"), admin=T, ops=T, provider=T, tenant=T),

@@ -48,6 +48,7 @@ from services.common.nats_conn import connect
 from services.registry.store import PoolStore
 
 REGION, POOL, TENANT = "cn-gz", "pa", "t1"
+GENERATION = 1  # the pool's registration (its generation), which every lease on it names
 KEYS = ("k0", "k1")
 STALE_S = 6.0
 STEPS = ("durable_claim", "name", "reserve", "grant", "confirm", "finish_durable", "finish_redis", "respond")
@@ -146,8 +147,8 @@ def make_machine(redis_url: str, nats_url: str, counter: list[int]) -> type[Rule
             await self._pool()
 
         async def _pool(self) -> None:
-            await PoolStore(self.redis, self.keys).upsert_many([(REGION, POOL, "acme", 10_000, b"{}", "m")],
-                                                               time.time())
+            pool = (REGION, POOL, "acme", 10_000, b"{}", "m", GENERATION, GENERATION)
+            await PoolStore(self.redis, self.keys).upsert_many([pool], time.time())
             await self.harness.leases.mark_ready([REGION])
 
         def run(self, coro):  # noqa: ANN001, ANN201
@@ -178,7 +179,8 @@ def make_machine(redis_url: str, nats_url: str, counter: list[int]) -> type[Rule
             now = datetime.now(UTC)
             lease = LeaseInfo(lease_id=new_id("lease"), request_id=request_id, tenant=TENANT, pool_id=POOL,
                               provider="acme", region=REGION, model="m", units=1, billing="on_demand",
-                              unit_price=Decimal(1), granted_at=now, expires_at=now + timedelta(days=1))
+                              unit_price=Decimal(1), granted_at=now, expires_at=now + timedelta(days=1),
+                              pool_generation=GENERATION)
             await gate("name")
             await before_grant([lease])
             await gate("reserve")
@@ -268,7 +270,7 @@ def make_machine(redis_url: str, nats_url: str, counter: list[int]) -> type[Rule
 
         async def _sweep(self) -> None:
             store = self.harness.leases
-            for lease in await store.expired(REGION, time.time() + PENDING_S + 1):
+            for lease in await store.expired_in([REGION], time.time() + PENDING_S + 1):
                 ended = await store.end(lease, "expire", time.time() + PENDING_S + 1)
                 assert ended is not None and ended.pending, "only unconfirmed reservations expire here"
                 if lease.lease_id in self.harness.granted:

@@ -31,9 +31,9 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
                                           "--registry-url", registry.url, "--key", settings.admin_key or ""])
         assert result.exit_code == 0, result.output
         out = result.output
-        assert "4 pools registered" in out  # 3 in us-east-1 (added) + 1 in us-east (known)
+        assert "4 pools registered" in out  # 3 in Lambda's us-east-1 (added) + 1 in us-east (known)
         assert "Quantum9000" in out  # unmapped names are reported, never dropped silently
-        assert "us-east-1 was not in the topology" in out
+        assert "lambda-us-east-1 was not in the topology" in out
         assert "mars-north-1 is unknown" in out
         assert "1 rows without an accelerator skipped" in out
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
@@ -42,11 +42,11 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
         assert set(by_model) == {"nvidia-a100-sxm-40gb", "nvidia-a100-sxm-80gb", "nvidia-rtx-a6000",
                                  "nvidia-h100-sxm-80gb"}
         a100 = by_model["nvidia-a100-sxm-40gb"]
-        assert a100["region"] == "us-east-1" and a100["capacity"] == 8
+        assert a100["region"] == "lambda-us-east-1" and a100["capacity"] == 8
         assert Decimal(a100["spec"]["prices"]["on_demand"]) == Decimal("1.29")  # 10.32 / 8
         assert Decimal(by_model["nvidia-a100-sxm-80gb"]["spec"]["prices"]["interruptible"]) == Decimal("0.5")
         regions = {r["id"] for r in httpx.get(f"{registry.url}/v1/regions").json()}
-        assert "us-east-1" in regions and "mars-north-1" not in regions
+        assert "lambda-us-east-1" in regions and not any("mars" in r for r in regions)
 
         # re-import is idempotent: same pools, updated not duplicated
         again = CliRunner().invoke(cli, ["import", "skypilot", str(csv_path), "--provider", "lambda",
@@ -55,25 +55,40 @@ def test_import_skypilot(settings, nc, tmp_path: Path) -> None:
 
         # --reject-unknown-regions changes nothing
         csv2 = tmp_path / "vms2.csv"
-        csv2.write_text(SKYPILOT.replace("us-east-1", "eu-north-1"))
-        rejected = CliRunner().invoke(cli, ["import", "skypilot", str(csv2), "--provider", "lambda2",
+        csv2.write_text(SKYPILOT.replace("us-east-1", "europe-central-1"))
+        rejected = CliRunner().invoke(cli, ["import", "skypilot", str(csv2), "--provider", "lambda2", "--cloud", "lambda",
                                             "--registry-url", registry.url, "--key", settings.admin_key or "",
                                             "--reject-unknown-regions"])
-        assert rejected.exit_code != 0 and "eu-north-1" in rejected.output
+        assert rejected.exit_code != 0 and "lambda-europe-central-1" in rejected.output
         assert httpx.get(f"{registry.url}/v1/pools", params={"provider": "lambda2"},
                          headers=admin).json()["total"] == 0
 
 
 def test_import_alibaba_trace(settings, nc, tmp_path: Path) -> None:
-    nodes = Path(__file__).parents[2].parent / "shared" / "data" / "alibaba-gpu-v2023" / "openb_node_list_gpu_node.csv"
+    nodes = Path(__file__).parents[1] / "data" / "alibaba-gpu-v2023" / "openb_node_list_gpu_node_excerpt.csv"
     with service_process("registry", settings, tmp_path) as registry:
         result = CliRunner().invoke(cli, ["import", "alibaba-trace", str(nodes), "--provider", "alibaba",
                                           "--region", "cn-yrd", "--registry-url", registry.url,
                                           "--key", settings.admin_key or ""])
         assert result.exit_code == 0, result.output
-        assert "625 pools registered" in result.output and "G2" in result.output and "G3" in result.output
+        assert "26 pools registered" in result.output and "G2" in result.output and "G3" in result.output
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
         page = httpx.get(f"{registry.url}/v1/pools", params={"provider": "alibaba", "limit": 1000},
                          headers=admin).json()
-        assert page["total"] == 625
+        assert page["total"] == 26  # the excerpt's nodes of disclosed models (G1-G3 are not)
         assert {p["model"] for p in page["items"]} >= {"nvidia-t4", "nvidia-p100-pcie-16gb"}
+
+
+def test_spot_only_rows_register_one_pool_with_both_prices(settings, nc, tmp_path: Path) -> None:
+    """Spheron's ``n3-A100x1-spot__CANADA-1`` prices its on-demand twin: 11 rows, 10 pools."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "catalogues" / "spheron" / "vms.csv"
+    with service_process("registry", settings, tmp_path) as registry:
+        result = CliRunner().invoke(cli, ["import", "skypilot", str(fixture), "--provider", "spheron",
+                                          "--registry-url", registry.url, "--key", settings.admin_key or ""])
+        assert result.exit_code == 0, result.output
+        assert "10 pools registered" in result.output, result.output
+        admin = {"Authorization": f"Bearer {settings.admin_key}"}
+        pools = httpx.get(f"{registry.url}/v1/pools", params={"provider": "spheron"}, headers=admin).json()["items"]
+        a100 = next(p for p in pools if p["pool_id"] == "spheron-canada-1-n3-a100x1__canada-1")
+        prices = a100["spec"]["prices"]
+        assert (Decimal(prices["on_demand"]), Decimal(prices["interruptible"])) == (Decimal("1.4327"), Decimal("1.1476"))

@@ -20,20 +20,25 @@ from services.common.redis_conn import read_lua
 A, B = "cn-gz", "cn-yrd"
 
 
-def setup_pools(srds: redis.Redis, k: Keys, pools: dict[tuple[str, str], int], ready: tuple[str, ...]) -> None:
+def pool_op(srds: redis.Redis, k: Keys, region: str, pool_id: str, op: str, *args: object) -> list:
     script = srds.register_script(read_lua("services.registry.lua", "pool.lua"))
+    return script(keys=[k.pool(region, pool_id), k.region_pools(region), k.heartbeats(region),
+                        k.pool_leases(region, pool_id), k.removed_pools(region)], args=[op, 1000.0, pool_id, "", *args])
+
+
+def setup_pools(srds: redis.Redis, k: Keys, pools: dict[tuple[str, str], int], ready: tuple[str, ...],
+                generation: int = 1) -> None:
     for (region, pool_id), units in pools.items():
-        script(keys=[k.pool(region, pool_id), k.region_pools(region), k.heartbeats(region)],
-               args=["upsert", 1000.0, pool_id, "", units, "{}", "m", "acme"])
+        pool_op(srds, k, region, pool_id, "upsert", units, "{}", "m", "acme", generation, generation)
     for region in ready:
         srds.set(k.leases_ready(region), "1")
 
 
-def lease(lease_id: str, region: str, pool_id: str, units: int) -> LeaseInfo:
+def lease(lease_id: str, region: str, pool_id: str, units: int, generation: int = 1) -> LeaseInfo:
     now = datetime.now(UTC)
     return LeaseInfo(lease_id=lease_id, request_id="r", tenant="t", pool_id=pool_id, provider="acme",
                      region=region, model="m", units=units, billing="on_demand", unit_price=Decimal(1),
-                     granted_at=now, expires_at=now + timedelta(hours=1))
+                     granted_at=now, expires_at=now + timedelta(hours=1), pool_generation=generation)
 
 
 def free(srds: redis.Redis, k: Keys, region: str, pool_id: str) -> int:
@@ -91,3 +96,51 @@ async def test_confirm_reports_a_lease_that_is_gone_and_does_not_bring_it_back(r
     assert free(srds, k, A, "p1") == 4
     assert srds.hget(k.lease(B, "lb"), "pending") is None
     assert msgspec.json.decode(srds.hget(k.lease(B, "lb"), "info"), type=LeaseInfo) == lb
+
+
+async def test_a_group_naming_one_pool_twice_takes_the_sum(rds, srds, prefix: str) -> None:
+    """Issue 11, reproduction 1b: two allocations of 5 on one 8-unit pool in one group
+    were each checked against the 8 free, and 10 units were leased on 8."""
+    k = Keys(prefix)
+    setup_pools(srds, k, {(A, "p1"): 8}, ready=(A,))
+    store = LeaseStore(rds, k)
+    exp = datetime.now(UTC).timestamp() + 30
+    ok, _ = await store.reserve(A, [lease("l1", A, "p1", 5), lease("l2", A, "p1", 5)], exp)
+    assert not ok
+    assert int(srds.hget(k.pool(A, "p1"), "leased")) == 0 and free(srds, k, A, "p1") == 8
+    ok, after = await store.reserve(A, [lease("l3", A, "p1", 5), lease("l4", A, "p1", 3)], exp)
+    assert ok and after == [3, 0] and int(srds.hget(k.pool(A, "p1"), "leased")) == 8
+
+
+async def test_a_lease_never_touches_another_generation_of_its_pool(rds, srds, prefix: str) -> None:
+    """Issue 11, reproduction 1: a lease of 4 on pool X outlives X's removal (its broker
+    missed the event); X is registered again with 8 units. Ending the old lease took its 4
+    units off the new X, and 12 units were leased on an 8-unit pool."""
+    k = Keys(prefix)
+    setup_pools(srds, k, {(A, "x"): 8}, ready=(A,), generation=5)
+    store = LeaseStore(rds, k)
+    exp = datetime.now(UTC).timestamp() + 30
+    old = lease("old", A, "x", 4, generation=5)
+    assert (await store.reserve(A, [old], exp))[0]
+    assert pool_op(srds, k, A, "x", "remove", 5)[0] == 1  # the broker never hears of it
+    pool_op(srds, k, A, "x", "upsert", 8, "{}", "m", "acme", 9, 9)  # registered again: generation 9
+    assert (await store.reserve(A, [lease("new", A, "x", 8, generation=9)], exp))[0]
+    ended = await store.end(old, "release", datetime.now(UTC).timestamp())
+    assert ended is not None and ended.free_after == -1  # ended, but no pool of its generation touched
+    assert int(srds.hget(k.pool(A, "x"), "leased")) == 8 and free(srds, k, A, "x") == 0
+    ok, _ = await store.reserve(A, [lease("more", A, "x", 4, generation=9)], exp)
+    assert not ok  # 12 on 8 before the fix
+    # a broker whose view still holds generation 5 is refused on the new pool
+    x2 = lease("stale", A, "x", 1, generation=5)
+    pool_op(srds, k, A, "x", "patch", 16, "{}", 9, 10)
+    assert not (await store.reserve(A, [x2], exp))[0]
+    # a reservation whose pool generation went away before its confirmation is not confirmed
+    granted = lease("granted", A, "x", 2, generation=9)
+    assert (await store.reserve(A, [granted], exp))[0]
+    assert pool_op(srds, k, A, "x", "remove", 9)[0] == 1
+    pool_op(srds, k, A, "x", "upsert", 8, "{}", "m", "acme", 12, 12)
+    assert await store.confirm([granted]) == ["granted"]
+    # restored after a Redis loss: a lease of generation 9 takes nothing from generation 12
+    srds.delete(k.lease(A, "granted"))
+    assert await store.restore([(granted, 1)]) == 1
+    assert int(srds.hget(k.pool(A, "x"), "leased")) == 0

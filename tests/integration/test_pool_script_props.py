@@ -16,7 +16,7 @@ from services.common.keys import Keys
 from services.common.redis_conn import read_lua
 
 REGION, POOL = "cn-yrd", "p"
-MIN_STEPS = 2_500
+MIN_STEPS = 5_000
 
 
 def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
@@ -29,18 +29,23 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             self.keys = Keys(f"prop{uuid.uuid4().hex[:10]}")
             self.now = 1000.0
             self.capacity, self.healthy, self.leased, self.alive, self.draining = capacity, -1, 0, True, False
-            self.call("upsert", capacity, "{}", "m", "acme")
+            self.gen = self.rev = 1  # the record's revision at creation, then at each change
+            self.call("upsert", capacity, "{}", "m", "acme", self.gen, self.rev)
 
         def call(self, op: str, *args: object, provider: str = "") -> list:
             k = self.keys
-            return script(keys=[k.pool(REGION, POOL), k.region_pools(REGION), k.heartbeats(REGION)],
+            return script(keys=[k.pool(REGION, POOL), k.region_pools(REGION), k.heartbeats(REGION),
+                                k.pool_leases(REGION, POOL), k.removed_pools(REGION)],
                           args=[op, self.now, POOL, provider, *args])
 
         @rule(capacity=st.integers(1, 64))
         def replace_or_patch(self, capacity: int) -> None:
             counter[0] += 1
-            self.call("patch", capacity, "{}")
+            self.rev += 1
+            assert self.call("patch", capacity, "{}", self.gen, self.rev)[0] == 1
             self.capacity = capacity
+            assert self.call("patch", 1, "{}", self.gen, self.rev - 1)[0] == 3  # an older revision: no change
+            assert self.call("patch", 1, "{}", self.gen + 1, self.rev + 1)[0] == -2  # another generation
 
         @rule(healthy=st.one_of(st.none(), st.integers(0, 80)))
         def heartbeat(self, healthy: int | None) -> None:
@@ -93,12 +98,38 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             """Removal reports the units still leased (the broker marks them lost); a new
             registration starts from nothing leased."""
             counter[0] += 1
-            raw = self.call("remove")
-            assert (int(raw[0]), raw[2], int(raw[5])) == (1, "removed", self.leased)
+            assert self.call("remove", self.gen + 1)[0] == -2  # only the generation named is removed
+            raw = self.call("remove", self.gen)
+            assert (int(raw[0]), raw[2], int(raw[5]), int(raw[7])) == (1, "removed", self.leased, self.gen)
             assert client.exists(self.keys.pool(REGION, POOL)) == 0
             assert POOL not in client.smembers(self.keys.region_pools(REGION))
             assert self.call("heartbeat", -2)[0] == 0  # a heartbeat for a removed pool finds nothing
-            self.call("upsert", capacity, "{}", "m", "acme")
+            self.rev += 2  # the record's delete, then its create
+            self.gen = self.rev
+            assert self.call("upsert", capacity, "{}", "m", "acme", self.gen, self.rev)[0] == 2
+            self.capacity, self.healthy, self.leased, self.alive, self.draining = capacity, -1, 0, True, False
+
+        @rule(capacity=st.integers(1, 64))
+        def stale_and_foreign_registrations_change_nothing(self, capacity: int) -> None:
+            """Writers racing each other: Redis keeps what the record holds last."""
+            counter[0] += 1
+            before = client.hgetall(self.keys.pool(REGION, POOL))
+            assert self.call("upsert", capacity, "{}", "m", "acme", self.gen, self.rev - 1)[0] == 3
+            assert self.call("upsert", capacity, "{}", "m", "acme", self.gen - 1, self.rev + 1)[0] == 3
+            assert self.call("upsert", capacity, "{}", "m", "zeta", self.gen, self.rev + 1)[0] == -1
+            assert client.hgetall(self.keys.pool(REGION, POOL)) == before
+
+        @rule(capacity=st.integers(1, 64))
+        def registered_again_over_a_missed_removal(self, capacity: int) -> None:
+            """The record was removed and created again but Redis never heard of the
+            removal: the new generation replaces the old one, starting from nothing leased,
+            and names the old generation, whose leases are lost."""
+            counter[0] += 1
+            old = self.gen
+            self.rev += 2
+            self.gen = self.rev
+            raw = self.call("upsert", capacity, "{}", "m", "acme", self.gen, self.rev)
+            assert (int(raw[0]), int(raw[7]), int(raw[9])) == (2, self.gen, old)
             self.capacity, self.healthy, self.leased, self.alive, self.draining = capacity, -1, 0, True, False
 
         @rule()
@@ -118,13 +149,14 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             assert int(h["free"]) == free >= 0
             assert int(h["overcommit"]) == max(0, self.leased - effective)
             assert int(h["leased"]) == self.leased
+            assert (int(h["generation"]), int(h["rev"])) == (self.gen, self.rev)
             if status == "online":
                 assert int(h["free"]) + min(self.leased, effective) <= effective
 
         def teardown(self) -> None:
             if hasattr(self, "keys"):
                 client.delete(self.keys.pool(REGION, POOL), self.keys.region_pools(REGION),
-                              self.keys.heartbeats(REGION))
+                              self.keys.heartbeats(REGION), self.keys.removed_pools(REGION))
 
     return PoolScript
 
@@ -132,7 +164,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 def test_pool_script_matches_model(redis_url: str) -> None:
     counter = [0]
     machine = make_machine(redis_url, counter)
-    machine.TestCase.settings = hsettings(max_examples=120, stateful_step_count=50, deadline=None)
+    machine.TestCase.settings = hsettings(max_examples=150, stateful_step_count=50, deadline=None)
     machine.TestCase().runTest()
     print(f"{counter[0]} steps")
     assert counter[0] >= MIN_STEPS, f"only {counter[0]} steps ran"

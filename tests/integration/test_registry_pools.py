@@ -29,10 +29,17 @@ async def test_register_get_and_event(registry_api: Api, nc, subjects) -> None:
     msg = await nc.jetstream().get_last_msg(subjects.stream("capacity"), subjects.capacity(REGION, "acme"))
     assert b"pool.registered" in msg.data
 
+    first = body
     r = await registry_api.put_pool("acme-p1", prov, units=24)
-    assert r.status_code == 200 and r.json()["capacity"] == 24 and r.json()["generation"] == 2
+    # a replacement is the same generation (one registration), at a later record revision
+    assert r.status_code == 200 and r.json()["capacity"] == 24 and r.json()["generation"] == first["generation"]
+    assert r.json()["revision"] > first["revision"] >= first["generation"] >= 1
     r = await registry_api.client.get("/v1/pools/acme-p1", headers=prov)
     assert r.status_code == 200 and r.json()["free"] == 24
+    # removed and registered again: a new, higher generation
+    assert (await registry_api.client.delete("/v1/pools/acme-p1", headers=prov)).status_code == 200
+    r = await registry_api.put_pool("acme-p1", prov)
+    assert r.status_code == 201 and r.json()["generation"] > first["generation"]
 
 
 async def test_patch_drain_undrain_remove(registry_api: Api, nc, subjects) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -118,12 +119,20 @@ def test_departures_free_capacity() -> None:
     assert r.placed == 1 and r.first_fail == 2 and r.alloc_at_first_fail == 1.0
 
 
+TRACE = Path(__file__).parents[1] / "data" / "alibaba-gpu-v2023"
+
+
 def test_trace_tasks_load() -> None:
-    tasks, stats = tr.load_tasks()
-    assert stats["rows"] == 8152 and stats["no_gpu"] == 1088
-    assert len(tasks) == 7064 and sum(t.gpus for t in tasks) == 7433
+    """On the shipped excerpt of the task list: 2 rows without GPUs, 11 fractional ones
+    taking a whole GPU, multi-GPU gangs of 2, 4 and 8 kept whole, arrival order."""
+    tasks, stats = tr.load_tasks(TRACE / "openb_pod_list_default_excerpt.csv")
+    assert stats == {"rows": 38, "no_gpu": 2, "fractional": 11}
+    assert len(tasks) == 36 and sum(t.gpus for t in tasks) == 27 + 3 * (2 + 4 + 8)
     assert all(a.start <= b.start for a, b in zip(tasks, tasks[1:], strict=False))
-    assert tr.peak_demand(tasks) < 6212
+    assert all(t.start <= t.end for t in tasks)
+    assert 0 < tr.peak_demand(tasks) <= sum(t.gpus for t in tasks)
+    nodes = tr.load_nodes(TRACE / "openb_node_list_gpu_node_excerpt.csv")
+    assert len(nodes) == 38 and sum(n.gpus for n in nodes) == 191
 
 
 # --- milp_gap ----------------------------------------------------------------------------

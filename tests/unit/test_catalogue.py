@@ -220,7 +220,7 @@ def test_resolve(name: str, memory_mib: int | None, expected: str) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "", "   ", "G1", "G2", "G3", "A100 24GB", "T4 48GB", "K80", "nvidia", "A1000", "V10", "h100x", "tpu-v9",
+    "", "   ", "G1", "G2", "G3", "A100 24GB", "T4 48GB", "K40", "L4-SXM", "nvidia", "A1000", "V10", "h100x", "tpu-v9",
 ])
 def test_unknown_names_resolve_to_none(name: str) -> None:
     assert resolve(name) is None

@@ -29,7 +29,7 @@ def test_every_event_type_and_field_is_documented() -> None:
 def test_every_subject_and_stream_is_documented() -> None:
     s = Subjects("cb")
     for subject in (s.capacity("<region>", "<provider>"), s.alloc("<region>", "<tenant>"), s.request("<tenant>"),
-                    s.billing("<tenant>"), s.rpc("registry", "catalogue"), s.rpc("registry", "topology"),
+                    s.billing("<tenant>"), s.rpc("registry", "catalogue"),
                     s.key_revoked()):
         assert f"`{subject}`" in DOC, subject
     for kind in EVENT_KINDS:

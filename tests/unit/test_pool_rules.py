@@ -31,14 +31,14 @@ def test_build_fills_owner_and_interconnect_from_catalogue() -> None:
     pool = build_pool("p1", spec(), "acme", CATALOGUE, REGIONS, NOW, None)
     assert pool.provider == "acme" and pool.spec.provider == "acme"
     assert pool.spec.interconnect == CATALOGUE["huawei-ascend-910b"].interconnect
-    assert pool.accelerator.vendor == "huawei" and pool.generation == 1 and pool.created_at == NOW
+    assert pool.accelerator.vendor == "huawei" and pool.generation == 0 and pool.created_at == NOW  # 0: its record's create names it
 
 
-def test_replace_keeps_creation_and_bumps_generation() -> None:
-    first = build_pool("p1", spec(), "acme", CATALOGUE, REGIONS, NOW, None)
+def test_replace_keeps_creation_and_generation() -> None:
+    first = msgspec.structs.replace(build_pool("p1", spec(), "acme", CATALOGUE, REGIONS, NOW, None), generation=7)
     later = NOW + timedelta(hours=1)
     second = build_pool("p1", spec(units=32), "acme", CATALOGUE, REGIONS, later, first)
-    assert second.created_at == NOW and second.updated_at == later and second.generation == 2
+    assert second.created_at == NOW and second.updated_at == later and second.generation == 7
     with pytest.raises(Forbidden):
         build_pool("p1", spec(), "zeta", CATALOGUE, REGIONS, later, first)
     with pytest.raises(Conflict):
@@ -73,10 +73,10 @@ def test_owner_rules() -> None:
 
 
 def test_patch() -> None:
-    pool = build_pool("p1", spec(), "acme", CATALOGUE, REGIONS, NOW, None)
+    pool = msgspec.structs.replace(build_pool("p1", spec(), "acme", CATALOGUE, REGIONS, NOW, None), generation=7)
     patched = apply_patch(pool, PoolPatch(units=8, prices=Prices(on_demand=Decimal("2"))), NOW)
     assert patched.spec.units == 8 and patched.spec.prices.on_demand == Decimal("2")
-    assert patched.spec.region == pool.spec.region and patched.generation == 2
+    assert patched.spec.region == pool.spec.region and patched.generation == 7  # a patch is no new generation
     with pytest.raises(Unprocessable):
         apply_patch(pool, PoolPatch(), NOW)
     with pytest.raises(Unprocessable):

@@ -1,15 +1,20 @@
 -- End one lease and give its units back: release, expire, preempt, lose, revoke.
+-- The units go back only to the pool generation the lease was granted on: a pool removed
+-- and registered again under the same id is another pool, which this lease never held.
 -- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set,
 -- KEYS[5] region set of interruptible leases
 -- ARGV[1] lease id, ARGV[2] mode ('expire' re-checks the expiry against ARGV[3] = now)
 -- Reply: {1, lease json, seq, free_after, pending} or {0} when there is nothing (left) to end;
+-- free_after -1: no pool (of the lease's generation) was touched;
 -- pending = 1: the broker never confirmed the grant (it died before its event was durable)
 local lease = KEYS[2]
 if redis.call('EXISTS', lease) == 0 then return {0} end
-local f = redis.call('HMGET', lease, 'units', 'expires', 'info', 'seq', 'pending')
+local f = redis.call('HMGET', lease, 'units', 'expires', 'info', 'seq', 'pending', 'generation')
 if ARGV[2] == 'expire' and tonumber(f[2]) > tonumber(ARGV[3]) then return {0} end
 local free = -1
-if redis.call('EXISTS', KEYS[3]) == 1 then
+local gen = tonumber(f[6]) or 0
+local pool_gen = tonumber(redis.call('HGET', KEYS[3], 'generation')) or 0
+if redis.call('EXISTS', KEYS[3]) == 1 and cb_same_generation(gen, pool_gen) then
   local leased = tonumber(redis.call('HGET', KEYS[3], 'leased')) or 0
   redis.call('HSET', KEYS[3], 'leased', math.max(0, leased - tonumber(f[1])))
   free = cb_recompute(KEYS[3])[2]

@@ -35,7 +35,8 @@ from itertools import chain, combinations
 
 import msgspec
 
-from services.common.messages import Link, Topology
+from services.common.messages import Topology
+from services.common.network import Network
 
 from .index import Book, Cell, cell_key
 from .model import HOURS_PER_MONTH, Allocation, Ask, Decision, Placement, PoolState
@@ -97,7 +98,7 @@ class _Ctx:
                  "data_region", "eps", "exclude", "factor", "hour_div", "links", "metric",
                  "need", "need_lo_f", "perf", "time_obj", "_info", "_units", "_vdec")
 
-    def __init__(self, ask: Ask, links: dict[tuple[str, str], Link]) -> None:
+    def __init__(self, ask: Ask, links: Network) -> None:
         self.ask = ask
         self.links = links
         billing = self.billing = ask.billing
@@ -163,9 +164,9 @@ class _Ctx:
         if self.data_region is None:
             info = (ZERO, _INF)
         else:
-            link = self.links.get((self.data_region, region))
+            link = self.links.link(self.data_region, region)
             if link is None and region != self.data_region:
-                link = self.links.get((region, self.data_region))
+                link = self.links.link(region, self.data_region)
             if link is None:
                 info = (ZERO, _INF) if region == self.data_region else None
             else:
@@ -368,9 +369,11 @@ class Engine:
         self.set_topology(topology)
 
     # --- state ---------------------------------------------------------------------
-    def set_topology(self, topology: Topology) -> None:
+    def set_topology(self, topology: Topology | Network) -> None:
+        """A ``Network`` is used as it is (and may be changed in place: call this again
+        after a change); a ``Topology`` is read into one."""
         self.topology = topology
-        self._links: dict[tuple[str, str], Link] = {(ln.src, ln.dst): ln for ln in topology.links}
+        self._links = topology if isinstance(topology, Network) else Network(topology.regions, topology.links)
         self._invalidate()
 
     def upsert(self, pool: PoolState) -> None:
@@ -448,12 +451,12 @@ class Engine:
 
     # --- static filters --------------------------------------------------------------
     def _latency(self, src: str, dst: str) -> float:
-        link = self._links.get((src, dst))
-        if link is None:
-            link = self._links.get((dst, src))
-        if link is None:
+        ms = self._links.rtt_ms(src, dst)
+        if ms is None:
+            ms = self._links.rtt_ms(dst, src)
+        if ms is None:
             return 0.0 if src == dst else _INF
-        return float(link.latency_ms)
+        return float(ms)
 
     def _dim(self, key: tuple, compute: Callable[[], frozenset[int]]) -> frozenset[int]:
         s = self._dims.get(key)
@@ -506,8 +509,7 @@ class Engine:
         if ask.users_region is not None and ask.max_latency_ms is not None:
             users, ms = ask.users_region, float(ask.max_latency_ms)
             dims.append(("latency", ("latency", users, ms), lambda: self._union(
-                "region", [r for r in self._attr_index["region"]
-                           if self._latency(users, r) <= ms])))
+                "region", self._links.within(users, ms, list(self._attr_index["region"])))))
         currency = ask.currency
         dims.append(("currency", ("currency", currency),
                      lambda: self._union("currency", (currency,))))
@@ -1005,7 +1007,8 @@ class Engine:
             pool = cell.pools[pid]
             allocations.append(Allocation(
                 pool_id=pid, region=cell.region, provider=pool.provider, model=cell.model,
-                units=u, unit_price=price, price_basis=ctx.basis))
+                units=u, unit_price=price, price_basis=ctx.basis,
+                availability="listed" if pool.listed else "live"))
             compute += price * u * f
             price_units += price * u
             units += u

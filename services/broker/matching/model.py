@@ -42,6 +42,7 @@ class PoolState(msgspec.Struct, kw_only=True):
     units_per_node: int = 8
     capacity: int
     free: int
+    listed: bool = False  # availability from a public catalogue, not reported live
     currency: str = "USD"
     on_demand: Decimal  # per unit-hour
     reserved_month: Decimal | None = None  # per unit-month, month term
@@ -93,6 +94,7 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     units: int
     unit_price: Decimal  # per unit-hour (on-demand / interruptible) or per unit-month (reserved)
     price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
+    availability: Literal["live", "listed"] = "live"  # "listed": from a public catalogue, not reported live
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,3 +22,10 @@ local function cb_recompute(pool)
   redis.call('HSET', pool, 'status', status, 'free', free, 'overcommit', over)
   return {status, free, over, leased, capacity}
 end
+
+-- Whether a lease of generation ``a`` belongs to the pool hash of generation ``b``: a
+-- generation is one registration of a pool id, from creation to removal. 0 is a lease or
+-- hash written before generations were recorded, which matches any (an upgrade in place).
+local function cb_same_generation(a, b)
+  return a == 0 or b == 0 or a == b
+end

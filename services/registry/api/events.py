@@ -16,6 +16,7 @@ from typing import Annotated
 import anyio
 import msgspec
 from litestar import Request, get
+from litestar.openapi import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.errors import Error as NatsError
@@ -23,6 +24,7 @@ from nats.errors import Error as NatsError
 from services.common.auth import KeyLookup
 from services.common.errors import Unauthorized, Unavailable
 from services.common.http import PUBLIC
+from services.common.problem_docs import problem_responses
 from services.common.subjects import Subjects
 
 from ..domain.event_scope import format_cursor, parse_filter, parse_since, plan
@@ -30,6 +32,15 @@ from ..event_feed import EventFeed, start_positions
 
 Q = Annotated[str | None, Parameter(max_length=200)]
 RETRY_MS = 2000
+
+
+class StreamEvent(msgspec.Struct, kw_only=True):
+    """One Server-Sent Event as the schema describes it (each is sent as ``field: value`` lines)."""
+
+    event: str | None = None  # ready, a message type such as lease.granted, or end
+    id: str | None = None  # the cursor to resume from (Last-Event-ID)
+    data: str  # a JSON document
+    retry: int | None = None
 RECHECK_S = 1.0
 
 
@@ -60,7 +71,10 @@ class KeyWatch:
         return True
 
 
-@get("/v1/events", tags=["events"], opt=PUBLIC,
+@get("/v1/events", tags=["events"], opt=PUBLIC, media_type="text/event-stream",
+     responses={200: ResponseSpec(StreamEvent, media_type="text/event-stream", generate_examples=False,
+                                  description="Server-Sent Events: a `ready` event, then one per message"),
+                **problem_responses(401, 403, 422, 429)},
      summary="Live events as Server-Sent Events (ops/admin: all; provider, tenant: their own)",
      description="Filters: kind (capacity, alloc, request, billing; comma-separated), type (e.g. lease.granted), "
                  "region, provider, tenant. Resume: the Last-Event-ID header or ?since= (an event id, a duration "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services.common.auth import Principal
-from services.common.errors import BadRequest, Forbidden
+from services.common.errors import BadRequest, Forbidden, Unprocessable
 from services.common.ids import is_valid_id
 from services.common.subjects import ALLOC, BILLING, CAPACITY, EVENT_KINDS, REQUEST
 
@@ -165,7 +165,10 @@ def parse_since(last_event_id: str | None, since: str | None, now: datetime) -> 
     if raw == "all":
         return Since(beginning=True)
     if m := _DURATION.match(raw):
-        return Since(time=now - timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)]))
+        try:
+            return Since(time=now - timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)]))
+        except OverflowError:  # before year 1: say so rather than fail
+            raise Unprocessable(f"since {since!r} reaches back before year 1; use since=all for every event") from None
     if raw.count("-") == len(EVENT_KINDS) - 1 and all(p.isdigit() for p in raw.split("-")):
         return Since(cursor=parse_cursor(raw))
     try:

@@ -82,7 +82,7 @@ def build_pool(pool_id: str, spec: PoolSpec, owner: str, catalogue: Mapping[str,
                                    interconnect=spec.interconnect or accelerator.interconnect)
     return Pool(pool_id=pool_id, provider=owner, spec=spec, accelerator=accelerator,
                 created_at=existing.created_at if existing else now, updated_at=now,
-                generation=existing.generation + 1 if existing else 1)
+                generation=existing.generation if existing else 0)  # 0: the record's create decides it
 
 
 def apply_patch(pool: Pool, patch: PoolPatch, now: datetime) -> Pool:
@@ -94,4 +94,4 @@ def apply_patch(pool: Pool, patch: PoolPatch, now: datetime) -> Pool:
     spec = msgspec.structs.replace(pool.spec, **changes)
     if spec.units_per_node > spec.units:
         raise Unprocessable(f"units_per_node ({spec.units_per_node}) exceeds units ({spec.units})")
-    return msgspec.structs.replace(pool, spec=spec, updated_at=now, generation=pool.generation + 1)
+    return msgspec.structs.replace(pool, spec=spec, updated_at=now)

@@ -2,20 +2,14 @@
 
 Pure code: no I/O beyond reading a topology file, no clock, no servers. The default
 topology is packaged as ``regions.json`` next to this module; operators can load their
-own file of the same shape with :func:`load_topology`.
+own file of the same shape.
 
 Every ordered pair of regions (self-pairs included) has a :class:`Link`. Links that
-nobody published are *derived* from the great-circle distance (see ``docs/topology.md``):
-
-* ``latency_ms`` is the **round-trip time (RTT)** in milliseconds, the figure people
-  quote ("ping") and the one a request's "users tolerate at most N ms" is compared with.
-  ``RTT = 2 × distance_km × ROUTE_FACTOR / FIBRE_KM_PER_MS + FIXED_RTT_MS``; a link to
-  the same region is ``SAME_REGION_RTT_MS``.
-* ``bandwidth_gbps`` by tier: same region, same country, nearby cross-border, far or
-  mainland-China cross-border.
-* ``egress_per_gb`` (USD, Decimal) by tier: 0 in the same region, a domestic inter-region
-  rate, an international rate, and a higher rate for traffic crossing the mainland
-  Chinese border.
+nobody published are *derived* from the great-circle distance by the model in
+``services.common.network`` (every reader derives the same figure; see
+``docs/topology.md``). At scale nothing here builds the mesh: :func:`load_records`
+validates a file's regions and published links, and the registry stores just those.
+:func:`build_topology` (the full n² mesh) remains for small worlds and tests.
 """
 
 from __future__ import annotations
@@ -31,43 +25,38 @@ import msgspec
 
 from services.common.ids import is_valid_id
 from services.common.messages import Link, Region, Topology
+from services.common.network import (  # noqa: F401  (the model lives in the contract; re-exported)
+    BW_CROSS_BORDER_FAR_GBPS,
+    BW_CROSS_BORDER_NEAR_GBPS,
+    BW_DOMESTIC_GBPS,
+    BW_SAME_REGION_GBPS,
+    CN_BORDER_COUNTRY,
+    CURRENCY,
+    EARTH_RADIUS_KM,
+    EGRESS_CN_CROSS_BORDER,
+    EGRESS_CROSS_BORDER,
+    EGRESS_DOMESTIC,
+    EGRESS_SAME_REGION,
+    FIBRE_KM_PER_MS,
+    FIXED_RTT_MS,
+    MODEL,
+    NEAR_KM,
+    ROUTE_FACTOR,
+    SAME_REGION_RTT_MS,
+    derive_link,
+    great_circle_km,
+    haversine_km,
+)
 
 __all__ = [
     "BW_CROSS_BORDER_FAR_GBPS", "BW_CROSS_BORDER_NEAR_GBPS", "BW_DOMESTIC_GBPS",
     "BW_SAME_REGION_GBPS", "CN_BORDER_COUNTRY", "EARTH_RADIUS_KM", "EGRESS_CN_CROSS_BORDER",
     "EGRESS_CROSS_BORDER", "EGRESS_DOMESTIC", "EGRESS_SAME_REGION", "FIBRE_KM_PER_MS",
     "FIXED_RTT_MS", "MODEL", "NEAR_KM", "ROUTE_FACTOR", "SAME_REGION_RTT_MS", "TopologyError",
-    "TopologyFile", "TopologyIndex", "add_region", "build_topology", "default_index",
-    "default_topology", "derive_link", "great_circle_km", "haversine_km", "load_topology",
-    "parse_topology",
+    "TopologyFile", "TopologyIndex", "add_region", "check_region", "build_topology", "default_index",
+    "default_records", "default_topology", "derive_link", "great_circle_km", "haversine_km",
+    "load_records", "load_topology", "parse_records", "parse_topology",
 ]
-
-# --- the derivation model's constants (sources in docs/topology.md) -------------------
-EARTH_RADIUS_KM = 6371.0088          # IUGG mean Earth radius
-FIBRE_KM_PER_MS = 204.19             # c / 1.4682 (group index of standard SMF at 1550 nm)
-ROUTE_FACTOR = 1.5                   # fibre path length / great-circle distance
-FIXED_RTT_MS = 2.0                   # per round trip: metro access, switching at both ends
-SAME_REGION_RTT_MS = 0.5             # within one region / campus
-NEAR_KM = 3000.0                     # cross-border links up to this distance count as "near"
-
-BW_SAME_REGION_GBPS = 400.0
-BW_DOMESTIC_GBPS = 100.0
-BW_CROSS_BORDER_NEAR_GBPS = 40.0
-BW_CROSS_BORDER_FAR_GBPS = 10.0      # also any link crossing the mainland-China border
-
-EGRESS_SAME_REGION = Decimal("0")
-EGRESS_DOMESTIC = Decimal("0.02")        # AWS inter-region list price (US/EU regions)
-EGRESS_CROSS_BORDER = Decimal("0.09")    # AWS internet egress, first paid tier (us-east-1)
-EGRESS_CN_CROSS_BORDER = Decimal("0.15")  # assumption: licensed cross-border circuits
-CN_BORDER_COUNTRY = "CN"                 # mainland China; HK and MO are their own codes
-CURRENCY = "USD"
-
-MODEL = (
-    "great-circle-fibre/v1: RTT ms = 2 * d_km * 1.5 / 204.19 km/ms + 2.0 (same region 0.5); "
-    "bandwidth Gbit/s 400 same region, 100 same country, 40 cross-border <= 3000 km, "
-    "10 farther or to/from CN; egress USD/GB 0 same region, 0.02 same country, "
-    "0.09 cross-border, 0.15 cross-border to/from CN"
-)
 
 _COUNTRY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -88,51 +77,8 @@ class TopologyFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     links: tuple[Link, ...] = ()
 
 
-# --- distance and derivation ------------------------------------------------------------
-def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in km on a sphere of the mean Earth radius.
-
-    The two points are put in a canonical order first so that the result is bit-for-bit
-    the same whichever way round they are given.
-    """
-    (lat1, lon1), (lat2, lon2) = sorted(((lat1, lon1), (lat2, lon2)))
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp = p2 - p1
-    dl = math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    h = min(1.0, max(0.0, h))
-    return 2 * EARTH_RADIUS_KM * math.asin(math.sqrt(h))
-
-
-def great_circle_km(a: Region, b: Region) -> float:
-    return haversine_km(a.lat, a.lon, b.lat, b.lon)
-
-
-def _rtt_ms(distance_km: float) -> float:
-    return round(2 * distance_km * ROUTE_FACTOR / FIBRE_KM_PER_MS + FIXED_RTT_MS, 3)
-
-
-def derive_link(a: Region, b: Region) -> Link:
-    """The modelled link ``a -> b`` (``derived=True``). ``latency_ms`` is an RTT."""
-    if a.id == b.id:
-        return Link(src=a.id, dst=b.id, latency_ms=SAME_REGION_RTT_MS,
-                    bandwidth_gbps=BW_SAME_REGION_GBPS, egress_per_gb=EGRESS_SAME_REGION,
-                    currency=CURRENCY, derived=True)
-    distance = great_circle_km(a, b)
-    if a.country == b.country:
-        bandwidth, egress = BW_DOMESTIC_GBPS, EGRESS_DOMESTIC
-    elif CN_BORDER_COUNTRY in (a.country, b.country):
-        bandwidth, egress = BW_CROSS_BORDER_FAR_GBPS, EGRESS_CN_CROSS_BORDER
-    elif distance <= NEAR_KM:
-        bandwidth, egress = BW_CROSS_BORDER_NEAR_GBPS, EGRESS_CROSS_BORDER
-    else:
-        bandwidth, egress = BW_CROSS_BORDER_FAR_GBPS, EGRESS_CROSS_BORDER
-    return Link(src=a.id, dst=b.id, latency_ms=_rtt_ms(distance), bandwidth_gbps=bandwidth,
-                egress_per_gb=egress, currency=CURRENCY, derived=True)
-
-
 # --- validation --------------------------------------------------------------------------
-def _check_region(region: Region) -> None:
+def check_region(region: Region) -> None:
     if not is_valid_id(region.id):
         raise TopologyError(f"region id {region.id!r} is not a valid id "
                             "(lower-case a-z 0-9 _ -, at most 63 characters)")
@@ -151,7 +97,7 @@ def _check_region(region: Region) -> None:
 def _check_regions(regions: Iterable[Region]) -> dict[str, Region]:
     by_id: dict[str, Region] = {}
     for region in regions:
-        _check_region(region)
+        check_region(region)
         if region.id in by_id:
             raise TopologyError(f"duplicate region id {region.id!r}")
         by_id[region.id] = region
@@ -209,7 +155,7 @@ def add_region(topology: Topology, region: Region) -> Topology:
     present with identical fields returns ``topology`` unchanged; the same id with
     different fields raises :class:`TopologyError`.
     """
-    _check_region(region)
+    check_region(region)
     for existing in topology.regions:
         if existing.id == region.id:
             if existing == region:
@@ -224,8 +170,8 @@ def add_region(topology: Topology, region: Region) -> Topology:
                     model=topology.model or MODEL)
 
 
-def parse_topology(data: bytes | str, *, source: str = "<topology>") -> Topology:
-    """Decode and validate topology JSON (``regions`` + optional ``links``)."""
+def parse_records(data: bytes | str, *, source: str = "<topology>") -> TopologyFile:
+    """Decode and validate topology JSON: its regions and published links, no mesh."""
     try:
         parsed = msgspec.json.decode(data, type=TopologyFile)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -233,22 +179,44 @@ def parse_topology(data: bytes | str, *, source: str = "<topology>") -> Topology
     if not parsed.regions:
         raise TopologyError(f"{source}: no regions")
     try:
-        return build_topology(parsed.regions, parsed.links)
+        by_id = _check_regions(parsed.regions)
+        seen: set[tuple[str, str]] = set()
+        links = []
+        for link in parsed.links:
+            _check_link(link, by_id)
+            if (link.src, link.dst) in seen:
+                raise TopologyError(f"link {link.src!r} -> {link.dst!r} is listed twice")
+            seen.add((link.src, link.dst))
+            links.append(msgspec.structs.replace(link, derived=False) if link.derived else link)
     except TopologyError as exc:
         raise TopologyError(f"{source}: {exc}") from None
+    return TopologyFile(model=parsed.model, regions=parsed.regions, links=tuple(links))
 
 
-def load_topology(path: str | Path) -> Topology:
-    """An operator's topology file; pairs it does not list are derived.
+def parse_topology(data: bytes | str, *, source: str = "<topology>") -> Topology:
+    """Decode and validate topology JSON (``regions`` + optional ``links``), meshed."""
+    records = parse_records(data, source=source)
+    return build_topology(records.regions, records.links)
+
+
+def _read(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read topology file: {exc.strerror or exc}") from None
+
+
+def load_records(path: str | Path) -> TopologyFile:
+    """An operator's topology file, validated, as the registry stores it (no mesh).
 
     Raises :class:`TopologyError` (a ``ValueError``) naming the file and the problem.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TopologyError(f"{path}: cannot read topology file: {exc.strerror or exc}") from None
-    return parse_topology(data, source=str(path))
+    return parse_records(_read(path), source=str(path))
+
+
+def load_topology(path: str | Path) -> Topology:
+    """An operator's topology file, meshed; pairs it does not list are derived."""
+    return parse_topology(_read(path), source=str(path))
 
 
 def _packaged_bytes() -> bytes:
@@ -257,8 +225,14 @@ def _packaged_bytes() -> bytes:
 
 
 @cache
+def default_records() -> TopologyFile:
+    """The packaged regions: China's eight national compute hubs and public cloud regions."""
+    return parse_records(_packaged_bytes(), source="regions.json")
+
+
+@cache
 def default_topology() -> Topology:
-    """The packaged topology: China's eight national compute hubs and public cloud regions."""
+    """The packaged topology, meshed."""
     return parse_topology(_packaged_bytes(), source="regions.json")
 
 

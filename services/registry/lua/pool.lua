@@ -2,16 +2,35 @@
 -- free = max(0, effective capacity - leased) holds after every command, and the
 -- status transition it caused is returned for the caller to publish.
 --
--- KEYS[1] pool hash, KEYS[2] region pool set, KEYS[3] region heartbeat zset
+-- The durable record (the registry's key-value bucket) is the authority on a pool's
+-- existence, owner and generation; this hash follows it. A hash holds one generation
+-- (one registration, from creation to removal) and the record revision it reflects:
+-- a write from an older generation or revision changes nothing (code 3), so writers
+-- racing each other leave Redis with what the record holds last, whatever their order.
+--
+-- KEYS[1] pool hash, KEYS[2] region pool set, KEYS[3] region heartbeat zset,
+-- KEYS[4] the pool's lease set (read only: the leases a removal or an outage loses),
+-- KEYS[5] the region's removed generations (pool id -> the last generation removed: a
+--   late write of a removed generation must not bring the pool back)
 -- ARGV[1] op, ARGV[2] now (unix seconds), ARGV[3] pool id, ARGV[4] provider ("" = any)
--- Reply: {code, prev_status, status, free, overcommit, leased, capacity}
---   code: 1 ok / 2 created, 0 not found, -1 owned by another provider
-local pool, members, hb = KEYS[1], KEYS[2], KEYS[3]
+-- Reply: {code, prev_status, status, free, overcommit, leased, capacity, generation,
+--         {lease ids lost}, replaced_generation}
+--   code: 1 ok / 2 created, 0 not found, -1 owned by another provider,
+--         -2 another generation of the pool is there, 3 stale write (nothing written)
+local pool, members, hb, pool_leases, removed = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op, now, pool_id, provider = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
-local function reply(code, prev)
+local function generation()
+  return tonumber(redis.call('HGET', pool, 'generation')) or 0
+end
+
+local function reply(code, prev, lost, replaced)
   local r = cb_recompute(pool)
-  return {code, prev, r[1], r[2], r[3], r[4], r[5]}
+  return {code, prev, r[1], r[2], r[3], r[4], r[5], generation(), lost or {}, replaced or 0}
+end
+
+local function refused(code, prev)
+  return {code, prev, prev, 0, 0, 0, 0, 0, {}, 0}
 end
 
 local exists = redis.call('EXISTS', pool) == 1
@@ -19,25 +38,46 @@ local prev = 'absent'
 if exists then
   prev = redis.call('HGET', pool, 'status') or 'offline'
   if provider ~= '' and redis.call('HGET', pool, 'provider') ~= provider then
-    return {-1, prev, prev, 0, 0, 0, 0}
+    return refused(-1, prev)
   end
 end
 
 if op == 'upsert' then
-  -- ARGV[5] capacity, ARGV[6] record json, ARGV[7] model, ARGV[8] owner provider
+  -- ARGV[5] capacity, ARGV[6] record json, ARGV[7] model, ARGV[8] owner provider,
+  -- ARGV[9] generation, ARGV[10] record revision
+  local gen, rev = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local replaced, lost = 0, {}
+  if exists then
+    local f = redis.call('HMGET', pool, 'generation', 'rev', 'provider')
+    local have = tonumber(f[1])
+    if have ~= nil and have > gen then return refused(3, prev) end  -- a newer registration is here
+    if have == nil or have == gen then
+      if f[3] ~= ARGV[8] then return refused(-1, prev) end  -- a generation has one owner
+      if (tonumber(f[2]) or 0) > rev then return refused(3, prev) end  -- a newer record revision is here
+    else
+      -- an older generation the record no longer holds (its removal did not reach Redis):
+      -- the new one starts from nothing leased; the old one's leases are lost
+      replaced, lost = have, redis.call('SMEMBERS', pool_leases)
+      redis.call('DEL', pool)
+      exists, prev = false, 'absent'
+    end
+  end
+  if not exists then
+    if gen <= (tonumber(redis.call('HGET', removed, pool_id)) or 0) then return refused(3, prev) end
+    redis.call('HDEL', removed, pool_id)
+  end
   redis.call('HSET', pool, 'capacity', ARGV[5], 'record', ARGV[6], 'model', ARGV[7],
-    'provider', ARGV[8], 'alive', 1, 'last_hb', now)
+    'provider', ARGV[8], 'alive', 1, 'last_hb', now, 'generation', gen, 'rev', rev)
   if not exists then
     redis.call('HSET', pool, 'leased', 0, 'healthy', -1, 'draining', 0)
   end
-  redis.call('HINCRBY', pool, 'gen', 1)
   redis.call('SADD', members, pool_id)
   redis.call('ZADD', hb, now, pool_id)
   if exists then return reply(1, prev) end
-  return reply(2, prev)
+  return reply(2, prev, lost, replaced)
 end
 
-if not exists then return {0, prev, prev, 0, 0, 0, 0} end
+if not exists then return refused(0, prev) end
 
 if op == 'heartbeat' then
   -- ARGV[5] healthy units, or -2 when the heartbeat did not say
@@ -47,9 +87,10 @@ if op == 'heartbeat' then
   redis.call('ZADD', hb, now, pool_id)
   return reply(1, prev)
 elseif op == 'patch' then
-  -- ARGV[5] capacity, ARGV[6] record json
-  redis.call('HSET', pool, 'capacity', ARGV[5], 'record', ARGV[6])
-  redis.call('HINCRBY', pool, 'gen', 1)
+  -- ARGV[5] capacity, ARGV[6] record json, ARGV[7] generation, ARGV[8] record revision
+  if generation() ~= tonumber(ARGV[7]) then return refused(-2, prev) end
+  if (tonumber(redis.call('HGET', pool, 'rev')) or 0) > tonumber(ARGV[8]) then return refused(3, prev) end
+  redis.call('HSET', pool, 'capacity', ARGV[5], 'record', ARGV[6], 'rev', ARGV[8])
   return reply(1, prev)
 elseif op == 'drain' then
   redis.call('HSET', pool, 'draining', 1)
@@ -65,12 +106,19 @@ elseif op == 'expire' then
   end
   redis.call('HSET', pool, 'alive', 0)
   redis.call('ZREM', hb, pool_id)
-  return reply(1, prev)
+  local lost = {}
+  if prev ~= 'offline' then lost = redis.call('SMEMBERS', pool_leases) end
+  return reply(1, prev, lost)
 elseif op == 'remove' then
+  -- ARGV[5] generation to remove (0 = whichever is there)
+  local gen = generation()
+  if tonumber(ARGV[5]) ~= 0 and gen ~= tonumber(ARGV[5]) then return refused(-2, prev) end
   local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
+  local lost = redis.call('SMEMBERS', pool_leases)
   redis.call('DEL', pool)
   redis.call('SREM', members, pool_id)
   redis.call('ZREM', hb, pool_id)
-  return {1, prev, 'removed', 0, 0, leased, 0}
+  if gen > 0 then redis.call('HSET', removed, pool_id, gen) end
+  return {1, prev, 'removed', 0, 0, leased, 0, gen, lost, 0}
 end
 return redis.error_reply('unknown op ' .. op)

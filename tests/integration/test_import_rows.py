@@ -1,0 +1,106 @@
+"""``cbroker import`` row by row against a real registry process: bad rows never sink good
+ones, every row is in the report, and --keep-alive keeps listed supply matchable."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+from click.testing import CliRunner
+
+from services.cli.importer import keep_alive
+from services.cli.main import cli
+
+from ..procs import service_process
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "catalogues"
+
+
+def _import(registry_url: str, key: str, path: Path, provider: str, *extra: str):
+    return CliRunner().invoke(cli, ["import", "skypilot", str(path), "--provider", provider,
+                                    "--registry-url", registry_url, "--key", key, *extra])
+
+
+def _pools(url: str, key: str, provider: str) -> dict[str, dict]:
+    r = httpx.get(f"{url}/v1/pools", params={"provider": provider, "limit": 1000},
+                  headers={"Authorization": f"Bearer {key}"})
+    return {p["pool_id"]: p for p in r.json()["items"]}
+
+
+def _until(check, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN202
+    """Poll state that has no event of its own, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.05)
+    return result
+
+
+def test_zero_spot_prices_and_location_strings_register_every_offer(settings, nc, tmp_path: Path) -> None:
+    # Vast.ai's real rows: SpotPrice 0.00 on every row (one made the registry refuse the
+    # whole batch with a 422) and "City, CC, continent" regions.
+    report = tmp_path / "report.json"
+    with service_process("registry", settings, tmp_path) as registry:
+        result = _import(registry.url, settings.admin_key or "", FIXTURES / "vast" / "vms.csv", "vast",
+                         "--report", str(report))
+        assert result.exit_code == 0, result.output
+        assert "14 pools registered, 0 updated (100.0% of offers)" in result.output
+        rows = json.loads(report.read_text())
+        assert len(rows) == 14 and {r["status"] for r in rows} == {"created"}
+        pools = _pools(registry.url, settings.admin_key or "", "vast")
+        assert set(pools) == {r["pool_id"] for r in rows}
+        assert all(p["spec"]["prices"]["interruptible"] is None for p in pools.values())
+        regions = {r["id"]: r for r in httpx.get(f"{registry.url}/v1/regions").json()}
+        assert regions["vast-us-oregon"]["country"] == "US" and "vast-dk" in regions
+
+        again = _import(registry.url, settings.admin_key or "", FIXTURES / "vast" / "vms.csv", "vast")
+        assert again.exit_code == 0 and "0 pools registered, 14 updated" in again.output  # re-runnable
+
+
+def test_a_refused_row_does_not_sink_its_batch(settings, nc, tmp_path: Path) -> None:
+    admin = {"Authorization": f"Bearer {settings.admin_key}"}
+    csv_path = FIXTURES / "lambda" / "vms.csv"
+    taken = "lambda-us-midwest-1-gpu_8x_v100"  # the pool id row 3 gets
+    with service_process("registry", settings, tmp_path) as registry:
+        # another provider already owns that pool id: the registry refuses row 3 (403)
+        body = {"region": "us-east", "model": "nvidia-t4", "units": 1, "units_per_node": 1,
+                "prices": {"on_demand": "0.5"}, "provider": "someone-else"}
+        assert httpx.put(f"{registry.url}/v1/pools/{taken}", json=body, headers=admin).status_code == 201
+        report = tmp_path / "report.csv"
+        result = _import(registry.url, settings.admin_key or "", csv_path, "lambda", "--report", str(report))
+        assert result.exit_code == 1, result.output  # something was refused: say so
+        assert "11 pools registered" in result.output and "refused by the registry" in result.output
+        lines = report.read_text().splitlines()
+        refused = [line for line in lines if ",refused," in line]
+        assert len(refused) == 1 and taken in refused[0] and "403" in refused[0]
+        pools = _pools(registry.url, settings.admin_key or "", "lambda")
+        assert len(pools) == 11 and taken not in pools
+
+
+def test_keep_alive_keeps_imported_pools_online(settings, nc, tmp_path: Path) -> None:
+    fast = msgspec.structs.replace(settings, heartbeat_ttl_s=1.0, sweep_interval_s=0.1)
+    key = settings.admin_key or ""
+    with service_process("registry", fast, tmp_path) as registry:
+        assert _import(registry.url, key, FIXTURES / "nebius" / "vms.csv", "nebius").exit_code == 0
+        assert _import(registry.url, key, FIXTURES / "lambda" / "vms.csv", "lambda").exit_code == 0
+        kept = list(_pools(registry.url, key, "nebius"))
+        stop = threading.Event()
+        with httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {key}"}) as client:
+            beat = threading.Thread(target=keep_alive, args=(client, kept, 0.2, stop), daemon=True)
+            beat.start()
+            try:
+                # the pools nobody heartbeats go offline after the TTL ...
+                _until(lambda: all(p["status"] == "offline" for p in _pools(registry.url, key, "lambda").values()),
+                       what="un-kept pools offline")
+                # ... while the kept ones are still online
+                assert {p["status"] for p in _pools(registry.url, key, "nebius").values()} == {"online"}
+            finally:
+                stop.set()
+                beat.join(timeout=5)
+        _until(lambda: all(p["status"] == "offline" for p in _pools(registry.url, key, "nebius").values()),
+               what="pools offline once the heartbeats stop")
