@@ -35,7 +35,7 @@ from services.common.keys import Keys  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.common.nats_conn import BUCKETS  # noqa: E402
 from services.common.subjects import (  # noqa: E402
-    ALLOC, BILLING, CAPACITY, EVENT_KINDS, REQUEST, MeterNames, Subjects)
+    ALLOC, BILLING, CAPACITY, EVENT_KINDS, IDEMPOTENCY, REQUEST, MeterNames, Subjects)
 
 SERVICES = ("registry", "broker", "meter")
 JS = "$JS.API"
@@ -108,12 +108,13 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.rpc("registry", ">"), s.key_revoked(), s.events()],
         allow_responses=True,
     )
+    idempotency = kv_stream(s.bucket(IDEMPOTENCY))  # the broker's own bucket
     broker = NatsUser(
-        "broker", "allocation and request events; reads capacity, billing, pools, keys and regions",
-        publish=base_pub
-        + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*")]
+        "broker", "allocation and request events, idempotency keys; reads capacity, billing, pools, keys and regions",
+        publish=base_pub + manage(idempotency)
+        + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*"), f"$KV.{s.bucket(IDEMPOTENCY)}.>"]
         + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
-                        buckets["regions"])
+                        buckets["regions"], idempotency)
            for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
@@ -129,7 +130,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.key_revoked(),
                            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream(ALLOC)}.>"],
     )
-    all_streams = shared + meter_streams
+    all_streams = shared + [idempotency] + meter_streams
     ops = NatsUser(
         "ops", "operators and `cbroker` tools (events, audit): read every stream and event, change nothing",
         publish=[f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST"]

@@ -6,6 +6,7 @@ dependency resolution costs a request ~19 us, about 5% of a placement's CPU
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -16,10 +17,11 @@ from litestar.params import Parameter
 
 from services.common.http import AuthedRequest, raw_header
 
-from services.common.errors import BrokerError
+from services.common.errors import BrokerError, Unavailable
 
 from .domain.requests import ComputeRequest
-from .idempotency import once
+from .idempotency import Keyring
+from .key_grants import adopt
 from .metrics import PLACEMENT_SECONDS, PLACEMENTS
 from .records import LeaseView, QuoteView, RequestView, lease_view
 from .service import Broker
@@ -43,10 +45,10 @@ class RequestController(Controller):
         broker = broker_of(request)
         tenant = broker.tenant_of(request.user)
 
-        async def run() -> tuple[int, bytes]:
+        async def run(request_id: str | None = None) -> tuple[int, bytes]:
             started = time.perf_counter()
             try:
-                status, view = await broker.place(request.user, data)
+                status, view = await broker.place(request.user, data, request_id)
             except BrokerError as exc:
                 OUTCOMES[{422: "rejected", 409: "no_capacity"}.get(exc.status, "error")].inc()
                 raise
@@ -55,11 +57,20 @@ class RequestController(Controller):
             return status, msgspec.json.encode(view)
 
         key = raw_header(request.scope, b"idempotency-key")
-        if key is None:  # the common case, called directly: two coroutine layers fewer to resume
-            status, content = await run()
-        else:
-            body = msgspec.json.encode(data)  # canonical: same meaning, same bytes
-            status, content = await once(broker.redis, broker.keys, tenant, key, body, run)
+        deadline = request.app.state.placement_timeout_s
+        try:
+            async with asyncio.timeout(deadline):  # never answered late, never granted late
+                if key is None:  # the common case, called directly: two coroutine layers fewer to resume
+                    status, content = await run()
+                else:
+                    body = msgspec.json.encode(data)  # canonical: same meaning, same bytes
+                    keyring: Keyring = request.app.state.keyring
+                    status, content = await keyring.run(
+                        tenant, key, body, run,
+                        lambda request_id, leases: adopt(broker, tenant, data, request_id, leases))
+        except TimeoutError:
+            raise Unavailable(f"the placement did not finish within {deadline:g} s (the event store or the live "
+                              "state store is slow or unreachable); nothing was granted: retry", retry_after=1) from None
         return Response(content, status_code=status, media_type="application/json")
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")

@@ -36,9 +36,11 @@ from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import close_quietly, connect, ensure_streams
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
-from services.common.subjects import BILLING, Subjects
+from services.common.subjects import BILLING, IDEMPOTENCY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
+from .idempotency import IDEMPOTENCY_MARGIN_S, Keyring
+from .key_grants import LeaseGrants
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
 from .pool_loss import PoolLossFeed
@@ -67,7 +69,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # makes them (reservation replies, ``free_after``); the allocation stream's copy
         # of them would only cost it a decode each. Other replicas' events still arrive.
         nc = await connect(settings.nats_url, "broker", no_echo=True)
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster)
+        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster,
+                              timeout=settings.redis_timeout_s)
         js = nc.jetstream()
         await ensure_streams(js, subjects, settings.stream_replicas)
         world = World(nc, js, redis, keys, subjects)
@@ -113,6 +116,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await nc.subscribe(subjects.events(BILLING), cb=on_billing)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
+        app.state.placement_timeout_s = settings.placement_timeout_s
+        app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket(IDEMPOTENCY),
+                                                                          settings.stream_replicas),
+                                    LeaseGrants(broker), stale_s=settings.placement_timeout_s + IDEMPOTENCY_MARGIN_S)
         app.state.update(nc=nc, redis=redis, subjects=subjects)
         app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
                                                     subjects.key_revoked())

@@ -27,13 +27,15 @@ class Intake:
         self.core, self.placement, self.preemption = core, placement, preemption
         self.queue, self.budgets, self.views = queue, budgets, views
 
-    async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
+    async def place(self, principal: Principal, body: ComputeRequest,
+                    request_id: str | None = None) -> tuple[int, RequestView]:
+        """``request_id``: the one an idempotency key claimed for this placement."""
         core = self.core
         tenant = tenant_of(principal)
         self.budgets.check(tenant)
         ask = core.ask_for(body)  # validate before anything happens
         now = core.clock()
-        request_id = new_id("req")
+        request_id = request_id or new_id("req")
         record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
                                updated_at=now, body=body)
         await core.publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,

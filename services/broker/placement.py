@@ -23,6 +23,7 @@ from services.common.ids import new_id
 from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost
 
 from .core import Core, per_item
+from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds
 from .leases import PENDING_S, Reservation, by_region, missing_leases
 from .matching.model import Ask, Decision, Placement as Option
@@ -46,6 +47,7 @@ class Placement:
         self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
+        self._rollbacks: set[asyncio.Task] = set()  # late grants being undone (``_roll_back_late``)
 
     def leases_for(self, option: Option, request_id: str, tenant: str, body: ComputeRequest,
                    now: datetime) -> list[LeaseInfo]:
@@ -74,6 +76,7 @@ class Placement:
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
+            await before_grant(leases)  # an idempotency key names them first (a recovery point)
             groups = [(region, group, expires) for region, group in by_region(leases).items()]
             done: list[LeaseInfo] = []
             failure: Exception | None = None
@@ -104,8 +107,26 @@ class Placement:
                 return False
             await self.make_durable(leases, done, truth, record, settle)
             return True
+        except asyncio.CancelledError:
+            self._roll_back_late(leases)
+            raise
         finally:
             core.world.settle(allocations, truth)
+
+    def _roll_back_late(self, leases: list[LeaseInfo]) -> None:
+        """The placement's deadline passed mid-grant (its client hears 503): whatever step
+        the grant reached is undone (units given back, the lease ended in the durable
+        record at its grant time: nothing billed), never confirmed late. In the
+        background, so that the answer is not held up by a store that is not answering;
+        a reservation or confirmation of this grant still in flight meets a lease that
+        is gone (or is ended after it)."""
+        async def undo() -> None:
+            await self.undo(leases)
+            await self.retract(leases)
+
+        task = asyncio.create_task(undo())
+        self._rollbacks.add(task)
+        task.add_done_callback(self._rollbacks.discard)
 
     async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
                            record: RequestRecord | None, settle: Settle | None = None) -> None:

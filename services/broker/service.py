@@ -30,7 +30,7 @@ from .budgets import Budgets
 from .core import Core, tenant_of, utcnow
 from .domain.requests import ComputeRequest
 from .intake import Intake
-from .leases import LeaseStore
+from .leases import Ended, LeaseStore
 from .leasing import Leasing
 from .placement import NotPlaced, Placement
 from .preemption import Preemption
@@ -97,8 +97,19 @@ class Broker:
     tenant_of = staticmethod(tenant_of)
 
     # requests
-    async def place(self, principal: Principal, body: ComputeRequest) -> tuple[int, RequestView]:
-        return await self.intake.place(principal, body)
+    # what an idempotency key's recovery (``key_grants``) does with what it finds
+    async def announce_end(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
+        await self.core.announce_end(kind, ended, now, **extra)
+
+    async def save(self, record: RequestRecord) -> None:
+        await self.core.save(record)
+
+    async def view(self, record: RequestRecord, leases: list[LeaseInfo] | None = None) -> RequestView:
+        return await self.views.view(record, leases=leases)
+
+    async def place(self, principal: Principal, body: ComputeRequest,
+                    request_id: str | None = None) -> tuple[int, RequestView]:
+        return await self.intake.place(principal, body, request_id)
 
     async def quote(self, principal: Principal, body: ComputeRequest) -> QuoteView:
         return await self.intake.quote(principal, body)

@@ -43,7 +43,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
         extra.setdefault("retry_after", 1)
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if status in (429, 503) and "retry_after" in extra:
+    if "retry_after" in extra:  # 429 over a rate limit, 503 a store not answering, 409 a key in progress
         headers = {"Retry-After": str(extra["retry_after"])}
     return Response(body, status_code=status, media_type=PROBLEM, headers=headers)
 

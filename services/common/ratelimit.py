@@ -21,6 +21,7 @@ one call. At low load a batch is a single request and nothing waits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class Seen:
 _UNCOUNTED = Seen(0, 0, True)
 
 
+WAIT_S = 0.5  # a guard, not a gate: a request is never held longer than this by a Redis that stalls
+
+
 class RateLimiter:
     """``limit`` requests per ``window_s`` per API key (``limit`` 0: no limit, but the
     key is still checked)."""
@@ -77,7 +81,11 @@ class RateLimiter:
         the key's live record still exists (the caller re-checks the key if not)."""
         if self.limit <= 0 and not principal.key_id:
             return True
-        seen = await self._batches.submit(principal)
+        try:
+            async with asyncio.timeout(WAIT_S):
+                seen = await self._batches.submit(principal)
+        except TimeoutError:  # Redis is not answering: let it through, the handler fails fast on its own
+            return True
         if self.limit > 0 and seen.count > self.limit:
             retry = max(1, math.ceil(seen.ttl_ms / 1000))
             raise TooManyRequests(f"more than {self.limit} requests in {self.window_ms / 1000:g} s with this key; "

@@ -55,20 +55,25 @@ class HiredisPackingConnection(Connection):
             raise DataError(str(exc)) from exc
 
 
-def connect(url: str, max_connections: int = 64, cluster: bool = False) -> Redis:
+def connect(url: str, max_connections: int = 64, cluster: bool = False, timeout: float | None = None) -> Redis:
     """A pool that waits briefly (``POOL_WAIT_S``) for a free connection instead of
     failing under a burst.
 
     ``cluster``: ``url`` is one seed node of a Redis Cluster; the cluster client finds the
     others and routes each command (and each Lua script, by its keys' ``{region}`` hash
     tag) to the node owning the slot. Its pools are per node and fail fast when full
-    instead of waiting, so each node gets a generous pool."""
+    instead of waiting, so each node gets a generous pool.
+
+    ``timeout``: a command (or a connection attempt) not answered within it raises
+    instead of waiting on a Redis that stalls (a partition, a stopped process)."""
+    limits = {"socket_timeout": timeout, "socket_connect_timeout": timeout} if timeout else {}
     if cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(url, max_connections=max(max_connections, CLUSTER_MIN_CONNECTIONS))  # type: ignore[return-value]
+        return RedisCluster.from_url(url, max_connections=max(max_connections, CLUSTER_MIN_CONNECTIONS),  # type: ignore[return-value]
+                                     **limits)
     extra = {"connection_class": HiredisPackingConnection} if hiredis and url.startswith("redis://") else {}
-    pool = ShortWaitPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S, **extra)
+    pool = ShortWaitPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_S, **limits, **extra)
     return Redis(connection_pool=pool)
 
 

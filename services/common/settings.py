@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rate_limit_requests: int = 20_000  # per API key per window, across all replicas; 0 = no limit
     rate_limit_window_s: float = 1.0
     redis_max_connections: int = 64
+    redis_timeout_s: float = 2.0  # broker: a Redis command not answered by then fails (503) instead of hanging
     # --- overload (docs/overload.md) ---
     max_in_flight: int = 64  # HTTP requests one process works on at once; more get a fast 503; 0 = no limit
     header_timeout_s: float = 10.0  # a request's headers must arrive within this, else 408 and closed
@@ -38,6 +39,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_queued_per_tenant: int = 1000  # broker: a tenant's queued requests; more get a 429; 0 = no limit
     topology_file: str | None = None
     log_level: str = "info"
+    placement_timeout_s: float = 4.0  # broker: a placement not done by then answers 503 and grants nothing
     budget_grace_s: float = 300.0  # broker: revoke pay-as-you-go leases this long after a budget runs out
     workers: int = 1  # HTTP worker processes per service (uvicorn); replicas share state via NATS/Redis
     # --- clustered engines (docs/decisions.md, "Cluster mode") ---

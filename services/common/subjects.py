@@ -17,6 +17,7 @@ ALLOC = "alloc"
 REQUEST = "request"
 BILLING = "billing"
 EVENT_KINDS = (CAPACITY, ALLOC, REQUEST, BILLING)
+IDEMPOTENCY = "idempotency"  # the broker's KV bucket: the durable copy of each Idempotency-Key
 
 
 @dataclass(frozen=True, slots=True)

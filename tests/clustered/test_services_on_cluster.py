@@ -63,9 +63,13 @@ async def test_services_place_split_and_gang_leases_on_clustered_engines(cluster
             gangs.append(lease)
 
         # a split across all three regions (three masters): 30 units, more than two regions have left
-        r = await s.request("t1", {"units": 30, "shape": {"kind": "split", "max_pools": 6, "max_regions": 3},
-                                   "placement": {"regions": list(REGIONS)}, "lease_ttl_s": 600})
+        split_body = {"queue": False, "units": 30, "shape": {"kind": "split", "max_pools": 6, "max_regions": 3},
+                      "placement": {"regions": list(REGIONS)}, "lease_ttl_s": 600}
+        keyed = {**s.tenants["t1"], "Idempotency-Key": "split-30"}  # the key's scripts on a cluster slot
+        r = await s.broker.post("/v1/requests", json=split_body, headers=keyed)
         assert r.status_code == 201, r.text
+        again = await s.broker.post("/v1/requests", json=split_body, headers=keyed)
+        assert again.status_code == 201 and again.json() == r.json(), again.text
         split = r.json()["leases"]
         assert sum(x["units"] for x in split) == 30 and {x["region"] for x in split} == set(REGIONS)
 

@@ -196,15 +196,20 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
 
         placed: list[dict] = []
 
+        keyed = {**tenant, "Idempotency-Key": ""}  # the key's durable copy: the broker's own KV bucket
+
         async def place() -> bool:  # the broker hears of the pool through the capacity events
+            keyed["Idempotency-Key"] = secrets.token_hex(8)  # a 409 "no capacity yet" is remembered per key
             r = await http.post(f"{s.urls['broker']}/v1/requests", json={"units": 4, "queue": False},
-                                headers=tenant)
+                                headers=keyed)
             assert r.status_code in (201, 409, 422, 503), r.text  # 503: Redis being rebuilt
             if r.status_code == 201:
                 placed.append(r.json())
             return bool(placed)
 
         await eventually(place, timeout=20, every=0.2)
+        r = await http.post(f"{s.urls['broker']}/v1/requests", json={"units": 4, "queue": False}, headers=keyed)
+        assert r.status_code == 201 and r.json()["request_id"] == placed[0]["request_id"], r.text
         lease = placed[0]["leases"][0]
         assert lease["pool_id"] == "gz-1" and lease["units"] == 4
         r = await http.get(f"{s.urls['registry']}/v1/pools/gz-1", headers=provider)
