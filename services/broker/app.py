@@ -6,17 +6,14 @@ import asyncio
 import gc
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 
 import msgspec
-from litestar import Litestar, get
+from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.msg import Msg
 
-from services.common.auth import KeyLookup
 from services.common.http import prometheus, service_app
-from services.common.ratelimit import RateLimiter
 from services.common import tracing
 from services.common.keys import Keys
 from services.common.messages import (
@@ -31,11 +28,10 @@ from services.common.messages import (
     PoolUpdated,
 )
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import ready_route
+from services.common.ready import health_route, ready_route
 from services.common.scrape import metrics_controller as scrape_controller
-from services.common.nats_conn import close_quietly, connect, ensure_streams
-from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings, settings_from_env
+from services.common.startup import close_connections, guard_requests, open_connections
 from services.common.subjects import BILLING, IDEMPOTENCY, Subjects
 
 from .api import LeaseController, QuoteController, RequestController
@@ -48,11 +44,6 @@ from .service import Broker
 from .world import World
 
 log = logging.getLogger("broker")
-
-
-@get("/health", tags=["ops"], summary="The process is alive")
-async def health() -> dict[str, object]:
-    return {"status": "ok", "service": "broker", "pid": os.getpid()}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -68,11 +59,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # no echo: this replica applies its own grants and endings to its engine as it
         # makes them (reservation replies, ``free_after``); the allocation stream's copy
         # of them would only cost it a decode each. Other replicas' events still arrive.
-        nc = await connect(settings.nats_url, "broker", no_echo=True)
-        redis = redis_connect(settings.redis_url, settings.redis_max_connections, settings.redis_cluster,
-                              timeout=settings.redis_timeout_s)
-        js = nc.jetstream()
-        await ensure_streams(js, subjects, settings.stream_replicas)
+        # A Redis command unanswered within redis_timeout_s fails (503) instead of hanging.
+        nc, redis, js = await open_connections(settings, subjects, "broker", no_echo=True,
+                                               redis_timeout_s=settings.redis_timeout_s)
         world = World(nc, js, redis, keys, subjects)
         await world.load()
         gc.collect()
@@ -120,11 +109,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket(IDEMPOTENCY),
                                                                           settings.stream_replicas),
                                     LeaseGrants(broker), stale_s=settings.placement_timeout_s + IDEMPOTENCY_MARGIN_S)
-        app.state.update(nc=nc, redis=redis, subjects=subjects)
-        app.state.key_lookup = await KeyLookup.open(nc, redis, keys, subjects.bucket("keys"), settings.admin_key,
-                                                    subjects.key_revoked())
-        app.state.rate_limiter = RateLimiter(redis, keys, settings.rate_limit_requests,
-                                              settings.rate_limit_window_s)
+        await guard_requests(app.state, nc, redis, settings, subjects, keys)
         tasks = [
             asyncio.create_task(forever("lease sweep", broker.sweep_and_rebuild, interval=settings.sweep_interval_s,
                                         logger=log)),
@@ -137,14 +122,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await stop_tasks(tasks)
             await pool_loss.stop()
-            await close_quietly(nc)
-            await redis.aclose()
+            await close_connections(nc, redis)
 
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
         max_in_flight=settings.max_in_flight,
-        route_handlers=[health, ready_route("broker"), scrape_controller(refresh), RequestController,
-                        QuoteController, LeaseController],
+        route_handlers=[health_route("broker"), ready_route("broker"), scrape_controller(refresh),
+                        RequestController, QuoteController, LeaseController],
         lifespan=lifespan,
     )

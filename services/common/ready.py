@@ -1,6 +1,12 @@
-"""``GET /ready``: can this replica do its work right now? (``/health`` only says the
-process is alive.) A load balancer or an orchestrator sends traffic to a replica only
-while it answers 200; a 503 lists every reason, so an operator sees what is wrong.
+"""``GET /health`` and ``GET /ready``, the probes of every service.
+
+``/health`` says the process is alive (its ``pid`` tells a restarted one apart), and
+nothing more: a liveness probe that failed on a NATS or Redis outage would have the
+orchestrator restart replicas that are only waiting for it to pass.
+
+``/ready``: can this replica do its work right now? A load balancer or an orchestrator
+sends traffic to a replica only while it answers 200; a 503 lists every reason, so an
+operator sees what is wrong.
 
 Ready means: NATS connected, Redis answers a ping, and the event streams exist (a
 service publishing into a missing stream would get no acknowledgement). A service may
@@ -10,6 +16,7 @@ add its own checks (``extra``: async callables returning a reason or ``None``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,6 +36,7 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True):
     reasons: list[str]
 
 Check = Callable[[State], Awaitable[str | None]]
+Fact = Callable[[State], object]
 
 
 async def _timed(what: str, aw: Awaitable[Any]) -> str | None:
@@ -60,6 +68,18 @@ async def reasons_not_ready(state: State, extra: Sequence[Check] = ()) -> list[s
         if r := await check(state):
             reasons.append(r)
     return reasons
+
+
+def health_route(service: str, **facts: Fact):  # noqa: ANN201 - a litestar route handler
+    """``facts``: what else a service says there, each read from the app's state (the
+    meter's ``ledger_ready``, which its benchmark waits on)."""
+
+    @get("/health", tags=["ops"], summary="The process is alive", opt={"exclude_from_auth": True})
+    async def health(state: State) -> dict[str, object]:
+        return {"status": "ok", "service": service, "pid": os.getpid(),
+                **{name: fact(state) for name, fact in facts.items()}}
+
+    return health
 
 
 def ready_route(service: str, extra: Sequence[Check] = ()):  # noqa: ANN201 - a litestar route handler

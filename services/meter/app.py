@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from litestar import Litestar, get
+from litestar import Litestar
 from litestar.datastructures import State
 from litestar.config.cors import CORSConfig
 
@@ -17,7 +16,7 @@ from services.common.clock import utcnow
 from services.common.http import prometheus, service_app
 from services.common.jetstream import Publisher
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import ready_route
+from services.common.ready import health_route, ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.keys import Keys
 from services.common.nats_conn import ensure_bucket
@@ -45,15 +44,12 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
     async def refresh(state: State) -> None:
         await refresh_gauges(state.meter)
 
-    async def ledger_loaded(state: State) -> str | None:
+    def ledger_ready(state: State) -> bool:
         meter: Meter | None = getattr(state, "meter", None)
-        return None if meter and meter.ledger.ready.is_set() else "ledger: still loading"
+        return bool(meter and meter.ledger.ready.is_set())
 
-    @get("/health", tags=["ops"], summary="The process is alive", opt={"exclude_from_auth": True})
-    async def health(state: State) -> dict[str, object]:
-        meter: Meter | None = getattr(state, "meter", None)
-        ready = bool(meter and meter.ledger.ready.is_set())
-        return {"status": "ok", "service": "meter", "pid": os.getpid(), "ledger_ready": ready}
+    async def ledger_loaded(state: State) -> str | None:
+        return None if ledger_ready(state) else "ledger: still loading"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -80,7 +76,6 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         await consumer.start()
         relax_gc()  # the account cache and the aggregate are long-lived
         app.state.meter = meter
-        app.state.update(nc=nc, redis=redis, subjects=subjects)
         await guard_requests(app.state, nc, redis, settings, subjects, keys)
         stopping = asyncio.Event()
         tasks = [
@@ -105,8 +100,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         "meter", "Usage, invoices, provider statements, budgets.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
         max_in_flight=settings.max_in_flight,
-        route_handlers=[health, ready_route("meter", [ledger_loaded]), scrape_controller(refresh), UsageController,
-                        InvoiceController, StatementController, BudgetController, OpsController],
+        route_handlers=[health_route("meter", ledger_ready=ledger_ready), ready_route("meter", [ledger_loaded]),
+                        scrape_controller(refresh), UsageController, InvoiceController, StatementController,
+                        BudgetController, OpsController],
         lifespan=lifespan,
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
         # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 
-from litestar import Litestar, get
+from litestar import Litestar
 from litestar.datastructures import State
 
 from services.common.http import prometheus, service_app
 from services.common.keys import Keys
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import ready_route
+from services.common.ready import health_route, ready_route
 from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings, settings_from_env
@@ -37,11 +36,6 @@ from .service import Registry, RegionBook
 from .store import PoolStore
 
 log = logging.getLogger("registry")
-
-
-@get("/health", tags=["ops"], summary="The process is alive")
-async def health() -> dict[str, object]:
-    return {"status": "ok", "service": "registry", "pid": os.getpid()}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -67,8 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.update(nc=nc, redis=redis, js=js, subjects=subjects, events_idle_s=5.0,
-                         capacity=SummaryCache(registry.store, keys))
+        app.state.update(js=js, events_idle_s=5.0, capacity=SummaryCache(registry.store, keys))
         await guard_requests(app.state, nc, redis, settings, subjects, keys)
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)
@@ -89,8 +82,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
         max_body_bytes=settings.max_body_bytes, metrics=metrics,
         max_in_flight=settings.max_in_flight,
-        route_handlers=[health, ready_route("registry"), scrape_controller(refresh_gauges), PoolController,
-                        HeartbeatController, CatalogueController, KeyController, capacity, events,
+        route_handlers=[health_route("registry"), ready_route("registry"), scrape_controller(refresh_gauges),
+                        PoolController, HeartbeatController, CatalogueController, KeyController, capacity, events,
                         console_router(settings)],
         lifespan=lifespan,
     )
