@@ -18,9 +18,8 @@ from services.broker.world import World
 from services.common.auth import Principal
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
-from services.common.nats_conn import close_quietly, connect, ensure_streams
-from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings
+from services.common.startup import close_connections, open_connections
 from services.common.subjects import Subjects
 from services.registry.app import create_app as create_registry
 
@@ -101,10 +100,7 @@ async def replicas(settings: Settings, n: int = 2) -> AsyncIterator[Replicas]:
         brokers = []
         try:
             for i in range(n):
-                nc = await connect(settings.nats_url, f"broker-{i}", no_echo=True)
-                redis = redis_connect(settings.redis_url)
-                js = nc.jetstream()
-                await ensure_streams(js, subjects)
+                nc, redis, js = await open_connections(settings, subjects, f"broker-{i}", no_echo=True)
                 opened.append((nc, redis))
                 world = World(nc, js, redis, keys, subjects)
                 await world.load()
@@ -116,8 +112,7 @@ async def replicas(settings: Settings, n: int = 2) -> AsyncIterator[Replicas]:
             yield Replicas(brokers, keys, subjects, registry, provider)
         finally:
             for nc, redis in opened:
-                await close_quietly(nc)
-                await redis.aclose()
+                await close_connections(nc, redis)
 
 
 __all__ = ["REGION", "Gate", "Replicas", "reached", "replicas", "tenant"]
