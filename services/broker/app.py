@@ -13,7 +13,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.msg import Msg
 
-from services.common.http import prometheus, service_app
+from services.common.http import ops_routes, prometheus, service_app
 from services.common import tracing
 from services.common.keys import Keys
 from services.common.messages import (
@@ -28,8 +28,6 @@ from services.common.messages import (
     PoolUpdated,
 )
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import health_route, ready_route
-from services.common.scrape import metrics_controller as scrape_controller
 from services.common.settings import Settings, settings_from_env
 from services.common.startup import close_connections, guard_requests, open_connections
 from services.common.subjects import BILLING, IDEMPOTENCY, Subjects
@@ -125,10 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await close_connections(nc, redis)
 
     return service_app(
-        "broker", "App-facing API: requests, quotes, leases.",
-        max_body_bytes=settings.max_body_bytes, metrics=metrics,
-        max_in_flight=settings.max_in_flight,
-        route_handlers=[health_route("broker"), ready_route("broker"), scrape_controller(refresh),
-                        RequestController, QuoteController, LeaseController],
+        "broker", "App-facing API: requests, quotes, leases.", settings=settings, metrics=metrics,
+        route_handlers=[*ops_routes("broker", refresh), RequestController, QuoteController, LeaseController],
         lifespan=lifespan,
     )

@@ -1,5 +1,6 @@
-"""HTTP pieces every service shares: problem-details errors, authentication, and the
-app itself (``service_app``: one place for the middleware and settings all three use).
+"""HTTP pieces every service shares: problem-details errors, authentication, the
+probes and the scrape (``ops_routes``), and the app itself (``service_app``: one place
+for the middleware and settings all three use).
 
 Errors are translated in exactly one place per service: the exception handlers
 returned by ``problem_handlers``. Every 4xx carries a human reason (``detail``) and,
@@ -9,7 +10,7 @@ for body validation, the field that was wrong.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -31,6 +32,9 @@ from .overload import shed_load
 from .nats_conn import FAILOVER_ERRORS
 from .problem_docs import document_problems
 from .ratelimit import RateLimiter
+from .ready import Check, Fact, health_route, ready_route
+from .scrape import Refresh, metrics_controller
+from .settings import Settings
 from .tracing import RequestIdMiddleware, add_request_id_header
 
 log = logging.getLogger(__name__)
@@ -159,11 +163,17 @@ def api_key_auth() -> ApiKeyAuth:
     return ApiKeyAuth()
 
 
-def service_app(service: str, description: str, *, max_body_bytes: int, metrics: PrometheusConfig,
-                route_handlers: list[Any], lifespan: Callable[..., Any], max_in_flight: int = 0,
-                **extra: Any) -> Litestar:
+def ops_routes(service: str, refresh: Refresh, checks: Sequence[Check] = (), **facts: Fact) -> list[Any]:
+    """``/health`` (with ``facts``), ``/ready`` (with ``checks``) and ``/metrics`` (its
+    gauges refreshed by ``refresh`` at each scrape): what an orchestrator and Prometheus
+    ask every service, without a key, and never shed."""
+    return [health_route(service, **facts), ready_route(service, checks), metrics_controller(refresh)]
+
+
+def service_app(service: str, description: str, *, settings: Settings, metrics: PrometheusConfig,
+                route_handlers: list[Any], lifespan: Callable[..., Any], **extra: Any) -> Litestar:
     """A service's litestar app with what every service shares, said once: load
-    shedding past ``max_in_flight`` requests, request ids (middleware and response
+    shedding past ``settings.max_in_flight`` requests, request ids (middleware and response
     header), request metrics, API-key auth, problem details (handled and documented in
     the schema), the body size and nesting limits, the OpenAPI title and documentation
     pages (their files served here: ``api_docs.py``), and no logging
@@ -174,11 +184,11 @@ def service_app(service: str, description: str, *, max_body_bytes: int, metrics:
         before_send=[add_request_id_header],
         lifespan=[lifespan],
         exception_handlers=problem_handlers(),
-        request_max_body_size=max_body_bytes,
+        request_max_body_size=settings.max_body_bytes,
         request_class=LimitedRequest,  # JSON bodies nested too deep are refused before decoding
         openapi_config=OpenAPIConfig(title=f"Compute Broker — {service}", version="0.1.0", description=description,
                                      render_plugins=render_plugins()),  # pages that work offline
         debug=False,
         logging_config=None,
         **extra,
-    )), max_in_flight)
+    )), settings.max_in_flight)

@@ -13,11 +13,9 @@ from litestar.datastructures import State
 from litestar.config.cors import CORSConfig
 
 from services.common.clock import utcnow
-from services.common.http import prometheus, service_app
+from services.common.http import ops_routes, prometheus, service_app
 from services.common.jetstream import Publisher
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import health_route, ready_route
-from services.common.scrape import metrics_controller as scrape_controller
 from services.common.keys import Keys
 from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings, settings_from_env
@@ -97,12 +95,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             await close_connections(nc, redis)
 
     return service_app(
-        "meter", "Usage, invoices, provider statements, budgets.",
-        max_body_bytes=settings.max_body_bytes, metrics=metrics,
-        max_in_flight=settings.max_in_flight,
-        route_handlers=[health_route("meter", ledger_ready=ledger_ready), ready_route("meter", [ledger_loaded]),
-                        scrape_controller(refresh), UsageController, InvoiceController, StatementController,
-                        BudgetController, OpsController],
+        "meter", "Usage, invoices, provider statements, budgets.", settings=settings, metrics=metrics,
+        route_handlers=[*ops_routes("meter", refresh, [ledger_loaded], ledger_ready=ledger_ready), UsageController,
+                        InvoiceController, StatementController, BudgetController, OpsController],
         lifespan=lifespan,
         # the ops console (served by the registry, another origin) reads spend here; keys are bearer
         # tokens, never cookies, so allowing any origin lends a page nothing it does not already hold

@@ -10,11 +10,9 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.datastructures import State
 
-from services.common.http import prometheus, service_app
+from services.common.http import ops_routes, prometheus, service_app
 from services.common.keys import Keys
 from services.common.lifecycle import forever, relax_gc, stop_tasks
-from services.common.ready import health_route, ready_route
-from services.common.scrape import metrics_controller as scrape_controller
 from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings, settings_from_env
 from services.common.startup import close_connections, guard_requests, open_connections
@@ -80,10 +78,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return service_app(
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
-        max_body_bytes=settings.max_body_bytes, metrics=metrics,
-        max_in_flight=settings.max_in_flight,
-        route_handlers=[health_route("registry"), ready_route("registry"), scrape_controller(refresh_gauges),
-                        PoolController, HeartbeatController, CatalogueController, KeyController, capacity, events,
-                        console_router(settings)],
+        settings=settings, metrics=metrics,
+        route_handlers=[*ops_routes("registry", refresh_gauges), PoolController, HeartbeatController,
+                        CatalogueController, KeyController, capacity, events, console_router(settings)],
         lifespan=lifespan,
     )

@@ -81,8 +81,8 @@ def shedding_app(max_in_flight: int, gate: asyncio.Event):  # noqa: ANN201
         raise failures[what]
 
     metrics, _ = prometheus(f"test{max_in_flight}")
-    app = service_app("test", "a test", max_body_bytes=1000, metrics=metrics, lifespan=nothing,
-                      route_handlers=[slow, slow_other, health, echo, fail], max_in_flight=max_in_flight)
+    app = service_app("test", "a test", settings=Settings(max_body_bytes=1000, max_in_flight=max_in_flight),
+                      metrics=metrics, lifespan=nothing, route_handlers=[slow, slow_other, health, echo, fail])
     return app, list(failures)
 
 
