@@ -1,0 +1,344 @@
+"""Per-device placement for pools that share accelerators: structs in, decision out.
+
+A pool here is nodes × devices. Each device has free milli (0–1000), each node free CPU
+and memory. An ask is either a share of one device (``milli`` < 1000) or whole devices
+that must sit on one node (a gang). Among the feasible placements the engine picks the
+one that least increases the *expected fragmentation* of the node it lands on, where
+fragmentation is the free GPU that the expected mix of asks could not use (the measure of
+Weng et al., ATC '23, "Beware of Fragmentation", extended to memory), plus a penalty for
+using up models that constrained asks can only run on. See docs/matching.md, "Shares and
+fragmentation", for the rule and its knobs.
+
+Why buckets: the score of a node depends only on its model, the multiset of its devices'
+free milli and which expected asks its CPU and memory could still host, so nodes with the
+same such *shape* share one cached score. A decision walks the shapes (hundreds to a few
+thousand), not the nodes (100,000 devices = 12,500 eight-device nodes).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import msgspec
+
+MILLI = 1000
+
+
+class DeviceAsk(msgspec.Struct, frozen=True, kw_only=True):
+    """``gpus`` whole devices on one node (``milli`` = 1000), or a share of one device
+    (``gpus`` = 1, ``milli`` < 1000), or no device at all (``gpus`` = 0)."""
+
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    gpus: int = 1
+    milli: int = MILLI
+    models: frozenset[str] = frozenset()  # empty: any model
+
+    def __post_init__(self) -> None:
+        if self.cpu_milli < 0 or self.memory_mib < 0 or self.gpus < 0:
+            raise ValueError("cpu_milli, memory_mib and gpus must not be negative")
+        if self.gpus == 0 and self.milli not in (0, MILLI):
+            raise ValueError("an ask without devices cannot ask for a share")
+        if self.gpus > 0 and not 0 < self.milli <= MILLI:
+            raise ValueError("milli must be in 1..1000")
+        if self.gpus > 1 and self.milli != MILLI:
+            raise ValueError("a share is of one device; several devices are whole")
+
+    @property
+    def share(self) -> bool:
+        return self.gpus == 1 and self.milli < MILLI
+
+    @property
+    def total_milli(self) -> int:
+        return self.gpus * self.milli if self.gpus else 0
+
+
+class NodeSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    model: str
+    devices: int
+    cpu_milli: int
+    memory_mib: int
+
+
+class DevicePlacement(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything ``release`` needs to give back exactly what ``take`` took."""
+
+    node: int
+    devices: tuple[int, ...]
+    milli: int  # per device
+    cpu_milli: int
+    memory_mib: int
+
+
+class TypicalAsk(msgspec.Struct, frozen=True):
+    ask: DeviceAsk
+    weight: float  # share of the expected asks; the weights of a mix sum to 1
+
+
+class Knobs(msgspec.Struct, frozen=True, kw_only=True):
+    """``memory_aware``: a node whose memory cannot host an expected ask counts its free
+    GPU as fragment for that ask (FGD looks at CPU only). ``scarcity_weight``: milli of
+    penalty per milli placed, per unit of constrained demand pressing on the model.
+    ``best_fit``: among equal fragmentation, fill the fuller node and device."""
+
+    memory_aware: bool = True
+    scarcity_weight: float = 1.0
+    best_fit: bool = True
+
+
+def typical_mix(asks: Iterable[DeviceAsk], coverage: float = 0.95) -> tuple[TypicalAsk, ...]:
+    """The most frequent ask shapes covering ``coverage`` of the asks, weights renormalised
+    (FGD's "typical pods", popularity threshold 95%, step 1)."""
+    counts = Counter(asks)
+    total = sum(counts.values())
+    if not total:
+        return ()
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], _shape_order(kv[0])))
+    kept: list[tuple[DeviceAsk, int]] = []
+    covered = 0
+    for ask, n in ranked:
+        if covered >= coverage * total:
+            break
+        kept.append((ask, n))
+        covered += n
+    return tuple(TypicalAsk(ask, n / covered) for ask, n in kept)
+
+
+def _shape_order(a: DeviceAsk) -> tuple:
+    # ties in count: larger shapes first, as FGD's reverse sort does
+    return (-a.cpu_milli, -a.milli, -a.gpus, tuple(sorted(a.models)))
+
+
+class _Typical:
+    __slots__ = ("weight", "milli", "gpus", "models", "cpu_cls", "mem_cls")
+
+    def __init__(self, t: TypicalAsk, cpu_th: list[int], mem_th: list[int]) -> None:
+        self.weight = t.weight
+        self.milli = t.ask.milli
+        self.gpus = t.ask.gpus
+        self.models = t.ask.models
+        self.cpu_cls = bisect_right(cpu_th, t.ask.cpu_milli)
+        self.mem_cls = bisect_right(mem_th, t.ask.memory_mib)
+
+
+class DeviceCluster:
+    """Live free state of one sharing pool and the placement rule over it.
+
+    ``decide`` is pure (it only fills memo caches); ``take``/``release`` change state."""
+
+    def __init__(self, nodes: Sequence[NodeSpec], mix: Sequence[TypicalAsk] = (),
+                 knobs: Knobs = Knobs()) -> None:
+        self.knobs = knobs
+        self.names = [n.name for n in nodes]
+        self.model = [n.model for n in nodes]
+        self.cpu_cap = [n.cpu_milli for n in nodes]
+        self.mem_cap = [n.memory_mib for n in nodes]
+        self.cpu = list(self.cpu_cap)
+        self.mem = list(self.mem_cap)
+        self.free = [[MILLI] * n.devices for n in nodes]
+        gpu_mix = [t for t in mix if t.ask.gpus > 0]
+        self.cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
+        self.mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if knobs.memory_aware else []
+        self.mix = [_Typical(t, self.cpu_th, self.mem_th) for t in gpu_mix]
+        self.scarcity = self._scarcity(nodes)
+        # model -> shape key -> insertion-ordered node set
+        self.buckets: dict[str, dict[tuple, dict[int, None]]] = {}
+        self.key: list[tuple] = []
+        for i in range(len(nodes)):
+            k = self._key(i)
+            self.key.append(k)
+            self.buckets.setdefault(self.model[i], {}).setdefault(k, {})[i] = None
+        self._frag: dict[tuple, float] = {}
+        self._delta: dict[tuple, tuple[float, int]] = {}
+
+    # ---- the measure -------------------------------------------------------------
+    def _scarcity(self, nodes: Sequence[NodeSpec]) -> dict[str, float]:
+        """Constrained demand per unit of the capacity it can use, summed per model."""
+        devices = Counter()
+        for n in nodes:
+            devices[n.model] += n.devices
+        total = sum(devices.values()) or 1
+        out = dict.fromkeys(devices, 0.0)
+        for t in self.mix:
+            if not t.models:
+                continue
+            cap = sum(devices[m] for m in t.models) / total
+            for m in t.models:
+                if m in out and cap:
+                    out[m] += t.weight / cap
+        return out
+
+    def _key(self, i: int) -> tuple:
+        return (tuple(sorted(self.free[i], reverse=True)),
+                bisect_right(self.cpu_th, self.cpu[i]), bisect_right(self.mem_th, self.mem[i]))
+
+    def frag(self, model: str, free: tuple[int, ...], cpu_cls: int, mem_cls: int) -> float:
+        """Expected free milli on a node of this shape that the mix could not use."""
+        k = (model, free, cpu_cls, mem_cls)
+        f = self._frag.get(k)
+        if f is not None:
+            return f
+        total = sum(free)
+        f = 0.0
+        for t in self.mix:
+            if (t.models and model not in t.models) or cpu_cls < t.cpu_cls or mem_cls < t.mem_cls:
+                f += t.weight * total
+                continue
+            fit = 0
+            stranded = 0
+            for v in free:
+                if v >= t.milli:
+                    fit += 1
+                else:
+                    stranded += v
+            f += t.weight * (stranded if fit >= t.gpus else total)
+        self._frag[k] = f
+        return f
+
+    def _delta_for(self, model: str, key: tuple, ask: DeviceAsk, ncpu: int, nmem: int) -> tuple[float, int]:
+        """(fragmentation increase, free milli of the device to use) for the best device
+        choice on a node of shape ``key`` whose CPU/memory classes become ncpu/nmem."""
+        ck = (model, key, ask.gpus, ask.milli, ncpu, nmem)
+        hit = self._delta.get(ck)
+        if hit is not None:
+            return hit
+        free, ccls, mcls = key
+        before = self.frag(model, free, ccls, mcls)
+        if ask.share:
+            best: tuple[float, int] | None = None
+            for v in sorted(set(free)):
+                if v < ask.milli:
+                    continue
+                lst = list(free)
+                lst.remove(v)
+                lst.append(v - ask.milli)
+                d = self.frag(model, tuple(sorted(lst, reverse=True)), ncpu, nmem) - before
+                if best is None or d < best[0] - 1e-9:
+                    best = (d, v)
+            hit = best if best is not None else (float("inf"), 0)
+        elif ask.gpus:
+            after = free[ask.gpus:] + (0,) * ask.gpus
+            hit = (self.frag(model, tuple(sorted(after, reverse=True)), ncpu, nmem) - before, MILLI)
+        else:
+            hit = (self.frag(model, free, ncpu, nmem) - before, 0)
+        self._delta[ck] = hit
+        return hit
+
+    # ---- deciding ----------------------------------------------------------------
+    def decide(self, ask: DeviceAsk) -> DevicePlacement | None:
+        """The placement that least increases expected fragmentation (plus scarcity
+        penalty); None if nothing fits."""
+        need_c = bisect_right(self.cpu_th, ask.cpu_milli)
+        need_m = bisect_right(self.mem_th, ask.memory_mib)
+        share, gpus, milli = ask.share, ask.gpus, ask.milli
+        best_score: tuple | None = None
+        best: tuple[int, int] | None = None
+        cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
+        weight = self.knobs.scarcity_weight * ask.total_milli
+        best_fit = self.knobs.best_fit
+        for model, shapes in self.buckets.items():
+            if ask.models and model not in ask.models:
+                continue
+            penalty = weight * self.scarcity.get(model, 0.0)
+            for key, members in shapes.items():
+                free, ccls, mcls = key
+                if ccls < need_c or mcls < need_m:
+                    continue
+                if gpus:
+                    if share:
+                        if free[0] < milli:
+                            continue
+                    elif len(free) < gpus or free[gpus - 1] < MILLI:
+                        continue
+                rep = -1
+                for i in members:
+                    if cpu[i] >= ask.cpu_milli and mem[i] >= ask.memory_mib:
+                        rep = i
+                        break
+                if rep < 0:
+                    continue
+                d, v = self._delta_for(model, key, ask,
+                                       bisect_right(cpu_th, cpu[rep] - ask.cpu_milli),
+                                       bisect_right(mem_th, mem[rep] - ask.memory_mib))
+                score = (round(d + penalty, 6), sum(free), v, rep) if best_fit else (round(d + penalty, 6), rep)
+                if best_score is None or score < best_score:
+                    best_score, best = score, (rep, v)
+        if best is None:
+            return None
+        node, v = best
+        return DevicePlacement(node=node, devices=self._devices(node, ask, v), milli=milli if gpus else 0,
+                               cpu_milli=ask.cpu_milli, memory_mib=ask.memory_mib)
+
+    def _devices(self, node: int, ask: DeviceAsk, v: int) -> tuple[int, ...]:
+        free = self.free[node]
+        if not ask.gpus:
+            return ()
+        if ask.share:
+            return (free.index(v),)
+        return tuple(d for d, f in enumerate(free) if f == MILLI)[: ask.gpus]
+
+    # ---- changing state ----------------------------------------------------------
+    def take(self, p: DevicePlacement) -> None:
+        """Apply a placement; refuses (ValueError, nothing changed) if it does not fit."""
+        i = p.node
+        free = self.free[i]
+        if self.cpu[i] < p.cpu_milli or self.mem[i] < p.memory_mib:
+            raise ValueError("node has too little CPU or memory left")
+        if len(set(p.devices)) != len(p.devices) or any(not 0 <= d < len(free) for d in p.devices):
+            raise ValueError("bad device list")
+        whole = p.milli == MILLI
+        for d in p.devices:
+            if free[d] < p.milli or (whole and free[d] != MILLI):
+                raise ValueError(f"device {d} has {free[d]} milli free")
+        self._move(i, lambda: self._apply(i, p, -1))
+
+    def release(self, p: DevicePlacement) -> None:
+        i = p.node
+        free = self.free[i]
+        for d in p.devices:
+            if free[d] + p.milli > MILLI:
+                raise ValueError(f"device {d} would exceed {MILLI} milli")
+        if self.cpu[i] + p.cpu_milli > self.cpu_cap[i] or self.mem[i] + p.memory_mib > self.mem_cap[i]:
+            raise ValueError("release exceeds the node's capacity")
+        self._move(i, lambda: self._apply(i, p, +1))
+
+    def place(self, ask: DeviceAsk) -> DevicePlacement | None:
+        p = self.decide(ask)
+        if p is not None:
+            self.take(p)
+        return p
+
+    def _apply(self, i: int, p: DevicePlacement, sign: int) -> None:
+        for d in p.devices:
+            self.free[i][d] += sign * p.milli
+        self.cpu[i] += sign * p.cpu_milli
+        self.mem[i] += sign * p.memory_mib
+
+    def _move(self, i: int, change) -> None:
+        shapes = self.buckets[self.model[i]]
+        old = self.key[i]
+        change()
+        new = self._key(i)
+        if new == old:
+            return
+        members = shapes[old]
+        del members[i]
+        if not members:
+            del shapes[old]
+        shapes.setdefault(new, {})[i] = None
+        self.key[i] = new
+
+    # ---- reading -----------------------------------------------------------------
+    def allocated_milli(self) -> int:
+        return sum(len(f) * MILLI - sum(f) for f in self.free)
+
+    def capacity_milli(self) -> int:
+        return sum(len(f) for f in self.free) * MILLI
+
+    def largest_free_slice(self, models: frozenset[str] = frozenset()) -> int:
+        """Largest free milli on any one device (for "why not" answers)."""
+        return max((k[0][0] for m, shapes in self.buckets.items() if not models or m in models
+                    for k in shapes if k[0]), default=0)
