@@ -4,9 +4,10 @@
 
 Protocol, per seed (42–51 by default):
 1. the pods are sorted by name and shuffled with the seed;
-2. the list is inflated to 1.3 × the cluster's GPU capacity in milli-GPU by appending
-   pods drawn at random from the name-sorted list (the simulator's ``tuneUpPods``, with its
-   quirk: it stops when the next pod's *per-GPU* milli would overshoot);
+2. the list is tuned to 1.3 × the cluster's GPU capacity in milli-GPU: inflated by
+   appending pods drawn at random from the name-sorted list (the simulator's
+   ``tuneUpPods``, with its quirk: it stops when the next pod's *per-GPU* milli would
+   overshoot), or deflated by dropping random pods (``tuneDownPods``);
 3. the pods are scheduled one by one, none departs; after each the arrived GPU milli and
    the allocated GPU milli are recorded;
 4. KPI = mean allocated ÷ capacity (in %, 2 decimals) over the events whose arrived ÷
@@ -82,6 +83,8 @@ def arrival_list(pods: list[Pod], capacity: int, seed: int, ratio: float = 1.3) 
     rng.shuffle(order)
     total = sum(p.total_milli for p in order)
     target = ratio * capacity
+    while total > target:  # tuneDownPods: drop random pods until under the target
+        total -= order.pop(rng.randrange(len(order))).total_milli
     i = 0
     while total < target:
         p = by_name[rng.randrange(len(by_name))]
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scarcity-weight", type=float, default=Knobs().scarcity_weight)
     ap.add_argument("--no-memory", action="store_true", help="engine: CPU-only fragmentation, as FGD")
     ap.add_argument("--no-best-fit", action="store_true", help="engine: no best-fit tie-break")
+    ap.add_argument("--tolerance", type=float, default=Knobs().tolerance)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     if bad:
         ap.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
     knobs = Knobs(memory_aware=not args.no_memory, scarcity_weight=args.scarcity_weight,
-                  best_fit=not args.no_best_fit)
+                  best_fit=not args.no_best_fit, tolerance=args.tolerance)
     nodes = read_nodes(args.nodes, args.scale)
     pods = read_pods(args.pods)
     seeds = parse_seeds(args.seeds)

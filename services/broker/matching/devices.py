@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 MILLI = 1000
+_MEMO_LIMIT = 1_000_000  # cached scores kept before the memo is dropped (bounded memory)
 
 
 class DeviceAsk(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +88,7 @@ class Knobs(msgspec.Struct, frozen=True, kw_only=True):
     memory_aware: bool = True
     scarcity_weight: float = 1.0
     best_fit: bool = True
+    tolerance: float = 0.0  # fragmentation differences below this many milli count as equal
 
 
 def typical_mix(asks: Iterable[DeviceAsk], coverage: float = 0.95) -> tuple[TypicalAsk, ...]:
@@ -224,6 +226,9 @@ class DeviceCluster:
             hit = (self.frag(model, tuple(sorted(after, reverse=True)), ncpu, nmem) - before, MILLI)
         else:
             hit = (self.frag(model, free, ncpu, nmem) - before, 0)
+        if len(self._delta) > _MEMO_LIMIT:  # shapes churn in a long-lived pool: start afresh
+            self._delta.clear()
+            self._frag.clear()
         self._delta[ck] = hit
         return hit
 
@@ -239,6 +244,7 @@ class DeviceCluster:
         cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
         weight = self.knobs.scarcity_weight * ask.total_milli
         best_fit = self.knobs.best_fit
+        tol = self.knobs.tolerance
         for model, shapes in self.buckets.items():
             if ask.models and model not in ask.models:
                 continue
@@ -263,7 +269,8 @@ class DeviceCluster:
                 d, v = self._delta_for(model, key, ask,
                                        bisect_right(cpu_th, cpu[rep] - ask.cpu_milli),
                                        bisect_right(mem_th, mem[rep] - ask.memory_mib))
-                score = (round(d + penalty, 6), sum(free), v, rep) if best_fit else (round(d + penalty, 6), rep)
+                cost = round((d + penalty) / tol) if tol else round(d + penalty, 6)
+                score = (cost, sum(free), v, rep) if best_fit else (cost, rep)
                 if best_score is None or score < best_score:
                     best_score, best = score, (rep, v)
         if best is None:
@@ -332,6 +339,11 @@ class DeviceCluster:
         self.key[i] = new
 
     # ---- reading -----------------------------------------------------------------
+    def node_frag(self, i: int) -> float:
+        """Expected fragmented free milli of node ``i`` now (the console's "fragmented free")."""
+        free, ccls, mcls = self.key[i]
+        return self.frag(self.model[i], free, ccls, mcls)
+
     def allocated_milli(self) -> int:
         return sum(len(f) * MILLI - sum(f) for f in self.free)
 
