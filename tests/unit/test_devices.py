@@ -165,8 +165,8 @@ def test_tolerance_treats_small_differences_as_ties() -> None:
         return dc
 
     share = DeviceAsk(gpus=1, milli=500)
-    assert cluster(Knobs()).decide(share).node == 0
-    assert cluster(Knobs(tolerance=100)).decide(share).node == 0
+    assert cluster(Knobs(tolerance=0)).decide(share).node == 0
+    assert cluster(Knobs()).decide(share).node == 0  # default 100: -1.875 and -1.25 still differ
     p = cluster(Knobs(tolerance=1000)).decide(share)
     assert p.node == 1 and p.devices == (1,)
 

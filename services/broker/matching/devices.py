@@ -88,7 +88,7 @@ class Knobs(msgspec.Struct, frozen=True, kw_only=True):
     memory_aware: bool = True
     scarcity_weight: float = 1.0
     best_fit: bool = True
-    tolerance: float = 0.0  # fragmentation differences below this many milli count as equal
+    tolerance: float = 100.0  # fragmentation differences below this many milli count as equal
 
 
 def typical_mix(asks: Iterable[DeviceAsk], coverage: float = 0.95) -> tuple[TypicalAsk, ...]:
