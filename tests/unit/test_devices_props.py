@@ -46,7 +46,7 @@ op_st = st.one_of(st.tuples(st.just("ask"), ask_st()), st.tuples(st.just("releas
 
 def snapshot(dc: DeviceCluster) -> tuple:
     return ([list(f) for f in dc.free], list(dc.cpu), list(dc.mem), list(dc.key),
-            {m: {k: sorted(v) for k, v in shapes.items()} for m, shapes in dc.buckets.items()})
+            {m: {k: sorted(b.members) for k, b in shapes.items()} for m, shapes in dc.buckets.items()})
 
 
 def fits_somewhere(dc: DeviceCluster, ask: DeviceAsk) -> bool:
@@ -68,9 +68,9 @@ def fits_somewhere(dc: DeviceCluster, ask: DeviceAsk) -> bool:
 def check_index(dc: DeviceCluster) -> None:
     for i in range(len(dc.free)):
         assert dc.key[i] == dc._key(i)
-        assert i in dc.buckets[dc.model[i]][dc.key[i]]
-    assert sum(len(v) for shapes in dc.buckets.values() for v in shapes.values()) == len(dc.free)
-    assert all(v for shapes in dc.buckets.values() for v in shapes.values())  # no empty buckets kept
+        assert i in dc.buckets[dc.model[i]][dc.key[i]].members
+    assert sum(len(b.members) for shapes in dc.buckets.values() for b in shapes.values()) == len(dc.free)
+    assert all(b.members for shapes in dc.buckets.values() for b in shapes.values())  # none empty
 
 
 @settings(max_examples=150, deadline=None)

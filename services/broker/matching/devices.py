@@ -126,6 +126,21 @@ class _Typical:
         self.mem_cls = bisect_right(mem_th, t.ask.memory_mib)
 
 
+class _Bucket:
+    """Nodes of one shape, with what a decision reads first precomputed."""
+
+    __slots__ = ("key", "free", "ccls", "mcls", "members", "top", "whole", "sum", "memo")
+
+    def __init__(self, key: tuple, memo: dict[int, tuple[float, int]]) -> None:
+        self.key = key
+        self.free, self.ccls, self.mcls = key
+        self.members: dict[int, None] = {}  # insertion-ordered set of node indices
+        self.top = self.free[0] if self.free else 0
+        self.whole = sum(1 for v in self.free if v == MILLI)
+        self.sum = sum(self.free)
+        self.memo = memo  # (ask shape, CPU/memory classes after) -> (delta, device free)
+
+
 class DeviceCluster:
     """Live free state of one sharing pool and the placement rule over it.
 
@@ -146,15 +161,14 @@ class DeviceCluster:
         self.mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if knobs.memory_aware else []
         self.mix = [_Typical(t, self.cpu_th, self.mem_th) for t in gpu_mix]
         self.scarcity = self._scarcity(nodes)
-        # model -> shape key -> insertion-ordered node set
-        self.buckets: dict[str, dict[tuple, dict[int, None]]] = {}
+        self._frag: dict[tuple, float] = {}
+        self._memos: dict[tuple, dict[int, tuple[float, int]]] = {}  # outlive emptied buckets
+        self.buckets: dict[str, dict[tuple, _Bucket]] = {}  # model -> shape key -> bucket
         self.key: list[tuple] = []
         for i in range(len(nodes)):
             k = self._key(i)
             self.key.append(k)
-            self.buckets.setdefault(self.model[i], {}).setdefault(k, {})[i] = None
-        self._frag: dict[tuple, float] = {}
-        self._delta: dict[tuple, tuple[float, int]] = {}
+            self._bucket(self.model[i], k).members[i] = None
 
     # ---- the measure -------------------------------------------------------------
     def _scarcity(self, nodes: Sequence[NodeSpec]) -> dict[str, float]:
@@ -200,13 +214,19 @@ class DeviceCluster:
         self._frag[k] = f
         return f
 
+    def _bucket(self, model: str, key: tuple) -> _Bucket:
+        shapes = self.buckets.setdefault(model, {})
+        b = shapes.get(key)
+        if b is None:
+            if len(self._memos) > _MEMO_LIMIT // 64:  # shapes churn in a long-lived pool
+                self._memos.clear()
+                self._frag.clear()
+            b = shapes[key] = _Bucket(key, self._memos.setdefault((model, key), {}))
+        return b
+
     def _delta_for(self, model: str, key: tuple, ask: DeviceAsk, ncpu: int, nmem: int) -> tuple[float, int]:
         """(fragmentation increase, free milli of the device to use) for the best device
         choice on a node of shape ``key`` whose CPU/memory classes become ncpu/nmem."""
-        ck = (model, key, ask.gpus, ask.milli, ncpu, nmem)
-        hit = self._delta.get(ck)
-        if hit is not None:
-            return hit
         free, ccls, mcls = key
         before = self.frag(model, free, ccls, mcls)
         if ask.share:
@@ -226,58 +246,56 @@ class DeviceCluster:
             hit = (self.frag(model, tuple(sorted(after, reverse=True)), ncpu, nmem) - before, MILLI)
         else:
             hit = (self.frag(model, free, ncpu, nmem) - before, 0)
-        if len(self._delta) > _MEMO_LIMIT:  # shapes churn in a long-lived pool: start afresh
-            self._delta.clear()
-            self._frag.clear()
-        self._delta[ck] = hit
         return hit
 
     # ---- deciding ----------------------------------------------------------------
     def decide(self, ask: DeviceAsk) -> DevicePlacement | None:
         """The placement that least increases expected fragmentation (plus scarcity
         penalty); None if nothing fits."""
-        need_c = bisect_right(self.cpu_th, ask.cpu_milli)
-        need_m = bisect_right(self.mem_th, ask.memory_mib)
-        share, gpus, milli = ask.share, ask.gpus, ask.milli
-        best_score: tuple | None = None
-        best: tuple[int, int] | None = None
+        acpu, amem, models = ask.cpu_milli, ask.memory_mib, ask.models
         cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
+        need_c, need_m = bisect_right(cpu_th, acpu), bisect_right(mem_th, amem)
+        share, gpus, milli = ask.share, ask.gpus, ask.milli
+        base = (gpus * 1024 + milli) << 20
         weight = self.knobs.scarcity_weight * ask.total_milli
-        best_fit = self.knobs.best_fit
-        tol = self.knobs.tolerance
+        best_fit, tol = self.knobs.best_fit, self.knobs.tolerance
+        best_cost = float("inf")
+        best_tie: tuple = ()
+        best: tuple[int, int] | None = None
         for model, shapes in self.buckets.items():
-            if ask.models and model not in ask.models:
+            if models and model not in models:
                 continue
             penalty = weight * self.scarcity.get(model, 0.0)
-            for key, members in shapes.items():
-                free, ccls, mcls = key
-                if ccls < need_c or mcls < need_m:
+            for b in shapes.values():
+                if b.ccls < need_c or b.mcls < need_m:
                     continue
-                if gpus:
-                    if share:
-                        if free[0] < milli:
-                            continue
-                    elif len(free) < gpus or free[gpus - 1] < MILLI:
+                if share:
+                    if b.top < milli:
                         continue
-                rep = -1
-                for i in members:
-                    if cpu[i] >= ask.cpu_milli and mem[i] >= ask.memory_mib:
-                        rep = i
-                        break
-                if rep < 0:
+                elif gpus and b.whole < gpus:
                     continue
-                d, v = self._delta_for(model, key, ask,
-                                       bisect_right(cpu_th, cpu[rep] - ask.cpu_milli),
-                                       bisect_right(mem_th, mem[rep] - ask.memory_mib))
+                for i in b.members:  # the first member that fits stands for the bucket
+                    if cpu[i] >= acpu and mem[i] >= amem:
+                        break
+                else:
+                    continue
+                nc, nm = bisect_right(cpu_th, cpu[i] - acpu), bisect_right(mem_th, mem[i] - amem)
+                mk = base | (nc << 10) | nm
+                r = b.memo.get(mk)
+                if r is None:
+                    r = b.memo[mk] = self._delta_for(model, b.key, ask, nc, nm)
+                d, v = r
                 cost = round((d + penalty) / tol) if tol else round(d + penalty, 6)
-                score = (cost, sum(free), v, rep) if best_fit else (cost, rep)
-                if best_score is None or score < best_score:
-                    best_score, best = score, (rep, v)
+                if cost > best_cost:
+                    continue
+                tie = (b.sum, v, i) if best_fit else (i,)
+                if cost < best_cost or tie < best_tie:
+                    best_cost, best_tie, best = cost, tie, (i, v)
         if best is None:
             return None
         node, v = best
         return DevicePlacement(node=node, devices=self._devices(node, ask, v), milli=milli if gpus else 0,
-                               cpu_milli=ask.cpu_milli, memory_mib=ask.memory_mib)
+                               cpu_milli=acpu, memory_mib=amem)
 
     def _devices(self, node: int, ask: DeviceAsk, v: int) -> tuple[int, ...]:
         free = self.free[node]
@@ -325,17 +343,18 @@ class DeviceCluster:
         self.mem[i] += sign * p.memory_mib
 
     def _move(self, i: int, change) -> None:
-        shapes = self.buckets[self.model[i]]
+        model = self.model[i]
+        shapes = self.buckets[model]
         old = self.key[i]
         change()
         new = self._key(i)
         if new == old:
             return
-        members = shapes[old]
+        members = shapes[old].members
         del members[i]
         if not members:
             del shapes[old]
-        shapes.setdefault(new, {})[i] = None
+        self._bucket(model, new).members[i] = None
         self.key[i] = new
 
     # ---- reading -----------------------------------------------------------------
