@@ -25,6 +25,7 @@ import msgspec
 
 MILLI = 1000
 _MEMO_LIMIT = 1_000_000  # cached scores kept before the memo is dropped (bounded memory)
+_SCAN = 8  # members of a bucket tried for an ask's exact CPU/memory before moving on
 
 
 class DeviceAsk(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,7 +252,18 @@ class DeviceCluster:
     # ---- deciding ----------------------------------------------------------------
     def decide(self, ask: DeviceAsk) -> DevicePlacement | None:
         """The placement that least increases expected fragmentation (plus scarcity
-        penalty); None if nothing fits."""
+        penalty); None if nothing fits.
+
+        A bucket is represented by the first of its first ``_SCAN`` members that fits the
+        ask's CPU and memory (members share the expected asks' classes, not exact values).
+        Only if that finds nothing and some bucket was cut short are whole buckets
+        searched, so a placement is found whenever one exists."""
+        placement, cut_short = self._decide(ask, _SCAN)
+        if placement is None and cut_short:
+            placement, _ = self._decide(ask, 0)
+        return placement
+
+    def _decide(self, ask: DeviceAsk, scan: int) -> tuple[DevicePlacement | None, bool]:
         acpu, amem, models = ask.cpu_milli, ask.memory_mib, ask.models
         cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
         need_c, need_m = bisect_right(cpu_th, acpu), bisect_right(mem_th, amem)
@@ -262,6 +274,7 @@ class DeviceCluster:
         best_cost = float("inf")
         best_tie: tuple = ()
         best: tuple[int, int] | None = None
+        cut_short = False
         for model, shapes in self.buckets.items():
             if models and model not in models:
                 continue
@@ -274,10 +287,18 @@ class DeviceCluster:
                         continue
                 elif gpus and b.whole < gpus:
                     continue
+                n = 0
                 for i in b.members:  # the first member that fits stands for the bucket
                     if cpu[i] >= acpu and mem[i] >= amem:
                         break
+                    n += 1
+                    if n == scan:
+                        i = -1
+                        break
                 else:
+                    continue
+                if i < 0:
+                    cut_short = True
                     continue
                 nc, nm = bisect_right(cpu_th, cpu[i] - acpu), bisect_right(mem_th, mem[i] - amem)
                 mk = base | (nc << 10) | nm
@@ -292,10 +313,10 @@ class DeviceCluster:
                 if cost < best_cost or tie < best_tie:
                     best_cost, best_tie, best = cost, tie, (i, v)
         if best is None:
-            return None
+            return None, cut_short
         node, v = best
         return DevicePlacement(node=node, devices=self._devices(node, ask, v), milli=milli if gpus else 0,
-                               cpu_milli=acpu, memory_mib=amem)
+                               cpu_milli=acpu, memory_mib=amem), cut_short
 
     def _devices(self, node: int, ask: DeviceAsk, v: int) -> tuple[int, ...]:
         free = self.free[node]
