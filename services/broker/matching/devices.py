@@ -139,7 +139,7 @@ class _Bucket:
         self.top = self.free[0] if self.free else 0
         self.whole = sum(1 for v in self.free if v == MILLI)
         self.sum = sum(self.free)
-        self.memo = memo  # (ask shape, CPU/memory classes after) -> (delta, device free)
+        self.memo = memo  # (ask shape, CPU/memory classes after) -> (cost, device free)
 
 
 class DeviceCluster:
@@ -303,10 +303,10 @@ class DeviceCluster:
                 nc, nm = bisect_right(cpu_th, cpu[i] - acpu), bisect_right(mem_th, mem[i] - amem)
                 mk = base | (nc << 10) | nm
                 r = b.memo.get(mk)
-                if r is None:
-                    r = b.memo[mk] = self._delta_for(model, b.key, ask, nc, nm)
-                d, v = r
-                cost = round((d + penalty) / tol) if tol else round(d + penalty, 6)
+                if r is None:  # the penalty is fixed per model and ask shape: memoise the cost
+                    d, v = self._delta_for(model, b.key, ask, nc, nm)
+                    r = b.memo[mk] = (round((d + penalty) / tol) if tol else round(d + penalty, 6), v)
+                cost, v = r
                 if cost > best_cost:
                     continue
                 tie = (b.sum, v, i) if best_fit else (i,)
