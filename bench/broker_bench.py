@@ -9,7 +9,12 @@ registers the pools through the registry's bulk API, then starts the broker and 
 until it quotes every model x region registered; issues tenant keys; drives
 ``POST /v1/requests`` (1-4 units, ``queue: false``, sometimes a model, vendor or region
 constraint) with the raw loadgen; serves ``bench/floor_app.py`` with the same worker count
-and drives it the same way. The two take turns (``--rounds`` of ``seconds / rounds`` each,
+and drives it the same way. The registry keeps its normal heartbeat TTL (the default
+setting): from the moment the pools are registered until the end, ``bench/heartbeater.py``
+(its own process, so its CPU counts for neither the load generator nor the servers) sends
+batched heartbeats for every pool, and at the end the run checks that no pool went
+offline (no ``pool.offline`` event in the capacity stream, none offline now) and reports
+the heartbeats/s sent. The two take turns (``--rounds`` of ``seconds / rounds`` each,
 after a warm-up of each), so that a slow spell of the machine falls on both sides alike;
 the ratio is taken over the totals and per round. Every 201 counted is a placement whose
 grant JetStream acknowledged; the run checks the allocation stream holds one grant per 201.
@@ -43,12 +48,13 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.heartbeater import Heartbeater  # noqa: E402
 from bench.loadgen import Result, request, run  # noqa: E402
 from bench.results import Lines, append_section, bullets, command  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis, stop_process  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
 from services.common.settings import Settings, settings_to_env  # noqa: E402
-from services.common.subjects import ALLOC, REQUEST, Subjects  # noqa: E402
+from services.common.subjects import ALLOC, CAPACITY, REQUEST, Subjects  # noqa: E402
 
 BATCH = 500
 N_MODELS = 15
@@ -94,6 +100,7 @@ class BenchWorld:
     created: int
     took: float  # seconds to register the pools
     tenant_keys: list[str]
+    provider_key: str = ""  # the provider's, for its heartbeats
 
 
 def populate(registry_url: str, admin: str, n_pools: int, rng: random.Random) -> BenchWorld:
@@ -116,7 +123,7 @@ def populate(registry_url: str, admin: str, n_pools: int, rng: random.Random) ->
         took = time.perf_counter() - t0
         tenant_keys = [reg.post("/v1/keys", json={"role": "tenant", "subject": f"tenant-{t}"}
                                 ).raise_for_status().json()["key"] for t in range(N_TENANTS)]
-    return BenchWorld(models, regions, items, created, took, tenant_keys)
+    return BenchWorld(models, regions, items, created, took, tenant_keys, provider_key["key"])
 
 
 def request_bodies(n: int, models: list[dict], regions: list[str], rng: random.Random) -> list[dict]:
@@ -189,6 +196,24 @@ async def rejection_reasons(nats_url: str) -> Counter:
     return reasons
 
 
+async def offline_events(nats_url: str) -> Counter:
+    """``pool.offline`` events in the capacity stream, by reason: each is a pool that
+    missed its heartbeat TTL (or was reported unhealthy) at some point of the run."""
+    import nats
+
+    from services.common.nats_conn import read_stream
+
+    nc = await nats.connect(nats_url)
+    found: Counter = Counter()
+    try:
+        async for _, data in read_stream(nc.jetstream(), Subjects().stream(CAPACITY), Subjects().events(CAPACITY)):
+            if b"pool.offline" in data and (event := json.loads(data)).get("type") == "pool.offline":
+                found[event.get("reason") or "(no reason given)"] += 1
+    finally:
+        await nc.close()
+    return found
+
+
 async def grants_in_stream(nats_url: str) -> int:
     import nats
 
@@ -231,6 +256,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="turns each side takes")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1, help="uvicorn workers for the broker and the floor app")
+    ap.add_argument("--heartbeat-every", type=float, default=None,
+                    help="seconds between two heartbeats of one pool (default: a third of the heartbeat TTL)")
     ap.add_argument("--write", action="store_true", help="append the results to docs/benchmarks-log.md")
     args = ap.parse_args()
 
@@ -238,8 +265,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cb-broker-bench-"))
     nats, redis = start_nats(tmp / "nats"), start_redis(tmp / "redis")
     admin = f"bench-{secrets.token_hex(8)}"
-    settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=admin, heartbeat_ttl_s=3600,
+    settings = Settings(nats_url=nats.url, redis_url=redis.url, admin_key=admin,  # the default heartbeat TTL
                         log_level="warning", workers=args.workers)
+    hb_every = args.heartbeat_every or settings.heartbeat_ttl_s / 3
+    heartbeater: Heartbeater | None = None
     env = settings_to_env(settings)
     registry = ServiceProcess("registry", free_port(), env, tmp / "registry.log")
     broker = ServiceProcess("broker", free_port(), env, tmp / "broker.log")
@@ -260,6 +289,9 @@ def main() -> None:
         total_units = sum(i["units"] for i in items)
         say(f"pools: {created} registered via POST /v1/pools/bulk (batches of {BATCH}) in {took:.2f}s; "
             f"{len(models)} models x {len(regions)} regions, {total_units:,} units")
+        heartbeater = Heartbeater(registry.url, world.provider_key, [i["pool_id"] for i in items], hb_every)
+        heartbeater.start()
+        hb_started = time.perf_counter()
 
         t0 = time.perf_counter()
         broker.start()
@@ -358,8 +390,23 @@ def main() -> None:
                                                          for (b, f), x in zip(rounds, each, strict=True))
             + f"; placement p99 {p99:.2f} ms (target <= {P99_TARGET_MS:.0f} ms: "
             f"{'met' if p99 <= P99_TARGET_MS else 'NOT met'}; all responses)")
-        ok = True
+        beats = heartbeater.stop()
+        heartbeater = None
+        offline = asyncio.run(offline_events(nats.url))
+        offline_now = httpx.get(f"{registry.url}/v1/pools", params={"status": "offline", "limit": 1000},
+                                headers=admin_auth, timeout=60).raise_for_status().json()["items"]
+        steady = not offline and not offline_now and not beats.failed_requests and not beats.error \
+            and set(beats.statuses) == {"online"}
+        say(f"heartbeats (registry heartbeat TTL {settings.heartbeat_ttl_s:.0f}s, every pool heartbeated every "
+            f"{hb_every:.1f}s by a process of its own, for the last {time.perf_counter() - hb_started:.0f}s of the run "
+            f"since registration): "
+            f"{beats.summary()}; pool.offline events in the capacity stream: {sum(offline.values())}"
+            + (f" ({dict(offline)})" if offline else "") + f"; pools offline at the end: {len(offline_now)} — "
+            + ("every pool stayed online" if steady else "NOT STEADY: the run measured a shrinking world"))
+        ok = steady
     finally:
+        if heartbeater is not None:
+            heartbeater.stop()
         stop_process(floor)
         broker.stop()
         registry.stop()
