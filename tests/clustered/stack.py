@@ -132,20 +132,21 @@ class Stack:
         return [r for r in records if isinstance(r, LedgerEntry)]
 
     async def meter_settled(self, events: list[AllocEvent]) -> bool:
-        """The meter has posted an entry for every ending event of the stream."""
-        ended = {e.lease.lease_id for e in events if isinstance(e, ENDING_EVENTS)}
+        """The meter has posted an entry for every ending event of the stream that bills
+        something (a grant rolled back ends at its grant time: nothing to bill, no entry)."""
+        ended = set(expected_charges(events, self.settings.min_bill_s))
         return ended <= {e.lease_id for e in await self.ledger()}
 
 
 def expected_charges(events: list[AllocEvent], min_bill_s: int) -> dict[str, Decimal]:
     """What the meter must have posted per lease, computed from the stream with the pure
-    pricing functions: the first ending event of each per-second lease."""
-    out: dict[str, Decimal] = {}
+    pricing functions: the first ending event of each per-second lease. An ending that
+    bills nothing (lost at its grant time: a grant rolled back) posts no entry."""
+    out: dict[str, list] = {}
     for e in events:
         if isinstance(e, ENDING_EVENTS) and e.lease.lease_id not in out:
-            out[e.lease.lease_id] = sum((c.amount for c in ending_charges(event_kind(e), e.at, e.lease,
-                                                                          min_bill_s=min_bill_s)), Decimal(0))
-    return out
+            out[e.lease.lease_id] = ending_charges(event_kind(e), e.at, e.lease, min_bill_s=min_bill_s)
+    return {lease_id: sum((c.amount for c in charges), Decimal(0)) for lease_id, charges in out.items() if charges}
 
 
 def granted_ids(events: list[AllocEvent]) -> set[str]:
