@@ -261,3 +261,38 @@ async def test_a_request_durable_but_not_written_to_redis_is_taken_back(settings
             await rds.delete(key)
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 0
+
+
+async def test_a_preempted_grant_in_progress_is_billed_nothing(settings, nc, rds, subjects) -> None:
+    """The victim is an interruptible lease still being granted (reserved, its grant not
+    yet durable nor confirmed). Preempted then, its placement fails (503: its lease is
+    gone by confirmation), so the record must end it at its grant time, billed nothing,
+    not as a lease.preempted billed from grant to preemption."""
+    from services.broker.recovery import RETRACTED
+    from services.common.messages import LeaseGranted, LeaseLost
+
+    async with replicas(settings, 1) as rs, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        entered, release = asyncio.Event(), asyncio.Event()
+        original = a.placement.make_durable
+
+        async def first_waits(*args: object, **kwargs: object) -> None:  # only the victim's grant stops
+            if not entered.is_set():
+                entered.set()
+                await release.wait()
+            await original(*args, **kwargs)
+
+        a.placement.make_durable = first_waits
+        granting = asyncio.create_task(place(a, "t1", units=8, billing="interruptible", priority=2))
+        await asyncio.wait_for(entered.wait(), 15)
+        status, preemptor = await place(a, "t2", units=8, queue=False)
+        release.set()
+        victim_status, _ = await granting
+        assert status == 201, preemptor
+        assert victim_status == 503  # its lease was gone when it came to confirm it
+        victim = (await alloc.wait_for(lambda e: isinstance(e, LeaseGranted) and e.lease.tenant == "t1")).lease
+        ends = await alloc.wait_for(lambda e: e.lease.lease_id == victim.lease_id and e.seq > 1)
+        assert isinstance(ends, LeaseLost) and ends.reason in RETRACTED, ends
+        assert ends.at == victim.granted_at, "a grant its client never had is billed"
