@@ -296,3 +296,33 @@ async def test_a_preempted_grant_in_progress_is_billed_nothing(settings, nc, rds
         ends = await alloc.wait_for(lambda e: e.lease.lease_id == victim.lease_id and e.seq > 1)
         assert isinstance(ends, LeaseLost) and ends.reason in RETRACTED, ends
         assert ends.at == victim.granted_at, "a grant its client never had is billed"
+
+
+async def test_a_placement_cancelled_while_its_reservation_waits_for_a_batch_takes_nothing(
+        settings, nc, rds) -> None:
+    """placement_timeout_s cancels a placement whose reservation is still waiting in the
+    coalescer behind a batch in flight: its rollback runs at once (and finds nothing), so
+    the reservation must not run after it: the units would stay taken, unconfirmed, until
+    the sweep 30 s later."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        gate = Gate(a.leases, "reserve_many")
+        first = asyncio.create_task(place(a, "t1", units=2))
+        assert await reached(gate, first)
+        late = asyncio.create_task(place(a, "t2", units=3))
+        for _ in range(100):  # until its reservation waits in the coalescer
+            if a.placement._reservations._pending:
+                break
+            await asyncio.sleep(0.01)
+        assert a.placement._reservations._pending, "the second reservation never queued behind the first"
+        late.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await late
+        await asyncio.gather(*a.placement._rollbacks)
+        gate.open.set()
+        status, _ = await first
+        assert status == 201
+        if (draining := a.placement._reservations._task) is not None:
+            await draining  # the coalescer has sent whatever it still held
+        assert int(await rds.hget(rs.keys.pool(REGION, "p"), "leased")) == 2, "a cancelled placement took units"
