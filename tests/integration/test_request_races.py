@@ -326,3 +326,26 @@ async def test_a_placement_cancelled_while_its_reservation_waits_for_a_batch_tak
         if (draining := a.placement._reservations._task) is not None:
             await draining  # the coalescer has sent whatever it still held
         assert int(await rds.hget(rs.keys.pool(REGION, "p"), "leased")) == 2, "a cancelled placement took units"
+
+
+async def test_a_request_queued_for_a_client_that_heard_503_is_taken_back(settings, nc, rds) -> None:
+    """placement_timeout_s cancels a placement after its RequestQueued was acknowledged,
+    while it is written to Redis: the client hears 503 ("nothing was granted: retry"),
+    so the request must not stay queued, now or after a rebuild from the record."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        gate = Gate(a.core.requests, "queue")
+        placing = asyncio.create_task(place(a, "t2", units=4))
+        assert await reached(gate, placing)
+        placing.cancel()  # the deadline passes here: the event is durable, Redis not written yet
+        with contextlib.suppress(asyncio.CancelledError):
+            await placing
+        del a.core.requests.queue  # the gate: the rebuild below queues for real
+        await asyncio.gather(*a.queue._taking_back)
+        await rds.delete(rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+            await rds.delete(key)
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 0, "a request whose client heard 503 came back queued"
