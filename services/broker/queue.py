@@ -110,6 +110,7 @@ class RequestQueue:
         pipe = core.redis.pipeline(transaction=False)
         pipe.zadd(core.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
         pipe.zadd(core.keys.queue(), {record.request_id: score})
+        pipe.sadd(core.keys.tenant_queued(record.tenant), record.request_id)  # counted by the cap, restored ones too
         await pipe.execute()
         return True
 

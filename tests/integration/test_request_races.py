@@ -349,3 +349,21 @@ async def test_a_request_queued_for_a_client_that_heard_503_is_taken_back(settin
             await rds.delete(key)
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 0, "a request whose client heard 503 came back queued"
+
+
+async def test_the_tenant_queue_cap_counts_the_requests_a_rebuild_queued_again(settings, nc, rds) -> None:
+    """After a Redis loss the rebuild puts the queued requests back: they still count
+    against their tenant's cap (docs/overload.md)."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        a.queue_cap.cap = 1
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        assert (await place(a, "t2", units=4))[0] == 202
+        assert (await place(a, "t2", units=2))[0] == 429  # at its cap
+        lost = [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]
+        await rds.delete(*lost, rs.keys.queue(), rs.keys.tenant_queued("t2"), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 1
+        status, view = await place(a, "t2", units=2)
+        assert status == 429, f"the tenant queued past its cap after a rebuild: {status} {view}"
