@@ -367,3 +367,69 @@ async def test_the_tenant_queue_cap_counts_the_requests_a_rebuild_queued_again(s
         assert await rds.zcard(rs.keys.queue()) == 1
         status, view = await place(a, "t2", units=2)
         assert status == 429, f"the tenant queued past its cap after a rebuild: {status} {view}"
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["answer-lost", "ack-lost"])
+async def test_an_answer_the_key_could_not_record_is_never_a_grant_its_client_does_not_hear(
+        settings, nc, landed: bool) -> None:
+    """The placement granted its lease, then recording the key's answer in the durable
+    record failed (NATS did not answer: the write was lost, or it landed and its
+    acknowledgement was lost). The client must hear either the 201, or an error with
+    nothing granted, never an error while the lease stands and is billed."""
+    import uuid
+
+    import nats
+
+    from services.broker.idempotency import Keyring
+    from services.broker.key_grants import LeaseGrants
+    from services.common.subjects import IDEMPOTENCY
+
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        kv = await Keyring.open_bucket(nc, rs.subjects.bucket(IDEMPOTENCY))
+        keyring = Keyring(a.redis, rs.keys, kv, LeaseGrants(a), stale_s=6.0)
+        update, failed = kv.update, []
+
+        async def done_write_fails(key: str, value: bytes, last: int | None = None) -> int:
+            if b'"state":"done"' in value and not failed:
+                failed.append(key)
+                if landed:
+                    await update(key, value, last=last)
+                raise nats.errors.TimeoutError
+            return await update(key, value, last=last)
+
+        kv.update = done_write_fails
+        data = body(units=2)
+
+        async def run(request_id: str) -> tuple[int, bytes]:
+            status, view = await a.place(tenant("t1"), data, request_id)
+            return status, msgspec.json.encode(view)
+
+        try:
+            status, _ = await keyring.run("t1", uuid.uuid4().hex, msgspec.json.encode(data), run,
+                                          lambda *_: None)  # type: ignore[arg-type,return-value]
+        except Exception as exc:  # noqa: BLE001 - what the client would hear
+            status = getattr(exc, "status", type(exc).__name__)
+        assert failed, "the answer was never written"
+        live = await a.leases.of_tenant("t1")
+        if status == 201:
+            assert len(live) == 1
+        else:
+            assert status == 503 and live == [], f"the client heard {status} while {len(live)} lease(s) stand"
+            assert int(await a.redis.hget(rs.keys.pool(REGION, "p"), "leased")) == 0
+
+
+async def test_a_late_pool_offline_that_named_no_leases_ends_none(settings, nc) -> None:
+    """The pool went offline holding no lease (the event names none), came back, and a
+    lease was granted on it; the broker handles that offline event only now (it was
+    down, or the event was retried): the new lease is not the event's to end."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        generation = a.world.generations["p"]
+        assert generation > 0
+        status, view = await place(a, "t1", units=2)
+        assert status == 201
+        ended = await a.pool_lost(REGION, "p", "pool offline", generation=generation, lease_ids=())
+        assert ended == 0 and len(await a.leases.of_tenant("t1")) == 1, "a lease granted after the outage was lost"
