@@ -59,7 +59,7 @@ class RequestController(Controller):
         key = raw_header(request.scope, b"idempotency-key")
         deadline = request.app.state.placement_timeout_s
         try:
-            async with asyncio.timeout(deadline):  # never answered late, never granted late
+            async with asyncio.timeout(deadline) as bound:  # never answered late, never granted late
                 if key is None:  # the common case, called directly: two coroutine layers fewer to resume
                     status, content = await run()
                 else:
@@ -69,8 +69,9 @@ class RequestController(Controller):
                         tenant, key, body, run,
                         lambda request_id, leases: adopt(broker, tenant, data, request_id, leases))
         except TimeoutError:
-            raise Unavailable(f"the placement did not finish within {deadline:g} s (the event store or the live "
-                              "state store is slow or unreachable); nothing was granted: retry", retry_after=1) from None
+            took = f"within {deadline:g} s" if bound.expired() else "in time"
+            raise Unavailable(f"the placement did not finish {took} (the event store or the live state store is "
+                              "slow or unreachable); nothing was granted: retry", retry_after=1) from None
         return Response(content, status_code=status, media_type="application/json")
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")

@@ -89,6 +89,9 @@ class Grants(Protocol):
     async def queued(self, request_id: str) -> tuple[int, bytes] | None:
         """The 202 of a request that went to the queue (it names no leases), if it did."""
 
+    async def withdraw(self, request_id: str) -> None:
+        """Take a queued request out of the queue and the record (its client heard an error)."""
+
 
 Place = Callable[[str], Awaitable[tuple[int, bytes]]]  # request id -> (status, body)
 Adopt = Callable[[str, list[LeaseInfo]], Awaitable[tuple[int, bytes]]]  # request id, its leases -> 201
@@ -337,9 +340,41 @@ class Keyring:
             raise
         finally:
             _current.reset(token)
-        if not await self.finish(claim, Answer(status=status, body=body)):
+        before = claim.revision
+        try:
+            recorded = await self.finish(claim, Answer(status=status, body=body))
+        except Exception:
+            if claim.revision != before:  # the durable record has the answer; Redis catches up on a retry
+                return status, body
+            return await self._unrecorded(claim)
+        if not recorded:
             return await self._superseded(claim)
         return status, body
+
+    async def _unrecorded(self, claim: Claim) -> tuple[int, bytes]:
+        """Recording the answer failed (a store did not answer) and it may have got there
+        all the same. Its client must not hear an error about a grant that stands, so a
+        rollback is recorded at the same revision: it succeeds only if the answer did not
+        get there (then what was granted ends, billed nothing, and 503), and is refused if
+        it did (then that answer is given). If neither store answers, the key stays pending
+        and the next retry, once it is stale, resumes or rolls back."""
+        before = claim.revision
+        try:
+            rolled_back = await asyncio.wait_for(self.finish(claim, None), ROLLBACK_S)
+        except Exception as exc:  # noqa: BLE001 - left to the next retry, unless the record took the rollback
+            if claim.revision != before:
+                rolled_back = True
+            else:
+                raise Unavailable("the answer could not be recorded (the event store or the live state store did "
+                                  "not answer): retry with the same Idempotency-Key to get it", retry_after=1) from exc
+        if not rolled_back:
+            return await self._superseded(claim)
+        if claim.named:
+            await self.grants.roll_back(claim.named)
+        else:
+            await self.grants.withdraw(claim.request_id)
+        raise Unavailable("the answer could not be recorded, so the placement was undone; nothing was granted: "
+                          "retry", retry_after=1)
 
     async def _superseded(self, claim: Claim) -> tuple[int, bytes]:
         """This placement outlived its deadline and a retry took the key over. While the

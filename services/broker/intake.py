@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from services.common.auth import Principal
-from services.common.errors import Conflict, Forbidden, Unprocessable
+from services.common.errors import Conflict, Forbidden, Unavailable, Unprocessable
 from services.common.ids import new_id
 from services.common.messages import RequestAccepted, RequestPlaced, RequestRejected
 
@@ -71,8 +71,14 @@ class Intake:
             record.state = "queued"
             if body.deadline_s:
                 record.deadline_at = now + timedelta(seconds=body.deadline_s)
-            await self.queue.queue(record, now)
-            return 202, await self.views.view(record)
+            try:
+                await self.queue.queue(record, now)
+                return 202, await self.views.view(record)
+            except Unavailable:
+                raise  # nothing was queued (or it was taken back already)
+            except BaseException:  # e.g. placement_timeout_s passed: the client hears 503, not 202
+                self.queue.take_back_later(record, now)
+                raise
         if record.lease_ids != [lease.lease_id for lease in leases]:  # placed by preemption
             record.lease_ids = [lease.lease_id for lease in leases]
             await core.save(record)

@@ -66,6 +66,12 @@ class LeaseGrants:
         return 202, msgspec.json.encode(await self.broker.view(record))
 
 
+    async def withdraw(self, request_id: str) -> None:
+        record = await self.broker.record(request_id)
+        if record is not None and record.state == "queued":
+            self.broker.queue.take_back_later(record, datetime.now(UTC))
+
+
 async def adopt(broker: Broker, tenant: str, body: ComputeRequest, request_id: str,
                 leases: list[LeaseInfo]) -> tuple[int, bytes]:
     """The 201 of a placement whose broker granted ``leases`` and died (or missed its

@@ -44,7 +44,7 @@ class NotPlaced(Exception):
 class Placement:
     def __init__(self, core: Core) -> None:
         self.core = core
-        self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch)
+        self._reservations: Coalescer[list[Reservation], list] = Coalescer(self._reserve_batch, drop_cancelled=True)
         self._commits: Coalescer[tuple[list[LeaseInfo], RequestRecord | None], list[str]] = \
             Coalescer(self._commit_batch)
         self._rollbacks: set[asyncio.Task] = set()  # late grants being undone (``_roll_back_late``)

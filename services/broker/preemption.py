@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from services.common.errors import Unavailable
 from services.common.keys import Keys
-from services.common.messages import LeaseInfo, LeasePreempted
+from services.common.messages import LeaseInfo, LeaseLost, LeasePreempted
 from services.common.redis_conn import read_lua
 
 from .core import Core
@@ -141,7 +141,13 @@ class Preemption:
         core = self.core
         truth = {lease.pool_id: free for lease, free in zip(leases, done.free_after, strict=True) if free >= 0}
         for ended in done.victims:
-            await core.announce_end(LeasePreempted, ended, now, by_request=request_id)
+            if ended.pending:
+                # a grant still in progress: its placement finds its lease gone at confirmation
+                # and answers 503, so it ends at its grant time, billed nothing (as its own
+                # retraction would say; both carry the id of seq 2)
+                await core.announce_end(LeaseLost, ended, ended.lease.granted_at, reason="grant not completed")
+            else:
+                await core.announce_end(LeasePreempted, ended, now, by_request=request_id)
         try:
             await self.placement.make_durable(leases, leases, truth, None)
         finally:

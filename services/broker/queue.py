@@ -6,6 +6,7 @@ pass cannot meet it half-way; a cancel succeeds only from queued."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 
@@ -41,6 +42,7 @@ class RequestQueue:
     def __init__(self, core: Core, placement: Placement, budgets: Budgets, views: Views) -> None:
         self.core, self.placement, self.budgets, self.views = core, placement, budgets, views
         self.lock = OwnedLock(core.redis, core.keys.lock("queue"), QUEUE_LOCK_MS)
+        self._taking_back: set[asyncio.Task] = set()  # queued requests whose client heard an error
 
     # --- accepted → queued -------------------------------------------------------------------
     async def queue(self, record: RequestRecord, now: datetime) -> None:
@@ -61,13 +63,37 @@ class RequestQueue:
         except Exception as exc:
             # durable but not in Redis: the caller hears 503, so the record must not hold it
             # queued either (a rebuild would place it for a client that gave up)
-            taken_back = RequestRejected(id=new_id("ev"), at=now, request_id=record.request_id,
-                                         tenant=record.tenant, reasons=("not queued: Redis did not answer",))
-            try:
-                await core.publish_request_durably(taken_back)
-            except Exception as again:  # noqa: BLE001 - both stores failing: say so
-                log.error("request %s is queued in the record but not in Redis (%s)", record.request_id, again)
+            await self._reject_in_record(record, now, "not queued: Redis did not answer")
             raise Unavailable("the queued request could not be written to Redis; nothing was queued, retry") from exc
+
+    async def _reject_in_record(self, record: RequestRecord, now: datetime, reason: str) -> None:
+        taken_back = RequestRejected(id=new_id("ev"), at=now, request_id=record.request_id,
+                                     tenant=record.tenant, reasons=(reason,))
+        try:
+            await self.core.publish_request_durably(taken_back)
+        except Exception as again:  # noqa: BLE001 - both stores failing: say so
+            log.error("request %s is queued in the record but not in Redis (%s)", record.request_id, again)
+
+    def take_back_later(self, record: RequestRecord, now: datetime) -> None:
+        """A request made durable as queued whose client then heard an error (the
+        placement's deadline passed, or its 202 could not be given): it leaves the queue
+        and the record, so that it is neither placed later nor brought back by a rebuild.
+        In the background: the answer is not held up by a store that is not answering.
+        A queue pass that claimed it first has placed it: that stands."""
+        async def take_back() -> None:
+            try:
+                await self.core.requests.cancel(record.request_id, now)
+            except Refused as refused:
+                if refused.state:  # a queue pass has it (or had it) since: not ours to undo
+                    log.warning("request %s, whose client heard an error, is %s", record.request_id,
+                                refused.state)
+                    return
+            await self.core.redis.zrem(self.core.keys.queue(), record.request_id)
+            await self._reject_in_record(record, now, "not queued: its client was answered with an error")
+
+        task = asyncio.create_task(take_back())
+        self._taking_back.add(task)
+        task.add_done_callback(self._taking_back.discard)
 
     async def add(self, record: RequestRecord, now: datetime) -> bool:
         """The queued request in Redis (create-only, so a rebuild never overwrites a newer
@@ -84,6 +110,7 @@ class RequestQueue:
         pipe = core.redis.pipeline(transaction=False)
         pipe.zadd(core.keys.tenant_requests(record.tenant), {record.request_id: record.created_at.timestamp()})
         pipe.zadd(core.keys.queue(), {record.request_id: score})
+        pipe.sadd(core.keys.tenant_queued(record.tenant), record.request_id)  # counted by the cap, restored ones too
         await pipe.execute()
         return True
 

@@ -183,11 +183,14 @@ class Recovery:
     async def pool_lost(self, region: str, pool_id: str, reason: str, generation: int = 0,
                         lease_ids: tuple[str, ...] = ()) -> int:
         """End the leases a pool outage or removal took: those the event names (the pool's
-        leases at that moment), else every lease on the pool of that generation or older;
-        never a lease granted on a later generation (the pool registered again since)."""
+        leases at that moment; none named is none, as a lease granted after the pool came
+        back must outlive a late event). An event that names no generation (an older
+        registry's) names no leases either: then every lease on the pool of that
+        generation or older; never a lease granted on a later generation (the pool
+        registered again since)."""
         core = self.core
         now = core.clock()
-        if lease_ids:
+        if lease_ids or generation:
             leases = await core.leases.of_region(region, lease_ids)
         else:
             leases = [lease for lease in await core.leases.on_pool(region, pool_id)

@@ -22,11 +22,16 @@ Flush = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 class Coalescer(Generic[T, R]):
     """``flush(items)`` does one batch and returns one result per item, in order; a
     result that is an exception is raised to that item's caller only. If ``flush``
-    itself raises, every caller of the batch gets the exception."""
+    itself raises, every caller of the batch gets the exception.
 
-    def __init__(self, flush: Flush, max_batch: int = 512) -> None:
+    ``drop_cancelled``: an item whose caller was cancelled before its batch is sent is not
+    sent. For work the caller undoes when it is cancelled (a reservation): sent after the
+    undo, it would stay done with nobody to undo it."""
+
+    def __init__(self, flush: Flush, max_batch: int = 512, drop_cancelled: bool = False) -> None:
         self.flush = flush
         self.max_batch = max_batch
+        self.drop_cancelled = drop_cancelled
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -45,6 +50,10 @@ class Coalescer(Generic[T, R]):
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
+                if self.drop_cancelled:
+                    batch = [(item, future) for item, future in batch if not future.cancelled()]
+                    if not batch:
+                        continue
                 try:
                     results = await self.flush([item for item, _ in batch])
                 except BaseException as exc:  # handed to every waiter (a cancel too)

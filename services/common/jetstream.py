@@ -330,15 +330,29 @@ async def unfollow(sub: JetStreamContext.PushSubscription | None) -> None:
             await sub.unsubscribe()
 
 
-async def bucket_entries(kv: KeyValue) -> AsyncIterator[tuple[bytes, int]]:
-    """The current value of every key of a bucket with its revision (deleted keys left out)."""
-    watcher = await kv.watchall(ignore_deletes=True)
+async def bucket_entries(kv: KeyValue, timeout: float = 30.0) -> AsyncIterator[tuple[bytes, int]]:
+    """The current value of every key of a bucket with its revision (deleted keys left out).
+
+    The end is the entry the server sent with nothing pending after it, deletes included
+    (the stream's last message may be one). nats-py's own end marker (``None``) is not
+    trusted: it can come before messages the server had already sent (nats-io/nats.py#842),
+    and a read of a full bucket then found nothing (seen: the registry's rebuild after a
+    Redis loss restored no pool). Raises ``TimeoutError`` if the bucket stops answering."""
+    if (await kv.status()).values == 0:
+        return
+    watcher = await kv.watchall()
     try:
-        async for entry in watcher:
-            if entry is None:  # end of the current values
-                break
-            if entry.value:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=timeout)
+            except nats.errors.TimeoutError:
+                raise TimeoutError(f"bucket read: no entry within {timeout}s") from None
+            if entry is None:  # nats-py's marker, maybe early: the deltas decide
+                continue
+            if entry.value and entry.operation not in ("DEL", "PURGE"):
                 yield entry.value, entry.revision
+            if entry.delta == 0:
+                return
     finally:
         await watcher.stop()
 

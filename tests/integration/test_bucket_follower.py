@@ -68,3 +68,24 @@ async def test_current_values_deletes_and_revisions_then_changes(nc, prefix: str
         await copy.until("a", None)
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_read_of_a_bucket_gets_every_current_value_every_time(nc, prefix: str) -> None:
+    """``bucket_entries`` (the registry's rebuild after a Redis loss, the broker's pool
+    view): nats-py's watcher can end its initial replay before the messages the server
+    had already delivered (nats-io/nats.py#842), so a read of a full bucket came back
+    empty: seen as a Redis rebuild that restored no pool at all."""
+    from services.common.jetstream import bucket_entries
+
+    js = nc.jetstream()
+    kv = await ensure_bucket(js, f"{prefix}_read")
+    for i in range(60):
+        await kv.put(f"k{i}", f"v{i}".encode())
+    await kv.put("gone", b"x")
+    await kv.delete("gone")  # the last message of the stream: a delete
+    counts = []
+    for _ in range(40):
+        counts.append(len([value async for value, _ in bucket_entries(kv)]))
+    assert counts == [60] * 40, f"reads of 60 current values found {sorted(set(counts))}"
+    empty = await ensure_bucket(js, f"{prefix}_read_empty")
+    assert [value async for value, _ in bucket_entries(empty)] == []

@@ -261,3 +261,175 @@ async def test_a_request_durable_but_not_written_to_redis_is_taken_back(settings
             await rds.delete(key)
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 0
+
+
+async def test_a_preempted_grant_in_progress_is_billed_nothing(settings, nc, rds, subjects) -> None:
+    """The victim is an interruptible lease still being granted (reserved, its grant not
+    yet durable nor confirmed). Preempted then, its placement fails (503: its lease is
+    gone by confirmation), so the record must end it at its grant time, billed nothing,
+    not as a lease.preempted billed from grant to preemption."""
+    from services.broker.recovery import RETRACTED
+    from services.common.messages import LeaseGranted, LeaseLost
+
+    async with replicas(settings, 1) as rs, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        entered, release = asyncio.Event(), asyncio.Event()
+        original = a.placement.make_durable
+
+        async def first_waits(*args: object, **kwargs: object) -> None:  # only the victim's grant stops
+            if not entered.is_set():
+                entered.set()
+                await release.wait()
+            await original(*args, **kwargs)
+
+        a.placement.make_durable = first_waits
+        granting = asyncio.create_task(place(a, "t1", units=8, billing="interruptible", priority=2))
+        await asyncio.wait_for(entered.wait(), 15)
+        status, preemptor = await place(a, "t2", units=8, queue=False)
+        release.set()
+        victim_status, _ = await granting
+        assert status == 201, preemptor
+        assert victim_status == 503  # its lease was gone when it came to confirm it
+        victim = (await alloc.wait_for(lambda e: isinstance(e, LeaseGranted) and e.lease.tenant == "t1")).lease
+        ends = await alloc.wait_for(lambda e: e.lease.lease_id == victim.lease_id and e.seq > 1)
+        assert isinstance(ends, LeaseLost) and ends.reason in RETRACTED, ends
+        assert ends.at == victim.granted_at, "a grant its client never had is billed"
+
+
+async def test_a_placement_cancelled_while_its_reservation_waits_for_a_batch_takes_nothing(
+        settings, nc, rds) -> None:
+    """placement_timeout_s cancels a placement whose reservation is still waiting in the
+    coalescer behind a batch in flight: its rollback runs at once (and finds nothing), so
+    the reservation must not run after it: the units would stay taken, unconfirmed, until
+    the sweep 30 s later."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        gate = Gate(a.leases, "reserve_many")
+        first = asyncio.create_task(place(a, "t1", units=2))
+        assert await reached(gate, first)
+        late = asyncio.create_task(place(a, "t2", units=3))
+        for _ in range(100):  # until its reservation waits in the coalescer
+            if a.placement._reservations._pending:
+                break
+            await asyncio.sleep(0.01)
+        assert a.placement._reservations._pending, "the second reservation never queued behind the first"
+        late.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await late
+        await asyncio.gather(*a.placement._rollbacks)
+        gate.open.set()
+        status, _ = await first
+        assert status == 201
+        if (draining := a.placement._reservations._task) is not None:
+            await draining  # the coalescer has sent whatever it still held
+        assert int(await rds.hget(rs.keys.pool(REGION, "p"), "leased")) == 2, "a cancelled placement took units"
+
+
+async def test_a_request_queued_for_a_client_that_heard_503_is_taken_back(settings, nc, rds) -> None:
+    """placement_timeout_s cancels a placement after its RequestQueued was acknowledged,
+    while it is written to Redis: the client hears 503 ("nothing was granted: retry"),
+    so the request must not stay queued, now or after a rebuild from the record."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        gate = Gate(a.core.requests, "queue")
+        placing = asyncio.create_task(place(a, "t2", units=4))
+        assert await reached(gate, placing)
+        placing.cancel()  # the deadline passes here: the event is durable, Redis not written yet
+        with contextlib.suppress(asyncio.CancelledError):
+            await placing
+        del a.core.requests.queue  # the gate: the rebuild below queues for real
+        await asyncio.gather(*a.queue._taking_back)
+        await rds.delete(rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+            await rds.delete(key)
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 0, "a request whose client heard 503 came back queued"
+
+
+async def test_the_tenant_queue_cap_counts_the_requests_a_rebuild_queued_again(settings, nc, rds) -> None:
+    """After a Redis loss the rebuild puts the queued requests back: they still count
+    against their tenant's cap (docs/overload.md)."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        a.queue_cap.cap = 1
+        await rs.pool("p", 8)
+        assert (await place(a, "t1", units=8))[0] == 201
+        assert (await place(a, "t2", units=4))[0] == 202
+        assert (await place(a, "t2", units=2))[0] == 429  # at its cap
+        lost = [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]
+        await rds.delete(*lost, rs.keys.queue(), rs.keys.tenant_queued("t2"), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        assert await rds.zcard(rs.keys.queue()) == 1
+        status, view = await place(a, "t2", units=2)
+        assert status == 429, f"the tenant queued past its cap after a rebuild: {status} {view}"
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["answer-lost", "ack-lost"])
+async def test_an_answer_the_key_could_not_record_is_never_a_grant_its_client_does_not_hear(
+        settings, nc, landed: bool) -> None:
+    """The placement granted its lease, then recording the key's answer in the durable
+    record failed (NATS did not answer: the write was lost, or it landed and its
+    acknowledgement was lost). The client must hear either the 201, or an error with
+    nothing granted, never an error while the lease stands and is billed."""
+    import uuid
+
+    import nats
+
+    from services.broker.idempotency import Keyring
+    from services.broker.key_grants import LeaseGrants
+    from services.common.subjects import IDEMPOTENCY
+
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        kv = await Keyring.open_bucket(nc, rs.subjects.bucket(IDEMPOTENCY))
+        keyring = Keyring(a.redis, rs.keys, kv, LeaseGrants(a), stale_s=6.0)
+        update, failed = kv.update, []
+
+        async def done_write_fails(key: str, value: bytes, last: int | None = None) -> int:
+            if b'"state":"done"' in value and not failed:
+                failed.append(key)
+                if landed:
+                    await update(key, value, last=last)
+                raise nats.errors.TimeoutError
+            return await update(key, value, last=last)
+
+        kv.update = done_write_fails
+        data = body(units=2)
+
+        async def run(request_id: str) -> tuple[int, bytes]:
+            status, view = await a.place(tenant("t1"), data, request_id)
+            return status, msgspec.json.encode(view)
+
+        try:
+            status, _ = await keyring.run("t1", uuid.uuid4().hex, msgspec.json.encode(data), run,
+                                          lambda *_: None)  # type: ignore[arg-type,return-value]
+        except Exception as exc:  # noqa: BLE001 - what the client would hear
+            status = getattr(exc, "status", type(exc).__name__)
+        assert failed, "the answer was never written"
+        live = await a.leases.of_tenant("t1")
+        if status == 201:
+            assert len(live) == 1
+        else:
+            assert status == 503 and live == [], f"the client heard {status} while {len(live)} lease(s) stand"
+            assert int(await a.redis.hget(rs.keys.pool(REGION, "p"), "leased")) == 0
+
+
+async def test_a_late_pool_offline_that_named_no_leases_ends_none(settings, nc) -> None:
+    """The pool went offline holding no lease (the event names none), came back, and a
+    lease was granted on it; the broker handles that offline event only now (it was
+    down, or the event was retried): the new lease is not the event's to end."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        await rs.pool("p", 8)
+        generation = a.world.generations["p"]
+        assert generation > 0
+        status, view = await place(a, "t1", units=2)
+        assert status == 201
+        ended = await a.pool_lost(REGION, "p", "pool offline", generation=generation, lease_ids=())
+        assert ended == 0 and len(await a.leases.of_tenant("t1")) == 1, "a lease granted after the outage was lost"
