@@ -21,6 +21,7 @@ from services.common.messages import LeaseGranted, LeaseLost
 from services.common.nats_conn import connect
 from services.common.subjects import Subjects
 
+from ..helpers import eventually
 from .stack import Stack, running_stack
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,8 +69,8 @@ async def test_broker_killed_mid_burst_every_key_converges(tmp_path: Path) -> No
                     await post(c, queues[url].pop(0), url)
 
             burst = [asyncio.ensure_future(worker(url)) for url in (b1, b2) for _ in range(8)]
-            while sum(1 for key in list(answers)[::2] if answers[key]) < 8:  # mid-burst
-                await asyncio.sleep(0.001)
+            await eventually(lambda: sum(1 for key in list(answers)[::2] if answers[key]) >= 8,  # mid-burst
+                             timeout=30, every=0.001, what="half the first keys answered")
             stack.kill("broker1")
             await asyncio.gather(*burst)
             unheard = sum(1 for key in list(answers)[::2] if not answers[key])
@@ -79,11 +80,8 @@ async def test_broker_killed_mid_burst_every_key_converges(tmp_path: Path) -> No
             started = time.monotonic()
 
             async def converge(key: str) -> None:
-                while time.monotonic() - started < 30:
-                    if await post(c, key, rng.choice([b1, b2])):
-                        return
-                    await asyncio.sleep(0.5)
-                raise AssertionError(f"{key}: no definitive answer within 30 s: {[s for s, _ in answers[key]]}")
+                await eventually(lambda: post(c, key, rng.choice([b1, b2])), timeout=30, every=0.5,
+                                 what=f"{key}: a definitive answer")
 
             await asyncio.gather(*(converge(key) for key in answers))
             took = time.monotonic() - started

@@ -23,6 +23,7 @@ from services.common.startup import close_connections, open_connections
 from services.common.subjects import Subjects
 from services.registry.app import create_app as create_registry
 
+from ..helpers import eventually
 from .conftest import REGION, pool_body
 
 
@@ -67,19 +68,12 @@ class Replicas:
                                     headers=self.provider)
         assert r.status_code in (200, 201), r.text
         for broker in self.brokers:
-            for _ in range(400):
-                if (state := broker.world.engine.get(pool_id)) is not None and state.capacity == units:
-                    break
-                await asyncio.sleep(0.025)
-            else:
-                raise AssertionError(f"replica never saw pool {pool_id}")
+            await eventually(lambda b=broker: (state := b.world.engine.get(pool_id)) is not None
+                             and state.capacity == units, timeout=10, what=f"a replica sees pool {pool_id}")
 
     async def sees_free(self, broker: Broker, pool_id: str, free: int) -> None:
-        for _ in range(400):
-            if (state := broker.world.engine.get(pool_id)) is not None and state.free == free:
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"replica never saw {free} free on {pool_id}")
+        await eventually(lambda: (state := broker.world.engine.get(pool_id)) is not None and state.free == free,
+                         timeout=10, what=f"a replica sees {free} free on {pool_id}")
 
     async def leases_of(self, request_id: str) -> list[LeaseInfo]:
         broker = self.brokers[0]

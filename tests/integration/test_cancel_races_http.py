@@ -63,7 +63,12 @@ async def test_cancelled_while_the_queue_places_never_gets_a_lease(settings, nc,
                 return states if "placing" not in states.values() else {}
 
             states = await eventually(settled, timeout=30)
-            await asyncio.sleep(0.5)  # noqa: ASYNC110 - let the last grants' events arrive in the tap
+
+            async def tapped() -> bool:  # every allocation event of the stream is in the tap
+                info = await nc.jetstream().stream_info(subjects.stream("alloc"))
+                return len(alloc.events) >= info.state.messages
+
+            await eventually(tapped, timeout=10, what="the tap holds every allocation event")
             grants: dict[str, list[str]] = {}
             retracted = {e.lease.lease_id for e in alloc.events
                          if isinstance(e, LeaseLost) and e.reason in RETRACTED}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+from redis.asyncio import Redis
 
 from services.cli.audit import read_alloc
 from services.cli.servers import ServerProcess, start_nats, start_redis
@@ -225,7 +227,14 @@ async def test_key_of_a_broker_killed_mid_request_gets_an_answer(settings: Setti
                     assert (await c.post(f"{b2.url}/v1/requests", json={"units": 1}, headers=tenant)).status_code == 201
                     with stalled(server):
                         inflight = asyncio.ensure_future(c.post(f"{b1.url}/v1/requests", json=body, headers=h))
-                        await asyncio.sleep(1.0)  # broker 1 is mid-request, waiting on NATS
+                        # broker 1 is mid-request once it has claimed the key in Redis (its next
+                        # step, the key's durable copy, waits on the stalled NATS)
+                        slot = Keys(s.prefix).idempotency("t1", hashlib.sha256(b"killed-mid-request").hexdigest())
+                        rds = Redis.from_url(s.redis_url)
+                        try:
+                            await eventually(lambda: rds.exists(slot), timeout=10, what="broker 1 claimed the key")
+                        finally:
+                            await rds.aclose()
                         os.kill(b1.proc.pid, signal.SIGKILL)
                         b1.proc.wait()
                         with contextlib.suppress(httpx.HTTPError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from services.cli.importer import keep_alive
 from services.cli.main import cli
 
+from ..helpers import wait_until
 from ..procs import service_process
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "catalogues"
@@ -33,13 +33,7 @@ def _pools(url: str, key: str, provider: str) -> dict[str, dict]:
 
 
 def _until(check, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN202
-    """Poll state that has no event of its own, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.05)
-    return result
+    return wait_until(check, timeout=timeout, every=0.05, what=what)
 
 
 def test_zero_spot_prices_and_location_strings_register_every_offer(settings, nc, tmp_path: Path) -> None:

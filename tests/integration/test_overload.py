@@ -27,6 +27,7 @@ from services.common.overload import slots_of
 from services.common.redis_conn import connect as redis_connect
 from services.common.settings import Settings
 
+from ..helpers import eventually
 from ..procs import service_process
 from .broker_world import broker_world
 from .conftest import MODEL, REGION, pool_body, with_settings
@@ -38,8 +39,7 @@ async def served(app, **protocol: float) -> AsyncIterator[str]:  # noqa: ANN001
     http = type("Timed", (TimedHttpToolsProtocol,), {"header_timeout_s": 10.0, "body_timeout_s": 30.0, **protocol})
     server = uvicorn.Server(uvicorn.Config(app, port=free_port(), http=http, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.started, timeout=10, every=0.01, what="the server started")
     try:
         yield f"http://127.0.0.1:{server.config.port}"
     finally:
@@ -92,8 +92,7 @@ async def test_past_the_in_flight_limit_requests_are_refused_at_once() -> None:
     async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http, \
             httpx.AsyncClient(base_url=url, timeout=10) as probe:
         held = [asyncio.create_task(http.get(path)) for path in ("/slow", "/slow/other")]
-        while slots_of(app).in_flight < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: slots_of(app).in_flight >= 2, timeout=10, every=0.01, what="two requests in flight")
         started = time.monotonic()
         refused = await http.get("/slow")
         assert time.monotonic() - started < 1.0
@@ -140,7 +139,7 @@ async def test_the_header_and_body_timeouts_close_slow_clients() -> None:
         # a client that is merely slow between requests is not cut off by them
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/health")).status_code == 200
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the input itself: idle longer than the header timeout, on a kept connection
             assert (await http.get("/health")).status_code == 200
 
 
@@ -192,13 +191,21 @@ async def test_a_fresh_service_lists_the_documented_error_counter(registry_api) 
     assert "# TYPE cb_requests_error_total counter" in r.text
 
 
+async def _blocked_pop(watcher) -> bool:  # noqa: ANN001
+    return any(c.get("cmd") == "blpop" for c in await watcher.client_list())
+
+
 async def test_a_full_redis_pool_is_busy_after_a_second_not_a_store_failure(redis_url: str, prefix: str) -> None:
     """Every pooled connection held (a blocking pop stands for slow work): the next
     command waits about a second, then says the service is busy; Redis is fine."""
     client = redis_connect(redis_url, max_connections=1)
     try:
         holder = asyncio.create_task(client.blpop([f"{prefix}:nothing"], timeout=4))
-        await asyncio.sleep(0.2)
+        watcher = redis_connect(redis_url)
+        try:  # the pool's one connection is taken once Redis shows the pop blocked
+            await eventually(lambda: _blocked_pop(watcher), every=0.01, what="the blocking pop holds the connection")
+        finally:
+            await watcher.aclose()
         started = time.monotonic()
         with pytest.raises(Busy) as refused:
             await client.get(f"{prefix}:k")

@@ -24,11 +24,15 @@ from services.common.errors import BrokerError
 from services.common.messages import AllocEvent, LeaseInfo, LeasePreempted
 from services.common.nats_conn import ensure_streams
 
-from ..helpers import EventTap
+from ..helpers import EventTap, eventually
 from .broker_replicas import REGION, Gate, reached, replicas, tenant
 
 pytestmark = pytest.mark.asyncio
 
+
+
+async def _gone(rds, key: str) -> bool:  # noqa: ANN001
+    return not await rds.exists(key)
 
 def body(**fields: object) -> ComputeRequest:
     return msgspec.convert(fields, ComputeRequest)
@@ -90,8 +94,7 @@ async def test_two_queue_passes_place_a_request_once(settings, nc, rds) -> None:
         first = asyncio.create_task(a.run_queue())
         assert await reached(gate, first)
         await rds.pexpire(rs.keys.lock("queue"), 1)
-        while await rds.exists(rs.keys.lock("queue")):
-            await asyncio.sleep(0.005)
+        await eventually(lambda: _gone(rds, rs.keys.lock("queue")), every=0.005, what="the queue lock expired")
         await b.run_queue()
         gate.open.set()
         await first
@@ -237,8 +240,7 @@ async def test_a_lock_outlived_by_its_holder_is_not_released_by_it(settings, rds
     slow = await first.acquire()
     assert slow and await second.acquire() is None
     await rds.pexpire(key, 1)  # the first holder's pass outlives its lock
-    while await rds.exists(key):
-        await asyncio.sleep(0.005)
+    await eventually(lambda: _gone(rds, key), every=0.005, what="the lock expired")
     fresh = await second.acquire()
     assert fresh and not await first.release(slow)  # the late holder cannot delete the new lock
     assert await rds.get(key) == fresh
@@ -311,11 +313,8 @@ async def test_a_placement_cancelled_while_its_reservation_waits_for_a_batch_tak
         first = asyncio.create_task(place(a, "t1", units=2))
         assert await reached(gate, first)
         late = asyncio.create_task(place(a, "t2", units=3))
-        for _ in range(100):  # until its reservation waits in the coalescer
-            if a.placement._reservations._pending:
-                break
-            await asyncio.sleep(0.01)
-        assert a.placement._reservations._pending, "the second reservation never queued behind the first"
+        await eventually(lambda: a.placement._reservations._pending, timeout=5, every=0.01,
+                         what="the second reservation queued behind the first")
         late.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await late
