@@ -20,10 +20,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
 
 from services.common import tracing
-from services.common.jetstream import Puller
+from services.common.jetstream import Puller, ensure_consumer
 from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import CapacityEvent, PoolOffline, PoolRemoved
 from services.common.subjects import CAPACITY, Subjects
@@ -50,14 +49,7 @@ class PoolLossFeed:
             durable_name=DURABLE, filter_subject=self.subjects.events(CAPACITY), deliver_policy=DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_deliver=-1,
             description="broker: leases of pools gone offline or removed")
-        try:
-            await self.js.consumer_info(self.stream, DURABLE)
-        except NotFoundError:
-            try:
-                await self.js.add_consumer(self.stream, config)
-            except APIError as exc:  # another replica created it
-                if exc.err_code not in (10148, 10013):
-                    raise
+        await ensure_consumer(self.js, self.stream, config)
 
     async def start(self) -> None:
         await self.ensure()

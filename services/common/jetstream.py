@@ -27,8 +27,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .coalesce import Coalescer
@@ -221,6 +221,19 @@ def stream_seq(msg: Msg) -> int:
     if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
         return int(tokens[5])
     return msg.metadata.sequence.stream
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    """A durable consumer that every replica of a service shares: created by whichever
+    replica comes first (the others find it, or lose the race to create it)."""
+    try:
+        await js.consumer_info(stream, config.durable_name)
+    except NotFoundError:
+        try:
+            await js.add_consumer(stream, config)
+        except APIError as exc:  # another replica created it
+            if exc.err_code not in (10148, 10013):
+                raise
 
 
 class Puller:

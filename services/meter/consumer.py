@@ -42,12 +42,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from services.common import tracing
-from services.common.jetstream import Publisher, Puller, is_wrong_last_sequence
+from services.common.jetstream import Publisher, Puller, ensure_consumer, is_wrong_last_sequence
 from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import AllocEvent
 from services.common.settings import Settings
@@ -166,14 +165,7 @@ class AllocConsumer:
             deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.meter_ack_wait_s,
             max_deliver=self.max_deliver, max_ack_pending=max(20_000, 4 * self.settings.meter_batch), max_waiting=512,
             description="meter: allocation events into the ledger")
-        try:
-            await self.js.consumer_info(self.stream, self.names.durable)
-        except NotFoundError:
-            try:
-                await self.js.add_consumer(self.stream, config)
-            except APIError as exc:  # another replica created it
-                if exc.err_code not in (10148, 10013):
-                    raise
+        await ensure_consumer(self.js, self.stream, config)
 
     async def start(self, workers: int = 2) -> None:
         await self.ensure()
