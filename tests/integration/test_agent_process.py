@@ -229,3 +229,12 @@ async def test_recovery_adopts_its_own_workloads_and_kills_nothing_else(dirs, us
             p.kill()
             p.wait()
         await kill_uid(users[3].pw_uid, users[3].pw_gid, 0)
+
+
+async def test_a_forking_workload_at_its_process_limit_is_stopped_whole(dirs) -> None:
+    backend = ProcessBackend(settings(dirs, limits=Limits(nproc=40)))
+    access = await backend.start(lease("lease-forks", ["sh", "-c", "while :; do setsid sleep 1000 & done"]))
+    uid = __import__("pwd").getpwnam(access.user).pw_uid
+    await eventually(lambda: len(processes_of(uid)) >= 30, what="the workload near its process limit")
+    await backend.stop("lease-forks", grace_s=0.2)
+    assert processes_of(uid) == []

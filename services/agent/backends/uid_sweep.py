@@ -4,9 +4,8 @@ folders.
 A workload can leave its process group (``setsid``, a double fork into a daemon), so
 killing the group is not enough. Each running lease has a workload user of its own, so
 "every process of that uid" is exactly the workload and whatever it spawned. The signal
-is sent with ``kill(-1, sig)`` from a child that has become that uid: the kernel delivers
-it to every process the uid may signal in one pass, so a process forking in a loop cannot
-outrun a scan-then-kill. Without cgroups (no systemd here) this is the strongest
+goes both through ``kill(-1, sig)`` from a helper that has become that uid and from the
+agent to each process it finds (``signal_uid``). Without cgroups (no systemd here) this is the strongest
 containment a plain host offers; what escapes it is written in docs/agent.md.
 """
 
@@ -17,6 +16,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,24 +42,23 @@ def processes_of(uid: int) -> list[psutil.Process]:
 
 
 def signal_uid(uid: int, gid: int, sig: int) -> None:
-    """Send ``sig`` to every process of ``uid`` at once: a forked child drops to that uid
-    and calls ``kill(-1)``. Never for uid 0 (that would signal the whole machine)."""
+    """Send ``sig`` to every process of ``uid``. Two ways, because each alone can be
+    beaten: a helper that has become the uid calls ``kill(-1)`` (one pass in the kernel,
+    so a process forking in a loop cannot outrun it, but the workload may kill the helper
+    first), and the agent, as root, signals each process it finds (the workload cannot stop
+    that, but it may fork between the scan and the kill). Never for uid 0."""
     if uid == 0:
         raise ValueError("refusing to signal every process of root")
-    pid = os.fork()
-    if pid == 0:  # the child: syscalls only, then _exit (no Python cleanup in a fork)
-        code = 0
+    name = signal.Signals(sig).name.removeprefix("SIG")
+    # /bin/sh: the one interpreter every uid can execute (the agent's own Python may not be)
+    subprocess.run(["/bin/sh", "-c", f"kill -s {name} -- -1 2>/dev/null; exit 0"], env={}, cwd="/",
+                   user=uid, group=gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=10, check=False)
+    for p in processes_of(uid):
         try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.kill(-1, sig)
-        except ProcessLookupError:
-            pass  # nothing of the uid to signal
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.waitpid(pid, 0)
+            p.send_signal(sig)  # psutil checks it is still the same process (pid + start time)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
 
 
 async def kill_uid(uid: int, gid: int, grace_s: float) -> None:
