@@ -32,7 +32,7 @@ DEFAULT_DELIVERY: dict[str, tuple[str, ...]] = {
 # what each backend can deliver at all
 DELIVERABLE: dict[str, frozenset[str]] = {
     "process": frozenset({"process"}), "slurm": frozenset({"slurm", "process"}),
-    "kubernetes": frozenset({"container", "process"})}
+    "kubernetes": frozenset({"container"})}
 # binaries a backend drives; missing one is a config error, not a failed lease later
 REQUIRED_BINARIES: dict[str, tuple[str, ...]] = {
     "process": (), "slurm": ("sbatch", "squeue", "scancel"), "kubernetes": ()}
