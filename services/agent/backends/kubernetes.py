@@ -43,8 +43,6 @@ RESOURCES: dict[str, str] = {
     "google": "google.com/tpu",  # GKE TPU
     "cambricon": "cambricon.com/mlu",  # Cambricon device plugin
 }
-# pods that do not reach Running within this are reported failed with the reason k8s gives
-POLL_S = 1.0
 _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                   "CreateContainerError", "RunContainerError"}
 
@@ -85,7 +83,7 @@ def render(lease: Assignment, *, agent: str, namespace_prefix: str = "cb-",
     """The namespace and the Job for one lease (pure: no API calls)."""
     workload = lease.workload
     if not isinstance(workload, ContainerWorkload):
-        kind = workload.kind if workload is not None else "none"  # type: ignore[attr-defined]
+        kind = type(workload).__struct_config__.tag if workload is not None else "none"
         raise StartFailed(f"the kubernetes backend runs container workloads, not {kind}")
     labels = {"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_LEASE: lease.lease_id,
               LABEL_POOL: lease.pool_id, LABEL_TENANT: lease.tenant, LABEL_AGENT: agent}
@@ -128,13 +126,14 @@ class KubernetesBackend(Backend):
     kind = "kubernetes"
 
     def __init__(self, api: k8s.ApiClient, *, agent: str, namespace_prefix: str = "cb-",
-                 resource: str | None = None, start_timeout_s: float = 600.0) -> None:
+                 resource: str | None = None, start_timeout_s: float = 600.0, poll_s: float = 1.0) -> None:
         self._core = k8s.CoreV1Api(api)
         self._batch = k8s.BatchV1Api(api)
         self._agent = agent
         self._prefix = namespace_prefix
         self._resource = resource
-        self._start_timeout_s = start_timeout_s
+        self._start_timeout_s = start_timeout_s  # a pod not Running by then: the start failed
+        self._poll_s = poll_s
         self._jobs: dict[str, tuple[str, str]] = {}  # lease → (namespace, job)
         self._reported: set[str] = set()
 
@@ -167,7 +166,7 @@ class KubernetesBackend(Backend):
             if time.monotonic() > deadline:
                 await self.stop(lease.lease_id, 0)
                 raise StartFailed(f"the pod did not run within {self._start_timeout_s:.0f} s")
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(self._poll_s)
 
     async def _pod(self, namespace: str, lease_id: str) -> k8s.V1Pod | None:
         pods = await asyncio.to_thread(self._core.list_namespaced_pod, namespace,
