@@ -60,9 +60,15 @@ class Discovery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class ProcessBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    user: str | None = None  # the unprivileged account workloads run as (required for process pools)
-    work_root: str = "/var/lib/cbroker-agent/work"
+    """The process backend's settings (services/agent/backends/process.py reads them)."""
+
+    # dedicated unprivileged accounts, one per running lease (so at most len(users) leases
+    # run at once); required for process pools; never root
+    users: list[Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]] = []
+    work_dir: str = "/var/lib/cbroker-agent/work"
+    path: str | None = None  # PATH workloads see; None: the backend's default
     grace_s: _Seconds = 10.0
+    limits: dict[str, int | None] = {}  # rlimits per workload (nproc, nofile, as_bytes, cpu_s, fsize_bytes)
 
 
 class SlurmBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -196,15 +202,18 @@ def check(config: AgentConfig, *, source: str = "agent.toml", catalogue: Mapping
 
 def _check_process_user(process: ProcessBackend, fail: Callable[[str, str], None],
                         lookup_user: Callable[[str], pwd.struct_passwd]) -> None:
-    if not process.user:
-        fail("process.user", "the process backend needs an unprivileged user to run workloads as")
-    try:
-        entry = lookup_user(process.user)
-    except KeyError:
-        fail("process.user", f"no such user {process.user!r}")
-        return
-    if entry.pw_uid == 0:
-        fail("process.user", f"{process.user!r} is root: workloads are untrusted code and never run as root")
+    if not process.users:
+        fail("process.users", "the process backend needs unprivileged users to run workloads as")
+    if len(set(process.users)) != len(process.users):
+        fail("process.users", "a user is listed twice (each running lease needs a user of its own)")
+    for n, name in enumerate(process.users):
+        try:
+            entry = lookup_user(name)
+        except KeyError:
+            fail(f"process.users[{n}]", f"no such user {name!r} (create it: useradd --system --user-group {name})")
+            return
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            fail(f"process.users[{n}]", f"{name!r} is root: workloads are untrusted code and never run as root")
 
 
 def load(path: str | os.PathLike, **kwargs) -> AgentConfig:

@@ -23,7 +23,7 @@ key_file = "{key}"
 heartbeat_s = 5
 
 [process]
-user = "cbwork"
+users = ["cbwork1", "cbwork2"]
 
 [discovery]
 mode = "static"
@@ -49,7 +49,7 @@ prices = {{ on_demand = "2.10", interruptible = "0.90" }}
 
 
 def fake_user(name: str) -> pwd.struct_passwd:
-    users = {"cbwork": 1500, "root": 0}
+    users = {"cbwork1": 1500, "cbwork2": 1501, "root": 0}
     if name not in users:
         raise KeyError(name)
     return pwd.struct_passwd((name, "x", users[name], users[name], "", "/nonexistent", "/usr/sbin/nologin"))
@@ -90,9 +90,10 @@ def test_good_config_loads_into_a_frozen_struct(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     (('model = "nvidia-h100-sxm-80gb"\ndevices = [0, 1]', 'model = "h100"\ndevices = [0, 1]'),
      "pools[0].model: unknown model 'h100' (see GET /v1/accelerators)"),
-    (('user = "cbwork"', 'user = "root"'),
-     "process.user: 'root' is root: workloads are untrusted code and never run as root"),
-    (('user = "cbwork"', 'user = "nosuchuser"'), "process.user: no such user 'nosuchuser'"),
+    (('"cbwork2"]', '"root"]'),
+     "process.users[1]: 'root' is root: workloads are untrusted code and never run as root"),
+    (('"cbwork2"]', '"nosuchuser"]'), "process.users[1]: no such user 'nosuchuser'"),
+    (('"cbwork2"]', '"cbwork1"]'), "process.users: a user is listed twice"),
     (("devices = [2, 3]", "devices = [1, 3]"), "pools[1].devices: device 1 is already sold by pool 'acme-h100-a'"),
     (('id = "acme-h100-b"', 'id = "acme-h100-a"'), "pools[1].id: pool id 'acme-h100-a' is used twice"),
     (("heartbeat_s = 5", 'heartbeat_s = "often"'), "heartbeat_s: Expected `float`, got `str`"),
@@ -135,8 +136,8 @@ def test_key_and_key_file_together_or_neither(tmp_path):
 
 
 def test_process_pool_without_a_user(tmp_path):
-    with pytest.raises(ConfigError, match="process.user: the process backend needs an unprivileged user"):
-        load(write(tmp_path, GOOD.replace('[process]\nuser = "cbwork"', "")))
+    with pytest.raises(ConfigError, match="process.users: the process backend needs unprivileged users"):
+        load(write(tmp_path, GOOD.replace('[process]\nusers = ["cbwork1", "cbwork2"]', "")))
 
 
 def test_not_toml_and_missing_file(tmp_path):
@@ -149,5 +150,5 @@ def test_not_toml_and_missing_file(tmp_path):
 def test_real_root_user_is_refused_with_the_system_user_database(tmp_path):
     # no lookup override: the host's own user database says root is uid 0
     with pytest.raises(ConfigError, match="'root' is root"):
-        agent_config.load(write(tmp_path, GOOD.replace('user = "cbwork"', 'user = "root"')),
+        agent_config.load(write(tmp_path, GOOD.replace('users = ["cbwork1", "cbwork2"]', 'users = ["root"]')),
                           catalogue=CATALOGUE, which=all_binaries)
