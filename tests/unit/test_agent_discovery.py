@@ -10,7 +10,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.agent.discovery import Catalogue, Device, amd, ascend, from_static, nvidia
+from services.agent import discovery
+from services.agent.discovery import Catalogue, Device, Inventory, amd, ascend, discover, from_static, nvidia
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "agent"
@@ -139,3 +140,37 @@ def test_a_name_two_models_share_is_decided_by_memory_or_refused():
     assert fake_catalogue.map(as_x).model == "x-80"
     unknown_memory = Device(vendor="nvidia", index=0, name="X", source="test")
     assert "matches several models (x-40, x-80)" in fake_catalogue.map(unknown_memory).unmapped
+
+
+def stand_in(folder: Path, tool: str, script: str) -> None:
+    """An executable named like a vendor tool that replays a captured output: it tests
+    how discovery runs tools (PATH lookup, exit codes, timeouts), not any hardware."""
+    path = folder / tool
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+
+
+async def test_discover_runs_the_tools_on_path_and_reports_a_failing_one(tmp_path):
+    stand_in(tmp_path, "nvidia-smi", f"cat '{DATA / 'nvidia-smi-query-gpu-csv_nvidia-h100-80gb-hbm3__590.48.01.csv'}'")
+    stand_in(tmp_path, "npu-smi", f"cat '{DATA / 'npu-smi-info_atlas-800-9010_24.1.RC2.txt'}'")
+    stand_in(tmp_path, "rocm-smi", "echo 'ERROR: GPU[0] : Unable to open /dev/kfd' >&2; exit 2")
+    stand_in(tmp_path, "dmesg", f"cat '{DATA / 'kernel-log-xid_gpu-burn-issue-1.txt'}'")
+    inventory = await discover(CATALOGUE, {"xxx": "huawei-ascend-910b"}, path=str(tmp_path))
+    assert [(d.vendor, d.index, d.model, d.healthy) for d in inventory.devices] == [
+        ("nvidia", 0, "nvidia-h100-sxm-80gb", True),  # the Xid is for another bus
+        *[("huawei", i, "huawei-ascend-910b", i not in (3, 7)) for i in range(8)]]
+    assert inventory.errors == ("rocm-smi: rocm-smi exited 2: ERROR: GPU[0] : Unable to open /dev/kfd",)
+    assert inventory.healthy_units("huawei-ascend-910b") == 6
+    assert inventory.healthy_units("nvidia-h100-sxm-80gb") == 1
+
+
+async def test_discover_gives_up_on_a_tool_that_hangs(tmp_path, monkeypatch):
+    monkeypatch.setattr(discovery, "TOOL_TIMEOUT_S", 0.3)
+    stand_in(tmp_path, "npu-smi", "exec sleep 30")
+    inventory = await discover(CATALOGUE, path=str(tmp_path))
+    assert inventory.devices == ()
+    assert inventory.errors == ("npu-smi: npu-smi did not answer within 0.3 s",)
+
+
+async def test_discover_with_no_vendor_tool_finds_nothing(tmp_path):
+    assert await discover(CATALOGUE, path=str(tmp_path)) == Inventory()

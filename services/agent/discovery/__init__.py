@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import msgspec
 
@@ -28,6 +29,10 @@ class Inventory(msgspec.Struct, frozen=True, kw_only=True):
     def unmapped(self) -> tuple[Device, ...]:
         return tuple(d for d in self.devices if not d.model)
 
+    def healthy_units(self, model: str) -> int:
+        """What the agent heartbeats for a pool of this model: its mapped, healthy devices."""
+        return sum(1 for d in self.devices if d.model == model and d.healthy)
+
     def by_model(self) -> dict[str, list[Device]]:
         out: dict[str, list[Device]] = {}
         for device in self.devices:
@@ -44,22 +49,25 @@ async def _run(command: Sequence[str]) -> str:
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise RuntimeError(f"{command[0]} did not answer within {TOOL_TIMEOUT_S:.0f} s") from None
+        raise RuntimeError(f"{Path(command[0]).name} did not answer within {TOOL_TIMEOUT_S:g} s") from None
     if process.returncode != 0:
-        raise RuntimeError(f"{command[0]} exited {process.returncode}: {err.decode(errors='replace').strip()[:200]}")
+        raise RuntimeError(f"{Path(command[0]).name} exited {process.returncode}: {err.decode(errors='replace').strip()[:200]}")
     return out.decode(errors="replace")
 
 
-async def _kernel_log() -> str:
+async def _kernel_log(path: str | None) -> str:
     """Best effort: reading the kernel ring buffer needs privileges the agent may lack."""
+    dmesg = shutil.which("dmesg", path=path)
     try:
-        return await _run(("dmesg",)) if shutil.which("dmesg") else ""
+        return await _run((dmesg,)) if dmesg else ""
     except RuntimeError:
         return ""
 
 
-async def discover(catalogue: Catalogue, overrides: Mapping[str, str] | None = None) -> Inventory:
-    """Runs each vendor tool found on PATH and maps what it reports."""
+async def discover(catalogue: Catalogue, overrides: Mapping[str, str] | None = None,
+                   path: str | None = None) -> Inventory:
+    """Runs each vendor tool found on PATH (``path``: another search path) and maps what
+    it reports. A tool that fails or hangs is reported in ``errors``, not raised."""
     devices: list[Device] = []
     errors: list[str] = []
     probes = [
@@ -69,15 +77,16 @@ async def discover(catalogue: Catalogue, overrides: Mapping[str, str] | None = N
         ("npu-smi", ascend.COMMAND, ascend.parse_npu_smi_info),
     ]
     for tool, command, parse in probes:
-        if not shutil.which(tool):
+        executable = shutil.which(tool, path=path)
+        if not executable:
             continue
         try:
-            found = parse(await _run(command))
-        except (RuntimeError, ValueError) as exc:
+            found = parse(await _run((executable, *command[1:])))
+        except (RuntimeError, ValueError, KeyError) as exc:
             errors.append(f"{tool}: {exc}")
             continue
         if tool == "nvidia-smi":
-            found = nvidia.apply_xids(found, await _kernel_log())
+            found = nvidia.apply_xids(found, await _kernel_log(path))
         devices.extend(found)
     return Inventory(devices=tuple(catalogue.map(d, overrides) for d in devices), errors=tuple(errors))
 
