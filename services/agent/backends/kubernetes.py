@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from datetime import UTC, datetime
@@ -244,8 +245,6 @@ def _pod_problem(pod: k8s.V1Pod) -> str:
 
 
 def _reason(exc: ApiException) -> str:
-    import json
-
     try:
         return json.loads(exc.body or "{}").get("message") or exc.reason or str(exc.status)
     except ValueError:
