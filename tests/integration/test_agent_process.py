@@ -127,12 +127,13 @@ async def test_workload_cannot_read_the_agent_key_nor_another_lease_folder(dirs)
         a_dir = backend.workdir("lease-a")
         await backend.start(lease("lease-b", ["sh", "-c", f"cat {keys}/public.txt; echo; cat {keys}/agent.key; "
                                                           f"echo key=$?; ls {a_dir}; cat {a_dir}/mine.txt; "
-                                                          "echo other=$?"], devices=(1,)))
+                                                          f"echo other=$?; cat {backend.log_path('lease-a')}; "
+                                                          "echo log=$?"], devices=(1,)))
         done = await ended(backend, "lease-b")
         text = output(backend, "lease-b")
         assert done.exit_code == 0
         assert "public-text" in text  # it can read what is meant for everyone: the denials below are real
-        assert "key=1" in text and "other=1" in text and "Permission denied" in text
+        assert "key=1" in text and "other=1" in text and "log=1" in text and "Permission denied" in text
         assert "agent-secret-key" not in text and "secret-of-a" not in text
     finally:
         await backend.stop("lease-a", 1)

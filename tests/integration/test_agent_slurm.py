@@ -5,6 +5,7 @@ these fail (the fixture says how to install it), they are never skipped."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -80,6 +81,7 @@ async def ended(backend: SlurmBackend, lease_id: str, timeout: float = 30) -> En
 
 async def test_a_lease_is_a_running_job_holding_its_gres_and_release_cancels_it(cluster, backend, monkeypatch) -> None:
     monkeypatch.setenv("CB_AGENT_KEY", "agent-secret-7788")
+    backend = SlurmBackend(backend.settings)  # made with the agent's secret in its environment
     access = await backend.start(lease("lease-s1", process("sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES; env; "
                                                            "exec sleep 600", MY_VAR="mine"), units=3))
     assert access.job_id and access.nodes == ["n1"] and len(access.devices) == 3
@@ -133,6 +135,17 @@ async def test_a_job_that_stays_pending_fails_with_slurm_reason_and_is_cancelled
         await impatient.start(lease("lease-s8", process("true"), units=4))
     assert queued(cluster) == [holder.job_id]
     await backend.stop("lease-s7", grace_s=1)
+
+
+async def test_a_start_abandoned_while_pending_leaves_no_job(cluster, backend) -> None:
+    holder = await backend.start(lease("lease-s10", process("sleep", "600"), units=6))
+    start = asyncio.create_task(backend.start(lease("lease-s11", process("true"), units=4)))
+    await eventually(lambda: len(queued(cluster)) == 2, what="the second job pending")
+    start.cancel()  # the lease ended while it was provisioning
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert queued(cluster) == [holder.job_id]
+    await backend.stop("lease-s10", grace_s=1)
 
 
 async def test_recovery_adopts_its_jobs_and_leaves_the_others(cluster, backend) -> None:
