@@ -27,12 +27,9 @@ USER = "cbroker-slurm"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[SlurmCluster]:
+def cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
     ensure_users(USER)
-    c = SlurmCluster()
-    c.start()
-    yield c
-    c.stop()
+    return slurm_cluster
 
 
 @pytest.fixture
