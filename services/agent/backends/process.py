@@ -275,8 +275,7 @@ class ProcessBackend(Backend):
             done, code = run.exit_code()
             if not done:
                 continue
-            # the command is gone; whatever it left running (a daemon, a child) goes with it
-            await kill_uid(run.state.uid, run.state.gid, 0)
+            # the command is gone; whatever it left running (a daemon, a child) goes with it (_finish)
             reason = _decode_exit(code) or "exit code unknown (started before the agent restarted)"
             await self._finish(run.state, code, reason=reason)
             ended.append(Ended(lease_id=lease_id, state="exited", exit_code=code, reason=reason))
@@ -287,18 +286,23 @@ class ProcessBackend(Backend):
         start time, same uid). A recorded workload that is gone has its user swept (what is
         left of it was started by it) and is reported by the next ``poll``; anything else on
         the host is left alone."""
-        adopted = []
+        records = []
         for path in sorted(self.state_dir.glob("*/state.json")):
             try:
                 state = msgspec.json.decode(path.read_bytes(), type=_State)
             except (OSError, msgspec.DecodeError):
                 log.warning("unreadable lease state, ignored", extra={"path": path.name})
                 continue
-            if state.status == "ended" or state.lease_id in self._running or path.parent.name != state.lease_id:
-                continue
+            if state.status != "ended" and state.lease_id not in self._running and path.parent.name == state.lease_id:
+                records.append(state)
+        adopted = []
+        for state in records:
             if state.status == "running" and _alive(state):
                 self._running[state.lease_id] = _Run(state, None)
                 adopted.append(state.lease_id)
+        in_use = {r.state.uid for r in self._running.values()}
+        for state in records:
+            if state.lease_id in self._running:
                 continue
             if state.status == "starting":
                 reason = "the agent stopped while starting it"
@@ -306,17 +310,18 @@ class ProcessBackend(Backend):
             else:
                 reason = "ended while the agent was down (exit code unknown)"
                 self._ended.append(Ended(lease_id=state.lease_id, state="exited", reason=reason))
-            await kill_uid(state.uid, state.gid, 0)
-            await self._finish(state, None, reason=reason)
+            # its user's leftovers are its own, unless a live lease has that user now
+            await self._finish(state, None, reason=reason, sweep=state.uid not in in_use)
         return adopted
 
-    async def _finish(self, state: _State, code: int | None, *, reason: str) -> None:
+    async def _finish(self, state: _State, code: int | None, *, reason: str, sweep: bool = True) -> None:
         """The lease's work is over: nothing of its user runs any more; remove its files."""
         self._running.pop(state.lease_id, None)
-        await kill_uid(state.uid, state.gid, 0)
+        if sweep:
+            await kill_uid(state.uid, state.gid, 0)
+            if self.settings.clean_tmp:
+                remove_owned_tmp(state.uid)
         shutil.rmtree(self.workdir(state.lease_id), ignore_errors=True)
-        if self.settings.clean_tmp:
-            remove_owned_tmp(state.uid)
         state.status, state.exit_code, state.reason = "ended", code, reason
         self._save(state)
         log.info("workload ended", extra={"lease_id": state.lease_id, "exit_code": code, "reason": reason})
