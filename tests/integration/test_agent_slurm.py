@@ -152,10 +152,17 @@ async def test_recovery_adopts_its_jobs_and_leaves_the_others(cluster, backend) 
                         "--chdir=/tmp", "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
     await eventually(lambda: cluster.run("squeue", "-h", "-j", other, "-o", "%T").stdout.strip() == "RUNNING",
                      what="the other job running")
+    # the agent died right after sbatch: its claim is recorded, the job id is not
+    claimed = Path(backend.settings.state_dir) / "lease-s12"
+    claimed.mkdir()
+    (claimed / "job.json").write_text('{"lease_id": "lease-s12", "status": "submitting"}')
+    orphan = cluster.run("sbatch", "--parsable", "--job-name=cb-lease-s12", "--gres=gpu:1", f"--uid={USER}",
+                         "--chdir=/tmp", "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
     again = SlurmBackend(backend.settings)  # the agent restarted
     assert await again.recover() == ["lease-s9"]
+    assert [(e.lease_id, e.state) for e in await again.poll()] == [("lease-s12", "lost")]
     await again.stop("lease-s9", grace_s=1)
-    assert mine.job_id not in queued(cluster) and other in queued(cluster)
+    assert sorted(queued(cluster)) == [other]  # its own two are gone, the stranger's is not
 
 
 def test_missing_slurm_and_root_are_refused(cluster, tmp_path, monkeypatch) -> None:

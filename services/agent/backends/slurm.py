@@ -63,8 +63,8 @@ class SlurmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class _Job(msgspec.Struct, kw_only=True):
     lease_id: str
-    job_id: str
-    status: Literal["submitted", "running", "ended"] = "submitted"
+    job_id: str = ""  # "" while sbatch runs: the record is written first, so a crash leaves a claim
+    status: Literal["submitting", "submitted", "running", "ended"] = "submitting"
     reason: str = ""
 
 
@@ -218,8 +218,14 @@ class SlurmBackend(Backend):
         if self._user is not None:
             os.chown(path, self._user.pw_uid, self._user.pw_gid)
         path.chmod(0o700)
-        job_id = await self._submit(lease, path)
-        job = _Job(lease_id=lease.lease_id, job_id=job_id)
+        job = _Job(lease_id=lease.lease_id)
+        self._save(job)
+        try:
+            job.job_id = await self._submit(lease, path)
+        except StartFailed as e:
+            self._forget(job, e.reason)
+            raise
+        job.status = "submitted"
         self._jobs[lease.lease_id] = job
         self._save(job)
         try:
@@ -382,6 +388,17 @@ class SlurmBackend(Backend):
                 records.append(job)
         if not records:
             return []
+        claims = [j for j in records if j.status == "submitting"]
+        records = [j for j in records if j.status != "submitting"]
+        for job in claims:
+            # the agent stopped while sbatch ran: a job named for this lease, of our account, is
+            # the one it submitted (the record claimed the name before submitting)
+            rc, out, _ = await self._run("squeue", "-h", "-u", self.user_name, f"--name=cb-{job.lease_id}", "-o", "%i")
+            for job_id in out.split() if rc == 0 else []:
+                await self._cancel(_Job(lease_id=job.lease_id, job_id=job_id))
+            self._ended.append(Ended(lease_id=job.lease_id, state="lost",
+                                     reason="the agent stopped while submitting the job"))
+            self._forget(job, "start abandoned")
         states = await self._states([j.job_id for j in records])
         if states is None:
             raise RuntimeError("slurm backend: squeue did not answer; cannot recover the running jobs")
