@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from services.agent.backends.process import Limits
 from services.common.delivery import DeliveryKind
 from services.common.ids import ID_PATTERN
 from services.common.messages import HostArch, PoolSpec, Prices
@@ -35,7 +36,7 @@ DELIVERABLE: dict[str, frozenset[str]] = {
     "kubernetes": frozenset({"container"})}
 # binaries a backend drives; missing one is a config error, not a failed lease later
 REQUIRED_BINARIES: dict[str, tuple[str, ...]] = {
-    "process": (), "slurm": ("sbatch", "squeue", "scancel"), "kubernetes": ()}
+    "process": (), "slurm": ("sbatch", "squeue", "scancel", "scontrol", "srun"), "kubernetes": ()}
 
 _Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 _Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$")]
@@ -68,14 +69,19 @@ class ProcessBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     work_dir: str = "/var/lib/cbroker-agent/work"
     path: str | None = None  # PATH workloads see; None: the backend's default
     grace_s: _Seconds = 10.0
-    limits: dict[str, int | None] = {}  # rlimits per workload (nproc, nofile, as_bytes, cpu_s, fsize_bytes)
+    limits: Limits = Limits()  # rlimits per workload (nproc, nofile, as_bytes, cpu_s, fsize_bytes)
 
 
 class SlurmBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     partition: str | None = None
     account: str | None = None
+    qos: str | None = None
     gres: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*(:[A-Za-z0-9_.-]+)?$")] = "gpu"
     grace_s: _Seconds = 30.0
+    # the Slurm account jobs run as when the agent runs as root (never root); None: the agent's own user
+    submit_as: Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = None
+    work_dir: str | None = None  # job folders (script, output), on a filesystem the nodes share; None: under state_dir
+    start_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0  # pending longer: the lease fails
 
 
 class KubernetesBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import psutil
@@ -39,6 +39,7 @@ from .uid_sweep import kill_uid, processes_of, remove_owned_tmp
 log = logging.getLogger("agent.process")
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_Limit = Annotated[int, msgspec.Meta(ge=1)]
 _PR_SET_NO_NEW_PRIVS = 38
 
 
@@ -46,11 +47,11 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Resource limits per workload (soft = hard; ``None`` leaves the agent's own).
     ``nproc`` counts every process of the lease's user, so it also bounds a fork bomb."""
 
-    nproc: int | None = 512
-    nofile: int | None = 4096
-    as_bytes: int | None = None  # address space; GPU runtimes map huge ranges, so off by default
-    cpu_s: int | None = None
-    fsize_bytes: int | None = None  # largest file it may write (bounds its output log too)
+    nproc: _Limit | None = 512
+    nofile: _Limit | None = 4096
+    as_bytes: _Limit | None = None  # address space; GPU runtimes map huge ranges, so off by default
+    cpu_s: _Limit | None = None
+    fsize_bytes: _Limit | None = None  # largest file it may write (bounds its output log too)
 
 
 class ProcessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
