@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from services.cli.servers import free_port
+
 from .helpers import wait_until
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
