@@ -1,6 +1,7 @@
 """CPU per placement inside one broker process, without HTTP sockets or a load generator.
 
     python bench/place_cpu.py [--pools 10000] [--placements 20000] [--concurrency 64] [--layer service|asgi]
+                              [--profile FILE]
 
 The end-to-end benchmark (``broker_bench.py``) shares 2 cores between the broker, the
 load generator, NATS and Redis, so its rates move by ±10% from run to run: too coarse
@@ -13,14 +14,16 @@ counts this process's CPU seconds per placement:
 * ``--layer asgi``: the same requests through the litestar app (ASGI calls, no sockets):
   adds authentication, rate limiting, validation and the response.
 
-The servers run in other processes, so their CPU is not counted. For a profile, run it
-under ``py-spy record -- python bench/place_cpu.py``.
+The servers run in other processes, so their CPU is not counted. For a profile of the
+measured placements alone (not the start-up), ``--profile FILE`` writes cProfile stats
+(read them with ``python -m pstats FILE``); or run it under ``py-spy record``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import random
 import secrets
@@ -117,8 +120,14 @@ async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str]
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         statuses.clear()
         counter = iter(range(args.placements))
+        profile = cProfile.Profile() if args.profile else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profile:
+            profile.enable()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        if profile:
+            profile.disable()
+            profile.dump_stats(args.profile)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         placed = statuses.get(201, 0)
         print(f"layer {args.layer}: {placed} placements of {sum(statuses.values())} requests ({statuses}); "
@@ -132,6 +141,8 @@ def main() -> None:
     ap.add_argument("--placements", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--layer", choices=["service", "asgi"], default="service")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the measured placements only, stats into FILE "
+                    "(CPU per placement then includes the profiler's own cost)")
     args = ap.parse_args()
 
     rng = random.Random(20261125)
