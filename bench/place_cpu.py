@@ -14,7 +14,9 @@ counts this process's CPU seconds per placement:
 * ``--layer asgi``: the same requests through the litestar app (ASGI calls, no sockets):
   adds authentication, rate limiting, validation and the response.
 
-The servers run in other processes, so their CPU is not counted. For a profile of the
+The servers run in other processes, so their CPU is not counted in that figure; their
+own CPU per placement over the same spell is printed beside it (redis-server's is the
+scripts' and commands' cost, which shares the same cores in every benchmark). For a profile of the
 measured placements alone (not the start-up), ``--profile FILE`` writes cProfile stats
 (read them with ``python -m pstats FILE``); or run it under ``py-spy record``.
 """
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import msgspec  # noqa: E402
+import psutil  # noqa: E402
 
 from bench.broker_bench import N_TENANTS, populate, request_bodies  # noqa: E402
 from services.broker.app import create_app  # noqa: E402
@@ -91,7 +94,13 @@ async def asgi_post(app, path: str, headers: list[tuple[bytes, bytes]], body: by
     return status
 
 
-async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str], args: argparse.Namespace) -> None:
+def cpu_s(procs: list[psutil.Process]) -> list[float]:
+    """CPU seconds (user + system) each server process has used so far."""
+    return [sum(proc.cpu_times()[:2]) for proc in procs]
+
+
+async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str], args: argparse.Namespace,
+                  servers: list[psutil.Process]) -> None:
     app = create_app(settings)
     async with Lifespan(app):
         broker = app.state.broker
@@ -121,7 +130,7 @@ async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str]
         statuses.clear()
         counter = iter(range(args.placements))
         profile = cProfile.Profile() if args.profile else None
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0, servers0 = time.process_time(), time.perf_counter(), cpu_s(servers)
         if profile:
             profile.enable()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -129,10 +138,13 @@ async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str]
             profile.disable()
             profile.dump_stats(args.profile)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        redis_s, nats_s = (b - a for a, b in zip(servers0, cpu_s(servers), strict=True))
         placed = statuses.get(201, 0)
         print(f"layer {args.layer}: {placed} placements of {sum(statuses.values())} requests ({statuses}); "
               f"{cpu / max(placed, 1) * 1e6:.0f} us CPU per placement in this process; "
-              f"{placed / wall:,.0f}/s over {wall:.2f} s wall ({cpu / wall:.0%} of a core)", flush=True)
+              f"{placed / wall:,.0f}/s over {wall:.2f} s wall ({cpu / wall:.0%} of a core); "
+              f"redis-server {redis_s / max(placed, 1) * 1e6:.0f} us, nats-server {nats_s / max(placed, 1) * 1e6:.0f} us "
+              "per placement", flush=True)
 
 
 def main() -> None:
@@ -159,7 +171,8 @@ def main() -> None:
         bodies = request_bodies(2000, world.models, world.regions, rng)
         import uvloop
 
-        uvloop.run(measure(settings, bodies, world.tenant_keys, args))
+        uvloop.run(measure(settings, bodies, world.tenant_keys, args,
+                           [psutil.Process(redis.proc.pid), psutil.Process(nats.proc.pid)]))
     finally:
         registry.stop()
         nats.stop()

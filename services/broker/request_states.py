@@ -24,6 +24,7 @@ from services.common.redis_conn import is_cluster
 
 from .records import RequestRecord
 
+RECORDS_PER_CALL = 64  # bounds how long one call holds Redis (~250 µs; a batch holds up to 512 placements)
 CLAIM_S = 60.0  # a claim outlives any live placement (a durable grant retries for at most 30 s)
 
 _record = msgspec.json.Decoder(RequestRecord)
@@ -94,21 +95,23 @@ class RequestStates:
     def record_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
         """accepted → placed | rejected: requests nobody else knows yet, each decided by
         the call that accepted it (no other transition can race it). Many records (the
-        confirmations of a batch) are one ``lua/record_requests.lua`` call: one command
-        per request was, with its reply, a sixth of a placement's CPU in the broker
-        (docs/benchmarks-log.md). A pipeline that holds that call may meet NOSCRIPT:
-        ``scripts`` are the ones to load before running it again."""
+        confirmations of a batch) go in one ``lua/record_requests.lua`` call per
+        ``RECORDS_PER_CALL``: one HSET per request, each with a reply to read, was most of
+        what issue 11 added to a placement's CPU in the broker (docs/benchmarks-log.md).
+        A pipeline that holds that call may meet NOSCRIPT: ``scripts`` are the ones to
+        load before running it again."""
         if len(records) == 1 or self._cluster:
             for record in records:
                 pipe.hset(self.keys.request(record.request_id), mapping=_fields(record))
-        elif records:
-            keys: list[str] = []
-            args: list[object] = []
-            for record in records:
-                keys.append(self.keys.request(record.request_id))
-                args += [record.state, record.updated_at.isoformat(), msgspec.json.encode(record)]
-            # the raw command, not the script object: that would add a SCRIPT EXISTS round trip
-            pipe.execute_command("EVALSHA", self._record.sha, len(keys), *keys, *args)
+        else:
+            for i in range(0, len(records), RECORDS_PER_CALL):
+                keys: list[str] = []
+                args: list[object] = []
+                for record in records[i:i + RECORDS_PER_CALL]:
+                    keys.append(self.keys.request(record.request_id))
+                    args += [record.state, record.updated_at.isoformat(), msgspec.json.encode(record)]
+                # the raw command, not the script object: that would add a SCRIPT EXISTS round trip
+                pipe.execute_command("EVALSHA", self._record.sha, len(keys), *keys, *args)
 
     @property
     def scripts(self) -> tuple:

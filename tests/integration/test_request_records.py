@@ -15,7 +15,7 @@ from redis.asyncio.client import Pipeline
 from services.broker.domain.requests import ComputeRequest
 from services.broker.leases import LeaseStore
 from services.broker.records import RequestRecord
-from services.broker.request_states import RequestStates
+from services.broker.request_states import RECORDS_PER_CALL, RequestStates
 from services.common.keys import Keys
 
 from .broker_replicas import replicas, tenant
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.asyncio
 
 
 def record(i: int, state: str) -> RequestRecord:
-    now = datetime(2026, 12, 6, 12, 0, i, tzinfo=UTC)
+    now = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC) + timedelta(seconds=i)
     return RequestRecord(request_id=f"req-{i}", tenant=f"t{i % 2}", state=state, created_at=now,  # type: ignore[arg-type]
                          updated_at=now + timedelta(seconds=1), body=ComputeRequest(units=i + 1),
                          lease_ids=[f"lease-{i}"] if state == "placed" else [],
@@ -45,6 +45,19 @@ async def test_the_records_of_a_batch_are_one_command_and_each_reads_back(rds, s
     for r in records:
         assert await states.get(r.request_id) == r
         assert srds.hget(Keys(prefix).request(r.request_id), "state") == r.state
+
+
+async def test_a_large_batch_is_cut_into_calls_that_each_hold_redis_briefly(rds, prefix: str) -> None:
+    states = RequestStates(rds, Keys(prefix))
+    records = [record(i, "placed") for i in range(RECORDS_PER_CALL + 2)]
+
+    def build(pipe: Pipeline) -> int:
+        states.record_into(pipe, *records)
+        return len(pipe.command_stack)
+
+    n, replies = await LeaseStore(rds, Keys(prefix)).run_pipeline(build, also=states.scripts)
+    assert n == 2 and replies == [RECORDS_PER_CALL, 2]
+    assert await states.get_many([r.request_id for r in records]) == records
 
 
 async def test_one_record_is_one_hset_and_reads_back(rds, prefix: str) -> None:
