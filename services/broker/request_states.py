@@ -24,7 +24,7 @@ from services.common.redis_conn import is_cluster
 
 from .records import RequestRecord
 
-RECORDS_PER_CALL = 64  # bounds how long one call holds Redis (~250 µs; a batch holds up to 512 placements)
+RECORDS_PER_CALL = 32  # bounds how long one call holds Redis (64 records took 0.26 ms at the median, 1.2 ms at p99 on a loaded machine)
 CLAIM_S = 60.0  # a claim outlives any live placement (a durable grant retries for at most 30 s)
 
 _record = msgspec.json.Decoder(RequestRecord)
