@@ -1,12 +1,16 @@
-"""Latency of the request and preemption transition scripts (issue 11: p99 <= 1 ms on
-Redis at 100,000 pools).
+"""Latency of the request, idempotency-key, lock and preemption transition scripts
+(issue 11: p99 <= 1 ms on Redis at 100,000 pools); the pool and lease scripts are in
+``script_latency.py``.
 
     python bench/lifecycle_scripts_bench.py [--pools 100000] [--calls 5000]
 
 Starts its own redis-server, registers ``--pools`` pools in one region (the registry's
 pool script), queues ``--calls`` requests, then times each transition ``--calls`` times
-from a client: queue, claim, settle (placed), cancel, and preempt (one victim, one new
-lease, in the region holding every pool). Each script's time is taken twice: in Redis
+from a client: queue, claim, settle (placed), cancel, the records of a confirmation batch
+(``RECORDS_PER_CALL`` placed requests, the most the broker puts in one call), an
+idempotency key's claim, naming, finish and replay (the stored answer), an owned lock's
+release, and preempt (one victim, one new lease, in the region holding every pool).
+Each script's time is taken twice: in Redis
 (the slow log, set to record every command, gives each call's execution time: p50, p99
 and the calls above the target; ``INFO commandstats`` gives the mean), and at the client
 (a round trip, for context).
@@ -30,6 +34,9 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.cli.servers import start_redis  # noqa: E402
+from services.broker.domain.requests import ComputeRequest  # noqa: E402
+from services.broker.records import RequestRecord  # noqa: E402
+from services.broker.request_states import RECORDS_PER_CALL  # noqa: E402
 from services.common.keys import Keys  # noqa: E402
 from services.common.messages import LeaseInfo  # noqa: E402
 from services.common.redis_conn import read_lua  # noqa: E402
@@ -48,6 +55,17 @@ def info(lease_id: str, pool: str, interruptible: bool) -> bytes:
         lease_id=lease_id, request_id="r", tenant="t", pool_id=pool, provider="acme", region=REGION, model="m",
         units=1, billing="interruptible" if interruptible else "on_demand", unit_price=Decimal(1),
         granted_at=now, expires_at=now))
+
+
+def request_record(i: int) -> bytes:
+    """A placed request's record, the size the broker writes (a body with constraints,
+    two lease ids)."""
+    now = datetime.now(UTC)
+    return msgspec.json.encode(RequestRecord(
+        request_id=f"req-{i}", tenant="t", state="placed", created_at=now, updated_at=now,
+        body=msgspec.convert({"units": 4, "accelerators": {"models": ["nvidia-a100-sxm-80gb"]},
+                              "placement": {"regions": [REGION]}, "queue": False}, ComputeRequest),
+        lease_ids=[f"lease-{i}-a", f"lease-{i}-b"]))
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -88,7 +106,8 @@ def main() -> None:
             k = Keys("bench")
             pool_s = client.register_script(read_lua("services.registry.lua", "pool.lua"))
             scripts = {name: client.register_script(lua(f"{name}.lua"))
-                       for name in ("queue_request", "claim_request", "settle_request", "cancel_request")}
+                       for name in ("queue_request", "claim_request", "settle_request", "cancel_request",
+                                    "record_requests", "idem_claim", "idem_name", "idem_finish", "release_lock")}
             preempt = client.register_script(read_lua("services.broker.lua", "preempt.lua"))
             reserve = client.register_script(read_lua("services.broker.lua", "reserve.lua"))
             t0 = time.perf_counter()
@@ -125,6 +144,39 @@ def main() -> None:
             for i in range(n):
                 scripts["queue_request"](keys=[k.request(f"c{i}")], args=["{}", "x"])
             lines.append(measure(client, "cancel_request.lua (queued → cancelled)", [cancel(i) for i in range(n)]))
+            record = request_record(0)
+
+            def record_batch(i: int):  # noqa: ANN202
+                ids = range(i * RECORDS_PER_CALL, (i + 1) * RECORDS_PER_CALL)
+                keys = [k.request(f"b{j}") for j in ids]
+                args = [a for _ in ids for a in ("placed", "2026-12-06T12:00:00+00:00", record)]
+                return lambda: scripts["record_requests"](keys=keys, args=args)
+
+            lines.append(measure(client, f"record_requests.lua (accepted → placed, {RECORDS_PER_CALL} records "
+                                         f"of {len(record)} bytes in one call)", [record_batch(i) for i in range(n)]))
+            answer = msgspec.json.encode({"status": 201, "body": record.decode()})
+            leases = msgspec.json.encode([[REGION, "lease-a"], [REGION, "lease-b"]])
+
+            def idem(name: str, i: int, *args: object):  # noqa: ANN202
+                return lambda: scripts[name](keys=[k.idempotency("t", f"key{i}")], args=list(args))
+
+            ms = int(now * 1000)
+            lines += [
+                measure(client, "idem_claim.lua (absent → pending)",
+                        [idem("idem_claim", i, "digest", f"req-{i}", "tok", ms, 32_000, 86_400) for i in range(n)]),
+                measure(client, "idem_name.lua (pending: names its leases)",
+                        [idem("idem_name", i, "tok", f"req-{i}", leases) for i in range(n)]),
+                measure(client, "idem_finish.lua (pending → done)",
+                        [idem("idem_finish", i, "tok", "done", answer, 86_400, "digest", f"req-{i}", "")
+                         for i in range(n)]),
+                measure(client, "idem_claim.lua (done: the stored answer)",
+                        [idem("idem_claim", i, "digest", f"req-{i}", "tok2", ms, 32_000, 86_400) for i in range(n)]),
+            ]
+            for i in range(n):
+                client.set(k.request(f"lock{i}"), "tok", px=60_000)
+            lines.append(measure(client, "release_lock.lua (owner's compare-and-delete)",
+                                 [(lambda i=i: scripts["release_lock"](keys=[k.request(f"lock{i}")], args=["tok"]))
+                                  for i in range(n)]))
             # victims: one interruptible lease per pool, on the first n pools
             for i in range(n):
                 pool, lease_id = f"p{i}", f"v{i}"

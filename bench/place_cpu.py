@@ -1,30 +1,39 @@
 """CPU per placement inside one broker process, without HTTP sockets or a load generator.
 
     python bench/place_cpu.py [--pools 10000] [--placements 20000] [--concurrency 64] [--layer service|asgi]
+                              [--rounds 1] [--profile FILE]
 
 The end-to-end benchmark (``broker_bench.py``) shares 2 cores between the broker, the
 load generator, NATS and Redis, so its rates move by ±10% from run to run: too coarse
 to tell a 3% change. This runs the broker app in this process against real servers
 (nats-server, redis-server and the registry, started as ``broker_bench`` does) and
-counts this process's CPU seconds per placement:
+counts this process's CPU seconds per placement, user and system apart (system time
+is mostly the loopback sockets' work, charged to the sender, and moves most with the
+machine's load):
 
 * ``--layer service``: ``Broker.place`` called by ``--concurrency`` tasks (the domain,
   Redis and NATS work of a placement);
 * ``--layer asgi``: the same requests through the litestar app (ASGI calls, no sockets):
   adds authentication, rate limiting, validation and the response.
 
-The servers run in other processes, so their CPU is not counted. For a profile, run it
-under ``py-spy record -- python bench/place_cpu.py``.
+The servers run in other processes, so their CPU is not counted in that figure; their
+own CPU per placement over the same spell is printed beside it (redis-server's is the
+scripts' and commands' cost, which shares the same cores in every benchmark). For a
+profile of the measured placements alone (not the start-up), ``--profile FILE`` writes
+cProfile stats (read them with ``python -m pstats FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import os
 import random
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import msgspec  # noqa: E402
+import psutil  # noqa: E402
 
 from bench.broker_bench import N_TENANTS, populate, request_bodies  # noqa: E402
 from services.broker.app import create_app  # noqa: E402
@@ -88,7 +98,13 @@ async def asgi_post(app, path: str, headers: list[tuple[bytes, bytes]], body: by
     return status
 
 
-async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str], args: argparse.Namespace) -> None:
+def cpu_s(procs: list[psutil.Process]) -> list[float]:
+    """CPU seconds (user + system) each server process has used so far."""
+    return [sum(proc.cpu_times()[:2]) for proc in procs]
+
+
+async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str], args: argparse.Namespace,
+                  servers: list[psutil.Process]) -> None:
     app = create_app(settings)
     async with Lifespan(app):
         broker = app.state.broker
@@ -115,15 +131,32 @@ async def measure(settings: Settings, bodies: list[dict], tenant_keys: list[str]
         warm = args.placements // 10
         counter = iter(range(warm))
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        statuses.clear()
-        counter = iter(range(args.placements))
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        placed = statuses.get(201, 0)
-        print(f"layer {args.layer}: {placed} placements of {sum(statuses.values())} requests ({statuses}); "
-              f"{cpu / max(placed, 1) * 1e6:.0f} us CPU per placement in this process; "
-              f"{placed / wall:,.0f}/s over {wall:.2f} s wall ({cpu / wall:.0%} of a core)", flush=True)
+        profile = cProfile.Profile() if args.profile else None
+        per_round: list[float] = []
+        for _ in range(args.rounds):
+            statuses.clear()
+            counter = iter(range(args.placements))
+            cpu0, wall0, servers0, user0 = time.process_time(), time.perf_counter(), cpu_s(servers), os.times().user
+            if profile:
+                profile.enable()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            if profile:
+                profile.disable()
+            cpu, wall, user = time.process_time() - cpu0, time.perf_counter() - wall0, os.times().user - user0
+            redis_s, nats_s = (b - a for a, b in zip(servers0, cpu_s(servers), strict=True))
+            placed = max(statuses.get(201, 0), 1)
+            per_round.append(cpu / placed * 1e6)
+            print(f"layer {args.layer}: {statuses.get(201, 0)} placements of {sum(statuses.values())} requests "
+                  f"({statuses}); {cpu / placed * 1e6:.0f} us CPU per placement in this process "
+                  f"({user / placed * 1e6:.0f} us user, {(cpu - user) / placed * 1e6:.0f} us system); "
+                  f"{placed / wall:,.0f}/s over {wall:.2f} s wall ({cpu / wall:.0%} of a core); "
+                  f"redis-server {redis_s / placed * 1e6:.0f} us, nats-server {nats_s / placed * 1e6:.0f} us "
+                  "per placement", flush=True)
+        if profile:
+            profile.dump_stats(args.profile)
+        if args.rounds > 1:  # the machine's other work only ever adds: the least is the closest to the cost
+            print(f"CPU per placement in this process over {args.rounds} rounds: least {min(per_round):.0f} us, "
+                  f"median {statistics.median(per_round):.0f} us", flush=True)
 
 
 def main() -> None:
@@ -132,6 +165,9 @@ def main() -> None:
     ap.add_argument("--placements", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--layer", choices=["service", "asgi"], default="service")
+    ap.add_argument("--rounds", type=int, default=1, help="measured rounds of --placements each, in one process")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the measured placements only, stats into FILE "
+                    "(CPU per placement then includes the profiler's own cost)")
     args = ap.parse_args()
 
     rng = random.Random(20261125)
@@ -148,7 +184,8 @@ def main() -> None:
         bodies = request_bodies(2000, world.models, world.regions, rng)
         import uvloop
 
-        uvloop.run(measure(settings, bodies, world.tenant_keys, args))
+        uvloop.run(measure(settings, bodies, world.tenant_keys, args,
+                           [psutil.Process(redis.proc.pid), psutil.Process(nats.proc.pid)]))
     finally:
         registry.stop()
         nats.stop()

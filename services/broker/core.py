@@ -97,8 +97,7 @@ class Core:
     def save_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
         """Records of requests decided by the call that accepted them (placed or
         rejected at once), and one ZADD per tenant."""
-        for record in records:
-            self.requests.record_into(pipe, record)
+        self.requests.record_into(pipe, *records)
         by_tenant: dict[str, dict[str, float]] = {}
         for r in records:
             by_tenant.setdefault(r.tenant, {})[r.request_id] = r.created_at.timestamp()

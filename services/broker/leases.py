@@ -9,6 +9,7 @@ from typing import TypeVar
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from services.common.errors import Unavailable
@@ -214,11 +215,11 @@ class LeaseStore:
         for script in (self._reserve, self._end, self._renew, self._restore, self._confirm):
             await self.redis.script_load(script.script)
 
-    async def run_pipeline(self, build: Callable[[Pipeline], T]) -> tuple[T, list]:
+    async def run_pipeline(self, build: Callable[[Pipeline], T], also: Sequence[AsyncScript] = ()) -> tuple[T, list]:
         """Run the pipeline that ``build`` fills (its return value comes back with the
         replies). After a NOSCRIPT reply (Redis restarted or flushed its scripts) the
-        scripts are loaded and the pipeline runs once more: only for pipelines whose
-        every command may safely run twice."""
+        scripts (these and ``also``) are loaded and the pipeline runs once more: only for
+        pipelines whose every command may safely run twice."""
         for attempt in (0, 1):
             pipe = self.redis.pipeline(transaction=False)
             built = build(pipe)
@@ -228,6 +229,8 @@ class LeaseStore:
                 if attempt:
                     raise
                 await self.load_scripts()
+                for script in also:
+                    await self.redis.script_load(script.script)
         raise AssertionError("unreachable")
 
     async def confirm(self, leases: Sequence[LeaseInfo]) -> list[str]:

@@ -191,7 +191,7 @@ class Placement:
             self.core.save_into(pipe, *(record for _, record in items if record is not None))
             return n
 
-        n, replies = await store.run_pipeline(build)  # every command idempotent
+        n, replies = await store.run_pipeline(build, also=self.core.requests.scripts)  # every command idempotent
         confirmed = per_item(store.confirmed(replies, n), [len(g) for g in per_placement])
         return [missing_leases(item_groups, replies)
                 for item_groups, replies in zip(per_placement, confirmed, strict=True)]

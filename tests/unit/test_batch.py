@@ -108,3 +108,17 @@ def test_queue_plan_never_serves_others_instead_of_the_head(monkeypatch) -> None
     monkeypatch.setattr(batch_module, "place_batch", skips_the_head)
     assert batch_module.plan_queue(e, [head, later]) == {}  # so the queue goes one at a time, head first
     assert e.free_units() == {"only": 8}
+
+
+def test_a_queue_of_fewer_than_two_is_not_planned_and_no_pool_is_touched(monkeypatch) -> None:
+    """A pass over an empty queue runs every second: it must not snapshot and restore
+    every pool's free units (at 100,000 pools that was milliseconds a pass)."""
+    from services.broker.matching.batch import plan_queue
+
+    e = engine(pool("cheap-east", "us-east", "2.00"), pool("dear-west", "us-west", "3.00"))
+    touched: list[str] = []
+    monkeypatch.setattr(e, "free_units", lambda: touched.append("free_units") or {})
+    monkeypatch.setattr(e, "set_free", lambda pool_id, free: touched.append(pool_id))
+    assert plan_queue(e, []) == {}
+    assert plan_queue(e, [Ask(units=8, hours=Decimal(1))]) == {}
+    assert touched == []

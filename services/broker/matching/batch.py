@@ -243,6 +243,8 @@ def plan_queue(engine: Engine, asks: Sequence[Ask], *, time_budget_s: float = 0.
     (and maybe more, on capacity they leave) and, serving the same, costs less.
     Returns the placement per index of ``asks``; {} to place one at a time. The engine's
     free units are put back as they were."""
+    if len(asks) < 2:  # nothing to plan jointly; spares a pass over an empty queue (every
+        return {}      # second, and at each kick) a snapshot and restore of every pool
     snapshot = engine.free_units()
     try:
         served: set[int] = set()
