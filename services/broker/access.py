@@ -19,6 +19,8 @@ from nats.js.kv import KeyValue
 from services.common.delivery import MAX_ACCESS_BYTES, Access
 from services.common.errors import BadRequest
 
+from .domain.printable import check_printable
+
 log = logging.getLogger("broker")
 TTL_S = 400 * 86_400  # longer than a reserved year (the longest lease)
 _access = msgspec.json.Decoder(Access)
@@ -26,6 +28,7 @@ _access = msgspec.json.Decoder(Access)
 
 def encoded(access: Access) -> bytes:
     """The blob as stored; 400 when it is larger than ``MAX_ACCESS_BYTES``."""
+    check_printable(access, "access")
     raw = msgspec.json.encode(access)
     if len(raw) > MAX_ACCESS_BYTES:
         raise BadRequest(f"access details are {len(raw)} bytes JSON-encoded; at most {MAX_ACCESS_BYTES} "
