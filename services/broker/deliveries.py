@@ -92,7 +92,7 @@ class Deliveries:
         if not lease.delivery:
             raise Conflict(f"lease {lease_id} delivers nothing (capacity only): it was ready at its grant")
         async with self._answering(lease_id):
-            live = await self.core.leases.live(lease_id)
+            [live] = await self.core.leases.lives([lease]) or [None]  # again, under the lock: the state now
             if live is None:
                 raise NotFound(f"no active lease {lease_id}")
             now = self.core.clock()
