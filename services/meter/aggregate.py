@@ -11,6 +11,11 @@ does not grow with the number of entries.
 period lands on that period's invoice. An entry for a closed period is a late charge: it
 lands, as an adjustment, on the invoice of the period in which it was posted (or, if that
 one is closed too, the first open one).
+
+**Uncharged attempts** (delivered leases that ended before they were ready) are kept per
+tenant and lease, on the invoice of the period they ended in (the same rule). A charge of
+the same lease folded later (its ready was applied after its end) drops it: the lease was
+charged after all.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .model import LedgerEntry, LedgerRecord, PeriodsClosed
+from .model import LedgerEntry, LedgerRecord, PeriodsClosed, UnchargedAttempt
 from .periods import next_period, period_of
 
 # tenant, currency, invoice period, service period, billing, region, model, provider, pool, unit price
@@ -41,9 +46,11 @@ class Aggregate:
     applied_seq: int = 0  # last ledger stream sequence folded
     entries: int = 0
     first_period: str | None = None  # earliest invoice period seen
+    # tenant -> lease id -> (invoice period, the attempt): leases that were never charged
+    uncharged: dict[str, dict[str, tuple[str, UnchargedAttempt]]] = field(default_factory=dict)
 
     # --- folding ------------------------------------------------------------------------------
-    def invoice_period(self, entry: LedgerEntry) -> str:
+    def invoice_period(self, entry: LedgerEntry | UnchargedAttempt) -> str:
         closed = self.closed_through
         if closed is None or entry.period > closed:
             return entry.period
@@ -57,8 +64,17 @@ class Aggregate:
         self.applied_seq = seq
         if isinstance(record, PeriodsClosed):
             return self.close(record.through)
+        if isinstance(record, UnchargedAttempt):
+            self.add_attempt(record)
+            return []
         self.add(record)
         return []
+
+    def add_attempt(self, a: UnchargedAttempt) -> None:
+        inv = self.invoice_period(a)
+        self.uncharged.setdefault(a.tenant, {})[a.lease_id] = (inv, a)
+        if self.first_period is None or inv < self.first_period:
+            self.first_period = inv
 
     def add(self, e: LedgerEntry) -> str:
         inv = self.invoice_period(e)
@@ -73,6 +89,9 @@ class Aggregate:
         cell.amount += e.amount
         cell.quantity += e.quantity
         cell.entries += 1
+        attempts = self.uncharged.get(e.tenant)
+        if attempts and e.lease_id in attempts:  # charged after all (a ready applied after its end)
+            del attempts[e.lease_id]
         self.entries += 1
         if self.first_period is None or inv < self.first_period:
             self.first_period = inv
@@ -98,7 +117,7 @@ class Aggregate:
         return sorted(self.by_tenant)
 
     def knows_tenant(self, tenant: str) -> bool:
-        return tenant in self.by_tenant
+        return tenant in self.by_tenant or bool(self.uncharged.get(tenant))
 
     def cells(self, tenant: str | None = None) -> Iterator[tuple[CellKey, Cell]]:
         if tenant is not None:
@@ -110,11 +129,18 @@ class Aggregate:
     def invoice_cells(self, tenant: str, period: str) -> list[tuple[CellKey, Cell]]:
         return [(k, c) for k, c in self.by_tenant.get(tenant, {}).items() if k[K_INVOICE] == period]
 
+    def invoice_attempts(self, tenant: str, period: str) -> list[UnchargedAttempt]:
+        """The tenant's uncharged attempts on the invoice of ``period``."""
+        return [a for inv, a in self.uncharged.get(tenant, {}).values() if inv == period]
+
     def invoice_periods(self, tenant: str) -> list[str]:
-        return sorted({k[K_INVOICE] for k in self.by_tenant.get(tenant, {})})
+        return sorted({k[K_INVOICE] for k in self.by_tenant.get(tenant, {})}
+                      | {inv for inv, _ in self.uncharged.get(tenant, {}).values()})
 
     def tenants_with_invoice(self, period: str) -> list[str]:
-        return sorted(t for t, cells in self.by_tenant.items() if any(k[K_INVOICE] == period for k in cells))
+        tenants = {t for t, cells in self.by_tenant.items() if any(k[K_INVOICE] == period for k in cells)}
+        tenants |= {t for t, attempts in self.uncharged.items() if any(inv == period for inv, _ in attempts.values())}
+        return sorted(tenants)
 
     def currencies(self, tenant: str) -> set[str]:
         return {k[K_CURRENCY] for k in self.by_tenant.get(tenant, {})}
