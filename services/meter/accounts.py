@@ -152,6 +152,7 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
         billing=lease.billing, kind=c.kind, period=c.period, start=c.start, end=c.end, units=lease.units,
         seconds=c.seconds, quantity=c.quantity, unit_price=lease.unit_price, price_basis=lease.price_basis,
         currency=lease.currency, amount=c.amount, event_id=event.id, seq=event.seq, posted_at=now,
+        delivery=lease.delivery,
     ) for c in charges]
     if ending and start is None and not ended:
         # ended while provisioning (as far as the meter knows): nothing is billed, the

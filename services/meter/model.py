@@ -43,6 +43,7 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     event_id: str = ""  # the allocation event that posted it
     seq: int = 0  # its per-lease seq
     posted_at: datetime  # when the meter appended it
+    delivery: str = ""  # the lease's workload kind ("": capacity only, billed from grant)
     v: int = 1
 
 
@@ -108,6 +109,7 @@ class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     currency: Currency
     amount: Decimal
     posted_at: datetime
+    delivery: str = ""
 
 
 FoldedRecord = FoldedEntry | PeriodsClosed | UnchargedAttempt
