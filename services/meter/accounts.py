@@ -8,10 +8,11 @@ a capacity-only reserved lease posts its term. An event with ``seq`` at or below
 account's is a duplicate (or a replay) and changes nothing.
 
 A delivered lease (``LeaseInfo.delivery``) is billed from its ``lease.ready``: the ready
-posts a reserved term and records ``ready_at``; the ending event bills usage from it. An
-ending event applied before any ready posts an uncharged attempt and keeps the end; a
-ready applied after that (the two were published by different broker replicas) bills
-``[ready, end)`` then. A lease that never became ready costs nothing.
+posts a reserved term, a ready mark, and records ``ready_at``; the ending event bills
+usage from it. An ending event applied before any ready posts an uncharged attempt and
+keeps the end; a ready applied after that (the two were published by different broker
+replicas) bills ``[ready, end)`` then, and its ready mark takes the attempt off the
+invoice. A lease that never became ready costs nothing.
 
 An account only ever records facts (billed, ready, ended: set once, never undone). So an
 event that posts or records nothing on a fresh account — a grant, provisioning or renewal
@@ -26,7 +27,7 @@ from decimal import Decimal
 
 from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseInfo, LeaseReady
 
-from .model import Account, LedgerEntry, LedgerRecord, UnchargedAttempt
+from .model import Account, LedgerEntry, LedgerRecord, ReadyMark, UnchargedAttempt
 from .periods import period_of
 from .pricing import (
     NO_MINIMUM,
@@ -132,10 +133,13 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
     start = billing_start(lease, ready_at)
     ending = isinstance(event, ENDING_EVENTS)
     charges: list[Charge] = []
-    if lease.billing in RESERVED and not reserved_billed and start is not None:
+    if lease.billing in RESERVED and lease.replaces and not root:
+        # a replacement: its term is its chain's; charged already if the lease it replaces
+        # had it charged (or carried it, charged, from an earlier one)
         root, covered = term_root(lease, predecessor)
-        if not covered:
-            charges += reserved_charges(lease, start)
+        reserved_billed = reserved_billed or covered
+    if lease.billing in RESERVED and not reserved_billed and start is not None:
+        charges += reserved_charges(lease, start)
         reserved_billed = True
     if lease.billing in PER_SECOND and not usage_billed and start is not None:
         if ending:
@@ -146,14 +150,16 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
                                      apply_minimum=ended not in NO_MINIMUM)
             usage_billed = True
     records: list[LedgerRecord] = [LedgerEntry(
-        id=entry_id(root if c.kind == "reserved" and root else lease.lease_id, c), tenant=lease.tenant,
+        id=entry_id(root or lease.lease_id if c.kind == "reserved" else lease.lease_id, c), tenant=lease.tenant,
         provider=lease.provider, pool_id=lease.pool_id,
         region=lease.region, model=lease.model, lease_id=lease.lease_id, request_id=lease.request_id,
         billing=lease.billing, kind=c.kind, period=c.period, start=c.start, end=c.end, units=lease.units,
         seconds=c.seconds, quantity=c.quantity, unit_price=lease.unit_price, price_basis=lease.price_basis,
         currency=lease.currency, amount=c.amount, event_id=event.id, seq=event.seq, posted_at=now,
-        delivery=lease.delivery,
     ) for c in charges]
+    if ready_at is not None and old.ready_at is None:
+        records.append(ReadyMark(id=f"{lease.lease_id}.ready", tenant=lease.tenant, lease_id=lease.lease_id,
+                                 at=ready_at, posted_at=now))
     if ending and start is None and not ended:
         # ended while provisioning (as far as the meter knows): nothing is billed, the
         # invoice lists the attempt; the end is kept should its ready still come
@@ -181,6 +187,8 @@ def changed(old: Account | None, new: Account) -> bool:
     billed or posted, a ready, an end kept for a late ready."""
     if old is None:
         return (new.reserved_billed or new.usage_billed or new.attempt_posted or new.ready_at is not None
-                or bool(new.ended))
-    return ((old.reserved_billed, old.usage_billed, old.attempt_posted, old.ready_at, old.ended, old.open)
-            != (new.reserved_billed, new.usage_billed, new.attempt_posted, new.ready_at, new.ended, new.open))
+                or bool(new.ended) or bool(new.term_root))
+    return ((old.reserved_billed, old.usage_billed, old.attempt_posted, old.ready_at, old.ended, old.open,
+             old.term_root)
+            != (new.reserved_billed, new.usage_billed, new.attempt_posted, new.ready_at, new.ended, new.open,
+                new.term_root))

@@ -13,10 +13,10 @@ lands, as an adjustment, on the invoice of the period in which it was posted (or
 one is closed too, the first open one).
 
 **Uncharged attempts** (delivered leases that ended before they were ready) are kept per
-tenant and lease, on the invoice of the period they ended in (the same rule). A charge of
-the same lease, folded before or after it, drops it: the lease was charged after all (its
-ready and its end were applied out of order, or by two replicas at once). The delivered
-leases charged recently are remembered for that (the last ``CHARGED_KEPT``, in stream
+tenant and lease, on the invoice of the period they ended in (the same rule). A ready
+mark of the same lease, folded before or after it, drops it: the lease became ready after
+all (its ready and its end were applied out of order, or by two replicas at once). The
+leases seen ready recently are remembered for that (the last ``READY_KEPT``, in stream
 order: the same in every replica and rebuild).
 """
 
@@ -27,13 +27,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .model import LedgerEntry, LedgerRecord, PeriodsClosed, UnchargedAttempt
+from .model import LedgerEntry, LedgerRecord, PeriodsClosed, ReadyMark, UnchargedAttempt
 from .periods import next_period, period_of
 
 # tenant, currency, invoice period, service period, billing, region, model, provider, pool, unit price
 CellKey = tuple[str, str, str, str, str, str, str, str, str, Decimal]
 K_TENANT, K_CURRENCY, K_INVOICE, K_PERIOD, K_BILLING, K_REGION, K_MODEL, K_PROVIDER, K_POOL, K_PRICE = range(10)
-CHARGED_KEPT = 100_000  # delivered leases charged, remembered to drop a late uncharged attempt
+READY_KEPT = 100_000  # delivered leases seen ready, remembered to drop a late uncharged attempt
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ class Aggregate:
     first_period: str | None = None  # earliest invoice period seen
     # tenant -> lease id -> (invoice period, the attempt): leases that were never charged
     uncharged: dict[str, dict[str, tuple[str, UnchargedAttempt]]] = field(default_factory=dict)
-    charged_delivered: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    ready_leases: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     # --- folding ------------------------------------------------------------------------------
     def invoice_period(self, entry: LedgerEntry | UnchargedAttempt) -> str:
@@ -72,11 +72,23 @@ class Aggregate:
         if isinstance(record, UnchargedAttempt):
             self.add_attempt(record)
             return []
+        if isinstance(record, ReadyMark):
+            self.add_ready(record)
+            return []
         self.add(record)
         return []
 
+    def add_ready(self, r: ReadyMark) -> None:
+        ready = self.ready_leases
+        ready[r.lease_id] = None
+        if len(ready) > READY_KEPT:
+            ready.popitem(last=False)
+        attempts = self.uncharged.get(r.tenant)
+        if attempts and r.lease_id in attempts:  # ready after all (applied after its end)
+            del attempts[r.lease_id]
+
     def add_attempt(self, a: UnchargedAttempt) -> None:
-        if a.lease_id in self.charged_delivered:
+        if a.lease_id in self.ready_leases:
             return
         inv = self.invoice_period(a)
         self.uncharged.setdefault(a.tenant, {})[a.lease_id] = (inv, a)
@@ -96,14 +108,6 @@ class Aggregate:
         cell.amount += e.amount
         cell.quantity += e.quantity
         cell.entries += 1
-        if e.delivery:
-            charged = self.charged_delivered
-            charged[e.lease_id] = None
-            if len(charged) > CHARGED_KEPT:
-                charged.popitem(last=False)
-            attempts = self.uncharged.get(e.tenant)
-            if attempts and e.lease_id in attempts:  # charged after all (a ready applied after its end)
-                del attempts[e.lease_id]
         self.entries += 1
         if self.first_period is None or inv < self.first_period:
             self.first_period = inv

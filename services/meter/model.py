@@ -43,7 +43,6 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     event_id: str = ""  # the allocation event that posted it
     seq: int = 0  # its per-lease seq
     posted_at: datetime  # when the meter appended it
-    delivery: str = ""  # the lease's workload kind ("": capacity only, billed from grant)
     v: int = 1
 
 
@@ -62,7 +61,7 @@ class UnchargedAttempt(msgspec.Struct, frozen=True, kw_only=True, tag_field="typ
     its tenant's invoice lists it as not charged. ``id`` is ``<lease>.x`` (appended
     create-only, like an entry). Should the lease's ``lease.ready`` still come (events of one
     lease may be applied out of order), the lease is billed after all and the fold drops
-    the attempt from the invoice."""
+    the attempt from the invoice (``ReadyMark``)."""
 
     id: str
     tenant: str
@@ -87,7 +86,21 @@ class UnchargedAttempt(msgspec.Struct, frozen=True, kw_only=True, tag_field="typ
     v: int = 1
 
 
-LedgerRecord = LedgerEntry | PeriodsClosed | UnchargedAttempt
+class ReadyMark(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="ready", gc=False):
+    """A delivered lease became ready (``<lease>.ready``, create-only): an uncharged attempt
+    of the same lease, folded before or after it, is not listed. (Two replicas may apply a
+    lease's ready and its end at once; the one applying the end may post the attempt from
+    an account that did not show the ready yet.)"""
+
+    id: str
+    tenant: str
+    lease_id: str
+    at: datetime  # the lease.ready's time: billing started here
+    posted_at: datetime
+    v: int = 1
+
+
+LedgerRecord = LedgerEntry | PeriodsClosed | UnchargedAttempt | ReadyMark
 
 
 class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="entry", gc=False):
@@ -109,10 +122,9 @@ class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     currency: Currency
     amount: Decimal
     posted_at: datetime
-    delivery: str = ""
 
 
-FoldedRecord = FoldedEntry | PeriodsClosed | UnchargedAttempt
+FoldedRecord = FoldedEntry | PeriodsClosed | UnchargedAttempt | ReadyMark
 
 
 # --- per-lease accounts (KV, optimistic concurrency) -------------------------------------------

@@ -65,7 +65,7 @@ async def test_failed_attempt_costs_nothing_and_is_listed_as_not_charged(setting
                         ended(good, "released", T0 + timedelta(seconds=1000), seq=3))
         await w.settled()
         assert await entries_of(w, bad.lease_id) == []  # no term, no minimum
-        [x] = [r for r in await ledger(w) if isinstance(r, UnchargedAttempt)]
+        [x] = [r for r in await ledger(w) if isinstance(r, UnchargedAttempt) and r.lease_id == bad.lease_id]
         assert x.lease_id == bad.lease_id and x.reason == "not ready within 300 s"
         inv = await invoice(w)
         assert inv["totals"] == {"USD": "6.00"}  # only the replacement, from its ready
@@ -124,27 +124,40 @@ async def test_ready_stored_after_the_end_still_bills_from_ready(settings, nc) -
         assert inv["totals"] == {"USD": "3.00"} and inv["uncharged"] == []  # charged after all
 
 
+def _chain(second_ready: bool) -> tuple[list, list]:
+    """A reserved term on three attempts: the first ready then lost; the second ready then
+    lost (or failed, never ready); the third ready."""
+    first = delivered(billing="reserved_month", unit_price=Decimal("1000"))
+    leases, events = [first], [provisioning(first), ready(first, T0 + timedelta(minutes=5)),
+                               ended(first, "lost", T0 + timedelta(hours=5), seq=3, reason="unhealthy")]
+    for n in (2, 3):
+        nxt = delivered(billing="reserved_month", unit_price=Decimal("1000"), pool_id=f"p{n}",
+                        request_id=first.request_id, attempt=n, replaces=leases[-1].lease_id,
+                        granted_at=T0 + timedelta(hours=4 * n), expires_at=first.expires_at)
+        events.append(provisioning(nxt))
+        if n == 3 or second_ready:
+            events.append(ready(nxt, nxt.granted_at + timedelta(minutes=5)))
+        if n == 2:
+            events.append(ended(nxt, "lost" if second_ready else "failed", T0 + timedelta(hours=9),
+                                seq=3 if second_ready else 2, reason="pool offline"))
+        leases.append(nxt)
+    return leases, events
+
+
 async def test_reserved_term_replaced_after_ready_is_charged_once(settings, nc) -> None:
     async with meter_world(settings, nc) as w:
-        old = delivered(billing="reserved_month", unit_price=Decimal("1000"))
-        new = delivered(billing="reserved_month", unit_price=Decimal("1000"), pool_id="p2",
-                        request_id=old.request_id, attempt=2, replaces=old.lease_id,
-                        granted_at=T0 + timedelta(hours=5), expires_at=old.expires_at)
-        third = delivered(billing="reserved_month", unit_price=Decimal("1000"), pool_id="p3",
-                          request_id=old.request_id, attempt=3, replaces=new.lease_id,
-                          granted_at=T0 + timedelta(hours=9), expires_at=old.expires_at)
+        carried, carried_events = _chain(second_ready=True)
+        through_failed, failed_events = _chain(second_ready=False)
         # all in one batch: the replacements' accounts depend on the earlier ones
-        await w.publish(provisioning(old), ready(old, T0 + timedelta(minutes=5)),
-                        ended(old, "lost", T0 + timedelta(hours=5), seq=3, reason="unhealthy"),
-                        provisioning(new), ready(new, T0 + timedelta(hours=5, minutes=5)),
-                        ended(new, "lost", T0 + timedelta(hours=9), seq=3, reason="pool offline"),
-                        provisioning(third), ready(third, T0 + timedelta(hours=9, minutes=5)))
+        await w.publish(*carried_events, *failed_events)
         await w.settled()
         terms = [r for r in await ledger(w) if isinstance(r, LedgerEntry)]
-        assert [(e.id, e.lease_id, e.amount) for e in terms] == [(f"{old.lease_id}.r01", old.lease_id,
-                                                                  Decimal("1000.00"))]
+        assert sorted((e.id, e.lease_id, e.amount) for e in terms) == sorted(
+            [(f"{chain[0].lease_id}.r01", chain[0].lease_id, Decimal("1000.00"))
+             for chain in (carried, through_failed)])
         inv = await invoice(w)
-        assert inv["totals"] == {"USD": "1000.00"} and inv["uncharged"] == []
+        assert inv["totals"] == {"USD": "2000.00"}
+        assert [u["lease_id"] for u in inv["uncharged"]] == [through_failed[1].lease_id]
 
 
 async def test_replacement_of_a_term_never_ready_is_charged(settings, nc) -> None:
@@ -188,3 +201,34 @@ async def test_budget_is_not_consumed_by_a_provisioning_lease(settings, nc) -> N
 
 async def _accrued(w, amount: str) -> bool:
     return (await w.get("/v1/budgets/t1", "ops")).json()["accrued"] == amount
+
+
+async def test_many_delivered_leases_in_any_batching_bill_exactly_once(settings, nc) -> None:
+    """300 delivered leases (ready then released, failed, or lost while provisioning), each
+    event published twice (the second time under another message id, with the ready after
+    the end): the two consumer workers split them as they come, yet every lease is billed
+    from its ready once and only the never-ready ones are listed."""
+    async with meter_world(settings, nc) as w:
+        events, again, owed, never = [], [], Decimal(0), set()
+        for i in range(300):
+            a = delivered()
+            events.append(provisioning(a))
+            if i % 3 == 0:
+                up, down = ready(a, T0 + timedelta(seconds=10 + i)), \
+                    ended(a, "released", T0 + timedelta(seconds=100 + 2 * i), seq=3)
+                events += [up, down]
+                again += [down, up]
+                owed += Decimal(max(60, 90 + i)) / 100
+            else:
+                end = ended(a, "failed" if i % 3 == 1 else "lost", T0 + timedelta(seconds=300), reason="no")
+                events.append(end)
+                again.append(end)
+                never.add(a.lease_id)
+        await w.publish(*events)
+        await w.publish(*again, msg_id="again-")
+        await w.settled()
+        inv = await invoice(w)
+        assert inv["totals"] == {"USD": str(owed)}
+        assert {u["lease_id"] for u in inv["uncharged"]} == never
+        ids = [r.id for r in await ledger(w) if isinstance(r, LedgerEntry)]
+        assert len(ids) == len(set(ids)) == 100

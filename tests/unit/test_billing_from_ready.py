@@ -33,7 +33,7 @@ from services.meter.accounts import (
 )
 from services.meter.aggregate import Aggregate
 from services.meter.invoices import build_invoice
-from services.meter.model import LedgerEntry, UnchargedAttempt
+from services.meter.model import LedgerEntry, ReadyMark, UnchargedAttempt
 from services.meter.pricing import accrued, billing_start, ending_charges, reserved_charges, usage_charges
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -72,6 +72,10 @@ def run(events: list[AllocEvent], account=None, predecessor=None):
     return account, records
 
 
+def charges(records) -> list[LedgerEntry]:
+    return [r for r in records if isinstance(r, LedgerEntry)]
+
+
 def amounts(records) -> Decimal:
     return sum((r.amount for r in records if isinstance(r, LedgerEntry)), Decimal(0))
 
@@ -105,7 +109,8 @@ def test_provisioning_then_ready_then_released_is_billed_from_ready() -> None:
               ev(LeaseReleased, info, 3, at(420))]
     assert [needs_account(e) for e in events] == [False, True, True]
     account, records = run(events)
-    [entry] = records
+    [entry] = charges(records)
+    assert [r.id for r in records if isinstance(r, ReadyMark)] == ["lease_1.ready"]
     assert entry.amount == Decimal("3.00") and entry.start == at(120) and entry.id == "lease_1.u.2026-03"
     assert account.ready_at == at(120) and account.usage_billed and not account.attempt_posted
 
@@ -139,7 +144,7 @@ def test_ready_applied_after_its_end_bills_ready_to_end_and_only_once() -> None:
     assert [type(r) for r in first] == [UnchargedAttempt]  # as far as the meter knew
     assert not is_duplicate(account, ready)  # a lower seq, yet not applied before
     account, late = run([ready], account)
-    assert amounts(late) == Decimal("3.00") and late[0].start == at(120) and late[0].end == at(420)
+    assert amounts(late) == Decimal("3.00") and charges(late)[0].start == at(120) and charges(late)[0].end == at(420)
     assert is_duplicate(account, ready) and run([ready, released], account)[1] == []
 
 
@@ -169,7 +174,7 @@ def test_delivered_reserved_term_is_charged_at_ready() -> None:
     info = lease(billing="reserved_month")
     assert run([ev(LeaseProvisioning, info, 1, T0)])[1] == []
     _, records = run([ev(LeaseProvisioning, info, 1, T0), ev(LeaseReady, info, 2, at(600))])
-    [entry] = records
+    [entry] = charges(records)
     assert entry.id == "lease_1.r01" and entry.start == at(600) and entry.amount == Decimal("1000.00")
 
 
@@ -183,12 +188,12 @@ def test_replacement_of_a_charged_term_is_not_charged_again() -> None:
     assert predecessor_key(ev(LeaseReady, new, 2, at(3700))) == "t1.lease_1"
     account, records = run([ev(LeaseProvisioning, new, 1, at(3601)), ev(LeaseReady, new, 2, at(3700))],
                            predecessor=old_account)
-    assert records == [] and account.reserved_billed and account.term_root == "lease_1"
+    assert charges(records) == [] and account.reserved_billed and account.term_root == "lease_1"
     # and a third attempt after it, covered through the chain
     third = lease(billing="reserved_month", lease_id="lease_3", pool_id="p3", attempt=3, replaces="lease_2",
                   granted_at=at(7200), expires_at=old.expires_at)
     later, records = run([ev(LeaseReady, third, 2, at(7300))], predecessor=account)
-    assert records == [] and later.term_root == "lease_1"
+    assert charges(records) == [] and later.term_root == "lease_1"
 
 
 def test_replacement_of_a_term_never_charged_is_charged_under_the_first_lease_id() -> None:
@@ -198,16 +203,35 @@ def test_replacement_of_a_term_never_charged_is_charged_under_the_first_lease_id
     new = lease(billing="reserved_month", lease_id="lease_2", pool_id="p2", attempt=2, replaces="lease_1",
                 granted_at=at(301), expires_at=old.expires_at)
     _, records = run([ev(LeaseReady, new, 2, at(400))], predecessor=old_account)
-    [entry] = records
+    [entry] = charges(records)
     assert entry.amount == Decimal("1000.00") and entry.lease_id == "lease_2"
     # the id is the first lease's: had lease_1 charged it, the ledger would refuse this one
     assert entry.id == "lease_1.r01"
     # without the predecessor's account (not applied yet) the second attempt still knows
     # its root; a third one must wait for it
-    assert run([ev(LeaseReady, new, 2, at(400))])[1][0].id == "lease_1.r01"
+    assert charges(run([ev(LeaseReady, new, 2, at(400))])[1])[0].id == "lease_1.r01"
     third = lease(billing="reserved_month", lease_id="lease_3", attempt=3, replaces="lease_2")
     with pytest.raises(MissingPredecessor):
         run([ev(LeaseReady, third, 2, at(500))])
+
+
+def test_a_term_carried_through_an_attempt_that_never_became_ready_is_charged_once() -> None:
+    def attempt(n: int, **over: object) -> LeaseInfo:
+        return lease(billing="reserved_month", lease_id=f"lease_{n}", pool_id=f"p{n}", attempt=n,
+                     replaces=f"lease_{n - 1}" if n > 1 else "", granted_at=at(1000 * n), **over)
+
+    # charged, then a replacement that failed, then one that became ready: charged once
+    a, _ = run([ev(LeaseReady, attempt(1), 2, at(60)), ev(LeaseLost, attempt(1), 3, at(900))])
+    b, records = run([ev(LeaseFailed, attempt(2), 2, at(2100))], predecessor=a)
+    assert [type(r) for r in records] == [UnchargedAttempt] and b.term_root == "lease_1" and b.reserved_billed
+    c, records = run([ev(LeaseReady, attempt(3), 2, at(3100))], predecessor=b)
+    assert charges(records) == [] and c.term_root == "lease_1"
+    # never charged twice over: the third is charged, under the first lease's id
+    a, _ = run([ev(LeaseFailed, attempt(1), 2, at(300))])
+    b, _ = run([ev(LeaseFailed, attempt(2), 2, at(2100))], predecessor=a)
+    assert not b.reserved_billed and b.term_root == "lease_1"
+    [entry] = charges(run([ev(LeaseReady, attempt(3), 2, at(3100))], predecessor=b)[1])
+    assert entry.id == "lease_1.r01" and entry.lease_id == "lease_3" and entry.start == at(3100)
 
 
 def test_per_second_replacement_is_billed_from_its_own_ready() -> None:
@@ -215,23 +239,22 @@ def test_per_second_replacement_is_billed_from_its_own_ready() -> None:
     assert predecessor_key(ev(LeaseReady, new, 2, at(500))) is None
     _, records = run([ev(LeaseProvisioning, new, 1, at(400)), ev(LeaseReady, new, 2, at(500)),
                       ev(LeaseReleased, new, 3, at(800))])
-    assert amounts(records) == Decimal("3.00") and records[0].id == "lease_2.u.2026-03"
+    assert amounts(records) == Decimal("3.00") and charges(records)[0].id == "lease_2.u.2026-03"
 
 
 # --- aggregate and invoices ---------------------------------------------------------------------
-def _entry(lease_id: str, amount: str, delivery: str = "ssh") -> LedgerEntry:
+def _entry(lease_id: str, amount: str) -> LedgerEntry:
     return LedgerEntry(id=f"{lease_id}.u.2026-03", tenant="t1", provider="acme", pool_id="p1", region="cn-yrd",
                        model="nvidia-a100-sxm-80gb", lease_id=lease_id, billing="on_demand", kind="usage",
                        period="2026-03", start=T0, end=at(100), units=1, quantity=Decimal("0.1"),
-                       unit_price=Decimal("36"), currency="USD", amount=Decimal(amount), posted_at=NOW,
-                       delivery=delivery)
+                       unit_price=Decimal("36"), currency="USD", amount=Decimal(amount), posted_at=NOW)
 
 
 def test_invoice_lists_uncharged_attempts_beside_the_charges() -> None:
     failed = lease(lease_id="lease_f", pool_id="p9", provider="flaky")
     _, [attempt] = run([ev(LeaseFailed, failed, 2, at(300), reason="image pull failed")])
     agg = Aggregate()
-    agg.apply(1, _entry("lease_ok", "1.00", delivery=""))
+    agg.apply(1, _entry("lease_ok", "1.00"))
     agg.apply(2, attempt)
     agg.apply(3, attempt)  # a replayed stream sequence: once
     inv = build_invoice("t1", "2026-03", agg.invoice_cells("t1", "2026-03"), final=False, final_after=NOW,
@@ -243,21 +266,24 @@ def test_invoice_lists_uncharged_attempts_beside_the_charges() -> None:
     assert agg.invoice_periods("t1") == ["2026-03"] and agg.tenants_with_invoice("2026-03") == ["t1"]
     body = msgspec.json.decode(msgspec.json.encode(inv))
     assert body["uncharged"][0]["charge"] == "not charged"
-    # a charge of that lease folded later (its ready was applied after its end): no longer listed
-    agg.apply(4, _entry("lease_f", "0.60"))
+    # its ready mark folded later (its ready was applied after its end): no longer listed
+    _, records = run([ev(LeaseReady, failed, 1, at(100))])
+    [mark] = [r for r in records if isinstance(r, ReadyMark)]
+    agg.apply(4, mark)
     assert agg.invoice_attempts("t1", "2026-03") == []
 
 
-def test_an_attempt_folded_after_a_charge_of_its_lease_is_not_listed() -> None:
+def test_an_attempt_folded_after_its_lease_was_ready_is_not_listed() -> None:
     """Two replicas applied the lease's ready and its end at once: the end's replica posted
-    the attempt after the ready's replica posted the term."""
+    the attempt (from an account that did not show the ready yet) after the ready's replica
+    posted the ready mark."""
     _, [attempt] = run([ev(LeaseReleased, lease(), 3, at(300))])
+    _, [mark] = run([ev(LeaseReady, lease(), 2, at(100))])
+    assert isinstance(mark, ReadyMark) and mark.id == "lease_1.ready"
     agg = Aggregate()
-    agg.apply(1, _entry("lease_1", "1000.00"))
+    agg.apply(1, mark)
     agg.apply(2, attempt)
-    assert agg.invoice_attempts("t1", "2026-03") == []
-    agg.apply(3, _entry("lease_2", "1.00", delivery=""))  # capacity-only leases are not remembered
-    assert list(agg.charged_delivered) == ["lease_1"]
+    assert agg.invoice_attempts("t1", "2026-03") == [] and list(agg.ready_leases) == ["lease_1"]
 
 
 def test_a_tenant_with_only_uncharged_attempts_has_an_invoice() -> None:
