@@ -20,8 +20,11 @@ from services.cli.audit_checks import (
 from services.common.messages import (
     Accelerator,
     LeaseExpired,
+    LeaseFailed,
     LeaseGranted,
     LeaseInfo,
+    LeaseProvisioning,
+    LeaseReady,
     LeaseReleased,
     LeaseRenewed,
     Pool,
@@ -195,3 +198,28 @@ def test_records_and_confirmation() -> None:
     assert confirmed(first, audit(o)).ok  # gone at the second look: in flight, not a fault
     o.records = {}
     assert not confirmed(first, audit(o)).ok
+
+
+def test_delivered_leases_are_owed_from_ready_and_never_ready_ones_nothing() -> None:
+    o = world()
+    d = msgspec.structs.replace(info("d", granted=-900), delivery="ssh")
+    f = msgspec.structs.replace(info("f", granted=-900), delivery="ssh")
+    ready_d = LeaseReady(id="d.2", at=NOW - timedelta(seconds=800), lease=d, seq=2)
+    released_d = LeaseReleased(id="d.3", at=NOW - timedelta(seconds=200), lease=d, seq=3)
+    o.events += [(6, LeaseProvisioning(id="d.1", at=d.granted_at, lease=d)), (7, ready_d), (8, released_d),
+                 (9, LeaseProvisioning(id="f.1", at=f.granted_at, lease=f)),
+                 (10, LeaseFailed(id="f.2", at=NOW - timedelta(seconds=600), lease=f, seq=2, reason="no"))]
+    o.billed_through = o.alloc_seq_before = 10
+    owed = [LedgerEntry(**{**msgspec.structs.asdict(e), "start": ready_d.at, "seconds": Decimal(600),
+                           "amount": c.amount, "quantity": c.quantity})
+            for e, c in zip(entries_for(released_d),
+                            ending_charges("lease.released", released_d.at, d, min_bill_s=60, start=ready_d.at),
+                            strict=True)]
+    base = list(o.ledger or [])
+    o.ledger = base + [(len(base) + 1, owed[0])]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert audit(o).ok, audit(o).to_dict()
+    # billed from the grant instead: a wrong amount, named
+    o.ledger = base + [(len(base) + 1, entries_for(released_d)[0])]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert failures(o) == {"ledger = leased seconds x locked price": {"d"}}
