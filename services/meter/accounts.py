@@ -184,11 +184,10 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
 
 def changed(old: Account | None, new: Account) -> bool:
     """Whether ``new`` records something ``old`` did not (and so must be written): what was
-    billed or posted, a ready, an end kept for a late ready."""
+    billed or posted, a ready, an end kept for a late ready. (Not ``open`` nor ``seq`` alone:
+    the end of a reserved lease whose term is posted writes nothing, as before.)"""
     if old is None:
         return (new.reserved_billed or new.usage_billed or new.attempt_posted or new.ready_at is not None
                 or bool(new.ended) or bool(new.term_root))
-    return ((old.reserved_billed, old.usage_billed, old.attempt_posted, old.ready_at, old.ended, old.open,
-             old.term_root)
-            != (new.reserved_billed, new.usage_billed, new.attempt_posted, new.ready_at, new.ended, new.open,
-                new.term_root))
+    return ((old.reserved_billed, old.usage_billed, old.attempt_posted, old.ready_at, old.ended, old.term_root)
+            != (new.reserved_billed, new.usage_billed, new.attempt_posted, new.ready_at, new.ended, new.term_root))
