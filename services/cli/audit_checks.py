@@ -362,16 +362,25 @@ def check_expired_ended(o: Observation) -> CheckResult:
 def term_of(lease_id: str, hs: dict[str, History]) -> tuple[str, bool]:
     """(the lease whose id names a reserved lease's term entries, whether an earlier lease
     of its replacement chain was charged the term): the chain is followed back through
-    ``replaces``; a capacity-only lease is charged at grant, a delivered one at ready."""
-    root, covered, seen = lease_id, False, {lease_id}
+    ``replaces``; a capacity-only lease is charged at grant, a delivered one at ready. The
+    name is the chain's first lease, back to where the units changed (a split replacement
+    names its own term)."""
+    root, covered, whole, seen = lease_id, False, True, {lease_id}
     h = hs.get(lease_id)
     while h is not None and h.first is not None and h.first[1].lease.replaces:
-        root = h.first[1].lease.replaces
-        if root in seen:
+        prev = h.first[1].lease.replaces
+        if prev in seen:
             break
-        seen.add(root)
-        h = hs.get(root)
-        if h is not None and h.first is not None and (not delivers(h.first[1].lease) or h.ready is not None):
+        seen.add(prev)
+        units = h.first[1].lease.units
+        h = hs.get(prev)
+        if h is None or h.first is None:
+            root = prev if whole else root
+            break
+        whole = whole and h.first[1].lease.units == units
+        if whole:
+            root = prev
+        if not delivers(h.first[1].lease) or h.ready is not None:
             covered = True
     return root, covered
 

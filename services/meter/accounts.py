@@ -91,11 +91,15 @@ def term_root(lease: LeaseInfo, predecessor: Account | None) -> tuple[str, bool]
     A replacement of a reserved lease carries its term on (same request, the old
     ``expires_at``): its entries are named after the first lease of the chain, so that a
     term is in the ledger once whichever lease of the chain posts it (create-only
-    appends), and it is not posted at all when the lease it replaces was charged."""
+    appends), and it is not posted at all when the lease it replaces was charged. A
+    replacement placed as several smaller leases (a split) names its term after itself:
+    each part owes its own units' term if the replaced lease's was never charged."""
     if not lease.replaces or lease.replaces == lease.lease_id:
         return lease.lease_id, False
     if predecessor is not None:
-        return predecessor.term_root or predecessor.lease_id, predecessor.reserved_billed
+        whole = predecessor.units in (0, lease.units)
+        return (predecessor.term_root or predecessor.lease_id) if whole else lease.lease_id, \
+            predecessor.reserved_billed
     if lease.attempt <= 2:  # it replaces the first lease of its chain
         return lease.replaces, False
     raise MissingPredecessor(f"lease {lease.lease_id} replaces {lease.replaces}, whose account is not written yet")
@@ -177,6 +181,7 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
         lease_id=lease.lease_id, tenant=lease.tenant, billing=lease.billing, seq=max(old.seq, event.seq),
         open=old.open and not ending, reserved_billed=reserved_billed, usage_billed=usage_billed,
         ready_at=ready_at, ended=ended, ended_at=ended_at, attempt_posted=attempt_posted, term_root=root,
+        units=lease.units,
         entries=old.entries + tuple(r.id for r in records), billed=old.billed + amount,
         currency=lease.currency, updated_at=now)
     return new, records

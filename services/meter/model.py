@@ -142,6 +142,7 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=
     ended_at: datetime | None = None  # ... and where its billed interval ends, should a ready still come
     attempt_posted: bool = False  # the uncharged attempt was posted
     term_root: str = ""  # reserved replacements: the lease whose id names the term's entries
+    units: int = 0  # the lease's units (a replacement of fewer units is a split: a term of its own)
     entries: tuple[str, ...] = ()  # ids of the ledger entries this lease posted
     billed: Decimal = Decimal(0)
     currency: str = "USD"

@@ -23,6 +23,7 @@ from services.common.messages import (
     LeaseFailed,
     LeaseGranted,
     LeaseInfo,
+    LeaseLost,
     LeaseProvisioning,
     LeaseReady,
     LeaseReleased,
@@ -223,3 +224,24 @@ def test_delivered_leases_are_owed_from_ready_and_never_ready_ones_nothing() -> 
     o.ledger = base + [(len(base) + 1, entries_for(released_d)[0])]
     o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
     assert failures(o) == {"ledger = leased seconds x locked price": {"d"}}
+
+
+def test_a_reserved_term_moved_by_failover_is_owed_once() -> None:
+    o = world()
+    a = info("ra", units=1, billing="reserved_month", expires=86400)
+    b = msgspec.structs.replace(info("rb", pool_id="p1", units=1, billing="reserved_month", granted=-100,
+                                     expires=86400), attempt=2, replaces="ra", expires_at=a.expires_at)
+    o.events += [(6, LeaseGranted(id="ra.1", at=a.granted_at, lease=a)),
+                 (7, LeaseLost(id="ra.2", at=NOW - timedelta(seconds=200), lease=a, seq=2, reason="pool offline")),
+                 (8, LeaseGranted(id="rb.1", at=b.granted_at, lease=b))]
+    o.billed_through = o.alloc_seq_before = 8
+    o.leases["rb"] = LeaseLive("cn-gz", "rb", "p1", 1, T + 86400, 1)
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)
+    base = list(o.ledger or [])
+    o.ledger = base + [(len(base) + i + 1, e) for i, e in enumerate(entries_for(o.events[-3][1], "reserved"))]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert audit(o).ok, audit(o).to_dict()
+    # the replacement charged a term of its own too: owed by nothing
+    o.ledger += [(len(o.ledger) + 1, e) for e in entries_for(o.events[-1][1], "reserved")]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert failures(o) == {"ledger = leased seconds x locked price": {"rb"}}

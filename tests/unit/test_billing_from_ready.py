@@ -234,6 +234,19 @@ def test_a_term_carried_through_an_attempt_that_never_became_ready_is_charged_on
     assert entry.id == "lease_1.r01" and entry.lease_id == "lease_3" and entry.start == at(3100)
 
 
+def test_a_split_replacement_of_a_term_never_charged_charges_each_part_its_own_term() -> None:
+    old = lease(billing="reserved_month", units=8)
+    old_account, _ = run([ev(LeaseFailed, old, 2, at(300))])
+    parts = [lease(billing="reserved_month", units=4, lease_id=f"lease_1{p}", pool_id=f"p{p}", attempt=2,
+                   replaces="lease_1", expires_at=old.expires_at) for p in "ab"]
+    posted = [charges(run([ev(LeaseReady, part, 2, at(400))], predecessor=old_account)[1]) for part in parts]
+    assert [[(e.id, e.amount) for e in p] for p in posted] == [[("lease_1a.r01", Decimal("4000.00"))],
+                                                              [("lease_1b.r01", Decimal("4000.00"))]]
+    # had the replaced lease been charged, neither part would be
+    paid, _ = run([ev(LeaseReady, old, 2, at(60)), ev(LeaseLost, old, 3, at(300))])
+    assert [charges(run([ev(LeaseReady, part, 2, at(400))], predecessor=paid)[1]) for part in parts] == [[], []]
+
+
 def test_per_second_replacement_is_billed_from_its_own_ready() -> None:
     new = lease(lease_id="lease_2", attempt=2, replaces="lease_1", granted_at=at(400))
     assert predecessor_key(ev(LeaseReady, new, 2, at(500))) is None
