@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from services.common.messages import ENDING_EVENTS, GRANT_EVENTS, AllocEvent, Pool
+from services.common.messages import ENDING_EVENTS, GRANT_EVENTS, AllocEvent, LeaseReady, Pool
 from services.meter.accounts import entry_id, event_kind
 from services.meter.model import LedgerEntry
-from services.meter.pricing import RESERVED, ending_charges, reserved_charges
+from services.meter.pricing import RESERVED, delivers, ending_charges, reserved_charges
 
 SHOWN = 20  # violations listed per check (all are counted)
 
@@ -168,6 +168,7 @@ class History:
     first: tuple[int, AllocEvent] | None = None  # lowest per-lease seq seen
     latest: AllocEvent | None = None  # highest per-lease seq seen
     ends: list[tuple[int, AllocEvent]] = field(default_factory=list)
+    ready: tuple[int, AllocEvent] | None = None  # a delivered lease's lease.ready (billing starts)
 
     @property
     def end(self) -> tuple[int, AllocEvent] | None:
@@ -185,7 +186,7 @@ def histories(events: Iterable[tuple[int, AllocEvent]]) -> dict[str, History]:
     out: dict[str, History] = defaultdict(History)
     for seq, event in events:
         h = out[event.lease.lease_id]
-        if isinstance(event, GRANT_EVENTS) and h.grant is None:  # lease.granted or lease.provisioning
+        if isinstance(event, GRANT_EVENTS) and h.grant is None:
             h.grant = (seq, event)
         if h.first is None or event.seq < h.first[1].seq:
             h.first = (seq, event)
@@ -193,6 +194,8 @@ def histories(events: Iterable[tuple[int, AllocEvent]]) -> dict[str, History]:
             h.latest = event
         if isinstance(event, ENDING_EVENTS) and all(e.seq != event.seq for _, e in h.ends):
             h.ends.append((seq, event))
+        if isinstance(event, LeaseReady) and h.ready is None:
+            h.ready = (seq, event)
     return dict(out)
 
 
@@ -356,21 +359,58 @@ def check_expired_ended(o: Observation) -> CheckResult:
 
 
 # --- invariant 3 -----------------------------------------------------------------------------
-def expected_charges(h: History, min_bill_s: int) -> list[tuple[str, Decimal, int]]:
+def term_of(lease_id: str, hs: dict[str, History]) -> tuple[str, bool]:
+    """(the lease whose id names a reserved lease's term entries, whether an earlier lease
+    of its replacement chain was charged the term): the chain is followed back through
+    ``replaces``; a capacity-only lease is charged at grant, a delivered one at ready. The
+    name is the chain's first lease, back to where the units changed (a split replacement
+    names its own term)."""
+    root, covered, whole, seen = lease_id, False, True, {lease_id}
+    h = hs.get(lease_id)
+    while h is not None and h.first is not None and h.first[1].lease.replaces:
+        prev = h.first[1].lease.replaces
+        if prev in seen:
+            break
+        seen.add(prev)
+        units = h.first[1].lease.units
+        h = hs.get(prev)
+        if h is None or h.first is None:
+            root = prev if whole else root
+            break
+        whole = whole and h.first[1].lease.units == units
+        if whole:
+            root = prev
+        if not delivers(h.first[1].lease) or h.ready is not None:
+            covered = True
+    return root, covered
+
+
+def expected_charges(h: History, min_bill_s: int, term: tuple[str, bool] | None = None
+                     ) -> list[tuple[str, Decimal, int]]:
     """``(entry id, amount, stream seq of the event that posts it)`` the meter owes for
-    one lease: a reserved term at its first event, per-second usage at its (first)
-    ending event, priced with the meter's pricing rules."""
+    one lease, priced with the meter's pricing rules: a capacity-only lease's reserved term
+    at its first event and per-second usage at its (first) ending event; a delivered
+    lease's the same from its ready (nothing if it never became ready). ``term``: a
+    reserved replacement's ``term_of``."""
     out: list[tuple[str, Decimal, int]] = []
     if h.first is None:
         return out
     seq, first = h.first
     lease = first.lease
+    start = None
+    if delivers(lease):
+        if h.ready is None:
+            return out  # never ready: an uncharged attempt
+        seq, ready = h.ready
+        start = ready.at
     if lease.billing in RESERVED:
-        out += [(entry_id(lease.lease_id, c), c.amount, seq) for c in reserved_charges(lease)]
+        root, covered = term or (lease.lease_id, False)
+        if not covered:
+            out += [(entry_id(root, c), c.amount, seq) for c in reserved_charges(lease, start)]
     elif h.end is not None:
         end_seq, end = h.end
-        out += [(entry_id(lease.lease_id, c), c.amount, end_seq)
-                for c in ending_charges(event_kind(end), end.at, end.lease, min_bill_s=min_bill_s)]
+        out += [(entry_id(lease.lease_id, c), c.amount, max(seq, end_seq) if start else end_seq)
+                for c in ending_charges(event_kind(end), end.at, end.lease, min_bill_s=min_bill_s, start=start)]
     return out
 
 
@@ -386,8 +426,10 @@ def check_ledger(o: Observation) -> CheckResult:
         got[entry.id].append(entry)
     pending = 0
     owed: dict[str, tuple[Decimal, str]] = {}
-    for lease_id, h in o.histories().items():
-        for eid, amount, seq in expected_charges(h, o.min_bill_s):
+    hs = o.histories()
+    for lease_id, h in hs.items():
+        term = term_of(lease_id, hs) if h.first is not None and h.first[1].lease.replaces else None
+        for eid, amount, seq in expected_charges(h, o.min_bill_s, term):
             owed[eid] = (amount, lease_id)
             r.checked += 1
             entries = got.get(eid, [])

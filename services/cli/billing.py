@@ -67,6 +67,11 @@ def print_invoice(inv: Invoice) -> None:
                                        section.adjustments, section.currency, console.width, adjustments=True))
         console.print(f"  subtotal {section.subtotal} + adjustments {section.adjustments_total} = "
                       f"[bold]{section.total} {section.currency}[/]")
+    if inv.uncharged:
+        rows = [[x.lease_id, x.pool_id, x.provider, x.reason, f"{x.ended_at:%Y-%m-%d %H:%M}", x.charge]
+                for x in inv.uncharged]
+        console.print(table("attempts that never became ready", ["lease", "pool", "provider", "reason", "ended",
+                                                                  "charge"], rows, width=console.width))
 
 
 def register(cli: click.Group) -> None:

@@ -11,20 +11,29 @@ does not grow with the number of entries.
 period lands on that period's invoice. An entry for a closed period is a late charge: it
 lands, as an adjustment, on the invoice of the period in which it was posted (or, if that
 one is closed too, the first open one).
+
+**Uncharged attempts** (delivered leases that ended before they were ready) are kept per
+tenant and lease, on the invoice of the period they ended in (the same rule). A ready
+mark of the same lease, folded before or after it, drops it: the lease became ready after
+all (its ready and its end were applied out of order, or by two replicas at once). The
+leases seen ready recently are remembered for that (the last ``READY_KEPT``, in stream
+order: the same in every replica and rebuild).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .model import LedgerEntry, LedgerRecord, PeriodsClosed
+from .model import LedgerEntry, LedgerRecord, PeriodsClosed, ReadyMark, UnchargedAttempt
 from .periods import next_period, period_of
 
 # tenant, currency, invoice period, service period, billing, region, model, provider, pool, unit price
 CellKey = tuple[str, str, str, str, str, str, str, str, str, Decimal]
 K_TENANT, K_CURRENCY, K_INVOICE, K_PERIOD, K_BILLING, K_REGION, K_MODEL, K_PROVIDER, K_POOL, K_PRICE = range(10)
+READY_KEPT = 100_000  # delivered leases seen ready, remembered to drop a late uncharged attempt
 
 
 @dataclass(slots=True)
@@ -41,9 +50,12 @@ class Aggregate:
     applied_seq: int = 0  # last ledger stream sequence folded
     entries: int = 0
     first_period: str | None = None  # earliest invoice period seen
+    # tenant -> lease id -> (invoice period, the attempt): leases that were never charged
+    uncharged: dict[str, dict[str, tuple[str, UnchargedAttempt]]] = field(default_factory=dict)
+    ready_leases: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     # --- folding ------------------------------------------------------------------------------
-    def invoice_period(self, entry: LedgerEntry) -> str:
+    def invoice_period(self, entry: LedgerEntry | UnchargedAttempt) -> str:
         closed = self.closed_through
         if closed is None or entry.period > closed:
             return entry.period
@@ -57,8 +69,31 @@ class Aggregate:
         self.applied_seq = seq
         if isinstance(record, PeriodsClosed):
             return self.close(record.through)
+        if isinstance(record, UnchargedAttempt):
+            self.add_attempt(record)
+            return []
+        if isinstance(record, ReadyMark):
+            self.add_ready(record)
+            return []
         self.add(record)
         return []
+
+    def add_ready(self, r: ReadyMark) -> None:
+        ready = self.ready_leases
+        ready[r.lease_id] = None
+        if len(ready) > READY_KEPT:
+            ready.popitem(last=False)
+        attempts = self.uncharged.get(r.tenant)
+        if attempts and r.lease_id in attempts:  # ready after all (applied after its end)
+            del attempts[r.lease_id]
+
+    def add_attempt(self, a: UnchargedAttempt) -> None:
+        if a.lease_id in self.ready_leases:
+            return
+        inv = self.invoice_period(a)
+        self.uncharged.setdefault(a.tenant, {})[a.lease_id] = (inv, a)
+        if self.first_period is None or inv < self.first_period:
+            self.first_period = inv
 
     def add(self, e: LedgerEntry) -> str:
         inv = self.invoice_period(e)
@@ -98,7 +133,7 @@ class Aggregate:
         return sorted(self.by_tenant)
 
     def knows_tenant(self, tenant: str) -> bool:
-        return tenant in self.by_tenant
+        return tenant in self.by_tenant or bool(self.uncharged.get(tenant))
 
     def cells(self, tenant: str | None = None) -> Iterator[tuple[CellKey, Cell]]:
         if tenant is not None:
@@ -110,11 +145,18 @@ class Aggregate:
     def invoice_cells(self, tenant: str, period: str) -> list[tuple[CellKey, Cell]]:
         return [(k, c) for k, c in self.by_tenant.get(tenant, {}).items() if k[K_INVOICE] == period]
 
+    def invoice_attempts(self, tenant: str, period: str) -> list[UnchargedAttempt]:
+        """The tenant's uncharged attempts on the invoice of ``period``."""
+        return [a for inv, a in self.uncharged.get(tenant, {}).values() if inv == period]
+
     def invoice_periods(self, tenant: str) -> list[str]:
-        return sorted({k[K_INVOICE] for k in self.by_tenant.get(tenant, {})})
+        return sorted({k[K_INVOICE] for k in self.by_tenant.get(tenant, {})}
+                      | {inv for inv, _ in self.uncharged.get(tenant, {}).values()})
 
     def tenants_with_invoice(self, period: str) -> list[str]:
-        return sorted(t for t, cells in self.by_tenant.items() if any(k[K_INVOICE] == period for k in cells))
+        tenants = {t for t, cells in self.by_tenant.items() if any(k[K_INVOICE] == period for k in cells)}
+        tenants |= {t for t, attempts in self.uncharged.items() if any(inv == period for inv, _ in attempts.values())}
+        return sorted(tenants)
 
     def currencies(self, tenant: str) -> set[str]:
         return {k[K_CURRENCY] for k in self.by_tenant.get(tenant, {})}

@@ -6,7 +6,8 @@ Spend = posted ledger charges (the aggregate) + the accrued cost of the tenant's
 per-second leases up to now. Open leases are followed, for tenants that have a budget
 only, straight from the allocation stream (the broker's durable record; a consumer
 filtered to ``<prefix>.events.alloc.*.<tenant>``): the consumer does not write an account
-for a grant, which posts nothing.
+for a grant, which posts nothing. A delivered lease accrues from its ``lease.ready``:
+while it is provisioning it costs nothing.
 
 Every replica evaluates every budget (periodically and when entries are posted); the
 verdict is a field of the budget's KV record changed with optimistic concurrency, so one
@@ -32,7 +33,14 @@ from nats.js.kv import KeyValue
 
 from services.common.jetstream import follow_bucket, unfollow
 from services.common.lifecycle import forever, stop_tasks, wait_event
-from services.common.messages import ENDING_EVENTS, AllocEvent, BudgetExhausted, BudgetRestored, LeaseInfo
+from services.common.messages import (
+    ENDING_EVENTS,
+    AllocEvent,
+    BudgetExhausted,
+    BudgetRestored,
+    LeaseInfo,
+    LeaseReady,
+)
 from services.common.nats_conn import publish_event
 from services.common.subjects import ALLOC, Subjects
 
@@ -40,17 +48,11 @@ from .aggregate import Aggregate
 from .ledger import encode
 from .model import Budget, BudgetView, LedgerEntry
 from .periods import period_of
-from .pricing import PER_SECOND, round_money, usage_charges
+from .pricing import PER_SECOND, accrued, billing_start, delivers, round_money
 
 log = logging.getLogger("meter.budgets")
 _budget = msgspec.json.Decoder(Budget)
 _alloc = msgspec.json.Decoder(AllocEvent)
-
-
-def accrued(lease: LeaseInfo, now: datetime, min_bill_s: int, period: str | None) -> Decimal:
-    end = min(now, lease.expires_at)
-    return sum((c.amount for c in usage_charges(lease, end, min_bill_s=min_bill_s)
-                if period is None or c.period == period), Decimal(0))
 
 
 class Budgets:
@@ -60,6 +62,7 @@ class Budgets:
         self.subjects, self.min_bill_s, self.clock = subjects, min_bill_s, clock
         self.records: dict[str, tuple[int, Budget]] = {}
         self.open_leases: dict[str, dict[str, LeaseInfo]] = {}
+        self.ready_at: dict[str, dict[str, datetime]] = {}  # tenant -> delivered lease -> its lease.ready
         self._watchers: dict[str, asyncio.Task] = {}
         self._loaded: dict[str, asyncio.Event] = {}
         # leases whose usage the ledger already holds: never accrued again (their account
@@ -102,8 +105,10 @@ class Budgets:
         error followed again (``forever``) from the first event not seen."""
         stream = self.subjects.stream(ALLOC)
         leases: dict[str, LeaseInfo] = {}
+        ready: dict[str, datetime] = {}
         seqs: dict[str, int] = {}  # lease -> highest seq seen (an ended lease: -1, for good)
         self.open_leases[tenant] = leases
+        self.ready_at[tenant] = ready
         next_seq = 1
 
         async def follow() -> None:
@@ -132,7 +137,11 @@ class Budgets:
                         if isinstance(event, ENDING_EVENTS) or lease.lease_id in self._posted.get(tenant, {}):
                             seqs[lease.lease_id] = -1
                             leases.pop(lease.lease_id, None)
-                        elif event.seq > seqs.get(lease.lease_id, 0):
+                            ready.pop(lease.lease_id, None)
+                            continue
+                        if isinstance(event, LeaseReady) and delivers(lease):
+                            ready.setdefault(lease.lease_id, event.at)
+                        if event.seq > seqs.get(lease.lease_id, 0):
                             seqs[lease.lease_id] = event.seq
                             leases[lease.lease_id] = lease
             finally:
@@ -160,9 +169,12 @@ class Budgets:
         """(posted, accrued, period or None for all time)."""
         period = period_of(now) if budget.kind == "limit" else None
         posted = self.aggregate.spent(budget.tenant, budget.currency, period)
-        open_cost = sum((accrued(lease, now, self.min_bill_s, period)
-                         for lease in self.open_leases.get(budget.tenant, {}).values()
-                         if lease.currency == budget.currency), Decimal(0))
+        ready = self.ready_at.get(budget.tenant, {})
+        open_cost = Decimal(0)
+        for lease in self.open_leases.get(budget.tenant, {}).values():
+            start = billing_start(lease, ready.get(lease.lease_id))
+            if start is not None and lease.currency == budget.currency:  # provisioning: nothing yet
+                open_cost += accrued(lease, now, min_bill_s=self.min_bill_s, start=start, period=period)
         return posted, open_cost, period
 
     def view(self, budget: Budget) -> BudgetView:
@@ -214,6 +226,7 @@ class Budgets:
             self.dirty.add(e.tenant)
             if e.kind == "usage":
                 self.open_leases.get(e.tenant, {}).pop(e.lease_id, None)
+                self.ready_at.get(e.tenant, {}).pop(e.lease_id, None)
                 posted = self._posted.setdefault(e.tenant, {})
                 posted[e.lease_id] = None
                 if len(posted) > 100_000:

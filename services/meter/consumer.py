@@ -52,9 +52,17 @@ from services.common.messages import AllocEvent
 from services.common.settings import Settings
 from services.common.subjects import ALLOC, MeterNames, Subjects
 
-from .accounts import account_key, is_duplicate, posts_on_fresh_account, transition
+from .accounts import (
+    MissingPredecessor,
+    account_key,
+    changed,
+    is_duplicate,
+    needs_account,
+    predecessor_key,
+    transition,
+)
 from .ledger import Ledger, encode
-from .model import Account, DeadLetter, LedgerEntry
+from .model import Account, DeadLetter, LedgerRecord
 from .pricing import PricingError, validate
 
 log = logging.getLogger("meter.consumer")
@@ -137,9 +145,12 @@ class _Lease:
     account: Account | None = None
     loaded: bool = False  # account/revision are known (cache, read, or known absent)
     new: Account | None = None
-    entries: list[LedgerEntry] = field(default_factory=list)
+    entries: list[LedgerRecord] = field(default_factory=list)
+    write: bool = False  # the new account records something: write it
     applied: int = 0
     duplicates: int = 0
+    predecessor: str | None = None  # reserved replacements: the account of the lease replaced
+    error: Exception | None = None
 
 
 class AllocConsumer:
@@ -267,55 +278,85 @@ class AllocConsumer:
 
     def _compute(self, group: _Lease, now: datetime) -> None:
         account, entries, applied, dups = group.account, [], 0, 0
+        predecessor = None
+        if group.predecessor is not None:
+            cached = self.accounts.cached(group.predecessor)
+            predecessor = cached[1] if cached else None
+        group.error = None
         for event, _ in group.items:
             if is_duplicate(account, event):
                 dups += 1
                 continue
-            account, posted = transition(account, event, min_bill_s=self.settings.min_bill_s, now=now)
+            try:
+                account, posted = transition(account, event, min_bill_s=self.settings.min_bill_s, now=now,
+                                             predecessor=predecessor)
+            except MissingPredecessor as exc:
+                group.error = exc
+                return
             entries += posted
             applied += 1
         group.new = account if applied else None
+        group.write = applied > 0 and account is not None and (bool(entries) or changed(group.account, account))
         group.entries, group.applied, group.duplicates = entries, applied, dups
 
     async def apply_leases(self, groups: list[_Lease]) -> list[tuple[_Lease, Exception | None]]:
         """Steps 1-5 for many leases at once; returns each lease with None (done: ack its
-        events) or the error that stopped it."""
+        events) or the error that stopped it. A reserved replacement whose predecessor is in
+        the same batch goes in a later round, after that lease's account is written."""
+        keys = {g.key for g in groups}
+        first, later = [], []
+        for group in groups:
+            group.items.sort(key=lambda item: item[0].seq)
+            group.predecessor = next((k for k in (predecessor_key(e) for e, _ in group.items) if k), None)
+            (later if group.predecessor in keys and group.predecessor != group.key else first).append(group)
+        if not first:  # (a cycle of replacements: never made by the broker) all in one round
+            first, later = later, []
+        results = await self._apply_round(first)
+        if later:
+            results += await self.apply_leases(later)
+        return results
+
+    async def _apply_round(self, groups: list[_Lease]) -> list[tuple[_Lease, Exception | None]]:
         now = self.clock()
         results: list[tuple[_Lease, Exception | None]] = []
         pending: list[_Lease] = []
         for group in groups:
-            group.items.sort(key=lambda item: item[0].seq)
             cached = self.accounts.cached(group.key)
             if cached is not None:
                 group.revision, group.account = cached
                 group.loaded = True
                 pending.append(group)
                 continue
-            # Events that would post nothing even on a fresh account (grants and renewals of
-            # per-second leases) post nothing on any account: an account only ever records
-            # that something was billed. They need no read and no write.
-            if any(posts_on_fresh_account(event) for event, _ in group.items):
+            # Events that would post or record nothing even on a fresh account (grants,
+            # provisioning, renewals) do so on no account: an account only ever records
+            # facts (billed, ready, ended). They need no read and no write.
+            if any(needs_account(event) for event, _ in group.items):
                 pending.append(group)
             else:
                 group.applied = len(group.items)
                 results.append((group, None))
         for _ in range(8):
             unread = [g for g in pending if not g.loaded]
-            if unread:
-                loaded = await self.accounts.load_many([g.key for g in unread])
+            unread_keys = [g.key for g in unread]
+            unread_keys += sorted({g.predecessor for g in pending if g.predecessor is not None
+                                   and self.accounts.cached(g.predecessor) is None} - set(unread_keys))
+            if unread_keys:
+                loaded = await self.accounts.load_many(unread_keys)
                 for group in unread:
                     group.revision, group.account = loaded[group.key]
                     group.loaded = True
             for group in pending:
                 self._compute(group, now)
+            results += [(g, g.error) for g in pending if g.error is not None]
+            pending = [g for g in pending if g.error is None]
             entries = [e for g in pending for e in g.entries]
             if entries:
                 await self.ledger.append(entries)
                 ENTRIES.inc(len(entries))
-            # an account is written only when its lease posted something
+            # an account is written only when its lease posted or recorded something
             writes = [(g, await self.accounts.send(g.key, g.new, g.revision)) for g in pending
-                      if g.new is not None and g.entries]
-            results += [(g, None) for g in pending if g.new is None or not g.entries]
+                      if g.new is not None and g.write]
+            results += [(g, None) for g in pending if g.new is None or not g.write]
             if writes:
                 await asyncio.wait([f for _, f in writes], timeout=self.accounts.publisher.timeout)
             retry = []

@@ -29,7 +29,7 @@ from .aggregate import (
     Cell,
     CellKey,
 )
-from .model import CurrencySection, Invoice, InvoiceLine
+from .model import CurrencySection, Invoice, InvoiceLine, UnchargedAttempt, UnchargedLine
 from .pricing import RESERVED, round_money
 
 GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
@@ -49,8 +49,16 @@ def _order(line: InvoiceLine) -> tuple:
     return (line.period, line.billing, line.region, line.model, line.provider, line.pool_id, line.unit_price)
 
 
+def uncharged_line(a: UnchargedAttempt) -> UnchargedLine:
+    return UnchargedLine(lease_id=a.lease_id, request_id=a.request_id, pool_id=a.pool_id, provider=a.provider,
+                         region=a.region, model=a.model, billing=a.billing, delivery=a.delivery, attempt=a.attempt,
+                         reason=a.reason, ended=a.ended, granted_at=a.granted_at, ended_at=a.ended_at,
+                         currency=a.currency)
+
+
 def build_invoice(tenant: str, period: str, cells: Iterable[tuple[CellKey, Cell]], *, final: bool,
-                  final_after: datetime, issued_at: datetime | None = None) -> Invoice:
+                  final_after: datetime, issued_at: datetime | None = None,
+                  attempts: Iterable[UnchargedAttempt] = ()) -> Invoice:
     by_currency: dict[str, tuple[list[InvoiceLine], list[InvoiceLine]]] = {}
     entries = 0
     for key, cell in cells:
@@ -68,9 +76,11 @@ def build_invoice(tenant: str, period: str, cells: Iterable[tuple[CellKey, Cell]
         adj = round_money(sum((x.amount for x in adjustments), Decimal(0)), currency)
         sections.append(CurrencySection(currency=currency, lines=lines, adjustments=adjustments, subtotal=subtotal,
                                         adjustments_total=adj, total=subtotal + adj))
+    uncharged = sorted((uncharged_line(a) for a in attempts if a.tenant == tenant),
+                       key=lambda x: (x.ended_at, x.lease_id))
     return Invoice(tenant=tenant, period=period, status="final" if final else "draft", final_after=final_after,
                    issued_at=issued_at, currencies=sections, totals={s.currency: s.total for s in sections},
-                   entries=entries)
+                   entries=entries, uncharged=uncharged)
 
 
 def usage_rows(cells: Iterable[tuple[CellKey, Cell]], group_by: Sequence[str],

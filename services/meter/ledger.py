@@ -23,7 +23,7 @@ from services.common.settings import Settings
 from services.common.subjects import MeterNames
 
 from .aggregate import Aggregate
-from .model import FoldedEntry, FoldedRecord, LedgerEntry, PeriodsClosed
+from .model import FoldedEntry, FoldedRecord, LedgerRecord, PeriodsClosed
 
 log = logging.getLogger("meter.ledger")
 
@@ -60,7 +60,7 @@ class Ledger:
         self._stopping = False
 
     # --- appending ----------------------------------------------------------------------------
-    async def append(self, entries: Sequence[LedgerEntry]) -> None:
+    async def append(self, entries: Sequence[LedgerRecord]) -> None:
         """Durably append; an entry whose id was appended before is not appended again.
 
         Each entry goes to a subject of its own (``MeterNames.ledger``) with

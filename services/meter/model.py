@@ -56,7 +56,51 @@ class PeriodsClosed(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
     v: int = 1
 
 
-LedgerRecord = LedgerEntry | PeriodsClosed
+class UnchargedAttempt(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="attempt", gc=False):
+    """A delivered lease that ended before the meter saw it ready: it costs nothing, and
+    its tenant's invoice lists it as not charged. ``id`` is ``<lease>.x`` (appended
+    create-only, like an entry). Should the lease's ``lease.ready`` still come (events of one
+    lease may be applied out of order), the lease is billed after all and the fold drops
+    the attempt from the invoice (``ReadyMark``)."""
+
+    id: str
+    tenant: str
+    provider: str
+    pool_id: str
+    region: str
+    model: str
+    lease_id: str
+    request_id: str = ""
+    billing: Billing
+    currency: Currency
+    delivery: str = ""
+    attempt: int = 1
+    ended: str  # the ending event's type (lease.failed, lease.lost, ...)
+    reason: str = ""
+    granted_at: datetime
+    ended_at: datetime  # the ending event's time
+    period: str  # the month of ``ended_at``
+    event_id: str = ""
+    seq: int = 0
+    posted_at: datetime
+    v: int = 1
+
+
+class ReadyMark(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="ready", gc=False):
+    """A delivered lease became ready (``<lease>.ready``, create-only): an uncharged attempt
+    of the same lease, folded before or after it, is not listed. (Two replicas may apply a
+    lease's ready and its end at once; the one applying the end may post the attempt from
+    an account that did not show the ready yet.)"""
+
+    id: str
+    tenant: str
+    lease_id: str
+    at: datetime  # the lease.ready's time: billing started here
+    posted_at: datetime
+    v: int = 1
+
+
+LedgerRecord = LedgerEntry | PeriodsClosed | UnchargedAttempt | ReadyMark
 
 
 class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="entry", gc=False):
@@ -80,7 +124,7 @@ class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     posted_at: datetime
 
 
-FoldedRecord = FoldedEntry | PeriodsClosed
+FoldedRecord = FoldedEntry | PeriodsClosed | UnchargedAttempt | ReadyMark
 
 
 # --- per-lease accounts (KV, optimistic concurrency) -------------------------------------------
@@ -92,6 +136,13 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=
     open: bool = True  # False once an ending event was applied
     reserved_billed: bool = False  # the term was posted
     usage_billed: bool = False  # the per-second usage was posted
+    # delivered leases (``LeaseInfo.delivery``): billing starts at ready
+    ready_at: datetime | None = None  # the ``at`` of its lease.ready, once applied
+    ended: str = ""  # the ending event applied before any ready (its type) ...
+    ended_at: datetime | None = None  # ... and where its billed interval ends, should a ready still come
+    attempt_posted: bool = False  # the uncharged attempt was posted
+    term_root: str = ""  # reserved replacements: the lease whose id names the term's entries
+    units: int = 0  # the lease's units (a replacement of fewer units is a split: a term of its own)
     entries: tuple[str, ...] = ()  # ids of the ledger entries this lease posted
     billed: Decimal = Decimal(0)
     currency: str = "USD"
@@ -173,6 +224,27 @@ class CurrencySection(msgspec.Struct, frozen=True, kw_only=True):
     total: Decimal
 
 
+class UnchargedLine(msgspec.Struct, frozen=True, kw_only=True):
+    """An attempt that was not charged: a delivered lease that never became ready."""
+
+    lease_id: str
+    request_id: str
+    pool_id: str
+    provider: str
+    region: str
+    model: str
+    billing: str
+    delivery: str
+    attempt: int
+    reason: str
+    ended: str  # lease.failed, lease.lost, ...
+    granted_at: datetime
+    ended_at: datetime
+    currency: str
+    amount: Decimal = Decimal(0)
+    charge: Literal["not charged"] = "not charged"
+
+
 class Invoice(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     period: str
@@ -182,6 +254,7 @@ class Invoice(msgspec.Struct, frozen=True, kw_only=True):
     currencies: list[CurrencySection]
     totals: dict[str, Decimal]
     entries: int
+    uncharged: list[UnchargedLine] = []  # attempts that never became ready: listed, not charged
 
 
 class StoredInvoice(msgspec.Struct, frozen=True, kw_only=True):

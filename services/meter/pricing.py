@@ -2,8 +2,11 @@
 
 Rules (docs/meter.md has the reasoning):
 
+* **Billing starts** at ``granted_at`` for a capacity-only lease (``delivery`` empty: ready at
+  grant) and at the ``at`` of its ``lease.ready`` for a lease the provider delivers; a
+  delivered lease that never became ready costs nothing (``billing_start`` is None).
 * **Per second** (``on_demand``, ``interruptible``): ``unit_price`` is per unit-hour, locked at
-  grant. The billed interval is ``[granted_at, end)`` where ``end`` is the ending event's
+  grant. The billed interval is ``[start, end)`` where ``end`` is the ending event's
   time, never later than ``lease.expires_at`` (an expired lease is billed to its expiry:
   the client held it until then). The duration is rounded up to a whole second, then
   raised to the minimum billed increment (``min_bill_s``) unless the platform ended the
@@ -11,8 +14,8 @@ Rules (docs/meter.md has the reasoning):
   charge per month, each priced exactly and rounded on its own.
 * **Reserved terms** (``reserved_month``: 1 month, ``reserved_year``: 12): ``unit_price`` is
   per unit-month; the fee is ``unit_price × units`` per month of the term, all posted at
-  grant ("in advance, whether used or not"). Month *k* covers
-  ``[granted_at + (k-1)·730 h, granted_at + k·730 h)`` (730 h is the broker's term month)
+  the billing start ("in advance, whether used or not"). Month *k* covers
+  ``[start + (k-1)·730 h, start + k·730 h)`` (730 h is the broker's term month)
   and belongs to the period in which it starts. Releasing early refunds nothing.
 * **Rounding**: each charge is computed exactly and rounded once, half-even, to the
   currency's minor unit (2 places; 0 for JPY, KRW, …; 3 for BHD, KWD, …).
@@ -42,7 +45,7 @@ PER_SECOND = ("on_demand", "interruptible")
 RESERVED = ("reserved_month", "reserved_year")
 # ending events after which the minimum increment is not charged: the platform ended the lease
 NO_MINIMUM = ("lease.preempted", "lease.lost")
-ENDING = ("lease.released", "lease.expired", "lease.preempted", "lease.lost", "lease.revoked")
+ENDING = ("lease.released", "lease.expired", "lease.preempted", "lease.lost", "lease.revoked", "lease.failed")
 
 _CTX = Context(prec=60, rounding=ROUND_HALF_EVEN)
 _MICROS_PER_HOUR = Decimal(3_600_000_000)
@@ -108,6 +111,17 @@ def validate(lease: LeaseInfo) -> None:
         raise PricingError(f"lease {lease.lease_id}: unknown billing {lease.billing!r}")
 
 
+def delivers(lease: LeaseInfo) -> bool:
+    """Whether the provider must deliver this lease (it starts provisioning; billed from ready)."""
+    return bool(lease.delivery)
+
+
+def billing_start(lease: LeaseInfo, ready_at: datetime | None) -> datetime | None:
+    """Where billing starts: the grant for capacity only, the ready for a delivered lease
+    (None while it is not known to be ready)."""
+    return ready_at if delivers(lease) else lease.granted_at
+
+
 def billed_end(kind: str, at: datetime, lease: LeaseInfo) -> datetime:
     """Where the billed interval of a per-second lease ends for an ending event."""
     if kind == "lease.expired":
@@ -128,9 +142,10 @@ def month_pieces(start: datetime, end: datetime) -> list[tuple[str, datetime, da
     return out
 
 
-def usage_charges(lease: LeaseInfo, end: datetime, *, min_bill_s: int, apply_minimum: bool = True) -> list[Charge]:
-    """Per-second charges of ``lease`` from its grant to ``end``."""
-    start = _utc(lease.granted_at)
+def usage_charges(lease: LeaseInfo, end: datetime, *, min_bill_s: int, apply_minimum: bool = True,
+                  start: datetime | None = None) -> list[Charge]:
+    """Per-second charges of ``lease`` from ``start`` (default: its grant) to ``end``."""
+    start = _utc(start or lease.granted_at)
     micros = max(0, (_utc(end) - start) // _ONE_MICRO)
     seconds = -(-micros // 1_000_000)  # up to a whole second
     if apply_minimum:
@@ -149,11 +164,12 @@ def usage_charges(lease: LeaseInfo, end: datetime, *, min_bill_s: int, apply_min
     return out
 
 
-def reserved_charges(lease: LeaseInfo) -> list[Charge]:
-    """The whole term, one charge per term month, each in the period where it starts."""
+def reserved_charges(lease: LeaseInfo, start: datetime | None = None) -> list[Charge]:
+    """The whole term from ``start`` (default: the grant), one charge per term month, each
+    in the period where it starts."""
     months = lease.term_months or TERM_MONTHS[lease.billing]
     fee = _CTX.multiply(lease.unit_price, Decimal(lease.units))
-    start0 = _utc(lease.granted_at)
+    start0 = _utc(start or lease.granted_at)
     out = []
     for k in range(1, months + 1):
         a = start0 + (k - 1) * TERM_MONTH
@@ -163,20 +179,25 @@ def reserved_charges(lease: LeaseInfo) -> list[Charge]:
     return out
 
 
-def ending_charges(kind: str, at: datetime, lease: LeaseInfo, *, min_bill_s: int) -> list[Charge]:
-    """What an ending event of a per-second lease bills (nothing for reserved terms)."""
+def ending_charges(kind: str, at: datetime, lease: LeaseInfo, *, min_bill_s: int,
+                   start: datetime | None = None) -> list[Charge]:
+    """What an ending event of a per-second lease bills from ``start`` (default: the grant;
+    nothing for reserved terms)."""
     if lease.billing not in PER_SECOND:
         return []
     return usage_charges(lease, billed_end(kind, at, lease), min_bill_s=min_bill_s,
-                         apply_minimum=kind not in NO_MINIMUM)
+                         apply_minimum=kind not in NO_MINIMUM, start=start)
 
 
-def accrued(lease: LeaseInfo, now: datetime, *, min_bill_s: int) -> Decimal:
-    """Cost so far of an open per-second lease, as it would be billed if it ended now."""
+def accrued(lease: LeaseInfo, now: datetime, *, min_bill_s: int, start: datetime | None = None,
+            period: str | None = None) -> Decimal:
+    """Cost so far of an open per-second lease billed from ``start`` (default: the grant),
+    as it would be billed if it ended now (only what falls in ``period``, if given)."""
     if lease.billing not in PER_SECOND:
         return Decimal(0)
     return sum((c.amount for c in usage_charges(lease, min(_utc(now), _utc(lease.expires_at)),
-                                                 min_bill_s=min_bill_s)), Decimal(0))
+                                                 min_bill_s=min_bill_s, start=start)
+                if period is None or c.period == period), Decimal(0))
 
 
 def total(charges: list[Charge]) -> Decimal:

@@ -166,7 +166,8 @@ class Meter:
     # --- invoices -----------------------------------------------------------------------------
     def _draft(self, tenant: str, period: str) -> Invoice:
         return build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period),
-                             final=False, final_after=final_at(period, self.settings.invoice_grace_s))
+                             final=False, final_after=final_at(period, self.settings.invoice_grace_s),
+                             attempts=self.aggregate.invoice_attempts(tenant, period))
 
     async def invoice(self, who: Principal, period: str, tenant: str | None) -> Invoice:
         period = period_param(period)  # type: ignore[assignment]
@@ -185,7 +186,8 @@ class Meter:
     def _final_from_aggregate(self, tenant: str, period: str) -> Invoice:
         return build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period), final=True,
                              final_after=final_at(period, self.settings.invoice_grace_s),
-                             issued_at=self._closed_at.get(period))
+                             issued_at=self._closed_at.get(period),
+                             attempts=self.aggregate.invoice_attempts(tenant, period))
 
     async def invoices(self, who: Principal, tenant: str | None) -> dict[str, Any]:
         tenant = self.tenant_scope(who, tenant, required=True)
@@ -197,9 +199,10 @@ class Meter:
         for period in reversed(self.aggregate.invoice_periods(tenant)):
             inv = build_invoice(tenant, period, self.aggregate.invoice_cells(tenant, period),
                                 final=self.aggregate.is_final(period),
-                                final_after=final_at(period, self.settings.invoice_grace_s))
+                                final_after=final_at(period, self.settings.invoice_grace_s),
+                                attempts=self.aggregate.invoice_attempts(tenant, period))
             out.append({"period": period, "status": inv.status, "totals": inv.totals, "entries": inv.entries,
-                        "final_after": inv.final_after})
+                        "uncharged": len(inv.uncharged), "final_after": inv.final_after})
         return {"tenant": tenant, "invoices": out}
 
     async def _stored(self, tenant: str, period: str) -> StoredInvoice | None:
@@ -233,7 +236,8 @@ class Meter:
             self._closed_at[period] = marker.at
             for tenant in agg.tenants_with_invoice(period):
                 inv = build_invoice(tenant, period, agg.invoice_cells(tenant, period), final=True,
-                                    final_after=final_at(period, self.settings.invoice_grace_s), issued_at=marker.at)
+                                    final_after=final_at(period, self.settings.invoice_grace_s), issued_at=marker.at,
+                                    attempts=agg.invoice_attempts(tenant, period))
                 snapshots.append(inv)
         if snapshots:
             task = asyncio.create_task(self._store_and_issue(snapshots))

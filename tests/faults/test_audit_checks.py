@@ -20,9 +20,12 @@ from services.cli.audit_checks import (
 from services.common.messages import (
     Accelerator,
     LeaseExpired,
+    LeaseFailed,
     LeaseGranted,
     LeaseInfo,
+    LeaseLost,
     LeaseProvisioning,
+    LeaseReady,
     LeaseReleased,
     LeaseRenewed,
     Pool,
@@ -143,21 +146,6 @@ def test_lease_without_grant_and_lost_grant() -> None:
     assert failures(o)["Redis rebuilt after a loss"] == {"region:cn-gz"}
 
 
-def test_a_delivering_lease_is_granted_by_its_lease_provisioning() -> None:
-    """The grant (seq 1) of a lease that must be delivered is lease.provisioning: a live
-    one has its grant in the stream, and a granted one missing from Redis is still named."""
-    o = world()
-    d = msgspec.structs.replace(info("d", units=1), delivery="ssh", provision_timeout_s=300)
-    o.events.append((6, LeaseProvisioning(id="d.1", at=d.granted_at, lease=d)))
-    o.alloc_seq_before = o.billed_through = 6
-    o.leases["d"] = LeaseLive("cn-gz", "d", "p1", 1, T + 300, 1)
-    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)
-    assert audit(o).ok, audit(o).to_dict()
-    del o.leases["d"]
-    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=3, free=5)
-    assert failures(o) == {"granted lease is live until it ends": {"d"}}
-
-
 def test_expired_lease_holding_units_and_expired_lease_never_ended() -> None:
     o = world()
     o.now = T + 400  # lease a expired at T + 290; grace 5 s
@@ -211,3 +199,64 @@ def test_records_and_confirmation() -> None:
     assert confirmed(first, audit(o)).ok  # gone at the second look: in flight, not a fault
     o.records = {}
     assert not confirmed(first, audit(o)).ok
+
+
+def test_delivered_leases_are_owed_from_ready_and_never_ready_ones_nothing() -> None:
+    o = world()
+    d = msgspec.structs.replace(info("d", granted=-900), delivery="ssh")
+    f = msgspec.structs.replace(info("f", granted=-900), delivery="ssh")
+    ready_d = LeaseReady(id="d.2", at=NOW - timedelta(seconds=800), lease=d, seq=2)
+    released_d = LeaseReleased(id="d.3", at=NOW - timedelta(seconds=200), lease=d, seq=3)
+    o.events += [(6, LeaseProvisioning(id="d.1", at=d.granted_at, lease=d)), (7, ready_d), (8, released_d),
+                 (9, LeaseProvisioning(id="f.1", at=f.granted_at, lease=f)),
+                 (10, LeaseFailed(id="f.2", at=NOW - timedelta(seconds=600), lease=f, seq=2, reason="no"))]
+    o.billed_through = o.alloc_seq_before = 10
+    owed = [LedgerEntry(**{**msgspec.structs.asdict(e), "start": ready_d.at, "seconds": Decimal(600),
+                           "amount": c.amount, "quantity": c.quantity})
+            for e, c in zip(entries_for(released_d),
+                            ending_charges("lease.released", released_d.at, d, min_bill_s=60, start=ready_d.at),
+                            strict=True)]
+    base = list(o.ledger or [])
+    o.ledger = base + [(len(base) + 1, owed[0])]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert audit(o).ok, audit(o).to_dict()
+    # billed from the grant instead: a wrong amount, named
+    o.ledger = base + [(len(base) + 1, entries_for(released_d)[0])]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert failures(o) == {"ledger = leased seconds x locked price": {"d"}}
+
+
+def test_a_reserved_term_moved_by_failover_is_owed_once() -> None:
+    o = world()
+    a = info("ra", units=1, billing="reserved_month", expires=86400)
+    b = msgspec.structs.replace(info("rb", pool_id="p1", units=1, billing="reserved_month", granted=-100,
+                                     expires=86400), attempt=2, replaces="ra", expires_at=a.expires_at)
+    o.events += [(6, LeaseGranted(id="ra.1", at=a.granted_at, lease=a)),
+                 (7, LeaseLost(id="ra.2", at=NOW - timedelta(seconds=200), lease=a, seq=2, reason="pool offline")),
+                 (8, LeaseGranted(id="rb.1", at=b.granted_at, lease=b))]
+    o.billed_through = o.alloc_seq_before = 8
+    o.leases["rb"] = LeaseLive("cn-gz", "rb", "p1", 1, T + 86400, 1)
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)
+    base = list(o.ledger or [])
+    o.ledger = base + [(len(base) + i + 1, e) for i, e in enumerate(entries_for(o.events[-3][1], "reserved"))]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert audit(o).ok, audit(o).to_dict()
+    # the replacement charged a term of its own too: owed by nothing
+    o.ledger += [(len(o.ledger) + 1, e) for e in entries_for(o.events[-1][1], "reserved")]
+    o.meter = MeterView(len(o.ledger), {("t1", "USD"): sum((e.amount for _, e in o.ledger), Decimal(0))})
+    assert failures(o) == {"ledger = leased seconds x locked price": {"rb"}}
+
+
+def test_a_delivering_lease_is_granted_by_its_lease_provisioning() -> None:
+    """The grant (seq 1) of a lease that must be delivered is lease.provisioning: a live
+    one has its grant in the stream, and a granted one missing from Redis is still named."""
+    o = world()
+    d = msgspec.structs.replace(info("d", units=1), delivery="ssh", provision_timeout_s=300)
+    o.events.append((6, LeaseProvisioning(id="d.1", at=d.granted_at, lease=d)))
+    o.alloc_seq_before = o.billed_through = 6
+    o.leases["d"] = LeaseLive("cn-gz", "d", "p1", 1, T + 300, 1)
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)
+    assert audit(o).ok, audit(o).to_dict()
+    del o.leases["d"]
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=3, free=5)
+    assert failures(o) == {"granted lease is live until it ends": {"d"}}

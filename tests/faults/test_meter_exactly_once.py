@@ -3,7 +3,8 @@ replays.
 
 The meter runs as a real process (uvicorn, ``python -m services.meter``). The test
 publishes more than 10,000 allocation events (grants, renewals and every kind of end for
-thousands of leases of every billing, across a month boundary, with duplicates) to the
+thousands of leases of every billing, across a month boundary, with duplicates; a quarter
+of them delivered: billed from their ready, or failed or lost before it) to the
 real stream, SIGKILLs the meter at seeded random points while it is busy, restarts it,
 waits until its durable consumer has nothing pending, and checks the ledger — read
 straight from the ledger stream — against the charges computed independently from the
@@ -34,7 +35,15 @@ from nats.js.api import StorageType, StreamConfig
 
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
-from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseInfo
+from services.common.messages import (
+    ENDING_EVENTS,
+    AllocEvent,
+    LeaseFailed,
+    LeaseInfo,
+    LeaseLost,
+    LeaseProvisioning,
+    LeaseReady,
+)
 from services.common.nats_conn import read_stream
 from services.common.settings import Settings, settings_to_env
 from services.common.subjects import MeterNames, Subjects
@@ -67,7 +76,33 @@ class Scenario:
     expected: dict[str, list[tuple[str, Decimal]]]  # lease -> [(entry id, amount)]
 
 
-def scenario(rng: random.Random, leases: int, duplicates: float = 0.03) -> Scenario:
+def deliver(events: list[AllocEvent], drng: random.Random) -> tuple[list[AllocEvent], datetime | None]:
+    """The same lease delivered by its provider: provisioning at grant, then a ready a few
+    seconds later before anything else happens (later events' seq +1); or a failure (or a
+    loss) before ready instead of everything. Returns the events and the ready's time."""
+    first = events[0]
+    info = msgspec.structs.replace(first.lease, delivery="ssh", provision_timeout_s=300)
+    start = info.granted_at
+    out: list[AllocEvent] = [LeaseProvisioning(id=f"{info.lease_id}.1", at=start, lease=info, seq=1)]
+    if drng.random() < 0.2:
+        kind = drng.choice([LeaseFailed, LeaseLost])
+        out.append(kind(id=f"{info.lease_id}.2", at=start + timedelta(seconds=drng.uniform(1, 300)), lease=info,
+                        seq=2, reason="not ready within 300 s" if kind is LeaseFailed else "pool offline"))
+        return out, None
+    nxt = events[1].at if len(events) > 1 else info.expires_at
+    ready_at = start + min(timedelta(seconds=drng.uniform(0.5, 30)), (nxt - start) / 2)
+    out.append(LeaseReady(id=f"{info.lease_id}.2", at=ready_at, lease=info, seq=2))
+    for e in events[1:]:
+        out.append(msgspec.structs.replace(e, id=f"{info.lease_id}.{e.seq + 1}", seq=e.seq + 1,
+                                           lease=msgspec.structs.replace(e.lease, delivery="ssh",
+                                                                         provision_timeout_s=300)))
+    return out, ready_at
+
+
+def scenario(rng: random.Random, leases: int, duplicates: float = 0.03, delivered: float = 0.0) -> Scenario:
+    """``delivered``: the share of leases a provider delivers (billed from their ready;
+    drawn from a random stream of their own, so the rest of the scenario is the same)."""
+    drng = random.Random(rng.random()) if delivered else None
     timeline: list[tuple[datetime, int, AllocEvent]] = []
     expected: dict[str, list[tuple[str, Decimal]]] = {}
     for i in range(leases):
@@ -120,6 +155,19 @@ def scenario(rng: random.Random, leases: int, duplicates: float = 0.03) -> Scena
                 e = ends[0]
                 expected[info.lease_id] = [(entry_id(info.lease_id, c), c.amount) for c in
                                            ending_charges(event_kind(e), e.at, e.lease, min_bill_s=MIN_BILL_S)]
+        if drng is not None and drng.random() < delivered:
+            events, ready_at = deliver(events, drng)
+            info = events[-1].lease
+            if ready_at is None:
+                expected[info.lease_id] = []
+            elif billing in RESERVED:
+                expected[info.lease_id] = [(entry_id(info.lease_id, c), c.amount)
+                                           for c in reserved_charges(info, ready_at)]
+            else:
+                ends = [e for e in events if isinstance(e, ENDING_EVENTS)]
+                expected[info.lease_id] = [
+                    (entry_id(info.lease_id, c), c.amount) for e in ends[:1]
+                    for c in ending_charges(event_kind(e), e.at, e.lease, min_bill_s=MIN_BILL_S, start=ready_at)]
         for e in events:
             timeline.append((e.at, len(timeline), e))
     timeline.sort(key=lambda x: (x[0], x[1]))
@@ -209,8 +257,9 @@ def check_ledger(entries: list[LedgerEntry], s: Scenario) -> None:
 
 async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_path) -> None:
     rng = random.Random(SEED)
-    s = scenario(rng, leases=5200)
+    s = scenario(rng, leases=5200, delivered=0.25)
     assert len(s.events) >= 10_000
+    assert sum(isinstance(e, LeaseReady) for e in s.events) > 800
     js = nc.jetstream()
     settings = msgspec.structs.replace(settings, min_bill_s=MIN_BILL_S, meter_ack_wait_s=2.0, meter_batch=400)
     names = MeterNames.of(settings)

@@ -1,11 +1,17 @@
 """The meter bills what the real broker grants: a lease placed and released through the
-broker's API shows up in the meter's usage and draft invoice, priced at the locked price."""
+broker's API shows up in the meter's usage and draft invoice, priced at the locked price;
+a delivered lease from its ready, and one that failed not at all."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 
-from services.common.messages import AllocEvent, LeaseReleased
+import msgspec
+
+from services.common.messages import AllocEvent, LeaseFailed, LeaseReady, LeaseReleased
+from services.common.nats_conn import read_stream
+from services.meter.model import LedgerEntry, LedgerRecord
 from services.meter.service import utcnow
 
 from ..helpers import EventTap, eventually
@@ -65,3 +71,47 @@ async def test_budget_exhausted_stops_the_broker_and_a_top_up_restores_it(settin
             return (await w.request("t1", {"units": 1})).status_code == 201
 
         await eventually(placed, timeout=10)
+
+
+DELIVERING = {"gz-ssh": {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 16,
+                         "prices": {"on_demand": "1.20"}, "delivery": ["ssh"], "provision_timeout_s": 120}}
+SSH = {"kind": "ssh", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA tenant@laptop"]}
+
+
+async def test_delivered_leases_are_billed_from_ready_and_a_failed_one_not_at_all(settings, nc, subjects) -> None:
+    """Through the broker's API: the provider answers ready for one lease and failed for
+    another; the meter bills the first from the ready's time to its release and lists the
+    second as not charged."""
+    async with broker_world(settings, DELIVERING) as w, meter_world(settings, nc, clock=utcnow) as m, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        ask = {"units": 2, "placement": {"regions": ["cn-gz"]}, "workload": SSH}
+        good, bad = [(await w.request("t1", ask)).json()["leases"][0]["lease_id"] for _ in range(2)]
+        r = await w.broker.post(f"/v1/leases/{good}/ready", json={"access": {"host": "gpu-1.example", "port": 22}},
+                                headers=w.provider)
+        assert r.status_code == 200, r.text
+        r = await w.broker.post(f"/v1/leases/{bad}/failed", json={"reason": "image pull failed"},
+                                headers=w.provider)
+        assert r.status_code == 200, r.text
+        assert (await w.broker.post(f"/v1/leases/{good}/release", headers=w.tenants["t1"])).status_code == 200
+        ready = await alloc.wait_for(lambda e: isinstance(e, LeaseReady) and e.lease.lease_id == good)
+        released = await alloc.wait_for(lambda e: isinstance(e, LeaseReleased) and e.lease.lease_id == good)
+        await alloc.wait_for(lambda e: isinstance(e, LeaseFailed) and e.lease.lease_id == bad)
+        assert ready.at > ready.lease.granted_at
+        await m.settled()
+        entries = [r for r in await _ledger(m) if isinstance(r, LedgerEntry)]
+        [entry] = entries  # the failed lease: nothing, not even the minimum
+        # released within the minimum: 60 s of 2 units at 1.20/unit-hour, counted from ready
+        assert released.at - ready.at < timedelta(seconds=60)
+        assert (entry.lease_id, entry.start, entry.end) == (good, ready.at, ready.at + timedelta(seconds=60))
+        assert entry.amount == Decimal("0.04")
+        period = utcnow().strftime("%Y-%m")
+        inv = (await m.get(f"/v1/invoices/{period}", "t1")).json()
+        assert inv["totals"] == {"USD": "0.04"}
+        assert [(u["lease_id"], u["pool_id"], u["provider"], u["reason"], u["charge"]) for u in inv["uncharged"]] == [
+            (bad, "gz-ssh", "acme", "image pull failed", "not charged")]
+
+
+async def _ledger(m) -> list:
+    decoder = msgspec.json.Decoder(LedgerRecord)
+    return [decoder.decode(data)
+            async for _, data in read_stream(m.js, m.names.ledger_stream, m.names.ledger_subjects)]

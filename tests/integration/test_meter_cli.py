@@ -16,7 +16,7 @@ from services.common.subjects import Subjects
 
 from ..helpers import eventually
 from ..procs import service_process
-from .test_meter_support import ROLES, ended, granted, issue_keys, lease, publish
+from .test_meter_support import ROLES, ended, granted, issue_keys, lease, provisioning, publish
 
 
 def cli() -> click.Group:
@@ -36,13 +36,16 @@ async def test_usage_and_invoice_commands(settings, nc, tmp_path) -> None:
     r = lease(billing="reserved_month", granted_at=now, unit_price=Decimal("1100"), pool_id="p2", region="us-east",
               model="nvidia-h100-sxm-80gb")
     b = lease(tenant="t2", granted_at=now, expires_at=now + timedelta(days=1), unit_price=Decimal("36"))
+    failed = lease(granted_at=now, pool_id="p9", provider="flaky", delivery="ssh")
     await publish(nc.jetstream(), Subjects(settings.prefix), granted(a), granted(r), granted(b),
-                  ended(a, "released", now + timedelta(seconds=100)), ended(b, "released", now + timedelta(seconds=50)))
+                  ended(a, "released", now + timedelta(seconds=100)), ended(b, "released", now + timedelta(seconds=50)),
+                  provisioning(failed), ended(failed, "failed", now + timedelta(seconds=300), reason="no ssh daemon"))
     with service_process("meter", settings, tmp_path) as svc:
         async def billed() -> bool:
             async with httpx.AsyncClient(base_url=svc.url) as http:
                 body = (await http.get("/v1/usage", headers=keys["ops"])).json()
-                return body.get("totals") == {"USD": "1102.60"}
+                invoice = (await http.get(f"/v1/invoices/{period}", headers=keys["t1"])).json()
+                return body.get("totals") == {"USD": "1102.60"} and len(invoice.get("uncharged", [])) == 1
 
         await eventually(billed, timeout=20)
         base = ["--meter-url", svc.url, "--data-dir", str(tmp_path)]
@@ -63,6 +66,8 @@ async def test_usage_and_invoice_commands(settings, nc, tmp_path) -> None:
         out = await asyncio.to_thread(run, "invoice", period)
         assert f"Invoice t1 {period}" in out and "draft" in out and "1102.00 USD" in out
         assert "reserved_month" in out and "p2" in out and "1 unit-month " in out and "adjustments 0.00" in out
+        assert "never became ready" in out and failed.lease_id[:12] in out and "no ssh daemon" in out
+        assert "not charged" in out and "flaky" in out
         out = await asyncio.to_thread(run, "invoice")
         assert period in out and "draft" in out
         result = runner.invoke(cli(), ["invoice", "2026-13", *base])

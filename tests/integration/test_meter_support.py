@@ -25,10 +25,13 @@ from services.common.keys import Keys
 from services.common.messages import (
     AllocEvent,
     LeaseExpired,
+    LeaseFailed,
     LeaseGranted,
     LeaseInfo,
     LeaseLost,
     LeasePreempted,
+    LeaseProvisioning,
+    LeaseReady,
     LeaseReleased,
     LeaseRenewed,
     LeaseRevoked,
@@ -42,7 +45,7 @@ from ..helpers import eventually
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ENDS = {"released": LeaseReleased, "expired": LeaseExpired, "preempted": LeasePreempted, "lost": LeaseLost,
-        "revoked": LeaseRevoked}
+        "revoked": LeaseRevoked, "failed": LeaseFailed}
 FAST = dict(min_bill_s=60, invoice_grace_s=3 * 86400, finalize_interval_s=0.1, budget_interval_s=0.1,
             meter_ack_wait_s=5.0, meter_batch=500)
 
@@ -91,13 +94,22 @@ def granted(info: LeaseInfo) -> LeaseGranted:
     return LeaseGranted(id=f"{info.lease_id}.1", at=info.granted_at, lease=info, seq=1)
 
 
+def provisioning(info: LeaseInfo) -> LeaseProvisioning:
+    """The grant of a lease the provider must deliver (``info.delivery`` set)."""
+    return LeaseProvisioning(id=f"{info.lease_id}.1", at=info.granted_at, lease=info, seq=1)
+
+
+def ready(info: LeaseInfo, at: datetime, seq: int = 2) -> LeaseReady:
+    return LeaseReady(id=f"{info.lease_id}.{seq}", at=at, lease=info, seq=seq)
+
+
 def renewed(info: LeaseInfo, seq: int, at: datetime, ttl_s: int = 300) -> LeaseRenewed:
     info = msgspec.structs.replace(info, expires_at=at + timedelta(seconds=ttl_s))
     return LeaseRenewed(id=f"{info.lease_id}.{seq}", at=at, lease=info, seq=seq)
 
 
-def ended(info: LeaseInfo, kind: str, at: datetime, seq: int = 2) -> AllocEvent:
-    return ENDS[kind](id=f"{info.lease_id}.{seq}", at=at, lease=info, seq=seq)
+def ended(info: LeaseInfo, kind: str, at: datetime, seq: int = 2, **extra: Any) -> AllocEvent:
+    return ENDS[kind](id=f"{info.lease_id}.{seq}", at=at, lease=info, seq=seq, **extra)
 
 
 async def publish(js: JetStreamContext, subjects: Subjects, *events: AllocEvent, msg_id: str | None = None) -> None:
