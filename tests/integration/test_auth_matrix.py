@@ -195,6 +195,10 @@ def for_tenant(path: str, method: str = "GET", in_path: bool = False, body: Any 
     return build
 
 
+async def provider_reliability(s: Stage, side: str, c: Caller) -> Req:
+    return Req("GET", f"/v1/providers/{s.provider(side)}/reliability")
+
+
 async def statements(s: Stage, side: str, c: Caller) -> Req:
     return Req("GET", "/v1/statements", {"provider": s.provider(side)}, ident=s.provider(side))
 
@@ -348,6 +352,9 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
                                                                   provider=F, tenant=MINE),
     ("broker", "POST", "/v1/leases/{lease_id:str}/release"): owned(on_lease("POST", "/release", fresh=True),
                                                                     admin=T, ops=F, provider=F, tenant=MINE),
+    # a provider's delivery record is public to every role (docs/reliability.md)
+    ("broker", "GET", "/v1/providers/{provider_id:str}/reliability"): roles(provider_reliability, admin=OK, ops=OK,
+                                                                             provider=OK, tenant=OK),
     # --- meter ----------------------------------------------------------------------------------
     ("meter", "GET", "/health"): anyone(get("/health")),
     ("meter", "GET", "/ready"): anyone(get("/ready")),
