@@ -312,6 +312,8 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
     ("registry", "POST", "/v1/regions/bulk"): roles(put_regions, admin=OK, ops=E403, provider=E403, tenant=E403),
     ("registry", "GET", "/v1/pools"): roles(get("/v1/pools"), admin=OK, ops=OK, provider=OK, tenant=OK),
     ("registry", "GET", "/v1/capacity"): roles(get("/v1/capacity"), admin=OK, ops=OK, provider=OK, tenant=OK),
+    ("registry", "GET", "/v1/reliability"): roles(get("/v1/reliability"), admin=OK, ops=OK, provider=OK,
+                                                  tenant=OK),
     ("registry", "GET", "/v1/pools/{pool_id:str}"): owned(on_pool("GET"), admin=T, ops=T, provider=T, tenant=T),
     ("registry", "PUT", "/v1/pools/{pool_id:str}"): owned(on_pool("PUT", body=pool_put), admin=T, ops=F,
                                                            provider=POOL_OWNER, tenant=F),
