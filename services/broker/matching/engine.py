@@ -137,8 +137,10 @@ class _Ctx:
             self.eps = 0
             need_lo = Decimal(self.need)
         self.need_lo_f = need_lo * self.factor
-        self.exclude = scores.exclusion(ask.exclude_pools, ask.min_reliability)
-        self.rank = scores.ranking(ask.failover_cost)  # None: the price order is the expected-cost order
+        self.exclude = ask.exclude_pools if ask.min_reliability is None else \
+            scores.exclusion(ask.exclude_pools, ask.min_reliability)
+        # None: the price order is the expected-cost order
+        self.rank = None if ask.failover_cost <= 0 else scores.ranking(ask.failover_cost)
         self.currency = ask.currency
         if ask.data_region and ask.data_gb > 0:
             self.data_region = ask.data_region
@@ -1089,7 +1091,8 @@ class Engine:
         stranded = 0
         transfer: dict[str, Decimal] = {}
         ctime = 0.0
-        score = self.reliability.of
+        scores = self.reliability.scores
+        weighted = 0.0  # score x units
         for cell, price, pid, free, u in picks:
             pool = cell.pools[pid]
             allocations.append(Allocation(
@@ -1097,7 +1100,8 @@ class Engine:
                 units=u, unit_price=price, price_basis=ctx.basis,
                 availability="listed" if pool.listed else "live",
                 location="unknown" if self._links.is_unlocated(cell.region) else "known",
-                reliability=score(pid)))
+                reliability=(s := scores.get(pid, PRIOR_SCORE))))
+            weighted += s * u
             compute += price * u * f
             price_units += price * u
             units += u
@@ -1108,7 +1112,7 @@ class Engine:
             transfer[cell.region] = info[0]
             ctime = max(ctime, ctx.cell_time(cell, info))
         transfer_cost = sum(transfer.values(), ZERO)
-        mean = self.reliability.mean((a.pool_id, a.units) for a in allocations)
+        mean = weighted / units
         return Placement(
             allocations=tuple(allocations), units=units, tflops=tflops,
             compute_cost=compute, transfer_cost=transfer_cost,
