@@ -105,3 +105,25 @@ def test_gang_ranking_is_the_exact_expected_cost_order(rows, units, limit, floor
     want = sorted(expected(p) for p in eligible)[:limit]
     got = [o.expected_cost for o in d.options]
     assert got == [w.quantize(D("0.000001")) for w in want]
+
+
+REGIONS = ["us-east", "us-west", "eu-west", "cn-gz"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(100, 300), st.integers(0, 8), SCORES, st.sampled_from(REGIONS)),
+                min_size=1, max_size=20), st.integers(1, 8), st.integers(1, 3), st.booleans(),
+       st.sampled_from([1.0, 10.0, 100.0]))
+def test_with_data_the_walk_stops_only_when_nothing_better_is_left(rows, units, limit, time_first, gb) -> None:
+    """With data to move (transfer cost per region, the region-group walk), the best
+    ``limit`` options are the first ``limit`` of all options ranked by expected cost."""
+    pools = [pool(f"p{i:02d}", region, f"{cents / 100:.2f}", free=free, capacity=8)
+             for i, (cents, free, _, region) in enumerate(rows)]
+    e = engine(*pools)
+    e.set_reliability({f"p{i:02d}": s for i, (_, _, s, _) in enumerate(rows) if s is not None})
+    ask = Ask(units=units, data_region="us-east", data_gb=gb, objective="time" if time_first else "cost",
+              **DELIVERS)
+    everything = e.match(ask, limit=len(pools))
+    top = e.match(ask, limit=limit)
+    key = (lambda o: (o.transfer_s, o.expected_cost)) if time_first else (lambda o: (o.expected_cost, o.transfer_s))
+    assert [key(o) for o in top.options] == sorted(key(o) for o in everything.options)[:limit]
