@@ -12,7 +12,9 @@ from .conftest import with_settings
 from .test_reliability import delivered, failed, publish
 
 PRICES = {"on_demand": "2.00"}
-POOLS = {"shaky": {"prices": PRICES}, "steady": {"prices": PRICES}, "fresh": {"prices": {"on_demand": "2.05"}}}
+SSH_POOL = {"delivery": ["ssh"]}
+POOLS = {"shaky": {"prices": PRICES, **SSH_POOL}, "steady": {"prices": PRICES, **SSH_POOL},
+         "fresh": {"prices": {"on_demand": "2.05"}, **SSH_POOL}}
 SSH = {"kind": "ssh", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKx tenant@laptop"]}
 
 
@@ -87,3 +89,31 @@ async def test_endpoint_refuses_what_it_cannot_answer(settings, nc) -> None:
         assert r.status_code == 400 and "not an id" in r.text
         r = await w.broker.post("/v1/quotes", json={"units": 1, "min_reliability": 1.5}, headers=w.tenants["t1"])
         assert r.status_code == 400 and "min_reliability" in r.text
+
+
+async def test_what_the_provider_answers_is_what_it_is_scored_on(settings, nc) -> None:
+    """The broker's own events (a provider answering ready, failed, unhealthy), not
+    published by the test: the record follows them."""
+    settings = with_settings(settings, reliability_refresh_s=0.1)
+    async with broker_world(settings, {"gz-ssh": {"prices": PRICES, **SSH_POOL}}) as w:
+        leases = []
+        for _ in range(3):
+            r = await w.request("t1", {"units": 1, "workload": SSH, "on_failure": "fail"})
+            assert r.status_code == 201, r.text
+            leases.append(r.json()["leases"][0]["lease_id"])
+        delivered, failed, lost = leases
+        for lease_id, answer, body in ((delivered, "ready", {"access": {"host": "h.example"}}),
+                                       (failed, "failed", {"reason": "image pull failed"}),
+                                       (lost, "ready", {"access": {"host": "h.example"}}),
+                                       (lost, "health", {"healthy": False, "detail": "node down"})):
+            r = await w.broker.post(f"/v1/leases/{lease_id}/{answer}", json=body, headers=w.provider)
+            assert r.status_code == 200, r.text
+
+        async def recorded():
+            r = await w.broker.get("/v1/providers/acme/reliability", headers=w.tenants["t2"])
+            rel = r.json()["provider"]
+            return rel if (rel["deliveries"], rel["failures"], rel["losses"]) == (2, 1, 1) else None
+        rel = await eventually(recorded, what="the provider's answers recorded")
+        assert rel["score"] == pytest.approx(11 / 14, abs=1e-6)
+        assert rel["ready_p50_s"] is not None and 0 <= rel["ready_p95_s"] < 30
+        assert rel["lease_hours"] > 0 and rel["losses_per_1000h"] > 0

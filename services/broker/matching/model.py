@@ -49,6 +49,10 @@ class PoolState(msgspec.Struct, kw_only=True):
     reserved_year: Decimal | None = None  # per unit-month, year term
     interruptible: Decimal | None = None  # per unit-hour
     egress_gbps: float = 10.0
+    # workload kinds the provider delivers here (empty: capacity only); a part of the
+    # pool's cell, so that an ask for a kind is pruned per cell, never per pool
+    delivery: frozenset[str] = frozenset()
+    provision_timeout_s: int = 300  # a delivering lease not ready by then fails
 
 
 class Ask(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +92,7 @@ class Ask(msgspec.Struct, frozen=True, kw_only=True):
     # failover_cost > 0 ranks by expected cost, cost x (1 + (1 - score) x failover_cost)
     min_reliability: float | None = None
     failover_cost: float = 0.0
+    delivery: str | None = None  # the workload's kind: only pools that deliver it (None: any pool)
 
 
 class Allocation(msgspec.Struct, frozen=True, kw_only=True):
