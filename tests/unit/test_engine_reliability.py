@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from services.broker.domain.requests import FAILOVER_COST_FACTOR
 from services.broker.matching import Ask
 
-from .test_engine import engine, first, ids, pool, reason
+from .test_engine import A100, ASCEND, H100, engine, first, ids, pool, reason
 
 F = FAILOVER_COST_FACTOR
 DELIVERS = dict(failover_cost=F)  # what the broker asks for a request with a workload
@@ -34,6 +34,16 @@ def test_a_cheaper_pool_wins_only_by_more_than_its_expected_failover() -> None:
     cheap = engine(pool("shaky", "us-east", "1.00"), pool("steady", "us-east", "2.00"))
     cheap.set_reliability({"shaky": 0.5, "steady": 0.97})
     assert first(cheap.match(Ask(units=8, **DELIVERS))) == "shaky"
+
+
+def test_a_pool_registered_after_the_scores_keeps_its_score() -> None:
+    """Scores arrive every few seconds; a pool (re-)registered in between moves into a cell
+    whose bound must then allow for it."""
+    e = engine(pool("a", "us-east", "2.00"))
+    e.set_reliability({"a": 0.9, "late": 0.99})
+    e.upsert(pool("late", "us-east", "2.05", model=A100))  # another cell: another model
+    d = e.match(Ask(units=8, **DELIVERS), limit=1)
+    assert ids(d) == [["late"]]  # 2.05 x 1.01 < 2.00 x 1.1
 
 
 def test_capacity_only_asks_rank_by_price_alone() -> None:
@@ -85,16 +95,20 @@ SCORES = st.one_of(st.none(), st.floats(0.05, 0.999).map(lambda x: round(x, 6)))
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(100, 300), st.integers(0, 8), SCORES), min_size=1, max_size=24),
-       st.integers(1, 8), st.integers(1, 4), st.one_of(st.none(), st.floats(0.3, 0.99)))
-def test_gang_ranking_is_the_exact_expected_cost_order(rows, units, limit, floor) -> None:
-    """Against brute force over every pool: the best ``limit`` pools by price x (1 + (1 - score) F),
-    none of them scored below min_reliability."""
-    pools = [pool(f"p{i:02d}", "us-east", f"{cents / 100:.2f}", free=free, capacity=8) for i, (cents, free, _) in
-             enumerate(rows)]
-    scores = {f"p{i:02d}": s for i, (_, _, s) in enumerate(rows) if s is not None}
-    e = engine(*pools)
+@given(st.lists(st.tuples(st.integers(100, 300), st.integers(0, 8), SCORES, st.sampled_from([H100, A100, ASCEND]),
+                          st.sampled_from(["us-east", "us-west"])), min_size=1, max_size=24),
+       st.integers(1, 8), st.integers(1, 4), st.one_of(st.none(), st.floats(0.3, 0.99)), st.integers(0, 24))
+def test_gang_ranking_is_the_exact_expected_cost_order(rows, units, limit, floor, late) -> None:
+    """Against brute force over every pool (in several cells; some pools joining after the
+    scores were set): the best ``limit`` pools by price x (1 + (1 - score) F), none of them
+    scored below min_reliability."""
+    pools = [pool(f"p{i:02d}", region, f"{cents / 100:.2f}", free=free, capacity=8, model=model)
+             for i, (cents, free, _, model, region) in enumerate(rows)]
+    scores = {f"p{i:02d}": s for i, (_, _, s, _, _) in enumerate(rows) if s is not None}
+    e = engine(*pools[:late])
     e.set_reliability(scores)
+    for p in pools[late:]:
+        e.upsert(p)
     d = e.match(Ask(units=units, min_reliability=floor, **DELIVERS), limit=limit)
 
     def expected(p) -> D:

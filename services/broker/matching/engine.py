@@ -395,7 +395,7 @@ class Engine:
     def set_reliability(self, scores: dict[str, float]) -> None:
         """Pool id -> score for every pool with a record (docs/reliability.md); the
         others score the prior."""
-        self.reliability.set(scores)
+        self.reliability.set(scores, {pool_id: cell.id for pool_id, cell in self._cell_of.items()})
 
     # --- state ---------------------------------------------------------------------
     def set_topology(self, topology: Topology | Network) -> None:
@@ -427,6 +427,8 @@ class Engine:
         self._cell_of[pool.pool_id] = cell
         self._pools[pool.pool_id] = pool
         self._dirty.add(cell)
+        if self.reliability.scores:
+            self.reliability.joined(pool.pool_id, cell.id)
 
     def remove(self, pool_id: str) -> None:
         if pool_id in self._pools:
@@ -619,6 +621,9 @@ class Engine:
             for ppv, cell, book in order.rows:
                 if len(best) >= limit and ppv * bound_f > best[-1][0]:
                     break
+                if m_lo is not None and len(best) >= limit and \
+                        ppv * need_lo_f * ctx.rank[2](cell.id) > best[-1][0]:  # type: ignore[index]
+                    continue  # no pool of this cell is reliable enough to beat what was found
                 if cap is not None and book.floor_price > cap:
                     if ctx.perf:
                         continue
@@ -712,7 +717,8 @@ class Engine:
         f = ctx.factor
         exclude = ctx.exclude
         time_obj = ctx.time_obj
-        m_lo, mult = ctx.rank  # type: ignore[misc]
+        _, mult, cell_mult = ctx.rank  # type: ignore[misc]
+        m_lo = cell_mult(cell.id)  # no pool of the cell has a lower multiplier
         li = book.first(0, n)
         while 0 <= li < hi:
             price = prices[li]

@@ -37,6 +37,9 @@ class Pruned:
         return True
 
 
+Ranking = tuple[Decimal, Callable[[str], Decimal], Callable[[int], Decimal]]
+
+
 def touches(exclude: frozenset[str] | Pruned, pools: Collection[str]) -> bool:
     """Whether any of ``pools`` is left out."""
     if type(exclude) is Pruned:
@@ -48,13 +51,30 @@ class Scores:
     def __init__(self) -> None:
         self.scores: dict[str, float] = {}
         self.top = self.low = PRIOR_SCORE  # best and worst score any pool has
-        self._mult: dict[float, tuple[Decimal, dict[str, Decimal], Decimal]] = {}
+        # cell id -> at least the best score of its pools (a pool that left keeps it up:
+        # a bound too high costs a look, one too low would skip a better pool)
+        self.cell_top: dict[int, float] = {}
+        self._mult: dict[float, tuple[Decimal, dict[str, Decimal], Decimal, dict[int, Decimal]]] = {}
 
-    def set(self, scores: Mapping[str, float]) -> None:
+    def set(self, scores: Mapping[str, float], cell_of: Mapping[str, int]) -> None:
+        """``cell_of``: pool id -> the id of its cell, for the pools the engine holds."""
         self.scores = dict(scores)
         values = [PRIOR_SCORE, *self.scores.values()]
         self.top, self.low = max(values), min(values)
+        self.cell_top = {}
+        for pool_id, score in self.scores.items():
+            cell = cell_of.get(pool_id)
+            if cell is not None and score > self.cell_top.get(cell, PRIOR_SCORE):
+                self.cell_top[cell] = score
         self._mult.clear()
+
+    def joined(self, pool_id: str, cell: int) -> None:
+        """A pool was added to (or moved into) a cell."""
+        score = self.scores.get(pool_id)
+        if score is not None and score > self.cell_top.get(cell, PRIOR_SCORE):
+            self.cell_top[cell] = score
+            for _, _, _, cells in self._mult.values():
+                cells.pop(cell, None)
 
     def of(self, pool_id: str) -> float:
         return self.scores.get(pool_id, PRIOR_SCORE)
@@ -65,16 +85,24 @@ class Scores:
             return base
         return Pruned(base, self.scores, floor)
 
-    def ranking(self, factor: float) -> tuple[Decimal, Callable[[str], Decimal]] | None:
-        """(the lowest multiplier any pool has, pool id -> its multiplier), or None when
-        all pools score alike (the price order is then the expected-cost order)."""
+    def ranking(self, factor: float) -> Ranking | None:
+        """(the lowest multiplier any pool has, pool id -> its multiplier, cell id -> the
+        lowest multiplier of its pools), or None when all pools score alike (the price
+        order is then the expected-cost order)."""
         if factor <= 0 or not self.scores:
             return None
         hit = self._mult.get(factor)
         if hit is None:
-            hit = self._mult[factor] = (self.multiplier(factor, self.top), {}, self.multiplier(factor, PRIOR_SCORE))
-        lo, cache, prior = hit
-        scores = self.scores
+            hit = self._mult[factor] = (self.multiplier(factor, self.top), {}, self.multiplier(factor, PRIOR_SCORE), {})
+        lo, cache, prior, cells = hit
+        scores, cell_top = self.scores, self.cell_top
+
+        def cell_mult(cell: int) -> Decimal:
+            m = cells.get(cell)
+            if m is None:
+                top = cell_top.get(cell)
+                m = cells[cell] = prior if top is None else self.multiplier(factor, top)
+            return m
 
         def mult(pool_id: str) -> Decimal:
             m = cache.get(pool_id)
@@ -83,7 +111,7 @@ class Scores:
                 m = cache[pool_id] = prior if s is None else self.multiplier(factor, s)
             return m
 
-        return lo, mult
+        return lo, mult, cell_mult
 
     def mean(self, weighted: Iterable[tuple[str, int]]) -> float:
         """The unit-weighted mean score of a placement's pools: (pool id, units) pairs."""
