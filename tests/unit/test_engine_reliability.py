@@ -21,7 +21,7 @@ def test_equal_prices_go_to_the_more_reliable_pool() -> None:
     e.set_reliability({"shaky": 0.5, "steady": 0.97})
     d = e.match(Ask(units=8, **DELIVERS))
     assert ids(d) == [["steady"], ["new"], ["shaky"]]  # a newcomer (0.9) between the two
-    assert [o.allocations[0].reliability for o in d.options] == [0.97, 0.9, 0.5]
+    assert [e.annotate(o).allocations[0].reliability for o in d.options] == [0.97, 0.9, 0.5]
     assert d.options[0].expected_cost == D("16.00") * (1 + (1 - D("0.97")) * D(repr(F)))
     assert d.options[0].total_cost == D("16.00")  # the price is the price
 
@@ -51,7 +51,7 @@ def test_capacity_only_asks_rank_by_price_alone() -> None:
     e.set_reliability({"shaky": 0.5, "steady": 0.97})
     d = e.match(Ask(units=8))
     assert ids(d) == [["shaky"], ["steady"]]
-    assert d.options[0].expected_cost is None and d.options[0].reliability == 0.5
+    assert d.options[0].expected_cost is None and e.annotate(d.options[0]).reliability == 0.5
 
 
 def test_min_reliability_prunes_and_says_why() -> None:
@@ -86,7 +86,7 @@ def test_split_options_rank_by_expected_cost_and_skip_pruned_pools() -> None:
     e = engine(*pools)
     e.set_reliability({"a": 0.5, "b": 0.5, "c": 0.99, "d": 0.99})
     d = e.match(Ask(units=8, gang=False, max_pools=2, **DELIVERS))
-    assert sorted(ids(d)[0]) == ["c", "d"] and d.options[0].reliability == 0.99
+    assert sorted(ids(d)[0]) == ["c", "d"] and e.annotate(d.options[0]).reliability == 0.99
     d = e.match(Ask(units=8, gang=False, max_pools=4, max_regions=2, min_reliability=0.6))
     assert sorted(ids(d)[0]) == ["c", "d"]
 

@@ -1106,17 +1106,13 @@ class Engine:
         stranded = 0
         transfer: dict[str, Decimal] = {}
         ctime = 0.0
-        scores = self.reliability.scores
-        weighted = 0.0  # score x units
         for cell, price, pid, free, u in picks:
             pool = cell.pools[pid]
             allocations.append(Allocation(
                 pool_id=pid, region=cell.region, provider=pool.provider, model=cell.model,
                 units=u, unit_price=price, price_basis=ctx.basis,
                 availability="listed" if pool.listed else "live",
-                location="unknown" if self._links.is_unlocated(cell.region) else "known",
-                reliability=(s := scores.get(pid, PRIOR_SCORE))))
-            weighted += s * u
+                location="unknown" if self._links.is_unlocated(cell.region) else "known"))
             compute += price * u * f
             price_units += price * u
             units += u
@@ -1127,15 +1123,25 @@ class Engine:
             transfer[cell.region] = info[0]
             ctime = max(ctime, ctx.cell_time(cell, info))
         transfer_cost = sum(transfer.values(), ZERO)
-        mean = weighted / units
         return Placement(
             allocations=tuple(allocations), units=units, tflops=tflops,
             compute_cost=compute, transfer_cost=transfer_cost,
             total_cost=compute + transfer_cost, currency=ctx.currency,
             unit_hour_price=(price_units / units / ctx.hour_div).quantize(MICRO),
-            transfer_s=ctime, expected_start_s=0.0, stranded_units=stranded, reliability=round(mean, 6),
-            expected_cost=((compute + transfer_cost) * self.reliability.multiplier(ctx.ask.failover_cost, mean)).quantize(
-                MICRO) if ctx.ask.failover_cost > 0 else None)
+            transfer_s=ctime, expected_start_s=0.0, stranded_units=stranded,
+            expected_cost=None if ctx.ask.failover_cost <= 0 else self._expected_cost(ctx, compute + transfer_cost, picks))
+
+    def _expected_cost(self, ctx: _Ctx, total: Decimal, picks: list[Pick]) -> Decimal:
+        score = self.reliability.mean((pid, u) for _, _, pid, _, u in picks)
+        return (total * self.reliability.multiplier(ctx.ask.failover_cost, score)).quantize(MICRO)
+
+    def annotate(self, placement: Placement) -> Placement:
+        """``placement`` with its pools' scores, for whoever is shown it (quotes, the
+        request view); left out of ``match`` so that ranking by price pays nothing for it."""
+        of = self.reliability.of
+        allocations = tuple(msgspec.structs.replace(a, reliability=of(a.pool_id)) for a in placement.allocations)
+        mean = self.reliability.mean((a.pool_id, a.units) for a in allocations)
+        return msgspec.structs.replace(placement, allocations=allocations, reliability=round(mean, 6))
 
     # --- reasons ------------------------------------------------------------------------
     def _explain(self, ctx: _Ctx) -> tuple[list[str], bool]:
