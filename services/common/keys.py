@@ -96,6 +96,15 @@ class Keys:
         """Hash: pool id -> score, for the engines' periodic refresh."""
         return f"{self._rel()}:scores"
 
+    def reliability_all(self) -> str:
+        """Pattern (SCAN MATCH) of every key of the record."""
+        return f"{self._rel()}:*"
+
+    def reliability_since(self) -> str:
+        """String: when this record started from the first event of the stream. Without it
+        (a new or a lost Redis) the record script refuses and the feed replays the stream."""
+        return f"{self._rel()}:since"
+
     def reliability_version(self) -> str:
         """String: bumped by every change of a score (a refresh with nothing new reads one key)."""
         return f"{self._rel()}:version"

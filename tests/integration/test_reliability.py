@@ -131,6 +131,7 @@ async def test_a_ready_seen_after_the_loss_makes_it_a_loss(settings, broker_redi
     """Redelivery can reorder a lease's events: the record ends where it would in order."""
     keys = Keys(settings.prefix)
     record = ReliabilityRecord(broker_redis, keys)
+    assert await record.start()
     grant, ready, lost = delivered("x", 12, 612, lost=True)
     assert await record.apply(lost)
     [rel] = await read_reliability(broker_redis, keys, POOL, ["p1"], T0_MS)
@@ -143,3 +144,32 @@ async def test_a_ready_seen_after_the_loss_makes_it_a_loss(settings, broker_redi
     assert rel.lease_hours == pytest.approx(600 / 3600, abs=1e-5)
     assert rel.ready_p50_s == 12.0
     assert json.loads(json.dumps(await read_scores(broker_redis, keys))) == {"p1": pytest.approx(10 / 12)}
+
+
+async def test_two_replicas_share_the_feed_and_a_lost_record_is_rebuilt(nc, settings, subjects, broker_redis):
+    """Two brokers' feeds on one durable consumer count each event once; a Redis that lost
+    the record (every key of it gone) gets the stream replayed into it, once."""
+    keys = Keys(settings.prefix)
+    feeds = [ReliabilityFeed(nc, nc.jetstream(), subjects, ReliabilityRecord(broker_redis, keys), batch=3)
+             for _ in range(2)]
+    for feed in feeds:
+        await feed.start()
+
+    async def counts(want: tuple[int, int, int]):
+        [rel] = await read_reliability(broker_redis, keys, PROVIDER, ["acme"], T0_MS)
+        got = (rel.deliveries, rel.failures, rel.losses)
+        assert all(g <= w for g, w in zip(got, want, strict=True)), f"counted twice: {got} > {want}"
+        return got == want
+
+    try:
+        first = [e for i in range(10) for e in delivered(f"r{i}", 10 + i, 100, lost=i % 3 == 0)] + failed("rf")
+        await publish(nc, subjects, first)
+        await eventually(lambda: counts((10, 1, 4)), what="both replicas' share recorded")
+        lost = [k async for k in broker_redis.scan_iter(match=keys.reliability_all())]
+        assert keys.reliability_since().encode() in lost
+        await broker_redis.delete(*lost)  # Redis lost the record
+        await publish(nc, subjects, failed("after"))
+        await eventually(lambda: counts((10, 2, 4)), timeout=20, what="the record rebuilt from the stream")
+    finally:
+        for feed in feeds:
+            await feed.stop()

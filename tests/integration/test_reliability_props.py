@@ -93,9 +93,10 @@ def test_any_delivery_order_and_redelivery_count_once(redis_url: str) -> None:
         once, messy = Keys(f"t{uuid.uuid4().hex[:10]}"), Keys(f"t{uuid.uuid4().hex[:10]}")
 
         async def run() -> tuple:
+            once_record, messy_record = ReliabilityRecord(client, once), ReliabilityRecord(client, messy)
+            assert await once_record.start() and await messy_record.start()
             for event in events:
-                await ReliabilityRecord(client, once).apply(event)
-            messy_record = ReliabilityRecord(client, messy)
+                await once_record.apply(event)
             for chunk in range(0, len(replayed), 7):  # batches, as the feed applies them
                 await messy_record.apply_all(replayed[chunk:chunk + 7])
             return await snapshot(client, once), await snapshot(client, messy)

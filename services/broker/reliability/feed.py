@@ -9,19 +9,21 @@ event record says, whenever the broker was installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from services.common.jetstream import Puller, ensure_consumer
 from services.common.lifecycle import forever, stop_tasks
 from services.common.messages import AllocEvent
 from services.common.subjects import ALLOC, Subjects
 
-from .record import ReliabilityRecord
+from .record import RecordLost, ReliabilityRecord
 
 log = logging.getLogger("broker.reliability")
 _alloc = msgspec.json.Decoder(AllocEvent)
@@ -37,6 +39,11 @@ class ReliabilityFeed:
         self._tasks: list[asyncio.Task] = []
 
     async def ensure(self) -> None:
+        """The consumer, and a record in Redis to match: a Redis without the record (new,
+        or lost) gets the whole stream replayed into it from a fresh consumer."""
+        if await self.record.start():
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_consumer(self.stream, DURABLE)
         config = ConsumerConfig(
             durable_name=DURABLE, filter_subject=self.subjects.events(ALLOC), deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_deliver=-1,
@@ -80,6 +87,8 @@ class ReliabilityFeed:
             log.warning("reliability record not written (%r); %d events retried", exc, len(events))
             for msg in readable:
                 await msg.nak(delay=RETRY_S)
+            if isinstance(exc, RecordLost):
+                raise  # ``forever`` starts the feed again: ``ensure`` replays the stream
             return
         for msg in readable:
             await msg.ack()

@@ -5,11 +5,15 @@
 -- redelivered) makes none; events of a lease in any order end in the same counters.
 --
 -- KEYS: 1 lease facts, 2 pool counters, 3 provider counters, 4 pool ready window,
---       5 provider ready window, 6 provider's pools, 7 score map, 8 version
+--       5 provider ready window, 6 provider's pools, 7 score map, 8 version, 9 since
 -- ARGV: 1 kind (seen | ready | failed | lost | end), 2 event at (unix ms),
 --       3 granted at (unix ms), 4 delivers ("1" | "0"), 5 pool id, 6 window size,
 --       7 ttl of a live lease's facts (s), 8 ttl once ended (s), 9 prior good, 10 prior bad
--- Returns 1 if the record changed, 0 for a fact already known.
+-- Returns 1 if the record changed, 0 for a fact already known, -1 if the record is not
+-- there (Redis is new or was lost: the feed replays the stream into it first).
+if redis.call('EXISTS', KEYS[9]) == 0 then
+  return -1
+end
 local kind, at = ARGV[1], tonumber(ARGV[2])
 
 local f = redis.call('HMGET', KEYS[1], 'g', 'dv', 'r', 'e', 'ea')
