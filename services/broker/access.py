@@ -63,7 +63,7 @@ class AccessStore:
     async def delete(self, lease_id: str) -> None:
         """Best effort: what is left behind expires with the bucket's TTL."""
         try:
-            await self.kv.purge(lease_id)
+            await self.kv.delete(lease_id)  # a delete marker replaces the value (history 1)
         except Exception as exc:  # noqa: BLE001 - logged; the TTL removes it later
             log.warning("access details of lease %s not deleted (%s); they expire with the bucket's TTL",
                         lease_id, type(exc).__name__)
