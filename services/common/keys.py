@@ -70,9 +70,15 @@ class Keys:
 
     # --- reliability (docs/reliability.md): one hash slot of its own ------------------
     # The record script touches a lease's facts, its pool's and its provider's counters
-    # and the score map together, so they share the ``{rel}`` tag.
+    # and the score map together, so they share the ``{rel}`` tag. The script builds the
+    # per-lease, per-pool and per-provider names itself from ``reliability_prefix`` (a
+    # batch touches thousands), exactly as the builders below do.
     def _rel(self) -> str:
         return f"{self.prefix}:{{rel}}"
+
+    def reliability_prefix(self) -> str:
+        """What every key of the record starts with."""
+        return f"{self._rel()}:"
 
     def reliability(self, kind: str, subject: str) -> str:
         """Hash: counters of one pool or provider (``kind`` "pool" | "provider"):
