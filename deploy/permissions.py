@@ -243,21 +243,23 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
     registry = RedisUser(
         "registry", "pools, heartbeats and the pool index; API-key cache",
         keys=pool + [k.pool_leases("*", "*"), k.removed_pools("*"), k.pool_index(), k.regions(),
-                     k.rebuilt_marker("registry"), *every],
+                     k.rebuilt_marker("registry"), k.reliability_all(), *every],  # reliability: read (pool views)
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
-            "sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore"],
+            "sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore", "lrange"],
     )
     broker = RedisUser(
         "broker", "reservations on the pools, leases, queue, requests, idempotency keys; API-key cache",
         keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.interruptible_leases("*"), k.leases_ready("*"),
                      k.lease_provisioning("*"), k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
                      k.idempotency("*", "*"), k.queue(), k.tenant_vtime(), k.budget_blocked(), k.lock("*"),
-                     k.rebuilt_marker("*"), *every],
+                     k.rebuilt_marker("*"), k.reliability_all(), *every],
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "sismember", "zadd", "zrem", "zrange", "zrangebyscore", "zrank", "zcard",
-            "zscore"],
+            "zscore",
+            # the reliability record (services/broker/reliability): its script, reads and rebuild
+            "lpush", "ltrim", "lrange", "expire", "incr", "scan"],
     )
     meter = RedisUser(
         "meter", "API-key cache and rate limits only: the meter's own state is in JetStream",

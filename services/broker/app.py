@@ -39,6 +39,8 @@ from .key_grants import LeaseGrants
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
 from .pool_loss import PoolLossFeed
+from .reliability import ReliabilityFeed, ReliabilityRecord
+from .reliability.api import ProviderController
 from .service import Broker
 from .world import World
 
@@ -89,6 +91,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
+        reliability = ReliabilityFeed(nc, js, subjects, ReliabilityRecord(redis, keys))
+        await reliability.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
@@ -116,17 +120,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
             asyncio.create_task(forever("queue", broker.run_queue, interval=1.0, kick=broker.queue_kick, logger=log)),
             # safety net; events keep it current
             asyncio.create_task(forever("world resync", world.resync, interval=300.0, logger=log)),
+            asyncio.create_task(forever("reliability refresh", world.refresh_reliability,
+                                        interval=settings.reliability_refresh_s, logger=log)),
         ]
         try:
             yield
         finally:
             await stop_tasks(tasks)
             await pool_loss.stop()
+            await reliability.stop()
             await close_connections(nc, redis)
 
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.", settings=settings, metrics=metrics,
         route_handlers=[*ops_routes("broker", refresh), RequestController, QuoteController, LeaseController,
-                        AssignmentController],
+                        ProviderController, AssignmentController],
         lifespan=lifespan,
     )

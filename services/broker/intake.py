@@ -84,11 +84,12 @@ class Intake:
             await core.save(record)
         await core.publish_request(RequestPlaced(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
                                                  lease_ids=tuple(record.lease_ids)))
-        return 201, await self.views.view(record, leases=leases, placement=option)
+        return 201, await self.views.view(record, leases=leases, placement=self.core.world.engine.annotate(option))
 
     async def quote(self, principal: Principal, body: ComputeRequest) -> QuoteView:
         if principal.role not in ("tenant", "admin", "ops"):
             raise Forbidden(f"role {principal.role} may not ask for quotes")
-        decision = self.core.world.engine.match(self.core.ask_for(body), limit=5)
-        return QuoteView(options=list(decision.options), reasons=list(decision.reasons),
+        engine = self.core.world.engine
+        decision = engine.match(self.core.ask_for(body), limit=5)
+        return QuoteView(options=[engine.annotate(o) for o in decision.options], reasons=list(decision.reasons),
                          placeable_now=decision.placed, never=decision.never)

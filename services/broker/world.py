@@ -7,7 +7,9 @@
 * pools: the registry's durable record (its key-value bucket) at start, then capacity
   events (registered, updated, online, offline, draining, removed);
 * free units: Redis at start, then each reservation's own result and the ``free_after``
-  that every allocation event carries, so every replica follows every other's leases.
+  that every allocation event carries, so every replica follows every other's leases;
+* pool scores: the reliability record in Redis, re-read every few seconds when its
+  version moved (``refresh_reliability``); the engine ranks with the copy.
 
 The view may lag by an event; the reservation script is the authority (it re-checks
 free units atomically), so a stale view costs a retry, never an overbooking.
@@ -44,6 +46,7 @@ from services.common.messages import (
 )
 from services.common import tracing
 from services.common.nats_conn import ensure_bucket
+from services.common.reliability import read_scores
 from services.common.network import Network
 from services.common.subjects import ALLOC, CAPACITY, Subjects, region_key
 
@@ -85,6 +88,7 @@ class World:
         self.generations: dict[str, int] = {}  # pool -> the generation (registration) this view holds
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
+        self._scores_version: bytes | str | None = None  # of the reliability record the engine holds
 
     # --- free units: Redis is the truth; units being reserved here are held back ------------
     def observe_free(self, pool_id: str, free: int) -> None:
@@ -157,6 +161,20 @@ class World:
                                                                   type=list[Accelerator])}
         await self.follow_topology()
         await self.resync()
+        await self.refresh_reliability()
+
+    async def refresh_reliability(self) -> None:
+        """Hand the engine the pools' scores if any changed since the last refresh (the
+        version is read first: a change while the scores are read is caught next time)."""
+        version = await self.redis.get(self.keys.reliability_version())
+        if version is None or version == self._scores_version:
+            return
+        self.engine.set_reliability(await read_scores(self.redis, self.keys))
+        self._scores_version = version
+
+    def provider_pools(self, provider: str) -> list[str]:
+        """Ids of the provider's registered pools, online or not."""
+        return [pool_id for pool_id, state in self.pools.items() if state.provider == provider]
 
     async def resync(self) -> None:
         """Read every pool from the registry's record and its live numbers from Redis."""

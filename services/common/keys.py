@@ -68,6 +68,53 @@ class Keys:
         that lost its leases can never be booked over them."""
         return f"{self._r(region)}:leases-ready"
 
+    # --- reliability (docs/reliability.md): one hash slot of its own ------------------
+    # The record script touches a lease's facts, its pool's and its provider's counters
+    # and the score map together, so they share the ``{rel}`` tag. The script builds the
+    # per-lease, per-pool and per-provider names itself from ``reliability_prefix`` (a
+    # batch touches thousands), exactly as the builders below do.
+    def _rel(self) -> str:
+        return f"{self.prefix}:{{rel}}"
+
+    def reliability_prefix(self) -> str:
+        """What every key of the record starts with."""
+        return f"{self._rel()}:"
+
+    def reliability(self, kind: str, subject: str) -> str:
+        """Hash: counters of one pool or provider (``kind`` "pool" | "provider"):
+        deliveries, failures, losses, closed lease-ms, open leases and their start sum."""
+        return f"{self._rel()}:{kind}:{subject}"
+
+    def reliability_samples(self, kind: str, subject: str) -> str:
+        """List: the most recent times to ready (seconds), newest first, bounded."""
+        return f"{self._rel()}:{kind}:{subject}:ready"
+
+    def reliability_pools(self, provider: str) -> str:
+        """Set: pools of a provider that have a record."""
+        return f"{self._rel()}:provider:{provider}:pools"
+
+    def reliability_lease(self, lease_id: str) -> str:
+        """Hash: what the record has seen of one lease (ready, its end): a redelivered or
+        reordered event changes nothing twice."""
+        return f"{self._rel()}:lease:{lease_id}"
+
+    def reliability_scores(self) -> str:
+        """Hash: pool id -> score, for the engines' periodic refresh."""
+        return f"{self._rel()}:scores"
+
+    def reliability_all(self) -> str:
+        """Pattern (SCAN MATCH) of every key of the record."""
+        return f"{self._rel()}:*"
+
+    def reliability_since(self) -> str:
+        """String: when this record started from the first event of the stream. Without it
+        (a new or a lost Redis) the record script refuses and the feed replays the stream."""
+        return f"{self._rel()}:since"
+
+    def reliability_version(self) -> str:
+        """String: bumped by every change of a score (a refresh with nothing new reads one key)."""
+        return f"{self._rel()}:version"
+
     # --- global, single-key -------------------------------------------------------
     def pool_index(self) -> str:
         """Hash: pool id -> region, so a pool can be found from its id alone."""

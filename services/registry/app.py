@@ -19,6 +19,7 @@ from services.common.startup import close_connections, guard_requests, open_conn
 from services.common.subjects import Subjects
 
 from .api.capacity import capacity
+from .api.reliability import reliability
 from .api.catalogue import CatalogueController
 from .api.events import events
 from .api.keys import KeyController
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         "registry", "Provider-facing API: pools, heartbeats, catalogue, topology.",
         settings=settings, metrics=metrics,
         route_handlers=[*ops_routes("registry", refresh_gauges), PoolController, HeartbeatController,
-                        CatalogueController, KeyController, capacity, events, console_router(settings)],
+                        CatalogueController, KeyController, capacity, reliability, events,
+                        console_router(settings)],
         lifespan=lifespan,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -21,6 +22,7 @@ from services.common.keys import Keys
 from services.common.jetstream import follow_bucket
 from services.common.messages import Accelerator, Link, Pool, PoolRemoved, PoolSpec, Region
 from services.common.network import Network
+from services.common.reliability import POOL, read_reliability
 from services.common.subjects import link_key, region_key
 
 from .domain import topology as topo
@@ -205,7 +207,8 @@ class Registry:
             region = await self._region(pool_id)
             [row] = await self.store.views(region, [pool_id])
             if row is not None:
-                return pool_view(row)
+                [view] = await self._with_reliability([pool_view(row)])
+                return view
             self._region_cache.pop(pool_id, None)
         raise NotFound(f"no pool {pool_id}")
 
@@ -416,9 +419,15 @@ class Registry:
         start = 0
         if f.cursor:
             start = next((i for i, v in enumerate(rows) if v.pool_id > f.cursor), len(rows))
-        page = rows[start:start + f.limit]
+        page = await self._with_reliability(rows[start:start + f.limit])
         more = start + f.limit < len(rows)
         return PoolPage(items=page, total=len(rows), next_cursor=page[-1].pool_id if more and page else None)
+
+    async def _with_reliability(self, views: list[PoolView]) -> list[PoolView]:
+        """The pools' reliability records (the broker's, read through common's keys)."""
+        records = await read_reliability(self.redis, self.keys, POOL, [v.pool_id for v in views],
+                                         int(time.time() * 1000))
+        return [msgspec.structs.replace(v, reliability=r) for v, r in zip(views, records, strict=True)]
 
     # --- background ------------------------------------------------------------------
     async def sweep(self) -> int:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from services.common.delivery import Reliability
 from services.common.messages import Accelerator, Pool, PoolSpec, PoolStatus
 
 _pool_decoder = msgspec.json.Decoder(Pool)
@@ -30,6 +31,8 @@ class PoolView(msgspec.Struct, frozen=True, kw_only=True):
     spec: PoolSpec
     accelerator: Accelerator
     revision: int = 0  # the durable record's revision this state follows (moves on every change)
+    # its delivery record (docs/reliability.md), written by the broker; shown by GET, searches
+    reliability: Reliability | None = None
 
 
 class PoolPage(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,14 +10,21 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import msgspec
+import nats
 import pytest
 
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
+from services.common.messages import LeaseFailed, LeaseInfo, LeaseProvisioning
 from services.common.settings import Settings, settings_to_env
+from services.common.subjects import Subjects
 from tests.helpers import drop_streams
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,6 +57,24 @@ def stack(nats_url: str, redis_url: str, log_dir: Path) -> Iterator[tuple[Settin
         for p in reversed(procs):
             p.stop()
         asyncio.run(drop_streams(nats_url, settings.prefix))
+
+
+async def publish_failed_delivery(settings: Settings, pool_id: str, provider: str) -> None:
+    """What the broker publishes when a provider answers ``failed`` (as real events on the stream)."""
+    now = datetime.now(UTC)
+    lease = LeaseInfo(lease_id="l-console", request_id="r-console", tenant="acme-ai", pool_id=pool_id,
+                      provider=provider, region="cn-gz", model="nvidia-a100-sxm-80gb", units=1, billing="on_demand",
+                      unit_price=Decimal("2.5"), granted_at=now, expires_at=now, delivery="ssh")
+    subjects = Subjects(settings.prefix)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        for event in (LeaseProvisioning(id="l-console.1", at=now, lease=lease),
+                      LeaseFailed(id="l-console.2", at=now, lease=lease, seq=2, reason="image pull failed")):
+            await js.publish(subjects.alloc("cn-gz", "acme-ai"), msgspec.json.encode(event),
+                             headers={"Nats-Msg-Id": event.id})
+    finally:
+        await nc.drain()
 
 
 def test_console_shows_the_world_live(nats_url: str, redis_url: str, tmp_path: Path) -> None:
@@ -121,6 +146,13 @@ def test_console_shows_the_world_live(nats_url: str, redis_url: str, tmp_path: P
                 assert r.status_code == 200, r.text
                 expect(cell).to_have_attribute("data-leased", "0", timeout=15_000)
                 expect(page.locator("#spend tr[data-tenant='acme-ai']")).to_have_count(1, timeout=30_000)
+
+                # a provider fails a delivery: the broker's record has it, the reliability panel shows it
+                with ThreadPoolExecutor(1) as pool:  # playwright's own loop runs in this thread
+                    pool.submit(asyncio.run, publish_failed_delivery(settings, "c-gz-a100", "console-cloud")).result()
+                row = page.locator("#reliability tr[data-pool='c-gz-a100']")
+                expect(row).to_have_attribute("data-score", f"{9 / 11:.6f}", timeout=20_000)
+                expect(row.locator("td").nth(3)).to_have_text("1")
                 assert page.evaluate("window.__notReloaded") is True
                 assert errors == []
             finally:

@@ -215,6 +215,10 @@ def for_tenant(path: str, method: str = "GET", in_path: bool = False, body: Any 
     return build
 
 
+async def provider_reliability(s: Stage, side: str, c: Caller) -> Req:
+    return Req("GET", f"/v1/providers/{s.provider(side)}/reliability")
+
+
 async def statements(s: Stage, side: str, c: Caller) -> Req:
     return Req("GET", "/v1/statements", {"provider": s.provider(side)}, ident=s.provider(side))
 
@@ -328,6 +332,8 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
     ("registry", "POST", "/v1/regions/bulk"): roles(put_regions, admin=OK, ops=E403, provider=E403, tenant=E403),
     ("registry", "GET", "/v1/pools"): roles(get("/v1/pools"), admin=OK, ops=OK, provider=OK, tenant=OK),
     ("registry", "GET", "/v1/capacity"): roles(get("/v1/capacity"), admin=OK, ops=OK, provider=OK, tenant=OK),
+    ("registry", "GET", "/v1/reliability"): roles(get("/v1/reliability"), admin=OK, ops=OK, provider=OK,
+                                                  tenant=OK),
     ("registry", "GET", "/v1/pools/{pool_id:str}"): owned(on_pool("GET"), admin=T, ops=T, provider=T, tenant=T),
     ("registry", "PUT", "/v1/pools/{pool_id:str}"): owned(on_pool("PUT", body=pool_put), admin=T, ops=F,
                                                            provider=POOL_OWNER, tenant=F),
@@ -368,6 +374,9 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
                                                                   provider=F, tenant=MINE),
     ("broker", "POST", "/v1/leases/{lease_id:str}/release"): owned(on_lease("POST", "/release", fresh=True),
                                                                     admin=T, ops=F, provider=F, tenant=MINE),
+    # a provider's delivery record is public to every role (docs/reliability.md)
+    ("broker", "GET", "/v1/providers/{provider_id:str}/reliability"): roles(provider_reliability, admin=OK, ops=OK,
+                                                                             provider=OK, tenant=OK),
     # the provider's side: leases on its own pools (another provider's lease does not exist for it)
     ("broker", "GET", "/v1/assignments"): owned(assignments, admin=T, ops=F, provider=MINE, tenant=F),
     ("broker", "POST", "/v1/leases/{lease_id:str}/ready"): owned(

@@ -21,6 +21,10 @@ from .printable import check_printable
 
 MAX_UNITS = 100_000
 DAY = 86_400
+# A lease that fails or is lost is placed again elsewhere: the tenant waits out another
+# provisioning and pays for a second placement, so a pool's expected cost is its cost x
+# (1 + P(failure) x FAILOVER_COST_FACTOR), P(failure) = 1 - score (docs/reliability.md)
+FAILOVER_COST_FACTOR = 1.0
 
 
 class AcceleratorSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -150,4 +154,7 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
         max_latency_ms=where.max_latency_ms, billing=request.billing, hours=hours,
         max_price=request.max_price, currency=request.currency, objective=request.objective,
         exclude_pools=exclude_pools, delivery=workload_kind(request) or None,
+        min_reliability=request.min_reliability,
+        # capacity only (no workload): ranked by price alone (docs/reliability.md, "Ranking")
+        failover_cost=FAILOVER_COST_FACTOR if request.workload is not None else 0.0,
     )

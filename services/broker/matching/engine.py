@@ -40,6 +40,7 @@ from services.common.network import Network
 
 from .index import Book, Cell, cell_key
 from .model import HOURS_PER_MONTH, Allocation, Ask, Decision, Placement, PoolState
+from .reliability import PRIOR_SCORE, Scores, touches
 
 __all__ = ["Engine"]
 
@@ -99,9 +100,9 @@ class _Ctx:
 
     __slots__ = ("ask", "basis", "billing", "cap", "currency", "data_dec", "data_gb",
                  "data_region", "eps", "exclude", "factor", "hour_div", "links", "metric",
-                 "need", "need_lo_f", "perf", "time_obj", "_info", "_units", "_vdec")
+                 "need", "need_lo_f", "perf", "rank", "time_obj", "_info", "_units", "_vdec")
 
-    def __init__(self, ask: Ask, links: Network) -> None:
+    def __init__(self, ask: Ask, links: Network, scores: Scores) -> None:
         self.ask = ask
         self.links = links
         billing = self.billing = ask.billing
@@ -139,7 +140,10 @@ class _Ctx:
             self.eps = 0
             need_lo = Decimal(self.need)
         self.need_lo_f = need_lo * self.factor
-        self.exclude = ask.exclude_pools
+        self.exclude = ask.exclude_pools if ask.min_reliability is None else \
+            scores.exclusion(ask.exclude_pools, ask.min_reliability)
+        # None: the price order is the expected-cost order
+        self.rank = None if ask.failover_cost <= 0 else scores.ranking(ask.failover_cost)
         self.currency = ask.currency
         if ask.data_region and ask.data_gb > 0:
             self.data_region = ask.data_region
@@ -384,8 +388,14 @@ class Engine:
         self._live: frozenset[int] | None = None
         self._attr_index: dict[str, dict[object, set[int]]] = {a: {} for a in _INDEXED}
         self._fw_index: dict[str, set[int]] = {}
+        self.reliability = Scores()
         self._delivery_index: dict[str, set[int]] = {}  # workload kind -> cells that deliver it
         self.set_topology(topology)
+
+    def set_reliability(self, scores: dict[str, float]) -> None:
+        """Pool id -> score for every pool with a record (docs/reliability.md); the
+        others score the prior."""
+        self.reliability.set(scores, {pool_id: cell.id for pool_id, cell in self._cell_of.items()})
 
     # --- state ---------------------------------------------------------------------
     def set_topology(self, topology: Topology | Network) -> None:
@@ -417,6 +427,8 @@ class Engine:
         self._cell_of[pool.pool_id] = cell
         self._pools[pool.pool_id] = pool
         self._dirty.add(cell)
+        if self.reliability.scores:
+            self.reliability.joined(pool.pool_id, cell.id)
 
     def remove(self, pool_id: str) -> None:
         if pool_id in self._pools:
@@ -578,7 +590,7 @@ class Engine:
         none fits (and whether none ever could: ``never``)."""
         self._flush()
         limit = max(1, int(limit))
-        ctx = _Ctx(ask, self._links)
+        ctx = _Ctx(ask, self._links, self.reliability)
         key, cells = self._candidates(ask, ctx.perf)
         if cells:
             order = self._order(ctx, key, cells)
@@ -600,18 +612,25 @@ class Engine:
         best: list[tuple] = []  # (k0, k1, stranded, pool_id, cell, price, units)
         cap = ctx.cap
         need_lo_f = ctx.need_lo_f
+        # by expected cost: each pool's cost times its multiplier, bounded below by the lowest
+        m_lo = ctx.rank[0] if ctx.rank is not None else None
+        take = self._gang_cell if m_lo is None else self._gang_cell_rank
         if ctx.data_region is None:
             # no data: no transfer cost or time; the cells' price order is the bound order
+            bound_f = need_lo_f if m_lo is None else need_lo_f * m_lo
             for ppv, cell, book in order.rows:
-                if len(best) >= limit and ppv * need_lo_f > best[-1][0]:
+                if len(best) >= limit and ppv * bound_f > best[-1][0]:
                     break
+                if m_lo is not None and len(best) >= limit and \
+                        ppv * need_lo_f * ctx.rank[2](cell.id) > best[-1][0]:  # type: ignore[index]
+                    continue  # no pool of this cell is reliable enough to beat what was found
                 if cap is not None and book.floor_price > cap:
                     if ctx.perf:
                         continue
                     break  # unit asks: cells are in price order
                 n = ctx.units(cell)
                 if book.mx[1] >= n:
-                    self._gang_cell(ctx, cell, book, n, ZERO, 0.0, best, limit)
+                    take(ctx, cell, book, n, ZERO, 0.0, best, limit)
         else:
             # k-way merge over (region, egress) groups: inside a group transfer cost and
             # time are the same, and cells are in price order
@@ -625,6 +644,8 @@ class Engine:
                 g = len(groups)
                 groups.append((rows, info[0], ctime))
                 lbc = rows[0][0] * need_lo_f + info[0]
+                if m_lo is not None:
+                    lbc *= m_lo
                 heap.append((ctime, lbc, g, 0) if ctx.time_obj else (lbc, ctime, g, 0))
             heapq.heapify(heap)
             while heap:
@@ -636,6 +657,8 @@ class Engine:
                 rows, transfer, ctime = groups[g]
                 if j + 1 < len(rows):
                     lbc = rows[j + 1][0] * need_lo_f + transfer
+                    if m_lo is not None:
+                        lbc *= m_lo
                     heapq.heappush(heap, (ctime, lbc, g, j + 1) if ctx.time_obj
                                    else (lbc, ctime, g, j + 1))
                 _, cell, book = rows[j]
@@ -643,7 +666,7 @@ class Engine:
                     continue
                 n = ctx.units(cell)
                 if book.mx[1] >= n:
-                    self._gang_cell(ctx, cell, book, n, transfer, ctime, best, limit)
+                    take(ctx, cell, book, n, transfer, ctime, best, limit)
         return [self._placement(ctx, [(cell, price, pid, stranded + n, n)])
                 for _, _, stranded, pid, cell, price, n in best]
 
@@ -682,6 +705,45 @@ class Engine:
                 taken += 1
                 if taken >= limit:
                     return
+            li = book.first(li + 1, n)
+
+    def _gang_cell_rank(self, ctx: _Ctx, cell: Cell, book: Book, n: int, transfer: Decimal,
+                        ctime: float, best: list[tuple], limit: int) -> None:
+        """``_gang_cell`` by expected cost: each pool's cost times its multiplier. Inside a
+        level the pools' multipliers differ, so every pool of a level is weighed; levels
+        stop once the cheapest could not enter ``best`` even at the lowest multiplier."""
+        prices, levels = book.prices, book.levels
+        hi = ctx.hi(book)
+        f = ctx.factor
+        exclude = ctx.exclude
+        time_obj = ctx.time_obj
+        _, mult, cell_mult = ctx.rank  # type: ignore[misc]
+        m_lo = cell_mult(cell.id)  # no pool of the cell has a lower multiplier
+        li = book.first(0, n)
+        while 0 <= li < hi:
+            price = prices[li]
+            cost = price * n * f + transfer
+            if len(best) >= limit:
+                lb = cost * m_lo
+                k0, k1 = (ctime, lb) if time_obj else (lb, ctime)
+                w = best[-1]
+                if k0 > w[0] or (k0 == w[0] and k1 > w[1]):
+                    return
+            level = levels[li]
+            for j in range(bisect_left(level, (n,)), len(level)):
+                free, pid = level[j]
+                if pid in exclude:
+                    continue
+                expected = cost * mult(pid)
+                item = (ctime, expected, free - n, pid, cell, price, n) if time_obj else \
+                    (expected, ctime, free - n, pid, cell, price, n)
+                if len(best) >= limit:
+                    if item >= best[-1]:
+                        continue
+                    insort(best, item)
+                    best.pop()
+                else:
+                    insort(best, item)
             li = book.first(li + 1, n)
 
     # --- split: up to max_pools pools in up to max_regions regions, greedy --------------
@@ -760,8 +822,19 @@ class Engine:
             if chosen_t:
                 consider(self._fill(ctx, order.merged(chosen_t), max_pools, len(chosen_t),
                                     exact=True))
-        ranked = sorted(options.values())[:limit]
+        keys = list(options.values())
+        if ctx.rank is not None:  # by expected cost: the fills take the cheapest units, the ranking weighs them
+            keys = [self._expected_key(ctx, key) for key in keys]
+        ranked = sorted(keys)[:limit]
         return [self._placement(ctx, key[4]) for key in ranked]
+
+    def _expected_key(self, ctx: _Ctx, key: tuple) -> tuple:
+        """A split option's key with its total cost replaced by its expected cost (the
+        unit-weighted mean score of its pools: docs/reliability.md)."""
+        m = self.reliability.multiplier(ctx.ask.failover_cost, self.reliability.mean((p[2], p[4]) for p in key[4]))
+        if ctx.time_obj:
+            return (key[0], key[1] * m, *key[2:])
+        return (key[0] * m, *key[1:])
 
     def _split_key(self, ctx: _Ctx, picks: list[Pick]) -> tuple:
         f = ctx.factor
@@ -793,7 +866,7 @@ class Engine:
         """(max free, total free) of the cell's pools within the price cap, excluded
         pools left out."""
         hi = ctx.hi(book)
-        if ctx.exclude and any(pid in cell.pools for pid in ctx.exclude):
+        if ctx.exclude and touches(ctx.exclude, cell.pools):
             best = total = 0
             for level in book.levels[:hi]:
                 for free, pid in level:
@@ -1055,7 +1128,20 @@ class Engine:
             compute_cost=compute, transfer_cost=transfer_cost,
             total_cost=compute + transfer_cost, currency=ctx.currency,
             unit_hour_price=(price_units / units / ctx.hour_div).quantize(MICRO),
-            transfer_s=ctime, expected_start_s=0.0, stranded_units=stranded)
+            transfer_s=ctime, expected_start_s=0.0, stranded_units=stranded,
+            expected_cost=None if ctx.ask.failover_cost <= 0 else self._expected_cost(ctx, compute + transfer_cost, picks))
+
+    def _expected_cost(self, ctx: _Ctx, total: Decimal, picks: list[Pick]) -> Decimal:
+        score = self.reliability.mean((pid, u) for _, _, pid, _, u in picks)
+        return (total * self.reliability.multiplier(ctx.ask.failover_cost, score)).quantize(MICRO)
+
+    def annotate(self, placement: Placement) -> Placement:
+        """``placement`` with its pools' scores, for whoever is shown it (quotes, the
+        request view); left out of ``match`` so that ranking by price pays nothing for it."""
+        of = self.reliability.of
+        allocations = tuple(msgspec.structs.replace(a, reliability=of(a.pool_id)) for a in placement.allocations)
+        mean = self.reliability.mean((a.pool_id, a.units) for a in allocations)
+        return msgspec.structs.replace(placement, allocations=allocations, reliability=round(mean, 6))
 
     # --- reasons ------------------------------------------------------------------------
     def _explain(self, ctx: _Ctx) -> tuple[list[str], bool]:
@@ -1153,13 +1239,24 @@ class Engine:
                 return [f"cheapest match costs {_fmt_money(cheapest / ctx.hour_div)}/unit-hour, "
                         f"above your max {_fmt_money(ask.max_price)}"] + notes, True  # type: ignore[arg-type]
             offering = [(c, b) for c, b in offering if b.prices[0] <= ctx.cap]
-        if ctx.exclude:
+        if ask.min_reliability is not None and ctx.exclude is not ask.exclude_pools:
+            scored = [self.reliability.of(pid) for c, book in offering for level in book.levels[:ctx.hi(book)]
+                      for _, pid in level]
+            low = [x for x in scored if x < ask.min_reliability]
+            if scored and len(low) == len(scored):
+                return [f"all {len(scored)} matching pools are scored below min_reliability "
+                        f"{ask.min_reliability:g} (best: {max(low):.3f}; a pool without a record scores "
+                        f"{PRIOR_SCORE:g})"] + notes, True
+            if low:
+                notes.append(f"{len(low)} matching pools scored below min_reliability "
+                             f"{ask.min_reliability:g} (not considered)")
+        if ask.exclude_pools:
             count = excluded = 0
             for c, book in offering:
                 hi = ctx.hi(book)
                 count += sum(len(level) for level in book.levels[:hi])
                 excluded += sum(1 for level in book.levels[:hi] for _, pid in level
-                                if pid in ctx.exclude)
+                                if pid in ask.exclude_pools)
             if count and count == excluded:
                 _, never = self._explain_capacity(ctx, offering)
                 return [f"all {count} matching pools are excluded (just taken by another "
@@ -1196,7 +1293,7 @@ class Engine:
         largest_free = largest_cap = 0
         ever = False  # gang: some pool is big enough when idle
         for cell, book in offering:
-            if plain and not (exclude and any(pid in cell.pools for pid in exclude)):
+            if plain and not (exclude and touches(exclude, cell.pools)):
                 mf, tf, mc, tc = book.mx[1], book.total, book.cap_max[-1], book.cap_sum[-1]
             else:
                 mf, tf = self._cell_free(ctx, cell, book)

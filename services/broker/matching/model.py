@@ -88,6 +88,10 @@ class Ask(msgspec.Struct, frozen=True, kw_only=True):
     currency: str = "USD"
     objective: Objective = "cost"
     exclude_pools: frozenset[str] = frozenset()  # pools another broker just won
+    # reliability (docs/reliability.md): pools scored below min_reliability are pruned;
+    # failover_cost > 0 ranks by expected cost, cost x (1 + (1 - score) x failover_cost)
+    min_reliability: float | None = None
+    failover_cost: float = 0.0
     delivery: str | None = None  # the workload's kind: only pools that deliver it (None: any pool)
 
 
@@ -101,6 +105,7 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
     availability: Literal["live", "listed"] = "live"  # "listed": from a public catalogue, not reported live
     location: Literal["known", "unknown"] = "known"  # "unknown": the provider says nothing about where the pool is
+    reliability: float | None = None  # the pool's score (docs/reliability.md); a pool with no record: the prior
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +120,8 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     transfer_s: float  # time to move the data to the placement (0 without data)
     expected_start_s: float = 0.0
     stranded_units: int = 0  # free units left in the chosen pools (fragmentation tiebreak)
+    reliability: float | None = None  # its pools' scores, weighted by units
+    expected_cost: Decimal | None = None  # what ranked it: total_cost with the expected cost of failing over
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):

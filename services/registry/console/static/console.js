@@ -143,6 +143,31 @@ async function refreshSpend() {
   }
 }
 
+// --- reliability (docs/reliability.md) -----------------------------------------------------------
+function secs(x) { return x === null || x === undefined ? "–" : Number(x).toFixed(1) + " s"; }
+
+async function refreshReliability() {
+  try {
+    const rows = await api("", "/v1/reliability?limit=12");
+    const body = $("reliability").tBodies[0];
+    body.replaceChildren(...rows.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.pool = r.subject;
+      tr.dataset.score = r.score;
+      const lost = r.losses_per_1000h === null ? "–" : Number(r.losses_per_1000h).toFixed(1);
+      for (const v of [r.subject, Number(r.score).toFixed(3), r.deliveries, r.failures, r.losses,
+                       `${secs(r.ready_p50_s)} / ${secs(r.ready_p95_s)}`, lost]) {
+        const td = tr.insertCell(); td.textContent = v;
+      }
+      if (r.score < 0.8) tr.className = "bad";
+      return tr;
+    }));
+    $("reliability-note").textContent = rows.length ? "pools without a record score 0.9" : "no deliveries recorded yet";
+  } catch (e) {
+    $("reliability-note").textContent = String(e.message || e);
+  }
+}
+
 // --- events ---------------------------------------------------------------------------------
 function summary(kind, e) {
   if (kind === "capacity") {
@@ -202,6 +227,9 @@ function connect() {
     addEvent(env);
     soon("capacity", 150, refreshCapacity);
     if (env.kind === "billing" || (env.kind === "alloc" && env.event.type !== "lease.granted")) soon("spend", 1500, refreshSpend);
+    if (env.kind === "alloc" && ["lease.ready", "lease.failed", "lease.lost"].includes(env.event.type)) {
+      soon("reliability", 2500, refreshReliability);  // the broker's record follows the event within a moment
+    }
   };
   source.onerror = () => {
     setStatus(false, "reconnecting…");
@@ -236,6 +264,8 @@ async function start() {
   $("login").hidden = true; $("board").hidden = false; $("forget").hidden = false;
   connect();
   refreshSpend();
+  refreshReliability();
+  state.timers.reliability = setInterval(refreshReliability, 10000);
   state.timers.poll = setInterval(() => refreshCapacity().catch(onError), 5000);
   state.timers.spend = setInterval(refreshSpend, 15000);
 }

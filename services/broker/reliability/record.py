@@ -1,0 +1,100 @@
+"""The reliability record in Redis: ``record.lua`` applies a batch of allocation events to
+the facts of their leases and to their pools' and providers' counters, atomically and
+idempotently (one script per batch: the broker's CPU goes to placing, not to packing a
+command per event)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from importlib import resources
+
+import msgspec
+from redis.asyncio import Redis
+
+from services.common.delivery import RELIABILITY_PRIOR
+from services.common.keys import Keys
+from services.common.messages import (
+    GRANT_EVENTS,
+    AllocEvent,
+    LeaseExpired,
+    LeaseFailed,
+    LeaseLost,
+    LeasePreempted,
+    LeaseReady,
+    LeaseReleased,
+    LeaseRevoked,
+)
+from services.common.reliability import READY_WINDOW
+
+LIVE_FACTS_TTL_S = 400 * 86_400  # a reserved year is the longest lease
+ENDED_FACTS_TTL_S = 7 * 86_400  # long past any redelivery of its events
+# events per script call: a script holds Redis while it runs (some 20-40 us per event), so
+# a batch is cut into calls short enough that placements' commands get in between
+SCRIPT_EVENTS = 16
+_SCRIPT = resources.files(__package__).joinpath("record.lua").read_text()
+_rows = msgspec.json.Encoder()
+_ENDS = {LeaseFailed: "failed", LeaseLost: "lost", LeaseReleased: "end", LeaseExpired: "end",
+         LeasePreempted: "end", LeaseRevoked: "end"}
+
+
+class RecordLost(Exception):
+    """Redis holds no record (new, or lost): the stream is replayed into it."""
+
+
+def event_kind(event: AllocEvent) -> str | None:
+    """The fact an event tells: ``ready``, an end (``failed``, ``lost``, ``end``), that
+    the lease exists (``seen``: its grant), or nothing (None: renewals, replacements)."""
+    if isinstance(event, LeaseReady):
+        return "ready"
+    if isinstance(event, GRANT_EVENTS):
+        return "seen"
+    return _ENDS.get(type(event))
+
+
+def _ms(at: datetime) -> int:
+    return round(at.timestamp() * 1000)
+
+
+class ReliabilityRecord:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis, self.keys = redis, keys
+        self._script = redis.register_script(_SCRIPT)
+        good, bad = RELIABILITY_PRIOR
+        self._keys = [keys.reliability_scores(), keys.reliability_version(), keys.reliability_since()]
+        self._args = [str(READY_WINDOW), str(LIVE_FACTS_TTL_S), str(ENDED_FACTS_TTL_S), repr(good), repr(bad)]
+
+    async def start(self) -> bool:
+        """Mark the record as started from the stream's first event; False if it was
+        already (another replica, or an earlier start, did). A record found without its
+        mark (someone deleted the mark to rebuild it) is cleared: the replay then counts
+        every fact once."""
+        since = self.keys.reliability_since()
+        if await self.redis.exists(since):
+            return False
+        async for key in self.redis.scan_iter(match=self.keys.reliability_all(), count=1000):
+            if key not in (since, since.encode()):
+                await self.redis.delete(key)
+        return bool(await self.redis.set(since, str(int(time.time())), nx=True))
+
+    async def apply(self, event: AllocEvent) -> bool:
+        """True if the event told the record something new."""
+        [changed] = await self.apply_all([event])
+        return changed
+
+    async def apply_all(self, events: Sequence[AllocEvent]) -> list[bool]:
+        """Events in order, ``SCRIPT_EVENTS`` per script call (each call atomic). Renewals
+        and replacements tell the record nothing and are not sent. Raises ``RecordLost`` if the record is not there
+        (nothing was written)."""
+        rows = [(kind, _ms(e.at), _ms(e.lease.granted_at), 1 if e.lease.delivery else 0, e.lease.lease_id,
+                 e.lease.pool_id, e.lease.provider) for e in events if (kind := event_kind(e)) is not None]
+        results: list[int] = []
+        for i in range(0, len(rows), SCRIPT_EVENTS):
+            result = await self._script(keys=self._keys, args=[self.keys.reliability_prefix(),
+                                                              _rows.encode(rows[i:i + SCRIPT_EVENTS]), *self._args])
+            if result == -1:
+                raise RecordLost("the reliability record is not in Redis: it is rebuilt from the stream")
+            results += result
+        changed = iter(results)
+        return [bool(next(changed)) if event_kind(e) is not None else False for e in events]
