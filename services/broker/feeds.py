@@ -39,9 +39,9 @@ class Later(Exception):
 
 
 class DurableFeed:
-    """``handle`` runs for every event of ``wanted`` (others are acknowledged unread);
-    the events of one fetched batch are handled concurrently (``parallel``), each
-    acknowledged when its own handler returns."""
+    """``handle`` runs for every event of ``wanted`` (others are acknowledged unread),
+    one after the other, or (``parallel``) up to ``batch`` at once, each acknowledged when
+    its own handler returns."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects, *, kind: str, durable: str,
                  decoder: msgspec.json.Decoder, wanted: tuple[type, ...],
@@ -75,15 +75,27 @@ class DurableFeed:
         await self.ensure()
         puller = Puller(self.nc, self.stream, self.durable)
         await puller.start()
+        running: set[asyncio.Task] = set()
+        room = asyncio.Event()
+        room.set()
         try:
             while True:
-                msgs = await puller.fetch(self.batch, timeout=1.0)
-                if self.parallel and len(msgs) > 1:
-                    await asyncio.gather(*map(self._handle, msgs))
-                else:
-                    for msg in msgs:
+                if not self.parallel:
+                    for msg in await puller.fetch(self.batch, timeout=1.0):
                         await self._handle(msg)
+                    continue
+                # up to ``batch`` events in hand at once, and more fetched as soon as one is
+                # done: a slow one (a replacement racing for units) holds up no other
+                await room.wait()
+                for msg in await puller.fetch(self.batch - len(running), timeout=1.0):
+                    task = asyncio.create_task(self._handle(msg))
+                    running.add(task)
+                    task.add_done_callback(lambda t: (running.discard(t), room.set()))
+                if len(running) >= self.batch:
+                    room.clear()
         finally:
+            for task in running:
+                task.cancel()
             await puller.stop()
 
     async def _handle(self, msg: Msg) -> None:
