@@ -7,6 +7,7 @@ machines of ``docs/lifecycle.md``:
 * ``preemption``: room made by ending interruptible leases;
 * ``queue``: fair-share passes over queued requests, cancellation;
 * ``leasing``: a tenant's renew and release;
+* ``deliveries``: the provider's side: assignments, ready, failed, health;
 * ``recovery``: sweeps, pool loss, rebuild after a Redis loss;
 * ``failover``: a failed or lost lease replaced on another pool (``replacement``);
 * ``budgets``: tenants out of budget;
@@ -30,6 +31,7 @@ from services.common.subjects import Subjects
 from .budgets import Budgets
 from .core import Core, tenant_of, utcnow
 from .domain.requests import ComputeRequest
+from .deliveries import Deliveries
 from .failover import Failover
 from .intake import Intake
 from .leases import Ended, LeaseStore
@@ -37,7 +39,7 @@ from .leasing import Leasing
 from .placement import NotPlaced, Placement
 from .preemption import Preemption
 from .queue import RequestQueue
-from .records import QuoteView, RequestRecord, RequestView
+from .records import LeaseView, QuoteView, RequestRecord, RequestView
 from .recovery import Recovery
 from .replacement import Replacer
 from .views import Views
@@ -61,6 +63,7 @@ class Broker:
         self.intake = Intake(self.core, self.placement, self.preemption, self.queue, self.budgets, self.views)
         self.leasing = Leasing(self.core, self.views)
         self.recovery = Recovery(self.core, self.queue, self.budgets)
+        self.deliveries = Deliveries(self.core)
 
     # what callers reach through the broker
     @property
@@ -137,6 +140,9 @@ class Broker:
 
     async def list_leases(self, principal: Principal, tenant: str | None) -> list[LeaseInfo]:
         return await self.views.list_leases(principal, tenant)
+
+    async def lease_views(self, principal: Principal, leases: list[LeaseInfo]) -> list[LeaseView]:
+        return await self.views.lease_views(principal, leases)
 
     async def renew(self, principal: Principal, lease_id: str) -> LeaseInfo:
         return await self.leasing.renew(principal, lease_id)
