@@ -49,7 +49,7 @@ from bench.heartbeater import Heartbeater  # noqa: E402
 from bench.results import Lines, append_section, bullets, command  # noqa: E402
 from services.cli.servers import free_port, start_nats, start_redis  # noqa: E402
 from services.cli.supervisor import ServiceProcess  # noqa: E402
-from services.common.messages import AllocEvent, LeaseGranted, LeaseLost, LeaseReplaced  # noqa: E402
+from services.common.messages import GRANT_EVENTS, AllocEvent, LeaseGranted, LeaseLost, LeaseReplaced  # noqa: E402
 from services.common.settings import Settings, settings_to_env  # noqa: E402
 from services.common.subjects import ALLOC, Subjects  # noqa: E402
 
@@ -68,7 +68,7 @@ class Watch:
     def __init__(self, nats_url: str) -> None:
         self.nats_url = nats_url
         self.lost: dict[str, tuple[LeaseLost, float]] = {}  # lease id -> event, bench clock when received
-        self.granted: dict[str, LeaseGranted] = {}  # replaced lease id -> the replacement's grant
+        self.granted: dict[str, LeaseGranted] = {}  # replaced lease id -> the replacement's grant (or provisioning)
         self.replaced: dict[str, tuple[LeaseReplaced, float]] = {}
         self._decode = msgspec.json.Decoder(AllocEvent)
 
@@ -82,7 +82,7 @@ class Watch:
             now = time.perf_counter()
             if isinstance(event, LeaseLost):
                 self.lost[event.lease.lease_id] = (event, now)
-            elif isinstance(event, LeaseGranted) and event.lease.replaces:
+            elif isinstance(event, GRANT_EVENTS) and event.lease.replaces:
                 self.granted[event.lease.replaces] = event
             elif isinstance(event, LeaseReplaced):
                 self.replaced[event.lease.lease_id] = (event, now)

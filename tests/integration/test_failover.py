@@ -6,7 +6,9 @@ first failure; a replacement with nowhere to go waits in the queue."""
 
 from __future__ import annotations
 
-from services.common.messages import AllocEvent, LeaseLost, LeaseReplaced
+import time
+
+from services.common.messages import AllocEvent, LeaseLost, LeaseProvisioning, LeaseReplaced
 
 from ..helpers import EventTap, eventually
 from .broker_world import World, broker_world
@@ -146,3 +148,73 @@ async def test_a_split_request_replaces_only_the_part_it_lost(settings, nc, subj
         assert sorted((lease["pool_id"], lease["units"], lease["attempt"]) for lease in view["leases"]) == \
             [("b", 4, 1), ("c", 4, 2)]
         assert await world.free("c") == 4
+
+
+# --- delivery: the provider answers failed, or never answers ------------------------------------
+SSH = {"kind": "ssh", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA tenant@laptop"]}
+TIMEOUT_S = 5
+ACME = {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 8, "prices": {"on_demand": "1.00"},
+        "delivery": ["ssh"], "provision_timeout_s": TIMEOUT_S}
+ZETA = {**ACME, "prices": {"on_demand": "1.50"}}
+
+
+async def _two_providers(world: World) -> dict[str, str]:
+    """acme's pool (the cheapest) and zeta's, both delivering ssh; zeta's key."""
+    await world.pool("acme-ssh", **ACME)
+    zeta = await world.key("provider", "zeta")
+    r = await world.registry.put("/v1/pools/zeta-ssh", json=ZETA, headers=zeta)
+    assert r.status_code == 201, r.text
+    return zeta
+
+
+async def _lands_on_zeta(world: World, alloc: EventTap, first: dict, request_id: str, since: float,
+                         zeta: dict[str, str]) -> None:
+    """The replacement is granted on zeta's pool within provision_timeout_s + 2 s of the
+    request, under the same request id, and delivers when zeta answers ready."""
+    grant = await alloc.wait_for(lambda e: isinstance(e, LeaseProvisioning) and e.lease.replaces == first["lease_id"],
+                                 timeout=TIMEOUT_S + 2)
+    assert time.monotonic() - since <= TIMEOUT_S + 2
+    assert grant.lease.pool_id == "zeta-ssh" and grant.lease.provider == "zeta"
+    assert grant.lease.request_id == request_id and grant.lease.attempt == 2 and grant.lease.delivery == "ssh"
+    replaced = await _replaced(alloc, first["lease_id"])
+    assert replaced.by_lease == grant.lease.lease_id and replaced.by_pool == "zeta-ssh"
+    r = await world.broker.post(f"/v1/leases/{grant.lease.lease_id}/ready", json={"access": {"host": "z.example"}},
+                                headers=zeta)
+    assert r.status_code == 200, r.text
+    view = await _view(world, request_id)
+    [lease] = view["leases"]
+    assert (lease["lease_id"], lease["state"], lease["access"]["host"]) == (grant.lease.lease_id, "ready", "z.example")
+    failed, ready = view["attempts"]
+    assert (failed["pool_id"], failed["provider"], failed["state"], failed["charged"]) == \
+        ("acme-ssh", "acme", "failed", False)
+    assert (ready["pool_id"], ready["state"], ready.get("charged", True)) == ("zeta-ssh", "ready", True)
+    assert await world.free("acme-ssh") == 8
+
+
+async def test_a_provider_that_answers_failed_is_replaced_by_another_provider(settings, nc, subjects) -> None:
+    async with broker_world(settings) as world, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        zeta = await _two_providers(world)
+        since = time.monotonic()
+        r = await world.request("t1", {"units": 2, "workload": SSH})
+        assert r.status_code == 201, r.text
+        request_id, first = r.json()["request_id"], r.json()["leases"][0]
+        assert (first["pool_id"], first["state"]) == ("acme-ssh", "provisioning")
+        r = await world.broker.post(f"/v1/leases/{first['lease_id']}/failed", json={"reason": "image pull failed"},
+                                    headers=world.provider)
+        assert r.status_code == 200, r.text
+        await _lands_on_zeta(world, alloc, first, request_id, since, zeta)
+        assert (await _view(world, request_id))["attempts"][0]["reason"] == "image pull failed"
+
+
+async def test_a_provider_that_never_answers_is_replaced_by_another_provider(settings, nc, subjects) -> None:
+    async with broker_world(settings) as world, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        zeta = await _two_providers(world)
+        since = time.monotonic()
+        r = await world.request("t1", {"units": 2, "workload": SSH})
+        assert r.status_code == 201, r.text
+        request_id, first = r.json()["request_id"], r.json()["leases"][0]
+        assert first["pool_id"] == "acme-ssh"
+        await _lands_on_zeta(world, alloc, first, request_id, since, zeta)
+        assert (await _view(world, request_id))["attempts"][0]["reason"] == f"not ready within {TIMEOUT_S} s"
