@@ -28,6 +28,7 @@ from services.common.subjects import ALLOC, Subjects
 from .core import Core
 from .domain.failover import REPLACED_ON, attempt_of, queue_deadline, stop_reason
 from .feeds import DurableFeed, Later
+from .matching.model import Decision
 from .metrics import FAILOVER_SECONDS, FAILOVERS
 from .placement import NotPlaced
 from .queue import RequestQueue
@@ -125,6 +126,8 @@ class Failover:
             await core.requests.settle_replacement(claim, "placed", record, outcome)
 
         try:
+            if record.tenant in self.queue.budgets.blocked:  # out of budget: it waits, as its queued requests do
+                raise NotPlaced(Decision(reasons=("the tenant's budget is exhausted; placed once it is topped up",)))
             leases = await self.replacer.place(record, replacement, now, settle)
         except NotPlaced as np:
             reasons = "; ".join(np.decision.reasons) or "no capacity matches right now"
