@@ -93,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await pool_loss.start()
         reliability = ReliabilityFeed(nc, js, subjects, ReliabilityRecord(redis, keys))
         await reliability.start()
+        failover = broker.failover.feed(nc, js, subjects)  # one replica replaces each failed or lost lease
+        await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await stop_tasks(tasks)
             await pool_loss.stop()
             await reliability.stop()
+            await failover.stop()
             await close_connections(nc, redis)
 
     return service_app(
