@@ -77,9 +77,9 @@ class RequestController(Controller):
     @get("/", summary="Your requests, newest first (admin/ops: ?tenant=), with their leases and attempts")
     async def list_requests(self, request: AuthedRequest,
                             tenant: Annotated[str | None, Parameter(max_length=64)] = None,
-                            state: RequestState | None = None,
+                            in_state: Annotated[RequestState | None, Parameter(query="state")] = None,
                             limit: Annotated[int, Parameter(ge=1, le=500)] = 50) -> list[RequestView]:
-        return await broker_of(request).list_requests(request.user, tenant, state, limit)
+        return await broker_of(request).list_requests(request.user, tenant, in_state, limit)
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")
     async def get_request(self, request: AuthedRequest, request_id: Id) -> RequestView:
