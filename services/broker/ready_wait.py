@@ -107,7 +107,7 @@ class Waker:
                         self.opened.set()
                     elif line.startswith("data:") and needle in line:
                         self.changed.set()
-        except (httpx.HTTPError, RuntimeError):  # closed under us, or the registry away: polling goes on
+        except Exception:  # noqa: BLE001 - closed under us, or the registry away: the polling goes on
             pass
         finally:
             self.failed.set()
