@@ -21,7 +21,7 @@ from services.common.client_errors import ApiError
 
 from .records import RequestView
 
-ENDED_REQUEST = ("rejected", "cancelled", "expired")
+ENDED_REQUEST = ("rejected", "cancelled", "expired", "failed")
 REPLACEABLE = ("failed", "lost")  # endings that failover may replace (docs/lifecycle.md)
 
 
@@ -43,33 +43,31 @@ class WaitTimedOut(RequestNotReady, TimeoutError):
 
 
 def why(view: RequestView) -> str:
-    """The reasons the broker gave, and those of the attempts that failed."""
-    reasons = list(view.reasons)
-    reasons += [f"attempt on {a.pool_id}: {a.state}" + (f" ({a.reason})" if a.reason else "")
-                for a in view.attempts if a.state in REPLACEABLE]
+    """The reasons the broker gave, else those of the attempts that failed."""
+    reasons = list(view.reasons) or [
+        f"attempt on {a.pool_id}: {a.state}" + (f" ({a.reason})" if a.reason else "")
+        for a in view.attempts if a.state in REPLACEABLE]
     return "; ".join(reasons) or "no reason given"
 
 
-def is_ready(view: RequestView, *, ended_since: float | None, grace_s: float, now: float) -> bool:
-    """True when every lease of the request is ready; False to keep waiting; raises
-    ``RequestEnded`` when it cannot become ready any more.
+def is_ready(view: RequestView, *, leaseless_for: float = 0.0, grace_s: float = 5.0) -> bool:
+    """True when every lease of the request is ready; False to keep waiting (queued,
+    placing, replacing: failover is placing another attempt); raises ``RequestEnded``
+    when it cannot become ready any more.
 
-    A placed request with no live lease left either waits for its replacement (the last
-    attempt failed or was lost, and failover places another) or is over. The view does not
-    say whether a replacement is coming (the request's budget of replacements, or no other
-    pool), so one that has not appeared ``grace_s`` after the ending was seen is taken as
-    none."""
+    A placed request without a live lease for ``leaseless_for`` seconds is in the moment
+    between a lease failing and failover taking it up (the request is then ``replacing``,
+    or ``failed`` when no replacement is allowed), or its leases were released or expired:
+    the view cannot tell which, so after ``grace_s`` it is taken as over."""
     if view.state in ENDED_REQUEST:
         raise RequestEnded(f"request {view.request_id} {view.state}: {why(view)}", view)
     if view.state != "placed":
         return False
     if view.leases:
         return all(lease.state == "ready" for lease in view.leases)
-    last = max(view.attempts, key=lambda a: a.ended_at or a.granted_at, default=None)
-    if last is not None and last.state in REPLACEABLE and (ended_since is None or now - ended_since < grace_s):
+    if leaseless_for < grace_s:
         return False
-    state = last.state if last is not None else "without leases"
-    raise RequestEnded(f"request {view.request_id} ended {state}: {why(view)}", view)
+    raise RequestEnded(f"request {view.request_id} has no live lease left: {why(view)}", view)
 
 
 class Waker:
@@ -124,7 +122,7 @@ def wait_ready(get: Callable[[str], RequestView], request_id: str, *, timeout: f
         if waker is not None:
             waker.opened.wait(min(timeout, 5.0))
         last: RequestView | None = None
-        ended_since: float | None = None
+        leaseless_since: float | None = None
         while True:
             try:
                 view = get(request_id)
@@ -138,8 +136,8 @@ def wait_ready(get: Callable[[str], RequestView], request_id: str, *, timeout: f
                         on_change(view)
                 last = view
                 now = time.monotonic()
-                ended_since = (ended_since or now) if view.state == "placed" and not view.leases else None
-                if is_ready(view, ended_since=ended_since, grace_s=grace_s, now=now):
+                leaseless_since = (leaseless_since or now) if view.state == "placed" and not view.leases else None
+                if is_ready(view, leaseless_for=now - (leaseless_since or now), grace_s=grace_s):
                     return view
             remaining = deadline - time.monotonic()
             if remaining <= 0:

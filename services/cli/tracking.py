@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 from rich.markup import escape
 
 from services.broker.client import BrokerClient
-from services.broker.records import LeaseView, RequestView
+from services.broker.records import LeaseView, RequestState, RequestView
 from services.common.delivery import Access, Attempt
 
 from .term import handled, note, out, print_json, show, waiting
@@ -230,7 +230,7 @@ def register(cli: click.Group, setup: Any, json_option: Any, client: Any) -> Non
         print_json(view) if as_json else show_status(view)
 
     @cli.command()
-    @click.option("--state", type=click.Choice(["queued", "placing", "placed", "rejected", "cancelled", "expired"]))
+    @click.option("--state", type=click.Choice(get_args(RequestState)), help="Only requests in this state.")
     @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
     @setup
     @json_option

@@ -45,8 +45,8 @@ def view(state: str = "placed", leases: list[LeaseView] | None = None, attempts:
 
 
 # --- is_ready: done, keep waiting, or over ---------------------------------------------------
-def ready(v: RequestView, ended_since: float | None = None, now: float = 100.0) -> bool:
-    return is_ready(v, ended_since=ended_since, grace_s=5.0, now=now)
+def ready(v: RequestView, leaseless_for: float = 0.0) -> bool:
+    return is_ready(v, leaseless_for=leaseless_for, grace_s=5.0)
 
 
 def test_ready_only_when_every_lease_is_ready() -> None:
@@ -56,9 +56,10 @@ def test_ready_only_when_every_lease_is_ready() -> None:
     assert ready(view(leases=[lease(state="ready", delivery="")]))  # capacity only: ready at grant
 
 
-def test_queued_and_placing_keep_waiting() -> None:
-    assert not ready(view("queued"))
-    assert not ready(view("placing"))
+@pytest.mark.parametrize("state", ["queued", "placing", "replacing"])
+def test_queued_placing_and_replacing_keep_waiting(state: str) -> None:
+    assert not ready(view(state, attempts=[attempt("lease_a", "failed", reason="boom", ended=3)]),
+                     leaseless_for=60.0)
 
 
 @pytest.mark.parametrize("state", ["rejected", "cancelled", "expired"])
@@ -68,23 +69,24 @@ def test_an_ended_request_raises_with_its_reasons(state: str) -> None:
     assert caught.value.view is not None and caught.value.view.state == state
 
 
-def test_a_failed_attempt_waits_for_its_replacement_then_gives_up() -> None:
-    failed = view(leases=[], attempts=[attempt("lease_a", "failed", reason="image pull timed out", ended=3)])
-    assert not ready(failed, ended_since=98.0, now=100.0)  # 2 s in: failover may still place it
-    with pytest.raises(RequestEnded, match="ended failed: .*pool-a: failed \\(image pull timed out\\)"):
-        ready(failed, ended_since=90.0, now=100.0)  # 10 s in: no replacement is coming
+def test_a_failed_request_raises_with_the_failed_attempts() -> None:
+    failed = view("failed", attempts=[attempt("lease_a", "failed", reason="image pull timed out", ended=3)])
+    with pytest.raises(RequestEnded, match=r"req_1 failed: attempt on pool-a: failed \(image pull timed out\)"):
+        ready(failed)
+
+
+def test_placed_without_a_live_lease_waits_for_failover_to_take_it_up_then_gives_up() -> None:
+    # between a lease failing and failover claiming the request, the view shows neither the lease nor its attempt
+    leaseless = view(leases=[])
+    assert not ready(leaseless, leaseless_for=1.0)
+    with pytest.raises(RequestEnded, match="has no live lease left"):
+        ready(leaseless, leaseless_for=6.0)
 
 
 def test_the_replacement_provisioning_keeps_waiting_and_its_ready_ends_the_wait() -> None:
     attempts = [attempt("lease_a", "failed", reason="boom", ended=3), attempt("lease_b", "provisioning", "pool-b")]
     assert not ready(view(leases=[lease("lease_b", attempt=2, replaces="lease_a")], attempts=attempts))
     assert ready(view(leases=[lease("lease_b", state="ready", attempt=2, replaces="lease_a")], attempts=attempts))
-
-
-def test_a_lease_released_or_preempted_is_never_waited_for() -> None:
-    for state in ("released", "preempted", "expired", "revoked"):
-        with pytest.raises(RequestEnded, match=f"ended {state}"):
-            ready(view(leases=[], attempts=[attempt("lease_a", state, ended=3)]), ended_since=None)
 
 
 # --- progress lines ---------------------------------------------------------------------------
