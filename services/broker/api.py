@@ -13,17 +13,18 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.openapi import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 
 from services.common.http import AuthedRequest, raw_header
 
+from services.common.delivery import FailedBody, HealthBody, LeaseState, ReadyBody
 from services.common.errors import BrokerError, Unavailable
 
 from .domain.requests import ComputeRequest
 from .idempotency import Keyring
 from .key_grants import adopt
 from .metrics import PLACEMENT_SECONDS, PLACEMENTS
-from .records import LeaseView, QuoteView, RequestState, RequestView, lease_view
+from .records import Assignment, LeaseView, QuoteView, RequestState, RequestView
 from .service import Broker
 
 Id = Annotated[str, Parameter(max_length=200)]
@@ -77,7 +78,7 @@ class RequestController(Controller):
     @get("/", summary="Your requests, newest first (admin/ops: ?tenant=), with their leases and attempts")
     async def list_requests(self, request: AuthedRequest,
                             tenant: Annotated[str | None, Parameter(max_length=64)] = None,
-                            in_state: Annotated[RequestState | None, Parameter(query="state")] = None,
+                            in_state: Annotated[RequestState | None, QueryParameter(name="state")] = None,
                             limit: Annotated[int, Parameter(ge=1, le=500)] = 50) -> list[RequestView]:
         return await broker_of(request).list_requests(request.user, tenant, in_state, limit)
 
@@ -104,17 +105,49 @@ class LeaseController(Controller):
     @get("/", summary="Active leases (a tenant's own; admin/ops: ?tenant=)")
     async def list_leases(self, request: AuthedRequest,
                           tenant: Annotated[str | None, Parameter(max_length=64)] = None) -> list[LeaseView]:
-        return [lease_view(lease) for lease in await broker_of(request).list_leases(request.user, tenant)]
+        broker = broker_of(request)
+        return await broker.lease_views(request.user, await broker.list_leases(request.user, tenant))
 
-    @get("/{lease_id:str}", summary="One active lease")
+    @get("/{lease_id:str}", summary="One active lease: its state, and how to reach it once ready (its tenant)")
     async def get_lease(self, request: AuthedRequest, lease_id: Id) -> LeaseView:
-        return lease_view(await broker_of(request).own_lease(request.user, lease_id))
+        broker = broker_of(request)
+        [view] = await broker.lease_views(request.user, [await broker.own_lease(request.user, lease_id)])
+        return view
 
     @post("/{lease_id:str}/renew", summary="Keep an open lease alive for another TTL", status_code=200)
     async def renew(self, request: AuthedRequest, lease_id: Id) -> LeaseView:
-        return lease_view(await broker_of(request).renew(request.user, lease_id))
+        broker = broker_of(request)
+        [view] = await broker.lease_views(request.user, [await broker.renew(request.user, lease_id)])
+        return view
+
+    @post("/{lease_id:str}/ready", summary="Provider: delivered; how the tenant reaches it (provisioning → ready)",
+          status_code=200, tags=["provider"])
+    async def ready(self, request: AuthedRequest, lease_id: Id, data: ReadyBody) -> LeaseView:
+        return await broker_of(request).deliveries.ready(request.user, lease_id, data)
+
+    @post("/{lease_id:str}/failed", summary="Provider: cannot deliver (provisioning → failed, units back)",
+          status_code=200, tags=["provider"])
+    async def failed(self, request: AuthedRequest, lease_id: Id, data: FailedBody) -> dict[str, Any]:
+        return await broker_of(request).deliveries.failed(request.user, lease_id, data)
+
+    @post("/{lease_id:str}/health", summary="Provider: health of a delivered lease (unhealthy: ready → lost)",
+          status_code=200, tags=["provider"])
+    async def health(self, request: AuthedRequest, lease_id: Id, data: HealthBody) -> dict[str, Any]:
+        return await broker_of(request).deliveries.health(request.user, lease_id, data)
 
     @post("/{lease_id:str}/release", summary="Give the units back", status_code=200)
     async def release(self, request: AuthedRequest, lease_id: Id) -> dict[str, Any]:
         lease = await broker_of(request).release(request.user, lease_id)
         return {"lease_id": lease.lease_id, "released": True}
+
+
+class AssignmentController(Controller):
+    path = "/v1/assignments"
+    tags = ["provider"]
+
+    @get("/", summary="Provider: the leases on its pools, with what to deliver and by when (admin: ?provider=)")
+    async def list_assignments(self, request: AuthedRequest,
+                               lease_state: Annotated[LeaseState | None, QueryParameter(name="state")] = None,
+                               provider: Annotated[str | None, Parameter(max_length=64)] = None,
+                               limit: Annotated[int, Parameter(ge=1, le=1000)] = 1000) -> list[Assignment]:
+        return await broker_of(request).deliveries.assignments(request.user, lease_state, provider, limit)

@@ -30,9 +30,10 @@ from services.common.messages import (
 from services.common.lifecycle import forever, relax_gc, stop_tasks
 from services.common.settings import Settings, settings_from_env
 from services.common.startup import close_connections, guard_requests, open_connections
-from services.common.subjects import BILLING, IDEMPOTENCY, Subjects
+from services.common.subjects import ACCESS, BILLING, IDEMPOTENCY, Subjects
 
-from .api import LeaseController, QuoteController, RequestController
+from .access import AccessStore
+from .api import AssignmentController, LeaseController, QuoteController, RequestController
 from .idempotency import IDEMPOTENCY_MARGIN_S, Keyring
 from .key_grants import LeaseGrants
 from .leases import LeaseStore
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await broker.on_billing(event)
 
         await nc.subscribe(subjects.events(BILLING), cb=on_billing)
+        broker.core.access = await AccessStore.open(nc, subjects.bucket(ACCESS), settings.stream_replicas)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
         app.state.placement_timeout_s = settings.placement_timeout_s
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return service_app(
         "broker", "App-facing API: requests, quotes, leases.", settings=settings, metrics=metrics,
-        route_handlers=[*ops_routes("broker", refresh), RequestController, QuoteController, LeaseController],
+        route_handlers=[*ops_routes("broker", refresh), RequestController, QuoteController, LeaseController,
+                        AssignmentController],
         lifespan=lifespan,
     )

@@ -19,11 +19,12 @@ from services.common.auth import Principal
 from services.common.clock import utcnow
 from services.common.errors import Forbidden
 from services.common.keys import Keys
-from services.common.messages import AllocEvent, RequestEvent
+from services.common.messages import AllocEvent, LeaseFailed, RequestEvent
 from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably
 from services.common.subjects import Subjects
 from services.common.tracing import nats_headers
 
+from .access import AccessStore
 from .domain.requests import ComputeRequest, to_ask
 from .leases import Ended, LeaseStore
 from .metrics import LEASE_ENDS
@@ -59,6 +60,7 @@ class Core:
         self.acks = AckedPublisher(nc)
         self.spread = random.Random()  # the order of the options tried after a lost race
         self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
+        self.access: AccessStore | None = None  # access details (the app opens the bucket)
 
     def ask_for(self, body: ComputeRequest, exclude: frozenset[str] = frozenset()):  # noqa: ANN201
         return to_ask(body, self.world.catalogue, self.world.countries, exclude)
@@ -117,3 +119,5 @@ class Core:
         await self.publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
                                       seq=ended.seq, free_after=ended.free_after, **extra))
         self.queue_kick.set()
+        if ended.lease.delivery and kind is not LeaseFailed and self.access is not None:
+            await self.access.delete(ended.lease.lease_id)  # a failed lease never had any

@@ -32,6 +32,36 @@ class Ended:
     pending: bool = False  # never confirmed: the grant may not be in the record, the client heard nothing
 
 
+@dataclass(frozen=True, slots=True)
+class LiveLease:
+    """A live lease with its delivery state (docs/lifecycle.md, "Lease"): the grant's
+    ``LeaseInfo`` plus what the transitions wrote beside it in the lease hash."""
+
+    info: LeaseInfo
+    state: str  # "pending" (grant not confirmed yet), "provisioning" or "ready"
+    deadline: float | None = None  # provisioning: failed unless ready by then (unix s)
+    ready_at: float | None = None  # unix s
+
+
+_LIVE_FIELDS = ("info", "state", "deadline", "ready_at", "pending")
+
+
+def _live(raw: Sequence[object]) -> LiveLease | None:
+    info, state, deadline, ready_at, pending = raw
+    if not info:
+        return None
+    return LiveLease(_info.decode(info),  # type: ignore[arg-type]
+                     "pending" if pending else (_s(state) if state else "ready"),
+                     float(deadline) if deadline else None, float(ready_at) if ready_at else None)  # type: ignore[arg-type]
+
+
+def provision_deadline(lease: LeaseInfo) -> float:
+    """When a delivering lease fails unless ready (unix s); 0 for a capacity-only one."""
+    if not lease.delivery:
+        return 0.0
+    return lease.granted_at.timestamp() + lease.provision_timeout_s
+
+
 T = TypeVar("T")
 Reservation = tuple[str, Sequence[LeaseInfo], float]  # region, its leases, provisional expiry
 
@@ -73,6 +103,7 @@ class LeaseStore:
         self._renew = redis.register_script(read_lua("services.broker.lua", "renew.lua"))
         self._restore = redis.register_script(read_lua("services.broker.lua", "restore.lua"))
         self._confirm = redis.register_script(read_lua("services.broker.lua", "confirm.lua"))
+        self._ready = redis.register_script(read_lua("services.broker.lua", "lease_ready.lua"))
 
     def _reserve_call(self, groups: Sequence[Reservation], force: bool = False) -> tuple[list[str], list[object]]:
         """Keys and arguments of one ``lua/reserve.lua`` call for ``groups``."""
@@ -140,28 +171,34 @@ class LeaseStore:
             calls = missing
         return results  # type: ignore[return-value]
 
-    async def restore(self, items: Sequence[tuple[LeaseInfo, int]], chunk: int = 500) -> int:
-        """Put ``(lease, seq)`` back after a Redis loss (``lua/restore.lua``): units taken
-        whatever is free (the lease was granted when they were), seq kept, lookups
-        written. A few round trips for many leases: 50,000 must not take 100,000."""
+    async def restore(self, items: Sequence[tuple[LeaseInfo, int] | tuple[LeaseInfo, int, float | None]],
+                      chunk: int = 500) -> int:
+        """Put ``(lease, seq[, ready_at])`` back after a Redis loss (``lua/restore.lua``):
+        units taken whatever is free (the lease was granted when they were), seq and
+        delivery state kept (a delivering lease without ``ready_at`` comes back
+        provisioning, with its deadline), lookups written. A few round trips for many
+        leases: 50,000 must not take 100,000."""
         k = self.keys
-        groups: dict[str, list[tuple[LeaseInfo, int]]] = {}
-        for lease, seq in items:
-            groups.setdefault(lease.region, []).append((lease, seq))
+        groups: dict[str, list[tuple]] = {}
+        for item in items:
+            groups.setdefault(item[0].region, []).append(item)
         restored = 0
         for r, group in groups.items():
             for i in range(0, len(group), chunk):
                 part = group[i:i + chunk]
-                keys = [k.lease_expiry(r), k.interruptible_leases(r)]
+                keys = [k.lease_expiry(r), k.interruptible_leases(r), k.lease_provisioning(r)]
                 args: list[object] = []
-                for lease, seq in part:
+                for lease, seq, *rest in part:
+                    ready_at = rest[0] if rest else None
+                    state = "" if not lease.delivery else ("ready" if ready_at is not None else "provisioning")
                     keys += [k.pool(r, lease.pool_id), k.pool_leases(r, lease.pool_id), k.lease(r, lease.lease_id)]
                     args += [lease.lease_id, lease.units, msgspec.json.encode(lease),
                              int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq,
-                             lease.pool_generation]
+                             lease.pool_generation, state, provision_deadline(lease) if state == "provisioning" else 0,
+                             "" if ready_at is None else ready_at]
                 restored += int(await self._restore(keys=keys, args=args))
         pipe = self.redis.pipeline(transaction=False)  # the lookups, a few commands per chunk
-        leases = [lease for lease, _ in items]
+        leases = [item[0] for item in items]
         for i in range(0, len(leases), 5000):
             self.index_into(pipe, leases[i:i + 5000])
         if leases:
@@ -195,12 +232,12 @@ class LeaseStore:
             args: list[object] = [len(call)]
             for group in call:
                 region = group[0].region
-                keys.append(k.lease_expiry(region))
+                keys += [k.lease_expiry(region), k.lease_provisioning(region)]
                 for lease in group:
                     keys += [k.lease(region, lease.lease_id), k.pool(region, lease.pool_id)]
                 args.append(len(group))
                 for lease in group:
-                    args += [lease.lease_id, lease.expires_at.timestamp()]
+                    args += [lease.lease_id, lease.expires_at.timestamp(), provision_deadline(lease)]
             pipe.execute_command("EVALSHA", self._confirm.sha, len(keys), *keys, *args)
         return len(calls)
 
@@ -211,7 +248,7 @@ class LeaseStore:
 
     async def load_scripts(self) -> None:
         """After a NOSCRIPT reply (Redis restarted or flushed its script cache)."""
-        for script in (self._reserve, self._end, self._renew, self._restore, self._confirm):
+        for script in (self._reserve, self._end, self._renew, self._restore, self._confirm, self._ready):
             await self.redis.script_load(script.script)
 
     async def run_pipeline(self, build: Callable[[Pipeline], T]) -> tuple[T, list]:
@@ -257,17 +294,35 @@ class LeaseStore:
     async def end(self, lease: LeaseInfo, mode: str, now: float) -> Ended | None:
         """Release / expire / preempt / lose / revoke one lease; None if it was gone (or,
         for ``expire``, renewed in the meantime)."""
+        ended = await self.end_from(lease, mode, now)
+        return ended if isinstance(ended, Ended) else None
+
+    async def end_from(self, lease: LeaseInfo, mode: str, now: float, state: str = "") -> Ended | str:
+        """``end`` only from ``state`` ("provisioning" or "ready"; "" any): a ``fail``
+        from provisioning, a ``timeout`` (provisioning past its deadline), a ``lost``
+        from ready (unhealthy). Refused: the state the lease is in ("gone" when none)."""
         k, r = self.keys, lease.region
         raw = await self._end(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
-                                    k.pool_leases(r, lease.pool_id), k.interruptible_leases(r)],
-                               args=[lease.lease_id, mode, now])
+                                    k.pool_leases(r, lease.pool_id), k.interruptible_leases(r),
+                                    k.lease_provisioning(r)],
+                               args=[lease.lease_id, mode, now, state])
         if int(raw[0]) != 1:
-            return None
+            return _s(raw[1]) if len(raw) > 1 else "gone"
         pipe = self.redis.pipeline(transaction=False)
         pipe.hdel(k.lease_index(), lease.lease_id)
         pipe.zrem(k.tenant_leases(lease.tenant), lease.lease_id)
         await pipe.execute()
         return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]), len(raw) > 4 and int(raw[4]) == 1)
+
+    async def lease_ready(self, lease: LeaseInfo, now: float) -> tuple[int, LeaseInfo] | str:
+        """provisioning → ready (``lua/lease_ready.lua``): ``(seq, lease)``, or why not
+        ("gone", "pending", "ready", "generation", "deadline")."""
+        k, r = self.keys, lease.region
+        raw = await self._ready(keys=[k.lease(r, lease.lease_id), k.pool(r, lease.pool_id), k.lease_provisioning(r)],
+                                args=[lease.lease_id, now])
+        if int(raw[0]) != 1:
+            return _s(raw[1])
+        return int(raw[1]), _info.decode(raw[2])
 
     async def renew(self, lease: LeaseInfo, now: float) -> int | None:
         k, r = self.keys, lease.region
@@ -282,22 +337,70 @@ class LeaseStore:
         raw = await self.redis.hget(self.keys.lease(_s(region), lease_id), "info")
         return _info.decode(raw) if raw else None
 
+    async def live(self, lease_id: str) -> LiveLease | None:
+        """The lease with its delivery state, or None."""
+        region = await self.redis.hget(self.keys.lease_index(), lease_id)
+        if region is None:
+            return None
+        return _live(await self.redis.hmget(self.keys.lease(_s(region), lease_id), _LIVE_FIELDS))
+
+    async def lives(self, leases: Sequence[LeaseInfo]) -> list[LiveLease]:
+        """The delivery state of each of ``leases`` still live (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            pipe.hmget(self.keys.lease(lease.region, lease.lease_id), _LIVE_FIELDS)
+        return [live for live in map(_live, await pipe.execute()) if live is not None]
+
+    async def on_pools(self, pools: Sequence[tuple[str, str]], limit: int = 1000) -> list[LiveLease]:
+        """The live leases of ``(region, pool id)`` pools (up to ``limit``), with their
+        states: a provider's assignments."""
+        pipe = self.redis.pipeline(transaction=False)
+        for region, pool_id in pools:
+            pipe.smembers(self.keys.pool_leases(region, pool_id))
+        pipe2 = self.redis.pipeline(transaction=False)
+        n = 0
+        for (region, _), ids in zip(pools, await pipe.execute(), strict=True):
+            for lease_id in sorted(map(_s, ids)):
+                if n >= limit:
+                    break
+                pipe2.hmget(self.keys.lease(region, lease_id), _LIVE_FIELDS)
+                n += 1
+        return [live for live in map(_live, await pipe2.execute()) if live is not None] if n else []
+
+    async def provisioning_due(self, regions: Sequence[str], now: float, limit: int = 500) -> list[LeaseInfo]:
+        """Leases past their provision deadline (up to ``limit`` a region): the timeout
+        sweep's candidates (its script re-checks each)."""
+        out: list[LeaseInfo] = []
+        for region, ids, found in await self._due(self.keys.lease_provisioning, regions, now, limit):
+            out += found
+            gone = set(ids) - {lease.lease_id for lease in found}
+            if gone:  # ended by a path that did not know the index (cleared here)
+                await self.redis.zrem(self.keys.lease_provisioning(region), *gone)
+        return out
+
     async def of_tenant(self, tenant: str, limit: int = 1000) -> list[LeaseInfo]:
         ids = [_s(i) for i in await self.redis.zrange(self.keys.tenant_leases(tenant), 0, limit - 1)]
         return [lease for lease in [await self.get(i) for i in ids] if lease is not None]
 
     async def expired_in(self, regions: Sequence[str], now: float, limit: int = 500) -> list[LeaseInfo]:
-        """Expired leases (up to ``limit`` a region) of many regions: a round trip per
+        """Expired leases (up to ``limit`` a region) of many regions."""
+        return [lease for _, _, found in await self._due(self.keys.lease_expiry, regions, now, limit)
+                for lease in found]
+
+    async def _due(self, index: Callable[[str], str], regions: Sequence[str], now: float,
+                   limit: int) -> list[tuple[str, list[str], list[LeaseInfo]]]:
+        """Per region with some: the ids scored up to ``now`` in its ``index`` sorted set
+        (up to ``limit``) and the leases of those still live. A round trip per
         ``REGIONS_PER_PIPELINE`` regions (a sweep over thousands of regions must not be
         thousands of round trips), plus one per region that has some."""
-        out: list[LeaseInfo] = []
+        out = []
         for part in _chunks(regions):
             pipe = self.redis.pipeline(transaction=False)
             for region in part:
-                pipe.zrangebyscore(self.keys.lease_expiry(region), "-inf", now, start=0, num=limit)
+                pipe.zrangebyscore(index(region), "-inf", now, start=0, num=limit)
             for region, ids in zip(part, await pipe.execute(), strict=True):
                 if ids:
-                    out += await self._infos(region, ids)
+                    out.append((region, [_s(i) for i in ids], await self._infos(region, ids)))
         return out
 
     async def interruptible(self, region: str) -> list[LeaseInfo]:

@@ -20,11 +20,12 @@ from redis.asyncio.client import Pipeline
 from services.common.coalesce import Coalescer
 from services.common.errors import Unavailable
 from services.common.ids import new_id
-from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost
+from services.common.delivery import DEFAULT_PROVISION_TIMEOUT_S
+from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost, LeaseProvisioning
 
 from .core import Core, per_item
 from .idempotency import before_grant
-from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds
+from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, workload_kind
 from .leases import PENDING_S, Reservation, by_region, missing_leases
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
@@ -54,14 +55,21 @@ class Placement:
         term = term_seconds(body)
         ttl = 0 if term else body.lease_ttl_s
         expires = now + timedelta(seconds=term or ttl)
+        kind = workload_kind(body)
+        pools = self.core.world.pools
         out = []
         for a in option.allocations:
+            timeout = 0
+            if kind:  # the pool's own provision timeout (the engine chose it because it delivers the kind)
+                pool = pools.get(a.pool_id)
+                timeout = pool.provision_timeout_s if pool is not None else DEFAULT_PROVISION_TIMEOUT_S
             out.append(LeaseInfo(
                 lease_id=new_id("lease"), request_id=request_id, tenant=tenant, pool_id=a.pool_id,
                 provider=a.provider, region=a.region, model=a.model, units=a.units, billing=body.billing,
                 unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
-                priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0)))
+                priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0),
+                delivery=kind, provision_timeout_s=timeout))
         return out
 
     async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
@@ -138,8 +146,10 @@ class Placement:
         grants are given back and retracted, and ``Refused`` raised; if the broker dies
         after it, the unconfirmed leases end at their provisional expiry (nothing billed),
         never placing a request twice."""
-        grants = [LeaseGranted(id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-                               free_after=truth.get(lease.pool_id, -1)) for lease in leases]
+        # a lease that must be delivered starts provisioning (billed from its lease.ready)
+        grants = [(LeaseProvisioning if lease.delivery else LeaseGranted)(
+            id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
+            free_after=truth.get(lease.pool_id, -1)) for lease in leases]
         if len(grants) == 1:
             results: list[object] = [None]
             try:

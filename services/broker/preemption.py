@@ -63,6 +63,7 @@ class PreemptScript:
                      k.lease(region, lease.lease_id)]
             args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible"),
                      lease.pool_generation]
+        keys.append(k.lease_provisioning(region))  # a victim still provisioning leaves the timeout sweep's index
         raw = await self._script(keys=keys, args=args)
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
 import msgspec
 
-from services.common.delivery import Access, Attempt, LeaseState
+from services.common.delivery import Access, Attempt, LeaseState, Workload
 from services.common.messages import LeaseInfo
 
 from .domain.requests import ComputeRequest
+from .leases import LiveLease, provision_deadline
 from .matching.model import Placement
 
 # the request lifecycle (docs/lifecycle.md): accepted → queued → placing → placed | rejected | cancelled | expired;
@@ -79,11 +80,52 @@ class QuoteView(msgspec.Struct, frozen=True, kw_only=True):
     never: bool
 
 
-def lease_view(lease: LeaseInfo) -> LeaseView:
+class Assignment(msgspec.Struct, frozen=True, kw_only=True):
+    """A lease on a provider's pool as its provider sees it (``GET /v1/assignments``):
+    what to deliver (the request's workload) and by when."""
+
+    lease_id: str
+    request_id: str
+    tenant: str
+    pool_id: str
+    provider: str
+    region: str
+    model: str
+    units: int
+    state: LeaseState
+    delivery: str = ""  # "" = capacity only (nothing to deliver)
+    workload: Workload | None = None
+    granted_at: datetime
+    expires_at: datetime
+    provision_deadline: datetime | None = None
+    ready_at: datetime | None = None
+    attempt: int = 1
+    replaces: str | None = None
+
+
+def _at(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def lease_view(lease: LeaseInfo, live: LiveLease | None = None, access: Access | None = None) -> LeaseView:
+    """``live``: the lease's delivery state as Redis holds it; without it, the state of a
+    fresh grant (provisioning when it delivers, else ready at grant). ``access``: what
+    the caller may see of the access details (the caller decides: tenant, admin, ops)."""
+    state = live.state if live is not None and live.state in ("provisioning", "ready") else \
+        ("provisioning" if lease.delivery else "ready")
+    deadline = ready_at = None
+    if state == "provisioning":
+        deadline = _at(live.deadline if live is not None and live.deadline else provision_deadline(lease))
+    elif lease.delivery:
+        ready_at = _at(live.ready_at if live is not None else None)
+    else:
+        ready_at = lease.granted_at  # capacity only: ready (and billed) from its grant
     return LeaseView(
         lease_id=lease.lease_id, request_id=lease.request_id, tenant=lease.tenant, pool_id=lease.pool_id,
         provider=lease.provider, region=lease.region, model=lease.model, units=lease.units, billing=lease.billing,
         unit_price=lease.unit_price, price_basis=lease.price_basis, currency=lease.currency,
         granted_at=lease.granted_at, expires_at=lease.expires_at,
-        renewable=lease.ttl_s > 0,
+        renewable=lease.ttl_s > 0, state=state, delivery=lease.delivery,  # type: ignore[arg-type]
+        provision_deadline=deadline, ready_at=ready_at, attempt=lease.attempt, replaces=lease.replaces or None,
+        access=access,
     )

@@ -16,6 +16,8 @@ from services.common.messages import (
     LeaseExpired,
     LeaseGranted,
     LeaseLost,
+    LeaseProvisioning,
+    LeaseReady,
     LeaseRenewed,
     RequestEvent,
     RequestQueued,
@@ -24,6 +26,7 @@ from services.common.nats_conn import read_stream
 
 from .budgets import Budgets
 from .core import Core
+from .deliveries import time_out
 from .domain.requests import ComputeRequest
 from .locks import OwnedLock
 from .queue import RequestQueue
@@ -33,6 +36,8 @@ log = logging.getLogger("broker")
 _alloc = msgspec.json.Decoder(AllocEvent)
 _request_event = msgspec.json.Decoder(RequestEvent)
 REBUILD_LOCK_MS = 60_000
+# a lease whose last event is one of these is live (the others end it, or say it was replaced)
+OPEN_EVENTS = (LeaseGranted, LeaseProvisioning, LeaseReady, LeaseRenewed)
 RETRACTED = ("grant not completed", "grant never completed")  # a LeaseLost that undid a grant
 
 
@@ -82,8 +87,9 @@ class Recovery:
             await core.leases.mark_ready(new)
 
     async def sweep(self) -> int:
-        """Expire unrenewed leases. Safe in every replica: the script re-checks expiry
-        and only the caller that removed a lease announces it."""
+        """Expire unrenewed leases, and fail those not delivered by their provision
+        deadline. Safe in every replica: the scripts re-check expiry and deadline, and
+        only the caller that removed a lease announces it."""
         core = self.core
         now = core.clock()
         n = 0
@@ -97,6 +103,9 @@ class Recovery:
                 n += 1
             elif ended is not None:
                 await core.announce_end(LeaseExpired, ended, now)
+                n += 1
+        for lease in await core.leases.provisioning_due(list(core.world.countries), now.timestamp()):
+            if await time_out(core, lease, now) is not None:  # not ready by its deadline: failed
                 n += 1
         return n
 
@@ -115,9 +124,12 @@ class Recovery:
             # read the record while the registry puts the pools back; restore after it has
             t0 = time.perf_counter()
             last: dict[str, AllocEvent] = {}
+            ready_at: dict[str, float] = {}  # delivering leases that became ready: they come back ready
             async for _, data in read_stream(core.js, core.subjects.stream("alloc"), core.subjects.events("alloc"),
                                              batch=5000):
                 event = _alloc.decode(data)
+                if isinstance(event, LeaseReady):
+                    ready_at[event.lease.lease_id] = event.at.timestamp()
                 seen = last.get(event.lease.lease_id)
                 if seen is None or event.seq >= seen.seq:
                     last[event.lease.lease_id] = event
@@ -129,7 +141,7 @@ class Recovery:
                 return 0  # the registry is not back: try again on the next pass
             t_read = time.perf_counter()
             now = core.clock()
-            open_ = [e for e in last.values() if isinstance(e, (LeaseGranted, LeaseRenewed))]
+            open_ = [e for e in last.values() if isinstance(e, OPEN_EVENTS)]
             # the regions that lost their leases (all of them after a flush; one when a Redis
             # Cluster master came back empty): only theirs are restored, as a lease of an
             # intact region released meanwhile must not come back; the others' lookups are
@@ -137,7 +149,8 @@ class Recovery:
             lost = set(await core.leases.not_ready(sorted(set(core.world.countries) |
                                                           {e.lease.region for e in open_})))
             alive = [e for e in open_ if e.lease.expires_at > now]
-            await core.leases.restore([(e.lease, e.seq) for e in alive if e.lease.region in lost])
+            await core.leases.restore([(e.lease, e.seq, ready_at.get(e.lease.lease_id))
+                                       for e in alive if e.lease.region in lost])
             await core.leases.index([e.lease for e in alive if e.lease.region not in lost])
             restored = sum(1 for e in alive if e.lease.region in lost)
             t_restored = time.perf_counter()

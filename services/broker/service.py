@@ -7,6 +7,7 @@ machines of ``docs/lifecycle.md``:
 * ``preemption``: room made by ending interruptible leases;
 * ``queue``: fair-share passes over queued requests, cancellation;
 * ``leasing``: a tenant's renew and release;
+* ``deliveries``: the provider's side: assignments, ready, failed, health;
 * ``recovery``: sweeps, pool loss, rebuild after a Redis loss;
 * ``budgets``: tenants out of budget;
 * ``views``: what a caller may read.
@@ -29,13 +30,14 @@ from services.common.subjects import Subjects
 from .budgets import Budgets
 from .core import Core, tenant_of, utcnow
 from .domain.requests import ComputeRequest
+from .deliveries import Deliveries
 from .intake import Intake
 from .leases import Ended, LeaseStore
 from .leasing import Leasing
 from .placement import NotPlaced, Placement
 from .preemption import Preemption
 from .queue import RequestQueue
-from .records import QuoteView, RequestRecord, RequestView
+from .records import LeaseView, QuoteView, RequestRecord, RequestView
 from .recovery import Recovery
 from .views import Views
 from .world import World
@@ -56,6 +58,7 @@ class Broker:
         self.intake = Intake(self.core, self.placement, self.preemption, self.queue, self.budgets, self.views)
         self.leasing = Leasing(self.core, self.views)
         self.recovery = Recovery(self.core, self.queue, self.budgets)
+        self.deliveries = Deliveries(self.core)
 
     # what callers reach through the broker
     @property
@@ -136,6 +139,9 @@ class Broker:
 
     async def list_leases(self, principal: Principal, tenant: str | None) -> list[LeaseInfo]:
         return await self.views.list_leases(principal, tenant)
+
+    async def lease_views(self, principal: Principal, leases: list[LeaseInfo]) -> list[LeaseView]:
+        return await self.views.lease_views(principal, leases)
 
     async def renew(self, principal: Principal, lease_id: str) -> LeaseInfo:
         return await self.leasing.renew(principal, lease_id)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 from services.common.auth import Principal
+from services.common.delivery import REDACTED, Access
 from services.common.errors import Forbidden, NotFound, Unprocessable
 from services.common.messages import LeaseInfo
 
 from .core import Core
 from .matching.model import Placement as Option
-from .records import RequestRecord, RequestView, lease_view
+from .leases import LiveLease
+from .records import LeaseView, RequestRecord, RequestView, lease_view
 
 
 def may_see(principal: Principal) -> None:
@@ -32,7 +34,29 @@ class Views:
         return record
 
     async def get_request(self, principal: Principal, request_id: str) -> RequestView:
-        return await self.view(await self.own_record(principal, request_id))
+        return await self.view(await self.own_record(principal, request_id), principal=principal)
+
+    async def lease_views(self, principal: Principal | None, leases: list[LeaseInfo]) -> list[LeaseView]:
+        """Views of leases the caller may see (checked before), with their delivery state
+        read live in one round trip, and access details as ``access_for`` says."""
+        lives = {live.info.lease_id: live for live in await self.core.leases.lives(leases)} if leases else {}
+        out = []
+        for lease in leases:
+            live = lives.get(lease.lease_id)
+            out.append(lease_view(live.info if live else lease, live, await self.access_for(principal, live)))
+        return out
+
+    async def access_for(self, principal: Principal | None, live: LiveLease | None) -> Access | None:
+        """Access details go to the lease's tenant and admin; ops sees that there are some
+        (``REDACTED``), nobody else anything. Only a delivered (ready) lease has them."""
+        if principal is None or live is None or live.state != "ready" or not live.info.delivery:
+            return None
+        if principal.role == "ops":
+            return REDACTED
+        mine = principal.role == "tenant" and principal.subject == live.info.tenant
+        if not (mine or principal.role == "admin") or self.core.access is None:
+            return None
+        return await self.core.access.get(live.info.lease_id)
 
     async def list_requests(self, principal: Principal, tenant: str | None, state: str | None,
                             limit: int) -> list[RequestView]:
@@ -46,13 +70,18 @@ class Views:
             raise Unprocessable("admin and ops list requests per tenant: give ?tenant=")
         ids = await self.core.redis.zrevrange(self.core.keys.tenant_requests(tenant), 0, max(4 * limit, 200) - 1)
         records = [r for r in await self.core.requests.get_many(ids) if state is None or r.state == state]
-        return [await self.view(record) for record in records[:limit]]
+        return [await self.view(record, principal=principal) for record in records[:limit]]
 
     async def view(self, record: RequestRecord, leases: list[LeaseInfo] | None = None,
-                   placement: Option | None = None) -> RequestView:
+                   placement: Option | None = None, principal: Principal | None = None) -> RequestView:
+        """``leases``: fresh grants (shown as granted); otherwise the request's leases are
+        read live, with their delivery state (and access details, as ``principal`` may see them)."""
         core = self.core
         if leases is None:
             leases = [lease for lease in [await core.leases.get(i) for i in record.lease_ids] if lease]
+            views = await self.lease_views(principal, leases)
+        else:
+            views = [lease_view(lease) for lease in leases]
         position = wait = None
         if record.state == "queued":
             rank = await core.redis.zrank(core.keys.queue(), record.request_id)
@@ -60,7 +89,7 @@ class Views:
             wait = await self._estimated_wait(record)
         return RequestView(request_id=record.request_id, tenant=record.tenant, state=record.state,
                            created_at=record.created_at, reasons=record.reasons,
-                           leases=[lease_view(lease) for lease in leases], queue_position=position,
+                           leases=views, queue_position=position,
                            estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement)
 
     async def _estimated_wait(self, record: RequestRecord) -> float | None:

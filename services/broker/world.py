@@ -69,7 +69,8 @@ def pool_state(pool: Pool, country: str, free: int) -> PoolState:
         fp16_tflops=a.fp16_tflops, fp8_tflops=a.fp8_tflops, units_per_node=s.units_per_node, capacity=s.units,
         free=free, currency=s.prices.currency, on_demand=s.prices.on_demand, reserved_month=s.prices.reserved_month,
         reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
-        listed=s.availability == "listed",
+        listed=s.availability == "listed", delivery=frozenset(map(i, s.delivery)),
+        provision_timeout_s=s.provision_timeout_s,
     )
 
 

@@ -49,6 +49,11 @@ class Keys:
         """Sorted set: lease id scored by expiry (unix seconds), for the sweeper."""
         return f"{self._r(region)}:lexp"
 
+    def lease_provisioning(self, region: str) -> str:
+        """Sorted set: ids of the region's leases in 'provisioning', scored by their
+        provision deadline (unix seconds), for the provision-timeout sweep."""
+        return f"{self._r(region)}:lprov"
+
     def pool_leases(self, region: str, pool_id: str) -> str:
         """Set: ids of the live leases on one pool (offline -> lost, preemption)."""
         return f"{self._r(region)}:pool:{pool_id}:leases"

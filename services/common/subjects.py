@@ -18,6 +18,7 @@ REQUEST = "request"
 BILLING = "billing"
 EVENT_KINDS = (CAPACITY, ALLOC, REQUEST, BILLING)
 IDEMPOTENCY = "idempotency"  # the broker's KV bucket: the durable copy of each Idempotency-Key
+ACCESS = "access"  # the broker's KV bucket: each delivered lease's access details (never in an event)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ ROLES = ("admin", "ops", "provider", "tenant")
 UNAUTHENTICATED = ("none", "bad", "revoked")
 SIDES = {"A": ("pa", "ta"), "B": ("pb", "tb"), "ghost": ("pghost", "tghost")}
 QUEUE_MODEL = "nvidia-h100-sxm-80gb"
+DELIVERY_REGION = {"A": "cn-gz", "B": "us-east"}  # each side's delivering pool, so a request names its side
 SERVICES: dict[str, Callable[..., Litestar]] = {"registry": create_registry, "broker": create_broker,
                                                  "meter": create_meter}
 
@@ -122,6 +123,14 @@ class Stage:
         return (await self.place(self.tenant(side), {"units": 1, "accelerators": {"models": [MODEL]}}))[
             "leases"][0]["lease_id"]
 
+    async def fresh_delivery(self, side: str) -> str:
+        """A lease being provisioned on the side's delivering pool (its own region)."""
+        if side == "ghost":
+            return self.next("l_ghost")
+        body = {"units": 1, "accelerators": {"models": [MODEL]}, "placement": {"regions": [DELIVERY_REGION[side]]},
+                "workload": {"kind": "ssh", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA t@x"]}}
+        return (await self.place(self.tenant(side), body))["leases"][0]["lease_id"]
+
     async def fresh_queued(self, side: str) -> str:
         """A request that waits: the only pool of its model is fully leased by tenant tz."""
         if side == "ghost":
@@ -177,6 +186,17 @@ def on_lease(method: str, suffix: str = "", fresh: bool = False) -> Build:
         lease_id = await s.fresh_lease(side) if fresh else s.lease[side]
         return Req(method, f"/v1/leases/{lease_id}{suffix}", ident=lease_id)
     return build
+
+
+def on_delivery(suffix: str, body: Any) -> Build:
+    async def build(s: Stage, side: str, c: Caller) -> Req:
+        lease_id = await s.fresh_delivery(side)
+        return Req("POST", f"/v1/leases/{lease_id}{suffix}", json=body, ident=lease_id)
+    return build
+
+
+async def assignments(s: Stage, side: str, c: Caller) -> Req:
+    return Req("GET", "/v1/assignments", {"provider": s.provider(side)}, ident=s.provider(side))
 
 
 def on_request(method: str, fresh: bool = False) -> Build:
@@ -348,6 +368,14 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
                                                                   provider=F, tenant=MINE),
     ("broker", "POST", "/v1/leases/{lease_id:str}/release"): owned(on_lease("POST", "/release", fresh=True),
                                                                     admin=T, ops=F, provider=F, tenant=MINE),
+    # the provider's side: leases on its own pools (another provider's lease does not exist for it)
+    ("broker", "GET", "/v1/assignments"): owned(assignments, admin=T, ops=F, provider=MINE, tenant=F),
+    ("broker", "POST", "/v1/leases/{lease_id:str}/ready"): owned(
+        on_delivery("/ready", {"access": {"host": "h.example"}}), admin=T, ops=F, provider=MINE, tenant=F),
+    ("broker", "POST", "/v1/leases/{lease_id:str}/failed"): owned(
+        on_delivery("/failed", {"reason": "cannot"}), admin=T, ops=F, provider=MINE, tenant=F),
+    ("broker", "POST", "/v1/leases/{lease_id:str}/health"): owned(
+        on_delivery("/health", {"healthy": True}), admin=T, ops=F, provider=MINE, tenant=F),
     # --- meter ----------------------------------------------------------------------------------
     ("meter", "GET", "/health"): anyone(get("/health")),
     ("meter", "GET", "/ready"): anyone(get("/ready")),
@@ -397,6 +425,9 @@ async def stage(settings: Settings) -> AsyncIterator[Stage]:
             s.main_pool[side] = await s.pool(side, f"{s.provider(side)}-main", units=64)
         s.main_pool["ghost"], s.lease["ghost"], s.request["ghost"] = "pghost-main", "lease_ghost", "req_ghost"
         await s.pool("A", "pa-queue", model=QUEUE_MODEL, units=8)
+        for side in ("A", "B"):
+            await s.pool(side, f"{s.provider(side)}-deliver", region=DELIVERY_REGION[side], units=64,
+                         delivery=["ssh"])
         s.region = (await registry.get("/v1/regions")).json()[0]
         key_id, s.revoked = await s.issue("tenant", "ta")
         assert (await registry.delete(f"/v1/keys/{key_id}", headers=s.admin)).status_code == 200

@@ -228,9 +228,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             ids = list(dict.fromkeys(ids))
             expiry = self.now + ttl
             args: list[object] = [1, len(ids)]  # one group: the leases of one region
-            keys = [k.lease_expiry(REGION)]
+            keys = [k.lease_expiry(REGION), k.lease_provisioning(REGION)]
             for lease_id in ids:
-                args += [lease_id, expiry]
+                args += [lease_id, expiry, 0]
                 pool_id = self.live[lease_id].pool if lease_id in self.live else "pa"
                 keys += [k.lease(REGION, lease_id), k.pool(REGION, pool_id)]
             [raw] = confirm(keys=keys, args=args)
@@ -407,10 +407,10 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             for lv in self.live.values():
                 lv.confirmed = True  # restored from the durable record: nothing pending
             k = self.k
-            keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION)], []
+            keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION), k.lease_provisioning(REGION)], []
             for lease_id, lv in self.live.items():
                 keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
-                args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq, lv.gen]
+                args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq, lv.gen, "", 0, ""]
             if self.live:
                 assert restore(keys=keys, args=args) == len(self.live)
                 assert restore(keys=keys, args=args) == 0  # restoring twice changes nothing

@@ -154,9 +154,9 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
         def confirm(self, lease_id: str) -> bool:
             expiry = self.now + 1000
             pool = self.live[lease_id].pool if lease_id in self.live else POOLS[0]
-            [raw] = confirm_s(keys=[self.k.lease_expiry(REGION), self.k.lease(REGION, lease_id),
-                                    self.k.pool(REGION, pool)],
-                              args=[1, 1, lease_id, expiry])
+            [raw] = confirm_s(keys=[self.k.lease_expiry(REGION), self.k.lease_provisioning(REGION),
+                                    self.k.lease(REGION, lease_id), self.k.pool(REGION, pool)],
+                              args=[1, 1, lease_id, expiry, 0])
             assert int(raw[0]) == int(lease_id in self.live)
             if lease_id in self.live:
                 self.live[lease_id].pending, self.live[lease_id].expiry = False, expiry

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from services.common.delivery import OnFailure, Workload
-from services.common.errors import Unprocessable
+from services.common.delivery import MAX_WORKLOAD_BYTES, OnFailure, Workload
+from services.common.errors import BadRequest, Unprocessable
 from services.common.messages import Accelerator, Billing, Currency, HostArch, Id, Price
 from services.common.money import price_problem
 
@@ -82,6 +82,11 @@ TERM_MONTHS = {"reserved_month": 1, "reserved_year": 12}
 MONTH_S = 730 * 3600
 
 
+def workload_kind(request: ComputeRequest) -> str:
+    """The kind of the request's workload ("" = capacity only)."""
+    return "" if request.workload is None else type(request.workload).__struct_config__.tag  # type: ignore[return-value]
+
+
 def term_seconds(request: ComputeRequest) -> int | None:
     """How long a lease runs without renewals: a reserved term, a duration, or None
     (an open lease that lives by renewals)."""
@@ -123,6 +128,9 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
         raise Unprocessable("deadline_s applies to queued requests; it contradicts queue: false")
     if where.regions and where.countries and not any(regions[r] in where.countries for r in where.regions):
         raise Unprocessable("placement.regions and placement.countries exclude each other")
+    if request.workload is not None and len(msgspec.json.encode(request.workload)) > MAX_WORKLOAD_BYTES:
+        raise BadRequest(f"workload is {len(msgspec.json.encode(request.workload))} bytes JSON-encoded; "
+                         f"at most {MAX_WORKLOAD_BYTES} are accepted")
     gang = request.shape.kind == "gang"
     hours = Decimal(request.duration_s) / 3600 if request.duration_s else Decimal(1)
     return Ask(
@@ -138,5 +146,5 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
         data_region=where.data_region, data_gb=where.data_gb, users_region=where.users_region,
         max_latency_ms=where.max_latency_ms, billing=request.billing, hours=hours,
         max_price=request.max_price, currency=request.currency, objective=request.objective,
-        exclude_pools=exclude_pools,
+        exclude_pools=exclude_pools, delivery=workload_kind(request) or None,
     )

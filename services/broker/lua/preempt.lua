@@ -9,7 +9,8 @@
 -- KEYS[1] region lease-expiry zset, KEYS[2] the region's leases-ready marker, KEYS[3] the
 --   region's set of interruptible leases; per victim v (0-based): KEYS[4+3v] its pool hash,
 --   KEYS[5+3v] that pool's lease set, KEYS[6+3v] its lease hash; then per new lease i from
---   b = 4 + 3 * nv: KEYS[b+3i] pool hash, KEYS[b+1+3i] the pool's lease set, KEYS[b+2+3i] lease hash
+--   b = 4 + 3 * nv: KEYS[b+3i] pool hash, KEYS[b+1+3i] the pool's lease set, KEYS[b+2+3i] lease hash;
+--   then (optional) KEYS[b+3n] the region's provisioning zset (a victim still provisioning leaves it)
 -- ARGV[1] nv victims, ARGV[2] n new leases, ARGV[3] the new leases' provisional expiry (they
 --   are pending until the broker, their grants durable, confirms them: lua/confirm.lua);
 --   ARGV[4+v] victim lease id; per new lease i from c = 4 + nv: ARGV[c+5i] lease id,
@@ -20,6 +21,7 @@
 --   for new lease i's pool, {0, 3, i} new lease i exists already, {-1} leases not restored yet
 local nv, n, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local b, c = 4 + 3 * nv, 4 + nv
+local prov = KEYS[b + 3 * n]
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 
 local freed, victim_units, seen = {}, {}, {}
@@ -69,6 +71,7 @@ for v = 0, nv - 1 do
   redis.call('SREM', leases, id)
   redis.call('ZREM', KEYS[1], id)
   redis.call('SREM', KEYS[3], id)
+  if prov then redis.call('ZREM', prov, id) end
   ended[v + 1] = {f[1], tonumber(f[2]) + 1, pool, tonumber(f[3]) or 0}
 end
 for i = 0, n - 1 do

@@ -55,6 +55,9 @@ _SUBSET_BUDGET = 20_000  # region subsets tried when looking for any feasible sp
 _INDEXED = ("model", "region", "country", "vendor", "stack", "interconnect", "host_arch",
             "currency")
 
+# what a pool that delivers a workload kind delivers, for reasons ("no pool in cn-gz delivers containers")
+DELIVERED = {"ssh": "ssh access", "process": "processes", "container": "containers", "slurm": "slurm jobs"}
+
 # one candidate pick inside a placement: (cell, unit price, pool id, free before, units)
 Pick = tuple[Cell, Decimal, str, int, int]
 # a candidate cell for one billing mode: (lower bound on price per unit of value, cell, book)
@@ -381,6 +384,7 @@ class Engine:
         self._live: frozenset[int] | None = None
         self._attr_index: dict[str, dict[object, set[int]]] = {a: {} for a in _INDEXED}
         self._fw_index: dict[str, set[int]] = {}
+        self._delivery_index: dict[str, set[int]] = {}  # workload kind -> cells that deliver it
         self.set_topology(topology)
 
     # --- state ---------------------------------------------------------------------
@@ -406,6 +410,8 @@ class Engine:
                 index.setdefault(getattr(cell, attr), set()).add(cell.id)
             for fw in cell.frameworks:
                 self._fw_index.setdefault(fw, set()).add(cell.id)
+            for kind in cell.delivery:
+                self._delivery_index.setdefault(kind, set()).add(cell.id)
             self._invalidate()
         cell.pools[pool.pool_id] = pool
         self._cell_of[pool.pool_id] = cell
@@ -530,6 +536,9 @@ class Engine:
             users, ms = ask.users_region, float(ask.max_latency_ms)
             dims.append(("latency", ("latency", users, ms), lambda: self._union(
                 "region", self._links.within(users, ms, list(self._attr_index["region"])))))
+        if ask.delivery is not None:
+            kind = ask.delivery
+            dims.append(("delivery", ("delivery", kind), lambda: frozenset(self._delivery_index.get(kind, ()))))
         currency = ask.currency
         dims.append(("currency", ("currency", currency),
                      lambda: self._union("currency", (currency,))))
@@ -540,7 +549,7 @@ class Engine:
                ask.host_archs, ask.min_memory_gib, ask.regions, ask.countries,
                ask.users_region if ask.max_latency_ms is not None else None,
                ask.max_latency_ms, ask.currency, ask.metric if perf else None,
-               ask.data_region is not None)
+               ask.data_region is not None, ask.delivery)
         hit = self._cands.get(key)
         if hit is None:
             s: frozenset[int] | None = None
@@ -1111,6 +1120,10 @@ class Engine:
                        f"(largest: {_fmt_num(largest)} GB)")
             elif name == "metric":
                 msg = f"no pool{scope} has a {ask.metric} TFLOPS figure to deliver {ask.metric} performance"
+            elif name == "delivery":
+                kinds = {k for c in cells for k in c.delivery}
+                can = f"; they deliver {_few(kinds)}" if kinds else "; they are capacity only"
+                msg = f"no pool{scope} delivers {DELIVERED.get(str(ask.delivery), ask.delivery)}{can}"
             elif name == "latency":
                 assert ask.users_region is not None
                 lat, region = min((self._latency(ask.users_region, c.region), c.region)

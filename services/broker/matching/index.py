@@ -2,8 +2,9 @@
 
 A **cell** groups the pools that are identical in every attribute the matcher filters
 or ranks on, except price, free/capacity and identity: model, region, country, vendor,
-stack, frameworks, memory, interconnect, host arch, currency, TFLOPS figures and egress
-bandwidth. In practice that is at most a few cells per (model, region). Static filters
+stack, frameworks, memory, interconnect, host arch, currency, TFLOPS figures, egress
+bandwidth and the workload kinds delivered. In practice that is at most a few cells per
+(model, region). Static filters
 (model, memory, residency, latency, currency, ...) are therefore decided once per cell,
 never per pool.
 
@@ -39,7 +40,7 @@ def cell_key(pool: PoolState) -> CellKey:
     return (pool.model, pool.region, pool.country, pool.vendor, pool.stack,
             frozenset(pool.frameworks), float(pool.memory_gib), pool.interconnect,
             pool.host_arch, pool.currency, float(pool.bf16_tflops), float(pool.fp16_tflops),
-            float(pool.fp8_tflops or 0.0), float(pool.egress_gbps))
+            float(pool.fp8_tflops or 0.0), float(pool.egress_gbps), pool.delivery)
 
 
 class Book:
@@ -233,7 +234,7 @@ class Book:
 class Cell:
     """Pools that are interchangeable for every static constraint."""
 
-    __slots__ = ("bf16", "books", "country", "currency", "egress_gbps", "fp16", "fp8",
+    __slots__ = ("bf16", "books", "country", "currency", "delivery", "egress_gbps", "fp16", "fp8",
                  "frameworks", "host_arch", "id", "interconnect", "key", "memory_gib", "model",
                  "pools", "region", "stack", "vendor")
 
@@ -242,7 +243,7 @@ class Cell:
         self.key = key
         (self.model, self.region, self.country, self.vendor, self.stack, self.frameworks,
          self.memory_gib, self.interconnect, self.host_arch, self.currency, self.bf16,
-         self.fp16, self.fp8, self.egress_gbps) = key
+         self.fp16, self.fp8, self.egress_gbps, self.delivery) = key
         self.pools: dict[str, PoolState] = {}
         self.books: dict[str, Book] = {}
 

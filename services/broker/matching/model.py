@@ -49,6 +49,10 @@ class PoolState(msgspec.Struct, kw_only=True):
     reserved_year: Decimal | None = None  # per unit-month, year term
     interruptible: Decimal | None = None  # per unit-hour
     egress_gbps: float = 10.0
+    # workload kinds the provider delivers here (empty: capacity only); a part of the
+    # pool's cell, so that an ask for a kind is pruned per cell, never per pool
+    delivery: frozenset[str] = frozenset()
+    provision_timeout_s: int = 300  # a delivering lease not ready by then fails
 
 
 class Ask(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,6 +88,7 @@ class Ask(msgspec.Struct, frozen=True, kw_only=True):
     currency: str = "USD"
     objective: Objective = "cost"
     exclude_pools: frozenset[str] = frozenset()  # pools another broker just won
+    delivery: str | None = None  # the workload's kind: only pools that deliver it (None: any pool)
 
 
 class Allocation(msgspec.Struct, frozen=True, kw_only=True):

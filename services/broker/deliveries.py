@@ -1,0 +1,182 @@
+"""The provider's side of a lease that must be delivered (docs/lifecycle.md, "Lease"):
+its assignments, and its answers — ready (with access details), failed, health.
+
+Every transition is one script (``lua/lease_ready.lua``, ``lua/end_lease.lua`` with the
+state it must be in); Python only checks who asks. A provider sees and answers only the
+leases on its own pools (another provider's lease is a 404, as if it did not exist);
+admin answers for any. A lease-scoped lock keeps two answers for one lease from
+interleaving their access-details writes; it decides nothing (the scripts do)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from services.common.auth import Principal
+from services.common.delivery import FailedBody, HealthBody, ReadyBody
+from services.common.errors import Conflict, Forbidden, NotFound, Unavailable
+from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseReady
+
+from .access import AccessStore, encoded
+from .core import Core
+from .leases import Ended, LiveLease
+from .locks import OwnedLock
+from .records import Assignment, LeaseView, lease_view
+
+log = logging.getLogger("broker")
+ANSWER_LOCK_MS = 10_000  # one answer for a lease at a time; a crashed answerer's lock lapses
+
+
+def timeout_reason(lease: LeaseInfo) -> str:
+    return f"not ready within {lease.provision_timeout_s} s"
+
+
+def _refused(lease_id: str, state: str, wanted: str) -> Exception:
+    if state == "gone":
+        return NotFound(f"no active lease {lease_id}")
+    if state == "pending":
+        return Conflict(f"lease {lease_id} is still being granted; retry in a moment")
+    return Conflict(f"lease {lease_id} is {state}, not {wanted}")
+
+
+async def time_out(core: Core, lease: LeaseInfo, now: datetime) -> Ended | None:
+    """provisioning → failed at the deadline (the sweep, or a ready that came late); the
+    script re-checks the state and the deadline, so every replica may try."""
+    ended = await core.leases.end_from(lease, "timeout", now.timestamp())
+    if isinstance(ended, Ended):
+        await core.announce_end(LeaseFailed, ended, now, reason=timeout_reason(lease))
+        return ended
+    return None
+
+
+class Deliveries:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @property
+    def access(self) -> AccessStore | None:
+        return self.core.access
+
+    # --- who may answer ------------------------------------------------------------------
+    async def provider_lease(self, principal: Principal, lease_id: str) -> LiveLease:
+        if principal.role not in ("provider", "admin"):
+            raise Forbidden(f"role {principal.role} may not answer for a lease (provider of its pool, or admin)")
+        live = await self.core.leases.live(lease_id) if len(lease_id) <= 64 else None
+        if live is None or not principal.may_act_for("provider", live.info.provider):
+            raise NotFound(f"no active lease {lease_id}")  # another provider's lease: nothing leaks
+        return live
+
+    def _lock(self, lease_id: str) -> OwnedLock:
+        return OwnedLock(self.core.redis, self.core.keys.lock(f"answer:{lease_id}"), ANSWER_LOCK_MS)
+
+    # --- provisioning → ready ------------------------------------------------------------
+    async def ready(self, principal: Principal, lease_id: str, body: ReadyBody) -> LeaseView:
+        raw = encoded(body.access)  # too large: a 400 before anything is read or written
+        live = await self.provider_lease(principal, lease_id)
+        lease = live.info
+        if not lease.delivery:
+            raise Conflict(f"lease {lease_id} delivers nothing (capacity only): it was ready at its grant")
+        lock = self._lock(lease_id)
+        token = await lock.acquire()
+        if token is None:
+            raise Conflict(f"another answer for lease {lease_id} is being handled; look at the lease again")
+        try:
+            live = await self.core.leases.live(lease_id)
+            if live is None:
+                raise NotFound(f"no active lease {lease_id}")
+            now = self.core.clock()
+            if live.state == "provisioning" and live.deadline is not None and live.deadline <= now.timestamp():
+                await self.time_out(lease, now)
+                raise Conflict(f"lease {lease_id} was {timeout_reason(lease)}: it failed")
+            if live.state != "provisioning":
+                raise _refused(lease_id, live.state, "provisioning")
+            if self.access is None:
+                raise Unavailable("access details cannot be stored right now; retry")
+            await self.access.put(lease_id, raw)  # durable before the transition is answered
+            done = await self.core.leases.lease_ready(lease, now.timestamp())
+            if isinstance(done, str):
+                await self.access.delete(lease_id)  # ours, and the lease is not ready: nothing stays
+                if done == "deadline":
+                    await self.time_out(lease, now)
+                    raise Conflict(f"lease {lease_id} was {timeout_reason(lease)}: it failed")
+                if done == "generation":
+                    raise Conflict(f"lease {lease_id}'s pool was removed or registered again since its grant")
+                raise _refused(lease_id, done, "provisioning")
+            seq, info = done
+            await self.core.publish_alloc(LeaseReady(id=f"{lease_id}.{seq}", at=now, lease=info, seq=seq))
+        finally:
+            await lock.release(token)
+        return lease_view(info, LiveLease(info, "ready", ready_at=now.timestamp()), body.access)
+
+    # --- provisioning → failed -----------------------------------------------------------
+    async def failed(self, principal: Principal, lease_id: str, body: FailedBody) -> dict[str, object]:
+        live = await self.provider_lease(principal, lease_id)
+        lock = self._lock(lease_id)
+        token = await lock.acquire()
+        if token is None:
+            raise Conflict(f"another answer for lease {lease_id} is being handled; look at the lease again")
+        try:
+            now = self.core.clock()
+            ended = await self.core.leases.end_from(live.info, "fail", now.timestamp(), "provisioning")
+            if isinstance(ended, str):
+                raise _refused(lease_id, ended, "provisioning")
+            await self.core.announce_end(LeaseFailed, ended, now, reason=body.reason)
+        finally:
+            await lock.release(token)
+        return {"lease_id": lease_id, "state": "failed", "reason": body.reason}
+
+    async def time_out(self, lease: LeaseInfo, now: datetime) -> Ended | None:
+        return await time_out(self.core, lease, now)
+
+    # --- ready → lost (unhealthy) -------------------------------------------------------
+    async def health(self, principal: Principal, lease_id: str, body: HealthBody) -> dict[str, object]:
+        live = await self.provider_lease(principal, lease_id)
+        if body.healthy:
+            if live.state not in ("ready", "provisioning"):
+                raise _refused(lease_id, live.state, "ready")
+            return {"lease_id": lease_id, "state": live.state}
+        now = self.core.clock()
+        ended = await self.core.leases.end_from(live.info, "lost", now.timestamp(), "ready")
+        if isinstance(ended, str):
+            if ended == "provisioning":
+                raise Conflict(f"lease {lease_id} is provisioning, not ready: answer failed instead")
+            raise _refused(lease_id, ended, "ready")
+        reason = body.detail or "unhealthy"
+        await self.core.announce_end(LeaseLost, ended, now, reason=reason)
+        return {"lease_id": lease_id, "state": "lost", "reason": reason}
+
+    # --- what a provider is asked to deliver ----------------------------------------------
+    async def assignments(self, principal: Principal, state: str | None, provider: str | None,
+                          limit: int = 1000) -> list[Assignment]:
+        if principal.role == "provider":
+            if provider not in (None, principal.subject):
+                raise NotFound(f"no provider {provider}")
+            provider = principal.subject
+        elif principal.role != "admin":
+            raise Forbidden(f"role {principal.role} has no assignments (providers see the leases on their pools)")
+        pools = [(p.region, p.pool_id) for p in self.core.world.pools.values()
+                 if provider is None or p.provider == provider]
+        lives = await self.core.leases.on_pools(pools, limit)
+        out: list[Assignment] = []
+        workloads: dict[str, object] = {}
+        for live in sorted(lives, key=lambda x: (x.info.granted_at, x.info.lease_id)):
+            shown = "provisioning" if live.state == "pending" else live.state
+            if live.state == "pending" or (state is not None and shown != state):
+                continue  # a grant not confirmed yet is nobody's assignment
+            lease = live.info
+            if lease.request_id not in workloads:
+                record = await self.core.record(lease.request_id)
+                workloads[lease.request_id] = record.body.workload if record is not None else None
+            out.append(Assignment(
+                lease_id=lease.lease_id, request_id=lease.request_id, tenant=lease.tenant, pool_id=lease.pool_id,
+                provider=lease.provider, region=lease.region, model=lease.model, units=lease.units, state=shown,
+                delivery=lease.delivery, workload=workloads[lease.request_id],  # type: ignore[arg-type]
+                granted_at=lease.granted_at, expires_at=lease.expires_at,
+                provision_deadline=_at(live.deadline) if shown == "provisioning" else None,
+                ready_at=_at(live.ready_at), attempt=lease.attempt, replaces=lease.replaces or None))
+        return out
+
+
+def _at(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
