@@ -88,14 +88,15 @@ class Waker:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Not joined: a read blocked on the stream only returns at the next line (a
+        keep-alive comment within 5 s), when the thread sees ``_stop`` and closes its
+        connection; waiting for that would delay the caller."""
         self._stop.set()
-        self._http.close()  # ends the blocked read
-        self._thread.join(timeout=2)
 
     def _run(self) -> None:
         needle = f'"request_id":"{self.request_id}"'
         try:
-            with self._http.stream("GET", "/v1/events", params={"kind": "alloc,request"}) as r:
+            with self._http, self._http.stream("GET", "/v1/events", params={"kind": "alloc,request"}) as r:
                 if r.status_code != 200:
                     return
                 for line in r.iter_lines():

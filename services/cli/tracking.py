@@ -104,13 +104,15 @@ def _ended(a: Attempt) -> str:
 def progress_lines(view: RequestView) -> list[str]:
     """What is true of the request now, one line per fact (printed once each)."""
     rid = view.request_id
-    if view.state == "queued":
-        eta = f", estimated wait {view.estimated_wait_s:.0f}s" if view.estimated_wait_s is not None else ""
-        return [f"request {rid}: queued at position {view.queue_position}{eta}"]
-    if view.state != "placed":
-        return [f"request {rid}: {view.state}" + (f" ({'; '.join(view.reasons)})" if view.reasons else "")]
     attempts = {a.lease_id: a for a in view.attempts}
     lines = [f"request {rid}: {_ended(a)}" for a in view.attempts if a.state in ("failed", "lost")]
+    if view.state == "queued":
+        eta = f", estimated wait {view.estimated_wait_s:.0f}s" if view.estimated_wait_s is not None else ""
+        lines.append(f"request {rid}: queued at position {view.queue_position}{eta}")
+    elif view.state == "replacing":
+        lines.append(f"request {rid}: replacing (failover is placing another attempt)")
+    elif view.state != "placed":
+        lines.append(f"request {rid}: {view.state}")  # the reasons follow in the error
     for lease in view.leases:
         n = f"attempt {lease.attempt}" if lease.attempt > 1 else "lease"
         after = ""
@@ -120,7 +122,7 @@ def progress_lines(view: RequestView) -> list[str]:
         if lease.state == "provisioning":
             lines.append(f"request {rid}: {n} {lease.lease_id} provisioning on {_at(lease)}{after}")
         else:
-            lines.append(f"request {rid}: {n} {lease.lease_id} ready on {_at(lease)}")
+            lines.append(f"request {rid}: {n} {lease.lease_id} ready on {_at(lease)}{after}")
     return lines
 
 
@@ -180,9 +182,9 @@ def _time(at: Any) -> str:
 def show_access(view: RequestView) -> None:
     """Each lease and how to reach it, as plain lines a person can copy."""
     console = out()
-    for lease in view.leases:
-        console.print(f"lease {lease.lease_id} ({lease.units}× {lease.model} on {lease.pool_id}, "
-                      f"{lease.provider}): {lease.state}", soft_wrap=True, highlight=False, markup=False)
+    for lease in view.leases:  # the heading wraps; a line to copy (a command, a URL) never does
+        console.print(f"lease {lease.lease_id} {lease.state}: {lease.units}× {lease.model} on {lease.pool_id} "
+                      f"({lease.provider})", highlight=False, markup=False)
         for line in reach_lines(lease):
             console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
 

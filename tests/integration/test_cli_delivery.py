@@ -51,7 +51,7 @@ class Stack:
         return r.json()["key"]
 
     def provider(self, delivery: tuple[str, ...] = ("ssh",), model: str = "nvidia-l40s", units: int = 8,
-                 pools: int = 1, timeout_s: int = 300) -> Provider:
+                 pools: int = 1, timeout_s: int = 300, price: str = "2.10") -> Provider:
         """A new provider with its own pools of ``model`` (each test its own model, so that
         requests land on the test's pools)."""
         name = f"p{uuid.uuid4().hex[:8]}"
@@ -60,7 +60,9 @@ class Stack:
             pool_id = f"{name}-{n}"
             r = httpx.put(f"{self.registry}/v1/pools/{pool_id}", timeout=10, headers=p.headers,
                           json=pool_body(model=model, units=units, units_per_node=units, delivery=list(delivery),
-                                         provision_timeout_s=timeout_s))
+                                         provision_timeout_s=timeout_s,
+                                         prices={"currency": "USD", "on_demand": price, "reserved_month": "1100",
+                                                 "reserved_year": "900", "interruptible": "0.80"}))
             assert r.status_code in (200, 201), r.text
             p.pools.append(pool_id)
         return p
@@ -85,12 +87,17 @@ class Provider:
         return {"Authorization": f"Bearer {self.key}"}
 
     @contextlib.contextmanager
-    def answering(self, answer: Callable[[dict], tuple[str, object]]) -> Iterator[Provider]:
+    def answering(self, answer: Callable[[dict], tuple[str, object]],
+                  gate: threading.Event | None = None) -> Iterator[Provider]:
+        """``gate``: answer only once it is set."""
         stop = threading.Event()
 
         def loop() -> None:
             with httpx.Client(base_url=self.broker, headers=self.headers, timeout=10) as http:
                 while not stop.is_set():
+                    if gate is not None and not gate.is_set():
+                        stop.wait(0.01)
+                        continue
                     r = http.get("/v1/assignments", params={"state": "provisioning"})
                     assert r.status_code == 200, r.text
                     body = r.json()
@@ -165,10 +172,15 @@ def test_wait_ready_returns_the_access_once_the_provider_answers(stack: Stack) -
                                "workload": {"kind": "ssh", "public_keys": [PUBKEY]}})
     [lease] = placed["leases"]
     assert lease["state"] == "provisioning" and lease["delivery"] == "ssh" and lease["access"] is None
-    with stack.client() as client, provider.answering(ssh_access):
-        seen: list[str] = []
-        ready = client.wait_ready(placed["request_id"], timeout=30,
-                                  on_change=lambda v: seen.append(",".join(x.state for x in v.leases)))
+    seen: list[str] = []
+    looked = threading.Event()  # the provider answers once the client has seen the lease provisioning
+
+    def on_change(v: object) -> None:
+        seen.append(",".join(x.state for x in v.leases))
+        looked.set()
+
+    with stack.client() as client, provider.answering(ssh_access, gate=looked):
+        ready = client.wait_ready(placed["request_id"], timeout=30, on_change=on_change)
         returned = time.monotonic()
     [got] = ready.leases
     assert got.lease_id == lease["lease_id"] and got.state == "ready"
@@ -203,11 +215,10 @@ def test_request_wait_prints_the_ssh_command(stack: Stack, tmp_path: Path) -> No
                   "--wait", "30", "--registry-url", stack.registry)
     assert out.returncode == 0, out.stderr
     text, progress = ANSI.sub("", out.stdout), " ".join(ANSI.sub("", out.stderr).split())
-    assert f"ssh -p 22042 alpha@gpu-3.{provider.name}.example" in text.splitlines()[-1] or \
-        f"  ssh -p 22042 alpha@gpu-3.{provider.name}.example" in text.splitlines()
+    assert f"  ssh -p 22042 alpha@gpu-3.{provider.name}.example" in text.splitlines(), text  # whole, to copy
     assert f"provisioning on pool {provider.pools[0]} at provider {provider.name}" in progress
     assert f"ready on pool {provider.pools[0]}" in progress
-    assert all(len(line) <= 80 for line in text.splitlines() if "ssh -p" not in line)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
 
 
 def test_request_wait_json_and_status_show_the_access(stack: Stack) -> None:
@@ -229,6 +240,34 @@ def test_request_wait_json_and_status_show_the_access(stack: Stack) -> None:
     assert view["request_id"] in [r["request_id"] for r in listed]
 
 
+def test_request_wait_shows_the_failed_attempt_then_its_replacement(stack: Stack, tmp_path: Path) -> None:
+    flaky = stack.provider(("process",), model="nvidia-h200-sxm-141gb", price="1.00")  # cheapest: chosen first
+    solid = stack.provider(("process",), model="nvidia-h200-sxm-141gb", price="3.00")
+    wait_until(lambda: len(json.loads(cli(stack, "quote", "--model", "nvidia-h200-sxm-141gb", "--json").stdout)
+                           ["options"]) >= 2, 30, what="both pools seen")
+    with flaky.answering(lambda item: ("failed", "image pull timed out")), solid.answering(ssh_access):
+        out = cli(stack, "request", "--model", "nvidia-h200-sxm-141gb", "--workload-process", "python serve.py",
+                  "--wait", "30", "--registry-url", stack.registry)
+    assert out.returncode == 0, out.stderr
+    progress = " ".join(ANSI.sub("", out.stderr).split())
+    assert (f"provisioning on pool {flaky.pools[0]} at provider {flaky.name}" in progress and
+            f"attempt on pool {flaky.pools[0]} at provider {flaky.name} (cn-yrd) failed: image pull timed out"
+            in progress), progress
+    # the replacement: same request, attempt 2, on the other provider (provisioning, unless that was too quick to see)
+    replaced = re.search(rf"attempt 2 lease_\w+ (provisioning|ready) on pool {solid.pools[0]} at provider "
+                         rf"{solid.name} \(cn-yrd\) after failed: image pull timed out", progress)
+    assert replaced, progress
+    assert progress.index("failed: image pull") < replaced.start() <= progress.index(f"ready on pool {solid.pools[0]}")
+    text = ANSI.sub("", out.stdout)
+    assert f"host gpu-3.{solid.name}.example port 22042 user alpha" in text, text
+    request_id = re.search(r"request (req_\w+)", text).group(1)
+    status = json.loads(cli(stack, "status", request_id, "--json").stdout)
+    assert [(a["pool_id"], a["state"], a.get("charged", True)) for a in status["attempts"]] == [
+        (flaky.pools[0], "failed", False), (solid.pools[0], "ready", True)]
+    shown = ANSI.sub("", cli(stack, "status", request_id).stdout)
+    assert "image pull timed out" in " ".join(shown.split()) and "attempts" in shown
+
+
 def test_request_wait_fails_with_the_reason_and_exit_1(stack: Stack) -> None:
     provider = stack.provider(model="nvidia-a10")
     wait_until(lambda: cli(stack, "quote", "--model", "nvidia-a10").returncode == 0, 30, what="the pool seen")
@@ -238,7 +277,9 @@ def test_request_wait_fails_with_the_reason_and_exit_1(stack: Stack) -> None:
                   "--registry-url", stack.registry)
     assert out.returncode == 1, (out.stdout, out.stderr)
     err = ANSI.sub("", out.stderr)
-    assert "failed: no free IP address" in err and err.strip().splitlines()[-1].startswith("Error: request ")
+    progress, last = " ".join(err.split()), err.strip().splitlines()[-1]
+    assert "failed: no free IP address" in progress  # the attempt, as it failed
+    assert last.startswith("Error: request ") and " failed: " in last and "no free IP address" in last, err
 
 
 def test_requests_status_cancel_without_delivery(stack: Stack) -> None:
