@@ -28,7 +28,7 @@ from .term import LocalError, handled, note, print_json, show, waiting
 from .tracking import DEFAULT_WAIT_S, WORKLOAD_OPTIONS, show_access, wait_for_ready, workload_body, workload_options
 from .tracking import register as register_tracking
 
-LEASE_COLUMNS = ("lease", "pool", "region", "model", "units", "billing", "price", "expires")
+LEASE_COLUMNS = ("lease", "state", "pool", "region", "model", "units", "billing", "price", "expires")
 BODY_OPTIONS = ("units", "model", "vendor", "region", "min_memory", "tflops", "split", "billing", "duration",
                 "max_price", "data_region", "data_gb", "lease_ttl", *WORKLOAD_OPTIONS)
 
@@ -144,7 +144,8 @@ def lease_rows(leases: list[LeaseView]) -> list[list[str]]:
     rows = []
     for lease in leases:
         basis = "/unit-month" if lease.price_basis == "unit_month" else "/unit-h"
-        rows.append([lease.lease_id, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
+        state = f"{lease.state} ({lease.delivery})" if lease.delivery else lease.state
+        rows.append([lease.lease_id, state, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
                      f"{lease.unit_price} {lease.currency}{basis}", lease.expires_at.isoformat(timespec="seconds")])
     return rows
 
