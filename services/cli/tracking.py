@@ -210,7 +210,7 @@ def show_requests(views: list[RequestView]) -> None:
     rows = []
     for v in views:
         ready = sum(1 for lease in v.leases if lease.state == "ready")
-        leases = f"{ready}/{len(v.leases)} ready" if v.leases else "-"
+        leases = f"{ready}/{len(v.leases)} ready" if v.leases else ("none live" if v.state == "placed" else "-")
         failed = sum(1 for a in v.attempts if a.state in ("failed", "lost"))
         rows.append([v.request_id, v.state, v.created_at.isoformat(timespec="seconds"), leases,
                      str(len(v.attempts)) + (f" ({failed} failed)" if failed else "")])
