@@ -98,7 +98,8 @@ _request_options = [
 def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
     """The request the options describe, checked here against the broker's own schema."""
     if kw["body"] is not None:
-        given = [f"--{n.replace('_', '-')}" for n in BODY_OPTIONS
+        flag = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+        given = [flag.get(n, n) for n in BODY_OPTIONS
                  if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"--body is the whole request; it cannot be combined with {', '.join(given)}")

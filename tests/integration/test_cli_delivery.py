@@ -300,5 +300,10 @@ def test_requests_status_cancel_without_delivery(stack: Stack) -> None:
     assert cancelled.returncode == 0 and f"request {qid}: cancelled" in cancelled.stdout, cancelled.stderr
     shown = cli(stack, "status", qid, "--json")
     assert json.loads(shown.stdout)["state"] == "cancelled"
+    auth = {"Authorization": f"Bearer {stack.tenant}"}
+    for params, status in (({"state": "bogus"}, 400), ({"limit": 0}, 400), ({"limit": 501}, 400),
+                           ({"tenant": "beta-media"}, 404)):  # another tenant's requests do not exist for it
+        r = httpx.get(f"{stack.broker}/v1/requests", params=params, headers=auth, timeout=10)
+        assert r.status_code == status and "application/problem+json" in r.headers["content-type"], (params, r.text)
     missing = cli(stack, "status", "req_doesnotexist")
     assert missing.returncode == 1 and "404" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
