@@ -236,6 +236,7 @@ def test_request_wait_json_and_status_show_the_access(stack: Stack) -> None:
     text = ANSI.sub("", status.stdout)
     assert f"request {view['request_id']}: placed" in text
     assert "job 4711" in text and "nodes n1.example" in text and "devices 0,1,2,3" in text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
     listed = json.loads(cli(stack, "requests", "--json").stdout)
     assert view["request_id"] in [r["request_id"] for r in listed]
 
@@ -266,6 +267,7 @@ def test_request_wait_shows_the_failed_attempt_then_its_replacement(stack: Stack
         (flaky.pools[0], "failed", False), (solid.pools[0], "ready", True)]
     shown = ANSI.sub("", cli(stack, "status", request_id).stdout)
     assert "image pull timed out" in " ".join(shown.split()) and "attempts" in shown
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
 
 
 def test_request_wait_fails_with_the_reason_and_exit_1(stack: Stack) -> None:
