@@ -24,7 +24,7 @@ from .domain.requests import ComputeRequest
 from .idempotency import Keyring
 from .key_grants import adopt
 from .metrics import PLACEMENT_SECONDS, PLACEMENTS
-from .records import Assignment, LeaseView, QuoteView, RequestView
+from .records import Assignment, LeaseView, QuoteView, RequestState, RequestView
 from .service import Broker
 
 Id = Annotated[str, Parameter(max_length=200)]
@@ -74,6 +74,13 @@ class RequestController(Controller):
             raise Unavailable(f"the placement did not finish {took} (the event store or the live state store is "
                               "slow or unreachable); nothing was granted: retry", retry_after=1) from None
         return Response(content, status_code=status, media_type="application/json")
+
+    @get("/", summary="Your requests, newest first (admin/ops: ?tenant=), with their leases and attempts")
+    async def list_requests(self, request: AuthedRequest,
+                            tenant: Annotated[str | None, Parameter(max_length=64)] = None,
+                            in_state: Annotated[RequestState | None, QueryParameter(name="state")] = None,
+                            limit: Annotated[int, Parameter(ge=1, le=500)] = 50) -> list[RequestView]:
+        return await broker_of(request).list_requests(request.user, tenant, in_state, limit)
 
     @get("/{request_id:str}", summary="State, queue position, estimated wait, reasons")
     async def get_request(self, request: AuthedRequest, request_id: Id) -> RequestView:

@@ -1,14 +1,21 @@
 """A small typed client for apps (httpx), sync and async.
 
     from services.broker.client import BrokerClient
-    with BrokerClient("http://127.0.0.1:8082", key) as broker:
-        placed = broker.request({"units": 8, "accelerators": {"vendors": ["huawei"]}})
-        for lease in placed.leases:
+    with BrokerClient("http://127.0.0.1:8082", key, events_url="http://127.0.0.1:8081") as broker:
+        placed = broker.request({"units": 8, "accelerators": {"vendors": ["huawei"]},
+                                 "workload": {"kind": "ssh", "public_keys": [my_key]}})
+        ready = broker.wait_ready(placed.request_id, timeout=600)  # RequestEnded / WaitTimedOut
+        for lease in ready.leases:
+            print(lease.access.host, lease.access.port)
             broker.renew(lease.lease_id)
+
+``events_url`` is the registry (where ``GET /v1/events`` is): with it ``wait_ready`` hears
+of a change as it happens; without it, it polls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,7 +24,10 @@ import msgspec
 from services.common.client_errors import ApiError, raise_for_problem
 
 from .domain.requests import ComputeRequest
+from .ready_wait import RequestEnded, RequestNotReady, WaitTimedOut, wait_ready
 from .records import LeaseView, QuoteView, RequestView
+
+__all__ = ["BrokerApiError", "BrokerClient", "RequestEnded", "RequestNotReady", "WaitTimedOut"]
 
 
 class BrokerApiError(ApiError):
@@ -40,7 +50,8 @@ def _decode(r: httpx.Response, type_: Any) -> Any:
 
 class BrokerClient:
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, events_url: str | None = None) -> None:
+        self.api_key, self.events_url = api_key, events_url
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
                                  headers={"Authorization": f"Bearer {api_key}", "content-type": "application/json"})
 
@@ -58,11 +69,33 @@ class BrokerClient:
     def quote(self, request: ComputeRequest | dict[str, Any]) -> QuoteView:
         return _decode(self.http.post("/v1/quotes", content=_body(request)), QuoteView)
 
-    def get_request(self, request_id: str) -> RequestView:
+    def status(self, request_id: str) -> RequestView:
+        """The request: its state, reasons, live leases (with access once ready) and every attempt."""
         return _decode(self.http.get(f"/v1/requests/{request_id}"), RequestView)
 
+    get_request = status
+
+    def requests(self, *, state: str | None = None, limit: int = 50) -> list[RequestView]:
+        """Your requests, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        return _decode(self.http.get("/v1/requests", params=params), list[RequestView])
+
     def cancel(self, request_id: str) -> RequestView:
+        """Cancel a queued request (a placed one is ended by releasing its leases)."""
         return _decode(self.http.delete(f"/v1/requests/{request_id}"), RequestView)
+
+    def wait_ready(self, request_id: str, timeout: float = 600.0, *, poll_s: float = 1.0,
+                   replacement_grace_s: float = 5.0,
+                   on_change: Callable[[RequestView], None] | None = None) -> RequestView:
+        """Block until every lease of the request is ready and return the request (access
+        details in each lease). A failed attempt that failover replaces is waited through.
+        Raises ``RequestEnded`` when it ends failed, rejected, cancelled or expired, and
+        ``WaitTimedOut`` after ``timeout`` seconds; both carry the last view. ``on_change``
+        is called with each view that differs from the one before (progress)."""
+        return wait_ready(self.status, request_id, timeout=timeout, events_url=self.events_url,
+                          api_key=self.api_key, poll_s=poll_s, grace_s=replacement_grace_s, on_change=on_change)
 
     def leases(self, tenant: str | None = None) -> list[LeaseView]:
         params = {"tenant": tenant} if tenant else None

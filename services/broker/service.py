@@ -128,6 +128,10 @@ class Broker:
     async def get_request(self, principal: Principal, request_id: str) -> RequestView:
         return await self.views.get_request(principal, request_id)
 
+    async def list_requests(self, principal: Principal, tenant: str | None, state: str | None,
+                            limit: int) -> list[RequestView]:
+        return await self.views.list_requests(principal, tenant, state, limit)
+
     async def record(self, request_id: str) -> RequestRecord | None:
         return await self.core.record(request_id)
 

@@ -68,6 +68,20 @@ class Views:
             return None
         return await self.core.access.get(live.info.lease_id)
 
+    async def list_requests(self, principal: Principal, tenant: str | None, state: str | None,
+                            limit: int) -> list[RequestView]:
+        """The tenant's requests, newest first (``cbroker requests``); admin and ops name the tenant."""
+        may_see(principal)
+        if principal.role == "tenant":
+            if tenant not in (None, principal.subject):
+                raise NotFound(f"no tenant {tenant}")  # as for any id of another tenant: nothing leaks
+            tenant = principal.subject
+        elif tenant is None:
+            raise Unprocessable("admin and ops list requests per tenant: give ?tenant=")
+        ids = await self.core.redis.zrevrange(self.core.keys.tenant_requests(tenant), 0, max(4 * limit, 200) - 1)
+        records = [r for r in await self.core.requests.get_many(ids) if state is None or r.state == state]
+        return [await self.view(record, principal=principal) for record in records[:limit]]
+
     async def view(self, record: RequestRecord, leases: list[LeaseInfo] | None = None,
                    placement: Option | None = None, principal: Principal | None = None) -> RequestView:
         """``leases``: fresh grants (shown as granted); otherwise the request's leases are

@@ -19,16 +19,18 @@ import click
 import httpx
 import msgspec
 
-from services.broker.client import BrokerApiError, BrokerClient
+from services.broker.client import BrokerApiError, BrokerClient, RequestNotReady
 from services.broker.domain.requests import ComputeRequest
 from services.broker.records import LeaseView, RequestView
 
 from .options import data_dir_option, key_option, url_option, with_options
 from .term import LocalError, handled, note, print_json, show, waiting
+from .tracking import DEFAULT_WAIT_S, WORKLOAD_OPTIONS, show_access, wait_for_ready, workload_body, workload_options
+from .tracking import register as register_tracking
 
-LEASE_COLUMNS = ("lease", "pool", "region", "model", "units", "billing", "price", "expires")
+LEASE_COLUMNS = ("lease", "state", "pool", "region", "model", "units", "billing", "price", "expires")
 BODY_OPTIONS = ("units", "model", "vendor", "region", "min_memory", "tflops", "split", "billing", "duration",
-                "max_price", "data_region", "data_gb", "lease_ttl")
+                "max_price", "data_region", "data_gb", "lease_ttl", *WORKLOAD_OPTIONS)
 
 
 def demo_keys(data_dir: Path) -> dict[str, Any] | None:
@@ -87,6 +89,7 @@ _request_options = [
     click.option("--data-region"), click.option("--data-gb", type=click.FloatRange(min=0), default=0),
     click.option("--lease-ttl", type=click.IntRange(1, 86400), default=None,
                  help="Seconds an open lease lives without a renewal (server default 300)."),
+    *workload_options,
     click.option("--body", help="The whole request body as JSON, instead of the options above."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 ]
@@ -95,7 +98,8 @@ _request_options = [
 def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
     """The request the options describe, checked here against the broker's own schema."""
     if kw["body"] is not None:
-        given = [f"--{n.replace('_', '-')}" for n in BODY_OPTIONS
+        flag = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+        given = [flag.get(n, n) for n in BODY_OPTIONS
                  if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"--body is the whole request; it cannot be combined with {', '.join(given)}")
@@ -123,6 +127,7 @@ def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
     for name, field in (("duration", "duration_s"), ("max_price", "max_price"), ("lease_ttl", "lease_ttl_s")):
         if kw[name] is not None:
             body[field] = kw[name]
+    body.update(workload_body(kw))
     try:
         return msgspec.convert(body, ComputeRequest)
     except msgspec.ValidationError as exc:
@@ -140,7 +145,8 @@ def lease_rows(leases: list[LeaseView]) -> list[list[str]]:
     rows = []
     for lease in leases:
         basis = "/unit-month" if lease.price_basis == "unit_month" else "/unit-h"
-        rows.append([lease.lease_id, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
+        state = f"{lease.state} ({lease.delivery})" if lease.delivery else lease.state
+        rows.append([lease.lease_id, state, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
                      f"{lease.unit_price} {lease.currency}{basis}", lease.expires_at.isoformat(timespec="seconds")])
     return rows
 
@@ -155,24 +161,6 @@ def warn_expiry(leases: list[LeaseView]) -> None:
             note(f"[yellow]warning:[/] lease {lease.lease_id} expires at "
                  f"{lease.expires_at.isoformat(timespec='seconds')} (in {until(lease.expires_at)}) unless renewed: "
                  f"`cbroker renew {lease.lease_id}`, or ask with --keep-alive")
-
-
-def wait_queued(client: BrokerClient, view: RequestView, seconds: float) -> RequestView:
-    """Poll a queued request until it is placed or ends, saying where it stands."""
-    deadline = time.monotonic() + seconds
-    said = None
-    with waiting(f"request {view.request_id} queued"):
-        while view.state == "queued" and time.monotonic() < deadline:
-            where = (view.queue_position, view.estimated_wait_s)
-            if where != said:
-                eta = f", estimated wait {view.estimated_wait_s:.0f}s" if view.estimated_wait_s is not None else ""
-                note(f"request {view.request_id}: queued at position {view.queue_position}{eta}")
-                said = where
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            view = client.get_request(view.request_id)
-    if view.state == "queued":
-        note(f"request {view.request_id}: still queued after {seconds:.0f}s at position {view.queue_position}")
-    return view
 
 
 def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> None:
@@ -242,23 +230,36 @@ def register(cli: click.Group) -> None:
     @cli.command("request")
     @setup
     @with_options(_request_options)
-    @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
-                  help="Seconds to wait for a queued request to be placed, showing its position.")
+    @click.option("--wait", type=click.FloatRange(min=0), is_flag=False, flag_value=DEFAULT_WAIT_S, default=0,
+                  metavar="[SECONDS]", help=f"Wait until placed and every lease is ready (at most SECONDS, default "
+                  f"{DEFAULT_WAIT_S:.0f}), showing progress; then print how to reach it.")
+    @url_option("registry", dest="registry_url")
     @click.option("--keep-alive", is_flag=True,
                   help="Stay in the foreground renewing the open leases until Ctrl-C.")
     @handled
-    def request_cmd(ctx, url, key, tenant, data_dir, as_json, wait, keep_alive, **kw) -> None:  # noqa: ANN001
-        """Ask for compute: prints the lease(s), or the queue position and reasons."""
+    def request_cmd(ctx, url, key, tenant, data_dir, as_json, wait, registry_url, keep_alive,  # noqa: ANN001
+                    **kw) -> None:
+        """Ask for compute: prints the lease(s), or the queue position and reasons; with
+        --wait, waits until it is ready and prints how to reach it."""
         body = request_body(ctx, kw)
-        with client(url, key, tenant, data_dir) as broker:
+        with BrokerClient(url, tenant_key(key, tenant, data_dir), events_url=registry_url) as broker:
             with waiting("asking the broker"):
                 view = broker.request(body)
-            if view.state == "queued" and wait > 0:
-                view = wait_queued(broker, view, wait)
+            if wait > 0 and view.state in ("queued", "placed"):
+                try:
+                    view = wait_for_ready(broker, view, wait)
+                except RequestNotReady as exc:
+                    if as_json and exc.view is not None:
+                        print_json(exc.view)  # where it stands, for a script; the error follows on stderr
+                    raise
             if as_json:
                 print_json(view)
             elif view.state == "placed":
                 show_leases(view.leases, f"request {view.request_id}: placed")
+                if any(lease.delivery for lease in view.leases):
+                    show_access(view)
+                    if wait == 0 and any(lease.state != "ready" for lease in view.leases):
+                        note(f"follow it with `cbroker status {view.request_id}`, or ask with --wait")
             else:
                 where = f" at position {view.queue_position}" if view.queue_position is not None else ""
                 click.echo(f"request {view.request_id}: {view.state}{where}")
@@ -316,3 +317,5 @@ def register(cli: click.Group) -> None:
             finally:
                 if as_json:
                     print_json({"released": released})
+
+    register_tracking(cli, setup, json_option, client)

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from .demo_delivery import DELIVERY
+
 log = logging.getLogger("cbroker.demo")
 
 # provider id -> (kind, [(region, model, pool sizes)])
@@ -93,6 +95,7 @@ def demo_pools() -> list[tuple[str, str, dict[str, Any]]]:
                 out.append((provider, f"{provider}-{region}-{short}-{i}", {
                     "region": region, "zone": f"{region}-{'abc'[i % 3]}", "model": model, "units": units,
                     "units_per_node": 8 if units >= 8 else units,
+                    "delivery": list(DELIVERY.get(provider, ())),
                     "prices": {
                         "currency": "USD", "on_demand": str(on_demand),
                         "reserved_month": str((on_demand * 730 * Decimal("0.70")).quantize(Decimal("0.01"))),
@@ -153,15 +156,24 @@ async def heartbeat_agent(registry_url: str, keys: dict[str, Any], interval: flo
 # What the demo tenants run, in turn: (tenant, request body, seconds before releasing it;
 # None keeps it to its end). Deterministic, small next to the world's capacity, and
 # covering every billing mode so that usage, invoices and statements have something in them.
+# Most ask for a workload, so that the providers deliver (services/cli/demo_delivery.py);
+# the rest are capacity only, ready at grant.
+DEMO_SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyOfTheDemoTenantsNotARealKey0000 demo@cbroker"
 WORKLOAD: tuple[tuple[str, dict[str, Any], float | None], ...] = (
     ("alpha-labs", {"units": 8, "accelerators": {"models": ["nvidia-h100-sxm-80gb"]}, "shape": {"kind": "gang"},
                     "billing": "reserved_month"}, None),
-    ("beta-media", {"units": 4, "billing": "interruptible", "duration_s": 600}, None),
-    ("alpha-labs", {"units": 2, "accelerators": {"min_memory_gib": 80}, "duration_s": 120}, None),
+    ("beta-media", {"units": 4, "billing": "interruptible", "duration_s": 600,
+                    "workload": {"kind": "container", "image": "vllm/vllm-openai:latest", "ports": [8000]}}, None),
+    ("alpha-labs", {"units": 2, "accelerators": {"min_memory_gib": 80}, "duration_s": 120,
+                    "workload": {"kind": "process", "command": ["python", "serve.py", "--port", "8000"]}}, None),
     ("beta-media", {"units": 2, "accelerators": {"min_memory_gib": 48},
-                    "placement": {"users_region": "ap-east", "max_latency_ms": 60}}, 45.0),
-    ("alpha-labs", {"units": 4, "accelerators": {"vendors": ["huawei"]}, "duration_s": 300}, 90.0),
-    ("beta-media", {"units": 2, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 180}, None),
+                    "placement": {"users_region": "ap-east", "max_latency_ms": 60},
+                    "workload": {"kind": "ssh", "public_keys": [DEMO_SSH_KEY]}}, 45.0),
+    ("alpha-labs", {"units": 4, "accelerators": {"vendors": ["huawei"]}, "duration_s": 300,
+                    "workload": {"kind": "process", "command": ["torchrun", "--nproc-per-node", "4", "train.py"]}},
+     90.0),
+    ("beta-media", {"units": 2, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 180,
+                    "workload": {"kind": "ssh", "public_keys": [DEMO_SSH_KEY]}}, None),
 )
 
 
@@ -171,7 +183,7 @@ async def tenant_agent(broker_url: str, keys: dict[str, Any], interval: float, s
     seconds (then again, round after round), releasing some early (after their hold time
     ``* pace``), so that the broker has leases to show and the meter usage to bill.
     Reserved terms are placed once."""
-    held: list[tuple[float, str, str]] = []  # (release at, tenant, lease id)
+    held: list[tuple[float, str, str]] = []  # (release at, tenant, request id)
     loop = asyncio.get_running_loop()
     placed_reserved = False
     async with httpx.AsyncClient(base_url=broker_url, timeout=10) as client:
@@ -187,16 +199,14 @@ async def tenant_agent(broker_url: str, keys: dict[str, Any], interval: float, s
                 if r.status_code == 201:
                     placed_reserved |= body.get("billing", "on_demand").startswith("reserved")
                     if keep is not None:
-                        held += [(loop.time() + keep * pace, tenant, lease["lease_id"])
-                                 for lease in r.json()["leases"]]
+                        held.append((loop.time() + keep * pace, tenant, r.json()["request_id"]))
                 else:
                     log.debug("demo request %s: %s %s", body, r.status_code, r.text[:200])
                 due = [h_ for h_ in held if h_[0] <= loop.time()]
                 for item in due:
                     held.remove(item)
-                    _, who, lease_id = item
-                    await client.post(f"/v1/leases/{lease_id}/release",
-                                      headers={"Authorization": f"Bearer {keys['tenants'][who]}"})
+                    _, who, request_id = item
+                    await release_request(client, {"Authorization": f"Bearer {keys['tenants'][who]}"}, request_id)
             except httpx.HTTPError as exc:  # broker restarting: the supervisor handles it
                 log.debug("demo tenant request failed: %s", exc)
             except Exception:  # never let the demo's workload die quietly
@@ -205,3 +215,12 @@ async def tenant_agent(broker_url: str, keys: dict[str, Any], interval: float, s
                 await asyncio.wait_for(stop.wait(), interval * pace)
             except TimeoutError:
                 pass
+
+
+async def release_request(client: httpx.AsyncClient, headers: dict[str, str], request_id: str) -> None:
+    """Release the request's live leases: after a failover they are not the ones granted first."""
+    r = await client.get(f"/v1/requests/{request_id}", headers=headers)
+    if r.status_code != 200:
+        return
+    for lease in r.json().get("leases", []):
+        await client.post(f"/v1/leases/{lease['lease_id']}/release", headers=headers)

@@ -23,6 +23,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from services.broker.ready_wait import RequestNotReady
 from services.common.client_errors import ApiError
 
 # Exit codes (docs/cli.md). click itself exits 2 on a usage error and 1 on its own errors.
@@ -57,6 +58,8 @@ def as_click_error(exc: BaseException) -> click.ClickException | None:
         if exc.reasons:
             text += " — " + "; ".join(exc.reasons)
         return (ServiceFailed if exc.status >= 500 else Refused)(text)
+    if isinstance(exc, RequestNotReady):  # ended failed/rejected/cancelled, or not ready in time
+        return Refused(str(exc))
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return click.UsageError(f"bad URL: {exc}")
     if isinstance(exc, httpx.TransportError):

@@ -18,6 +18,7 @@ from services.common.settings import Settings, settings_from_env, settings_to_en
 from services.common.subjects import Subjects
 
 from .demo import heartbeat_agent, load_demo, tenant_agent
+from .demo_delivery import delivery_agent
 from .servers import ServerProcess, start_nats, start_redis
 from .supervisor import ServiceProcess, Supervisor, available_services
 from .term import print_json
@@ -98,7 +99,7 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         for svc in services:
             await asyncio.to_thread(svc.wait_healthy)
 
-        agent = tenants = None
+        agent = tenants = delivery = None
         keys_path = opts.data_dir / "demo-keys.json"
         if opts.demo:
             registry_url = next(s.url for s in services if s.name == "registry")
@@ -106,6 +107,7 @@ async def run_up(opts: UpOptions, console: Console) -> int:
             agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
             broker_url = next(s.url for s in services if s.name == "broker")
             tenants = asyncio.create_task(tenant_agent(broker_url, keys, 5.0, stop, pace=opts.demo_pace))
+            delivery = asyncio.create_task(delivery_agent(broker_url, keys, stop, pace=opts.demo_pace))
         else:
             (opts.data_dir / "admin-key").write_text(admin_key)
             (opts.data_dir / "admin-key").chmod(0o600)
@@ -138,6 +140,8 @@ async def run_up(opts: UpOptions, console: Console) -> int:
             await agent
         if tenants is not None:
             await tenants
+        if delivery is not None:
+            await delivery
         return 0
     finally:
         for svc in reversed(services):

@@ -86,6 +86,21 @@ def test_up_demo_serves_world_supervises_and_stops(tmp_path: Path) -> None:
                              timeout=30)
         assert out.returncode == 1 and "422" in out.stderr and len(out.stderr.splitlines()) == 1, out  # one line
 
+        # the demo providers deliver: a workload is provisioned, answered ready with access
+        # details, and `request --wait` prints how to reach it (us-east: skyforge, which never fails on purpose)
+        pub = tmp_path / "id_ed25519.pub"
+        pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOfTheEndToEndTest000 e2e@test\n")
+        out = subprocess.run([*cli, "request", *common, "-n", "1", "--region", "us-east", "--workload-ssh-key",
+                              str(pub), "--wait", "60", "--registry-url", url], capture_output=True, text=True,
+                             timeout=90)
+        assert out.returncode == 0, out
+        assert re.search(r"^  ssh -p \d+ \w+@gpu-\d+\.skyforge\.demo\.invalid$", out.stdout, re.M), out.stdout
+        assert "provisioning on pool skyforge-us-east" in out.stderr, out.stderr
+        # and the demo tenants' own workloads are delivered too
+        wait_until(lambda: any(x["state"] == "ready" and x["delivery"] and x["access"] for t in keys["tenants"].values()
+                               for x in httpx.get(f"{broker}/v1/leases", headers={"Authorization": f"Bearer {t}"},
+                                                  timeout=10).json()), 60, what="a demo workload delivered")
+
         # the demo tenants' leases are billed: the reserved term at once, per-second usage
         # when the leases the demo releases early end; `cbroker usage|invoice` print them
         meter = f"http://127.0.0.1:{meter_port}"

@@ -362,6 +362,7 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
     ("broker", "GET", "/ready"): anyone(get("/ready")),
     ("broker", "GET", "/metrics"): anyone(get("/metrics")),
     ("broker", "POST", "/v1/requests"): roles(place, admin=E403, ops=E403, provider=E403, tenant=OK),
+    ("broker", "GET", "/v1/requests"): owned(for_tenant("/v1/requests"), admin=T, ops=T, provider=F, tenant=MINE),
     ("broker", "GET", "/v1/requests/{request_id:str}"): owned(on_request("GET"), admin=T, ops=T, provider=F,
                                                                tenant=MINE),
     ("broker", "DELETE", "/v1/requests/{request_id:str}"): owned(on_request("DELETE", fresh=True), admin=T,

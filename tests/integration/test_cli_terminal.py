@@ -188,6 +188,14 @@ def test_json_body_never_drops_other_flags(stack: Stack) -> None:
     (("quote", "-n", "1000000000"), 2, "units"),
     (("release", "lease_doesnotexist"), 1, "404"),
     (("renew", "lease_doesnotexist"), 1, "404"),
+    (("status", "req_doesnotexist"), 1, "404"),
+    (("cancel", "req_doesnotexist"), 1, "404"),
+    (("requests", "--state", "bogus"), 2, "'bogus' is not one of"),
+    (("request", "--workload-process", "x", "--workload-json", "{}"), 2, "one workload per request"),
+    (("request", "--workload-ssh-key", "/nonexistent/id.pub"), 2, "cannot read /nonexistent/id.pub"),
+    (("request", "--workload-json", '{"kind": "teleport"}'), 2, "teleport"),
+    (("request", "--workload-process", "python train.py", "--body", '{"units": 1}'), 2, "--workload-process"),
+    (("request", "--wait", "soon"), 2, "'soon' is not a valid float range"),
 ])
 def test_bad_input_is_one_line(stack: Stack, args: tuple[str, ...], code: int, says: str) -> None:
     assert says in one_line_error(cli(stack, *args), code)
