@@ -23,12 +23,13 @@ from services.common.client_errors import raise_for_problem
 from services.common.messages import PoolSpec
 
 from .apps import demo_keys
+from .demo_agent import AGENT_DIR as DEMO_AGENT_DIR
+from .demo_agent import PROVIDER as DEMO_PROVIDER
 from .options import data_dir_option, key_option, url_option, with_options
 from .term import LocalError, handled, print_json, show, waiting
 
 POOL_COLUMNS = ("pool", "region", "model", "units", "free", "status", "delivers")
 ASSIGNMENT_COLUMNS = ("lease", "pool", "tenant", "units", "state", "delivers", "expires")
-DEMO_AGENT_DIR = "agent"  # under `cbroker up`'s data dir: the demo agent's config and state
 
 
 def provider_key(key: str | None, provider: str | None, data_dir: Path) -> str:
@@ -40,7 +41,7 @@ def provider_key(key: str | None, provider: str | None, data_dir: Path) -> str:
                                "`cbroker up --demo` wrote its keys")
     providers = keys.get("providers", {})
     if provider is None:
-        provider = next((p for p in providers if p == keys.get("agent_provider")), None) or next(iter(providers))
+        provider = DEMO_PROVIDER if DEMO_PROVIDER in providers else next(iter(providers))
     if provider not in providers:
         raise click.BadParameter(f"no demo provider {provider!r}; the demo providers are {', '.join(providers)}",
                                  param_hint="'--provider'")

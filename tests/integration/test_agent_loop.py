@@ -30,6 +30,7 @@ from services.common.messages import (
     LeaseFailed,
     LeaseLost,
     LeaseReleased,
+    PoolDraining,
     PoolOffline,
     PoolRegistered,
 )
@@ -273,6 +274,8 @@ async def test_registry_away_at_start_is_retried_and_the_pool_registered_once(wo
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
                 late.stop()
+        # the drain is the agent's last word: every registration came before it
+        await capacity.wait_for(lambda e: isinstance(e, PoolDraining) and e.pool_id == pool_id, 15)
         registered = [e for e in capacity.events if isinstance(e, PoolRegistered) and e.pool_id == pool_id]
         assert len(registered) == 1
         assert not any(type(e).__name__ == "PoolUpdated" and e.pool_id == pool_id for e in capacity.events)
