@@ -14,6 +14,7 @@ home, no shell) if they are missing; as another user the real agent is left out,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -87,7 +88,8 @@ def write_config(data_dir: Path, registry_url: str, broker_url: str, key: str, u
     key_file.chmod(0o600)
     # workload users must reach their working folders: under the data dir only if every
     # parent lets them through (a home folder usually does not)
-    work = root / "work" if _traversable(data_dir) else Path(tempfile.gettempdir()) / f"cbroker-demo-work-{os.getuid()}"
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]  # one per data dir
+    work = root / "work" if _traversable(data_dir) else Path(tempfile.gettempdir()) / f"cbroker-demo-work-{tag}"
     config = root / "agent.toml"
     config.write_text(f"""# the demo's provider agent (services/cli/demo_agent.py): VIRTUAL devices, no accelerator here
 broker_url = "{broker_url}"
