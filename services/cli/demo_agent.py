@@ -14,6 +14,7 @@ home, no shell) if they are missing; as another user the real agent is left out,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -121,21 +122,39 @@ label = "virtual devices on this host (demo)"
     return config
 
 
-async def start_demo_agent(data_dir: Path, registry_url: str, broker_url: str, keys: dict[str, Any],
-                           keys_path: Path) -> tuple[AgentProcess | None, str]:
-    """The demo agent, started; or None and why not. Its provider key joins the demo keys
-    file (``cbroker pools|assignments --provider this-host``)."""
+async def start_demo_agent(data_dir: Path, registry_url: str, broker_url: str,
+                           admin_key: str) -> tuple[AgentProcess | None, str, str]:
+    """The demo agent, started and its pool registered (before the rest of the demo world,
+    so that the world a newcomer first reads does not change under them): ``(agent,
+    "", its provider key)``, or ``(None, why not, "")``."""
     users, why = _workload_users()
     if not users:
-        return None, why
+        return None, why, ""
+    admin = {"Authorization": f"Bearer {admin_key}"}
     async with httpx.AsyncClient(base_url=registry_url, timeout=30) as client:
         r = await client.post("/v1/keys", json={"role": "provider", "subject": PROVIDER, "name": "demo agent"},
-                              headers={"Authorization": f"Bearer {keys['admin']}"})
+                              headers=admin)
         r.raise_for_status()
-    keys["providers"][PROVIDER] = r.json()["key"]
-    keys_path.write_text(json.dumps(keys, indent=2))
-    keys_path.chmod(0o600)
-    agent = AgentProcess(write_config(data_dir, registry_url, broker_url, keys["providers"][PROVIDER], users),
-                         data_dir / "agent.log")
-    agent.start()
-    return agent, ""
+        key = r.json()["key"]
+        agent = AgentProcess(write_config(data_dir, registry_url, broker_url, key, users), data_dir / "agent.log")
+        agent.start()
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await client.get(f"/v1/pools/{POOL_ID}", headers=admin)).status_code != 200:
+            if agent.proc is None or agent.proc.poll() is not None:
+                return agent, f"the demo's agent exited at start; see {agent.log_path}", key
+            if asyncio.get_running_loop().time() > deadline:
+                return agent, f"the demo's agent did not register its pool within 60 s; see {agent.log_path}", key
+            await asyncio.sleep(0.2)
+    return agent, "", key
+
+
+def record_key(keys: dict[str, Any], keys_path: Path, key: str) -> None:
+    """The agent's provider key joins the demo keys file (``cbroker pools`` with no
+    ``--provider`` then shows the agent's pool)."""
+    if not key:
+        return
+    keys["providers"][PROVIDER] = key
+    tmp = keys_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(keys, indent=2))
+    tmp.chmod(0o600)
+    os.replace(tmp, keys_path)

@@ -18,7 +18,7 @@ from services.common.settings import Settings, settings_from_env, settings_to_en
 from services.common.subjects import Subjects
 
 from .demo import heartbeat_agent, load_demo, tenant_agent
-from .demo_agent import start_demo_agent
+from .demo_agent import record_key, start_demo_agent
 from .servers import ServerProcess, start_nats, start_redis
 from .supervisor import ServiceProcess, Supervisor, available_services
 from .term import print_json
@@ -104,13 +104,14 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         keys_path = opts.data_dir / "demo-keys.json"
         if opts.demo:
             registry_url = next(s.url for s in services if s.name == "registry")
-            keys = await load_demo(registry_url, admin_key, keys_path)
-            agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
             broker_url = next(s.url for s in services if s.name == "broker")
-            tenants = asyncio.create_task(tenant_agent(broker_url, keys, 5.0, stop, pace=opts.demo_pace))
-            demo_agent, left_out = await start_demo_agent(opts.data_dir, registry_url, broker_url, keys, keys_path)
+            demo_agent, left_out, agent_key = await start_demo_agent(opts.data_dir, registry_url, broker_url, admin_key)
             if left_out:
                 log.warning("%s", left_out)
+            keys = await load_demo(registry_url, admin_key, keys_path)
+            record_key(keys, keys_path, agent_key)
+            agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
+            tenants = asyncio.create_task(tenant_agent(broker_url, keys, 5.0, stop, pace=opts.demo_pace))
         else:
             (opts.data_dir / "admin-key").write_text(admin_key)
             (opts.data_dir / "admin-key").chmod(0o600)
