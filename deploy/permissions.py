@@ -35,7 +35,7 @@ from services.common.keys import Keys  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.common.nats_conn import BUCKETS  # noqa: E402
 from services.common.subjects import (  # noqa: E402
-    ALLOC, BILLING, CAPACITY, EVENT_KINDS, IDEMPOTENCY, REQUEST, MeterNames, Subjects)
+    ACCESS, ALLOC, BILLING, CAPACITY, EVENT_KINDS, IDEMPOTENCY, REQUEST, MeterNames, Subjects)
 
 SERVICES = ("registry", "broker", "meter")
 JS = "$JS.API"
@@ -108,13 +108,16 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.rpc("registry", ">"), s.key_revoked(), s.events()],
         allow_responses=True,
     )
-    idempotency = kv_stream(s.bucket(IDEMPOTENCY))  # the broker's own bucket
+    idempotency = kv_stream(s.bucket(IDEMPOTENCY))  # the broker's own buckets
+    access = kv_stream(s.bucket(ACCESS))
     broker = NatsUser(
-        "broker", "allocation and request events, idempotency keys; reads capacity, billing, pools, keys and regions",
-        publish=base_pub + manage(idempotency)
-        + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*"), f"$KV.{s.bucket(IDEMPOTENCY)}.>"]
+        "broker", "allocation and request events, idempotency keys, access details; reads capacity, billing, pools, "
+        "keys and regions",
+        publish=base_pub + manage(idempotency) + manage(access)
+        + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*"), f"$KV.{s.bucket(IDEMPOTENCY)}.>",
+           f"$KV.{s.bucket(ACCESS)}.>"]
         + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
-                        buckets["regions"], idempotency)
+                        buckets["regions"], idempotency, access)
            for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
@@ -130,6 +133,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
         subscribe=inbox + [s.key_revoked(),
                            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.stream(ALLOC)}.>"],
     )
+    # not the access bucket: ops sees access details redacted, here as in the API
     all_streams = shared + [idempotency] + meter_streams
     ops = NatsUser(
         "ops", "operators and `cbroker` tools (events, audit): read every stream and event, change nothing",
@@ -247,7 +251,7 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
     broker = RedisUser(
         "broker", "reservations on the pools, leases, queue, requests, idempotency keys; API-key cache",
         keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.interruptible_leases("*"), k.leases_ready("*"),
-                     k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
+                     k.lease_provisioning("*"), k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
                      k.idempotency("*", "*"), k.queue(), k.tenant_vtime(), k.budget_blocked(), k.lock("*"),
                      k.rebuilt_marker("*"), *every],
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [

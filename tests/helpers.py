@@ -106,3 +106,16 @@ async def drop_streams(nats_url: str, prefix: str) -> None:
                 await js.delete_stream(name)
     finally:
         await nc.drain()
+
+
+def run_machine(make_machine: Callable[[str, list[int]], Any], url: str, examples: int, steps: int) -> int:
+    """Run a hypothesis state machine built by ``make_machine(url, counter)``; returns
+    the steps it counted (hypothesis may stop a run early: tests check the count)."""
+    from hypothesis import settings
+
+    counter = [0]
+    machine = make_machine(url, counter)
+    machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None)
+    machine.TestCase().runTest()
+    print(f"{counter[0]} steps")
+    return counter[0]

@@ -19,6 +19,8 @@ from nats.js.kv import KeyValue
 from services.common.delivery import MAX_ACCESS_BYTES, Access
 from services.common.errors import BadRequest
 
+from .domain.printable import check_printable
+
 log = logging.getLogger("broker")
 TTL_S = 400 * 86_400  # longer than a reserved year (the longest lease)
 _access = msgspec.json.Decoder(Access)
@@ -26,6 +28,7 @@ _access = msgspec.json.Decoder(Access)
 
 def encoded(access: Access) -> bytes:
     """The blob as stored; 400 when it is larger than ``MAX_ACCESS_BYTES``."""
+    check_printable(access, "access")
     raw = msgspec.json.encode(access)
     if len(raw) > MAX_ACCESS_BYTES:
         raise BadRequest(f"access details are {len(raw)} bytes JSON-encoded; at most {MAX_ACCESS_BYTES} "
@@ -63,7 +66,7 @@ class AccessStore:
     async def delete(self, lease_id: str) -> None:
         """Best effort: what is left behind expires with the bucket's TTL."""
         try:
-            await self.kv.purge(lease_id)
+            await self.kv.delete(lease_id)  # a delete marker replaces the value (history 1)
         except Exception as exc:  # noqa: BLE001 - logged; the TTL removes it later
             log.warning("access details of lease %s not deleted (%s); they expire with the bucket's TTL",
                         lease_id, type(exc).__name__)

@@ -19,6 +19,7 @@ from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseRea
 
 from .access import AccessStore, encoded
 from .core import Core
+from .domain.printable import check_printable
 from .leases import Ended, LiveLease
 from .locks import OwnedLock
 from .records import Assignment, LeaseView, lease_view
@@ -110,6 +111,7 @@ class Deliveries:
 
     # --- provisioning → failed -----------------------------------------------------------
     async def failed(self, principal: Principal, lease_id: str, body: FailedBody) -> dict[str, object]:
+        check_printable(body, "body")
         live = await self.provider_lease(principal, lease_id)
         lock = self._lock(lease_id)
         token = await lock.acquire()
@@ -130,6 +132,7 @@ class Deliveries:
 
     # --- ready → lost (unhealthy) -------------------------------------------------------
     async def health(self, principal: Principal, lease_id: str, body: HealthBody) -> dict[str, object]:
+        check_printable(body, "body")
         live = await self.provider_lease(principal, lease_id)
         if body.healthy:
             if live.state not in ("ready", "provisioning"):

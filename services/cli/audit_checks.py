@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from services.common.messages import ENDING_EVENTS, AllocEvent, LeaseGranted, Pool
+from services.common.messages import ENDING_EVENTS, GRANT_EVENTS, AllocEvent, Pool
 from services.meter.accounts import entry_id, event_kind
 from services.meter.model import LedgerEntry
 from services.meter.pricing import RESERVED, ending_charges, reserved_charges
@@ -185,7 +185,7 @@ def histories(events: Iterable[tuple[int, AllocEvent]]) -> dict[str, History]:
     out: dict[str, History] = defaultdict(History)
     for seq, event in events:
         h = out[event.lease.lease_id]
-        if isinstance(event, LeaseGranted) and h.grant is None:
+        if isinstance(event, GRANT_EVENTS) and h.grant is None:  # lease.granted or lease.provisioning
             h.grant = (seq, event)
         if h.first is None or event.seq < h.first[1].seq:
             h.first = (seq, event)

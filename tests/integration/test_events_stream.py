@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.common.messages import LeaseGranted, LeaseInfo
+from services.common.messages import LeaseGranted, LeaseInfo, LeaseProvisioning
 from services.common.nats_conn import connect, ensure_streams, publish_event
 from services.common.settings import Settings
 from services.common.subjects import Subjects
@@ -46,7 +46,8 @@ class World:
                                 headers={"Authorization": f"Bearer {key}"})
         assert r.status_code in (200, 201), r.text
 
-    async def lease(self, tenant: str, provider: str, pool_id: str, region: str = "cn-yrd") -> str:
+    async def lease(self, tenant: str, provider: str, pool_id: str, region: str = "cn-yrd",
+                    kind: type = LeaseGranted) -> str:
         """A grant as the broker announces it (the registry only relays events)."""
         now = datetime.now(UTC)
         lease_id = f"lease_{uuid.uuid4().hex[:10]}"
@@ -54,7 +55,7 @@ class World:
                          region=region, model="nvidia-a100-sxm-80gb", units=2, billing="on_demand",
                          unit_price=Decimal("2.10"), granted_at=now, expires_at=now + timedelta(hours=1))
         await publish_event(self.nc.jetstream(), self.subjects.alloc(region, tenant),
-                            LeaseGranted(id=f"{lease_id}.1", at=now, lease=info))
+                            kind(id=f"{lease_id}.1", at=now, lease=info))
         return lease_id
 
 
@@ -160,6 +161,25 @@ async def test_provider_and_tenant_keys_see_only_their_own(world: World) -> None
         assert sorted(got) == [("alloc", f"{mine}-1"), ("capacity", f"{mine}-1"), ("capacity", f"{mine}-2")]
         assert [g for g in got if g[0] == "capacity"] == [("capacity", f"{mine}-1"), ("capacity", f"{mine}-2")]
         assert [(d["kind"], d["event"]["lease"]["tenant"]) for d in tw.data()] == [("alloc", tenant)]
+
+
+async def test_a_provider_sees_its_assignments_live(world: World) -> None:
+    """``lease.provisioning`` (a lease its provider must deliver) reaches the provider of
+    the pool on its own event stream as it happens, and no other provider."""
+    mine, theirs = f"p{_id()}", f"p{_id()}"
+    mkey, okey = await world.key("provider", mine), await world.key("provider", theirs)
+    await world.pool(f"{mine}-1", mkey)
+    await world.pool(f"{theirs}-1", okey)
+    async with Watcher(world.url, {"type": "lease.provisioning"}, {"Authorization": f"Bearer {mkey}"}) as pw:
+        await pw.wait_for(lambda evs: any(e.event == "ready" for e in evs))
+        other = await world.lease("t-other", theirs, f"{theirs}-1", kind=LeaseProvisioning)
+        capacity_only = await world.lease("t-mine", mine, f"{mine}-1")  # lease.granted: not asked for
+        assigned = await world.lease("t-mine", mine, f"{mine}-1", kind=LeaseProvisioning)
+        await pw.wait_for(lambda evs: assigned in str(pw.data()))
+        # the others were published first, on the same stream: had they passed, they would be here
+        assert [(d["event"]["type"], d["event"]["lease"]["lease_id"]) for d in pw.data()] == \
+            [("lease.provisioning", assigned)]
+        assert other not in str(pw.events) and capacity_only not in str(pw.events)
 
 
 async def test_since_a_time_starts_at_the_first_event_after_it(world: World) -> None:

@@ -27,13 +27,14 @@ from decimal import Decimal
 import msgspec
 import pytest
 import redis
-from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import read_lua
+
+from ..helpers import run_machine
 
 REGION = "cn-gz"
 POOLS = ("pa", "pb", "pc")
@@ -49,6 +50,17 @@ class Live(msgspec.Struct):
     interruptible: bool
     gen: int  # the pool generation it was granted on
     confirmed: bool = False  # the broker confirmed it once its grant was durable
+    deliver: bool = False  # it must be delivered: provisioning from its confirmation until ready
+    deadline: float = 0.0  # its provision deadline (delivering leases)
+    ready: bool = False  # delivered (delivering leases; a capacity-only one is ready from its grant)
+    ready_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        """Exactly one of pending, provisioning, ready (docs/lifecycle.md, "Lease")."""
+        if not self.confirmed:
+            return "pending"
+        return "provisioning" if self.deliver and not self.ready else "ready"
 
 
 class Record(msgspec.Struct):
@@ -68,6 +80,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     renew = client.register_script(read_lua("services.broker.lua", "renew.lua"))
     restore = client.register_script(read_lua("services.broker.lua", "restore.lua"))
     confirm = client.register_script(read_lua("services.broker.lua", "confirm.lua"))
+    ready = client.register_script(read_lua("services.broker.lua", "lease_ready.lua"))
 
     class LeaseScripts(RuleBasedStateMachine):
         leases = Bundle("leases")
@@ -84,6 +97,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             self.peak: dict[tuple[str, int], int] = {}  # (pool, generation) -> highest capacity it had
             self.writes: list[tuple[str, list]] = []  # every registry write to Redis, to replay late
             self.live: dict[str, Live] = {}
+            self.n_leases = 0
+            self.ended: dict[str, str] = {}  # lease id -> how it ended (failed ones were never ready)
+            self.seqs: dict[str, int] = {}  # lease id -> every seq it had, in order (strictly increasing)
             for p, cap in zip(POOLS, caps, strict=True):
                 self.create(p, "acme", cap)
                 self.view[p] = self.gen(p)
@@ -161,12 +177,16 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
         @rule(target=leases, picks=st.lists(st.tuples(st.sampled_from(POOLS), st.integers(1, 8)), min_size=1,
                                             max_size=3),
-              ttl=st.integers(1, 100), interruptible=st.booleans())
-        def reserve_all_or_none(self, picks: list[tuple[str, int]], ttl: int, interruptible: bool) -> list[str]:
+              ttl=st.integers(1, 100), interruptible=st.booleans(), deliver=st.booleans(),
+              provision=st.integers(5, 80), confirmed=st.booleans())
+        def reserve_all_or_none(self, picks: list[tuple[str, int]], ttl: int, interruptible: bool,
+                                deliver: bool, provision: int, confirmed: bool) -> list[str]:
             """On the generation the broker's view holds; a group may name one pool twice."""
             self.step()
             expiry = self.now + ttl
-            full = [(p, u, uuid.uuid4().hex[:12], interruptible, expiry, self.view[p]) for p, u in picks]
+            self.n_leases += len(picks)  # ids in order, not random: the answers' draws must replay the same
+            full = [(p, u, f"l{self.n_leases - i:06d}", interruptible, expiry, self.view[p])
+                    for i, (p, u) in enumerate(picks)]
             demand = Counter()
             for p, u in picks:
                 demand[p] += u
@@ -177,22 +197,30 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert not any(client.exists(self.k.lease(REGION, f[2])) for f in full)
                 return []
             for i, (pool_id, units, lease_id, intr, _, gen) in enumerate(full):
-                self.live[lease_id] = Live(pool_id, units, expiry, 1, intr, gen)
+                self.live[lease_id] = Live(pool_id, units, expiry, 1, intr, gen, deliver=deliver,
+                                           deadline=self.now + provision if deliver else 0.0)
+                self.seqs[lease_id] = [1]
                 assert int(raw[1 + i]) == self.free_model(pool_id)  # free right after this allocation
+            if confirmed:  # the broker's usual path: its grants durable at once, then confirmed
+                self._confirm([f[2] for f in full], ttl)
             return [f[2] for f in full]
 
-        def _end(self, lease_id: str, mode: str) -> list:
+        def _end(self, lease_id: str, mode: str, state: str = "") -> list:
             pool_id = self.live[lease_id].pool if lease_id in self.live else "pa"
             k = self.k
             return end(keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id), k.pool(REGION, pool_id),
-                             k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION)],
-                       args=[lease_id, mode, self.now])
+                             k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION),
+                             k.lease_provisioning(REGION)],
+                       args=[lease_id, mode, self.now, state])
 
-        def _ended(self, lease_id: str, raw: list) -> None:
+        def _ended(self, lease_id: str, raw: list, how: str = "ended") -> None:
             """An ended lease: its next seq, and its pool's free units, or -1 when no pool
             of its generation is there (removed, or registered again since)."""
             lv = self.live.pop(lease_id)
             assert int(raw[2]) == lv.seq + 1
+            self.seqs[lease_id].append(int(raw[2]))
+            assert how != "failed" or not lv.ready, "a lease that was ready ended as failed"
+            self.ended[lease_id] = how
             assert int(raw[4]) == (0 if lv.confirmed else 1)  # an unconfirmed lease says so when it ends
             same = self.present(lv.pool) and self.gen(lv.pool) == lv.gen
             assert int(raw[3]) == (self.free_model(lv.pool) if same else -1)
@@ -207,6 +235,12 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                     self._ended(lease_id, raw)
 
         @rule(dt=st.integers(1, 60))
+        def time_passes(self, dt: int) -> None:
+            """No sweep yet: answers (a late ready) may meet a lease past its deadline."""
+            self.step()
+            self.now += dt
+
+        @rule(dt=st.integers(0, 60))
         def time_passes_and_sweeper_runs(self, dt: int) -> None:
             self.step()
             self.now += dt
@@ -217,20 +251,87 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert (int(raw[0]) == 1) == (lv.expiry <= self.now)
                 if lv.expiry <= self.now:
                     self._ended(lease_id, raw)
+            # the provision-timeout sweep: every lease tried, only the overdue provisioning ones fail
+            late = set(client.zrangebyscore(self.k.lease_provisioning(REGION), "-inf", self.now))
+            assert late == {i for i, lv in self.live.items() if lv.state == "provisioning" and lv.deadline <= self.now}
+            for lease_id, lv in list(self.live.items()):
+                raw = self._end(lease_id, "timeout")
+                assert (int(raw[0]) == 1) == (lease_id in late), (lease_id, lv, raw)
+                if lease_id in late:
+                    self._ended(lease_id, raw, "failed")
+                elif lv.state != "provisioning":
+                    assert raw[1] == lv.state  # refused with the state it is in
+
+        def some_live(self, ids: list[str], data: st.DataObject) -> list[str]:
+            """``ids`` (maybe long gone) and a few of the live leases (most bundle entries
+            are refused reservations or ended leases: answers must meet live ones too)."""
+            if not self.live:
+                return ids
+            return ids + data.draw(st.lists(st.sampled_from(sorted(self.live)), max_size=2))
+
+        @rule(ids=leases, data=st.data())
+        def provider_answers_ready(self, ids: list[str], data: st.DataObject) -> None:
+            """provisioning → ready: only confirmed, provisioning, on its pool generation,
+            before its deadline; refused with the reason otherwise, and nothing changes."""
+            self.step()
+            k = self.k
+            for lease_id in self.some_live(ids, data):
+                lv = self.live.get(lease_id)
+                pool_id = lv.pool if lv else "pa"
+                raw = ready(keys=[k.lease(REGION, lease_id), k.pool(REGION, pool_id), k.lease_provisioning(REGION)],
+                            args=[lease_id, self.now])
+                if lv is None:
+                    want = "gone"
+                elif lv.state != "provisioning":
+                    want = lv.state
+                elif not (self.present(lv.pool) and self.gen(lv.pool) == lv.gen):
+                    want = "generation"
+                elif lv.deadline <= self.now:
+                    want = "deadline"
+                else:
+                    want = ""
+                if want:
+                    assert (int(raw[0]), raw[1]) == (0, want), (lease_id, lv, raw)
+                    continue
+                assert int(raw[0]) == 1 and int(raw[1]) == lv.seq + 1
+                lv.seq, lv.ready, lv.ready_at = lv.seq + 1, True, self.now
+                self.seqs[lease_id].append(lv.seq)
+
+        @rule(ids=leases, how=st.sampled_from(["failed", "unhealthy"]), data=st.data())
+        def provider_answers_failed_or_unhealthy(self, ids: list[str], how: str, data: st.DataObject) -> None:
+            """failed: provisioning → failed; unhealthy: ready → lost. From any other
+            state refused, with the state it is in."""
+            self.step()
+            mode, need = ("fail", "provisioning") if how == "failed" else ("lost", "ready")
+            for lease_id in dict.fromkeys(self.some_live(ids, data)):
+                lv = self.live.get(lease_id)
+                raw = self._end(lease_id, mode, need)
+                if lv is None:
+                    assert [int(x) for x in raw] == [0]
+                elif lv.state != need:
+                    assert (int(raw[0]), raw[1]) == (0, lv.state)
+                else:
+                    assert int(raw[0]) == 1
+                    self._ended(lease_id, raw, how)
 
         @rule(ids=leases, ttl=st.integers(1, 100))
         def broker_confirms(self, ids: list[str], ttl: int) -> None:
             """What the broker does once the grants are durable (``confirm.lua``): the real
             expiry, no pending mark; a lease already gone, or whose pool generation is gone,
-            is reported, not confirmed (the broker fails that grant)."""
+            is reported, not confirmed (the broker fails that grant). A delivering lease is
+            provisioning from its first confirmation, its deadline indexed."""
             self.step()
+            self._confirm(ids, ttl)
+
+        def _confirm(self, ids: list[str], ttl: int) -> None:
             k = self.k
             ids = list(dict.fromkeys(ids))
             expiry = self.now + ttl
             args: list[object] = [1, len(ids)]  # one group: the leases of one region
             keys = [k.lease_expiry(REGION), k.lease_provisioning(REGION)]
             for lease_id in ids:
-                args += [lease_id, expiry, 0]
+                lv = self.live.get(lease_id)
+                args += [lease_id, expiry, lv.deadline if lv is not None and lv.deliver else 0]
                 pool_id = self.live[lease_id].pool if lease_id in self.live else "pa"
                 keys += [k.lease(REGION, lease_id), k.pool(REGION, pool_id)]
             [raw] = confirm(keys=keys, args=args)
@@ -243,7 +344,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             for lease_id in ids:
                 if ok(lease_id):
                     lv = self.live[lease_id]
-                    lv.expiry, lv.confirmed = expiry, True
+                    lv.expiry, lv.confirmed = expiry, True  # a delivering one is provisioning now
                 elif lease_id not in self.live:
                     assert not client.exists(k.lease(REGION, lease_id))
 
@@ -410,7 +511,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION), k.lease_provisioning(REGION)], []
             for lease_id, lv in self.live.items():
                 keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
-                args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq, lv.gen, "", 0, ""]
+                state = "" if not lv.deliver else ("ready" if lv.ready else "provisioning")
+                args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq, lv.gen, state,
+                         lv.deadline if state == "provisioning" else 0, lv.ready_at if lv.ready else ""]
             if self.live:
                 assert restore(keys=keys, args=args) == len(self.live)
                 assert restore(keys=keys, args=args) == 0  # restoring twice changes nothing
@@ -427,8 +530,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             pipe.zrange(k.lease_expiry(REGION), 0, -1)
             pipe.smembers(k.interruptible_leases(REGION))
             ids = list(self.live)
+            pipe.zrange(k.lease_provisioning(REGION), 0, -1, withscores=True)
             for lease_id in ids:
-                pipe.hmget(k.lease(REGION, lease_id), "units", "seq", "expires", "generation")
+                pipe.hmget(k.lease(REGION, lease_id), "units", "seq", "expires", "generation", "state", "pending")
             replies = pipe.execute()
             for n, pool_id in enumerate(POOLS):
                 h, members = replies[2 * n], replies[2 * n + 1]
@@ -442,11 +546,23 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert int(h["free"]) == self.free_model(pool_id) >= 0
                 assert int(h["overcommit"]) == max(0, self.leased(pool_id) - r.cap)
             expiring, interruptible = replies[2 * len(POOLS)], replies[2 * len(POOLS) + 1]
+            provisioning = dict(replies[2 * len(POOLS) + 2])
             assert set(expiring) == set(self.live)
             assert interruptible == {i for i, lv in self.live.items() if lv.interruptible}
-            for lease_id, (units, seq, expires, gen) in zip(ids, replies[2 * len(POOLS) + 2:], strict=True):
+            # the sweep's index holds exactly the provisioning leases, by their deadlines
+            assert provisioning == {i: lv.deadline for i, lv in self.live.items() if lv.state == "provisioning"}
+            for lease_id, (units, seq, expires, gen, state, pending) in zip(ids, replies[2 * len(POOLS) + 3:],
+                                                                            strict=True):
                 lv = self.live[lease_id]
                 assert (int(units), int(seq), float(expires), int(gen)) == (lv.units, lv.seq, lv.expiry, lv.gen)
+                # one state each: pending (no state yet), provisioning, or ready (a capacity-only
+                # lease has no state field: ready from its grant)
+                held = "pending" if pending else (state or "ready")
+                assert held == lv.state, (lease_id, held, lv)
+                assert (state is None) == (lv.state == "pending" or not lv.deliver)
+            for lease_id, seqs in self.seqs.items():
+                assert all(a < b for a, b in zip(seqs, seqs[1:])), (lease_id, seqs)
+                assert lease_id not in self.ended or lease_id not in self.live
             # the invariant of issue 11: no pool generation leased beyond the capacity it had
             for (pool_id, gen), peak in self.peak.items():
                 assert self.leased(pool_id, gen) <= peak, (pool_id, gen)
@@ -460,17 +576,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     return LeaseScripts
 
 
-def run(url: str, examples: int, steps: int) -> int:
-    counter = [0]
-    machine = make_machine(url, counter)
-    machine.TestCase.settings = hsettings(max_examples=examples, stateful_step_count=steps, deadline=None)
-    machine.TestCase().runTest()
-    print(f"{counter[0]} steps")
-    return counter[0]
-
-
 def test_lease_scripts_match_model(redis_url: str) -> None:
-    steps = run(redis_url, examples=200, steps=100)
+    steps = run_machine(make_machine, redis_url, examples=200, steps=100)
     assert steps >= MIN_STEPS, f"only {steps} steps ran"
 
 
@@ -478,4 +585,4 @@ def test_lease_scripts_match_model(redis_url: str) -> None:
 def test_lease_scripts_soak(redis_url: str) -> None:
     """``CB_SOAK_EXAMPLES`` runs of 200 steps (default 2,000: about 300,000 steps)."""
     examples = int(os.environ.get("CB_SOAK_EXAMPLES", "2000"))
-    assert run(redis_url, examples=examples, steps=200) >= examples * 100
+    assert run_machine(make_machine, redis_url, examples=examples, steps=200) >= examples * 100

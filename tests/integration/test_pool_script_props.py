@@ -8,12 +8,13 @@ from __future__ import annotations
 import uuid
 
 import redis
-from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from services.common.keys import Keys
 from services.common.redis_conn import read_lua
+
+from ..helpers import run_machine
 
 REGION, POOL = "cn-yrd", "p"
 MIN_STEPS = 5_000
@@ -162,9 +163,5 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_pool_script_matches_model(redis_url: str) -> None:
-    counter = [0]
-    machine = make_machine(redis_url, counter)
-    machine.TestCase.settings = hsettings(max_examples=150, stateful_step_count=50, deadline=None)
-    machine.TestCase().runTest()
-    print(f"{counter[0]} steps")
-    assert counter[0] >= MIN_STEPS, f"only {counter[0]} steps ran"
+    steps = run_machine(make_machine, redis_url, examples=150, steps=50)
+    assert steps >= MIN_STEPS, f"only {steps} steps ran"

@@ -216,7 +216,6 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
         assert r.json()["leased"] == 4, r.text
         r = await http.post(f"{s.urls['broker']}/v1/leases/{lease['lease_id']}/release", headers=tenant)
         assert r.status_code == 200, r.text
-
         usage: list[dict] = []
 
         async def billed() -> bool:  # the meter consumed the allocation events and posted usage
@@ -228,6 +227,27 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
         await eventually(billed, timeout=20, every=0.2)
         # released at once: the 60 s minimum of 4 units at 1.20 per unit-hour
         assert sum(Decimal(row["amount"]) for row in usage) == Decimal("0.08"), usage
+        # a delivered lease: the provider's answer stored in the broker's access bucket, then deleted
+        r = await http.put(f"{s.urls['registry']}/v1/pools/gz-ssh", json={**POOL, "delivery": ["ssh"]},
+                           headers=provider)
+        assert r.status_code == 201, r.text
+        delivering = {"units": 1, "queue": False, "workload": {"kind": "ssh", "public_keys": [
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA t1@laptop"]}}
+
+        async def place_delivering() -> dict | None:
+            r = await http.post(f"{s.urls['broker']}/v1/requests", json=delivering, headers=tenant)
+            assert r.status_code in (201, 409, 422, 503), r.text
+            return r.json()["leases"][0] if r.status_code == 201 else None
+
+        ssh = await eventually(place_delivering, timeout=20, every=0.2)
+        assert ssh["pool_id"] == "gz-ssh" and ssh["state"] == "provisioning"
+        r = await http.post(f"{s.urls['broker']}/v1/leases/{ssh['lease_id']}/ready", headers=provider,
+                            json={"access": {"host": "gz-ssh.example", "port": 22}})
+        assert r.status_code == 200, r.text
+        r = await http.get(f"{s.urls['broker']}/v1/leases/{ssh['lease_id']}", headers=tenant)
+        assert r.json()["access"] == {"host": "gz-ssh.example", "port": 22}, r.text
+        r = await http.post(f"{s.urls['broker']}/v1/leases/{ssh['lease_id']}/release", headers=tenant)
+        assert r.status_code == 200, r.text
         # the registry's event stream (ordered consumers on every stream) replays all of it
         r = await http.get(f"{s.urls['registry']}/v1/events", params={"follow": "false", "since": "all"},
                            headers=ops)
