@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from services.cli.servers import free_port
-from tests.helpers import wait_until
+
+from .helpers import wait_until
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 GPUS = 8

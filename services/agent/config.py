@@ -191,6 +191,14 @@ def check(config: AgentConfig, *, source: str = "agent.toml", catalogue: Mapping
                 fail(f"{where}.backend", "kubernetes needs the kubernetes package: pip install 'compute-broker[agent-k8s]'")
         if pool.backend == "process":
             _check_process_user(config.process, fail, lookup_user)
+        if pool.backend == "slurm" and config.slurm.submit_as is not None:
+            try:
+                submitter = lookup_user(config.slurm.submit_as)
+            except KeyError:
+                fail("slurm.submit_as", f"no such user {config.slurm.submit_as!r}")
+            else:
+                if submitter.pw_uid == 0:
+                    fail("slurm.submit_as", "jobs are tenants' code and are never submitted as root")
         for index in pool.devices or ():
             if index in owner_of and owner_of[index] != pool.id:
                 fail(f"{where}.devices", f"device {index} is already sold by pool {owner_of[index]!r}")

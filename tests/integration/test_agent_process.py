@@ -161,9 +161,11 @@ async def test_a_workload_that_never_exits_is_gone_after_stop_with_every_child(d
 
 async def test_exit_is_reported_with_its_code_and_leftover_children_die_with_it(dirs) -> None:
     backend = ProcessBackend(settings(dirs))
-    access = await backend.start(lease("lease-exit", ["sh", "-c", "setsid sleep 1005 & echo bye; exit 7"]))
+    access = await backend.start(lease("lease-exit", ["sh", "-c", "setsid sleep 1005 & echo left > /tmp/cb-left-exit; "
+                                                      "echo bye; exit 7"]))
     done = await ended(backend, "lease-exit")
     assert (done.state, done.exit_code) == ("exited", 7) and "bye" in output(backend, "lease-exit")
+    assert not Path("/tmp/cb-left-exit").exists()  # the next lease given this user must not find it
     uid = __import__("pwd").getpwnam(access.user).pw_uid
     assert processes_of(uid) == []
 

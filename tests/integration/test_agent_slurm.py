@@ -111,6 +111,18 @@ async def test_a_job_slurm_kills_is_reported_lost(cluster, backend) -> None:
     assert await backend.poll() == []  # reported once
 
 
+@pytest.mark.slow  # Slurm checks time limits every 30 s: this takes 60-90 s
+async def test_a_job_over_its_time_limit_is_killed_by_slurm_and_reported_lost(cluster, backend) -> None:
+    short = SlurmBackend(settings(cluster, Path(backend.settings.work_dir).parent, time_margin_s=0))
+    ends_soon = Assignment(lease_id="lease-s13", pool_id="pool-s", tenant="ten-s", units=1, devices=(), vendor="nvidia",
+                           model="h100-sxm", workload=process("sleep", "600"),
+                           expires_at=datetime.now(UTC) + timedelta(seconds=5))
+    access = await short.start(ends_soon)
+    assert "TimeLimit=00:01:00" in cluster.run("scontrol", "-o", "show", "job", access.job_id).stdout
+    done = await ended(short, "lease-s13", timeout=150)
+    assert done.state == "lost" and "TIMEOUT" in done.reason
+
+
 async def test_a_job_that_ends_by_itself_reports_its_exit_code(cluster, backend) -> None:
     await backend.start(lease("lease-s4", process("sh", "-c", "sleep 1; exit 3"), units=1))
     done = await ended(backend, "lease-s4")
@@ -127,8 +139,8 @@ async def test_bad_jobs_fail_with_slurm_reason_and_leave_no_job(cluster, backend
 
 async def test_a_job_that_stays_pending_fails_with_slurm_reason_and_is_cancelled(cluster, backend) -> None:
     holder = await backend.start(lease("lease-s7", process("sleep", "600"), units=6))
-    impatient = SlurmBackend(settings(cluster, Path(backend.settings.work_dir).parent, start_timeout_s=3))
-    with pytest.raises(StartFailed, match=r"did not start within 3s \(Slurm's reason: Resources\)"):
+    impatient = SlurmBackend(settings(cluster, Path(backend.settings.work_dir).parent, start_timeout_s=5))
+    with pytest.raises(StartFailed, match=r"did not start within 5s \(Slurm's reason: Resources\)"):
         await impatient.start(lease("lease-s8", process("true"), units=4))
     assert queued(cluster) == [holder.job_id]
     await backend.stop("lease-s7", grace_s=1)

@@ -34,3 +34,19 @@ def test_process_and_slurm_settings_from_the_config() -> None:
 def test_bad_backend_settings_name_the_field(section, message) -> None:
     with pytest.raises(ConfigError, match=message):
         parse({**BASE, **section})
+
+
+@pytest.mark.parametrize(("user", "message"), [("root", "never submitted as root"), ("nobody-here", "no such user")])
+def test_slurm_submit_as_root_or_missing_is_refused(user, message) -> None:
+    import pwd
+
+    from services.agent.config import check
+
+    def lookup(name: str) -> pwd.struct_passwd:
+        if name != "root":
+            raise KeyError(name)
+        return pwd.struct_passwd(("root", "x", 0, 0, "", "/root", "/bin/sh"))
+
+    config = parse({**BASE, "slurm": {"submit_as": user}, "pools": [{**BASE["pools"][0], "backend": "slurm"}]})
+    with pytest.raises(ConfigError, match=rf"slurm\.submit_as: .*{message}"):
+        check(config, which=lambda name: f"/usr/bin/{name}", lookup_user=lookup)
