@@ -148,10 +148,19 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     meter_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{durable}", f"{JS}.CONSUMER.CREATE.{alloc}.{durable}",
                       f"{JS}.CONSUMER.CREATE.{alloc}.{durable}.>", f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{durable}",
                       f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{durable}", f"$JS.ACK.{alloc}.{durable}.>"]
+    # Likewise only the broker drives its failover consumer there: another user acknowledging
+    # a lease.failed or lease.lost from it would leave that lease never replaced.
+    failover = "broker-failover"
+    failover_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{failover}", f"{JS}.CONSUMER.CREATE.{alloc}.{failover}",
+                         f"{JS}.CONSUMER.CREATE.{alloc}.{failover}.>",
+                         f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{failover}",
+                         f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{failover}", f"$JS.ACK.{alloc}.{failover}.>"]
     for user in (registry, broker, meter):
         user.deny_publish = list(JS_DENY)
     for user in (registry, broker, ops):
         user.deny_publish += meter_consumer
+    for user in (registry, meter, ops):
+        user.deny_publish += failover_consumer
     for user in (registry, broker, meter, ops):
         user.publish, user.subscribe = _unique(user.publish), _unique(user.subscribe)
     return [registry, broker, meter, ops, admin]

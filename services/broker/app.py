@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
+        failover = broker.failover.feed(nc, js, subjects)  # one replica replaces each failed or lost lease
+        await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
         await broker.load_budgets()
@@ -122,6 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await stop_tasks(tasks)
             await pool_loss.stop()
+            await failover.stop()
             await close_connections(nc, redis)
 
     return service_app(

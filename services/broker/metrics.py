@@ -33,3 +33,7 @@ async def refresh(redis, keys) -> None:  # noqa: ANN001 - redis client, Keys
     LEASES.labels("live").set(int(live))
     LEASES.labels("interruptible").set(interruptible)
     BUDGET_BLOCKED.set(int(blocked))
+FAILOVERS = Counter("cb_broker_failovers", "Leases failed or lost, by what failover did: replaced, queued, stopped",
+                    ["outcome"])
+FAILOVER_SECONDS = Histogram("cb_broker_failover_seconds", "From a lease failing (its event's time) to its "
+                             "replacement granted", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5, 10, 30))

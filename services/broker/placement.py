@@ -235,17 +235,24 @@ class Placement:
                 truth[lease.pool_id] = ended.free_after
         return truth
 
+    @staticmethod
+    def _adjusted(leases: list[LeaseInfo], adjust: Callable[[LeaseInfo], LeaseInfo] | None) -> list[LeaseInfo]:
+        return leases if adjust is None else [adjust(lease) for lease in leases]
+
     async def try_place(self, request_id: str, tenant: str, body: ComputeRequest, now: datetime,
                         record: RequestRecord | None = None,
                         prefer: Option | None = None, ask: Ask | None = None,
-                        settle: Settle | None = None) -> tuple[list[LeaseInfo], Option]:
+                        settle: Settle | None = None,
+                        adjust: Callable[[LeaseInfo], LeaseInfo] | None = None) -> tuple[list[LeaseInfo], Option]:
         """``prefer``: a placement planned for this request (a queue pass's batch plan),
         tried first; if its units are gone by now, the request is matched afresh.
-        ``ask``: the request as the engine sees it, if the caller has it already."""
+        ``ask``: the request as the engine sees it, if the caller has it already.
+        ``adjust``: applied to each new lease before it is reserved (a failover's
+        replacement carries the ended lease's attempt and end)."""
         world = self.core.world
         ask = ask or self.core.ask_for(body)
         if prefer is not None and world.hold((a.pool_id, a.units) for a in prefer.allocations):
-            leases = self.leases_for(prefer, request_id, tenant, body, now)
+            leases = self._adjusted(self.leases_for(prefer, request_id, tenant, body, now), adjust)
             if await self.reserve(leases, record, settle):
                 return leases, prefer
         decision = Decision()
@@ -264,7 +271,7 @@ class Placement:
             for option in options:
                 if not world.hold((a.pool_id, a.units) for a in option.allocations):
                     continue  # a concurrent request here took these units since the match
-                leases = self.leases_for(option, request_id, tenant, body, now)
+                leases = self._adjusted(self.leases_for(option, request_id, tenant, body, now), adjust)
                 if await self.reserve(leases, record, settle):
                     return leases, option
             # every option was lost to a concurrent request: match again on fresher numbers

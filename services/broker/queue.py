@@ -25,6 +25,7 @@ from .matching.model import Ask, Placement as Option
 from .metrics import QUEUE_WAIT_SECONDS
 from .placement import NotPlaced, Placement
 from .records import RequestRecord, RequestView
+from .replacement import Replacer, by_of
 from .request_states import Claim, Refused
 from .views import Views
 
@@ -39,8 +40,10 @@ def _s(v: object) -> str:
 
 
 class RequestQueue:
-    def __init__(self, core: Core, placement: Placement, budgets: Budgets, views: Views) -> None:
+    def __init__(self, core: Core, placement: Placement, budgets: Budgets, views: Views,
+                 replacer: Replacer | None = None) -> None:
         self.core, self.placement, self.budgets, self.views = core, placement, budgets, views
+        self.replacer = replacer or Replacer(core, placement)
         self.lock = OwnedLock(core.redis, core.keys.lock("queue"), QUEUE_LOCK_MS)
         self._taking_back: set[asyncio.Task] = set()  # queued requests whose client heard an error
 
@@ -103,6 +106,12 @@ class RequestQueue:
         record.state = "queued"
         if not await core.requests.queue(record):
             return False
+        await self.index(record, now)
+        return True
+
+    async def index(self, record: RequestRecord, now: datetime) -> None:
+        """A queued request in the queue's index (and its tenant's): where a pass finds it."""
+        core = self.core
         vtime = await core.redis.hget(core.keys.tenant_vtime(), record.tenant)
         start = max(now.timestamp(), float(vtime or 0))
         await core.redis.hset(core.keys.tenant_vtime(), record.tenant, start + 1.0)
@@ -112,7 +121,6 @@ class RequestQueue:
         pipe.zadd(core.keys.queue(), {record.request_id: score})
         pipe.sadd(core.keys.tenant_queued(record.tenant), record.request_id)  # counted by the cap, restored ones too
         await pipe.execute()
-        return True
 
     # --- a pass ---------------------------------------------------------------------------------
     async def run_queue(self, limit: int = 1000) -> int:
@@ -151,7 +159,7 @@ class RequestQueue:
 
     def _may_fit(self, record: RequestRecord) -> bool:
         try:
-            decision = self.core.world.engine.match(self.core.ask_for(record.body), limit=1)
+            decision = self.core.world.engine.match(self.replacer.ask_of(record), limit=1)
         except BrokerError:
             return True  # the claim settles it as rejected
         if not decision.placed:
@@ -164,14 +172,20 @@ class RequestQueue:
         record, now = claim.record, core.clock()
         states = core.requests
 
+        replacement = record.replacing  # a failed or lost lease's replacement that waited for capacity
+        kept = list(record.lease_ids) if replacement is not None else []
+
         async def settle(leases: list[LeaseInfo]) -> None:
-            record.lease_ids = [lease.lease_id for lease in leases]
-            record.updated_at = now
+            record.lease_ids = [*kept, *(lease.lease_id for lease in leases)]
+            record.replacing, record.updated_at = None, now
             await states.place(claim, record)
 
         try:
-            await self.placement.try_place(record.request_id, record.tenant, record.body, now, prefer=prefer,
-                                           settle=settle)
+            if replacement is None:
+                await self.placement.try_place(record.request_id, record.tenant, record.body, now, prefer=prefer,
+                                               settle=settle)
+            else:
+                leases = await self.replacer.place(record, replacement, now, settle, prefer)
         except NotPlaced as np:
             record.reasons = list(np.decision.reasons) or ["no capacity matches right now"]
             await self._settle_back(claim, record, now)
@@ -193,6 +207,12 @@ class RequestQueue:
                 return 0
             await self._left_queue(record, now)
             return 0
+        if replacement is not None:
+            try:
+                await self.replacer.announce(replacement.lease, replacement.seq, by_of(leases), now)
+            except Exception as exc:  # noqa: BLE001 - the replacement stands; only its announcement is missing
+                log.error("lease %s was replaced, but lease.replaced was not recorded (%s)",
+                          replacement.lease.lease_id, exc)
         await self._left_queue(record, now)
         return 1
 
@@ -216,7 +236,7 @@ class RequestQueue:
         asks: list[tuple[str, Ask]] = []
         for record in records[:QUEUE_PLAN_MAX]:
             try:
-                asks.append((record.request_id, self.core.ask_for(record.body)))
+                asks.append((record.request_id, self.replacer.ask_of(record)))
             except BrokerError:
                 continue
         plan = plan_queue(self.core.world.engine, [ask for _, ask in asks], time_budget_s=QUEUE_PLAN_BUDGET_S)

@@ -16,8 +16,19 @@ from .leases import LiveLease, provision_deadline
 from .matching.model import Placement
 
 # the request lifecycle (docs/lifecycle.md): accepted → queued → placing → placed | rejected | cancelled | expired;
-# "accepted" is never stored (a request is placed, queued or rejected before its call returns)
-RequestState = Literal["queued", "placing", "placed", "rejected", "cancelled", "expired"]
+# placed → replacing → placed | queued | failed (failover); "accepted" is never stored (a request is
+# placed, queued or rejected before its call returns)
+RequestState = Literal["queued", "placing", "placed", "replacing", "rejected", "cancelled", "expired", "failed"]
+
+
+class Replacement(msgspec.Struct, kw_only=True):
+    """A lease of the request that failed or was lost and waits in the queue for its
+    replacement: what the queue pass places is its part of the request, away from the
+    pools that failed it, carrying its place (attempt, replaces, fixed end)."""
+
+    lease: LeaseInfo  # the lease that ended
+    seq: int  # its ending event's seq: the lease.replaced events follow it
+    whole: bool  # it was the request's only lease: the whole request is placed again
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
@@ -32,6 +43,8 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     deadline_at: datetime | None = None
     attempts: list[Attempt] = []  # every lease tried, in grant order (failed ones too)
     excluded_pools: list[str] = []  # pools that failed this request: a replacement avoids them
+    replacements: int = 0  # replacements started (placed or queued), against body.max_replacements
+    replacing: Replacement | None = None  # queued: a replacement waiting for capacity
 
 
 class LeaseView(msgspec.Struct, frozen=True, kw_only=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 
 import msgspec
@@ -59,6 +59,28 @@ class Claim:
     record: RequestRecord
 
 
+@dataclass(frozen=True, slots=True)
+class ReplacementClaim:
+    """A failover holds ``request_id`` (state ``replacing``) for the replacement of
+    ``lease_id`` under ``token`` until it settles."""
+    request_id: str
+    lease_id: str
+    token: str
+    record: RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """The lease's replacement was decided before (a redelivered event): what became of it."""
+    outcome: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another replacement of the request is under way (or it waits in the queue): later."""
+    state: str
+
+
 class Refused(Exception):
     """A transition whose from-state did not hold: ``state`` is the request's state now."""
 
@@ -74,6 +96,8 @@ class RequestStates:
         self._claim = redis.register_script(_lua("claim_request.lua"))
         self._settle = redis.register_script(_lua("settle_request.lua"))
         self._cancel = redis.register_script(_lua("cancel_request.lua"))
+        self._claim_replacement = redis.register_script(_lua("claim_replacement.lua"))
+        self._settle_replacement = redis.register_script(_lua("settle_replacement.lua"))
 
     # --- reading ---------------------------------------------------------------------------
     async def get(self, request_id: str) -> RequestRecord | None:
@@ -148,3 +172,40 @@ class RequestStates:
         """queued → expired: its deadline passed while it waited."""
         record.updated_at = now
         await self._leave_queue(record.request_id, "expired", now, record)
+
+    # --- failover (docs/lifecycle.md, "Request": replacing) -----------------------------------
+    async def claim_replacement(self, request_id: str, lease_id: str, now: float | None = None,
+                                claim_s: float = CLAIM_S) -> ReplacementClaim | Handled | Busy | None:
+        """placed → replacing for ``lease_id``; ``Handled`` if that lease's outcome is
+        recorded already, ``Busy`` if the request is held by another replacement (or
+        queued), None if the request does not hold that lease (nothing to replace)."""
+        now = time.time() if now is None else now
+        token = uuid.uuid4().hex
+        code, payload = await self._claim_replacement(keys=[self.keys.request(request_id)],
+                                                      args=[lease_id, token, now, now + claim_s])
+        code = int(code)
+        if code == 1:
+            record = _record.decode(payload)
+            record.state = "replacing"
+            return ReplacementClaim(request_id, lease_id, token, record)
+        if code == 2:
+            return Handled(msgspec.json.decode(payload))
+        if code == 0:
+            return Busy(_s(payload))
+        return None
+
+    async def settle_replacement(self, claim: ReplacementClaim, state: str, record: RequestRecord | None,
+                                 outcome: dict | None) -> None:
+        """replacing → ``state`` (placed, queued, failed) with ``outcome`` recorded for the
+        lease; ``outcome`` None gives the claim up undecided (state placed, record kept).
+        ``Refused`` if the claim was taken over."""
+        if record is not None:
+            record.state = state  # type: ignore[assignment]
+        updated = (record.updated_at if record is not None else datetime.now(UTC)).isoformat()
+        raw = await self._settle_replacement(
+            keys=[self.keys.request(claim.request_id)],
+            args=[claim.token, claim.lease_id, state, updated,
+                  msgspec.json.encode(record) if record is not None else "",
+                  msgspec.json.encode(outcome) if outcome is not None else ""])
+        if int(raw[0]) != 1:
+            raise Refused(claim.request_id, _s(raw[1]))

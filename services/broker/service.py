@@ -9,6 +9,7 @@ machines of ``docs/lifecycle.md``:
 * ``leasing``: a tenant's renew and release;
 * ``deliveries``: the provider's side: assignments, ready, failed, health;
 * ``recovery``: sweeps, pool loss, rebuild after a Redis loss;
+* ``failover``: a failed or lost lease replaced on another pool (``replacement``);
 * ``budgets``: tenants out of budget;
 * ``views``: what a caller may read.
 """
@@ -31,6 +32,7 @@ from .budgets import Budgets
 from .core import Core, tenant_of, utcnow
 from .domain.requests import ComputeRequest
 from .deliveries import Deliveries
+from .failover import Failover
 from .intake import Intake
 from .leases import Ended, LeaseStore
 from .leasing import Leasing
@@ -39,6 +41,7 @@ from .preemption import Preemption
 from .queue import RequestQueue
 from .records import LeaseView, QuoteView, RequestRecord, RequestView
 from .recovery import Recovery
+from .replacement import Replacer
 from .views import Views
 from .world import World
 
@@ -54,7 +57,9 @@ class Broker:
         self.views = Views(self.core)
         self.placement = Placement(self.core)
         self.preemption = Preemption(self.core, self.placement)
-        self.queue = RequestQueue(self.core, self.placement, self.budgets, self.views)
+        replacer = Replacer(self.core, self.placement)
+        self.queue = RequestQueue(self.core, self.placement, self.budgets, self.views, replacer)
+        self.failover = Failover(self.core, replacer, self.queue)
         self.intake = Intake(self.core, self.placement, self.preemption, self.queue, self.budgets, self.views)
         self.leasing = Leasing(self.core, self.views)
         self.recovery = Recovery(self.core, self.queue, self.budgets)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from services.common.auth import Principal
-from services.common.delivery import REDACTED, Access
+from services.common.delivery import REDACTED, Access, Attempt
 from services.common.errors import Forbidden, NotFound, Unprocessable
 from services.common.messages import LeaseInfo
 
@@ -14,6 +14,16 @@ from .core import Core
 from .matching.model import Placement as Option
 from .leases import LiveLease
 from .records import LeaseView, RequestRecord, RequestView, lease_view
+
+
+def attempts(record: RequestRecord, leases: list[LeaseView]) -> list[Attempt]:
+    """Every lease failover ended (recorded in the request) and every lease it holds now,
+    in grant order. A lease its tenant released, or that expired, is in neither."""
+    ended = {a.lease_id for a in record.attempts}
+    live = [Attempt(lease_id=v.lease_id, pool_id=v.pool_id, provider=v.provider, region=v.region, state=v.state,
+                    granted_at=v.granted_at, ready_at=v.ready_at, charged=v.state == "ready")
+            for v in leases if v.lease_id not in ended]
+    return sorted([*record.attempts, *live], key=lambda a: a.granted_at)
 
 
 def may_see(principal: Principal) -> None:
@@ -76,7 +86,8 @@ class Views:
         return RequestView(request_id=record.request_id, tenant=record.tenant, state=record.state,
                            created_at=record.created_at, reasons=record.reasons,
                            leases=views, queue_position=position,
-                           estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement)
+                           estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement,
+                           attempts=attempts(record, views))
 
     async def _estimated_wait(self, record: RequestRecord) -> float | None:
         """A lower bound: when enough matching units held by fixed-end leases (duration
