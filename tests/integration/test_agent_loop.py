@@ -29,7 +29,9 @@ from services.common.messages import (
     CapacityEvent,
     LeaseFailed,
     LeaseLost,
+    LeaseReady,
     LeaseReleased,
+    LeaseReplaced,
     PoolDraining,
     PoolOffline,
     PoolRegistered,
@@ -41,6 +43,7 @@ from ..workload_users import ensure_users, open_dir
 from .conftest import with_settings
 
 USERS = ("cbroker-a0", "cbroker-a1", "cbroker-a2", "cbroker-a3")
+OTHER_USERS = ("cbroker-b0", "cbroker-b1")  # a second provider's agent on the same host
 MODEL, REGION = "nvidia-l4", "us-east"
 CLI = [sys.executable, "-m", "services.cli"]
 
@@ -77,7 +80,8 @@ def world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
             svc.stop()
 
 
-def agent_config(world: dict, provider_key: str, pool_id: str, registry_url: str | None = None) -> Path:
+def agent_config(world: dict, provider_key: str, pool_id: str, registry_url: str | None = None,
+                 users: tuple[str, ...] = USERS, price: str = "0.10") -> Path:
     root = open_dir("cb-agent-loop-")
     key_file = root / "key"
     key_file.write_text(provider_key)
@@ -96,7 +100,7 @@ model = "{MODEL}"
 indices = [0, 1, 2, 3]
 
 [process]
-users = {json.dumps(list(USERS))}
+users = {json.dumps(list(users))}
 work_dir = "{root / 'work'}"
 grace_s = 2
 
@@ -104,7 +108,7 @@ grace_s = 2
 id = "{pool_id}"
 region = "{REGION}"
 backend = "process"
-prices = {{ on_demand = "0.10" }}
+prices = {{ on_demand = "{price}" }}
 provision_timeout_s = 30
 """
     path = root / "agent.toml"
@@ -134,11 +138,15 @@ def pool_status(world: dict, key: str, pool_id: str) -> str | None:
 
 
 def request(world: dict, tkey: str, command: list[str], units: int = 1) -> dict:
-    body = {"units": units, "accelerators": {"models": [MODEL]}, "placement": {"regions": [REGION]},
-            "workload": {"kind": "process", "command": command}}
+    """Placed once the broker has heard of the pool (it follows the registry's events)."""
+    return wait_until(lambda: place(world, tkey, command, units=units), 10, what="placed")
+
+
+def place(world: dict, tkey: str, command: list[str], **over: object) -> dict | None:
+    body = {"units": 1, "accelerators": {"models": [MODEL]}, "placement": {"regions": [REGION]}, "queue": False,
+            "workload": {"kind": "process", "command": command}, **over}
     r = httpx.post(f"{world['broker']}/v1/requests", json=body, headers={"Authorization": f"Bearer {tkey}"})
-    assert r.status_code == 201, r.text
-    return r.json()["leases"][0]
+    return r.json()["leases"][0] if r.status_code == 201 else None
 
 
 def lease_view(world: dict, tkey: str, lease_id: str) -> dict | None:
@@ -217,28 +225,48 @@ async def test_process_lease_runs_with_its_devices_logs_and_ends(world, users, n
     assert not running_as(users)
 
 
-async def test_sigkill_makes_the_pool_offline_the_lease_lost_and_restart_stops_the_orphan(
+async def test_sigkill_makes_the_pool_offline_the_lease_lost_replaced_and_restart_stops_the_orphan(
         world, users, nc, subjects) -> None:
+    others = ensure_users(*OTHER_USERS)
     provider, pool_id = f"prov-{uuid.uuid4().hex[:6]}", f"pool-{uuid.uuid4().hex[:8]}"
     pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-kill")
     config = agent_config(world, pkey, pool_id)
+    # another provider's agent, dearer: where the lease goes when this one's pool is lost
+    backup_key, backup_pool = world["key"]("provider", f"backup-{uuid.uuid4().hex[:6]}"), f"pool-{uuid.uuid4().hex[:8]}"
+    backup = agent_config(world, backup_key, backup_pool, users=OTHER_USERS, price="0.20")
     async with EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc, \
-            EventTap(nc.jetstream(), subjects.events("capacity"), CapacityEvent) as capacity:
+            EventTap(nc.jetstream(), subjects.events("capacity"), CapacityEvent) as capacity, \
+            contextlib.AsyncExitStack() as running:
+        running.enter_context(agent(backup, world["tmp"] / "backup.log"))
         with agent(config, world["tmp"] / "agent.log") as proc:
             await eventually(lambda: pool_status(world, pkey, pool_id) == "online", 30, what="pool online")
-            lease = request(world, tkey, ["sleep", "600"])
+            await eventually(lambda: pool_status(world, backup_key, backup_pool) == "online", 30, what="backup online")
+            lease = request(world, tkey, ["sh", "-c", "echo attempt; exec sleep 600"])
+            assert lease["pool_id"] == pool_id
             await eventually(lambda: ready(world, tkey, lease["lease_id"]), 20, what="lease ready")
             proc.kill()
             proc.wait()
         await capacity.wait_for(lambda e: isinstance(e, PoolOffline) and e.pool_id == pool_id, 15)
         await alloc.wait_for(lambda e: isinstance(e, LeaseLost) and e.lease.lease_id == lease["lease_id"], 15)
         assert [p.name() for p in running_as(users)] == ["sleep"]  # the agent is gone; its workload is not
+        # failover: the same request, on the other provider's pool, delivered by its agent
+        replaced = await alloc.wait_for(lambda e: isinstance(e, LeaseReplaced)
+                                        and e.lease.lease_id == lease["lease_id"], 15)
+        assert replaced.by_pool == backup_pool
+        await alloc.wait_for(lambda e: isinstance(e, LeaseReady) and e.lease.lease_id == replaced.by_lease, 20)
+        view = ready(world, tkey, replaced.by_lease)
+        assert view and view["request_id"] == lease["request_id"] and view["replaces"] == lease["lease_id"]
+        assert [p.name() for p in running_as(others)] == ["sleep"]
         with agent(config, world["tmp"] / "agent2.log"):
             await eventually(lambda: not running_as(users), 30, what="the restarted agent stopped the orphan")
             await eventually(lambda: pool_status(world, pkey, pool_id) == "online", 15, what="pool back online")
-            again = request(world, tkey, ["sleep", "600"])
+            # below the backup's price: only this agent's pool, once the broker sees it online again
+            again = await eventually(lambda: place(world, tkey, ["sleep", "600"], max_price="0.15"), 15,
+                                     what="placed on the restarted agent's pool")
+            assert again["pool_id"] == pool_id
             view = await eventually(lambda: ready(world, tkey, again["lease_id"]), 20, what="lease ready")
             assert view["access"]["devices"] == [0]  # the orphan's device came back
+        assert [p.name() for p in running_as(others)] == ["sleep"]  # the other provider's workload was not touched
 
 
 async def test_a_second_agent_on_the_same_state_refuses(world, users) -> None:
