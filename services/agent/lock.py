@@ -20,7 +20,10 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.parent.exists():
+            # enterable, not listable: a Slurm job's user reaches its job folder under it;
+            # the agent's own records below are 700 each
+            self.path.parent.mkdir(parents=True, mode=0o711)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -117,9 +117,10 @@ provision_timeout_s = 30
 
 
 @contextlib.contextmanager
-def agent(config: Path, log: Path) -> Iterator[subprocess.Popen]:
+def agent(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     with log.open("ab") as out:
-        proc = subprocess.Popen([*CLI, "agent", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*CLI, "agent", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
     try:
         yield proc
     finally:
