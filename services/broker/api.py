@@ -17,7 +17,7 @@ from litestar.params import Parameter, QueryParameter
 
 from services.common.http import AuthedRequest, raw_header
 
-from services.common.delivery import FailedBody, HealthBody, LeaseState, ReadyBody
+from services.common.delivery import CompleteBody, FailedBody, HealthBody, LeaseState, ReadyBody
 from services.common.errors import BrokerError, Unavailable
 
 from .domain.requests import ComputeRequest
@@ -134,6 +134,11 @@ class LeaseController(Controller):
           status_code=200, tags=["provider"])
     async def health(self, request: AuthedRequest, lease_id: Id, data: HealthBody) -> dict[str, Any]:
         return await broker_of(request).deliveries.health(request.user, lease_id, data)
+
+    @post("/{lease_id:str}/complete", summary="Provider: the delivered workload ended by itself (ready → released)",
+          status_code=200, tags=["provider"])
+    async def complete(self, request: AuthedRequest, lease_id: Id, data: CompleteBody) -> dict[str, Any]:
+        return await broker_of(request).deliveries.complete(request.user, lease_id, data)
 
     @post("/{lease_id:str}/release", summary="Give the units back", status_code=200)
     async def release(self, request: AuthedRequest, lease_id: Id) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from services.common.auth import Principal
-from services.common.delivery import FailedBody, HealthBody, ReadyBody
+from services.common.delivery import CompleteBody, FailedBody, HealthBody, ReadyBody
 from services.common.errors import Conflict, Forbidden, NotFound, Unavailable
-from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseReady
+from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseReady, LeaseReleased
 
 from .access import AccessStore, encoded
 from .core import Core
@@ -147,6 +147,23 @@ class Deliveries:
         reason = body.detail or "unhealthy"
         await self.core.announce_end(LeaseLost, ended, now, reason=reason)
         return {"lease_id": lease_id, "state": "lost", "reason": reason}
+
+    # --- ready → released (the delivered workload ended by itself) ----------------------
+    async def complete(self, principal: Principal, lease_id: str, body: CompleteBody) -> dict[str, object]:
+        """A process that exited or a job that finished: the lease is over and its units go
+        back (billing stops at this event). Only a ready lease completes; a provisioning
+        one that cannot run is answered ``failed``, a killed one ``health`` unhealthy."""
+        live = await self.provider_lease(principal, lease_id)
+        if not live.info.delivery:
+            raise Conflict(f"lease {lease_id} delivers nothing (capacity only): its tenant releases it")
+        now = self.core.clock()
+        ended = await self.core.leases.end_from(live.info, "release", now.timestamp(), "ready")
+        if isinstance(ended, str):
+            if ended == "provisioning":
+                raise Conflict(f"lease {lease_id} is provisioning, not ready: answer failed instead")
+            raise _refused(lease_id, ended, "ready")
+        await self.core.announce_end(LeaseReleased, ended, now, by="provider", exit_code=body.exit_code)
+        return {"lease_id": lease_id, "state": "released", "exit_code": body.exit_code}
 
     # --- what a provider is asked to deliver ----------------------------------------------
     async def assignments(self, principal: Principal, state: str | None, provider: str | None,

@@ -18,6 +18,7 @@ from .audit import register as register_audit_command
 from .billing import register as register_billing_commands
 from .events import register as register_events_command
 from .importer import import_group
+from .provider import register as register_provider_commands
 from .term import INTERNAL, INTERRUPTED, LocalError, as_click_error
 from .up import UpOptions, run_up
 
@@ -126,3 +127,4 @@ register_app_commands(cli)
 register_billing_commands(cli)
 register_events_command(cli)
 register_audit_command(cli)
+register_provider_commands(cli)

@@ -19,6 +19,7 @@ from services.common.subjects import Subjects
 
 from .demo import heartbeat_agent, load_demo, tenant_agent
 from .demo_delivery import delivery_agent
+from .demo_agent import record_key, start_demo_agent
 from .servers import ServerProcess, start_nats, start_redis
 from .supervisor import ServiceProcess, Supervisor, available_services
 from .term import print_json
@@ -73,6 +74,7 @@ async def run_up(opts: UpOptions, console: Console) -> int:
     opts.data_dir.mkdir(parents=True, exist_ok=True)
     servers: list[ServerProcess] = []
     services: list[ServiceProcess] = []
+    demo_agent = None  # the demo's real provider agent (services/cli/demo_agent.py)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,9 +105,13 @@ async def run_up(opts: UpOptions, console: Console) -> int:
         keys_path = opts.data_dir / "demo-keys.json"
         if opts.demo:
             registry_url = next(s.url for s in services if s.name == "registry")
-            keys = await load_demo(registry_url, admin_key, keys_path)
-            agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
             broker_url = next(s.url for s in services if s.name == "broker")
+            demo_agent, left_out, agent_key = await start_demo_agent(opts.data_dir, registry_url, broker_url, admin_key)
+            if left_out:
+                log.warning("%s", left_out)
+            keys = await load_demo(registry_url, admin_key, keys_path)
+            record_key(keys, keys_path, agent_key)
+            agent = asyncio.create_task(heartbeat_agent(registry_url, keys, settings.heartbeat_ttl_s / 3, stop))
             tenants = asyncio.create_task(tenant_agent(broker_url, keys, 5.0, stop, pace=opts.demo_pace))
             delivery = asyncio.create_task(delivery_agent(broker_url, keys, stop, pace=opts.demo_pace))
         else:
@@ -128,7 +134,7 @@ async def run_up(opts: UpOptions, console: Console) -> int:
 
         # every child is started (and restarted) from this thread: a child's parent-death
         # signal follows the thread that forked it (``die_with_parent``)
-        supervisor = Supervisor([*servers, *services])
+        supervisor = Supervisor([*servers, *services, *([demo_agent] if demo_agent else [])])
         while not stop.is_set():
             supervisor.check()
             try:
@@ -144,6 +150,8 @@ async def run_up(opts: UpOptions, console: Console) -> int:
             await delivery
         return 0
     finally:
+        if demo_agent is not None:  # first: it drains its pool and answers its leases while the services run
+            await asyncio.to_thread(demo_agent.stop)
         for svc in reversed(services):
             await asyncio.to_thread(svc.stop)
         for server in reversed(servers):

@@ -115,6 +115,13 @@ class HealthBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     detail: Annotated[str, msgspec.Meta(max_length=1024, pattern=_TEXT)] = ""
 
 
+class CompleteBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/leases/{id}/complete``: the delivered workload ended by itself (a
+    process exited, a job finished); the lease is released, billing stops."""
+
+    exit_code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None  # shell convention: 128 + N for signal N
+
+
 class Attempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One lease tried for a request: the request view lists them all, failed ones too."""
 

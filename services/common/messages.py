@@ -268,7 +268,11 @@ class LeaseRenewed(_AllocEvent, tag="lease.renewed"):
 
 
 class LeaseReleased(_AllocEvent, tag="lease.released"):
-    pass
+    """Given back by its tenant, or (``by == "provider"``) ended by its delivered
+    workload finishing by itself, with the workload's ``exit_code`` when known."""
+
+    by: Literal["tenant", "provider"] = "tenant"
+    exit_code: int | None = None
 
 
 class LeaseExpired(_AllocEvent, tag="lease.expired"):

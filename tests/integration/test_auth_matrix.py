@@ -195,6 +195,17 @@ def on_delivery(suffix: str, body: Any) -> Build:
     return build
 
 
+def on_ready_delivery(suffix: str, body: Any) -> Build:
+    """A delivered lease its provider made ready (complete answers only those)."""
+    async def build(s: Stage, side: str, c: Caller) -> Req:
+        lease_id = await s.fresh_delivery(side)
+        if side != "ghost":
+            r = await s.clients["broker"].post(f"/v1/leases/{lease_id}/ready", json={"access": {}}, headers=s.admin)
+            assert r.status_code == 200, r.text
+        return Req("POST", f"/v1/leases/{lease_id}{suffix}", json=body, ident=lease_id)
+    return build
+
+
 async def assignments(s: Stage, side: str, c: Caller) -> Req:
     return Req("GET", "/v1/assignments", {"provider": s.provider(side)}, ident=s.provider(side))
 
@@ -350,6 +361,7 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
     ("registry", "POST", "/v1/pools/bulk"): owned(bulk, admin=T, ops=F, provider=POOL_OWNER, tenant=F),
     # a batch reports another provider's pools per pool ("forbidden") instead of failing the batch
     ("registry", "POST", "/v1/heartbeats"): owned(batch_heartbeat, admin=T, ops=F, provider=T, tenant=F),
+    ("registry", "GET", "/v1/keys/self"): roles(get("/v1/keys/self"), admin=OK, ops=OK, provider=OK, tenant=OK),
     ("registry", "POST", "/v1/keys"): roles(issue_key, admin=OK, ops=E403, provider=E403, tenant=E403),
     ("registry", "DELETE", "/v1/keys/{key_id:str}"): roles(revoke, admin=OK, ops=E403, provider=E403,
                                                             tenant=E403),
@@ -386,6 +398,8 @@ MATRIX: dict[tuple[str, str, str], Entry] = {
         on_delivery("/failed", {"reason": "cannot"}), admin=T, ops=F, provider=MINE, tenant=F),
     ("broker", "POST", "/v1/leases/{lease_id:str}/health"): owned(
         on_delivery("/health", {"healthy": True}), admin=T, ops=F, provider=MINE, tenant=F),
+    ("broker", "POST", "/v1/leases/{lease_id:str}/complete"): owned(
+        on_ready_delivery("/complete", {"exit_code": 0}), admin=T, ops=F, provider=MINE, tenant=F),
     # --- meter ----------------------------------------------------------------------------------
     ("meter", "GET", "/health"): anyone(get("/health")),
     ("meter", "GET", "/ready"): anyone(get("/ready")),

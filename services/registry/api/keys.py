@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, delete, post
+from litestar import Controller, delete, get, post
 from litestar.params import Parameter
 
 from services.common.auth import KeyLookup, Role
@@ -32,6 +32,10 @@ class IssuedKey(msgspec.Struct, frozen=True, kw_only=True):
 class KeyController(Controller):
     path = "/v1/keys"
     tags = ["auth"]
+
+    @get("/self", summary="Who this key is: its role and subject (a provider's agent or CLI finds its provider id)")
+    async def whoami(self, request: AuthedRequest) -> dict[str, str]:
+        return {"role": request.user.role, "subject": request.user.subject, "key_id": request.user.key_id}
 
     @post("/", summary="Issue an API key (admin)")
     async def issue(self, request: AuthedRequest, data: KeyRequest) -> IssuedKey:
