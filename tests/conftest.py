@@ -13,6 +13,7 @@ from services.common.settings import Settings
 from services.common.subjects import Subjects
 
 from .servers import nats_server, redis_server
+from .slurm_cluster import SlurmCluster
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,13 @@ def srds(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A real slurmctld + slurmd (tests/slurm_cluster.py) for every test that needs Slurm;
+    fails with the install command when Slurm is missing."""
+    cluster = SlurmCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -8,6 +8,7 @@ from typing import Literal
 
 import msgspec
 
+from services.common.delivery import Access, Attempt, LeaseState
 from services.common.messages import LeaseInfo
 
 from .domain.requests import ComputeRequest
@@ -28,13 +29,15 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     reasons: list[str] = []
     lease_ids: list[str] = []
     deadline_at: datetime | None = None
+    attempts: list[Attempt] = []  # every lease tried, in grant order (failed ones too)
+    excluded_pools: list[str] = []  # pools that failed this request: a replacement avoids them
 
 
 class LeaseView(msgspec.Struct, frozen=True, kw_only=True):
     lease_id: str
     request_id: str
     tenant: str
-    state: Literal["active"] = "active"
+    state: LeaseState = "ready"
     pool_id: str
     provider: str
     region: str
@@ -47,6 +50,12 @@ class LeaseView(msgspec.Struct, frozen=True, kw_only=True):
     granted_at: datetime
     expires_at: datetime
     renewable: bool
+    delivery: str = ""  # the workload kind being delivered ("" = capacity only)
+    provision_deadline: datetime | None = None  # provisioning: failed unless ready by then
+    ready_at: datetime | None = None
+    attempt: int = 1
+    replaces: str | None = None
+    access: Access | None = None  # the lease's tenant and admin only; ops sees it redacted
 
 
 class RequestView(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +69,7 @@ class RequestView(msgspec.Struct, frozen=True, kw_only=True):
     estimated_wait_s: float | None = None
     deadline_at: datetime | None = None
     placement: Placement | None = None
+    attempts: list[Attempt] = []
 
 
 class QuoteView(msgspec.Struct, frozen=True, kw_only=True):

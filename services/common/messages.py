@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .delivery import DEFAULT_PROVISION_TIMEOUT_S, DeliveryKind
 from .ids import ID_PATTERN
 from .money import Currency, Price
 
@@ -117,6 +118,11 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # "listed": imported from a public catalogue; its availability is what the catalogue
     # lists, not what a provider agent reports live (quotes say so)
     availability: Literal["live", "listed"] = "live"
+    # workload kinds the provider delivers on this pool; () = capacity only (leases are
+    # ready at grant, as for imported catalogue pools). Leases that deliver must be
+    # answered ready within provision_timeout_s or they fail (docs/lifecycle.md, "Lease").
+    delivery: Annotated[tuple[DeliveryKind, ...], msgspec.Meta(max_length=4)] = ()
+    provision_timeout_s: Annotated[int, msgspec.Meta(ge=5, le=86_400)] = DEFAULT_PROVISION_TIMEOUT_S
 
 
 class Pool(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,6 +217,13 @@ class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ttl_s: int = 0  # open leases: each renewal moves expires_at to now + ttl_s; 0 = fixed end
     priority: int = 5
     pool_generation: int = 0  # the pool generation granted on (0: from before generations were kept)
+    # delivery (issue 12): the workload kind the provider must deliver ("" = capacity only:
+    # ready at grant, billed from grant); such a lease starts "provisioning", is billed
+    # from its lease.ready, and fails if not ready by granted_at + provision_timeout_s
+    delivery: str = ""
+    provision_timeout_s: int = 0
+    attempt: int = 1  # 1 for the first lease of a request's slot, +1 per replacement
+    replaces: str = ""  # the failed or lost lease this one replaces
 
 
 class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
@@ -224,6 +237,30 @@ class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", g
 
 class LeaseGranted(_AllocEvent, tag="lease.granted"):
     pass
+
+
+class LeaseProvisioning(_AllocEvent, tag="lease.provisioning"):
+    """The grant of a lease that must be delivered: units are held, nothing is billed
+    until its lease.ready."""
+
+
+class LeaseReady(_AllocEvent, tag="lease.ready"):
+    """The provider delivered: billing starts at ``at``. Carries no access details."""
+
+
+class LeaseFailed(_AllocEvent, tag="lease.failed"):
+    """provisioning → failed (the provider said so, or no ready by the deadline): the
+    units go back, nothing is billed."""
+
+    reason: str = ""
+
+
+class LeaseReplaced(_AllocEvent, tag="lease.replaced"):
+    """A failed or lost lease (``lease``, already ended) was replaced by ``by_lease`` on
+    another pool, under the same request."""
+
+    by_lease: str = ""
+    by_pool: str = ""
 
 
 class LeaseRenewed(_AllocEvent, tag="lease.renewed"):
@@ -250,8 +287,10 @@ class LeaseRevoked(_AllocEvent, tag="lease.revoked"):
     reason: str = ""
 
 
-AllocEvent = LeaseGranted | LeaseRenewed | LeaseReleased | LeaseExpired | LeasePreempted | LeaseLost | LeaseRevoked
-ENDING_EVENTS = (LeaseReleased, LeaseExpired, LeasePreempted, LeaseLost, LeaseRevoked)
+AllocEvent = (LeaseGranted | LeaseProvisioning | LeaseReady | LeaseRenewed | LeaseReleased | LeaseExpired
+              | LeasePreempted | LeaseLost | LeaseRevoked | LeaseFailed | LeaseReplaced)
+GRANT_EVENTS = (LeaseGranted, LeaseProvisioning)  # seq 1 of every lease: the units are held from here
+ENDING_EVENTS = (LeaseReleased, LeaseExpired, LeasePreempted, LeaseLost, LeaseRevoked, LeaseFailed)
 
 
 # --- request events (broker -> all) ------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from services.common.delivery import OnFailure, Workload
 from services.common.errors import Unprocessable
 from services.common.messages import Accelerator, Billing, Currency, HostArch, Id, Price
 from services.common.money import price_problem
@@ -69,6 +70,12 @@ class ComputeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     objective: Objective = "cost"
     queue: bool = True  # wait for capacity when none is free now
     deadline_s: Annotated[int, msgspec.Meta(ge=1, le=30 * DAY)] | None = None  # give up queueing after
+    # delivery (docs/lifecycle.md, "Lease"): what to run on the lease; only pools that
+    # deliver its kind are chosen. None: capacity only (any pool; ready at grant)
+    workload: Workload | None = None
+    on_failure: OnFailure = "replace"  # a failed or lost lease: place it again elsewhere, or end there
+    max_replacements: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    min_reliability: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # pools scored below are pruned
 
 
 TERM_MONTHS = {"reserved_month": 1, "reserved_year": 12}

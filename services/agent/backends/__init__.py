@@ -1,0 +1,1 @@
+"""Fulfilment backends: one interface (``base.Backend``), one module per kind."""
