@@ -24,7 +24,9 @@ from services.common.redis_conn import is_cluster
 
 from .records import RequestRecord
 
-RECORDS_PER_CALL = 32  # bounds how long one call holds Redis (64 records took 0.26 ms at the median, 1.2 ms at p99 on a loaded machine)
+# bounds how long one ``record_into`` call holds Redis (64 records: 0.26 ms median, 1.2 ms p99
+# on the loaded machine; 32: 0.11 / 0.30 ms)
+RECORDS_PER_CALL = 32
 CLAIM_S = 60.0  # a claim outlives any live placement (a durable grant retries for at most 30 s)
 
 _record = msgspec.json.Decoder(RequestRecord)
@@ -120,8 +122,8 @@ class RequestStates:
         """accepted → placed | rejected: requests nobody else knows yet, each decided by
         the call that accepted it (no other transition can race it). Many records (the
         confirmations of a batch) go in one ``lua/record_requests.lua`` call per
-        ``RECORDS_PER_CALL``: one HSET per request, each with a reply to read, was most of
-        what issue 11 added to a placement's CPU in the broker (docs/benchmarks-log.md).
+        ``RECORDS_PER_CALL``: one HSET per request, each with a reply to read, cost the
+        broker about 10 µs more CPU per placement (``bench/record_cost.py``).
         A pipeline that holds that call may meet NOSCRIPT: ``scripts`` are the ones to
         load before running it again."""
         if len(records) == 1 or self._cluster:
