@@ -83,17 +83,14 @@ class DurableFeed:
             while True:
                 if not self.parallel:
                     for msg in await puller.fetch(self.batch, timeout=1.0):
-                        if self.skip is not None and self.skip(msg.data):
-                            await msg.ack()
-                            continue
-                        await self._handle(msg)
+                        if not await self._skipped(msg):
+                            await self._handle(msg)
                     continue
                 # up to ``batch`` events in hand at once, and more fetched as soon as one is
                 # done: a slow one (a replacement racing for units) holds up no other
                 await room.wait()
                 for msg in await puller.fetch(self.batch - len(running), timeout=1.0):
-                    if self.skip is not None and self.skip(msg.data):
-                        await msg.ack()  # most events are not for this feed: no decode, no task
+                    if await self._skipped(msg):
                         continue
                     task = asyncio.create_task(self._handle(msg))
                     running.add(task)
@@ -104,6 +101,12 @@ class DurableFeed:
             for task in running:
                 task.cancel()
             await puller.stop()
+
+    async def _skipped(self, msg: Msg) -> bool:
+        if self.skip is not None and self.skip(msg.data):
+            await msg.ack()  # most events are not for this feed: no decode, no task
+            return True
+        return False
 
     async def _handle(self, msg: Msg) -> None:
         try:
