@@ -169,7 +169,8 @@ class Deliveries:
             lease = live.info
             if lease.request_id not in workloads:
                 record = await self.core.record(lease.request_id)
-                workloads[lease.request_id] = record.body.workload if record is not None else None
+                workloads[lease.request_id] = record.body.workload if record is not None else \
+                    await self.access.workload(lease.request_id) if self.access is not None else None
             out.append(Assignment(
                 lease_id=lease.lease_id, request_id=lease.request_id, tenant=lease.tenant, pool_id=lease.pool_id,
                 provider=lease.provider, region=lease.region, model=lease.model, units=lease.units, state=shown,

@@ -316,7 +316,7 @@ async def test_bad_input_is_refused_and_changes_nothing(settings, nc, subjects) 
         assert got["state"] == "provisioning" and got["access"] is None
         assert await w.free("gz-ssh") == 14 and len(alloc.events) == n_events
         kv = await nc.jetstream().key_value(subjects.bucket(ACCESS))
-        assert await _keys(kv) == []
+        assert [k for k in await _keys(kv) if not k.startswith("workload.")] == []  # no access details stored
 
 
 @pytest.mark.parametrize("ready", [False, True])
@@ -346,6 +346,9 @@ async def test_the_state_survives_a_redis_loss(settings, nc, subjects, rds, read
         assert await rds.hget(k.lease("cn-gz", lease_id), "state") == after["state"]
         due = await rds.zrange(k.lease_provisioning("cn-gz"), 0, -1)
         assert due == ([] if ready else [lease_id])
+        # the request record went with Redis; its provider still learns what to deliver
+        got = (await w.broker.get("/v1/assignments", headers=w.provider)).json()
+        assert [(a["lease_id"], a["state"], a["workload"]) for a in got] == [(lease_id, after["state"], SSH)]
         # and the restored lease moves on as before
         if not ready:
             r = await w.broker.post(f"/v1/leases/{lease_id}/ready", json=ACCESS_BODY, headers=w.provider)
