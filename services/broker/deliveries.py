@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from services.common.auth import Principal
 from services.common.delivery import FailedBody, HealthBody, ReadyBody
-from services.common.errors import Conflict, Forbidden, NotFound, Unavailable
+from services.common.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseReady
 
 from .access import AccessStore, encoded
@@ -157,8 +157,9 @@ class Deliveries:
             provider = principal.subject
         elif principal.role != "admin":
             raise Forbidden(f"role {principal.role} has no assignments (providers see the leases on their pools)")
-        pools = [(p.region, p.pool_id) for p in self.core.world.pools.values()
-                 if provider is None or p.provider == provider]
+        elif provider is None:
+            raise Unprocessable("admin lists assignments per provider: give ?provider=")
+        pools = [(p.region, p.pool_id) for p in self.core.world.pools.values() if p.provider == provider]
         lives = await self.core.leases.on_pools(pools, limit)
         out: list[Assignment] = []
         workloads: dict[str, object] = {}

@@ -249,6 +249,7 @@ async def test_only_the_pools_provider_or_admin_answers(settings, nc, subjects) 
             assert (await w.broker.get("/v1/assignments", headers=who)).status_code == 403
         assert [a["lease_id"] for a in (await w.broker.get("/v1/assignments?provider=acme",
                                                             headers=w.admin)).json()] == [lease_id]
+        assert (await w.broker.get("/v1/assignments", headers=w.admin)).status_code == 422  # per provider
         assert (await w.broker.get(f"/v1/leases/{lease_id}", headers=w.admin)).json() == before
         assert await w.free("gz-ssh") == 14
         # admin may answer for any provider
