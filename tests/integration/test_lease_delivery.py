@@ -6,6 +6,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -354,3 +355,26 @@ async def test_the_state_survives_a_redis_loss(settings, nc, subjects, rds, read
         if not ready:
             r = await w.broker.post(f"/v1/leases/{lease_id}/ready", json=ACCESS_BODY, headers=w.provider)
             assert r.status_code == 200, r.text
+
+
+async def test_concurrent_answers_make_one_transition(settings, nc, subjects) -> None:
+    """Several readies (and a failed) for one lease at once: one wins, the others get 409
+    (or, after a failed won, 404), and the access details stored are the winner's."""
+    async with broker_world(settings, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        lease_id = (await w.request("t1", deliver())).json()["leases"][0]["lease_id"]
+        bodies = [{"access": {"host": f"h{i}.example"}} for i in range(6)]
+        calls = [w.broker.post(f"/v1/leases/{lease_id}/ready", json=b, headers=w.provider) for b in bodies]
+        calls.append(w.broker.post(f"/v1/leases/{lease_id}/failed", json={"reason": "x"}, headers=w.provider))
+        answers = await asyncio.gather(*calls)
+        won = [i for i, r in enumerate(answers) if r.status_code == 200]
+        assert len(won) == 1, [(r.status_code, r.text) for r in answers]
+        assert all(r.status_code in (404, 409) for i, r in enumerate(answers) if i != won[0])
+        if won[0] < len(bodies):  # a ready won
+            got = (await w.broker.get(f"/v1/leases/{lease_id}", headers=w.tenants["t1"])).json()
+            assert got["state"] == "ready" and got["access"] == bodies[won[0]]["access"]
+            await alloc.wait_for(lambda e: isinstance(e, LeaseReady) and e.lease.lease_id == lease_id)
+        else:
+            await alloc.wait_for(lambda e: isinstance(e, LeaseFailed) and e.lease.lease_id == lease_id)
+        endings = [e for e in alloc.events if e.lease.lease_id == lease_id and e.seq > 1]
+        assert len(endings) == 1 and endings[0].seq == 2
