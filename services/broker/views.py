@@ -76,7 +76,8 @@ class Views:
         return RequestView(request_id=record.request_id, tenant=record.tenant, state=record.state,
                            created_at=record.created_at, reasons=record.reasons,
                            leases=views, queue_position=position,
-                           estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement)
+                           estimated_wait_s=wait, deadline_at=record.deadline_at, placement=placement,
+                           attempts=record.attempts)
 
     async def _estimated_wait(self, record: RequestRecord) -> float | None:
         """A lower bound: when enough matching units held by fixed-end leases (duration

@@ -17,6 +17,7 @@ from services.common.messages import Accelerator, Billing, Currency, HostArch, I
 from services.common.money import price_problem
 
 from ..matching.model import Ask, Metric, Objective
+from .printable import check_printable
 
 MAX_UNITS = 100_000
 DAY = 86_400
@@ -132,6 +133,8 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
         raise Unprocessable("deadline_s applies to queued requests; it contradicts queue: false")
     if where.regions and where.countries and not any(regions[r] in where.countries for r in where.regions):
         raise Unprocessable("placement.regions and placement.countries exclude each other")
+    if request.workload is not None:
+        check_printable(request.workload, "workload", multiline=frozenset({"script"}))
     if request.workload is not None and len(msgspec.json.encode(request.workload)) > MAX_WORKLOAD_BYTES:
         raise BadRequest(f"workload is {len(msgspec.json.encode(request.workload))} bytes JSON-encoded; "
                          f"at most {MAX_WORKLOAD_BYTES} are accepted")
