@@ -268,7 +268,7 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
             "sadd", "srem", "smembers", "sismember", "zadd", "zrem", "zrange", "zrangebyscore", "zrank", "zcard",
             "zscore",
             # the reliability record (services/broker/reliability): its script, reads and rebuild
-            "lpush", "ltrim", "lrange", "expire", "incr", "scan"],
+            "lpush", "ltrim", "lrange", "expire", "incr", "scan", "mget"],
     )
     meter = RedisUser(
         "meter", "API-key cache and rate limits only: the meter's own state is in JetStream",

@@ -120,6 +120,7 @@ class Preemption:
             state = core.world.engine.get(pool_id)
             if state is not None:
                 trial.upsert(msgspec.structs.replace(state, free=state.free + sum(v.units for v in held)))
+        trial.set_reliability(core.world.engine.reliability.scores)  # min_reliability and ranking as in the world
         decision = trial.match(ask, limit=1)
         if not decision.placed:
             return None

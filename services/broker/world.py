@@ -88,7 +88,7 @@ class World:
         self.generations: dict[str, int] = {}  # pool -> the generation (registration) this view holds
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
-        self._scores_version: bytes | str | None = None  # of the reliability record the engine holds
+        self._scores_version: tuple | None = None  # (version, since) of the reliability record the engine holds
 
     # --- free units: Redis is the truth; units being reserved here are held back ------------
     def observe_free(self, pool_id: str, free: int) -> None:
@@ -166,8 +166,8 @@ class World:
     async def refresh_reliability(self) -> None:
         """Hand the engine the pools' scores if any changed since the last refresh (the
         version is read first: a change while the scores are read is caught next time)."""
-        version = await self.redis.get(self.keys.reliability_version())
-        if version is None or version == self._scores_version:
+        version = tuple(await self.redis.mget(self.keys.reliability_version(), self.keys.reliability_since()))
+        if version[0] is None or version == self._scores_version:  # (a rebuilt record counts its versions anew)
             return
         self.engine.set_reliability(await read_scores(self.redis, self.keys))
         self._scores_version = version

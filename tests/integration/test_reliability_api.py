@@ -117,3 +117,28 @@ async def test_what_the_provider_answers_is_what_it_is_scored_on(settings, nc) -
         assert rel["score"] == pytest.approx(11 / 14, abs=1e-6)
         assert rel["ready_p50_s"] is not None and 0 <= rel["ready_p95_s"] < 30
         assert rel["lease_hours"] > 0 and rel["losses_per_1000h"] > 0
+
+
+async def test_preemption_keeps_to_min_reliability(settings, nc, subjects) -> None:
+    """Preemption weighs a placement on a trial engine; it must prune as the world does."""
+    settings = with_settings(settings, reliability_refresh_s=0.1)
+    pools = {"shaky": {"units": 4, "units_per_node": 4, "prices": {"on_demand": "1.00", "interruptible": "0.40"}},
+             "steady": {"units": 4, "units_per_node": 4, "prices": {"on_demand": "2.00", "interruptible": "0.80"}}}
+    async with broker_world(settings, pools) as w:
+        await publish(nc, subjects, failed("k1", pool="shaky") + failed("k2", pool="shaky"))  # 9/12 = 0.75
+
+        async def scored():
+            r = await w.broker.post("/v1/quotes", json={"units": 1}, headers=w.tenants["t1"])
+            return {a["pool_id"]: a["reliability"] for o in r.json()["options"] for a in o["allocations"]} == {
+                "shaky": 0.75, "steady": 0.9}
+        await eventually(scored, what="the broker's engine has the scores")
+        held = {}
+        for _ in pools:
+            r = await w.request("t1", {"units": 4, "billing": "interruptible", "priority": 1})
+            assert r.status_code == 201, r.text
+            held[r.json()["leases"][0]["pool_id"]] = r.json()["leases"][0]["lease_id"]
+        r = await w.request("t2", {"units": 4, "min_reliability": 0.8, "queue": False})
+        assert r.status_code == 201, r.text
+        assert r.json()["leases"][0]["pool_id"] == "steady"  # not the cheaper shaky, scored 0.75
+        alive = {x["lease_id"] for x in (await w.broker.get("/v1/leases", headers=w.tenants["t1"])).json()}
+        assert alive == {held["shaky"]}
