@@ -8,6 +8,7 @@ agent refuses; the registry away at start → retried, registered once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -323,3 +324,52 @@ def test_bad_configs_are_one_line_each(tmp_path: Path) -> None:
                    '[[pools]]\nid = "p1"\nregion = "us-east"\nbackend = "slurmx"\nprices = { on_demand = "1" }\n')
     out = cli("agent", "--config", str(bad))
     assert out.returncode == 5 and "pools[0].backend" in out.stderr and len(out.stderr.splitlines()) == 1, out
+
+
+async def test_an_unhealthy_device_lowers_the_heartbeat_and_fails_its_lease_over(world, users, nc, subjects) -> None:
+    """The agent in this process (its real process backend), so that the test decides what
+    discovery reports: device 0 turning unhealthy under a lease."""
+    from services.agent.agent import Agent
+    from services.agent.api import AgentApi
+    from services.agent.backends.build import process_settings
+    from services.agent.backends.process import ProcessBackend
+    from services.agent.config import load
+    from services.agent.discovery import Catalogue, from_static
+    from services.agent.pools import plan
+
+    provider, pool_id = f"prov-{uuid.uuid4().hex[:6]}", f"pool-{uuid.uuid4().hex[:8]}"
+    pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-sick")
+    config = load(agent_config(world, pkey, pool_id))
+    models = httpx.get(f"{world['registry']}/v1/accelerators").json()
+    found = from_static([{"model": MODEL, "indices": [0, 1, 2, 3]}], Catalogue(models))
+    sick: set[int] = set()
+    api = AgentApi(config.broker_url, config.registry_url, config.api_key())
+    agent = Agent(api=api, plans=plan(config, found, {m["model"]: m for m in models}),
+                  backends={"process": ProcessBackend(process_settings(config))}, state_dir=Path(config.state_dir),
+                  heartbeat_s=0.3, poll_s=0.2, grace_s={"process": 2}, unhealthy=lambda: set(sick))
+    stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(stop))
+    try:
+        async with EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+            await eventually(lambda: _healthy(world, pkey, pool_id) == 4, 20, what="4 healthy units")
+            lease = request(world, tkey, ["sleep", "600"])
+            view = await eventually(lambda: ready(world, tkey, lease["lease_id"]), 20, what="lease ready")
+            assert view["access"]["devices"] == [0]
+            sick.add(0)
+            lost = await alloc.wait_for(lambda e: isinstance(e, LeaseLost) and e.lease.lease_id == lease["lease_id"])
+            assert "device 0" in lost.reason and "unhealthy" in lost.reason
+            await eventually(lambda: _healthy(world, pkey, pool_id) == 3, 10, what="3 healthy units")
+            await eventually(lambda: not running_as(users), 10, what="the workload stopped")
+            again = request(world, tkey, ["sleep", "600"])
+            view = await eventually(lambda: ready(world, tkey, again["lease_id"]), 20, what="lease ready")
+            assert view["access"]["devices"] == [1]  # the unhealthy device is not handed out
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+        await api.close()
+    assert not running_as(users)
+
+
+def _healthy(world: dict, key: str, pool_id: str) -> int | None:
+    r = httpx.get(f"{world['registry']}/v1/pools/{pool_id}", headers={"Authorization": f"Bearer {key}"})
+    return r.json()["healthy"] if r.status_code == 200 else None
