@@ -57,7 +57,17 @@ def users():
 @pytest.fixture
 def world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
     """Registry and broker as processes, a short heartbeat TTL (pools offline in 3 s)."""
-    s = with_settings(settings, heartbeat_ttl_s=3.0)
+    yield from services(settings, tmp_path, 3.0)
+
+
+@pytest.fixture
+def patient_world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
+    """The same with the default heartbeat TTL: an agent restarted at once finds its pools online."""
+    yield from services(settings, tmp_path, 30.0)
+
+
+def services(settings: Settings, tmp_path: Path, ttl: float) -> Iterator[dict]:
+    s = with_settings(settings, heartbeat_ttl_s=ttl)
     env = settings_to_env(s)
     procs = []
     try:
@@ -193,11 +203,16 @@ async def test_process_lease_runs_with_its_devices_logs_and_ends(world, users, n
             assert out.returncode == 0 and out.stdout == "visible=0,1\n", out
             assert [p.name() for p in running_as(users)] == ["sleep"]
 
+            follow = subprocess.Popen([*CLI, "logs", "-f", lease["lease_id"], "--config", str(config)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
             # the tenant releases: the agent stops the workload, its devices come back
             r = httpx.post(f"{world['broker']}/v1/leases/{lease['lease_id']}/release",
                            headers={"Authorization": f"Bearer {tkey}"})
             assert r.status_code == 200, r.text
             await eventually(lambda: not running_as(users), 20, what="the workload stopped")
+            followed, _ = follow.communicate(timeout=20)  # `logs -f` ends with the lease's work
+            assert (follow.returncode, followed) == (0, "visible=0,1\n")
             big = request(world, tkey, ["sh", "-c", "echo all=$CUDA_VISIBLE_DEVICES; exec sleep 600"], 4)
             view = await eventually(lambda: ready(world, tkey, big["lease_id"]), 20, what="4-unit lease ready")
             assert view["access"]["devices"] == [0, 1, 2, 3]
@@ -373,3 +388,31 @@ async def test_an_unhealthy_device_lowers_the_heartbeat_and_fails_its_lease_over
 def _healthy(world: dict, key: str, pool_id: str) -> int | None:
     r = httpx.get(f"{world['registry']}/v1/pools/{pool_id}", headers={"Authorization": f"Bearer {key}"})
     return r.json()["healthy"] if r.status_code == 200 else None
+
+
+async def test_a_restarted_agent_adopts_the_running_workload_and_kills_nothing(patient_world, users) -> None:
+    world = patient_world
+    provider, pool_id = f"prov-{uuid.uuid4().hex[:6]}", f"pool-{uuid.uuid4().hex[:8]}"
+    pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-adopt")
+    config = agent_config(world, pkey, pool_id)
+    with agent(config, world["tmp"] / "agent.log") as proc:
+        await eventually(lambda: pool_status(world, pkey, pool_id) == "online", 30, what="pool online")
+        lease = request(world, tkey, ["sleep", "600"], 2)
+        await eventually(lambda: ready(world, tkey, lease["lease_id"]), 20, what="lease ready")
+        [workload] = running_as(users)
+        proc.kill()
+        proc.wait()
+    log = world["tmp"] / "agent-again.log"
+    with agent(config, log):
+        await eventually(lambda: "adopted" in log.read_text(), 30, what="the workload adopted")
+        assert running_as(users) == [workload] and workload.is_running()  # the same process, untouched
+        assert ready(world, tkey, lease["lease_id"])["access"]["devices"] == [0, 1]
+        # its devices are still its own: a new lease gets the others
+        other = request(world, tkey, ["sleep", "600"], 2)
+        view = await eventually(lambda: ready(world, tkey, other["lease_id"]), 20, what="second lease ready")
+        assert view["access"]["devices"] == [2, 3]
+        r = httpx.post(f"{world['broker']}/v1/leases/{lease['lease_id']}/release",
+                       headers={"Authorization": f"Bearer {tkey}"})
+        assert r.status_code == 200, r.text
+        await eventually(lambda: not workload.is_running() or workload.status() == psutil.STATUS_ZOMBIE, 20,
+                         what="the adopted workload stopped at its release")
