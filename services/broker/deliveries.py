@@ -9,7 +9,8 @@ interleaving their access-details writes; it decides nothing (the scripts do).""
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from services.common.auth import Principal
@@ -24,7 +25,6 @@ from .leases import Ended, LiveLease
 from .locks import OwnedLock
 from .records import Assignment, LeaseView, lease_view
 
-log = logging.getLogger("broker")
 ANSWER_LOCK_MS = 10_000  # one answer for a lease at a time; a crashed answerer's lock lapses
 
 
@@ -67,8 +67,22 @@ class Deliveries:
             raise NotFound(f"no active lease {lease_id}")  # another provider's lease: nothing leaks
         return live
 
-    def _lock(self, lease_id: str) -> OwnedLock:
-        return OwnedLock(self.core.redis, self.core.keys.lock(f"answer:{lease_id}"), ANSWER_LOCK_MS)
+    @contextlib.asynccontextmanager
+    async def _answering(self, lease_id: str) -> AsyncIterator[None]:
+        """One answer for a lease at a time (409 to a second one meanwhile)."""
+        lock = OwnedLock(self.core.redis, self.core.keys.lock(f"answer:{lease_id}"), ANSWER_LOCK_MS)
+        token = await lock.acquire()
+        if token is None:
+            raise Conflict(f"another answer for lease {lease_id} is being handled; look at the lease again")
+        try:
+            yield
+        finally:
+            await lock.release(token)
+
+    async def _late(self, lease: LeaseInfo, now: datetime) -> Conflict:
+        """A ready after the deadline: the lease fails now (if no sweep failed it yet)."""
+        await self.time_out(lease, now)
+        return Conflict(f"lease {lease.lease_id} was {timeout_reason(lease)}: it failed")
 
     # --- provisioning → ready ------------------------------------------------------------
     async def ready(self, principal: Principal, lease_id: str, body: ReadyBody) -> LeaseView:
@@ -77,18 +91,13 @@ class Deliveries:
         lease = live.info
         if not lease.delivery:
             raise Conflict(f"lease {lease_id} delivers nothing (capacity only): it was ready at its grant")
-        lock = self._lock(lease_id)
-        token = await lock.acquire()
-        if token is None:
-            raise Conflict(f"another answer for lease {lease_id} is being handled; look at the lease again")
-        try:
-            live = await self.core.leases.live(lease_id)
+        async with self._answering(lease_id):
+            [live] = await self.core.leases.lives([lease]) or [None]  # again, under the lock: the state now
             if live is None:
                 raise NotFound(f"no active lease {lease_id}")
             now = self.core.clock()
             if live.state == "provisioning" and live.deadline is not None and live.deadline <= now.timestamp():
-                await self.time_out(lease, now)
-                raise Conflict(f"lease {lease_id} was {timeout_reason(lease)}: it failed")
+                raise await self._late(lease, now)
             if live.state != "provisioning":
                 raise _refused(lease_id, live.state, "provisioning")
             if self.access is None:
@@ -98,33 +107,24 @@ class Deliveries:
             if isinstance(done, str):
                 await self.access.delete(lease_id)  # ours, and the lease is not ready: nothing stays
                 if done == "deadline":
-                    await self.time_out(lease, now)
-                    raise Conflict(f"lease {lease_id} was {timeout_reason(lease)}: it failed")
+                    raise await self._late(lease, now)
                 if done == "generation":
                     raise Conflict(f"lease {lease_id}'s pool was removed or registered again since its grant")
                 raise _refused(lease_id, done, "provisioning")
             seq, info = done
             await self.core.publish_alloc(LeaseReady(id=f"{lease_id}.{seq}", at=now, lease=info, seq=seq))
-        finally:
-            await lock.release(token)
         return lease_view(info, LiveLease(info, "ready", ready_at=now.timestamp()), body.access)
 
     # --- provisioning → failed -----------------------------------------------------------
     async def failed(self, principal: Principal, lease_id: str, body: FailedBody) -> dict[str, object]:
         check_printable(body, "body")
         live = await self.provider_lease(principal, lease_id)
-        lock = self._lock(lease_id)
-        token = await lock.acquire()
-        if token is None:
-            raise Conflict(f"another answer for lease {lease_id} is being handled; look at the lease again")
-        try:
+        async with self._answering(lease_id):
             now = self.core.clock()
             ended = await self.core.leases.end_from(live.info, "fail", now.timestamp(), "provisioning")
             if isinstance(ended, str):
                 raise _refused(lease_id, ended, "provisioning")
             await self.core.announce_end(LeaseFailed, ended, now, reason=body.reason)
-        finally:
-            await lock.release(token)
         return {"lease_id": lease_id, "state": "failed", "reason": body.reason}
 
     async def time_out(self, lease: LeaseInfo, now: datetime) -> Ended | None:

@@ -22,6 +22,7 @@ from services.common.messages import (
     LeaseExpired,
     LeaseGranted,
     LeaseInfo,
+    LeaseProvisioning,
     LeaseReleased,
     LeaseRenewed,
     Pool,
@@ -140,6 +141,21 @@ def test_lease_without_grant_and_lost_grant() -> None:
     assert failures(o) == {"granted lease is live until it ends": {"a"}}
     o.ready_regions = set()
     assert failures(o)["Redis rebuilt after a loss"] == {"region:cn-gz"}
+
+
+def test_a_delivering_lease_is_granted_by_its_lease_provisioning() -> None:
+    """The grant (seq 1) of a lease that must be delivered is lease.provisioning: a live
+    one has its grant in the stream, and a granted one missing from Redis is still named."""
+    o = world()
+    d = msgspec.structs.replace(info("d", units=1), delivery="ssh", provision_timeout_s=300)
+    o.events.append((6, LeaseProvisioning(id="d.1", at=d.granted_at, lease=d)))
+    o.alloc_seq_before = o.billed_through = 6
+    o.leases["d"] = LeaseLive("cn-gz", "d", "p1", 1, T + 300, 1)
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)
+    assert audit(o).ok, audit(o).to_dict()
+    del o.leases["d"]
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=3, free=5)
+    assert failures(o) == {"granted lease is live until it ends": {"d"}}
 
 
 def test_expired_lease_holding_units_and_expired_lease_never_ended() -> None:
