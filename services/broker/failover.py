@@ -43,6 +43,17 @@ BUSY_S = 0.2  # another lease of the same request is being replaced: this one ri
 WAITING_S = 5.0  # the request waits in the queue for another lease's replacement
 
 
+_TAGS = (b'"type":"lease.lost"', b'"type":"lease.failed"')
+
+
+def not_an_ending_to_replace(raw: bytes) -> bool:
+    """Most allocation events are grants, renewals and other endings: told apart by their
+    tag, which msgspec writes first, without decoding them (the feed reads every one).
+    Anything laid out otherwise is decoded, never skipped unread."""
+    head = raw[:32]
+    return head.startswith(b'{"type":"lease.') and not any(tag in head for tag in _TAGS)
+
+
 class Failover:
     def __init__(self, core: Core, replacer: Replacer, queue: RequestQueue, claim_s: float = CLAIM_S) -> None:
         self.core, self.replacer, self.queue, self.claim_s = core, replacer, queue, claim_s
@@ -54,7 +65,7 @@ class Failover:
         return DurableFeed(nc, js, subjects, kind=ALLOC, durable=DURABLE,
                            decoder=msgspec.json.Decoder(AllocEvent), wanted=REPLACED_ON, handle=self.on_ended,
                            description="broker: failed and lost leases replaced", ack_wait_s=ack_wait_s,
-                           batch=256, parallel=True)
+                           batch=256, parallel=True, skip=not_an_ending_to_replace)
 
     async def on_ended(self, event: LeaseFailed | LeaseLost) -> None:
         """Returns once the lease's outcome is recorded; raises ``Later`` (or any error)

@@ -41,16 +41,17 @@ class Later(Exception):
 class DurableFeed:
     """``handle`` runs for every event of ``wanted`` (others are acknowledged unread),
     one after the other, or (``parallel``) up to ``batch`` at once, each acknowledged when
-    its own handler returns."""
+    its own handler returns. ``skip``: raw events known unwanted without decoding them."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects, *, kind: str, durable: str,
                  decoder: msgspec.json.Decoder, wanted: tuple[type, ...],
                  handle: Callable[[Any], Awaitable[object]], description: str,
-                 ack_wait_s: float = 60.0, batch: int = 64, parallel: bool = False) -> None:
+                 ack_wait_s: float = 60.0, batch: int = 64, parallel: bool = False,
+                 skip: Callable[[bytes], bool] | None = None) -> None:
         self.nc, self.js, self.subjects = nc, js, subjects
         self.kind, self.durable, self.decoder, self.wanted = kind, durable, decoder, wanted
         self.handle, self.description = handle, description
-        self.ack_wait_s, self.batch, self.parallel = ack_wait_s, batch, parallel
+        self.ack_wait_s, self.batch, self.parallel, self.skip = ack_wait_s, batch, parallel, skip
         self.stream = subjects.stream(kind)
         self._tasks: list[asyncio.Task] = []
 
@@ -82,12 +83,15 @@ class DurableFeed:
             while True:
                 if not self.parallel:
                     for msg in await puller.fetch(self.batch, timeout=1.0):
-                        await self._handle(msg)
+                        if not await self._skipped(msg):
+                            await self._handle(msg)
                     continue
                 # up to ``batch`` events in hand at once, and more fetched as soon as one is
                 # done: a slow one (a replacement racing for units) holds up no other
                 await room.wait()
                 for msg in await puller.fetch(self.batch - len(running), timeout=1.0):
+                    if await self._skipped(msg):
+                        continue
                     task = asyncio.create_task(self._handle(msg))
                     running.add(task)
                     task.add_done_callback(lambda t: (running.discard(t), room.set()))
@@ -97,6 +101,12 @@ class DurableFeed:
             for task in running:
                 task.cancel()
             await puller.stop()
+
+    async def _skipped(self, msg: Msg) -> bool:
+        if self.skip is not None and self.skip(msg.data):
+            await msg.ack()  # most events are not for this feed: no decode, no task
+            return True
+        return False
 
     async def _handle(self, msg: Msg) -> None:
         try:

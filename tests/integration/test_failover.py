@@ -218,3 +218,12 @@ async def test_a_provider_that_never_answers_is_replaced_by_another_provider(set
         assert first["pool_id"] == "acme-ssh"
         await _lands_on_zeta(world, alloc, first, request_id, since, zeta)
         assert (await _view(world, request_id))["attempts"][0]["reason"] == f"not ready within {TIMEOUT_S} s"
+
+
+async def test_bad_failover_settings_are_refused_and_place_nothing(settings) -> None:
+    async with broker_world(settings, {"a": _pool("1.00")}) as world:
+        for bad, field in (({"on_failure": "retry"}, "on_failure"), ({"max_replacements": 11}, "max_replacements"),
+                           ({"max_replacements": -1}, "max_replacements"), ({"on_failure": None}, "on_failure")):
+            r = await world.request("t1", {"units": 1, **bad})
+            assert r.status_code == 400 and field in r.text, (bad, r.status_code, r.text)
+        assert await world.free("a") == 8

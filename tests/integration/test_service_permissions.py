@@ -365,14 +365,18 @@ async def test_a_service_cannot_delete_or_purge_a_stream(secured: Secured) -> No
         await nc.close()
 
 
-async def test_only_the_meter_drives_its_billing_consumer(secured: Secured) -> None:
+@pytest.mark.parametrize(("durable", "others"), [("meter", ("registry", "broker")),
+                                                  ("broker-failover", ("registry", "meter"))])
+async def test_only_its_service_drives_a_consumer_of_the_allocation_stream(secured: Secured, durable: str,
+                                                                           others: tuple[str, ...]) -> None:
     """Another service pulling (and acknowledging) from the meter's durable consumer, or
-    deleting it, would leave leases unbilled: refused; ops may still look at it."""
-    stream, durable = SUBJECTS.stream("alloc"), "meter"
+    deleting it, would leave leases unbilled; from the broker's failover consumer, failed
+    and lost leases never replaced: refused; ops may still look at them."""
+    stream = SUBJECTS.stream("alloc")
     admin = await nats.connect(secured.nats_url("admin"))
     try:
-        await admin.jetstream().consumer_info(stream, durable)  # the meter made it at start
-        for user in ("registry", "broker"):
+        await admin.jetstream().consumer_info(stream, durable)  # its service made it at start
+        for user in others:
             v = Violations()
             nc = await v.connect(secured.nats_url(user))
             try:
