@@ -331,6 +331,23 @@ def _heartbeats_seen(world: dict, key: str, pool_id: str) -> bool:
     return r.status_code == 200 and r.json()["healthy"] == 4
 
 
+def test_check_prints_the_pools_and_an_unknown_model_is_one_line(world) -> None:
+    pkey = world["key"]("provider", f"prov-{uuid.uuid4().hex[:6]}")
+    config = agent_config(world, pkey, "pool-check")
+    out = cli("agent", "--config", str(config), "--check")
+    assert out.returncode == 0, out
+    for word in ("pool-check", "process", "nvidia-l4", "0,1,2,3"):
+        assert word in out.stdout, (word, out.stdout)
+    [pool] = json.loads(cli("agent", "--config", str(config), "--check", "--json").stdout)["pools"]
+    assert (pool["devices"], pool["spec"]["units"], pool["spec"]["delivery"]) == ([0, 1, 2, 3], 4, ["process"])
+    assert pool_status(world, pkey, "pool-check") is None  # --check registers nothing
+    config.write_text(config.read_text().replace(f'model = "{MODEL}"', 'model = "nvidia-h100x"'))
+    for args in (("--check",), ()):
+        out = cli("agent", "--config", str(config), *args)
+        assert out.returncode == 5 and "unknown model 'nvidia-h100x'" in out.stderr, out
+        assert len(out.stderr.strip().splitlines()) == 1, out
+
+
 def test_bad_configs_are_one_line_each(tmp_path: Path) -> None:
     missing = cli("agent", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 5 and "no such file" in missing.stderr, missing
@@ -339,6 +356,11 @@ def test_bad_configs_are_one_line_each(tmp_path: Path) -> None:
                    '[[pools]]\nid = "p1"\nregion = "us-east"\nbackend = "slurmx"\nprices = { on_demand = "1" }\n')
     out = cli("agent", "--config", str(bad))
     assert out.returncode == 5 and "pools[0].backend" in out.stderr and len(out.stderr.splitlines()) == 1, out
+    bad.write_text(bad.read_text().replace('"slurmx"', '"slurm"'))  # a backend that is not installed
+    out = subprocess.run([*CLI, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": str(Path(sys.executable).parent)})
+    assert out.returncode == 5 and "slurm needs 'sbatch' on PATH" in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1, out
 
 
 async def test_an_unhealthy_device_lowers_the_heartbeat_and_fails_its_lease_over(world, users, nc, subjects) -> None:
