@@ -1,9 +1,16 @@
-"""Access details: how a tenant reaches what its provider delivered (host, port, user,
-urls, env...). Something a client was told, so stored durably (a JetStream key-value
-bucket, one entry per lease) before the provider's ``ready`` is answered; Redis holds
-none of it, so a Redis loss loses none of it. Never put in an event, a log line or an
-error message (docs/decisions.md, "Access details"); deleted when the lease ends, and
-the bucket's TTL (longer than the longest lease) removes what a crash left behind."""
+"""The broker's private bucket (a JetStream key-value bucket that ops may not read):
+
+* access details: how a tenant reaches what its provider delivered (host, port, user,
+  urls, env...), one entry per lease (its id). Something a client was told, so stored
+  durably before the provider's ``ready`` is answered; never put in an event, a log line
+  or an error message; deleted when the lease ends;
+* workloads: what a delivering request asks to run, one entry per request
+  (``workload.<request id>``), written before it is placed, so that its provider still
+  learns what to deliver after a Redis loss took the request record.
+
+Redis holds none of it, so a Redis loss loses none of it. The bucket's TTL (longer than
+the longest lease) removes what a crash left behind (docs/decisions.md, "Lease
+delivery")."""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from services.common.delivery import MAX_ACCESS_BYTES, Access
+from services.common.delivery import MAX_ACCESS_BYTES, Access, Workload
 from services.common.errors import BadRequest
 
 from .domain.printable import check_printable
@@ -24,6 +31,7 @@ from .domain.printable import check_printable
 log = logging.getLogger("broker")
 TTL_S = 400 * 86_400  # longer than a reserved year (the longest lease)
 _access = msgspec.json.Decoder(Access)
+_workload = msgspec.json.Decoder(Workload)
 
 
 def encoded(access: Access) -> bytes:
@@ -62,6 +70,16 @@ class AccessStore:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return _access.decode(entry.value) if entry.value else None
+
+    async def put_workload(self, request_id: str, workload: Workload) -> None:
+        await self.kv.put(f"workload.{request_id}", msgspec.json.encode(workload))
+
+    async def workload(self, request_id: str) -> Workload | None:
+        try:
+            entry = await self.kv.get(f"workload.{request_id}")
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return _workload.decode(entry.value) if entry.value else None
 
     async def delete(self, lease_id: str) -> None:
         """Best effort: what is left behind expires with the bucket's TTL."""

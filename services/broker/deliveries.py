@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from services.common.auth import Principal
 from services.common.delivery import CompleteBody, FailedBody, HealthBody, ReadyBody
-from services.common.errors import Conflict, Forbidden, NotFound, Unavailable
+from services.common.errors import Conflict, Forbidden, NotFound, Unavailable, Unprocessable
 from services.common.messages import LeaseFailed, LeaseInfo, LeaseLost, LeaseReady, LeaseReleased
 
 from .access import AccessStore, encoded
@@ -174,8 +174,9 @@ class Deliveries:
             provider = principal.subject
         elif principal.role != "admin":
             raise Forbidden(f"role {principal.role} has no assignments (providers see the leases on their pools)")
-        pools = [(p.region, p.pool_id) for p in self.core.world.pools.values()
-                 if provider is None or p.provider == provider]
+        elif provider is None:
+            raise Unprocessable("admin lists assignments per provider: give ?provider=")
+        pools = [(p.region, p.pool_id) for p in self.core.world.pools.values() if p.provider == provider]
         lives = await self.core.leases.on_pools(pools, limit)
         out: list[Assignment] = []
         workloads: dict[str, object] = {}
@@ -186,7 +187,8 @@ class Deliveries:
             lease = live.info
             if lease.request_id not in workloads:
                 record = await self.core.record(lease.request_id)
-                workloads[lease.request_id] = record.body.workload if record is not None else None
+                workloads[lease.request_id] = record.body.workload if record is not None else \
+                    await self.access.workload(lease.request_id) if self.access is not None else None
             out.append(Assignment(
                 lease_id=lease.lease_id, request_id=lease.request_id, tenant=lease.tenant, pool_id=lease.pool_id,
                 provider=lease.provider, region=lease.region, model=lease.model, units=lease.units, state=shown,

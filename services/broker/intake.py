@@ -38,6 +38,8 @@ class Intake:
         request_id = request_id or new_id("req")
         record = RequestRecord(request_id=request_id, tenant=tenant, state="placed", created_at=now,
                                updated_at=now, body=body)
+        if body.workload is not None and core.access is not None:
+            await core.access.put_workload(request_id, body.workload)  # its provider reads it, even after a Redis loss
         await core.publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
                                                    units=body.units or 0))
         try:

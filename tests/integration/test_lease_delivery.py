@@ -6,6 +6,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -249,6 +250,7 @@ async def test_only_the_pools_provider_or_admin_answers(settings, nc, subjects) 
             assert (await w.broker.get("/v1/assignments", headers=who)).status_code == 403
         assert [a["lease_id"] for a in (await w.broker.get("/v1/assignments?provider=acme",
                                                             headers=w.admin)).json()] == [lease_id]
+        assert (await w.broker.get("/v1/assignments", headers=w.admin)).status_code == 422  # per provider
         assert (await w.broker.get(f"/v1/leases/{lease_id}", headers=w.admin)).json() == before
         assert await w.free("gz-ssh") == 14
         # admin may answer for any provider
@@ -316,7 +318,7 @@ async def test_bad_input_is_refused_and_changes_nothing(settings, nc, subjects) 
         assert got["state"] == "provisioning" and got["access"] is None
         assert await w.free("gz-ssh") == 14 and len(alloc.events) == n_events
         kv = await nc.jetstream().key_value(subjects.bucket(ACCESS))
-        assert await _keys(kv) == []
+        assert [k for k in await _keys(kv) if not k.startswith("workload.")] == []  # no access details stored
 
 
 @pytest.mark.parametrize("ready", [False, True])
@@ -346,7 +348,33 @@ async def test_the_state_survives_a_redis_loss(settings, nc, subjects, rds, read
         assert await rds.hget(k.lease("cn-gz", lease_id), "state") == after["state"]
         due = await rds.zrange(k.lease_provisioning("cn-gz"), 0, -1)
         assert due == ([] if ready else [lease_id])
+        # the request record went with Redis; its provider still learns what to deliver
+        got = (await w.broker.get("/v1/assignments", headers=w.provider)).json()
+        assert [(a["lease_id"], a["state"], a["workload"]) for a in got] == [(lease_id, after["state"], SSH)]
         # and the restored lease moves on as before
         if not ready:
             r = await w.broker.post(f"/v1/leases/{lease_id}/ready", json=ACCESS_BODY, headers=w.provider)
             assert r.status_code == 200, r.text
+
+
+async def test_concurrent_answers_make_one_transition(settings, nc, subjects) -> None:
+    """Several readies (and a failed) for one lease at once: one wins, the others get 409
+    (or, after a failed won, 404), and the access details stored are the winner's."""
+    async with broker_world(settings, POOLS) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        lease_id = (await w.request("t1", deliver())).json()["leases"][0]["lease_id"]
+        bodies = [{"access": {"host": f"h{i}.example"}} for i in range(6)]
+        calls = [w.broker.post(f"/v1/leases/{lease_id}/ready", json=b, headers=w.provider) for b in bodies]
+        calls.append(w.broker.post(f"/v1/leases/{lease_id}/failed", json={"reason": "x"}, headers=w.provider))
+        answers = await asyncio.gather(*calls)
+        won = [i for i, r in enumerate(answers) if r.status_code == 200]
+        assert len(won) == 1, [(r.status_code, r.text) for r in answers]
+        assert all(r.status_code in (404, 409) for i, r in enumerate(answers) if i != won[0])
+        if won[0] < len(bodies):  # a ready won
+            got = (await w.broker.get(f"/v1/leases/{lease_id}", headers=w.tenants["t1"])).json()
+            assert got["state"] == "ready" and got["access"] == bodies[won[0]]["access"]
+            await alloc.wait_for(lambda e: isinstance(e, LeaseReady) and e.lease.lease_id == lease_id)
+        else:
+            await alloc.wait_for(lambda e: isinstance(e, LeaseFailed) and e.lease.lease_id == lease_id)
+        endings = [e for e in alloc.events if e.lease.lease_id == lease_id and e.seq > 1]
+        assert len(endings) == 1 and endings[0].seq == 2
