@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,16 @@ def users():
     return ensure_users(*USERS)
 
 
+FOLDERS: list[Path] = []  # every agent's folder a test made (open_dir: outside pytest's own)
+
+
+@pytest.fixture(autouse=True)
+def _remove_folders() -> Iterator[None]:
+    yield
+    while FOLDERS:
+        shutil.rmtree(FOLDERS.pop(), ignore_errors=True)
+
+
 @pytest.fixture
 def world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
     """Registry and broker as processes, a short heartbeat TTL (pools offline in 3 s)."""
@@ -94,6 +105,7 @@ def services(settings: Settings, tmp_path: Path, ttl: float) -> Iterator[dict]:
 def agent_config(world: dict, provider_key: str, pool_id: str, registry_url: str | None = None,
                  users: tuple[str, ...] = USERS, price: str = "0.10") -> Path:
     root = open_dir("cb-agent-loop-")
+    FOLDERS.append(root)
     key_file = root / "key"
     key_file.write_text(provider_key)
     key_file.chmod(0o600)

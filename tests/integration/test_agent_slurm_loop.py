@@ -16,7 +16,8 @@ from services.common.messages import AllocEvent, LeaseLost, LeaseReplaced
 from ..helpers import EventTap, eventually
 from ..slurm_cluster import SlurmCluster
 from ..workload_users import ensure_users, open_dir
-from .test_agent_loop import REGION, agent, cli, place, pool_status, ready, world  # noqa: F401 (world: a fixture)
+from .test_agent_loop import (  # noqa: F401 (world, _remove_folders: fixtures)
+    FOLDERS, REGION, _remove_folders, agent, cli, place, pool_status, ready, world)
 
 SLURM_USER = "cbroker-slurm"
 MODEL = "nvidia-h100-sxm-80gb"
@@ -24,6 +25,7 @@ MODEL = "nvidia-h100-sxm-80gb"
 
 def slurm_config(world: dict, key: str, pool_id: str, price: str = "0.50") -> Path:
     root = open_dir("cb-agent-slurm-loop-")
+    FOLDERS.append(root)
     key_file = root / "key"
     key_file.write_text(key)
     key_file.chmod(0o600)
