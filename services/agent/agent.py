@@ -79,6 +79,7 @@ class Agent:
         self.records = Records(self.state_dir)
         self._drained_file = self.state_dir / "drained.json"
         self.draining = False
+        self._unhealthy_now: set[int] = set()
 
     # --- the whole run ---------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -90,7 +91,10 @@ class Agent:
             if not await self._until_done(self.recover, stop, "recovering the leases from the broker"):
                 return
             while not stop.is_set():
-                await self.step()
+                try:
+                    await self.step()
+                except Exception:  # noqa: BLE001 - one bad pass must not end the agent (its leases' work runs on)
+                    log.exception("fulfilment pass failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_s)
             await self.drain()
@@ -134,6 +138,7 @@ class Agent:
     async def heartbeat(self) -> None:
         unhealthy = self.unhealthy()
         self.book.set_unhealthy(unhealthy)
+        self._unhealthy_now = unhealthy
         healthy = {p.pool_id: n for p in self.plans if (n := p.healthy_units(unhealthy)) is not None}
         statuses = await self.api.heartbeats(list(self.pools), healthy)
         for pool_id, status in statuses.items():
@@ -147,6 +152,8 @@ class Agent:
                 await self.heartbeat()
             except (httpx.TransportError, ApiError, AgentError) as exc:
                 log.warning("heartbeat: %s", _said(exc))
+            except Exception:  # noqa: BLE001 - heartbeats must go on, or the pools go offline
+                log.exception("heartbeat failed")
             await asyncio.sleep(self.heartbeat_s)
 
     async def _undrain_own(self) -> None:
@@ -183,6 +190,12 @@ class Agent:
                     lease.absent += 1
                     if lease.absent >= GONE_AFTER:
                         await self.stop_lease(lease_id, "its lease ended on the broker")
+        for lease_id, lease in list(self.leases.items()):
+            sick = sorted(set(lease.devices) & self._unhealthy_now)
+            if sick and lease.state == "running":  # its device failed under it: the lease fails over
+                await self.stop_lease(lease_id, f"device {sick[0]} reported unhealthy")
+                detail = f"device {', '.join(map(str, sick))} of the lease reported unhealthy by the vendor tool"
+                await self._answer(lambda lid=lease_id, d=detail: self.api.unhealthy(lid, d), f"health for {lease_id}")
         for kind, backend in self.backends.items():
             try:
                 ended = await backend.poll()
@@ -205,6 +218,17 @@ class Agent:
         lease.task = asyncio.create_task(self.deliver(lease), name=f"deliver {a.lease_id}")
 
     async def deliver(self, lease: _Lease) -> None:
+        try:
+            await self._deliver(lease)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault here fails the lease, never leaves it hanging
+            log.exception("delivering lease %s", lease.assigned.lease_id)
+            if lease.state != "over":
+                await self._stop_work(lease)
+                await self._give_up(lease, f"the provider's agent could not deliver it ({type(exc).__name__})")
+
+    async def _deliver(self, lease: _Lease) -> None:
         a, plan = lease.assigned, lease.plan
         backend = self.backends.get(plan.backend)
         why = None

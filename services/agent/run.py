@@ -146,6 +146,25 @@ async def run_agent(path: str | Path, stop: asyncio.Event | None = None, *, poll
         lock.release()
 
 
+async def check_only(path: str | Path) -> tuple[list[PoolPlan], Inventory]:
+    """``cbroker agent --check``: the config, the catalogue (one try), discovery and the
+    pools as they would be registered; nothing is locked, started or registered."""
+    config = load(path)
+    source = str(path)
+    api = AgentApi(config.broker_url, config.registry_url, config.api_key())
+    try:
+        try:
+            models = await api.catalogue()
+        except (httpx.TransportError, ApiError) as exc:
+            raise AgentError(f"the registry at {config.registry_url} did not give its catalogue: {exc}") from None
+    finally:
+        await api.close()
+    by_id = {m["model"]: m for m in models}
+    check(config, source=source, catalogue=by_id)
+    found = await inventory(config, Catalogue(models))
+    return plan(config, found, by_id, source), found
+
+
 async def _whoami(api: AgentApi) -> str:
     try:
         me = await api.whoami()

@@ -66,18 +66,35 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
                   help="The agent's agent.toml (docs/agent.md).")
+    @click.option("--check", "check_only", is_flag=True,
+                  help="Check the config and discovery, print the pools as they would be registered, and exit.")
+    @json_option
     @handled
-    def agent(config_path: Path) -> None:
+    def agent(config_path: Path, check_only: bool, as_json: bool) -> None:
         """Run the provider agent: register the pools, heartbeat, deliver leases (docs/agent.md)."""
         from services.agent.agent import AgentError
         from services.agent.config import ConfigError
         from services.agent.lock import AlreadyRunning
+        from services.agent.run import check_only as check_agent
         from services.agent.run import run_agent
 
         try:
-            asyncio.run(run_agent(config_path))
+            if not check_only:
+                asyncio.run(run_agent(config_path))
+                return
+            plans, found = asyncio.run(check_agent(config_path))
         except (ConfigError, AlreadyRunning, AgentError) as exc:
             raise LocalError(str(exc)) from None
+        if as_json:
+            print_json({"pools": [{"pool_id": p.pool_id, "backend": p.backend, "devices": list(p.devices),
+                                   "spec": p.spec} for p in plans],
+                        "unmapped": [d.unmapped for d in found.unmapped], "errors": list(found.errors)})
+            return
+        show("pools as the agent would register them", ("pool", "backend", "model", "units", "devices", "delivers"),
+             [[p.pool_id, p.backend, p.model, str(p.spec.units), ",".join(map(str, p.devices)) or "-",
+               ",".join(p.spec.delivery)] for p in plans], right=("units",))
+        for line in [d.unmapped for d in found.unmapped] + list(found.errors):
+            click.echo(f"  • not sold: {line}")
 
     @cli.command()
     @with_options(registry_common)

@@ -8,9 +8,11 @@ agent refuses; the registry away at start → retried, registered once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +55,30 @@ def users():
     return ensure_users(*USERS)
 
 
+FOLDERS: list[Path] = []  # every agent's folder a test made (open_dir: outside pytest's own)
+
+
+@pytest.fixture(autouse=True)
+def _remove_folders() -> Iterator[None]:
+    yield
+    while FOLDERS:
+        shutil.rmtree(FOLDERS.pop(), ignore_errors=True)
+
+
 @pytest.fixture
 def world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
     """Registry and broker as processes, a short heartbeat TTL (pools offline in 3 s)."""
-    s = with_settings(settings, heartbeat_ttl_s=3.0)
+    yield from services(settings, tmp_path, 3.0)
+
+
+@pytest.fixture
+def patient_world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
+    """The same with the default heartbeat TTL: an agent restarted at once finds its pools online."""
+    yield from services(settings, tmp_path, 30.0)
+
+
+def services(settings: Settings, tmp_path: Path, ttl: float) -> Iterator[dict]:
+    s = with_settings(settings, heartbeat_ttl_s=ttl)
     env = settings_to_env(s)
     procs = []
     try:
@@ -83,6 +105,7 @@ def world(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
 def agent_config(world: dict, provider_key: str, pool_id: str, registry_url: str | None = None,
                  users: tuple[str, ...] = USERS, price: str = "0.10") -> Path:
     root = open_dir("cb-agent-loop-")
+    FOLDERS.append(root)
     key_file = root / "key"
     key_file.write_text(provider_key)
     key_file.chmod(0o600)
@@ -192,11 +215,16 @@ async def test_process_lease_runs_with_its_devices_logs_and_ends(world, users, n
             assert out.returncode == 0 and out.stdout == "visible=0,1\n", out
             assert [p.name() for p in running_as(users)] == ["sleep"]
 
+            follow = subprocess.Popen([*CLI, "logs", "-f", lease["lease_id"], "--config", str(config)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
             # the tenant releases: the agent stops the workload, its devices come back
             r = httpx.post(f"{world['broker']}/v1/leases/{lease['lease_id']}/release",
                            headers={"Authorization": f"Bearer {tkey}"})
             assert r.status_code == 200, r.text
             await eventually(lambda: not running_as(users), 20, what="the workload stopped")
+            followed, _ = follow.communicate(timeout=20)  # `logs -f` ends with the lease's work
+            assert (follow.returncode, followed) == (0, "visible=0,1\n")
             big = request(world, tkey, ["sh", "-c", "echo all=$CUDA_VISIBLE_DEVICES; exec sleep 600"], 4)
             view = await eventually(lambda: ready(world, tkey, big["lease_id"]), 20, what="4-unit lease ready")
             assert view["access"]["devices"] == [0, 1, 2, 3]
@@ -315,6 +343,23 @@ def _heartbeats_seen(world: dict, key: str, pool_id: str) -> bool:
     return r.status_code == 200 and r.json()["healthy"] == 4
 
 
+def test_check_prints_the_pools_and_an_unknown_model_is_one_line(world) -> None:
+    pkey = world["key"]("provider", f"prov-{uuid.uuid4().hex[:6]}")
+    config = agent_config(world, pkey, "pool-check")
+    out = cli("agent", "--config", str(config), "--check")
+    assert out.returncode == 0, out
+    for word in ("pool-check", "process", "nvidia-l4", "0,1,2,3"):
+        assert word in out.stdout, (word, out.stdout)
+    [pool] = json.loads(cli("agent", "--config", str(config), "--check", "--json").stdout)["pools"]
+    assert (pool["devices"], pool["spec"]["units"], pool["spec"]["delivery"]) == ([0, 1, 2, 3], 4, ["process"])
+    assert pool_status(world, pkey, "pool-check") is None  # --check registers nothing
+    config.write_text(config.read_text().replace(f'model = "{MODEL}"', 'model = "nvidia-h100x"'))
+    for args in (("--check",), ()):
+        out = cli("agent", "--config", str(config), *args)
+        assert out.returncode == 5 and "unknown model 'nvidia-h100x'" in out.stderr, out
+        assert len(out.stderr.strip().splitlines()) == 1, out
+
+
 def test_bad_configs_are_one_line_each(tmp_path: Path) -> None:
     missing = cli("agent", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 5 and "no such file" in missing.stderr, missing
@@ -323,3 +368,85 @@ def test_bad_configs_are_one_line_each(tmp_path: Path) -> None:
                    '[[pools]]\nid = "p1"\nregion = "us-east"\nbackend = "slurmx"\nprices = { on_demand = "1" }\n')
     out = cli("agent", "--config", str(bad))
     assert out.returncode == 5 and "pools[0].backend" in out.stderr and len(out.stderr.splitlines()) == 1, out
+    bad.write_text(bad.read_text().replace('"slurmx"', '"slurm"'))  # a backend that is not installed
+    out = subprocess.run([*CLI, "agent", "--config", str(bad)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": str(Path(sys.executable).parent)})
+    assert out.returncode == 5 and "slurm needs 'sbatch' on PATH" in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1, out
+
+
+async def test_an_unhealthy_device_lowers_the_heartbeat_and_fails_its_lease_over(world, users, nc, subjects) -> None:
+    """The agent in this process (its real process backend), so that the test decides what
+    discovery reports: device 0 turning unhealthy under a lease."""
+    from services.agent.agent import Agent
+    from services.agent.api import AgentApi
+    from services.agent.backends.build import process_settings
+    from services.agent.backends.process import ProcessBackend
+    from services.agent.config import load
+    from services.agent.discovery import Catalogue, from_static
+    from services.agent.pools import plan
+
+    provider, pool_id = f"prov-{uuid.uuid4().hex[:6]}", f"pool-{uuid.uuid4().hex[:8]}"
+    pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-sick")
+    config = load(agent_config(world, pkey, pool_id))
+    models = httpx.get(f"{world['registry']}/v1/accelerators").json()
+    found = from_static([{"model": MODEL, "indices": [0, 1, 2, 3]}], Catalogue(models))
+    sick: set[int] = set()
+    api = AgentApi(config.broker_url, config.registry_url, config.api_key())
+    agent = Agent(api=api, plans=plan(config, found, {m["model"]: m for m in models}),
+                  backends={"process": ProcessBackend(process_settings(config))}, state_dir=Path(config.state_dir),
+                  heartbeat_s=0.3, poll_s=0.2, grace_s={"process": 2}, unhealthy=lambda: set(sick))
+    stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(stop))
+    try:
+        async with EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+            await eventually(lambda: _healthy(world, pkey, pool_id) == 4, 20, what="4 healthy units")
+            lease = request(world, tkey, ["sleep", "600"])
+            view = await eventually(lambda: ready(world, tkey, lease["lease_id"]), 20, what="lease ready")
+            assert view["access"]["devices"] == [0]
+            sick.add(0)
+            lost = await alloc.wait_for(lambda e: isinstance(e, LeaseLost) and e.lease.lease_id == lease["lease_id"])
+            assert "device 0" in lost.reason and "unhealthy" in lost.reason
+            await eventually(lambda: _healthy(world, pkey, pool_id) == 3, 10, what="3 healthy units")
+            await eventually(lambda: not running_as(users), 10, what="the workload stopped")
+            again = request(world, tkey, ["sleep", "600"])
+            view = await eventually(lambda: ready(world, tkey, again["lease_id"]), 20, what="lease ready")
+            assert view["access"]["devices"] == [1]  # the unhealthy device is not handed out
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+        await api.close()
+    assert not running_as(users)
+
+
+def _healthy(world: dict, key: str, pool_id: str) -> int | None:
+    r = httpx.get(f"{world['registry']}/v1/pools/{pool_id}", headers={"Authorization": f"Bearer {key}"})
+    return r.json()["healthy"] if r.status_code == 200 else None
+
+
+async def test_a_restarted_agent_adopts_the_running_workload_and_kills_nothing(patient_world, users) -> None:
+    world = patient_world
+    provider, pool_id = f"prov-{uuid.uuid4().hex[:6]}", f"pool-{uuid.uuid4().hex[:8]}"
+    pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-adopt")
+    config = agent_config(world, pkey, pool_id)
+    with agent(config, world["tmp"] / "agent.log") as proc:
+        await eventually(lambda: pool_status(world, pkey, pool_id) == "online", 30, what="pool online")
+        lease = request(world, tkey, ["sleep", "600"], 2)
+        await eventually(lambda: ready(world, tkey, lease["lease_id"]), 20, what="lease ready")
+        [workload] = running_as(users)
+        proc.kill()
+        proc.wait()
+    log = world["tmp"] / "agent-again.log"
+    with agent(config, log):
+        await eventually(lambda: "adopted" in log.read_text(), 30, what="the workload adopted")
+        assert running_as(users) == [workload] and workload.is_running()  # the same process, untouched
+        assert ready(world, tkey, lease["lease_id"])["access"]["devices"] == [0, 1]
+        # its devices are still its own: a new lease gets the others
+        other = request(world, tkey, ["sleep", "600"], 2)
+        view = await eventually(lambda: ready(world, tkey, other["lease_id"]), 20, what="second lease ready")
+        assert view["access"]["devices"] == [2, 3]
+        r = httpx.post(f"{world['broker']}/v1/leases/{lease['lease_id']}/release",
+                       headers={"Authorization": f"Bearer {tkey}"})
+        assert r.status_code == 200, r.text
+        await eventually(lambda: not workload.is_running() or workload.status() == psutil.STATUS_ZOMBIE, 20,
+                         what="the adopted workload stopped at its release")
