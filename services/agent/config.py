@@ -39,7 +39,7 @@ REQUIRED_BINARIES: dict[str, tuple[str, ...]] = {
     "process": (), "slurm": ("sbatch", "squeue", "scancel", "scontrol", "srun"), "kubernetes": ()}
 
 _Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
-_Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$")]
+_Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$(?!\n)")]
 _Index = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 _Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
@@ -65,7 +65,7 @@ class ProcessBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     # dedicated unprivileged accounts, one per running lease (so at most len(users) leases
     # run at once); required for process pools; never root
-    users: list[Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]] = []
+    users: list[Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$(?!\n)")]] = []
     work_dir: str = "/var/lib/cbroker-agent/work"
     path: str | None = None  # PATH workloads see; None: the backend's default
     grace_s: _Seconds = 10.0
@@ -76,10 +76,10 @@ class SlurmBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gres: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*(:[A-Za-z0-9_.-]+)?$")] = "gpu"
+    gres: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*(:[A-Za-z0-9_.-]+)?$(?!\n)")] = "gpu"
     grace_s: _Seconds = 30.0
     # the Slurm account jobs run as when the agent runs as root (never root); None: the agent's own user
-    submit_as: Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] | None = None
+    submit_as: Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$(?!\n)")] | None = None
     work_dir: str | None = None  # job folders (script, output), on a filesystem the nodes share; None: under state_dir
     start_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0  # pending longer: the lease fails
 
@@ -87,7 +87,7 @@ class SlurmBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class KubernetesBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     kubeconfig: str | None = None  # None: in-cluster service account
     context: str | None = None
-    namespace_prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z]([a-z0-9-]{0,20})$")] = "cb-"
+    namespace_prefix: Annotated[str, msgspec.Meta(pattern=r"^[a-z]([a-z0-9-]{0,20})$(?!\n)")] = "cb-"
     resource: str | None = None  # device plugin resource; None: from the model's vendor
     grace_s: _Seconds = 30.0
 
@@ -139,7 +139,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 def _field_path(message: str) -> tuple[str, str]:
     """msgspec says "… - at `$.pools[0].units`"; we say "pools[0].units: …"."""
-    match = re.search(r" - at `\$\.?(.*)`$", message)
+    match = re.search(r" - at `\$\.?(.*)`$(?!\n)", message)
     if not match:
         return "", message
     return match.group(1), message[: match.start()]

@@ -31,10 +31,10 @@ MAX_ACCESS_BYTES = 16 * 1024  # one access blob, JSON-encoded
 MAX_WORKLOAD_BYTES = 128 * 1024  # one workload, JSON-encoded
 
 # printable text: no ASCII control characters (a key or value with one is refused)
-_TEXT = r"^[^\x00-\x1f\x7f]*$"
+_TEXT = r"^[^\x00-\x1f\x7f]*$(?!\n)"
 _LINE = Annotated[str, msgspec.Meta(max_length=4096, pattern=_TEXT)]
 _ARG = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_TEXT)]
-EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)",
                                       description="an environment variable name")]
 EnvValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=_TEXT)]
 Env = Annotated[dict[EnvName, EnvValue], msgspec.Meta(max_length=128)]
@@ -50,7 +50,7 @@ class SshWorkload(_Workload, tag="ssh"):
     """A host the tenant logs into with one of its keys."""
 
     public_keys: Annotated[list[Annotated[str, msgspec.Meta(
-        min_length=16, max_length=8192, pattern=r"^(ssh-|ecdsa-|sk-)[^\x00-\x1f\x7f]+$")]],
+        min_length=16, max_length=8192, pattern=r"^(ssh-|ecdsa-|sk-)[^\x00-\x1f\x7f]+$(?!\n)")]],
         msgspec.Meta(min_length=1, max_length=16)]
 
 
@@ -62,7 +62,7 @@ class ProcessWorkload(_Workload, tag="process"):
 
 
 class ContainerWorkload(_Workload, tag="container"):
-    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[^\s\x00-\x1f\x7f]+$(?!\n)")]
     command: Annotated[list[_ARG], msgspec.Meta(max_length=256)] = []
     env: Env = {}
     ports: Annotated[list[Port], msgspec.Meta(max_length=32)] = []
@@ -81,9 +81,9 @@ class Access(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """How the tenant reaches what was delivered. Shown to the lease's tenant and admin
     only (ops sees it redacted), never written to an event or a log line."""
 
-    host: Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]*$")] | None = None
+    host: Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[^\s\x00-\x1f\x7f]*$(?!\n)")] | None = None
     port: Port | None = None
-    user: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[^\s\x00-\x1f\x7f]*$")] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[^\s\x00-\x1f\x7f]*$(?!\n)")] | None = None
     urls: Annotated[list[_LINE], msgspec.Meta(max_length=32)] = []
     env: Env = {}
     job_id: Annotated[str, msgspec.Meta(max_length=128, pattern=_TEXT)] | None = None

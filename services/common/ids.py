@@ -10,7 +10,7 @@ import re
 import random
 import time
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$(?!\n)"
 _ID_RE = re.compile(ID_PATTERN)
 
 

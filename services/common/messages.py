@@ -62,7 +62,7 @@ class Region(msgspec.Struct, frozen=True, kw_only=True):
 
     id: Id
     name: str
-    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$(?!\n)")]
     lat: Annotated[float, msgspec.Meta(ge=-90, le=90)]  # bounded: links are derived from the location,
     lon: Annotated[float, msgspec.Meta(ge=-180, le=180)]  # and lat 1e7 made the region list a 500 (fuzzing)
     kind: Literal["hub", "cloud", "edge"] = "cloud"

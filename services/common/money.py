@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 
 PRICE_PLACES = 6
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$(?!\n)", description="ISO 4217 code")]
 Price = Annotated[Decimal, msgspec.Meta(description="decimal string, e.g. \"2.49\"")]
 MAX_PRICE = Decimal("1000000")
 

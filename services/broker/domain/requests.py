@@ -52,7 +52,7 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     regions: Annotated[list[Id], msgspec.Meta(max_length=64)] = []
-    countries: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]], msgspec.Meta(max_length=64)] = []
+    countries: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$(?!\n)")]], msgspec.Meta(max_length=64)] = []
     data_region: Id | None = None
     data_gb: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
     users_region: Id | None = None
