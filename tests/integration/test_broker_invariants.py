@@ -112,7 +112,7 @@ async def test_flushed_redis_is_rebuilt_with_every_lease(settings, nc, rds, tmp_
                 leases += r.json()["leases"]
             before = await _leased(settings.redis_url, Keys(settings.prefix))
             assert sum(before.values()) == 38
-            keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*")]
+            keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*", count=10_000)]
             await rds.delete(*keys)  # Redis lost everything of this deployment
 
             async def rebuilt() -> bool:

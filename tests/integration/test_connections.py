@@ -61,13 +61,15 @@ async def test_open_connections_takes_a_services_knobs(settings: Settings, subje
         subs = {"knobs": await nc.subscribe(subject), "plain": await plain_nc.subscribe(subject)}
         for name, client in (("knobs", nc), ("plain", plain_nc)):
             await client.flush()  # both subscribed before anything is published
-        for name, client in (("knobs", nc), ("plain", plain_nc)):
-            await client.publish(subject, name.encode())  # "knobs" handled by the server first ...
-            await client.flush()
-        # ... so a subscription that got it sees it before "plain"
-        assert (await subs["knobs"].next_msg(timeout=5)).data == b"plain"
+        # "plain" is published only once "knobs" has reached the other connection: by then the
+        # server has queued "knobs" to every subscriber (to the knobs connection too, if it
+        # echoed), and each connection's queue is first in, first out. (Published back to
+        # back from two connections, the two could arrive in either order.)
+        await nc.publish(subject, b"knobs")
         assert (await subs["plain"].next_msg(timeout=5)).data == b"knobs"
+        await plain_nc.publish(subject, b"plain")
         assert (await subs["plain"].next_msg(timeout=5)).data == b"plain"
+        assert (await subs["knobs"].next_msg(timeout=5)).data == b"plain"  # its own "knobs" never came back
         assert nc.options["no_echo"] is True and plain_nc.options["no_echo"] is False
         assert redis.connection_pool.connection_kwargs["socket_timeout"] == 0.5
         assert redis.connection_pool.connection_kwargs["socket_connect_timeout"] == 0.5

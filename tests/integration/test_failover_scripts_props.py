@@ -35,6 +35,7 @@ from services.broker.domain.requests import ComputeRequest
 from services.broker.records import RequestRecord
 from services.common.keys import Keys
 from services.common.redis_conn import read_lua
+from ..helpers import own_db
 
 CLAIM_S = 10.0
 REPLICAS = (0, 1)
@@ -253,7 +254,7 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
 @pytest.mark.timeout(600)
 def test_failover_scripts_match_model(redis_url: str) -> None:
     seen: Counter[str] = Counter()
-    machine = make_machine(redis_url, seen)
+    machine = make_machine(own_db(redis_url), seen)
     machine.TestCase.settings = hsettings(max_examples=300, stateful_step_count=40, deadline=None)
     machine.TestCase().runTest()
     # the interleavings that matter were met

@@ -68,7 +68,7 @@ async def test_retry_after_redis_loss_answers_the_first_lease(settings, nc, rds)
         first = await w.request("t1", {"units": 4, "queue": False}, headers=h)
         assert first.status_code == 201, first.text
         lease_id = first.json()["leases"][0]["lease_id"]
-        keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*")]
+        keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*", count=10_000)]
         await rds.delete(*keys)  # Redis lost everything of this deployment
 
         async def rebuilt() -> bool:  # the lease is back from the durable record

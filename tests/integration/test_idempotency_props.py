@@ -160,7 +160,7 @@ def make_machine(redis_url: str, nats_url: str, counter: list[int]) -> type[Rule
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                keys = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:*")]
+                keys = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=10_000)]
                 if keys:
                     await self.redis.delete(*keys)
                 try:
@@ -284,7 +284,7 @@ def make_machine(redis_url: str, nats_url: str, counter: list[int]) -> type[Rule
             self.run(self._redis_lost())
 
         async def _redis_lost(self) -> None:
-            keys = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:*")]
+            keys = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=10_000)]
             if keys:
                 await self.redis.delete(*keys)
             await self._pool()

@@ -332,7 +332,7 @@ async def test_the_state_survives_a_redis_loss(settings, nc, subjects, rds, read
             assert (await w.broker.post(f"/v1/leases/{lease_id}/ready", json=ACCESS_BODY,
                                         headers=w.provider)).status_code == 200
         before = (await w.broker.get(f"/v1/leases/{lease_id}", headers=w.tenants["t1"])).json()
-        await rds.delete(*[k async for k in rds.scan_iter(match=f"{settings.prefix}:*")])
+        await rds.delete(*[k async for k in rds.scan_iter(match=f"{settings.prefix}:*", count=10_000)])
         # the registry puts the pools back, the broker's sweep loop then the leases
 
         async def restored():  # noqa: ANN202

@@ -291,7 +291,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             from the allocation record with its seq and state (pending ones as granted)."""
             counter[0] += 1
             k = self.k
-            stale = list(client.scan_iter(match=f"{k.prefix}:*"))
+            stale = list(client.scan_iter(match=f"{k.prefix}:*", count=10_000))
             if stale:
                 client.delete(*stale)
             for p in POOLS:
@@ -348,7 +348,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             if hasattr(self, "k"):
-                stale = list(client.scan_iter(match=f"{self.k.prefix}:*"))
+                stale = list(client.scan_iter(match=f"{self.k.prefix}:*", count=10_000))
                 if stale:
                     client.delete(*stale)
 

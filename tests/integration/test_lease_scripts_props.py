@@ -493,7 +493,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             record, the broker restores every unexpired lease with its seq and generation;
             until then a reservation is refused rather than booked over the lost leases."""
             self.step()
-            stale = list(client.scan_iter(match=f"{self.k.prefix}:*"))
+            stale = list(client.scan_iter(match=f"{self.k.prefix}:*", count=10_000))
             if stale:
                 client.delete(*stale)
             self.writes = []  # what Redis remembered of removed generations is gone with it
@@ -569,7 +569,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             if hasattr(self, "k"):
-                stale = list(client.scan_iter(match=f"{self.k.prefix}:*"))
+                stale = list(client.scan_iter(match=f"{self.k.prefix}:*", count=10_000))
                 if stale:
                     client.delete(*stale)
 

@@ -116,7 +116,7 @@ async def test_two_providers_creating_one_pool_one_wins(settings, nc, rds, tmp_p
                 assert await rds.hget(keys.pool("cn-yrd", pool_id), "provider") == winner
                 assert _record_owner(await kv.get(pool_id)) == winner
             # Redis lost: the replicas rebuild it from the record, which names the owners
-            stale = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*")]
+            stale = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*", count=10_000)]
             await rds.delete(*stale)
             for attempt in range(tries):
                 pool_id = f"race-{attempt}"

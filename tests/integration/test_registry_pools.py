@@ -144,7 +144,7 @@ async def test_search_filters_and_pages(registry_api: Api) -> None:
 async def test_rebuild_after_redis_loss(registry_api: Api, settings, rds) -> None:
     prov = await registry_api.key("provider", "acme")
     assert (await registry_api.put_pool("acme-r1", prov, units=32)).status_code == 201
-    keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*")]
+    keys = [k async for k in rds.scan_iter(match=f"{settings.prefix}:*", count=10_000)]
     assert keys
     await rds.delete(*keys)  # this test's whole slice of Redis is gone
     # the API key still works (refilled from the durable bucket) ...

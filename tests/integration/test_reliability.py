@@ -165,7 +165,7 @@ async def test_two_replicas_share_the_feed_and_a_lost_record_is_rebuilt(nc, sett
         first = [e for i in range(10) for e in delivered(f"r{i}", 10 + i, 100, lost=i % 3 == 0)] + failed("rf")
         await publish(nc, subjects, first)
         await eventually(lambda: counts((10, 1, 4)), what="both replicas' share recorded")
-        lost = [k async for k in broker_redis.scan_iter(match=keys.reliability_all())]
+        lost = [k async for k in broker_redis.scan_iter(match=keys.reliability_all(), count=10_000)]
         assert keys.reliability_since().encode() in lost
         await broker_redis.delete(*lost)  # Redis lost the record
         await publish(nc, subjects, failed("after"))

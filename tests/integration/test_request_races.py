@@ -259,7 +259,7 @@ async def test_a_request_durable_but_not_written_to_redis_is_taken_back(settings
         status, _ = await place(a, "t2", units=4)
         assert status == 503
         await rds.delete(rs.keys.tenant_vtime(), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
-        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*", count=10_000)]:
             await rds.delete(key)
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 0
@@ -344,7 +344,7 @@ async def test_a_request_queued_for_a_client_that_heard_503_is_taken_back(settin
         del a.core.requests.queue  # the gate: the rebuild below queues for real
         await asyncio.gather(*a.queue._taking_back)
         await rds.delete(rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
-        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]:
+        for key in [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*", count=10_000)]:
             await rds.delete(key)
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 0, "a request whose client heard 503 came back queued"
@@ -360,7 +360,7 @@ async def test_the_tenant_queue_cap_counts_the_requests_a_rebuild_queued_again(s
         assert (await place(a, "t1", units=8))[0] == 201
         assert (await place(a, "t2", units=4))[0] == 202
         assert (await place(a, "t2", units=2))[0] == 429  # at its cap
-        lost = [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*")]
+        lost = [k async for k in rds.scan_iter(match=f"{settings.prefix}:req:*", count=10_000)]
         await rds.delete(*lost, rs.keys.queue(), rs.keys.tenant_queued("t2"), rs.keys.rebuilt_marker("broker"))
         await a.rebuild_if_lost()
         assert await rds.zcard(rs.keys.queue()) == 1

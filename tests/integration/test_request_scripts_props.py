@@ -42,6 +42,7 @@ from hypothesis.stateful import (
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import read_lua
+from ..helpers import own_db
 
 REGION = "cn-gz"
 POOLS = ("pa", "pb")
@@ -409,7 +410,7 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             if hasattr(self, "k"):
-                stale = list(client.scan_iter(match=f"{self.k.prefix}:*"))
+                stale = list(client.scan_iter(match=f"{self.k.prefix}:*", count=10_000))
                 if stale:
                     client.delete(*stale)
 
@@ -426,7 +427,7 @@ MET = ("cancelled from placing: False", "cancelled from placing (claim expired):
 
 def run(redis_url: str, examples: int, steps: int) -> Counter[str]:
     seen: Counter[str] = Counter()
-    machine = make_machine(redis_url, seen)
+    machine = make_machine(own_db(redis_url), seen)
     machine.TestCase.settings = hsettings(max_examples=examples, stateful_step_count=steps, deadline=None)
     machine.TestCase().runTest()
     print(dict(sorted(seen.items())))
