@@ -35,6 +35,7 @@ from services.broker.domain.requests import ComputeRequest
 from services.broker.records import RequestRecord
 from services.common.keys import Keys
 from services.common.redis_conn import read_lua
+
 from ..helpers import own_db
 
 CLAIM_S = 10.0

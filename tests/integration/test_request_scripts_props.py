@@ -42,6 +42,7 @@ from hypothesis.stateful import (
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import read_lua
+
 from ..helpers import own_db
 
 REGION = "cn-gz"
