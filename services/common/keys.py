@@ -28,6 +28,13 @@ class Keys:
         """Hash: live state of one pool (capacity, leased, free, status, spec)."""
         return f"{self._r(region)}:pool:{pool_id}"
 
+    def pool_devices(self, region: str, pool_id: str) -> str:
+        """Hash, only for pools that share devices (``PoolSpec.sharing``): device index
+        (0-based; node = index // units_per_node) -> free milli (0-1000). The pool hash's
+        ``free`` counts the devices with all 1000 free, so whole-unit asks read as before
+        (docs/sharing.md)."""
+        return f"{self._r(region)}:pool:{pool_id}:dev"
+
     def region_pools(self, region: str) -> str:
         """Set: ids of the pools registered in a region."""
         return f"{self._r(region)}:pools"

@@ -101,6 +101,23 @@ class Prices(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     interruptible: Price | None = None
 
 
+MILLI = 1000  # a whole device, in milli-devices
+SharingMode = Literal["none", "time_slice", "memory"]
+MAX_SHARED_UNITS = 1024  # devices of one sharing pool: its per-device state is read whole by one script
+
+
+class Sharing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Whether and how a pool shares its devices (docs/sharing.md). The broker accounts
+    free milli per device; the provider enforces the share with its vendor's mechanism.
+    ``time_slice``: a share is a fraction of the device's time (NVIDIA time-slicing or an
+    MPS active-thread percentage; memory is not partitioned). ``memory``: a share of m
+    milli also gets m/1000 of the device's memory (Ascend vNPU templates, HAMi's memory
+    limit, MIG-like partitions). A share is never below ``min_milli``."""
+
+    mode: SharingMode = "none"
+    min_milli: Annotated[int, msgspec.Meta(ge=1, le=MILLI)] = 100
+
+
 class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a provider registers (``PUT /v1/pools/{id}``)."""
 
@@ -123,6 +140,9 @@ class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # answered ready within provision_timeout_s or they fail (docs/lifecycle.md, "Lease").
     delivery: Annotated[tuple[DeliveryKind, ...], msgspec.Meta(max_length=4)] = ()
     provision_timeout_s: Annotated[int, msgspec.Meta(ge=5, le=86_400)] = DEFAULT_PROVISION_TIMEOUT_S
+    # shares (docs/sharing.md): mode "none" (the default) leases whole devices only; a
+    # sharing pool has at most MAX_SHARED_UNITS devices and keeps free milli per device
+    sharing: Sharing = Sharing()
 
 
 class Pool(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,6 +206,7 @@ class PoolRemoved(_CapacityEvent, tag="pool.removed"):
 CapacityEvent = PoolRegistered | PoolUpdated | PoolOffline | PoolOnline | PoolDraining | PoolRemoved
 
 __all__ = [
+    "MAX_SHARED_UNITS", "MILLI", "Sharing", "SharingMode",
     "Accelerator", "CapacityEvent", "Currency", "Decimal", "HostArch", "Id", "Link", "Pool",
     "PoolDraining", "PoolOffline", "PoolOnline", "PoolRegistered", "PoolRemoved", "PoolSpec",
     "PoolStatus", "PoolUpdated", "Price", "Prices", "Region", "Stack", "Topology", "Units", "Vendor",
@@ -224,6 +245,12 @@ class LeaseInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     provision_timeout_s: int = 0
     attempt: int = 1  # 1 for the first lease of a request's slot, +1 per replacement
     replaces: str = ""  # the failed or lost lease this one replaces
+    # shares (docs/sharing.md): ``milli`` of each device in ``devices`` (indices in the
+    # pool; node = index // units_per_node). 1000 = whole devices. ``devices`` is empty on
+    # pools that do not share (the provider picks the devices, as before). Billed at
+    # unit_price x units x milli / 1000.
+    milli: int = MILLI
+    devices: tuple[int, ...] = ()
 
 
 class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
@@ -232,6 +259,7 @@ class _AllocEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", g
     lease: LeaseInfo
     seq: int = 1  # per-lease sequence: granted 1, then +1 per event of that lease
     free_after: int = -1  # pool's free units right after (replicas' engines follow it)
+    devices_free_after: tuple[int, ...] = ()  # free milli of each of lease.devices right after
     v: int = 1
 
 

@@ -59,6 +59,16 @@ class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_latency_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000)] | None = None
 
 
+class Share(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A share of one device (docs/sharing.md): ``milli`` thousandths of it, on a pool
+    that shares (``sharing.mode`` not "none") and allows that small a share; with
+    ``min_memory_gib``, the device must have that much memory (on "memory" pools: the
+    slice, milli/1000 of the device's memory)."""
+
+    milli: Annotated[int, msgspec.Meta(ge=1, le=999)]
+    min_memory_gib: Annotated[float, msgspec.Meta(gt=0, le=10_000)] | None = None
+
+
 class ComputeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     units: Annotated[int, msgspec.Meta(ge=1, le=MAX_UNITS)] | None = None
     accelerators: AcceleratorSpec = msgspec.field(default_factory=AcceleratorSpec)  # (a factory: litestar's
@@ -81,6 +91,7 @@ class ComputeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     on_failure: OnFailure = "replace"  # a failed or lost lease: place it again elsewhere, or end there
     max_replacements: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     min_reliability: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # pools scored below are pruned
+    share: Share | None = None  # a slice of one device (units 1 or omitted; no performance ask)
 
 
 TERM_MONTHS = {"reserved_month": 1, "reserved_year": 12}
