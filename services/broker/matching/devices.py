@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -110,6 +110,22 @@ def typical_mix(asks: Iterable[DeviceAsk], coverage: float = 0.95) -> tuple[Typi
     return tuple(TypicalAsk(ask, n / covered) for ask, n in kept)
 
 
+def scarcity_of(mix: Iterable[TypicalAsk], devices: Mapping[str, int]) -> dict[str, float]:
+    """Per model: constrained expected demand per unit of the capacity it can use
+    (``devices``: model -> devices), summed over the constrained asks that can use it."""
+    total = sum(devices.values()) or 1
+    out = dict.fromkeys(devices, 0.0)
+    for t in mix:
+        models = t.ask.models
+        if not models or not t.ask.gpus:
+            continue
+        cap = sum(devices.get(m, 0) for m in models) / total
+        for m in models:
+            if m in out and cap:
+                out[m] += t.weight / cap
+    return out
+
+
 def _shape_order(a: DeviceAsk) -> tuple:
     # ties in count: larger shapes first, as FGD's reverse sort does
     return (-a.cpu_milli, -a.milli, -a.gpus, tuple(sorted(a.models)))
@@ -157,37 +173,40 @@ class DeviceCluster:
         self.cpu = list(self.cpu_cap)
         self.mem = list(self.mem_cap)
         self.free = [[MILLI] * n.devices for n in nodes]
+        self.devices_of: Counter[str] = Counter()  # model -> devices
+        for n in nodes:
+            self.devices_of[n.model] += n.devices
+        self.cpu_th: list[int] = []
+        self.mem_th: list[int] = []
+        self.key: list[tuple] = []
+        self.set_mix(mix)
+
+    def set_mix(self, mix: Sequence[TypicalAsk], scarcity: Mapping[str, float] | None = None) -> None:
+        """Take a new expected mix (the broker's engine re-learns it from recent asks).
+        ``scarcity``: the penalty per model, when it is weighed over more devices than this
+        cluster's (the engine's sharing pools together); by default over this cluster.
+        Cached scores are dropped; nodes are re-bucketed only if the CPU/memory classes
+        moved."""
         gpu_mix = [t for t in mix if t.ask.gpus > 0]
-        self.cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
-        self.mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if knobs.memory_aware else []
-        self.mix = [_Typical(t, self.cpu_th, self.mem_th) for t in gpu_mix]
-        self.scarcity = self._scarcity(nodes)
+        cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
+        mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if self.knobs.memory_aware else []
+        self.mix = [_Typical(t, cpu_th, mem_th) for t in gpu_mix]
+        self.scarcity = scarcity_of(gpu_mix, self.devices_of) if scarcity is None else dict(scarcity)
         self._frag: dict[tuple, float] = {}
+        if self.key and (cpu_th, mem_th) == (self.cpu_th, self.mem_th):
+            for memo in self._memos.values():
+                memo.clear()
+            return
+        self.cpu_th, self.mem_th = cpu_th, mem_th
         self._memos: dict[tuple, dict[int, tuple[float, int]]] = {}  # outlive emptied buckets
         self.buckets: dict[str, dict[tuple, _Bucket]] = {}  # model -> shape key -> bucket
-        self.key: list[tuple] = []
-        for i in range(len(nodes)):
+        self.key = []
+        for i in range(len(self.free)):
             k = self._key(i)
             self.key.append(k)
             self._bucket(self.model[i], k).members[i] = None
 
     # ---- the measure -------------------------------------------------------------
-    def _scarcity(self, nodes: Sequence[NodeSpec]) -> dict[str, float]:
-        """Constrained demand per unit of the capacity it can use, summed per model."""
-        devices = Counter()
-        for n in nodes:
-            devices[n.model] += n.devices
-        total = sum(devices.values()) or 1
-        out = dict.fromkeys(devices, 0.0)
-        for t in self.mix:
-            if not t.models:
-                continue
-            cap = sum(devices[m] for m in t.models) / total
-            for m in t.models:
-                if m in out and cap:
-                    out[m] += t.weight / cap
-        return out
-
     def _key(self, i: int) -> tuple:
         return (tuple(sorted(self.free[i], reverse=True)),
                 bisect_right(self.cpu_th, self.cpu[i]), bisect_right(self.mem_th, self.mem[i]))
@@ -258,12 +277,19 @@ class DeviceCluster:
         ask's CPU and memory (members share the expected asks' classes, not exact values).
         Only if that finds nothing and some bucket was cut short are whole buckets
         searched, so a placement is found whenever one exists."""
-        placement, cut_short = self._decide(ask, _SCAN)
-        if placement is None and cut_short:
-            placement, _ = self._decide(ask, 0)
-        return placement
+        scored = self.score(ask)
+        return None if scored is None else scored[2]
 
-    def _decide(self, ask: DeviceAsk, scan: int) -> tuple[DevicePlacement | None, bool]:
+    def score(self, ask: DeviceAsk) -> tuple[float, tuple, DevicePlacement] | None:
+        """``decide`` with what ranked its answer: (cost, tie-break, placement), so that
+        placements in different clusters (pools of one price, in the broker's engine)
+        are compared by the same rule."""
+        scored, cut_short = self._decide(ask, _SCAN)
+        if scored is None and cut_short:
+            scored, _ = self._decide(ask, 0)
+        return scored
+
+    def _decide(self, ask: DeviceAsk, scan: int) -> tuple[tuple[float, tuple, DevicePlacement] | None, bool]:
         acpu, amem, models = ask.cpu_milli, ask.memory_mib, ask.models
         cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
         need_c, need_m = bisect_right(cpu_th, acpu), bisect_right(mem_th, amem)
@@ -315,8 +341,9 @@ class DeviceCluster:
         if best is None:
             return None, cut_short
         node, v = best
-        return DevicePlacement(node=node, devices=self._devices(node, ask, v), milli=milli if gpus else 0,
-                               cpu_milli=acpu, memory_mib=amem), cut_short
+        return (best_cost, best_tie, DevicePlacement(node=node, devices=self._devices(node, ask, v),
+                                                     milli=milli if gpus else 0, cpu_milli=acpu,
+                                                     memory_mib=amem)), cut_short
 
     def _devices(self, node: int, ask: DeviceAsk, v: int) -> tuple[int, ...]:
         free = self.free[node]
@@ -350,6 +377,15 @@ class DeviceCluster:
         if self.cpu[i] + p.cpu_milli > self.cpu_cap[i] or self.mem[i] + p.memory_mib > self.mem_cap[i]:
             raise ValueError("release exceeds the node's capacity")
         self._move(i, lambda: self._apply(i, p, +1))
+
+    def set_device(self, node: int, device: int, free: int) -> None:
+        """Absolute free milli of one device (what Redis says after a reservation or a
+        release anywhere: replicas follow it idempotently)."""
+        if not 0 <= free <= MILLI:
+            raise ValueError(f"free milli must be in 0..{MILLI}")
+        row = self.free[node]
+        if row[device] != free:
+            self._move(node, lambda: row.__setitem__(device, free))
 
     def place(self, ask: DeviceAsk) -> DevicePlacement | None:
         p = self.decide(ask)
