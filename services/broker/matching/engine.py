@@ -435,6 +435,11 @@ class Engine:
         if sp is not None:
             sp.set(free)
 
+    def device_free(self, pool_id: str, index: int) -> int:
+        """Free milli of one device of a sharing pool (0 if there is no such device)."""
+        sp = self._shares.pools.get(pool_id)
+        return sp.get(index) if sp is not None and 0 <= index < sp.capacity else 0
+
     def devices(self, pool_id: str) -> dict[int, int] | None:
         """Free milli per device of a sharing pool (None: not a sharing pool here)."""
         sp = self._shares.pools.get(pool_id)
