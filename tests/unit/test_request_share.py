@@ -44,3 +44,20 @@ def test_share_rules_are_422s_with_the_reason(body: dict, says: str) -> None:
 def test_out_of_range_shares_do_not_decode(share: dict) -> None:
     with pytest.raises(msgspec.ValidationError):
         req({"share": share})
+
+
+def test_a_lease_view_shows_its_share_and_devices() -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from services.broker.records import lease_view
+    from services.common.messages import LeaseInfo
+
+    now = datetime.now(UTC)
+    lease = LeaseInfo(lease_id="l", request_id="r", tenant="t", pool_id="p", provider="acme", region="cn-gz",
+                      model="m", units=1, billing="on_demand", unit_price=Decimal(2), granted_at=now,
+                      expires_at=now, milli=250, devices=(11,))
+    body = msgspec.json.decode(msgspec.json.encode(lease_view(lease)))
+    assert (body["milli"], body["devices"]) == (250, [11])
+    whole = msgspec.json.decode(msgspec.json.encode(lease_view(msgspec.structs.replace(lease, milli=1000, devices=()))))
+    assert (whole["milli"], whole["devices"]) == (1000, [])
