@@ -146,9 +146,10 @@ class _Typical:
 class _Bucket:
     """Nodes of one shape, with what a decision reads first precomputed."""
 
-    __slots__ = ("key", "free", "ccls", "mcls", "members", "top", "whole", "sum", "memo")
+    __slots__ = ("model", "key", "free", "ccls", "mcls", "members", "top", "whole", "sum", "memo")
 
-    def __init__(self, key: tuple, memo: dict[int, tuple[float, int]]) -> None:
+    def __init__(self, model: str, key: tuple, memo: dict[int, tuple[float, int]]) -> None:
+        self.model = model
         self.key = key
         self.free, self.ccls, self.mcls = key
         self.members: dict[int, None] = {}  # insertion-ordered set of node indices
@@ -156,6 +157,22 @@ class _Bucket:
         self.whole = sum(1 for v in self.free if v == MILLI)
         self.sum = sum(self.free)
         self.memo = memo  # (ask shape, CPU/memory classes after) -> (cost, device free)
+
+
+class Caches:
+    """Scores of node shapes: fragmentation per shape, and per shape the cost of each ask
+    shape with where it goes (``_Bucket.memo``). Outlive emptied buckets; may be shared by
+    clusters scored with the same mix, scarcity and knobs."""
+
+    __slots__ = ("frag", "memos")
+
+    def __init__(self) -> None:
+        self.frag: dict[tuple, float] = {}
+        self.memos: dict[tuple, dict[int, tuple[float, int]]] = {}
+
+    def clear(self) -> None:
+        self.frag.clear()
+        self.memos.clear()
 
 
 class DeviceCluster:
@@ -181,24 +198,34 @@ class DeviceCluster:
         self.key: list[tuple] = []
         self.set_mix(mix)
 
-    def set_mix(self, mix: Sequence[TypicalAsk], scarcity: Mapping[str, float] | None = None) -> None:
+    def set_mix(self, mix: Sequence[TypicalAsk], scarcity: Mapping[str, float] | None = None,
+                caches: Caches | None = None) -> None:
         """Take a new expected mix (the broker's engine re-learns it from recent asks).
         ``scarcity``: the penalty per model, when it is weighed over more devices than this
         cluster's (the engine's sharing pools together); by default over this cluster.
-        Cached scores are dropped; nodes are re-bucketed only if the CPU/memory classes
-        moved."""
+        ``caches``: scores shared with other clusters of the same mix, scarcity and knobs
+        (nodes of one shape score alike in any of them); the caller empties them when the
+        mix changes. Without, this cluster's cached scores are dropped. Nodes are
+        re-bucketed only if the CPU/memory classes moved."""
         gpu_mix = [t for t in mix if t.ask.gpus > 0]
         cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
         mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if self.knobs.memory_aware else []
         self.mix = [_Typical(t, cpu_th, mem_th) for t in gpu_mix]
         self.scarcity = scarcity_of(gpu_mix, self.devices_of) if scarcity is None else dict(scarcity)
-        self._frag: dict[tuple, float] = {}
-        if self.key and (cpu_th, mem_th) == (self.cpu_th, self.mem_th):
+        shared = caches is not None
+        if not shared:
+            caches = Caches()
+        moved = not self.key or (cpu_th, mem_th) != (self.cpu_th, self.mem_th)
+        if not moved and not shared:
             for memo in self._memos.values():
                 memo.clear()
+        self._frag, self._memos = caches.frag, caches.memos
+        if not moved:
+            for shapes in self.buckets.values():
+                for key, b in shapes.items():
+                    b.memo = self._memos.setdefault((b.model, key), {})
             return
         self.cpu_th, self.mem_th = cpu_th, mem_th
-        self._memos: dict[tuple, dict[int, tuple[float, int]]] = {}  # outlive emptied buckets
         self.buckets: dict[str, dict[tuple, _Bucket]] = {}  # model -> shape key -> bucket
         self.key = []
         for i in range(len(self.free)):
@@ -241,8 +268,50 @@ class DeviceCluster:
             if len(self._memos) > _MEMO_LIMIT // 64:  # shapes churn in a long-lived pool
                 self._memos.clear()
                 self._frag.clear()
-            b = shapes[key] = _Bucket(key, self._memos.setdefault((model, key), {}))
+            b = shapes[key] = _Bucket(model, key, self._memos.setdefault((model, key), {}))
         return b
+
+    def _share_frags(self, model: str, free: tuple[int, ...], cpu_cls: int, mem_cls: int,
+                     milli: int) -> list[tuple[int, float]]:
+        """(free milli of a device, ``frag`` of the node after ``milli`` are taken from it)
+        for each distinct device value that fits: each expected ask's fitting devices and
+        stranded milli are counted once, and each candidate device only moves them (the
+        same sums, in the same order, as ``frag`` of each resulting shape)."""
+        total = sum(free) - milli
+        counts = []
+        for t in self.mix:
+            if (t.models and model not in t.models) or cpu_cls < t.cpu_cls or mem_cls < t.mem_cls:
+                counts.append(None)
+                continue
+            fit = stranded = 0
+            for v in free:
+                if v >= t.milli:
+                    fit += 1
+                else:
+                    stranded += v
+            counts.append((fit, stranded))
+        out = []
+        for v in sorted(set(free)):
+            if v < milli:
+                continue
+            nv = v - milli
+            f = 0.0
+            for t, c in zip(self.mix, counts):
+                if c is None:
+                    f += t.weight * total
+                    continue
+                fit, stranded = c
+                if v >= t.milli:
+                    fit -= 1
+                else:
+                    stranded -= v
+                if nv >= t.milli:
+                    fit += 1
+                else:
+                    stranded += nv
+                f += t.weight * (stranded if fit >= t.gpus else total)
+            out.append((v, f))
+        return out
 
     def _delta_for(self, model: str, key: tuple, ask: DeviceAsk, ncpu: int, nmem: int) -> tuple[float, int]:
         """(fragmentation increase, free milli of the device to use) for the best device
@@ -251,13 +320,8 @@ class DeviceCluster:
         before = self.frag(model, free, ccls, mcls)
         if ask.share:
             best: tuple[float, int] | None = None
-            for v in sorted(set(free)):
-                if v < ask.milli:
-                    continue
-                lst = list(free)
-                lst.remove(v)
-                lst.append(v - ask.milli)
-                d = self.frag(model, tuple(sorted(lst, reverse=True)), ncpu, nmem) - before
+            for v, after in self._share_frags(model, free, ncpu, nmem, ask.milli):
+                d = after - before
                 if best is None or d < best[0] - 1e-9:
                     best = (d, v)
             hit = best if best is not None else (float("inf"), 0)

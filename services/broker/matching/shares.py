@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .devices import MILLI, DeviceAsk, DeviceCluster, NodeSpec, TypicalAsk, scarcity_of, typical_mix
+from .devices import MILLI, Caches, DeviceAsk, DeviceCluster, NodeSpec, TypicalAsk, scarcity_of, typical_mix
 from .model import Allocation, Ask, Placement, PoolState
 from .texts import few as _few
 from .texts import fmt_money as _money
@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 
 PER_CLASS = 8  # pools of one cost class scored with the device rule per decision
 WINDOW = 2000  # recent asks the expected mix is learned from
-RELEARN = 500  # asks between two learnings of the mix
+RELEARN = 2000  # asks between two learnings of the mix (the first after 50 asks)
+MIX_MAX = 8  # expected ask shapes kept (the score of a node shape costs O(mix x devices))
+DRIFT = 0.1  # a new mix this close (total variation distance) to the one in use is not taken:
+# taking one drops every cached score, and the decisions after it pay for recomputing them
 _MILLI = Decimal(MILLI)
 _MICRO = Decimal("0.000001")
 
@@ -48,19 +51,20 @@ class SharedPool:
     """One sharing pool's devices: device index i is device i % units_per_node of node
     i // units_per_node (the last node may have fewer)."""
 
-    __slots__ = ("_top", "capacity", "cluster", "memory_gib", "min_milli", "mode", "pool_id", "upn")
+    __slots__ = ("_top", "_whole_node", "capacity", "cluster", "memory_gib", "min_milli", "mode", "pool_id", "upn")
 
     def __init__(self, state: PoolState, mix: Iterable[TypicalAsk] = (),
-                 scarcity: Mapping[str, float] | None = None) -> None:
+                 scarcity: Mapping[str, float] | None = None, caches: Caches | None = None) -> None:
         self.pool_id = state.pool_id
         self.upn = upn = max(1, state.units_per_node)
         self.capacity = cap = max(0, state.capacity)
         nodes = [NodeSpec(name=str(n), model=state.model, devices=min(upn, cap - n * upn), cpu_milli=0,
                           memory_mib=0) for n in range(-(-cap // upn))]
         self.cluster = DeviceCluster(nodes)
-        if mix:
-            self.cluster.set_mix(tuple(mix), scarcity)
+        if mix or caches is not None:
+            self.cluster.set_mix(tuple(mix), scarcity, caches)
         self._top: int | None = None
+        self._whole_node: int | None = None
         self.refresh(state)
 
     def refresh(self, state: PoolState) -> None:
@@ -81,7 +85,7 @@ class SharedPool:
             if 0 <= index < cap:
                 node, dev = divmod(index, upn)
                 cluster.set_device(node, dev, min(MILLI, max(0, int(milli))))
-        self._top = None
+        self._top = self._whole_node = None
 
     def get(self, index: int) -> int:
         node, dev = divmod(index, self.upn)
@@ -98,6 +102,18 @@ class SharedPool:
         if self._top is None:
             self._top = self.cluster.largest_free_slice()
         return self._top
+
+    @property
+    def whole_node(self) -> int:
+        """The most devices with all 1000 free on any one node."""
+        if self._whole_node is None:
+            self._whole_node = max((b.whole for shapes in self.cluster.buckets.values() for b in shapes.values()),
+                                   default=0)
+        return self._whole_node
+
+    def fits_whole(self, units: int) -> bool:
+        """Whether whole ``units`` fit here as ``hint_whole`` places them."""
+        return self.whole_node >= units if units <= self.upn else self.whole_free() >= units
 
     def whole_free(self) -> int:
         """Devices with all 1000 milli free (what the pool hash's ``free`` says)."""
@@ -121,6 +137,8 @@ class SharedPool:
     def hint_whole(self, units: int) -> tuple[int, ...] | None:
         """Devices with all 1000 free for a whole ask: on one node (scored, best fit) when
         ``units`` fit a node, else the fullest-free nodes first; None if they do not fit."""
+        if not self.fits_whole(units):
+            return None
         if units <= self.upn:
             scored = self.score(DeviceAsk(gpus=units))
             return None if scored is None else scored[2]
@@ -144,7 +162,8 @@ class Shares:
         self._recent: deque[DeviceAsk] = deque(maxlen=WINDOW)
         self._since = 0
         self.mix: tuple[TypicalAsk, ...] = ()
-        self.scarcity: dict[str, float] | None = None
+        self.scarcity: dict[str, float] = {}
+        self.caches = Caches()  # scores of node shapes, shared by all sharing pools (one mix)
 
     # --- pools ----------------------------------------------------------------------------
     def upsert(self, state: PoolState, cell_id: int) -> None:
@@ -159,9 +178,9 @@ class Shares:
         if sp is not None and sp.same_devices(state):
             sp.refresh(state)
         else:
-            self.pools[pid] = SharedPool(state, self.mix, self.scarcity)
-            if self.mix:
-                self._learn()  # the devices per model changed: so did scarcity
+            self.pools[pid] = SharedPool(state, self.mix, self.scarcity, self.caches)
+            if self.mix and any(t.ask.models for t in self.mix):
+                self._learn(force=True)  # the devices per model changed: so did scarcity
         old = self._cell.get(pid)
         if old is not None and old != cell_id:
             self._leave(pid, old)
@@ -189,16 +208,24 @@ class Shares:
         if self._since >= RELEARN or (not self.mix and self._since >= 50):
             self._learn()
 
-    def _learn(self) -> None:
+    def _learn(self, force: bool = False) -> None:
+        """The most frequent recent shapes (at most ``MIX_MAX``); scores are recomputed
+        (caches dropped) only when the mix moved by more than ``DRIFT``, or ``force``."""
         self._since = 0
-        self.mix = typical_mix(self._recent)
+        top = typical_mix(self._recent)[:MIX_MAX]
+        total = sum(t.weight for t in top) or 1.0
+        mix = tuple(TypicalAsk(t.ask, t.weight / total) for t in top)
+        if not force and _close(mix, self.mix):
+            return
+        self.mix = mix
         devices: Counter[str] = Counter()
         for sp in self.pools.values():
             for model, n in sp.cluster.devices_of.items():
                 devices[model] += n
         self.scarcity = scarcity_of(self.mix, devices)
+        self.caches.clear()
         for sp in self.pools.values():
-            sp.cluster.set_mix(self.mix, self.scarcity)
+            sp.cluster.set_mix(self.mix, self.scarcity, self.caches)
 
     # --- placing a share ------------------------------------------------------------------
     def match(self, engine: Engine, ctx: _Ctx, cells: list[Cell], limit: int) -> list[Placement]:
@@ -286,7 +313,9 @@ class Shares:
     def whole(self, ask: Ask, options: list[Placement]) -> tuple[list[Placement], set[str]]:
         """The options with device hints on their sharing pools; options whose sharing
         pool has its free devices spread so that the ask does not fit one node are left
-        out (their pools returned, for the engine to look again without them)."""
+        out. If one is, every sharing pool where the ask's units (or the units of its
+        smallest allocation) cannot fit is returned, for the engine to look again
+        without them, once."""
         if ask.gang:
             self.record(ask, int(options[0].units))
         out: list[Placement] = []
@@ -308,6 +337,9 @@ class Shares:
                 allocations.append(msgspec.structs.replace(a, devices=devices))
             else:
                 out.append(msgspec.structs.replace(option, allocations=tuple(allocations)))
+        if bad:
+            least = min(a.units for o in options for a in o.allocations)
+            bad |= {pid for pid, sp in self.pools.items() if not sp.fits_whole(least)}
         return out, bad
 
     # --- why not --------------------------------------------------------------------------
@@ -356,3 +388,11 @@ class Shares:
         return [f"no device in {_few(c.region for c, _ in left)} has {milli} milli free; "
                 f"largest free slice is {largest}"], False
 
+
+
+def _close(a: tuple[TypicalAsk, ...], b: tuple[TypicalAsk, ...]) -> bool:
+    """Total variation distance below ``DRIFT`` (never for an empty mix)."""
+    if not a or not b:
+        return False
+    wa, wb = {t.ask: t.weight for t in a}, {t.ask: t.weight for t in b}
+    return sum(abs(wa.get(k, 0.0) - wb.get(k, 0.0)) for k in wa.keys() | wb.keys()) / 2 < DRIFT
