@@ -201,3 +201,34 @@ def test_reserved_share_costs_its_share_of_the_term() -> None:
 def test_an_ask_for_a_share_of_several_units_is_refused() -> None:
     with pytest.raises(ValueError):
         engine(share_pool("s")).match(Ask(units=2, milli=500))
+
+
+def test_the_mix_is_retaken_only_when_it_drifts() -> None:
+    e = engine(share_pool("s", capacity=8))
+    shares = e._shares  # noqa: SLF001
+    for _ in range(50):
+        e.match(share(500))
+    learned = shares.mix
+    assert [(t.ask.milli, t.weight) for t in learned] == [(500, 1.0)]
+    shares.caches.frag[("marker",)] = 0.0
+    for _ in range(RELEARN):
+        e.match(share(500))
+    assert shares.mix is learned and ("marker",) in shares.caches.frag  # same mix: scores kept
+    for _ in range(RELEARN // 2):
+        e.match(share(250))
+    for _ in range(RELEARN // 2):
+        e.match(share(500))
+    assert {t.ask.milli for t in shares.mix} == {250, 500} and ("marker",) not in shares.caches.frag
+
+
+def test_billing_not_offered_by_sharing_pools_is_the_reason() -> None:
+    d = engine(share_pool("s")).match(share(250, billing="reserved_month"))
+    assert d.never and d.reasons == ("no sharing pool in ['cn-gz'] offers reserved_month",)
+
+
+def test_objective_time_with_data_prefers_the_near_pool() -> None:
+    near = share_pool("near", region="cn-gz", price="3")
+    far = share_pool("far", region="us-east", price="1")
+    d = engine(near, far).match(share(250, data_region="cn-gz", data_gb=500.0, objective="time"))
+    assert d.placed and d.options[0].allocations[0].pool_id == "near"
+    assert d.options[0].transfer_s <= d.options[-1].transfer_s
