@@ -232,3 +232,15 @@ def test_objective_time_with_data_prefers_the_near_pool() -> None:
     d = engine(near, far).match(share(250, data_region="cn-gz", data_gb=500.0, objective="time"))
     assert d.placed and d.options[0].allocations[0].pool_id == "near"
     assert d.options[0].transfer_s <= d.options[-1].transfer_s
+
+
+def test_a_batch_places_shares_on_partly_used_devices_and_restores_what_it_tried() -> None:
+    from services.broker.matching import place_batch
+
+    e = engine(share_pool("s", capacity=2, upn=2))
+    e.set_devices("s", {0: 500, 1: 500})
+    e.set_free("s", 0)  # no whole device left: only shares fit
+    result = place_batch(e, [share(500), share(500), share(250)], time_budget_s=0.2)
+    placed = [p for p in result.placements if p is not None]
+    assert len(placed) == 2 and sorted(p.allocations[0].devices for p in placed) == [(0,), (1,)]
+    assert e.devices("s") == {0: 0, 1: 0}  # the engine holds the plan's shares, nothing more

@@ -435,6 +435,11 @@ class Engine:
         if sp is not None:
             sp.set(free)
 
+    def shared_devices(self) -> dict[str, dict[int, int]]:
+        """Free milli per device of every sharing pool (a snapshot to restore with
+        ``set_devices``)."""
+        return {pid: sp.free_milli() for pid, sp in self._shares.pools.items()}
+
     def device_free(self, pool_id: str, index: int) -> int:
         """Free milli of one device of a sharing pool (0 if there is no such device)."""
         sp = self._shares.pools.get(pool_id)
