@@ -146,7 +146,7 @@ def test_a_share_scores_the_same_as_the_shape_it_leaves(mix, model, free, milli,
     dc = DeviceCluster([NodeSpec(name="n", model=model, devices=len(free), cpu_milli=0, memory_mib=0)],
                        typical_mix(mix))
     shape = tuple(sorted(free, reverse=True))
-    got = dc._share_frags(model, shape, cpu_cls, mem_cls, milli)  # noqa: SLF001
+    got = dc._share_frags(model, shape, cpu_cls, mem_cls, milli)
     assert [v for v, _ in got] == sorted({v for v in free if v >= milli})
     for v, after in got:
         left = list(shape)

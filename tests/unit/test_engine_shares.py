@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from services.broker.matching import Ask, Engine
-from services.broker.matching.shares import RELEARN, PER_CLASS
+from services.broker.matching.shares import PER_CLASS, RELEARN
 
 from .test_engine import ASCEND, TOPO, pool
 
@@ -80,7 +80,7 @@ def test_the_equal_cost_scoring_uses_the_learned_mix() -> None:
     (leaving 350, a fragment for that mix), though best fit alone would pick 600."""
     e = engine(share_pool("s", capacity=2, upn=2))
     for _ in range(RELEARN):
-        e._shares.record(share(500), 1)  # noqa: SLF001 (the mix the engine learned)
+        e._shares.record(share(500), 1)
     e.set_devices("s", {0: 600, 1: 750})
     assert e.match(share(250)).options[0].allocations[0].devices == (1,)
     blind = engine(share_pool("s", capacity=2, upn=2))
@@ -98,7 +98,7 @@ def test_no_device_with_enough_free_says_the_largest_slice() -> None:
 
 def test_min_milli_and_sharing_mode_are_reasons() -> None:
     assert engine(pool("w", "cn-gz", "1")).match(share(250)).reasons == (
-        "no pool in ['cn-gz'] shares devices (the 1 matching pool lease whole devices only)",)
+        "no pool in ['cn-gz'] shares devices (the 1 matching pool leases whole devices only)",)
     d = engine(share_pool("s", min_milli=200)).match(share(100))
     assert d.never and d.reasons == (
         "no sharing pool in ['cn-gz'] places a share of 100 milli (smallest share allowed: 200 milli)",)
@@ -118,8 +118,8 @@ def test_memory_rule_per_mode() -> None:
 
 def test_price_cap_applies_to_what_the_share_costs() -> None:
     e = engine(share_pool("s", price="4"))
-    assert e.match(share(250, max_price=D("1"))).placed  # 4 x 0.25 = 1/hour
-    d = e.match(share(500, max_price=D("1")))
+    assert e.match(share(250, max_price=D(1))).placed  # 4 x 0.25 = 1/hour
+    d = e.match(share(500, max_price=D(1)))
     assert d.never and d.reasons == ("cheapest 500-milli share costs 2/hour, above your max 1",)
 
 
@@ -192,7 +192,7 @@ def test_one_option_per_pool_and_at_most_limit() -> None:
 
 
 def test_reserved_share_costs_its_share_of_the_term() -> None:
-    p = msgspec.structs.replace(share_pool("s"), reserved_month=D("1000"))
+    p = msgspec.structs.replace(share_pool("s"), reserved_month=D(1000))
     d = engine(p).match(share(100, billing="reserved_month"))
     assert d.options[0].compute_cost == D("100.0")
     assert d.options[0].share_hour_price == (D(1000) / 730 / 10).quantize(D("0.000001"))
@@ -205,7 +205,7 @@ def test_an_ask_for_a_share_of_several_units_is_refused() -> None:
 
 def test_the_mix_is_retaken_only_when_it_drifts() -> None:
     e = engine(share_pool("s", capacity=8))
-    shares = e._shares  # noqa: SLF001
+    shares = e._shares
     for _ in range(50):
         e.match(share(500))
     learned = shares.mix

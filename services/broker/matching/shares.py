@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .devices import MILLI, Caches, DeviceAsk, DeviceCluster, NodeSpec, TypicalAsk, scarcity_of, typical_mix
+from .devices import (
+    MILLI,
+    Caches,
+    DeviceAsk,
+    DeviceCluster,
+    NodeSpec,
+    TypicalAsk,
+    scarcity_of,
+    typical_mix,
+)
 from .model import Allocation, Ask, Placement, PoolState
 from .texts import few as _few
 from .texts import fmt_money as _money
@@ -301,7 +310,7 @@ class Shares:
         allocation = Allocation(
             pool_id=pid, region=cell.region, provider=pool.provider, model=cell.model, units=1,
             unit_price=price, price_basis=ctx.basis, availability="listed" if pool.listed else "live",
-            location="unknown" if engine._links.is_unlocated(cell.region) else "known",  # noqa: SLF001
+            location="unknown" if engine._links.is_unlocated(cell.region) else "known",
             milli=milli, devices=devices)
         return Placement(
             allocations=(allocation,), units=1, tflops=cell.tflops(ctx.metric) * milli / MILLI,
@@ -353,19 +362,19 @@ class Shares:
         pools = [(c, self.pools[pid]) for c in cells for pid in self.by_cell.get(c.id, ())]
         if not pools:
             n = sum(len(c.pools) for c in cells)
-            return [f"no pool in {regions} shares devices (the {n} matching pool{'s' if n != 1 else ''} "
-                    "lease whole devices only)"], True
+            return [(f"no pool in {regions} shares devices (the {n} matching "
+                     f"{'pools lease' if n != 1 else 'pool leases'} whole devices only)")], True
         small = [(c, sp) for c, sp in pools if sp.min_milli <= milli]
         if not small:
             least = min(sp.min_milli for _, sp in pools)
-            return [f"no sharing pool in {regions} places a share of {milli} milli "
-                    f"(smallest share allowed: {least} milli)"], True
+            return [(f"no sharing pool in {regions} places a share of {milli} milli "
+                     f"(smallest share allowed: {least} milli)")], True
         if need_gib:
             roomy = [(c, sp) for c, sp in small if sp.slice_gib(milli) >= need_gib]
             if not roomy:
                 most = max(sp.slice_gib(milli) for _, sp in small)
-                return [f"no sharing pool in {regions} gives a {milli}-milli share {_num(need_gib)} GB of "
-                        f"memory (most: {_num(most)} GB)"], True
+                return [(f"no sharing pool in {regions} gives a {milli}-milli share {_num(need_gib)} GB of "
+                         f"memory (most: {_num(most)} GB)")], True
             small = roomy
         billing = ctx.billing
         offering = [(c, sp) for c, sp in small if getattr(c.pools[sp.pool_id], billing) is not None]
@@ -378,15 +387,15 @@ class Shares:
         if ctx.cap is not None:
             cheapest = min(getattr(c.pools[sp.pool_id], billing) * fraction for c, sp in reached)
             if cheapest > ctx.cap:
-                return [f"cheapest {milli}-milli share costs {_money(cheapest / ctx.hour_div)}/hour, "
-                        f"above your max {_money(ask.max_price)}"], True  # type: ignore[arg-type]
+                return [(f"cheapest {milli}-milli share costs {_money(cheapest / ctx.hour_div)}/hour, "
+                         f"above your max {_money(ask.max_price)}")], True  # type: ignore[arg-type]
             reached = [(c, sp) for c, sp in reached if getattr(c.pools[sp.pool_id], billing) * fraction <= ctx.cap]
         left = [(c, sp) for c, sp in reached if sp.pool_id not in ctx.exclude]
         if not left:
             return [f"all {len(reached)} matching sharing pools are excluded"], False
         largest = max(sp.top for _, sp in left)
-        return [f"no device in {_few(c.region for c, _ in left)} has {milli} milli free; "
-                f"largest free slice is {largest}"], False
+        return [(f"no device in {_few(c.region for c, _ in left)} has {milli} milli free; "
+                 f"largest free slice is {largest}")], False
 
 
 
