@@ -136,7 +136,9 @@ def test_whole_asks_on_a_sharing_pool_take_one_node_of_whole_devices() -> None:
     devices = d.options[0].allocations[0].devices
     assert len(devices) == 4 and len({i // 8 for i in devices}) == 1
     assert all(e.devices("s")[i] == 1000 for i in devices)
-    assert not e.match(Ask(units=8)).placed  # 14 whole devices free, but no node has 8
+    d = e.match(Ask(units=8))  # 14 whole devices free, but no node has 8
+    assert not d.placed and not d.never
+    assert d.reasons == ("1 sharing pool has 8 whole devices free, but not on one node (most on one node: 7)",)
 
 
 def test_whole_ask_moves_on_when_the_sharing_pool_is_spread_thin() -> None:

@@ -640,7 +640,10 @@ class Engine:
         kept, bad = self._shares.whole(ask, options)
         if kept or not bad:
             return Decision(options=tuple(kept))
-        return self.match(msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | bad), limit=limit)
+        again = self.match(msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | bad), limit=limit)
+        if again.placed:
+            return again
+        return Decision(reasons=(self._shares.spread_reason(options, bad),))
 
     # --- gang: one pool, exact ---------------------------------------------------------
     def _gang(self, ctx: _Ctx, order: _Order, limit: int) -> list[Placement]:

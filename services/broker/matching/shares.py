@@ -351,6 +351,16 @@ class Shares:
             bad |= {pid for pid, sp in self.pools.items() if not sp.fits_whole(least)}
         return out, bad
 
+    def spread_reason(self, options: list[Placement], bad: set[str]) -> str:
+        """Why whole units found in the books do not fit: their sharing pools' whole
+        devices are spread over nodes (not ``never``: releases gather them)."""
+        units = min(a.units for o in options for a in o.allocations if a.pool_id in bad)
+        pools = [self.pools[pid] for pid in sorted(bad) if pid in self.pools]
+        most = max((sp.whole_node for sp in pools), default=0)
+        n = len(pools)
+        return (f"{n} sharing pool{'s have' if n != 1 else ' has'} {units} whole devices free, but not on "
+                f"one node (most on one node: {most})")
+
     # --- why not --------------------------------------------------------------------------
     def explain(self, engine: Engine, ctx: _Ctx, cells: list[Cell]) -> tuple[list[str], bool]:
         """Why no share fits, once the static constraints left some cells: the first of
