@@ -150,6 +150,13 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
                       f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{durable}", f"$JS.ACK.{alloc}.{durable}.>"]
     # Likewise only the broker drives its failover consumer there: another user acknowledging
     # a lease.failed or lease.lost from it would leave that lease never replaced.
+    # The same for the meter's reliability consumer: another user acknowledging from it
+    # would leave facts out of the record that ranking reads.
+    reliability = "meter-reliability"
+    meter_consumer += [f"{JS}.CONSUMER.DELETE.{alloc}.{reliability}", f"{JS}.CONSUMER.CREATE.{alloc}.{reliability}",
+                       f"{JS}.CONSUMER.CREATE.{alloc}.{reliability}.>",
+                       f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{reliability}",
+                       f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{reliability}", f"$JS.ACK.{alloc}.{reliability}.>"]
     failover = "broker-failover"
     failover_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{failover}", f"{JS}.CONSUMER.CREATE.{alloc}.{failover}",
                          f"{JS}.CONSUMER.CREATE.{alloc}.{failover}.>",
@@ -262,18 +269,19 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
         keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.interruptible_leases("*"), k.leases_ready("*"),
                      k.lease_provisioning("*"), k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
                      k.idempotency("*", "*"), k.queue(), k.tenant_vtime(), k.budget_blocked(), k.lock("*"),
-                     k.rebuilt_marker("*"), k.reliability_all(), *every],
+                     k.rebuilt_marker("*"), k.reliability_all(), *every],  # reliability: read (ranking, its endpoint)
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "sismember", "zadd", "zrem", "zrange", "zrangebyscore", "zrank", "zcard",
-            "zscore",
-            # the reliability record (services/broker/reliability): its script, reads and rebuild
-            "lpush", "ltrim", "lrange", "expire", "incr", "scan", "mget"],
+            "zscore", "lrange", "mget"],
     )
     meter = RedisUser(
-        "meter", "API-key cache and rate limits only: the meter's own state is in JetStream",
-        keys=every,
-        commands=BASE_COMMANDS + SCRIPT_COMMANDS + ["get", "set"],
+        "meter", "API-key cache, rate limits and the reliability record: the meter's own state is in JetStream",
+        keys=[k.reliability_all(), *every],
+        commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
+            "get", "set",
+            # the reliability record (services/meter/reliability): its script, and its rebuild
+            "exists", "del", "scan", "expire", "hincrby", "hmget", "hset", "incr", "lpush", "ltrim", "sadd"],
     )
     # `cbroker audit` reads each region in one Lua script (a consistent snapshot); a script
     # runs with its caller's ACL, so with only @read it cannot write either.
