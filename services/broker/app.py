@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
-        failover = broker.failover.feed(nc, js, subjects)  # one replica replaces each failed or lost lease
+        failover = broker.failover.feed(nc, js, subjects, replicas=settings.stream_replicas)  # one replica replaces each
         await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
