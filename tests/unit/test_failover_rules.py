@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import msgspec
 import pytest
 
 from services.broker.domain.failover import (
