@@ -12,10 +12,10 @@ decision time per size, and the engine's memory (tracemalloc) at each size.
 
 Target (issue): median decision <= 1 ms at 100,000 pools, pure Python.
 
-    python bench/engine_bench.py --devices 100000 [--asks 3000] [--seed 7]
+    python bench/engine_bench.py --devices 100000 [--pool-devices 8] [--asks 3000] [--seed 7]
 
-Shares (issue 14): sharing pools of up to 1,024 devices (8 per node) holding ``--devices``
-devices in all, their devices partly taken (a long-running mix: some whole, some empty,
+Shares (issue 14): sharing pools of 256-1,024 devices (8 per node; with ``--pool-devices``,
+all of that size) holding ``--devices`` devices in all, their devices partly taken (a long-running mix: some whole, some empty,
 most in between), 1,000 ordinary pools beside them. Times ``Engine.match`` for shares of
 100-750 milli (some with a model list, a region list, a memory need) and whole asks of 1-8
 units, and applies each placement (``set_devices``/``set_free``, as the allocation events
@@ -211,24 +211,28 @@ def run(size: int, n_asks: int, seed: int, models: dict[str, dict]) -> dict:
 SHARE_MILLI = [100, 100, 200, 250, 250, 300, 400, 500, 500, 750]
 
 
-def make_sharing_pools(devices: int, rng: random.Random, models: dict[str, dict]) -> list[PoolState]:
-    """Sharing pools holding ``devices`` devices; prices from few levels, so that several
-    pools share a cost class and the device rule decides among them."""
+def make_sharing_pools(devices: int, rng: random.Random, models: dict[str, dict],
+                       pool_devices: int = 0) -> list[PoolState]:
+    """Sharing pools holding ``devices`` devices: of 256-1,024 devices with prices from few
+    levels, so that several pools share a cost class and the device rule decides among
+    them; or, with ``pool_devices``, all of that size (one node) with prices 0.20-30.00
+    (``share_bench.py``'s layout: 12,500 pools of 8)."""
     regions = default_topology().regions
     names = list(models)[:8]
     out = []
     left, i = devices, 0
     while left > 0:
         m = models[rng.choice(names)]
-        cap = min(left, rng.choice([256, 512, 1000, 1024]))
+        cap = min(left, pool_devices or rng.choice([256, 512, 1000, 1024]))
         region = rng.choice(regions)
-        price = Decimal(rng.choice(["1.20", "1.50", "2.00", "2.40", "3.10"]))
+        price = Decimal(rng.randint(20, 3000)) / 100 if pool_devices else \
+            Decimal(rng.choice(["1.20", "1.50", "2.00", "2.40", "3.10"]))
         out.append(PoolState(
             pool_id=f"share-{i:04d}", provider=f"prov-{i % 13}", region=region.id, country=region.country,
             model=m["model"], vendor=m["vendor"], stack=m["stack"], frameworks=tuple(m["frameworks"]),
             memory_gib=float(m["memory_gib"]), interconnect=m["interconnect"],
             bf16_tflops=float(m["bf16_tflops"]), fp16_tflops=float(m["fp16_tflops"]),
-            fp8_tflops=m.get("fp8_tflops"), units_per_node=8, capacity=cap, free=cap, on_demand=price,
+            fp8_tflops=m.get("fp8_tflops"), units_per_node=min(8, cap), capacity=cap, free=cap, on_demand=price,
             sharing=rng.choice(["time_slice", "memory"]), min_milli=100))
         left -= cap
         i += 1
@@ -240,9 +244,9 @@ def random_device(rng: random.Random) -> int:
     return 1000 if r < 0.3 else 0 if r < 0.5 else rng.choice(range(0, 1001, 100))
 
 
-def run_devices(devices: int, n_asks: int, seed: int, models: dict[str, dict]) -> dict:
+def run_devices(devices: int, n_asks: int, seed: int, models: dict[str, dict], pool_devices: int = 0) -> dict:
     rng = random.Random(seed * 7919 + devices)
-    sharing = make_sharing_pools(devices, rng, models)
+    sharing = make_sharing_pools(devices, rng, models, pool_devices)
     plain = make_pools(1000, rng, models)
     regions = [r.id for r in default_topology().regions]
     names = list(models)[:8]
@@ -313,6 +317,7 @@ def main() -> None:
     ap.add_argument("--asks", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--devices", default="", help="devices of sharing pools, e.g. 100000 (shares; issue 14)")
+    ap.add_argument("--pool-devices", type=int, default=0, help="devices per sharing pool (default: 256-1,024)")
     args = ap.parse_args()
     models = load_models()
     if args.devices:
@@ -321,7 +326,7 @@ def main() -> None:
               "| build s | engine memory MB |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in (int(x) for x in args.devices.split(",")):
-            r = run_devices(n, args.asks, args.seed, models)
+            r = run_devices(n, args.asks, args.seed, models, args.pool_devices)
             print(f"| {r['devices']:,} | {r['pools']} | {r['placed']:.0%} | {r['median']:.0f} | {r['p99']:.0f} "
                   f"| {r['share_median']:.0f} | {r['share_p99']:.0f} | {r['build_s']:.2f} | {r['memory_mb']:.1f} |",
                   flush=True)

@@ -8,9 +8,11 @@ from decimal import Decimal as D
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.broker.matching import Ask, Engine
-from services.broker.matching.shares import PER_CLASS, RELEARN
+from services.broker.matching.shares import PER_CLASS, RELEARN, Ladder
 
 from .test_engine import ASCEND, TOPO, pool
 
@@ -246,3 +248,33 @@ def test_a_batch_places_shares_on_partly_used_devices_and_restores_what_it_tried
     placed = [p for p in result.placements if p is not None]
     assert len(placed) == 2 and sorted(p.allocations[0].devices for p in placed) == [(0,), (1,)]
     assert e.devices("s") == {0: 0, 1: 0}  # the engine holds the plan's shares, nothing more
+
+
+@settings(max_examples=200, deadline=None)
+@given(tops=st.lists(st.integers(0, 1000), min_size=1, max_size=40),
+       changes=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 1000)), max_size=20),
+       j=st.integers(0, 45), milli=st.integers(1, 1000))
+def test_a_ladder_finds_the_next_pool_with_a_slice_as_a_scan_would(tops, changes, j, milli) -> None:
+    ladder = Ladder([(D(i % 7), f"p{i:02d}", t) for i, t in enumerate(tops)])
+    now = {pid: tops[int(pid[1:])] for pid in ladder.pids}
+    for i, top in changes:
+        if i < len(tops):
+            ladder.update(f"p{i:02d}", top)
+            now[f"p{i:02d}"] = top
+    want = next((k for k in range(j, len(ladder.pids)) if now[ladder.pids[k]] >= milli), -1)
+    assert ladder.first(j, milli) == want
+    assert ladder.prices == sorted(ladder.prices)
+
+
+def test_full_cheap_pools_are_skipped_and_price_order_kept() -> None:
+    pools = [share_pool(f"p{i}", price=str(1 + i), capacity=8) for i in range(6)]
+    e = engine(*pools)
+    for i in range(4):  # the four cheapest are full
+        e.set_devices(f"p{i}", dict.fromkeys(range(8), 0))
+    e.set_devices("p4", {0: 200})
+    assert [o.allocations[0].pool_id for o in e.match(share(300)).options] == ["p4", "p5"]
+    assert e.match(share(200)).options[0].allocations[0].devices == (0,)  # p4's 200 slice fits exactly
+    e.upsert(share_pool("p0", price="9", capacity=8))  # re-registered dearer: its devices stay as they were
+    assert [o.allocations[0].pool_id for o in e.match(share(300), limit=3).options] == ["p4", "p5"]
+    e.set_devices("p0", dict.fromkeys(range(8), 1000))  # its leases ended
+    assert [o.allocations[0].pool_id for o in e.match(share(300), limit=3).options] == ["p4", "p5", "p0"]

@@ -20,9 +20,12 @@ whole asks while sharing pools exist), re-learned every ``RELEARN`` asks.
 
 from __future__ import annotations
 
+import heapq
+from bisect import insort
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
+from itertools import groupby, islice
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -37,6 +40,7 @@ from .devices import (
     scarcity_of,
     typical_mix,
 )
+from .index import BILLINGS
 from .model import Allocation, Ask, Placement, PoolState
 from .texts import few as _few
 from .texts import fmt_money as _money
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from .index import Cell
 
 PER_CLASS = 8  # pools of one cost class scored with the device rule per decision
+VISIT_MAX = 256  # pools that pass the checks looked at per decision, in cost order
 WINDOW = 2000  # recent asks the expected mix is learned from
 RELEARN = 2000  # asks between two learnings of the mix (the first after 50 asks)
 MIX_MAX = 8  # expected ask shapes kept (the score of a node shape costs O(mix x devices))
@@ -60,7 +65,8 @@ class SharedPool:
     """One sharing pool's devices: device index i is device i % units_per_node of node
     i // units_per_node (the last node may have fewer)."""
 
-    __slots__ = ("_top", "_whole_node", "capacity", "cluster", "memory_gib", "min_milli", "mode", "pool_id", "upn")
+    __slots__ = ("_top", "_whole_node", "capacity", "cluster", "ladders", "memory_gib", "min_milli", "mode",
+                 "pool_id", "upn")
 
     def __init__(self, state: PoolState, mix: Iterable[TypicalAsk] = (),
                  scarcity: Mapping[str, float] | None = None, caches: Caches | None = None) -> None:
@@ -74,6 +80,7 @@ class SharedPool:
             self.cluster.set_mix(tuple(mix), scarcity, caches)
         self._top: int | None = None
         self._whole_node: int | None = None
+        self.ladders: list[Ladder] = []  # the price ladders this pool is on (one per billing mode)
         self.refresh(state)
 
     def refresh(self, state: PoolState) -> None:
@@ -94,7 +101,11 @@ class SharedPool:
             if 0 <= index < cap:
                 node, dev = divmod(index, upn)
                 cluster.set_device(node, dev, min(MILLI, max(0, int(milli))))
+        old = self._top
         self._top = self._whole_node = None
+        if self.ladders and self.top != old:
+            for ladder in self.ladders:
+                ladder.update(self.pool_id, self.top)
 
     def get(self, index: int) -> int:
         node, dev = divmod(index, self.upn)
@@ -161,6 +172,60 @@ class SharedPool:
         return tuple(sorted(out[:units])) if len(out) >= units else None
 
 
+class Ladder:
+    """The sharing pools of one cell that offer one billing mode, by price (then id), with
+    a max-tree over their largest free slices: the next pool in price order with a slice
+    of at least ``milli`` is one O(log n) descent, so full pools are never walked."""
+
+    __slots__ = ("pids", "pos", "prices", "size", "tree")
+
+    def __init__(self, entries: list[tuple[Decimal, str, int]]) -> None:
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self.prices = [e[0] for e in entries]
+        self.pids = [e[1] for e in entries]
+        self.pos = {pid: i for i, pid in enumerate(self.pids)}
+        size = 1
+        while size < len(entries):
+            size <<= 1
+        self.size = size
+        tree = self.tree = [0] * (2 * size)
+        for i, e in enumerate(entries):
+            tree[size + i] = e[2]
+        for i in range(size - 1, 0, -1):
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+
+    def update(self, pool_id: str, top: int) -> None:
+        tree = self.tree
+        i = self.pos[pool_id] + self.size
+        tree[i] = top
+        i >>= 1
+        while i:
+            v = max(tree[2 * i], tree[2 * i + 1])
+            if tree[i] == v:
+                break
+            tree[i] = v
+            i >>= 1
+
+    def first(self, j: int, milli: int) -> int:
+        """The first position >= ``j`` whose pool has a slice of ``milli``; -1 if none."""
+        if j >= len(self.pids):
+            return -1
+        tree, size = self.tree, self.size
+        i = j + size
+        while True:
+            if tree[i] >= milli:
+                while i < size:
+                    i <<= 1
+                    if tree[i] < milli:
+                        i += 1
+                return i - size
+            while i & 1:
+                i >>= 1
+            if not i:
+                return -1
+            i += 1
+
+
 class Shares:
     """The engine's sharing pools, by cell, and the expected mix they are scored with."""
 
@@ -173,6 +238,7 @@ class Shares:
         self.mix: tuple[TypicalAsk, ...] = ()
         self.scarcity: dict[str, float] = {}
         self.caches = Caches()  # scores of node shapes, shared by all sharing pools (one mix)
+        self._ladders: dict[tuple[int, str], Ladder | None] = {}  # (cell id, billing) -> its ladder
 
     # --- pools ----------------------------------------------------------------------------
     def upsert(self, state: PoolState, cell_id: int) -> None:
@@ -195,6 +261,7 @@ class Shares:
             self._leave(pid, old)
         self._cell[pid] = cell_id
         self.by_cell.setdefault(cell_id, {})[pid] = None
+        self._unladder(cell_id)  # a price or a member changed: the cell's ladders are rebuilt when next used
 
     def remove(self, pool_id: str) -> None:
         if self.pools.pop(pool_id, None) is not None:
@@ -206,6 +273,34 @@ class Shares:
             members.pop(pool_id, None)
             if not members:
                 del self.by_cell[cell_id]
+        self._unladder(cell_id)
+
+    def _unladder(self, cell_id: int) -> None:
+        for billing in BILLINGS:
+            dropped = self._ladders.pop((cell_id, billing), None)
+            if dropped is not None:
+                for pid in dropped.pids:
+                    sp = self.pools.get(pid)
+                    if sp is not None:
+                        sp.ladders = [lad for lad in sp.ladders if lad is not dropped]
+
+    def ladder(self, cell: Cell, billing: str) -> Ladder | None:
+        """The cell's sharing pools that offer ``billing``, by price (built on first use)."""
+        key = (cell.id, billing)
+        try:
+            return self._ladders[key]
+        except KeyError:
+            pass
+        entries = []
+        for pid in self.by_cell.get(cell.id, ()):
+            price = getattr(cell.pools[pid], billing)
+            if price is not None:
+                entries.append((price, pid, self.pools[pid].top))
+        ladder = self._ladders[key] = Ladder(entries) if entries else None
+        if ladder is not None:
+            for pid in ladder.pids:
+                self.pools[pid].ladders.append(ladder)
+        return ladder
 
     # --- the expected mix ------------------------------------------------------------------
     def record(self, ask: Ask, units: int) -> None:
@@ -238,29 +333,72 @@ class Shares:
 
     # --- placing a share ------------------------------------------------------------------
     def match(self, engine: Engine, ctx: _Ctx, cells: list[Cell], limit: int) -> list[Placement]:
-        """Up to ``limit`` placements of the share on distinct pools, best first."""
+        """Up to ``limit`` placements of the share on distinct pools, best first.
+
+        The cells' price ladders are merged lazily in order of a lower bound on the key
+        (cost, or time then cost), visiting only pools with a slice that fits, until
+        ``limit`` pools are found and the bound passes the ``limit``-th key (at most
+        ``VISIT_MAX`` pools that pass the checks); then the pools of each key, in order,
+        are scored with devices.py's rule (at most ``PER_CLASS`` per key)."""
         ask = ctx.ask
         milli = ask.milli
         self.record(ask, 1)
         fraction = Decimal(milli) / _MILLI
-        classes: dict[tuple, list[tuple[int, str, Cell, Decimal, Decimal]]] = {}
-        for cell, sp, pool, price in self._offers(engine, ctx, cells):
-            if sp.top < milli:
+        f = fraction * ctx.factor
+        time_obj, cap, exclude, need_gib = ctx.time_obj, ctx.cap, ctx.exclude, ask.share_memory_gib
+        rank = ctx.rank
+        m_lo = rank[0] if rank is not None else None
+        heap: list[tuple[tuple, int, int]] = []
+        meta: dict[int, tuple[Cell, Ladder, Decimal, float]] = {}
+
+        def push(cid: int, j: int) -> None:
+            _, ladder, transfer, ctime = meta[cid]
+            cost = ladder.prices[j] * f + transfer
+            if m_lo is not None:
+                cost *= m_lo
+            heapq.heappush(heap, ((ctime, cost) if time_obj else (cost, ctime), cid, j))
+
+        for cell in cells:
+            if cell.id not in self.by_cell:
                 continue
             info = ctx.region(cell.region)
-            assert info is not None
-            cost = price * fraction * ctx.factor + info[0]
-            if ctx.rank is not None:
-                cost = (cost * ctx.rank[1](sp.pool_id)).quantize(_MICRO)
-            ctime = ctx.cell_time(cell, info)
-            key = (ctime, cost) if ctx.time_obj else (cost, ctime)
-            classes.setdefault(key, []).append((sp.top, sp.pool_id, cell, price, info[0]))
+            if info is None:
+                continue
+            ladder = self.ladder(cell, ctx.billing)
+            if ladder is None:
+                continue
+            j = ladder.first(0, milli)
+            if j >= 0:
+                meta[cell.id] = (cell, ladder, info[0], ctx.cell_time(cell, info))
+                push(cell.id, j)
+        found: list[tuple[tuple, int, str, Cell, Decimal, Decimal]] = []  # (key, top, pool, cell, price, transfer)
+        keys: list[tuple] = []
+        while heap and len(found) < VISIT_MAX:
+            if len(keys) >= limit and heap[0][0] > keys[limit - 1]:
+                break
+            _, cid, j = heapq.heappop(heap)
+            cell, ladder, transfer, ctime = meta[cid]
+            price, pid = ladder.prices[j], ladder.pids[j]
+            if cap is not None and price * fraction > cap:
+                continue  # the rest of this cell's ladder costs more
+            nj = ladder.first(j + 1, milli)
+            if nj >= 0:
+                push(cid, nj)
+            sp = self.pools[pid]
+            if sp.min_milli > milli or (need_gib and sp.slice_gib(milli) < need_gib) or pid in exclude:
+                continue
+            cost = price * f + transfer
+            if rank is not None:
+                cost = (cost * rank[1](pid)).quantize(_MICRO)
+            key = (ctime, cost) if time_obj else (cost, ctime)
+            found.append((key, sp.top, pid, cell, price, transfer))
+            insort(keys, key)
+        found.sort(key=lambda m: (m[0], m[1], m[2]))  # by key, then tightest fit first
         device_ask = DeviceAsk(gpus=1, milli=milli, models=ask.models)
         options: list[Placement] = []
-        for key in sorted(classes):
-            members = sorted(classes[key], key=lambda m: (m[0], m[1]))[:PER_CLASS]  # tightest fit first
+        for _, members in groupby(found, key=lambda m: m[0]):
             scored = []
-            for top, pid, cell, price, transfer in members:
+            for _, _, pid, cell, price, transfer in islice(members, PER_CLASS):
                 s = self.pools[pid].score(device_ask)
                 if s is not None:
                     scored.append((s[0], s[1], pid, s[2], cell, price, transfer))
@@ -270,28 +408,6 @@ class Shares:
                 if len(options) >= limit:
                     return options
         return options
-
-    def _offers(self, engine: Engine, ctx: _Ctx, cells: list[Cell]) -> Iterable[tuple[Cell, SharedPool, PoolState, Decimal]]:
-        """The sharing pools of ``cells`` that may take the ask's share at all: small
-        enough a share allowed, memory, billing offered within the price cap, data
-        reachable, not excluded (free devices are not looked at)."""
-        ask = ctx.ask
-        milli, need_gib = ask.milli, ask.share_memory_gib
-        billing, cap, exclude = ctx.billing, ctx.cap, ctx.exclude
-        fraction = Decimal(milli) / _MILLI
-        for cell in cells:
-            members = self.by_cell.get(cell.id)
-            if not members or ctx.region(cell.region) is None:
-                continue
-            for pid in members:
-                sp = self.pools[pid]
-                if sp.min_milli > milli or (need_gib and sp.slice_gib(milli) < need_gib) or pid in exclude:
-                    continue
-                pool = cell.pools[pid]
-                price = getattr(pool, billing)
-                if price is None or (cap is not None and price * fraction > cap):
-                    continue
-                yield cell, sp, pool, price
 
     def _placement(self, engine: Engine, ctx: _Ctx, cell: Cell, pid: str, price: Decimal, transfer: Decimal,
                    devices: tuple[int, ...]) -> Placement:
