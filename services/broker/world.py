@@ -54,15 +54,20 @@ from services.common.network import Network
 from services.common.subjects import ALLOC, CAPACITY, Subjects, region_key
 
 from .matching.engine import Engine
-from .matching.model import PoolState
+from .matching.model import Allocation, PoolState
 
 log = logging.getLogger("broker.world")
-# what ``hold``/``settle`` take: (pool, units) or (pool, units, milli, device indices)
-Held = tuple[str, int] | tuple[str, int, int, tuple[int, ...]]
+# what ``hold``/``settle`` take: (pool, units), (pool, units, milli, device indices), or
+# the engine's allocations themselves
+Held = tuple[str, int] | tuple[str, int, int, tuple[int, ...]] | Allocation
 
 
-def _is_share(a: Held) -> bool:
-    return len(a) > 2 and a[2] < 1000 and bool(a[3])  # type: ignore[misc]
+def _held(a: Held) -> tuple:
+    return (a.pool_id, a.units, a.milli, a.devices) if isinstance(a, Allocation) else a
+
+
+def _is_share(a: tuple) -> bool:
+    return len(a) > 2 and a[2] < 1000 and bool(a[3])
 
 _pool = msgspec.json.Decoder(Pool)
 _capacity = msgspec.json.Decoder(CapacityEvent)
@@ -120,7 +125,7 @@ class World:
         concurrent request took them since the match. An allocation is (pool, units), or
         (pool, units, milli, devices): a share (milli < 1000) holds its milli on its hinted
         device instead of a unit (the script may still pick another device)."""
-        allocations = list(allocations)
+        allocations = [_held(a) for a in allocations]
         whole = [(a[0], a[1]) for a in allocations if not _is_share(a)]
         shares = [a for a in allocations if _is_share(a)]
         states = [(self.engine.get(pool_id), units) for pool_id, units in whole]
@@ -142,7 +147,7 @@ class World:
         """The reservation is over: take what Redis said for the pools it touched (free
         units in ``truth``; free milli per device in ``devices``), give the held units and
         milli back to the others."""
-        for a in allocations:
+        for a in map(_held, allocations):
             if _is_share(a):
                 pool_id, _, milli, hint = a  # type: ignore[misc]
                 key = (pool_id, hint[0])

@@ -61,7 +61,7 @@ async def test_world_follows_device_state_from_redis_and_allocation_events(
         assert d.options[0].allocations[0].devices == (3,)  # the 250 slice left is filled exactly
 
         # a share held by this replica is not offered twice, and comes back when settled
-        held = ("sh", 1, 250, (3,))
+        held = ("sh", 1, 250, (3,))  # (pool, units, milli, devices), or the engine's Allocation (below)
         assert world.hold([held])
         assert world.engine.device_free("sh", 3) == 0 and not world.hold([held])
         world.settle([held], {})
@@ -69,5 +69,13 @@ async def test_world_follows_device_state_from_redis_and_allocation_events(
         assert world.hold([held])
         world.settle([held], {"sh": 14}, {"sh": {3: 0}})  # the script took it: Redis says 0 left
         assert world.engine.device_free("sh", 3) == 0
+
+        option = world.engine.match(Ask(units=1, milli=300)).options[0]  # the engine's allocation, held as it is
+        [a] = option.allocations
+        before = world.engine.device_free("sh", a.devices[0])
+        assert world.hold(option.allocations)
+        assert world.engine.device_free("sh", a.devices[0]) == before - 300
+        world.settle(option.allocations, {})
+        assert world.engine.device_free("sh", a.devices[0]) == before
     finally:
         await close_connections(nc, redis)
