@@ -70,6 +70,8 @@ class LeaseView(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 1
     replaces: str | None = None
     access: Access | None = None  # the lease's tenant and admin only; ops sees it redacted
+    milli: int = 1000  # of each device: < 1000 is a share (docs/sharing.md), billed unit_price x milli/1000
+    devices: tuple[int, ...] = ()  # device indices in the pool (sharing pools; node = index // units_per_node)
 
 
 class RequestView(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,5 +142,5 @@ def lease_view(lease: LeaseInfo, live: LiveLease | None = None, access: Access |
         granted_at=lease.granted_at, expires_at=lease.expires_at,
         renewable=lease.ttl_s > 0, state=state, delivery=lease.delivery,  # type: ignore[arg-type]
         provision_deadline=deadline, ready_at=ready_at, attempt=lease.attempt, replaces=lease.replaces or None,
-        access=access,
+        access=access, milli=lease.milli, devices=lease.devices,
     )

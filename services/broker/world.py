@@ -8,6 +8,9 @@
   events (registered, updated, online, offline, draining, removed);
 * free units: Redis at start, then each reservation's own result and the ``free_after``
   that every allocation event carries, so every replica follows every other's leases;
+* free milli per device of sharing pools (docs/sharing.md): all 1000 when a pool is first
+  seen, the per-device hash in Redis when it is (re)read (start, registration, online),
+  then each allocation event's ``devices_free_after`` (absolute values: idempotent);
 * pool scores: the reliability record in Redis, re-read every few seconds when its
   version moved (``refresh_reliability``); the engine ranks with the copy.
 
@@ -51,9 +54,21 @@ from services.common.network import Network
 from services.common.subjects import ALLOC, CAPACITY, Subjects, region_key
 
 from .matching.engine import Engine
-from .matching.model import PoolState
+from .matching.model import Allocation, PoolState
 
 log = logging.getLogger("broker.world")
+# what ``hold``/``settle`` take: (pool, units), (pool, units, milli, device indices), or
+# the engine's allocations themselves
+Held = tuple[str, int] | tuple[str, int, int, tuple[int, ...]] | Allocation
+
+
+def _held(a: Held) -> tuple:
+    return (a.pool_id, a.units, a.milli, a.devices) if isinstance(a, Allocation) else a
+
+
+def _is_share(a: tuple) -> bool:
+    return len(a) > 2 and a[2] < 1000 and bool(a[3])
+
 _pool = msgspec.json.Decoder(Pool)
 _capacity = msgspec.json.Decoder(CapacityEvent)
 _alloc = msgspec.json.Decoder(AllocEvent)
@@ -73,7 +88,7 @@ def pool_state(pool: Pool, country: str, free: int) -> PoolState:
         free=free, currency=s.prices.currency, on_demand=s.prices.on_demand, reserved_month=s.prices.reserved_month,
         reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
         listed=s.availability == "listed", delivery=frozenset(map(i, s.delivery)),
-        provision_timeout_s=s.provision_timeout_s,
+        provision_timeout_s=s.provision_timeout_s, sharing=s.sharing.mode, min_milli=s.sharing.min_milli,
     )
 
 
@@ -88,6 +103,7 @@ class World:
         self.generations: dict[str, int] = {}  # pool -> the generation (registration) this view holds
         self.engine = Engine(self.topology)
         self.inflight: dict[str, int] = {}  # pool -> units this replica is reserving right now
+        self.inflight_milli: dict[tuple[str, int], int] = {}  # (pool, device) -> milli of shares being reserved
         self._scores_version: tuple | None = None  # (version, since) of the reliability record the engine holds
 
     # --- free units: Redis is the truth; units being reserved here are held back ------------
@@ -97,22 +113,58 @@ class World:
         same units."""
         self.engine.set_free(pool_id, max(0, free - self.inflight.get(pool_id, 0)))
 
-    def hold(self, allocations: Iterable[tuple[str, int]]) -> bool:
+    def observe_devices(self, pool_id: str, free: dict[int, int]) -> None:
+        """Redis said these devices of a sharing pool have ``free`` milli; the engine sees
+        that less the shares this replica is reserving on them."""
+        held = self.inflight_milli
+        self.engine.set_devices(pool_id, {d: max(0, f - held.get((pool_id, d), 0)) for d, f in free.items()}
+                                if held else free)
+
+    def hold(self, allocations: Iterable[Held]) -> bool:
         """Hold units for a reservation about to be tried; False (and nothing held) if a
-        concurrent request took them since the match."""
-        allocations = list(allocations)
-        states = [(self.engine.get(pool_id), units) for pool_id, units in allocations]
+        concurrent request took them since the match. An allocation is (pool, units), or
+        (pool, units, milli, devices): a share (milli < 1000) holds its milli on its hinted
+        device instead of a unit (the script may still pick another device)."""
+        allocations = [_held(a) for a in allocations]
+        whole = [(a[0], a[1]) for a in allocations if not _is_share(a)]
+        shares = [a for a in allocations if _is_share(a)]
+        states = [(self.engine.get(pool_id), units) for pool_id, units in whole]
         if any(state is None or state.free < units for state, units in states):
             return False
-        for (pool_id, units), (state, _) in zip(allocations, states, strict=True):
+        if any(self.engine.device_free(a[0], a[3][0]) < a[2] for a in shares):  # type: ignore[misc]
+            return False
+        for (pool_id, units), (state, _) in zip(whole, states, strict=True):
             self.inflight[pool_id] = self.inflight.get(pool_id, 0) + units
             self.engine.set_free(pool_id, state.free - units)  # type: ignore[union-attr]
+        for pool_id, _, milli, devices in shares:  # type: ignore[misc]
+            key = (pool_id, devices[0])
+            self.inflight_milli[key] = self.inflight_milli.get(key, 0) + milli
+            self.engine.set_devices(pool_id, {devices[0]: self.engine.device_free(pool_id, devices[0]) - milli})
         return True
 
-    def settle(self, allocations: Iterable[tuple[str, int]], truth: dict[str, int]) -> None:
-        """The reservation is over: take what Redis said for the pools it touched, give
-        the held units back to the others."""
-        for pool_id, units in allocations:
+    def settle(self, allocations: Iterable[Held], truth: dict[str, int],
+               devices: dict[str, dict[int, int]] | None = None) -> None:
+        """The reservation is over: take what Redis said for the pools it touched (free
+        units in ``truth``; free milli per device in ``devices``), give the held units and
+        milli back to the others."""
+        for a in map(_held, allocations):
+            if _is_share(a):
+                pool_id, _, milli, hint = a  # type: ignore[misc]
+                key = (pool_id, hint[0])
+                left = self.inflight_milli.get(key, 0) - milli
+                if left > 0:
+                    self.inflight_milli[key] = left
+                else:
+                    self.inflight_milli.pop(key, None)
+                if devices and pool_id in devices:
+                    self.observe_devices(pool_id, devices[pool_id])
+                else:
+                    self.engine.set_devices(pool_id, {hint[0]: min(1000, self.engine.device_free(pool_id, hint[0])
+                                                                   + milli)})
+                if pool_id in truth:
+                    self.observe_free(pool_id, truth[pool_id])
+                continue
+            pool_id, units = a[0], a[1]
             left = self.inflight.get(pool_id, 0) - units
             if left > 0:
                 self.inflight[pool_id] = left
@@ -122,6 +174,8 @@ class World:
                 self.observe_free(pool_id, truth[pool_id])
             elif (state := self.engine.get(pool_id)) is not None:
                 self.engine.set_free(pool_id, state.free + units)
+            if devices and pool_id in devices:
+                self.observe_devices(pool_id, devices[pool_id])
 
     async def _rpc(self, verb: str, timeout: float = 30.0) -> bytes:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -188,30 +242,39 @@ class World:
                 generations[pool.pool_id] = pool.generation or revision  # 0: this entry's create
         live = await self._live(list(pools.values()))
         self.pools, self.generations = pools, generations
-        for state, (status, free) in zip(pools.values(), live, strict=True):
-            self._apply(state, status, free)
+        for state, (status, free, devices) in zip(pools.values(), live, strict=True):
+            self._apply(state, status, free, devices)
         for pool_id in [p for p in self._engine_ids() if p not in pools]:
             self.engine.remove(pool_id)
 
     def _engine_ids(self) -> list[str]:
         return [p for p in self.pools if self.engine.get(p) is not None]
 
-    async def _live(self, states: list[PoolState]) -> list[tuple[str | None, int]]:
+    async def _live(self, states: list[PoolState]) -> list[tuple[str | None, int, dict[int, int]]]:
+        """(status, free, free milli per device) of each pool; the devices only of sharing
+        pools (an empty hash: none taken yet, or not written yet: all 1000)."""
         pipe = self.redis.pipeline(transaction=False)
         for state in states:
             pipe.hmget(self.keys.pool(state.region, state.pool_id), "status", "free")
+            if state.sharing != "none":
+                pipe.hgetall(self.keys.pool_devices(state.region, state.pool_id))
+        replies = iter(await pipe.execute())
         out = []
-        for status, free in await pipe.execute():
-            out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0)))
+        for state in states:
+            status, free = next(replies)
+            devices = _devices(next(replies)) if state.sharing != "none" else {}
+            out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0), devices))
         return out
 
-    def _apply(self, state: PoolState, status: str | None, free: int) -> None:
+    def _apply(self, state: PoolState, status: str | None, free: int, devices: dict[int, int]) -> None:
         if status == "online":
             if state.region not in self.countries:
                 log.warning("pool %s is in region %s, unknown to this broker's topology", state.pool_id,
                             state.region)
             state.free = max(0, free - self.inflight.get(state.pool_id, 0))
             self.engine.upsert(state)  # the engine keeps its own copy
+            if devices:
+                self.observe_devices(state.pool_id, devices)
         else:
             self.engine.remove(state.pool_id)
 
@@ -240,10 +303,12 @@ class World:
                 await self._learn_region(event.region)
             state = pool_state(event.pool, self.countries.get(event.region, ""), 0)
             self.pools[event.pool_id] = state
-            [(status, free)] = await self._live([state])
-            self._apply(state, status, free)
+            [(status, free, devices)] = await self._live([state])
+            self._apply(state, status, free, devices)
         elif isinstance(event, PoolOnline) and event.pool_id in self.pools:
-            self._apply(self.pools[event.pool_id], "online", event.free)
+            state = self.pools[event.pool_id]
+            devices = (await self._live([state]))[0][2] if state.sharing != "none" else {}
+            self._apply(state, "online", event.free, devices)
         elif isinstance(event, (PoolOffline, PoolDraining)):
             self.engine.remove(event.pool_id)
         elif isinstance(event, PoolRemoved):
@@ -276,7 +341,22 @@ class World:
             return
         if event.free_after >= 0:
             self.observe_free(event.lease.pool_id, event.free_after)
+        lease = event.lease
+        if event.devices_free_after and len(event.devices_free_after) == len(lease.devices):
+            self.observe_devices(lease.pool_id, dict(zip(lease.devices, event.devices_free_after, strict=True)))
         await self.on_alloc(event)
 
     async def on_alloc(self, event: AllocEvent) -> None:
         """Hook for the broker: a lease changed (a release may unblock the queue)."""
+
+
+def _devices(raw: dict) -> dict[int, int]:
+    """The per-device hash as Redis answers it (bytes or str) -> device index -> free milli;
+    fields that are not numbers are skipped (the script is the authority, not this view)."""
+    out: dict[int, int] = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[int(k)] = int(v)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -134,3 +134,22 @@ def test_overbooking_is_refused_and_changes_nothing(devices, takes) -> None:
     with pytest.raises(ValueError):
         dc.release(over)
     assert snapshot(dc) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(mix=st.lists(ask_st(), min_size=1, max_size=12), model=st.sampled_from(MODELS),
+       free=st.lists(st.integers(0, MILLI), min_size=1, max_size=8), milli=st.integers(1, 999),
+       cpu_cls=st.integers(0, 4), mem_cls=st.integers(0, 4))
+def test_a_share_scores_the_same_as_the_shape_it_leaves(mix, model, free, milli, cpu_cls, mem_cls) -> None:
+    """The incremental count of a share's candidate devices equals ``frag`` of each shape
+    it would leave, exactly (the same sums in the same order)."""
+    dc = DeviceCluster([NodeSpec(name="n", model=model, devices=len(free), cpu_milli=0, memory_mib=0)],
+                       typical_mix(mix))
+    shape = tuple(sorted(free, reverse=True))
+    got = dc._share_frags(model, shape, cpu_cls, mem_cls, milli)
+    assert [v for v, _ in got] == sorted({v for v in free if v >= milli})
+    for v, after in got:
+        left = list(shape)
+        left.remove(v)
+        left.append(v - milli)
+        assert after == dc.frag(model, tuple(sorted(left, reverse=True)), cpu_cls, mem_cls)

@@ -115,7 +115,17 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
            exclude_pools: frozenset[str] = frozenset()) -> Ask:
     """Validate against the catalogue and the topology (``regions``: id -> country) and
     resolve defaults. Raises ``Unprocessable`` with the reason."""
-    if (request.units is None) == (request.performance is None):
+    units = request.units
+    if request.share is not None:
+        if request.performance is not None:
+            raise Unprocessable("a share is of one device: give 'share' without 'performance' "
+                                "(a share delivers share.milli/1000 of the device's TFLOPS)")
+        if units not in (None, 1):
+            raise Unprocessable(f"a share is of one device: 'units' must be 1 or left out with 'share' (got {units})")
+        if request.shape.kind != "gang":
+            raise Unprocessable("a share is of one device: shape.kind must be 'gang' with 'share'")
+        units = 1
+    if (units is None) == (request.performance is None):
         raise Unprocessable("give exactly one of 'units' or 'performance'")
     acc, where = request.accelerators, request.placement
     unknown = [m for m in acc.models if m not in catalogue]
@@ -151,8 +161,9 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
                          f"at most {MAX_WORKLOAD_BYTES} are accepted")
     gang = request.shape.kind == "gang"
     hours = Decimal(request.duration_s) / 3600 if request.duration_s else Decimal(1)
+    share = request.share
     return Ask(
-        units=request.units,
+        units=units,
         min_tflops=request.performance.min_tflops if request.performance else None,
         metric=request.performance.metric if request.performance else "bf16",
         models=frozenset(acc.models), vendors=frozenset(acc.vendors), stacks=frozenset(acc.stacks),
@@ -168,4 +179,6 @@ def to_ask(request: ComputeRequest, catalogue: Mapping[str, Accelerator], region
         min_reliability=request.min_reliability,
         # capacity only (no workload): ranked by price alone (docs/reliability.md, "Ranking")
         failover_cost=FAILOVER_COST_FACTOR if request.workload is not None else 0.0,
+        milli=share.milli if share is not None else 1000,
+        share_memory_gib=(share.min_memory_gib or 0.0) if share is not None else 0.0,
     )

@@ -33,7 +33,7 @@ from decimal import Decimal
 import msgspec
 
 from .engine import Engine
-from .model import Ask, Placement
+from .model import Allocation, Ask, Placement
 
 INF = Decimal("Infinity")
 ROUNDS_PER_REQUEST = 2  # ruin-and-recreate rounds per request of the batch (unless time runs out first)
@@ -66,24 +66,38 @@ class _Plan:
 
     def take(self, i: int, p: Placement) -> None:
         for a in p.allocations:
-            pool = self.engine.get(a.pool_id)
-            assert pool is not None and pool.free >= a.units, f"batch would overbook {a.pool_id}"
-            self.engine.set_free(a.pool_id, pool.free - a.units)
+            assert _fits(self.engine, a), f"batch would overbook {a.pool_id}"
+            self._move(a, -1)
             self.holders.setdefault(a.pool_id, set()).add(i)
         self.placed[i] = p
 
     def give_back(self, i: int) -> Placement:
         p = self.placed.pop(i)
         for a in p.allocations:
-            pool = self.engine.get(a.pool_id)
-            assert pool is not None
-            self.engine.set_free(a.pool_id, pool.free + a.units)
+            self._move(a, +1)
             self.holders[a.pool_id].discard(i)
         return p
+
+    def _move(self, a: Allocation, sign: int) -> None:
+        """Take (-1) or give back (+1) an allocation: units, or a share's milli on its device."""
+        if a.milli < 1000 and a.devices:
+            d = a.devices[0]
+            self.engine.set_devices(a.pool_id, {d: self.engine.device_free(a.pool_id, d) + sign * a.milli})
+            return
+        pool = self.engine.get(a.pool_id)
+        assert pool is not None
+        self.engine.set_free(a.pool_id, pool.free + sign * a.units)
 
     def cost(self, unserved_cost: Decimal) -> Decimal:
         return sum((p.total_cost for p in self.placed.values()), Decimal(0)) + \
             unserved_cost * (len(self.asks) - len(self.placed))
+
+
+def _fits(engine: Engine, a: Allocation) -> bool:
+    """Whether the allocation still fits: its units free, or its share on its device."""
+    if a.milli < 1000 and a.devices:
+        return engine.device_free(a.pool_id, a.devices[0]) >= a.milli
+    return (pool := engine.get(a.pool_id)) is not None and pool.free >= a.units
 
 
 def _pools(p: Placement) -> frozenset[str]:
@@ -112,7 +126,7 @@ def _regret_order(plan: _Plan, todo: set[int]) -> None:
         b = best[i]
         if b is None:
             continue
-        if any((pool := plan.engine.get(a.pool_id)) is None or pool.free < a.units for a in b.allocations):
+        if not all(_fits(plan.engine, a) for a in b.allocations):
             evaluate(i)  # stale: something placed since took its units
             todo.add(i)
             continue
@@ -201,10 +215,13 @@ def place_batch(engine: Engine, asks: Sequence[Ask], *, unserved_cost: Decimal |
     if unserved_cost is None:
         unserved_cost = Decimal(10) ** 12
     snapshot = engine.free_units()
+    devices = engine.shared_devices()
 
     def restore() -> None:
         for pid, free in snapshot.items():
             engine.set_free(pid, free)
+        for pid, state in devices.items():
+            engine.set_devices(pid, state)
 
     in_order = _Plan(engine, asks)
     for i in range(len(asks)):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -110,6 +110,22 @@ def typical_mix(asks: Iterable[DeviceAsk], coverage: float = 0.95) -> tuple[Typi
     return tuple(TypicalAsk(ask, n / covered) for ask, n in kept)
 
 
+def scarcity_of(mix: Iterable[TypicalAsk], devices: Mapping[str, int]) -> dict[str, float]:
+    """Per model: constrained expected demand per unit of the capacity it can use
+    (``devices``: model -> devices), summed over the constrained asks that can use it."""
+    total = sum(devices.values()) or 1
+    out = dict.fromkeys(devices, 0.0)
+    for t in mix:
+        models = t.ask.models
+        if not models or not t.ask.gpus:
+            continue
+        cap = sum(devices.get(m, 0) for m in models) / total
+        for m in models:
+            if m in out and cap:
+                out[m] += t.weight / cap
+    return out
+
+
 def _shape_order(a: DeviceAsk) -> tuple:
     # ties in count: larger shapes first, as FGD's reverse sort does
     return (-a.cpu_milli, -a.milli, -a.gpus, tuple(sorted(a.models)))
@@ -130,9 +146,10 @@ class _Typical:
 class _Bucket:
     """Nodes of one shape, with what a decision reads first precomputed."""
 
-    __slots__ = ("key", "free", "ccls", "mcls", "members", "top", "whole", "sum", "memo")
+    __slots__ = ("model", "key", "free", "ccls", "mcls", "members", "top", "whole", "sum", "memo")
 
-    def __init__(self, key: tuple, memo: dict[int, tuple[float, int]]) -> None:
+    def __init__(self, model: str, key: tuple, memo: dict[int, tuple[float, int]]) -> None:
+        self.model = model
         self.key = key
         self.free, self.ccls, self.mcls = key
         self.members: dict[int, None] = {}  # insertion-ordered set of node indices
@@ -140,6 +157,22 @@ class _Bucket:
         self.whole = sum(1 for v in self.free if v == MILLI)
         self.sum = sum(self.free)
         self.memo = memo  # (ask shape, CPU/memory classes after) -> (cost, device free)
+
+
+class Caches:
+    """Scores of node shapes: fragmentation per shape, and per shape the cost of each ask
+    shape with where it goes (``_Bucket.memo``). Outlive emptied buckets; may be shared by
+    clusters scored with the same mix, scarcity and knobs."""
+
+    __slots__ = ("frag", "memos")
+
+    def __init__(self) -> None:
+        self.frag: dict[tuple, float] = {}
+        self.memos: dict[tuple, dict[int, tuple[float, int]]] = {}
+
+    def clear(self) -> None:
+        self.frag.clear()
+        self.memos.clear()
 
 
 class DeviceCluster:
@@ -157,37 +190,50 @@ class DeviceCluster:
         self.cpu = list(self.cpu_cap)
         self.mem = list(self.mem_cap)
         self.free = [[MILLI] * n.devices for n in nodes]
-        gpu_mix = [t for t in mix if t.ask.gpus > 0]
-        self.cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
-        self.mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if knobs.memory_aware else []
-        self.mix = [_Typical(t, self.cpu_th, self.mem_th) for t in gpu_mix]
-        self.scarcity = self._scarcity(nodes)
-        self._frag: dict[tuple, float] = {}
-        self._memos: dict[tuple, dict[int, tuple[float, int]]] = {}  # outlive emptied buckets
-        self.buckets: dict[str, dict[tuple, _Bucket]] = {}  # model -> shape key -> bucket
+        self.devices_of: Counter[str] = Counter()  # model -> devices
+        for n in nodes:
+            self.devices_of[n.model] += n.devices
+        self.cpu_th: list[int] = []
+        self.mem_th: list[int] = []
         self.key: list[tuple] = []
-        for i in range(len(nodes)):
+        self.set_mix(mix)
+
+    def set_mix(self, mix: Sequence[TypicalAsk], scarcity: Mapping[str, float] | None = None,
+                caches: Caches | None = None) -> None:
+        """Take a new expected mix (the broker's engine re-learns it from recent asks).
+        ``scarcity``: the penalty per model, when it is weighed over more devices than this
+        cluster's (the engine's sharing pools together); by default over this cluster.
+        ``caches``: scores shared with other clusters of the same mix, scarcity and knobs
+        (nodes of one shape score alike in any of them); the caller empties them when the
+        mix changes. Without, this cluster's cached scores are dropped. Nodes are
+        re-bucketed only if the CPU/memory classes moved."""
+        gpu_mix = [t for t in mix if t.ask.gpus > 0]
+        cpu_th = sorted({t.ask.cpu_milli for t in gpu_mix})
+        mem_th = sorted({t.ask.memory_mib for t in gpu_mix}) if self.knobs.memory_aware else []
+        self.mix = [_Typical(t, cpu_th, mem_th) for t in gpu_mix]
+        self.scarcity = scarcity_of(gpu_mix, self.devices_of) if scarcity is None else dict(scarcity)
+        shared = caches is not None
+        if not shared:
+            caches = Caches()
+        moved = not self.key or (cpu_th, mem_th) != (self.cpu_th, self.mem_th)
+        if not moved and not shared:
+            for memo in self._memos.values():
+                memo.clear()
+        self._frag, self._memos = caches.frag, caches.memos
+        if not moved:
+            for shapes in self.buckets.values():
+                for key, b in shapes.items():
+                    b.memo = self._memos.setdefault((b.model, key), {})
+            return
+        self.cpu_th, self.mem_th = cpu_th, mem_th
+        self.buckets: dict[str, dict[tuple, _Bucket]] = {}  # model -> shape key -> bucket
+        self.key = []
+        for i in range(len(self.free)):
             k = self._key(i)
             self.key.append(k)
             self._bucket(self.model[i], k).members[i] = None
 
     # ---- the measure -------------------------------------------------------------
-    def _scarcity(self, nodes: Sequence[NodeSpec]) -> dict[str, float]:
-        """Constrained demand per unit of the capacity it can use, summed per model."""
-        devices = Counter()
-        for n in nodes:
-            devices[n.model] += n.devices
-        total = sum(devices.values()) or 1
-        out = dict.fromkeys(devices, 0.0)
-        for t in self.mix:
-            if not t.models:
-                continue
-            cap = sum(devices[m] for m in t.models) / total
-            for m in t.models:
-                if m in out and cap:
-                    out[m] += t.weight / cap
-        return out
-
     def _key(self, i: int) -> tuple:
         return (tuple(sorted(self.free[i], reverse=True)),
                 bisect_right(self.cpu_th, self.cpu[i]), bisect_right(self.mem_th, self.mem[i]))
@@ -222,8 +268,50 @@ class DeviceCluster:
             if len(self._memos) > _MEMO_LIMIT // 64:  # shapes churn in a long-lived pool
                 self._memos.clear()
                 self._frag.clear()
-            b = shapes[key] = _Bucket(key, self._memos.setdefault((model, key), {}))
+            b = shapes[key] = _Bucket(model, key, self._memos.setdefault((model, key), {}))
         return b
+
+    def _share_frags(self, model: str, free: tuple[int, ...], cpu_cls: int, mem_cls: int,
+                     milli: int) -> list[tuple[int, float]]:
+        """(free milli of a device, ``frag`` of the node after ``milli`` are taken from it)
+        for each distinct device value that fits: each expected ask's fitting devices and
+        stranded milli are counted once, and each candidate device only moves them (the
+        same sums, in the same order, as ``frag`` of each resulting shape)."""
+        total = sum(free) - milli
+        counts = []
+        for t in self.mix:
+            if (t.models and model not in t.models) or cpu_cls < t.cpu_cls or mem_cls < t.mem_cls:
+                counts.append(None)
+                continue
+            fit = stranded = 0
+            for v in free:
+                if v >= t.milli:
+                    fit += 1
+                else:
+                    stranded += v
+            counts.append((fit, stranded))
+        out = []
+        for v in sorted(set(free)):
+            if v < milli:
+                continue
+            nv = v - milli
+            f = 0.0
+            for t, c in zip(self.mix, counts):
+                if c is None:
+                    f += t.weight * total
+                    continue
+                fit, stranded = c
+                if v >= t.milli:
+                    fit -= 1
+                else:
+                    stranded -= v
+                if nv >= t.milli:
+                    fit += 1
+                else:
+                    stranded += nv
+                f += t.weight * (stranded if fit >= t.gpus else total)
+            out.append((v, f))
+        return out
 
     def _delta_for(self, model: str, key: tuple, ask: DeviceAsk, ncpu: int, nmem: int) -> tuple[float, int]:
         """(fragmentation increase, free milli of the device to use) for the best device
@@ -232,13 +320,8 @@ class DeviceCluster:
         before = self.frag(model, free, ccls, mcls)
         if ask.share:
             best: tuple[float, int] | None = None
-            for v in sorted(set(free)):
-                if v < ask.milli:
-                    continue
-                lst = list(free)
-                lst.remove(v)
-                lst.append(v - ask.milli)
-                d = self.frag(model, tuple(sorted(lst, reverse=True)), ncpu, nmem) - before
+            for v, after in self._share_frags(model, free, ncpu, nmem, ask.milli):
+                d = after - before
                 if best is None or d < best[0] - 1e-9:
                     best = (d, v)
             hit = best if best is not None else (float("inf"), 0)
@@ -258,12 +341,19 @@ class DeviceCluster:
         ask's CPU and memory (members share the expected asks' classes, not exact values).
         Only if that finds nothing and some bucket was cut short are whole buckets
         searched, so a placement is found whenever one exists."""
-        placement, cut_short = self._decide(ask, _SCAN)
-        if placement is None and cut_short:
-            placement, _ = self._decide(ask, 0)
-        return placement
+        scored = self.score(ask)
+        return None if scored is None else scored[2]
 
-    def _decide(self, ask: DeviceAsk, scan: int) -> tuple[DevicePlacement | None, bool]:
+    def score(self, ask: DeviceAsk) -> tuple[float, tuple, DevicePlacement] | None:
+        """``decide`` with what ranked its answer: (cost, tie-break, placement), so that
+        placements in different clusters (pools of one price, in the broker's engine)
+        are compared by the same rule."""
+        scored, cut_short = self._decide(ask, _SCAN)
+        if scored is None and cut_short:
+            scored, _ = self._decide(ask, 0)
+        return scored
+
+    def _decide(self, ask: DeviceAsk, scan: int) -> tuple[tuple[float, tuple, DevicePlacement] | None, bool]:
         acpu, amem, models = ask.cpu_milli, ask.memory_mib, ask.models
         cpu, mem, cpu_th, mem_th = self.cpu, self.mem, self.cpu_th, self.mem_th
         need_c, need_m = bisect_right(cpu_th, acpu), bisect_right(mem_th, amem)
@@ -315,8 +405,9 @@ class DeviceCluster:
         if best is None:
             return None, cut_short
         node, v = best
-        return DevicePlacement(node=node, devices=self._devices(node, ask, v), milli=milli if gpus else 0,
-                               cpu_milli=acpu, memory_mib=amem), cut_short
+        return (best_cost, best_tie, DevicePlacement(node=node, devices=self._devices(node, ask, v),
+                                                     milli=milli if gpus else 0, cpu_milli=acpu,
+                                                     memory_mib=amem)), cut_short
 
     def _devices(self, node: int, ask: DeviceAsk, v: int) -> tuple[int, ...]:
         free = self.free[node]
@@ -350,6 +441,15 @@ class DeviceCluster:
         if self.cpu[i] + p.cpu_milli > self.cpu_cap[i] or self.mem[i] + p.memory_mib > self.mem_cap[i]:
             raise ValueError("release exceeds the node's capacity")
         self._move(i, lambda: self._apply(i, p, +1))
+
+    def set_device(self, node: int, device: int, free: int) -> None:
+        """Absolute free milli of one device (what Redis says after a reservation or a
+        release anywhere: replicas follow it idempotently)."""
+        if not 0 <= free <= MILLI:
+            raise ValueError(f"free milli must be in 0..{MILLI}")
+        row = self.free[node]
+        if row[device] != free:
+            self._move(node, lambda: row.__setitem__(device, free))
 
     def place(self, ask: DeviceAsk) -> DevicePlacement | None:
         p = self.decide(ask)

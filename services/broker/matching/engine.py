@@ -29,7 +29,7 @@ import heapq
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from itertools import chain, combinations
 
@@ -41,6 +41,10 @@ from services.common.network import Network
 from .index import Book, Cell, cell_key
 from .model import HOURS_PER_MONTH, Allocation, Ask, Decision, Placement, PoolState
 from .reliability import PRIOR_SCORE, Scores, touches
+from .shares import Shares
+from .texts import few as _few
+from .texts import fmt_money as _fmt_money
+from .texts import fmt_num as _fmt_num
 
 __all__ = ["Engine"]
 
@@ -77,22 +81,6 @@ def _dec(x: float) -> Decimal:
     return Decimal(repr(float(x)))
 
 
-def _fmt_money(d: Decimal) -> str:
-    q = d.quantize(MICRO).normalize()
-    return format(q, "f")
-
-
-def _fmt_num(x: float) -> str:
-    if float(x).is_integer():
-        return str(int(x))
-    return f"{x:.1f}"
-
-
-def _few(items: Iterable[str], n: int = 6) -> str:
-    items = sorted(set(items))
-    if len(items) <= n:
-        return str(items)
-    return f"{items[:n]} and {len(items) - n} more"
 
 
 class _Ctx:
@@ -390,6 +378,7 @@ class Engine:
         self._fw_index: dict[str, set[int]] = {}
         self.reliability = Scores()
         self._delivery_index: dict[str, set[int]] = {}  # workload kind -> cells that deliver it
+        self._shares = Shares()  # pools that share devices: per-device state (shares.py)
         self.set_topology(topology)
 
     def set_reliability(self, scores: dict[str, float]) -> None:
@@ -429,10 +418,37 @@ class Engine:
         self._dirty.add(cell)
         if self.reliability.scores:
             self.reliability.joined(pool.pool_id, cell.id)
+        if pool.sharing != "none" or pool.pool_id in self._shares.pools:
+            self._shares.upsert(pool, cell.id)
 
     def remove(self, pool_id: str) -> None:
         if pool_id in self._pools:
             self._detach(pool_id)
+            self._shares.remove(pool_id)
+
+    def set_devices(self, pool_id: str, free: Mapping[int, int]) -> None:
+        """Free milli of devices of a sharing pool (device index -> 0..1000, absolute, as
+        Redis says them: an allocation event's ``devices_free_after``, or the whole
+        per-device hash); unknown pools and indices are ignored. The pool's ``free``
+        (devices with all 1000 free) is set apart, by ``set_free``, as for any pool."""
+        sp = self._shares.pools.get(pool_id)
+        if sp is not None:
+            sp.set(free)
+
+    def shared_devices(self) -> dict[str, dict[int, int]]:
+        """Free milli per device of every sharing pool (a snapshot to restore with
+        ``set_devices``)."""
+        return {pid: sp.free_milli() for pid, sp in self._shares.pools.items()}
+
+    def device_free(self, pool_id: str, index: int) -> int:
+        """Free milli of one device of a sharing pool (0 if there is no such device)."""
+        sp = self._shares.pools.get(pool_id)
+        return sp.get(index) if sp is not None and 0 <= index < sp.capacity else 0
+
+    def devices(self, pool_id: str) -> dict[int, int] | None:
+        """Free milli per device of a sharing pool (None: not a sharing pool here)."""
+        sp = self._shares.pools.get(pool_id)
+        return None if sp is None else sp.free_milli()
 
     def set_free(self, pool_id: str, free: int) -> None:
         pool = self._pools.get(pool_id)
@@ -592,6 +608,8 @@ class Engine:
         limit = max(1, int(limit))
         ctx = _Ctx(ask, self._links, self.reliability)
         key, cells = self._candidates(ask, ctx.perf)
+        if ask.milli < 1000:  # a share of one device: only sharing pools (shares.py)
+            return self._share(ctx, cells, limit)
         if cells:
             order = self._order(ctx, key, cells)
             if order.rows:
@@ -599,10 +617,33 @@ class Engine:
                     options = self._gang(ctx, order, limit)
                 else:
                     options = self._split(ctx, order, limit)
+                if options and self._shares.pools:
+                    return self._on_shared(ask, options, limit)
                 if options:
                     return Decision(options=tuple(options))
         reasons, never = self._explain(ctx)
         return Decision(reasons=tuple(reasons), never=never)
+
+    def _share(self, ctx: _Ctx, cells: list[Cell], limit: int) -> Decision:
+        if ctx.perf or ctx.need != 1:
+            raise ValueError("a share is of one device: units 1, no min_tflops")
+        options = self._shares.match(self, ctx, cells, limit) if cells else []
+        if options:
+            return Decision(options=tuple(options))
+        reasons, never = self._shares.explain(self, ctx, cells) if cells else self._explain(ctx)
+        return Decision(reasons=tuple(reasons), never=never)
+
+    def _on_shared(self, ask: Ask, options: list[Placement], limit: int) -> Decision:
+        """Whole units that landed on a sharing pool take devices with all 1000 free, on
+        one node when they fit one: the options get their device hints; if none is left,
+        the match runs again without the pools whose free devices are spread too thin."""
+        kept, bad = self._shares.whole(ask, options)
+        if kept or not bad:
+            return Decision(options=tuple(kept))
+        again = self.match(msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | bad), limit=limit)
+        if again.placed:
+            return again
+        return Decision(reasons=(self._shares.spread_reason(options, bad),))
 
     # --- gang: one pool, exact ---------------------------------------------------------
     def _gang(self, ctx: _Ctx, order: _Order, limit: int) -> list[Placement]:

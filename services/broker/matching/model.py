@@ -53,6 +53,11 @@ class PoolState(msgspec.Struct, kw_only=True):
     # pool's cell, so that an ask for a kind is pruned per cell, never per pool
     delivery: frozenset[str] = frozenset()
     provision_timeout_s: int = 300  # a delivering lease not ready by then fails
+    # shares (docs/sharing.md): "none" leases whole devices only; otherwise the engine
+    # keeps free milli per device (``Engine.set_devices``) and ``free`` counts the
+    # devices with all 1000 free
+    sharing: Literal["none", "time_slice", "memory"] = "none"
+    min_milli: int = 100  # smallest share placed here
 
 
 class Ask(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +98,10 @@ class Ask(msgspec.Struct, frozen=True, kw_only=True):
     min_reliability: float | None = None
     failover_cost: float = 0.0
     delivery: str | None = None  # the workload's kind: only pools that deliver it (None: any pool)
+    # a share of one device (units 1): 1000 = whole devices. share_memory_gib: the memory
+    # the share needs (on "memory" pools its slice, milli/1000 of the device's memory)
+    milli: int = 1000
+    share_memory_gib: float = 0.0
 
 
 class Allocation(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +115,8 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     availability: Literal["live", "listed"] = "live"  # "listed": from a public catalogue, not reported live
     location: Literal["known", "unknown"] = "known"  # "unknown": the provider says nothing about where the pool is
     reliability: float | None = None  # the pool's score (docs/reliability.md); a pool with no record: the prior
+    milli: int = 1000  # of each device: < 1000 is a share of one device, billed unit_price x milli/1000
+    devices: tuple[int, ...] = ()  # on sharing pools: the engine's device hint (indices in the pool)
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +133,8 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     stranded_units: int = 0  # free units left in the chosen pools (fragmentation tiebreak)
     reliability: float | None = None  # its pools' scores, weighted by units
     expected_cost: Decimal | None = None  # what ranked it: total_cost with the expected cost of failing over
+    milli: int = 1000  # a share of one device (< 1000): tflops and costs are that share's
+    share_hour_price: Decimal | None = None  # a share: what it costs per hour (unit_hour_price x milli/1000)
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
