@@ -19,6 +19,7 @@ from .aggregate import (
     K_BILLING,
     K_CURRENCY,
     K_INVOICE,
+    K_MILLI,
     K_MODEL,
     K_PERIOD,
     K_POOL,
@@ -29,6 +30,8 @@ from .aggregate import (
     Cell,
     CellKey,
 )
+from services.common.messages import MILLI
+
 from .model import CurrencySection, Invoice, InvoiceLine, UnchargedAttempt, UnchargedLine
 from .pricing import RESERVED, round_money
 
@@ -42,11 +45,17 @@ def _line(key: CellKey, cell: Cell) -> InvoiceLine:
     return InvoiceLine(billing=key[K_BILLING], region=key[K_REGION], model=key[K_MODEL], provider=key[K_PROVIDER],
                        pool_id=key[K_POOL], unit_price=key[K_PRICE],
                        unit="unit-month" if key[K_BILLING] in RESERVED else "unit-hour",
-                       quantity=cell.quantity, amount=cell.amount, entries=cell.entries, period=key[K_PERIOD])
+                       quantity=cell.quantity, milli=key[K_MILLI], share=share_label(key[K_MILLI]),
+                       amount=cell.amount, entries=cell.entries, period=key[K_PERIOD])
+
+
+def share_label(milli: int) -> str:
+    return "whole" if milli == MILLI else f"{milli}/{MILLI}"
 
 
 def _order(line: InvoiceLine) -> tuple:
-    return (line.period, line.billing, line.region, line.model, line.provider, line.pool_id, line.unit_price)
+    return (line.period, line.billing, line.region, line.model, line.provider, line.pool_id, line.unit_price,
+            -line.milli)
 
 
 def uncharged_line(a: UnchargedAttempt) -> UnchargedLine:
