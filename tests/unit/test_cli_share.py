@@ -1,0 +1,80 @@
+"""``cbroker request|quote --share MILLI`` and the Python client's ``share``: what they send
+is a share of one device the broker's own schema accepts, and combinations the broker
+would refuse are refused before anything is sent. Pure: no servers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from services.broker.client import Share, _body
+from services.broker.domain.requests import ComputeRequest
+from services.cli.apps import _request_options, request_body, units_text
+from services.cli.options import with_options
+
+
+@click.command()
+@with_options(_request_options)
+@click.pass_context
+def body_of(ctx: click.Context, **kw: Any) -> ComputeRequest:
+    return request_body(ctx, kw)
+
+
+def body(*args: str) -> ComputeRequest:
+    return CliRunner().invoke(body_of, list(args), standalone_mode=False, catch_exceptions=False).return_value
+
+
+def refused(*args: str) -> str:
+    r = CliRunner().invoke(body_of, list(args))
+    assert r.exit_code == 2, r.output
+    return r.output
+
+
+def test_share_option_sends_a_share_of_one_device() -> None:
+    req = body("--share", "250")
+    assert req.share == Share(milli=250) and req.units == 1 and req.accelerators.min_memory_gib in (None, 0)
+    # with --share, --min-memory is what the share needs, not the device's memory per unit
+    req = body("--share", "500", "--min-memory", "20", "--vendor", "huawei")
+    assert req.share == Share(milli=500, min_memory_gib=20)
+    assert not req.accelerators.min_memory_gib and req.accelerators.vendors == ["huawei"]
+    assert body("-n", "1", "--share", "100").share == Share(milli=100)
+    assert body("-n", "2").share is None  # whole devices as before
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--share", "0"), "0 is not in the range"),
+    (("--share", "1000"), "1000 is not in the range"),
+    (("--share", "quarter"), "'quarter' is not a valid integer"),
+    (("--share", "250", "-n", "2"), "-n/--units above 1"),
+    (("--share", "250", "--tflops", "100"), "--tflops"),
+    (("--share", "250", "--split"), "--split"),
+    (("--share", "250", "--body", '{"units": 1}'), "--share"),
+])
+def test_bad_share_options_are_refused_before_sending(args: tuple[str, ...], says: str) -> None:
+    assert says in refused(*args)
+
+
+def test_the_client_accepts_a_share() -> None:
+    sent = msgspec.json.decode(_body({"units": 1}, 250))
+    assert sent["share"] == {"milli": 250, "min_memory_gib": None} and sent["units"] == 1
+    sent = msgspec.json.decode(_body(ComputeRequest(), Share(milli=300, min_memory_gib=8)))
+    assert sent["share"] == {"milli": 300, "min_memory_gib": 8}
+    assert msgspec.json.decode(_body({"share": {"milli": 200}}))["share"]["milli"] == 200
+    with pytest.raises(msgspec.ValidationError):
+        _body({}, 1000)  # a whole device is not a share: ask for units
+    with pytest.raises(ValueError, match="another share"):
+        _body({"share": {"milli": 200}}, 300)
+    with pytest.raises(TypeError):
+        _body({}, "250")  # type: ignore[arg-type]
+
+
+def test_tables_show_a_share_next_to_its_units() -> None:
+    class Row(msgspec.Struct):
+        units: int
+        milli: int = 1000
+
+    assert units_text(Row(1, 250)) == "1×250/1000" and units_text(Row(4)) == "4"
