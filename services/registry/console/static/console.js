@@ -63,7 +63,7 @@ function renderShared(pools, total) {
     return tr;
   }));
   $("shared-note").textContent = !total ? "no pool shares its devices" :
-    pools.length < total ? `the ${pools.length} most fragmented of ${total}` : `${total} pools; fragmented: usable by shares only`;
+    pools.length < total ? `the ${pools.length} most fragmented of ${total}` : `${total} pool${total === 1 ? "" : "s"}; fragmented: usable by shares only`;
 }
 
 function renderHeatmap(cells) {
