@@ -78,3 +78,18 @@ def test_tables_show_a_share_next_to_its_units() -> None:
         milli: int = 1000
 
     assert units_text(Row(1, 250)) == "1×250/1000" and units_text(Row(4)) == "4"
+
+
+def test_event_lines_show_shares_and_sharing_pools() -> None:
+    from services.cli.events import describe
+
+    lease = {"tenant": "t1", "lease_id": "l1", "units": 1, "model": "nvidia-l40s", "region": "us-west",
+             "pool_id": "p1", "billing": "on_demand", "unit_price": "0.99", "currency": "USD",
+             "price_basis": "unit_hour", "milli": 250, "devices": [5]}
+    line = describe("alloc", {"type": "lease.granted", "lease": lease})
+    assert "1× 250/1000 of nvidia-l40s on us-west/p1 device 5 on_demand" in line
+    whole = describe("alloc", {"type": "lease.granted", "lease": {**lease, "milli": 1000, "devices": []}})
+    assert "1× nvidia-l40s on us-west/p1 on_demand" in whole
+    pool = {"type": "pool.registered", "region": "cn-nx", "provider": "a", "pool_id": "p2", "free": 32,
+            "pool": {"spec": {"units": 32, "model": "huawei-ascend-910b", "sharing": {"mode": "memory"}}}}
+    assert "32× huawei-ascend-910b shared by memory free 32" in describe("capacity", pool)
