@@ -16,7 +16,7 @@ from .apps import demo_keys
 from .options import data_dir_option, key_option, url_option, with_options
 from .term import handled, out, print_json, show, table
 
-GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
+GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period", "milli")
 
 
 def _key(key: str | None, tenant: str | None, ops: bool, data_dir: Path) -> tuple[str, str | None]:

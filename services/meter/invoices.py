@@ -35,9 +35,9 @@ from services.common.messages import MILLI
 from .model import CurrencySection, Invoice, InvoiceLine, UnchargedAttempt, UnchargedLine
 from .pricing import RESERVED, round_money
 
-GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
+GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period", "milli")
 _GROUP_INDEX = {"tenant": K_TENANT, "region": K_REGION, "model": K_MODEL, "provider": K_PROVIDER, "pool": K_POOL,
-                "billing": K_BILLING, "period": K_PERIOD}
+                "billing": K_BILLING, "period": K_PERIOD, "milli": K_MILLI}  # milli: the share (1000 = whole)
 FILTERS = ("tenant", "period", "region", "model", "provider", "pool", "billing")
 
 

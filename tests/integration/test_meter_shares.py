@@ -72,6 +72,10 @@ async def test_shares_of_every_billing_mode_are_billed_once_and_shown_on_the_inv
                    if e.lease_id == x.lease_id)
 
         assert (await w.usage("t1"))["totals"] == {"USD": "1746.65"}  # 2.50+0.15+300+12x120+2+2
+        by_share = {r["milli"]: (r["amount"], r["entries"]) for r in
+                    (await w.usage("t1", group_by="milli"))["rows"]}
+        assert by_share == {1000: ("2.00", 1), 500: ("0.15", 1), 400: ("2.00", 1), 300: ("300.00", 1),
+                            250: ("2.50", 1), 100: ("1440.00", 12)}
         r = await w.get("/v1/invoices/2026-03", "t1")
         assert r.status_code == 200, r.text
         inv = r.json()
