@@ -153,10 +153,14 @@ def until(at: datetime) -> str:
 
 
 def units_text(item: Any) -> str:
-    """Units, and the share of each when it is not whole: "1×250/1000" (a lease or an
-    allocation of a quote; ``milli`` is absent from views of brokers before shares)."""
-    milli = getattr(item, "milli", 1000)
-    return str(item.units) if milli == 1000 else f"{item.units}×{milli}/1000"
+    """Units, and the share of each when it is not whole: "1×250/1000" (a lease, an
+    allocation of a quote or an assignment as JSON; ``milli`` is absent from views of
+    brokers before shares)."""
+    if isinstance(item, dict):
+        units, milli = item["units"], item.get("milli", 1000)
+    else:
+        units, milli = item.units, getattr(item, "milli", 1000)
+    return str(units) if milli == 1000 else f"{units}×{milli}/1000"
 
 
 def lease_rows(leases: list[LeaseView]) -> list[list[str]]:

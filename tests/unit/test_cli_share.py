@@ -93,3 +93,11 @@ def test_event_lines_show_shares_and_sharing_pools() -> None:
     pool = {"type": "pool.registered", "region": "cn-nx", "provider": "a", "pool_id": "p2", "free": 32,
             "pool": {"spec": {"units": 32, "model": "huawei-ascend-910b", "sharing": {"mode": "memory"}}}}
     assert "32× huawei-ascend-910b shared by memory free 32" in describe("capacity", pool)
+
+
+def test_assignment_rows_name_a_share_and_its_device() -> None:
+    from services.cli.provider import _share
+
+    assert _share({"units": 1, "milli": 250, "devices": [3]}) == "1×250/1000 @3"
+    assert _share({"units": 2, "milli": 1000, "devices": [4, 5]}) == "2"  # whole devices: as before
+    assert _share({"units": 2}) == "2"  # a broker from before shares
