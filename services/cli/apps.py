@@ -163,6 +163,14 @@ def units_text(item: Any) -> str:
     return str(units) if milli == 1000 else f"{units}×{milli}/1000"
 
 
+def hour_price(option: Any) -> str:
+    """A quote option's price per unit-hour, or for a share what the share costs an hour."""
+    share = getattr(option, "share_hour_price", None)
+    if share is not None and getattr(option, "milli", 1000) < 1000:
+        return f"{share} {option.currency} (share)"
+    return f"{option.unit_hour_price} {option.currency}"
+
+
 def lease_rows(leases: list[LeaseView]) -> list[list[str]]:
     rows = []
     for lease in leases:
@@ -240,8 +248,8 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(q)
             return
-        rows = [[str(i), ", ".join(f"{a.pool_id}×{units_text(a)}" for a in o.allocations), str(o.units),
-                 f"{o.unit_hour_price} {o.currency}", str(o.compute_cost), str(o.transfer_cost), str(o.total_cost),
+        rows = [[str(i), ", ".join(f"{a.pool_id}×{units_text(a)}" for a in o.allocations), units_text(o),
+                 hour_price(o), str(o.compute_cost), str(o.transfer_cost), str(o.total_cost),
                  f"{o.expected_start_s:.0f}s"] for i, o in enumerate(q.options, 1)]
         show("placement options" if q.options else "no placement now",
              ("#", "pools", "units", "per unit-h", "compute", "transfer", "total", "start"), rows,

@@ -101,3 +101,20 @@ def test_assignment_rows_name_a_share_and_its_device() -> None:
     assert _share({"units": 1, "milli": 250, "devices": [3]}) == "1×250/1000 @3"
     assert _share({"units": 2, "milli": 1000, "devices": [4, 5]}) == "2"  # whole devices: as before
     assert _share({"units": 2}) == "2"  # a broker from before shares
+
+
+def test_quote_rows_price_a_share_per_hour() -> None:
+    from decimal import Decimal
+
+    from services.cli.apps import hour_price
+
+    class Option(msgspec.Struct):
+        units: int
+        unit_hour_price: Decimal
+        currency: str = "USD"
+        milli: int = 1000
+        share_hour_price: Decimal | None = None
+
+    assert hour_price(Option(1, Decimal("2.00"), milli=250, share_hour_price=Decimal("0.50"))) == "0.50 USD (share)"
+    assert hour_price(Option(2, Decimal("2.00"))) == "2.00 USD"
+    assert units_text(Option(1, Decimal("2.00"), milli=250)) == "1×250/1000"
