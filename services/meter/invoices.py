@@ -15,6 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from services.common.messages import MILLI
+
 from .aggregate import (
     K_BILLING,
     K_CURRENCY,
@@ -30,8 +32,6 @@ from .aggregate import (
     Cell,
     CellKey,
 )
-from services.common.messages import MILLI
-
 from .model import CurrencySection, Invoice, InvoiceLine, UnchargedAttempt, UnchargedLine
 from .pricing import RESERVED, round_money
 
