@@ -5,6 +5,7 @@
         placed = broker.request({"units": 8, "accelerators": {"vendors": ["huawei"]},
                                  "workload": {"kind": "ssh", "public_keys": [my_key]}})
         ready = broker.wait_ready(placed.request_id, timeout=600)  # RequestEnded / WaitTimedOut
+        notebook = broker.request({"workload": {"kind": "ssh", "public_keys": [my_key]}}, share=250)
         for lease in ready.leases:
             print(lease.access.host, lease.access.port)
             broker.renew(lease.lease_id)
@@ -23,20 +24,28 @@ import msgspec
 
 from services.common.client_errors import ApiError, raise_for_problem
 
-from .domain.requests import ComputeRequest
+from .domain.requests import ComputeRequest, Share
 from .ready_wait import RequestEnded, RequestNotReady, WaitTimedOut, wait_ready
 from .records import LeaseView, QuoteView, RequestView
 
-__all__ = ["BrokerApiError", "BrokerClient", "RequestEnded", "RequestNotReady", "WaitTimedOut"]
+__all__ = ["BrokerApiError", "BrokerClient", "RequestEnded", "RequestNotReady", "Share", "WaitTimedOut"]
 
 
 class BrokerApiError(ApiError):
     """A 4xx/5xx from the broker, with its problem details and reasons."""
 
 
-def _body(request: ComputeRequest | dict[str, Any]) -> bytes:
+def _body(request: ComputeRequest | dict[str, Any], share: int | Share | None = None) -> bytes:
     if isinstance(request, dict):
         request = msgspec.convert(request, ComputeRequest)
+    if share is not None:
+        if isinstance(share, bool) or not isinstance(share, int | Share):
+            raise TypeError(f"share is milli (an int, 1-999) or a Share, not {type(share).__name__}")
+        if isinstance(share, int):  # checked against the broker's own schema, as the whole body is
+            share = msgspec.convert({"milli": share}, Share)
+        if request.share is not None and request.share != share:
+            raise ValueError("the request already asks for another share; give it once")
+        request = msgspec.structs.replace(request, share=share)
     return msgspec.json.encode(request)
 
 
@@ -61,13 +70,16 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def request(self, request: ComputeRequest | dict[str, Any], idempotency_key: str | None = None) -> RequestView:
-        """201 placed or 202 queued → the request; 4xx → ``BrokerApiError`` with reasons."""
+    def request(self, request: ComputeRequest | dict[str, Any], idempotency_key: str | None = None, *,
+                share: int | Share | None = None) -> RequestView:
+        """201 placed or 202 queued → the request; 4xx → ``BrokerApiError`` with reasons.
+        ``share``: a slice of one device, in milli (250 = a quarter) or a ``Share`` with its
+        memory need (docs/sharing.md); the same as ``"share"`` in the body."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return _decode(self.http.post("/v1/requests", content=_body(request), headers=headers), RequestView)
+        return _decode(self.http.post("/v1/requests", content=_body(request, share), headers=headers), RequestView)
 
-    def quote(self, request: ComputeRequest | dict[str, Any]) -> QuoteView:
-        return _decode(self.http.post("/v1/quotes", content=_body(request)), QuoteView)
+    def quote(self, request: ComputeRequest | dict[str, Any], *, share: int | Share | None = None) -> QuoteView:
+        return _decode(self.http.post("/v1/quotes", content=_body(request, share)), QuoteView)
 
     def status(self, request_id: str) -> RequestView:
         """The request: its state, reasons, live leases (with access once ready) and every attempt."""

@@ -195,7 +195,8 @@ class Deliveries:
                 delivery=lease.delivery, workload=workloads[lease.request_id],  # type: ignore[arg-type]
                 granted_at=lease.granted_at, expires_at=lease.expires_at,
                 provision_deadline=_at(live.deadline) if shown == "provisioning" else None,
-                ready_at=_at(live.ready_at), attempt=lease.attempt, replaces=lease.replaces or None))
+                ready_at=_at(live.ready_at), attempt=lease.attempt, replaces=lease.replaces or None,
+                milli=lease.milli, devices=lease.devices))
         return out
 
 

@@ -116,6 +116,10 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     ready_at: datetime | None = None
     attempt: int = 1
     replaces: str | None = None
+    # shares (docs/sharing.md): the share of each device and which devices of the pool, for
+    # the provider to enforce (1000 and no devices: whole units, the provider picks them)
+    milli: int = 1000
+    devices: tuple[int, ...] = ()
 
 
 def _at(ts: float | None) -> datetime | None:

@@ -29,7 +29,7 @@ from .tracking import DEFAULT_WAIT_S, WORKLOAD_OPTIONS, show_access, wait_for_re
 from .tracking import register as register_tracking
 
 LEASE_COLUMNS = ("lease", "state", "pool", "region", "model", "units", "billing", "price", "expires")
-BODY_OPTIONS = ("units", "model", "vendor", "region", "min_memory", "tflops", "split", "billing", "duration",
+BODY_OPTIONS = ("units", "model", "vendor", "region", "min_memory", "share", "tflops", "split", "billing", "duration",
                 "max_price", "data_region", "data_gb", "lease_ttl", *WORKLOAD_OPTIONS)
 
 
@@ -78,7 +78,10 @@ _request_options = [
     click.option("--model", multiple=True, help="Acceptable model id (repeat)."),
     click.option("--vendor", multiple=True, help="Acceptable vendor (repeat)."),
     click.option("--region", multiple=True, help="Allowed region (repeat)."),
-    click.option("--min-memory", type=click.FloatRange(min=0), default=0, help="GiB per unit."),
+    click.option("--min-memory", type=click.FloatRange(min=0), default=0,
+                 help="GiB per unit (with --share: GiB the share needs)."),
+    click.option("--share", type=click.IntRange(1, 999), metavar="MILLI",
+                 help="A share of one device in thousandths, e.g. 250 for a quarter (docs/sharing.md)."),
     click.option("--tflops", type=click.FloatRange(min=0, min_open=True),
                  help="Normalised performance: total bf16 TFLOPS instead of units."),
     click.option("--split", is_flag=True, help="Allow several pools and regions."),
@@ -109,13 +112,21 @@ def request_body(ctx: click.Context, kw: dict[str, Any]) -> ComputeRequest:
             raise click.BadParameter(str(exc), param_hint="'--body'") from None
     if kw["units"] is not None and kw["tflops"] is not None:
         raise click.UsageError("give -n/--units or --tflops, not both")
+    share = kw.get("share")
+    if share is not None:
+        clash = [flag for flag, bad in (("--tflops", kw["tflops"] is not None), ("--split", kw["split"]),
+                                        ("-n/--units above 1", (kw["units"] or 1) > 1)) if bad]
+        if clash:
+            raise click.UsageError(f"--share is a slice of one device; it cannot be combined with {', '.join(clash)}")
     body: dict[str, Any] = {"billing": kw["billing"]}
     if kw["tflops"] is not None:
         body["performance"] = {"min_tflops": kw["tflops"]}
     else:
         body["units"] = kw["units"] or 1
+    if share is not None:
+        body["share"] = {"milli": share, **({"min_memory_gib": kw["min_memory"]} if kw["min_memory"] else {})}
     acc = {k: v for k, v in (("models", list(kw["model"])), ("vendors", list(kw["vendor"])),
-                             ("min_memory_gib", kw["min_memory"])) if v}
+                             ("min_memory_gib", kw["min_memory"] if share is None else 0)) if v}
     if acc:
         body["accelerators"] = acc
     placement = {k: v for k, v in (("regions", list(kw["region"])), ("data_region", kw["data_region"]),
@@ -141,12 +152,31 @@ def until(at: datetime) -> str:
     return f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else f"{s // 60}m {s % 60}s"
 
 
+def units_text(item: Any) -> str:
+    """Units, and the share of each when it is not whole: "1×250/1000" (a lease, an
+    allocation of a quote or an assignment as JSON; ``milli`` is absent from views of
+    brokers before shares)."""
+    if isinstance(item, dict):
+        units, milli = item["units"], item.get("milli", 1000)
+    else:
+        units, milli = item.units, getattr(item, "milli", 1000)
+    return str(units) if milli == 1000 else f"{units}×{milli}/1000"
+
+
+def hour_price(option: Any) -> str:
+    """A quote option's price per unit-hour, or for a share what the share costs an hour."""
+    share = getattr(option, "share_hour_price", None)
+    if share is not None and getattr(option, "milli", 1000) < 1000:
+        return f"{share} {option.currency} (share)"
+    return f"{option.unit_hour_price} {option.currency}"
+
+
 def lease_rows(leases: list[LeaseView]) -> list[list[str]]:
     rows = []
     for lease in leases:
         basis = "/unit-month" if lease.price_basis == "unit_month" else "/unit-h"
         state = f"{lease.state} ({lease.delivery})" if lease.delivery else lease.state
-        rows.append([lease.lease_id, state, lease.pool_id, lease.region, lease.model, str(lease.units), lease.billing,
+        rows.append([lease.lease_id, state, lease.pool_id, lease.region, lease.model, units_text(lease), lease.billing,
                      f"{lease.unit_price} {lease.currency}{basis}", lease.expires_at.isoformat(timespec="seconds")])
     return rows
 
@@ -218,8 +248,8 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(q)
             return
-        rows = [[str(i), ", ".join(f"{a.pool_id}×{a.units}" for a in o.allocations), str(o.units),
-                 f"{o.unit_hour_price} {o.currency}", str(o.compute_cost), str(o.transfer_cost), str(o.total_cost),
+        rows = [[str(i), ", ".join(f"{a.pool_id}×{units_text(a)}" for a in o.allocations), units_text(o),
+                 hour_price(o), str(o.compute_cost), str(o.transfer_cost), str(o.total_cost),
                  f"{o.expected_start_s:.0f}s"] for i, o in enumerate(q.options, 1)]
         show("placement options" if q.options else "no placement now",
              ("#", "pools", "units", "per unit-h", "compute", "transfer", "total", "start"), rows,

@@ -54,13 +54,21 @@ local pools, leases, seen = {}, {}, {}
 local function lease(id)
   if seen[id] then return end
   seen[id] = true
-  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool', 'generation')
-  if f[1] then leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or '', f[5] or '0'} end
+  local f = redis.call('HMGET', base .. ':lease:' .. id, 'units', 'expires', 'seq', 'pool', 'generation', 'milli',
+    'devices')
+  if f[1] then
+    leases[#leases + 1] = {id, f[1], f[2] or '0', f[3] or '0', f[4] or '', f[5] or '0', f[6] or '1000', f[7] or ''}
+  end
 end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', base .. ':pool:' .. id, 'capacity', 'healthy', 'leased', 'free', 'status',
-    'generation')
-  if f[1] then pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0'} end
+  local key = base .. ':pool:' .. id
+  local f = redis.call('HMGET', key, 'capacity', 'healthy', 'leased', 'free', 'status', 'generation')
+  -- a pool that shares its devices: its per-device hash (device, free milli, ...), else 0
+  local dev = 0
+  if redis.call('EXISTS', key .. ':dev') == 1 then dev = redis.call('HGETALL', key .. ':dev') end
+  if f[1] then
+    pools[#pools + 1] = {id, f[1], f[2] or '-1', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0', dev}
+  end
   for _, l in ipairs(redis.call('SMEMBERS', base .. ':pool:' .. id .. ':leases')) do lease(l) end
 end
 for _, l in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do lease(l) end
@@ -113,13 +121,16 @@ async def read_redis(redis: Redis, keys: Keys, regions: set[str]) -> tuple[dict,
         if int(is_ready):
             ready.add(region)
         for row in raw_pools:
-            pool_id, cap, healthy, leased, free, status, gen = (_s(x) for x in row)
+            pool_id, cap, healthy, leased, free, status, gen = (_s(x) for x in row[:7])
+            flat = row[7] if isinstance(row[7], list) else None
+            devices = {int(_s(flat[i])): int(_s(flat[i + 1])) for i in range(0, len(flat), 2)} \
+                if flat is not None else None
             pools[pool_id] = PoolLive(region, pool_id, int(cap), int(healthy), int(leased), int(free), status,
-                                      int(gen))
+                                      int(gen), devices)
         for row in raw_leases:
-            lease_id, units, expires, seq, pool, gen = (_s(x) for x in row)
+            lease_id, units, expires, seq, pool, gen, milli, devs = (_s(x) for x in row)
             leases[lease_id] = LeaseLive(region, lease_id, _pool_id(pool), int(units), float(expires), int(seq),
-                                         int(gen))
+                                         int(gen), int(milli), tuple(int(d) for d in devs.split(",") if d.strip()))
     rebuilt = {s: bool(await redis.exists(keys.rebuilt_marker(s))) for s in ("registry", "broker")}
     return pools, leases, ready, rebuilt
 

@@ -8,7 +8,9 @@ unit-testable and fails on a hand-made broken world.
 What each check reads (see docs/faults.md):
 
 * invariant 1 (never overbook): each pool's ``leased`` counter against its capacity and
-  against the units of the live leases that point at it;
+  against the units of the live leases that point at it; on a pool that shares its devices
+  (docs/sharing.md) ``leased`` counts the devices with any milli taken, and each device's
+  free milli is 1000 less the milli its live leases hold there, never below 0;
 * invariant 2 (a 201 is durable): every live lease in Redis has its grant in the
   allocation stream, and every grant that has not ended (and not expired) is live in
   Redis;
@@ -48,6 +50,7 @@ class PoolLive:
     free: int
     status: str
     generation: int = 0  # 0: written before generations were kept
+    devices: dict[int, int] | None = None  # a pool that shares its devices: device -> free milli
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,8 @@ class LeaseLive:
     expires: float
     seq: int
     generation: int = 0  # the pool generation it holds units of (0: from before generations)
+    milli: int = 1000  # of each of its devices (docs/sharing.md)
+    devices: tuple[int, ...] = ()  # on a pool that shares its devices: the devices it holds
 
     def holds_units_of(self, pool: PoolLive | None) -> bool:
         """Its units are counted in ``pool``'s ``leased``: the pool of its generation (a
@@ -204,6 +209,35 @@ def _when(ts: float) -> str:
 
 
 # --- invariant 1 -----------------------------------------------------------------------------
+def device_takes(o: Observation) -> dict[str, dict[int, int]]:
+    """Sharing pools: device -> the milli the live leases holding units of the pool take on it."""
+    out: dict[str, dict[int, int]] = {}
+    for lease in o.leases.values():
+        pool = o.pools.get(lease.pool_id)
+        if pool is None or pool.devices is None or not lease.devices or not lease.holds_units_of(pool):
+            continue
+        taken = out.setdefault(pool.pool_id, {})
+        for d in lease.devices:
+            taken[d] = taken.get(d, 0) + lease.milli
+    return out
+
+
+def held_units(o: Observation) -> dict[str, int]:
+    """What each pool's ``leased`` should say from its live leases: their units, or on a
+    pool that shares its devices, the devices they take any milli of (a lease there that
+    names no device counts its units)."""
+    held: dict[str, int] = defaultdict(int)
+    for lease in o.leases.values():
+        pool = o.pools.get(lease.pool_id)
+        if pool is not None and not lease.holds_units_of(pool):
+            continue
+        if pool is None or pool.devices is None or not lease.devices:
+            held[lease.pool_id] += lease.units
+    for pool_id, taken in device_takes(o).items():
+        held[pool_id] += sum(1 for milli in taken.values() if milli > 0)
+    return held
+
+
 def check_capacity(o: Observation) -> CheckResult:
     """``leased`` never above capacity. A provider may cut capacity under live leases
     (the registry records the pool as overcommitted): that is excused when those leases
@@ -211,7 +245,7 @@ def check_capacity(o: Observation) -> CheckResult:
     was granted, and only then."""
     r = CheckResult("pool leased <= capacity", 1)
     newest: dict[str, float] = {}
-    held: dict[str, int] = defaultdict(int)
+    held = held_units(o)
     grants = {lease_id: h.grant[1].lease.granted_at.timestamp() for lease_id, h in o.histories().items()
               if h.grant}
     for lease in o.leases.values():
@@ -219,14 +253,13 @@ def check_capacity(o: Observation) -> CheckResult:
             continue
         at = grants.get(lease.lease_id, o.now)
         newest[lease.pool_id] = max(newest.get(lease.pool_id, 0.0), at)
-        held[lease.pool_id] += lease.units
     excused = 0
     for pool in o.pools.values():
         r.checked += 1
         if pool.leased <= pool.capacity:
             continue
         record = (o.records or {}).get(pool.pool_id)
-        if record is not None and record.spec.units == pool.capacity and held[pool.pool_id] == pool.leased and \
+        if record is not None and record.spec.units == pool.capacity and held.get(pool.pool_id, 0) == pool.leased and \
                 record.updated_at.timestamp() >= newest.get(pool.pool_id, 0.0):
             excused += 1
             continue
@@ -240,10 +273,7 @@ def check_leased_counter(o: Observation) -> CheckResult:
     """Each pool's ``leased`` equals the units of the live leases on it: more is leaked
     capacity, less is units handed out twice."""
     r = CheckResult("pool leased = units of its live leases", 1)
-    held: dict[str, int] = defaultdict(int)
-    for lease in o.leases.values():
-        if lease.pool_id not in o.pools or lease.holds_units_of(o.pools[lease.pool_id]):
-            held[lease.pool_id] += lease.units
+    held = held_units(o)
     for pool in o.pools.values():
         r.checked += 1
         if pool.leased != held.get(pool.pool_id, 0):
@@ -252,6 +282,28 @@ def check_leased_counter(o: Observation) -> CheckResult:
         if pool_id not in o.pools:
             r.checked += 1
             r.fail(pool_id, f"live leases hold {units} units of a pool that is not in Redis")
+    return r
+
+
+def check_device_shares(o: Observation) -> CheckResult:
+    """On a pool that shares its devices, each device's free milli is 1000 less what the
+    live leases hold there: never more than 1000 taken on a device, nothing leaked, nothing
+    handed out twice."""
+    r = CheckResult("device free milli = 1000 - shares of its live leases", 1)
+    takes = device_takes(o)
+    for pool in o.pools.values():
+        if pool.devices is None:
+            continue
+        taken = takes.get(pool.pool_id, {})
+        for d in sorted(set(pool.devices) | set(taken)):
+            r.checked += 1
+            held, free = taken.get(d, 0), pool.devices.get(d)
+            if held > 1000:
+                r.fail(pool.pool_id, f"device {d}: live leases hold {held} milli of it")
+            elif free is None:
+                r.fail(pool.pool_id, f"device {d}: live leases hold {held} milli of a device not in its state")
+            elif free + held != 1000:
+                r.fail(pool.pool_id, f"device {d}: {free} milli free, live leases hold {held}")
     return r
 
 
@@ -472,8 +524,8 @@ def check_meter_totals(o: Observation) -> CheckResult:
     return r
 
 
-CHECKS = (check_capacity, check_leased_counter, check_live_leases_durable, check_grants_live, check_restored,
-          check_records, check_ledger, check_meter_totals, check_expired_released, check_expired_ended)
+CHECKS = (check_capacity, check_leased_counter, check_device_shares, check_live_leases_durable, check_grants_live,
+          check_restored, check_records, check_ledger, check_meter_totals, check_expired_released, check_expired_ended)
 
 
 def audit(o: Observation) -> Report:

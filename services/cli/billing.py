@@ -16,7 +16,7 @@ from .apps import demo_keys
 from .options import data_dir_option, key_option, url_option, with_options
 from .term import handled, out, print_json, show, table
 
-GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
+GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period", "milli")
 
 
 def _key(key: str | None, tenant: str | None, ops: bool, data_dir: Path) -> tuple[str, str | None]:
@@ -42,10 +42,11 @@ def _qty(value: Any) -> str:
 
 
 def _lines_table(title: str, lines: list[InvoiceLine], currency: str, width: int, adjustments: bool = False):  # noqa: ANN202
-    cols = (["for period"] if adjustments else []) + ["billing", "region", "model", "pool", "quantity", "unit price",
-                                                      "amount"]
+    cols = (["for period"] if adjustments else []) + ["billing", "region", "model", "pool", "share", "quantity",
+                                                      "unit price", "amount"]
     rows = [([x.period] if adjustments else []) + [
-        x.billing, x.region, x.model, x.pool_id, f"{_qty(x.quantity)} {x.unit}{'' if x.quantity == 1 else 's'}",
+        x.billing, x.region, x.model, x.pool_id, x.share,
+        f"{_qty(x.quantity)} {x.unit}{'' if x.quantity == 1 else 's'}",
         f"{x.unit_price} {currency}/{x.unit.removeprefix('unit-')}", f"{x.amount} {currency}"] for x in lines]
     return table(title, cols, rows, width=width, right=("quantity", "unit price", "amount"))
 

@@ -68,6 +68,16 @@ PROVIDERS: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {
 }
 TENANTS = ("alpha-labs", "beta-media")
 
+# Demo pools that share their devices (docs/sharing.md): (provider, region, model, index of
+# the pool in its sizes) -> PoolSpec.sharing. An Ascend pool cut by memory, as vNPU
+# templates cut a 910B (a quarter of its AI cores and memory at least), and NVIDIA L40S
+# pools time-sliced for inference and notebooks (memory not partitioned).
+SHARING: dict[tuple[str, str, str, int], dict[str, Any]] = {
+    ("ascend-west", "cn-nx", "huawei-ascend-910b", 0): {"mode": "memory", "min_milli": 250},
+    ("skyforge", "us-west", "nvidia-l40s", 1): {"mode": "time_slice", "min_milli": 100},
+    ("tidewater", "ap-south", "nvidia-l40s", 0): {"mode": "time_slice", "min_milli": 100},
+}
+
 # on-demand USD per unit-hour, before the regional factor
 BASE_PRICE = {
     "nvidia-h200-sxm-141gb": "3.80", "nvidia-h100-sxm-80gb": "2.99", "nvidia-h800-sxm-80gb": "2.60",
@@ -92,7 +102,9 @@ def demo_pools() -> list[tuple[str, str, dict[str, Any]]]:
                 on_demand = (Decimal(BASE_PRICE[model]) * Decimal(REGION_FACTOR.get(region, "1"))).quantize(
                     Decimal("0.0001"))
                 short = model.split("-", 1)[1][:20].rstrip("-")
+                sharing = SHARING.get((provider, region, model, i))
                 out.append((provider, f"{provider}-{region}-{short}-{i}", {
+                    **({"sharing": sharing} if sharing else {}),
                     "region": region, "zone": f"{region}-{'abc'[i % 3]}", "model": model, "units": units,
                     "units_per_node": 8 if units >= 8 else units,
                     "delivery": list(DELIVERY.get(provider, ())),
@@ -174,6 +186,12 @@ WORKLOAD: tuple[tuple[str, dict[str, Any], float | None], ...] = (
      90.0),
     ("beta-media", {"units": 2, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 180,
                     "workload": {"kind": "ssh", "public_keys": [DEMO_SSH_KEY]}}, None),
+    # shares of one device (docs/sharing.md): a notebook on a time-sliced L40S, a small
+    # model served from a memory slice of an Ascend 910B
+    ("alpha-labs", {"share": {"milli": 250}, "accelerators": {"models": ["nvidia-l40s"]}, "duration_s": 240,
+                    "workload": {"kind": "ssh", "public_keys": [DEMO_SSH_KEY]}}, 60.0),
+    ("beta-media", {"share": {"milli": 500, "min_memory_gib": 24}, "accelerators": {"vendors": ["huawei"]},
+                    "duration_s": 300}, None),
 )
 
 

@@ -72,15 +72,20 @@ def describe(kind: str, e: dict[str, Any]) -> str:
     if kind == "capacity":
         pool = e.get("pool") or {}
         spec = pool.get("spec") or {}
-        extra = f" {spec.get('units')}× {spec.get('model')}" if spec else ""
+        sharing = (spec.get("sharing") or {}).get("mode", "none")
+        extra = (f" {spec.get('units')}× {spec.get('model')}" + (f" shared by {sharing}" if sharing != "none" else "")
+                 if spec else "")
         tail = f" free {e['free']}" if "free" in e and t != "pool.offline" else ""
         reason = f" ({e['reason']})" if e.get("reason") else ""
         return f"{e.get('region')}/{e.get('provider')} pool {e.get('pool_id')}{extra}{tail}{reason}"
     if kind == "alloc":
         lease = e.get("lease") or {}
         why = e.get("reason") or (f"by {e['by_request']}" if e.get("by_request") else "")
-        return (f"{lease.get('tenant')} lease {lease.get('lease_id')} {lease.get('units')}× {lease.get('model')} "
-                f"on {lease.get('region')}/{lease.get('pool_id')} {lease.get('billing')} "
+        milli = lease.get("milli", 1000)
+        share = f"{milli}/1000 of " if milli != 1000 else ""
+        devices = f" device {','.join(map(str, lease['devices']))}" if lease.get("devices") else ""
+        return (f"{lease.get('tenant')} lease {lease.get('lease_id')} {lease.get('units')}× {share}{lease.get('model')} "
+                f"on {lease.get('region')}/{lease.get('pool_id')}{devices} {lease.get('billing')} "
                 f"{lease.get('unit_price')} {lease.get('currency')}/{_BASIS.get(lease.get('price_basis'), 'unit-h')}"
                 + (f" ({why})" if why else ""))
     if kind == "request":

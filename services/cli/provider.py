@@ -22,7 +22,7 @@ import msgspec
 from services.common.client_errors import raise_for_problem
 from services.common.messages import PoolSpec
 
-from .apps import demo_keys
+from .apps import demo_keys, units_text
 from .demo_agent import AGENT_DIR as DEMO_AGENT_DIR
 from .demo_agent import PROVIDER as DEMO_PROVIDER
 from .options import data_dir_option, key_option, url_option, with_options
@@ -192,7 +192,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(items)
             return
-        rows = [[a["lease_id"], a["pool_id"], a["tenant"], str(a["units"]), a["state"], a.get("delivery") or "-",
+        rows = [[a["lease_id"], a["pool_id"], a["tenant"], _share(a), a["state"], a.get("delivery") or "-",
                  a["expires_at"][:19]] for a in items]
         show("assignments" if rows else "no assignments", ASSIGNMENT_COLUMNS, rows, right=("units",))
 
@@ -223,6 +223,13 @@ def register(cli: click.Group) -> None:
         if log_file is None:
             raise LocalError(f"no output of lease {lease_id} on this host (not run by this agent, or not started)")
         _print_log(log_file, follow, Path(config.state_dir) / "leases" / f"{lease_id}.json")
+
+
+def _share(a: dict[str, Any]) -> str:
+    """An assignment's units, and for a share the device it is on: "1×250/1000 @3"."""
+    devices = a.get("devices") or []
+    where = f" @{','.join(map(str, devices))}" if devices and a.get("milli", 1000) != 1000 else ""
+    return units_text(a) + where
 
 
 def _any_user(name: str) -> Any:

@@ -158,6 +158,7 @@ def transition(account: Account | None, event: AllocEvent, *, min_bill_s: int, n
         provider=lease.provider, pool_id=lease.pool_id,
         region=lease.region, model=lease.model, lease_id=lease.lease_id, request_id=lease.request_id,
         billing=lease.billing, kind=c.kind, period=c.period, start=c.start, end=c.end, units=lease.units,
+        milli=lease.milli,
         seconds=c.seconds, quantity=c.quantity, unit_price=lease.unit_price, price_basis=lease.price_basis,
         currency=lease.currency, amount=c.amount, event_id=event.id, seq=event.seq, posted_at=now,
     ) for c in charges]

@@ -27,12 +27,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .model import LedgerEntry, LedgerRecord, PeriodsClosed, ReadyMark, UnchargedAttempt
+from .model import FoldedEntry, LedgerEntry, LedgerRecord, PeriodsClosed, ReadyMark, UnchargedAttempt
 from .periods import next_period, period_of
 
-# tenant, currency, invoice period, service period, billing, region, model, provider, pool, unit price
-CellKey = tuple[str, str, str, str, str, str, str, str, str, Decimal]
-K_TENANT, K_CURRENCY, K_INVOICE, K_PERIOD, K_BILLING, K_REGION, K_MODEL, K_PROVIDER, K_POOL, K_PRICE = range(10)
+# tenant, currency, invoice period, service period, billing, region, model, provider, pool, unit price,
+# share (milli of each unit: a share is its own invoice line)
+CellKey = tuple[str, str, str, str, str, str, str, str, str, Decimal, int]
+K_TENANT, K_CURRENCY, K_INVOICE, K_PERIOD, K_BILLING, K_REGION, K_MODEL, K_PROVIDER, K_POOL, K_PRICE, K_MILLI = range(11)
 READY_KEPT = 100_000  # delivered leases seen ready, remembered to drop a late uncharged attempt
 
 
@@ -95,10 +96,10 @@ class Aggregate:
         if self.first_period is None or inv < self.first_period:
             self.first_period = inv
 
-    def add(self, e: LedgerEntry) -> str:
+    def add(self, e: LedgerEntry | FoldedEntry) -> str:
         inv = self.invoice_period(e)
         key = (e.tenant, e.currency, inv, e.period, e.billing, e.region, e.model, e.provider, e.pool_id,
-               e.unit_price)
+               e.unit_price, e.milli)
         cells = self.by_tenant.get(e.tenant)
         if cells is None:
             cells = self.by_tenant[e.tenant] = {}

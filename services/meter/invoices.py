@@ -15,10 +15,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from services.common.messages import MILLI
+
 from .aggregate import (
     K_BILLING,
     K_CURRENCY,
     K_INVOICE,
+    K_MILLI,
     K_MODEL,
     K_PERIOD,
     K_POOL,
@@ -32,9 +35,9 @@ from .aggregate import (
 from .model import CurrencySection, Invoice, InvoiceLine, UnchargedAttempt, UnchargedLine
 from .pricing import RESERVED, round_money
 
-GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period")
+GROUPS = ("tenant", "region", "model", "provider", "pool", "billing", "period", "milli")
 _GROUP_INDEX = {"tenant": K_TENANT, "region": K_REGION, "model": K_MODEL, "provider": K_PROVIDER, "pool": K_POOL,
-                "billing": K_BILLING, "period": K_PERIOD}
+                "billing": K_BILLING, "period": K_PERIOD, "milli": K_MILLI}  # milli: the share (1000 = whole)
 FILTERS = ("tenant", "period", "region", "model", "provider", "pool", "billing")
 
 
@@ -42,11 +45,17 @@ def _line(key: CellKey, cell: Cell) -> InvoiceLine:
     return InvoiceLine(billing=key[K_BILLING], region=key[K_REGION], model=key[K_MODEL], provider=key[K_PROVIDER],
                        pool_id=key[K_POOL], unit_price=key[K_PRICE],
                        unit="unit-month" if key[K_BILLING] in RESERVED else "unit-hour",
-                       quantity=cell.quantity, amount=cell.amount, entries=cell.entries, period=key[K_PERIOD])
+                       quantity=cell.quantity, milli=key[K_MILLI], share=share_label(key[K_MILLI]),
+                       amount=cell.amount, entries=cell.entries, period=key[K_PERIOD])
+
+
+def share_label(milli: int) -> str:
+    return "whole" if milli == MILLI else f"{milli}/{MILLI}"
 
 
 def _order(line: InvoiceLine) -> tuple:
-    return (line.period, line.billing, line.region, line.model, line.provider, line.pool_id, line.unit_price)
+    return (line.period, line.billing, line.region, line.model, line.provider, line.pool_id, line.unit_price,
+            -line.milli)
 
 
 def uncharged_line(a: UnchargedAttempt) -> UnchargedLine:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from services.common.messages import Billing, Currency
+from services.common.messages import MILLI, Billing, Currency
 
 BudgetKind = Literal["prepaid", "limit"]
 
@@ -34,8 +34,9 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     start: datetime
     end: datetime
     units: int
+    milli: int = MILLI  # share of each unit (1000 = whole; docs/sharing.md)
     seconds: Decimal = Decimal(0)  # billed seconds (usage)
-    quantity: Decimal  # unit-hours (usage) or unit-months (reserved)
+    quantity: Decimal  # unit-hours (usage) or unit-months (reserved), x milli/1000 for a share
     unit_price: Decimal
     price_basis: Literal["unit_hour", "unit_month"] = "unit_hour"
     currency: Currency
@@ -117,6 +118,7 @@ class FoldedEntry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     billing: Billing
     kind: Literal["usage", "reserved"]
     period: str
+    milli: int = MILLI
     quantity: Decimal
     unit_price: Decimal
     currency: Currency
@@ -209,7 +211,9 @@ class InvoiceLine(msgspec.Struct, frozen=True, kw_only=True):
     pool_id: str
     unit_price: Decimal
     unit: Literal["unit-hour", "unit-month"]
-    quantity: Decimal
+    quantity: Decimal  # whole-unit equivalents: a 250-milli share for an hour is 0.25 unit-hours
+    milli: int = MILLI  # the share of each unit its leases held (1000: whole units)
+    share: str = "whole"  # the same for people: "whole" or "250/1000"
     amount: Decimal
     entries: int
     period: str  # the service period (differs from the invoice's on adjustment lines)

@@ -13,10 +13,15 @@ Rules (docs/meter.md has the reasoning):
   lease (preempted, lost). The interval is split at UTC calendar-month boundaries: one
   charge per month, each priced exactly and rounded on its own.
 * **Reserved terms** (``reserved_month``: 1 month, ``reserved_year``: 12): ``unit_price`` is
-  per unit-month; the fee is ``unit_price × units`` per month of the term, all posted at
+  per unit-month; the fee is ``unit_price × units × share`` per month of the term, all posted at
   the billing start ("in advance, whether used or not"). Month *k* covers
   ``[start + (k-1)·730 h, start + k·730 h)`` (730 h is the broker's term month)
   and belongs to the period in which it starts. Releasing early refunds nothing.
+* **Shares** (docs/sharing.md): a lease of ``milli`` thousandths of each device (``LeaseInfo.milli``,
+  1000 = whole devices) is billed as ``units × milli / 1000`` units in every rule above, per
+  second and reserved alike: rate ``unit_price × units × milli / 1000``, and quantities in
+  whole-unit equivalents (0.25 unit-hours for an hour of a 250-milli share), so an invoice
+  line's amount is still its unit price × its quantity.
 * **Rounding**: each charge is computed exactly and rounded once, half-even, to the
   currency's minor unit (2 places; 0 for JPY, KRW, …; 3 for BHD, KWD, …).
 """
@@ -29,7 +34,7 @@ from functools import lru_cache
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Literal
 
-from services.common.messages import LeaseInfo
+from services.common.messages import MILLI, LeaseInfo
 
 from .periods import period_of
 
@@ -95,6 +100,9 @@ def _month(year: int, month: int) -> tuple[str, datetime]:
 def validate(lease: LeaseInfo) -> None:
     if lease.units < 1:
         raise PricingError(f"lease {lease.lease_id}: units must be >= 1, got {lease.units}")
+    if not 1 <= lease.milli <= MILLI:
+        raise PricingError(f"lease {lease.lease_id}: milli must be 1-{MILLI} (a share of each device), "
+                           f"got {lease.milli}")
     price = lease.unit_price
     if not isinstance(price, Decimal) or not price.is_finite() or price < 0:
         raise PricingError(f"lease {lease.lease_id}: unit_price must be a finite amount >= 0, got {price}")
@@ -109,6 +117,13 @@ def validate(lease: LeaseInfo) -> None:
                                f"{TERM_MONTHS[lease.billing]} month(s), not {lease.term_months}")
     if lease.billing not in PER_SECOND and lease.billing not in RESERVED:
         raise PricingError(f"lease {lease.lease_id}: unknown billing {lease.billing!r}")
+
+
+def billed_units(lease: LeaseInfo) -> Decimal:
+    """Whole-unit equivalents the lease is billed for: ``units × milli / 1000`` (exact)."""
+    if lease.milli == MILLI:
+        return Decimal(lease.units)
+    return _CTX.divide(_CTX.multiply(Decimal(lease.units), Decimal(lease.milli)), Decimal(MILLI))
 
 
 def delivers(lease: LeaseInfo) -> bool:
@@ -152,12 +167,13 @@ def usage_charges(lease: LeaseInfo, end: datetime, *, min_bill_s: int, apply_min
         seconds = max(seconds, min_bill_s)
     if seconds <= 0:
         return []
-    rate = _CTX.multiply(lease.unit_price, Decimal(lease.units))  # per hour for all units
+    units = billed_units(lease)
+    rate = _CTX.multiply(lease.unit_price, units)  # per hour for all units (their share of them)
     out = []
     for period, a, b in month_pieces(start, start + timedelta(seconds=seconds)):
         piece = Decimal((b - a) // _ONE_MICRO)
         exact = _CTX.divide(_CTX.multiply(rate, piece), _MICROS_PER_HOUR)
-        quantity = _CTX.divide(_CTX.multiply(Decimal(lease.units), piece), _MICROS_PER_HOUR)
+        quantity = _CTX.divide(_CTX.multiply(units, piece), _MICROS_PER_HOUR)
         out.append(Charge(key=f"u.{period}", kind="usage", period=period, start=a, end=b,
                           seconds=piece.scaleb(-6), quantity=quantity.quantize(QUANTITY_PLACES, context=_CTX),
                           exact=exact, amount=round_money(exact, lease.currency)))
@@ -168,13 +184,14 @@ def reserved_charges(lease: LeaseInfo, start: datetime | None = None) -> list[Ch
     """The whole term from ``start`` (default: the grant), one charge per term month, each
     in the period where it starts."""
     months = lease.term_months or TERM_MONTHS[lease.billing]
-    fee = _CTX.multiply(lease.unit_price, Decimal(lease.units))
+    units = billed_units(lease)
+    fee = _CTX.multiply(lease.unit_price, units)
     start0 = _utc(start or lease.granted_at)
     out = []
     for k in range(1, months + 1):
         a = start0 + (k - 1) * TERM_MONTH
         out.append(Charge(key=f"r{k:02d}", kind="reserved", period=period_of(a), start=a, end=a + TERM_MONTH,
-                          seconds=Decimal(0), quantity=Decimal(lease.units).quantize(QUANTITY_PLACES),
+                          seconds=Decimal(0), quantity=units.quantize(QUANTITY_PLACES, context=_CTX),
                           exact=fee, amount=round_money(fee, lease.currency)))
     return out
 

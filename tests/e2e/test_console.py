@@ -19,9 +19,11 @@ import httpx
 import msgspec
 import nats
 import pytest
+import redis
 
 from services.cli.servers import free_port
 from services.cli.supervisor import ServiceProcess
+from services.common.keys import Keys
 from services.common.messages import LeaseFailed, LeaseInfo, LeaseProvisioning
 from services.common.settings import Settings, settings_to_env
 from services.common.subjects import Subjects
@@ -153,6 +155,24 @@ def test_console_shows_the_world_live(nats_url: str, redis_url: str, tmp_path: P
                 row = page.locator("#reliability tr[data-pool='c-gz-a100']")
                 expect(row).to_have_attribute("data-score", f"{9 / 11:.6f}", timeout=20_000)
                 expect(row.locator("td").nth(3)).to_have_text("1")
+
+                # a pool that shares its devices: whole vs fragmented free (docs/sharing.md);
+                # its per-device state is written here as the reservation scripts would
+                expect(page.locator("#shared-note")).to_have_text("no pool shares its devices")
+                r = reg.put("/v1/pools/c-gz-l40s", headers=ph, json={
+                    "region": "cn-gz", "model": "nvidia-l40s", "units": 4, "units_per_node": 4, "prices": PRICES,
+                    "sharing": {"mode": "time_slice", "min_milli": 100}})
+                assert r.status_code == 201, r.text
+                keys = Keys(settings.prefix)
+                with redis.Redis.from_url(redis_url) as rc:
+                    rc.hset(keys.pool_devices("cn-gz", "c-gz-l40s"), mapping={0: 1000, 1: 250, 2: 600, 3: 0})
+                    rc.hset(keys.pool("cn-gz", "c-gz-l40s"), mapping={"free": 1, "leased": 3})
+                shared = page.locator("#shared tr[data-pool='c-gz-l40s'] td")
+                expect(shared.nth(5)).to_have_text("0.85 on 2", timeout=15_000)  # the next poll at the latest
+                expect(shared.nth(4)).to_have_text("1")
+                expect(shared.nth(6)).to_have_text("600 milli")
+                expect(page.locator('td[data-cell="cn-gz|nvidia-l40s"] .f')).to_have_text("+0.85 frag")
+                expect(page.locator("#total-fragmented")).to_have_text("0.85")
                 assert page.evaluate("window.__notReloaded") is True
                 assert errors == []
             finally:

@@ -260,3 +260,43 @@ def test_a_delivering_lease_is_granted_by_its_lease_provisioning() -> None:
     del o.leases["d"]
     o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=3, free=5)
     assert failures(o) == {"granted lease is live until it ends": {"d"}}
+
+
+def sharing_world() -> Observation:
+    """The world above on a pool that shares its devices (docs/sharing.md): lease a holds
+    devices 0 and 1 whole, c and e a quarter of device 2 each. ``leased`` counts the devices
+    with any milli taken (3), not the leases' units (4)."""
+    o = world()
+    e = msgspec.structs.replace(info("e", units=1, granted=-60), milli=250, devices=(2,))
+    o.events = [*o.events, (6, LeaseGranted(id="e.1", at=e.granted_at, lease=e))]
+    o.alloc_seq_before = o.billed_through = 6
+    devices = {0: 0, 1: 0, 2: 500, **{d: 1000 for d in range(3, 8)}}
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], devices=devices)
+    o.leases = {"a": dataclasses.replace(o.leases["a"], devices=(0, 1)),
+                "c": dataclasses.replace(o.leases["c"], milli=250, devices=(2,)),
+                "e": LeaseLive("cn-gz", "e", "p1", 1, T + 240, 1, milli=250, devices=(2,))}
+    return o
+
+
+def test_a_sharing_pool_counts_devices_taken_and_each_device_adds_up() -> None:
+    report = audit(sharing_world())
+    assert report.ok, report.to_dict()
+    assert {c.name: c.checked for c in report.checks}["device free milli = 1000 - shares of its live leases"] == 8
+
+
+def test_a_device_overbooked_leaked_or_missing_is_named() -> None:
+    check = "device free milli = 1000 - shares of its live leases"
+    o = sharing_world()
+    o.pools["p1"].devices[2] = 750  # a share's milli never taken (or given back twice)
+    assert failures(o) == {check: {"p1"}}
+    o = sharing_world()
+    o.leases["a"] = dataclasses.replace(o.leases["a"], devices=(0, 2))  # a whole lease on a shared device
+    found = failures(o)
+    assert found[check] == {"p1"}
+    assert any("1500 milli" in v.detail for c in audit(o).checks for v in c.violations)
+    o = sharing_world()
+    del o.pools["p1"].devices[2]  # the device state lost under live shares
+    assert failures(o)[check] == {"p1"}
+    o = sharing_world()
+    o.pools["p1"] = dataclasses.replace(o.pools["p1"], leased=4, free=4)  # the leases' units, not devices
+    assert failures(o) == {"pool leased = units of its live leases": {"p1"}}

@@ -4,7 +4,8 @@ replays.
 The meter runs as a real process (uvicorn, ``python -m services.meter``). The test
 publishes more than 10,000 allocation events (grants, renewals and every kind of end for
 thousands of leases of every billing, across a month boundary, with duplicates; a quarter
-of them delivered: billed from their ready, or failed or lost before it) to the
+of them delivered: billed from their ready, or failed or lost before it; a fifth of them
+shares of one device, billed x milli/1000) to the
 real stream, SIGKILLs the meter at seeded random points while it is busy, restarts it,
 waits until its durable consumer has nothing pending, and checks the ledger — read
 straight from the ledger stream — against the charges computed independently from the
@@ -99,10 +100,14 @@ def deliver(events: list[AllocEvent], drng: random.Random) -> tuple[list[AllocEv
     return out, ready_at
 
 
-def scenario(rng: random.Random, leases: int, duplicates: float = 0.03, delivered: float = 0.0) -> Scenario:
-    """``delivered``: the share of leases a provider delivers (billed from their ready;
-    drawn from a random stream of their own, so the rest of the scenario is the same)."""
+def scenario(rng: random.Random, leases: int, duplicates: float = 0.03, delivered: float = 0.0,
+             shares: float = 0.0) -> Scenario:
+    """``delivered``: the fraction of leases a provider delivers (billed from their ready;
+    drawn from a random stream of their own, so the rest of the scenario is the same).
+    ``shares``: the fraction of leases that are a share of one device (docs/sharing.md:
+    billed x milli/1000; their own random stream too)."""
     drng = random.Random(rng.random()) if delivered else None
+    srng = random.Random(rng.random()) if shares else None
     timeline: list[tuple[datetime, int, AllocEvent]] = []
     expected: dict[str, list[tuple[str, Decimal]]] = {}
     for i in range(leases):
@@ -114,6 +119,8 @@ def scenario(rng: random.Random, leases: int, duplicates: float = 0.03, delivere
         common = dict(lease_id=f"lease_{i:05d}_{rng.getrandbits(32):08x}", request_id=f"req_{i}",
                       tenant=rng.choice(TENANTS), pool_id=pool, provider=provider, region=region, model=model,
                       units=units, billing=billing, currency=currency, granted_at=start)
+        if srng is not None and srng.random() < shares:
+            common.update(units=1, milli=srng.choice([100, 125, 250, 333, 500, 750]), devices=(srng.randrange(64),))
         events: list[AllocEvent] = []
         if billing in RESERVED:
             months = 1 if billing == "reserved_month" else 12
@@ -257,8 +264,9 @@ def check_ledger(entries: list[LedgerEntry], s: Scenario) -> None:
 
 async def test_sigkill_at_random_points_bills_exactly_once(settings, nc, tmp_path) -> None:
     rng = random.Random(SEED)
-    s = scenario(rng, leases=5200, delivered=0.25)
+    s = scenario(rng, leases=5200, delivered=0.25, shares=0.2)
     assert len(s.events) >= 10_000
+    assert sum(1 for e in s.events if e.lease.milli < 1000) > 1000  # shares of one device among them
     assert sum(isinstance(e, LeaseReady) for e in s.events) > 800
     js = nc.jetstream()
     settings = msgspec.structs.replace(settings, min_bill_s=MIN_BILL_S, meter_ack_wait_s=2.0, meter_batch=400)

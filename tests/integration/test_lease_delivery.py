@@ -71,6 +71,8 @@ async def test_ready_shows_access_to_its_tenant_and_admin_only(settings, nc, sub
         got = (await w.broker.get("/v1/assignments", headers=w.provider)).json()
         assert [(a["lease_id"], a["state"], a["workload"]) for a in got] == [(lease_id, "provisioning", SSH)]
         assert got[0]["provision_deadline"] == lease["provision_deadline"]
+        # whole units on a pool that does not share: the provider picks the devices
+        assert (got[0]["milli"], got[0]["devices"]) == (1000, [])
         assert (await w.broker.get("/v1/assignments?state=ready", headers=w.provider)).json() == []
 
         r = await w.broker.post(f"/v1/leases/{lease_id}/ready", json=ACCESS_BODY, headers=w.provider)

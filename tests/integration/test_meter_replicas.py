@@ -1,5 +1,6 @@
 """Two meter replicas share the durable consumer: every event is applied once between
-them, and both serve the same totals (each folds the whole ledger)."""
+them, and both serve the same totals (each folds the whole ledger); shares of devices
+among the leases are billed x milli/1000 once too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .test_meter_support import FAST, ROLES, issue_keys, meter_world, publish_ma
 
 
 async def test_two_replicas_bill_every_lease_once(settings, nc) -> None:
-    s = scenario(random.Random(7), leases=1500, duplicates=0.05)
+    s = scenario(random.Random(7), leases=1500, duplicates=0.05, shares=0.3)
+    assert sum(1 for e in s.events if e.lease.milli < 1000) > 300  # shares of devices among them
     keys = await issue_keys(settings, nc, ROLES)
     assert FAST["min_bill_s"] == MIN_BILL_S
     async with meter_world(settings, nc, keys=keys) as a, meter_world(settings, nc, keys=keys) as b:

@@ -103,7 +103,10 @@ async def test_broker_and_registry_metrics_follow_placements_and_the_queue(setti
         assert value(reg1, "cb_capacity_units", **cell, state="free") == 2
         assert value(reg1, "cb_capacity_utilisation", **cell) == 0.75
         summary = (await w.registry.get("/v1/capacity", headers=w.tenants["t1"])).json()
-        assert summary["cells"] == [{**cell, "pools": 1, "online": 1, "capacity": 8, "leased": 6, "free": 2}]
+        assert summary["cells"] == [{**cell, "pools": 1, "online": 1, "capacity": 8, "leased": 6, "free": 2,
+                                     "shared_pools": 0, "fragmented_devices": 0, "fragmented_milli": 0,
+                                     "largest_slice": 0}]
+        assert summary["shared"] == []  # no pool shares its devices
         assert summary["totals"]["utilisation"] == 0.75 and summary["queue_depth"] == 0
         assert (await w.registry.get("/v1/capacity")).status_code == 401
         assert value(brk1, "cb_broker_leases", state="live") == 1

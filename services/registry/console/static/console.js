@@ -46,6 +46,26 @@ function colour(u) {
   return `hsl(${hue}, 55%, ${42 + 14 * u}%)`;
 }
 
+// milli-devices as devices: 1250 -> "1.25"
+function devices(milli) { return (Number(milli || 0) / 1000).toFixed(2).replace(/\.?0+$/, "") || "0"; }
+
+function renderShared(pools, total) {
+  const body = $("shared").tBodies[0];
+  body.replaceChildren(...pools.map((p) => {
+    const tr = document.createElement("tr");
+    tr.dataset.pool = p.pool_id;
+    if (p.status !== "online") tr.className = "bad";
+    const frag = p.fragmented_devices ? `${devices(p.fragmented_milli)} on ${p.fragmented_devices}` : "0";
+    for (const v of [p.pool_id, p.region, p.model, p.devices, p.whole_free, frag,
+                     p.largest_slice ? p.largest_slice + " milli" : "–"]) {
+      const td = tr.insertCell(); td.textContent = v;
+    }
+    return tr;
+  }));
+  $("shared-note").textContent = !total ? "no pool shares its devices" :
+    pools.length < total ? `the ${pools.length} most fragmented of ${total}` : `${total} pool${total === 1 ? "" : "s"}; fragmented: usable by shares only`;
+}
+
 function renderHeatmap(cells) {
   const box = $("heatmap");
   if (!cells.length) { box.innerHTML = '<p class="empty">no pools registered yet</p>'; return; }
@@ -68,8 +88,12 @@ function renderHeatmap(cells) {
       td.dataset.cell = r + "|" + m;
       td.dataset.free = c.free; td.dataset.leased = c.leased; td.dataset.capacity = c.capacity;
       td.style.background = c.online ? colour(u) : "#3a3f47";
-      td.title = `${r} · ${m}\n${c.pools} pools (${c.online} online)\ncapacity ${c.capacity}, leased ${c.leased}, free ${c.free}`;
+      td.dataset.fragmented = c.fragmented_milli || 0;
+      td.title = `${r} · ${m}\n${c.pools} pools (${c.online} online)\ncapacity ${c.capacity}, leased ${c.leased}, free ${c.free}` +
+        (c.shared_pools ? `\n${c.shared_pools} sharing: whole free ${c.free}, fragmented ${devices(c.fragmented_milli)} ` +
+          `on ${c.fragmented_devices} devices (largest slice ${c.largest_slice} milli)` : "");
       td.innerHTML = `<span class="n">${c.leased}/${c.capacity}</span>` +
+        (c.fragmented_milli ? `<span class="f">+${devices(c.fragmented_milli)} frag</span>` : "") +
         `<span class="bar"><i style="width:${(100 * u).toFixed(1)}%"></i></span>`;
     }
   }
@@ -116,7 +140,9 @@ async function refreshCapacity() {
   $("total-util").textContent = (100 * t.utilisation).toFixed(1) + "%";
   $("queue-depth").textContent = data.queue_depth;
   $("total-pools").textContent = `${t.online}/${t.pools}`;
+  $("total-fragmented").textContent = devices(t.fragmented_milli);
   renderHeatmap(data.cells);
+  renderShared(data.shared || [], t.shared_pools || 0);
   state.samples.push({ t: new Date(), util: t.utilisation, queue: data.queue_depth });
   if (state.samples.length > MAX_SAMPLES) state.samples.shift();
   renderSeries();
