@@ -40,12 +40,12 @@ _info = msgspec.json.Decoder(LeaseInfo)
 _alloc = msgspec.json.Decoder(AllocEvent)
 
 
-async def _stream(nc, subjects) -> list[AllocEvent]:  # noqa: ANN001
+async def _stream(nc, subjects) -> list[AllocEvent]:
     return [_alloc.decode(data) async for _, data in read_stream(nc.jetstream(), subjects.stream("alloc"),
                                                                   subjects.events("alloc"))]
 
 
-async def _lease(rds, keys: Keys, lease_id: str) -> LeaseInfo:  # noqa: ANN001
+async def _lease(rds, keys: Keys, lease_id: str) -> LeaseInfo:
     return _info.decode(await rds.hget(keys.lease(REGION, lease_id), "info"))
 
 
@@ -154,7 +154,7 @@ async def test_the_normal_path_leaves_nothing_in_the_outbox(settings, nc, subjec
             await alloc.wait_for(lambda e, k=kind, i=lease_id: isinstance(e, k) and e.lease.lease_id == i)
 
 
-async def _empty(rds, keys: Keys) -> bool:  # noqa: ANN001
+async def _empty(rds, keys: Keys) -> bool:
     return await rds.hlen(keys.lease_outbox(REGION)) == 0
 
 
