@@ -6,11 +6,14 @@ window; in the normal path nothing stays in the outbox."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import msgspec
 
+from services.broker.domain.requests import ComputeRequest
 from services.broker.leases import Ended, LeaseStore
 from services.broker.outbox import NEVER_COMPLETED, Notice, entry_event, iso, owed_event
 from services.common.keys import Keys
@@ -30,6 +33,8 @@ from services.meter.model import LedgerEntry
 from services.meter.service import utcnow
 
 from ..helpers import EventTap, eventually
+from .broker_replicas import REGION as REPLICAS_REGION
+from .broker_replicas import Gate, reached, replicas, tenant
 from .broker_world import broker_world
 from .test_meter_broker import DELIVERING, SSH, _ledger
 from .test_meter_support import meter_world
@@ -152,6 +157,47 @@ async def test_the_normal_path_leaves_nothing_in_the_outbox(settings, nc, subjec
             assert r.status_code == 200, r.text
             assert await rds.hgetall(keys.lease_outbox(REGION)) == {}, kind
             await alloc.wait_for(lambda e, k=kind, i=lease_id: isinstance(e, k) and e.lease.lease_id == i)
+
+
+async def test_a_release_whose_broker_died_is_republished_once_by_two_sweeping_replicas(settings, nc, subjects,
+                                                                                      rds) -> None:
+    """The real release path of one replica stopped dead between its script and its
+    publish (the task cancelled there); then both replicas sweep the same entry, one
+    after the other has already published and removed it. The release reaches the stream
+    once (the second copy is dropped by its message id) and the outbox is empty: nobody
+    needs to claim an entry."""
+    async with replicas(settings, 2) as rs, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        a, b = rs.brokers
+        await rs.pool("p", 8)
+        status, view = await a.place(tenant("t1"), msgspec.convert({"units": 2}, ComputeRequest))
+        assert status == 201
+        lease_id = view.leases[0].lease_id
+        gate = Gate(a.core, "publish_alloc")
+        dying = asyncio.create_task(a.release(tenant("t1"), lease_id))
+        assert await reached(gate, dying), "the release did not get to its publish"
+        dying.cancel()  # the broker dies: its script ran, its event was never sent
+        with contextlib.suppress(asyncio.CancelledError):
+            await dying
+        gate.open.set()
+        outbox = rs.keys.lease_outbox(REPLICAS_REGION)
+        assert list(await rds.hgetall(outbox)) == [f"{lease_id}.2"]
+        assert await a.core.leases.get(lease_id) is None  # Redis has the release
+
+        assert await a.recovery.republish_owed() == 0  # within the grace: the broker may still be publishing
+        for broker in (a, b):
+            broker.core.outbox.grace_s = 0.0
+        late = Gate(a.core, "publish_owed")  # a has read the entry, b sweeps it all meanwhile
+        sweeping = asyncio.create_task(a.recovery.republish_owed())
+        assert await reached(late, sweeping)
+        assert await b.recovery.republish_owed() == 1
+        late.open.set()
+        assert await sweeping == 1  # republished again: the same id, dropped by JetStream
+        released = await alloc.wait_for(lambda e: isinstance(e, LeaseReleased) and e.lease.lease_id == lease_id)
+        assert (released.id, released.seq, released.free_after) == (f"{lease_id}.2", 2, 8)
+        assert await rds.hgetall(outbox) == {}
+        assert [e.id for e in await _stream(nc, subjects) if e.lease.lease_id == lease_id] == [
+            f"{lease_id}.1", f"{lease_id}.2"]
 
 
 async def _empty(rds, keys: Keys) -> bool:
