@@ -45,6 +45,7 @@ class Entry(msgspec.Struct, frozen=True):
     t: str = ""  # the event's ``at`` (RFC 3339, as the caller encoded it)
     x: str = "{}"  # the event's other fields (json object: reason, by, ...)
     w: str = "0"  # when the script ran (unix s): the sweep's grace counts from here
+    d: str = ""  # devices_free_after, comma-separated (a lease on a pool that shares its devices)
 
 
 _ENTRY = msgspec.json.Decoder(Entry)
@@ -73,7 +74,7 @@ class Notice:
 
 
 def owed_event(tag: str, at: str, extra: str, lease: str | bytes, seq: int, free_after: int,
-               pending: bool) -> AllocEvent:
+               pending: bool, devices_free_after: Sequence[int] = ()) -> AllocEvent:
     """The event of a transition, from what its script saw and what its caller said: the
     one builder of both the publish after the script and the sweep's republish, so the
     two are the same event. An expiry of a lease never confirmed is not an expiry: the
@@ -83,15 +84,20 @@ def owed_event(tag: str, at: str, extra: str, lease: str | bytes, seq: int, free
     if pending and tag == tag_of(LeaseExpired):
         info = _INFO.decode(lease_raw)
         return LeaseLost(id=f"{lease_id}.{seq}", at=info.granted_at, lease=info, seq=seq, free_after=free_after,
-                         reason=NEVER_COMPLETED)
+                         devices_free_after=tuple(devices_free_after), reason=NEVER_COMPLETED)
     return _ALLOC.decode(msgspec.json.encode({
         **msgspec.json.decode(extra), "type": tag, "id": f"{lease_id}.{seq}", "at": at,
-        "lease": msgspec.Raw(lease_raw), "seq": seq, "free_after": free_after}))
+        "lease": msgspec.Raw(lease_raw), "seq": seq, "free_after": free_after,
+        "devices_free_after": list(devices_free_after)}))
 
 
-def entry_event(raw: bytes | str) -> AllocEvent:
-    e = _ENTRY.decode(raw)
-    return owed_event(e.k, e.t, e.x, e.i, e.s, e.f, bool(e.p))
+def entry_event(raw: bytes | str | Entry) -> AllocEvent:
+    e = raw if isinstance(raw, Entry) else _ENTRY.decode(raw)
+    return owed_event(e.k, e.t, e.x, e.i, e.s, e.f, bool(e.p), _devices(e.d))
+
+
+def _devices(raw: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in raw.split(",") if x)
 
 
 def _s(v: object) -> str:
@@ -138,8 +144,7 @@ class Outbox:
                         entry = _ENTRY.decode(raw)
                         if float(entry.w) > now - self.grace_s:
                             continue
-                        event: AllocEvent | None = owed_event(entry.k, entry.t, entry.x, entry.i, entry.s, entry.f,
-                                                              bool(entry.p))
+                        event: AllocEvent | None = entry_event(entry)
                     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                         log.error("outbox entry %s of %s cannot be read back (%s): dropped", _s(event_id), region,
                                   exc)
