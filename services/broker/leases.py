@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import msgspec
@@ -16,6 +17,8 @@ from services.common.errors import Unavailable
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import is_cluster, read_lua
+
+from .outbox import Notice, iso
 
 _info = msgspec.json.Decoder(LeaseInfo)
 
@@ -294,21 +297,27 @@ class LeaseStore:
             pipe.set(self.keys.leases_ready(region), "1")
         await pipe.execute()
 
-    async def end(self, lease: LeaseInfo, mode: str, now: float) -> Ended | None:
+    async def end(self, lease: LeaseInfo, mode: str, now: float, notice: Notice | None = None) -> Ended | None:
         """Release / expire / preempt / lose / revoke one lease; None if it was gone (or,
-        for ``expire``, renewed in the meantime)."""
-        ended = await self.end_from(lease, mode, now)
+        for ``expire``, renewed in the meantime). ``notice``: the event the ending owes,
+        written to the outbox in the same step (every caller that announces the end
+        passes it)."""
+        ended = await self.end_from(lease, mode, now, notice=notice)
         return ended if isinstance(ended, Ended) else None
 
-    async def end_from(self, lease: LeaseInfo, mode: str, now: float, state: str = "") -> Ended | str:
+    async def end_from(self, lease: LeaseInfo, mode: str, now: float, state: str = "",
+                       notice: Notice | None = None) -> Ended | str:
         """``end`` only from ``state`` ("provisioning" or "ready"; "" any): a ``fail``
         from provisioning, a ``timeout`` (provisioning past its deadline), a ``lost``
         from ready (unhealthy). Refused: the state the lease is in ("gone" when none)."""
         k, r = self.keys, lease.region
-        raw = await self._end(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
-                                    k.pool_leases(r, lease.pool_id), k.interruptible_leases(r),
-                                    k.lease_provisioning(r)],
-                               args=[lease.lease_id, mode, now, state])
+        keys = [k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
+                k.pool_leases(r, lease.pool_id), k.interruptible_leases(r), k.lease_provisioning(r)]
+        args: list[object] = [lease.lease_id, mode, now, state]
+        if notice is not None:
+            keys.append(k.lease_outbox(r))
+            args += notice.args()
+        raw = await self._end(keys=keys, args=args)
         if int(raw[0]) != 1:
             return _s(raw[1]) if len(raw) > 1 else "gone"
         pipe = self.redis.pipeline(transaction=False)
@@ -317,20 +326,31 @@ class LeaseStore:
         await pipe.execute()
         return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]), len(raw) > 4 and int(raw[4]) == 1)
 
-    async def lease_ready(self, lease: LeaseInfo, now: float) -> tuple[int, LeaseInfo] | str:
+    async def lease_ready(self, lease: LeaseInfo, now: float,
+                          at: datetime | None = None) -> tuple[int, LeaseInfo] | str:
         """provisioning → ready (``lua/lease_ready.lua``): ``(seq, lease)``, or why not
-        ("gone", "pending", "ready", "generation", "deadline")."""
+        ("gone", "pending", "ready", "generation", "deadline"). ``at``: the time of the
+        lease.ready it owes, written to the outbox in the same step."""
         k, r = self.keys, lease.region
-        raw = await self._ready(keys=[k.lease(r, lease.lease_id), k.pool(r, lease.pool_id), k.lease_provisioning(r)],
-                                args=[lease.lease_id, now])
+        keys = [k.lease(r, lease.lease_id), k.pool(r, lease.pool_id), k.lease_provisioning(r)]
+        args: list[object] = [lease.lease_id, now]
+        if at is not None:
+            keys.append(k.lease_outbox(r))
+            args.append(iso(at))
+        raw = await self._ready(keys=keys, args=args)
         if int(raw[0]) != 1:
             return _s(raw[1])
         return int(raw[1]), _info.decode(raw[2])
 
-    async def renew(self, lease: LeaseInfo, now: float) -> int | None:
+    async def renew(self, lease: LeaseInfo, now: float, at: datetime | None = None) -> int | None:
+        """``at``: the time of the lease.renewed it owes, written to the outbox with it."""
         k, r = self.keys, lease.region
-        raw = await self._renew(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id)],
-                                args=[lease.lease_id, now, lease.expires_at.timestamp(), msgspec.json.encode(lease)])
+        keys = [k.lease_expiry(r), k.lease(r, lease.lease_id)]
+        args: list[object] = [lease.lease_id, now, lease.expires_at.timestamp(), msgspec.json.encode(lease)]
+        if at is not None:
+            keys.append(k.lease_outbox(r))
+            args.append(iso(at))
+        raw = await self._renew(keys=keys, args=args)
         return int(raw[1]) if int(raw[0]) == 1 else None
 
     async def get(self, lease_id: str) -> LeaseInfo | None:

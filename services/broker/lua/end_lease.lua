@@ -4,7 +4,8 @@
 -- The units go back only to the pool generation the lease was granted on: a pool removed
 -- and registered again under the same id is another pool, which this lease never held.
 -- KEYS[1] region lease-expiry zset, KEYS[2] lease hash, KEYS[3] pool hash, KEYS[4] pool lease set,
--- KEYS[5] region set of interruptible leases, KEYS[6] region provisioning zset (optional)
+-- KEYS[5] region set of interruptible leases, KEYS[6] region provisioning zset (optional),
+-- KEYS[7] region lease outbox (optional; with ARGV[5..7] the event owed: docs/lifecycle.md, "Outbox")
 -- ARGV[1] lease id, ARGV[2] mode ('expire' re-checks the expiry against ARGV[3] = now;
 -- 'timeout' re-checks the provision deadline against it), ARGV[4] the state the lease must
 -- be in ('provisioning' or 'ready'; '' or absent: any). A lease without a state field is a
@@ -40,6 +41,11 @@ end
 redis.call('DEL', lease)
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
+if KEYS[7] and (ARGV[5] or '') ~= '' then  -- the event owed (ARGV[5] type, [6] at, [7] other fields)
+  local seq = tonumber(f[4]) + 1
+  redis.call('HSET', KEYS[7], ARGV[1] .. '.' .. seq, cjson.encode({k = ARGV[5], i = f[3], s = seq, f = free,
+    p = tonumber(f[5]) or 0, t = ARGV[6], x = ARGV[7], w = ARGV[3]}))
+end
 redis.call('SREM', KEYS[5], ARGV[1])
 if KEYS[6] then redis.call('ZREM', KEYS[6], ARGV[1]) end
 return {1, f[3], tonumber(f[4]) + 1, free, tonumber(f[5]) or 0}
