@@ -25,7 +25,13 @@ import msgspec
 from services.agent.backends.process import Limits
 from services.common.delivery import DeliveryKind
 from services.common.ids import ID_PATTERN
-from services.common.messages import MAX_SHARED_UNITS, HostArch, PoolSpec, Prices, Sharing
+from services.common.messages import (
+    MAX_SHARED_UNITS,
+    HostArch,
+    PoolSpec,
+    Prices,
+    Sharing,
+)
 
 Backend = Literal["process", "slurm", "kubernetes"]
 DEFAULT_DELIVERY: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,6 @@ import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -54,10 +53,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._send(self.server.listed)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         _, _, _, lease_id, what = self.path.split("/")  # /v1/leases/{id}/{answer}
         self.server.answers[lease_id] = (what, body)
@@ -95,8 +94,8 @@ def agent(broker) -> Iterator[Agent]:
 
 
 def listed(lease_id: str, pool: str, *, units: int = 1, milli: int = 1000, devices: tuple[int, ...] = ()) -> dict:
-    command = ["sh", "-c", "echo V=$CUDA_VISIBLE_DEVICES P=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
-               "M=$CUDA_DEVICE_MEMORY_LIMIT_0; exec sleep 600"]
+    command = ["sh", "-c", ("echo V=$CUDA_VISIBLE_DEVICES P=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE "
+                            "M=$CUDA_DEVICE_MEMORY_LIMIT_0; exec sleep 600")]
     return {"lease_id": lease_id, "request_id": f"req-{lease_id}", "tenant": "ten-a", "pool_id": pool,
             "model": "nvidia-l4", "units": units, "state": "provisioning", "delivery": "process",
             "workload": msgspec.to_builtins(ProcessWorkload(command=command)), "milli": milli, "devices": list(devices)}
