@@ -12,6 +12,7 @@ import json
 import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
@@ -71,10 +72,7 @@ def broker() -> Iterator[Broker]:
     server.shutdown()
 
 
-@pytest.fixture
-def agent(broker) -> Iterator[Agent]:
-    ensure_users(*USERS)
-    root = open_dir("cb-agent-shares-")
+def make_agent(broker: Broker, root: Path) -> Agent:
     backend = ProcessBackend(ProcessSettings(users=list(USERS), work_dir=str(root / "work"),
                                              state_dir=str(root / "state" / "process")))
     shared = PoolPlan(pool_id="pool-shared", backend="process", model="nvidia-l4", vendor="nvidia",
@@ -86,11 +84,22 @@ def agent(broker) -> Iterator[Agent]:
                      spec=PoolSpec(region="us-east", model="nvidia-l4", units=2, units_per_node=2,
                                    prices=Prices(on_demand="1.00"), delivery=("process",)))
     port = broker.server_address[1]
-    a = Agent(api=AgentApi(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}", "cbk_test"),
-              plans=[shared, whole], backends={"process": backend}, state_dir=root / "state",
-              grace_s={"process": 1.0})
-    yield a
-    shutil.rmtree(root, ignore_errors=True)
+    return Agent(api=AgentApi(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}", "cbk_test"),
+                 plans=[shared, whole], backends={"process": backend}, state_dir=root / "state",
+                 grace_s={"process": 1.0})
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    ensure_users(*USERS)
+    folder = open_dir("cb-agent-shares-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(broker, root) -> Agent:
+    return make_agent(broker, root)
 
 
 def listed(lease_id: str, pool: str, *, units: int = 1, milli: int = 1000, devices: tuple[int, ...] = ()) -> dict:
@@ -169,3 +178,20 @@ async def test_a_share_that_names_no_device_or_a_device_outside_the_pool_fails(a
     what, body = await answered(agent, broker, "lease-x2")
     assert what == "failed" and "pool pool-shared has no device 4 (it sells 4)" in body["reason"]
     assert agent.book.leases() == {}
+
+
+async def test_a_restarted_agent_adopts_its_shares_with_their_milli(agent, broker, root) -> None:
+    broker.listed = [listed("lease-r1", "pool-shared", milli=300, devices=(3,)),
+                     listed("lease-r2", "pool-shared", milli=700, devices=(3,))]
+    for lease_id in ("lease-r1", "lease-r2"):
+        assert (await answered(agent, broker, lease_id))[0] == "ready"
+    for item in broker.listed:
+        item["state"] = "ready"
+    again = make_agent(broker, root)  # the agent restarted: its book is rebuilt from records and processes
+    await again.recover()
+    assert again.book.leases() == {"lease-r1": (7,), "lease-r2": (7,)} and again.book.free_milli(7) == 0
+    broker.listed.append(listed("lease-r3", "pool-shared", milli=100, devices=(3,)))
+    what, body = await answered(again, broker, "lease-r3")
+    assert what == "failed" and "device 7 has 0 milli free here" in body["reason"], body
+    for lease_id in list(again.leases):
+        await again.stop_lease(lease_id, "test over")
