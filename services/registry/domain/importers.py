@@ -625,7 +625,10 @@ def parse_skypilot(rows: Rows, provider: str, known_regions: set[str] | frozense
     no InstanceType, are offers of ``<name>x<count>``): ``units = AcceleratorCount *
     units_per_offer``, ``units_per_node = AcceleratorCount`` (TPU slices: chips, and
     chips per host). ``Price`` and ``SpotPrice`` are per instance-hour and become
-    per-unit-hour ``on_demand`` / ``interruptible`` prices (6 places, half-even).
+    per-unit-hour ``on_demand`` / ``interruptible`` prices (6 places, half-even). A share of
+    one GPU (AcceleratorCount below 1: AWS G6f) is a ``memory`` sharing pool of
+    ``units_per_offer`` devices with ``min_milli`` = the share, priced per whole GPU-hour
+    (instance price / share), so the sold share costs what the instance costs.
     Rules (docs/accelerators.md): Price missing, 0, unreadable or above
     :data:`MAX_UNIT_PRICE` per unit-hour rejects the row; a missing, 0, unreadable or
     absurd SpotPrice only drops the interruptible price. Regions go through
