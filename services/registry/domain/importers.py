@@ -35,7 +35,15 @@ from typing import Any, Literal
 import msgspec
 
 from services.common.ids import is_valid_id
-from services.common.messages import MAX_SHARED_UNITS, MILLI, Accelerator, PoolSpec, Prices, Region, Sharing
+from services.common.messages import (
+    MAX_SHARED_UNITS,
+    MILLI,
+    Accelerator,
+    PoolSpec,
+    Prices,
+    Region,
+    Sharing,
+)
 
 from .catalogue import load_catalogue, normalise_name, resolve, split_hints
 from .cloud_regions import RegionResolver
@@ -598,9 +606,9 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             outcomes.append(RowOutcome(row_no, "rejected", offer, region_raw, str(exc)))
             continue
         if share:
-            note = "; ".join(n for n in (f"a {share}/1000 share of one {name}: sharing pool (memory, min_milli "
-                                         f"{share}), prices per whole GPU-hour = instance price / {gpus.normalize():f}",
-                                         note) if n)
+            shared = (f"a {share}/1000 share of one {name}: sharing pool (memory, min_milli {share}), "
+                      f"prices per whole GPU-hour = instance price / {gpus.normalize():f}")
+            note = "; ".join(n for n in (shared, note) if n)
         if where.region is not None:
             new_regions.setdefault(where.id, where.region)
         notes = "; ".join(n for n in (note, info_problem or "",
