@@ -16,7 +16,9 @@ Inferentia/Trainium, Intel Gaudi, FPGAs -- are counted in their own column (offe
 registered), never silently dropped: an accelerator is "not a GPU" when the catalogue
 model it resolves to has a non-GPU software stack (xla, neuron, synapseai, cann,
 neuware, xpu), or, unresolved, when its name says TPU or FPGA. Fractional shares of a GPU
-(AWS G6f) are GPU offers.
+(AWS G6f/Gr6f: AcceleratorCount 0.125-0.5 of one L4) are GPU offers; the import registers
+them as sharing pools (docs/sharing.md, "Listed shares"), so they count as registered, and
+the ``shares`` column says how many of the registered offers they are.
 
     python bench/catalogue_coverage.py path/to/skypilot-catalog/catalogs/v9 [--markdown]
         [--region-map FILE]   # the import's --region-map, for codes that name no place
@@ -67,6 +69,7 @@ def _repeated_rows(text: str) -> set[int]:
 class Coverage(NamedTuple):
     offers: int  # GPU offers
     registered: int  # GPU offers registered
+    shares: int  # of them, offers of a share of one GPU, registered as sharing pools
     repeated: int  # rows repeating an earlier row verbatim (any accelerator)
     reasons: Counter[str]  # why the other GPU offers were not registered
     models: Counter[str]  # models of the registered GPU offers
@@ -90,10 +93,13 @@ def coverage(path: Path, cloud: str, region_map: dict[str, Region | str] | None 
     def registered(outcomes: list) -> list:
         return [o for o in outcomes if o.status == "ready" and o.pool_id]
 
+    sharing = {pool_id for pool_id, spec in result.pools if spec.sharing.mode != "none"}
+
     def why(outcomes: list) -> Counter[str]:
         return Counter(reason_kind(o.reason) for o in outcomes if not (o.status == "ready" and o.pool_id))
 
-    return Coverage(len(gpu), len(registered(gpu)), repeated, why(gpu), Counter(o.model for o in registered(gpu)),
+    return Coverage(len(gpu), len(registered(gpu)), sum(1 for o in registered(gpu) if o.pool_id in sharing),
+                    repeated, why(gpu), Counter(o.model for o in registered(gpu)),
                     len(other), len(registered(other)), why(other))
 
 
@@ -109,30 +115,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no <cloud>/vms.csv under {args.catalogue_dir}", file=sys.stderr)
         return 2
     rows = []
-    totals = [0, 0, 0, 0, 0]
+    totals = [0, 0, 0, 0, 0, 0]
     for path in files:
         cloud = path.parent.name
         try:
             cov = coverage(path, cloud, region_map)
         except FileError as exc:
-            rows.append((cloud, 0, 0, 0, 0, 0, f"file refused: {exc}", ""))
+            rows.append((cloud, 0, 0, 0, 0, 0, 0, f"file refused: {exc}", ""))
             continue
-        counts = (cov.offers, cov.registered, cov.other_offers, cov.other_registered, cov.repeated)
+        counts = (cov.offers, cov.registered, cov.shares, cov.other_offers, cov.other_registered, cov.repeated)
         totals = [t + c for t, c in zip(totals, counts, strict=True)]
         why = "; ".join(f"{r} ×{n}" for r, n in cov.reasons.most_common(4))
         other_why = "; ".join(f"{r} ×{n}" for r, n in cov.other_reasons.most_common(2))
         rows.append((cloud, *counts, why, other_why))
     rows.append(("all", *totals, "", ""))
     if args.markdown:
-        print("| cloud | GPU offers | registered | % | main reasons for the rest | other accelerators: offers "
-              "| registered | their reasons | rows repeated verbatim |")
-        print("| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |")
-    for cloud, offers, ok, other, other_ok, repeats, why, other_why in rows:
+        print("| cloud | GPU offers | registered | % | of them shares | main reasons for the rest "
+              "| other accelerators: offers | registered | their reasons | rows repeated verbatim |")
+        print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |")
+    for cloud, offers, ok, shares, other, other_ok, repeats, why, other_why in rows:
         pct = f"{100 * ok / offers:.1f}" if offers else "—"
         if args.markdown:
-            print(f"| {cloud} | {offers} | {ok} | {pct} | {why} | {other} | {other_ok} | {other_why} | {repeats} |")
+            print(f"| {cloud} | {offers} | {ok} | {pct} | {shares} | {why} | {other} | {other_ok} | {other_why} "
+                  f"| {repeats} |")
         else:
-            print(f"{cloud:<16} {offers:>7} {ok:>7} {pct:>6}% | other {other:>5} {other_ok:>5} | "
+            print(f"{cloud:<16} {offers:>7} {ok:>7} {pct:>6}% shares {shares:>5} | other {other:>5} {other_ok:>5} | "
                   f"repeats {repeats:>4}  {why}  {other_why}")
     return 0
 
