@@ -116,7 +116,8 @@ class Core:
         if ended.free_after >= 0:
             self.world.observe_free(ended.lease.pool_id, ended.free_after)
         await self.publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
-                                      seq=ended.seq, free_after=ended.free_after, **extra))
+                                      seq=ended.seq, free_after=ended.free_after,
+                                      devices_free_after=ended.devices_free_after, **extra))
         self.queue_kick.set()
         if ended.lease.delivery and kind is not LeaseFailed and self.access is not None:
             await self.access.delete(ended.lease.lease_id)  # a failed lease never had any

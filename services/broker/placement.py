@@ -15,18 +15,19 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+import msgspec
 from redis.asyncio.client import Pipeline
 
 from services.common.coalesce import Coalescer
 from services.common.errors import Unavailable
 from services.common.ids import new_id
 from services.common.delivery import DEFAULT_PROVISION_TIMEOUT_S
-from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost, LeaseProvisioning
+from services.common.messages import MILLI, LeaseGranted, LeaseInfo, LeaseLost, LeaseProvisioning
 
 from .core import Core, per_item
 from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, workload_kind
-from .leases import PENDING_S, Reservation, by_region, missing_leases
+from .leases import NOT_SHARING, PENDING_S, Reservation, by_region, missing_leases, with_devices
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
@@ -57,6 +58,9 @@ class Placement:
         expires = now + timedelta(seconds=term or ttl)
         kind = workload_kind(body)
         pools = self.core.world.pools
+        # a share: milli of one device; the engine may hint the device(s) (docs/sharing.md),
+        # else the reservation script picks them on a pool that shares its devices
+        milli = body.share.milli if body.share is not None else MILLI
         out = []
         for a in option.allocations:
             timeout = 0
@@ -69,17 +73,22 @@ class Placement:
                 unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
                 priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0),
-                delivery=kind, provision_timeout_s=timeout))
+                delivery=kind, provision_timeout_s=timeout, milli=milli,
+                devices=tuple(getattr(a, "devices", ()) or ())))
         return out
 
     async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
-                      settle: Settle | None = None) -> bool:
+                      settle: Settle | None = None, not_sharing: set[str] | None = None) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
         make the grants durable, then confirm them (with the lookups and the request
         record). All or nothing. The caller holds the units in the engine; ``truth``
-        collects what Redis said about each pool touched. ``settle``: see ``make_durable``."""
+        collects what Redis said about each pool touched. ``settle``: see ``make_durable``.
+        On a pool that shares its devices, the leases in ``leases`` are replaced by the
+        ones naming the devices the script took. ``not_sharing`` collects the pools that
+        refused a share because they do not share."""
         core = self.core
         truth: dict[str, int] = {}
+        devices_after: dict[str, tuple[int, ...]] = {}  # lease id -> its devices' free milli after
         allocations = [(lease.pool_id, lease.units) for lease in leases]
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
@@ -102,18 +111,25 @@ class Placement:
                     # live on different nodes): the regions reserved give back
                     failure = failure or result
                 elif result[0]:
-                    done += group
-                    truth.update({lease.pool_id: free for lease, free in zip(group, result[1], strict=True)})
+                    taken = result[2] if len(result) > 2 else [None] * len(group)
+                    for lease, free, devices in zip(group, result[1], taken, strict=True):
+                        truth[lease.pool_id] = free
+                        if devices is not None:
+                            leases[leases.index(lease)] = lease = with_devices(lease, devices)
+                            devices_after[lease.lease_id] = devices[1]
+                        done.append(lease)
                 else:
                     refused = True
                     index, free = result[1]
                     truth[group[index].pool_id] = free
+                    if not_sharing is not None and len(result) > 2 and result[2] == NOT_SHARING:
+                        not_sharing.add(group[index].pool_id)
             if failure is not None or refused:
                 truth.update(await self.undo(done))
                 if failure is not None:
                     raise failure
                 return False
-            await self.make_durable(leases, done, truth, record, settle)
+            await self.make_durable(leases, done, truth, record, settle, devices_after)
             return True
         except asyncio.CancelledError:
             self._roll_back_late(leases)
@@ -137,7 +153,8 @@ class Placement:
         task.add_done_callback(self._rollbacks.discard)
 
     async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
-                           record: RequestRecord | None, settle: Settle | None = None) -> None:
+                           record: RequestRecord | None, settle: Settle | None = None,
+                           devices_after: dict[str, tuple[int, ...]] | None = None) -> None:
         """Reserved leases: publish their grants, then confirm them (with ``record``);
         raise ``Unavailable`` after giving back ``done`` if the record did not take them.
 
@@ -149,7 +166,8 @@ class Placement:
         # a lease that must be delivered starts provisioning (billed from its lease.ready)
         grants = [(LeaseProvisioning if lease.delivery else LeaseGranted)(
             id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-            free_after=truth.get(lease.pool_id, -1)) for lease in leases]
+            free_after=truth.get(lease.pool_id, -1),
+            devices_free_after=(devices_after or {}).get(lease.lease_id, ())) for lease in leases]
         if len(grants) == 1:
             results: list[object] = [None]
             try:
@@ -256,7 +274,9 @@ class Placement:
             if await self.reserve(leases, record, settle):
                 return leases, prefer
         decision = Decision()
-        for attempt in range(ATTEMPTS):
+        not_sharing: set[str] = set()  # pools that refused a share: they do not share their devices
+        attempt = 0
+        while attempt < ATTEMPTS:
             # the best option alone first (the walk stops sooner and builds one placement,
             # about a third of a match's time). Once a race is lost, the runners-up too, in
             # a random order: replicas that lost a race to each other would otherwise all
@@ -268,12 +288,22 @@ class Placement:
             options = list(decision.options)
             if attempt:
                 self.core.spread.shuffle(options)
+            excluded = len(not_sharing)
             for option in options:
                 if not world.hold((a.pool_id, a.units) for a in option.allocations):
                     continue  # a concurrent request here took these units since the match
                 leases = self._adjusted(self.leases_for(option, request_id, tenant, body, now), adjust)
-                if await self.reserve(leases, record, settle):
+                if await self.reserve(leases, record, settle, not_sharing):
                     return leases, option
+                if len(not_sharing) > excluded:
+                    break
+            if len(not_sharing) > excluded:
+                # a share matched to a pool that does not share (an engine that does not
+                # know shares): that pool is left out and the match runs again, not counted
+                # as a lost race (each time one pool fewer, so this ends)
+                ask = msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | not_sharing)
+                continue
+            attempt += 1
             # every option was lost to a concurrent request: match again on fresher numbers
         raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),
                         contended=True)

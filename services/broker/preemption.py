@@ -80,6 +80,8 @@ class Preemption:
 
     async def try_preempt(self, request_id: str, tenant: str, body: ComputeRequest,
                           now: datetime) -> tuple[list[LeaseInfo], Option] | None:
+        if body.share is not None:
+            return None  # a share is not placed by preemption (lua/preempt.lua): it waits in the queue
         for _ in range(ATTEMPTS):
             picked = await self._pick(body)
             if picked is None:

@@ -143,7 +143,7 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                     *self.lease_keys(pool, lease_id)]
             args = [1, "check", expiry, 1, lease_id, units, self.info(lease_id, pool, units, request, interruptible),
-                    int(interruptible), 0]
+                    int(interruptible), 0, 1000, ""]
             [raw] = reserve_s(keys=keys, args=args)
             fits = self.free(pool) >= units
             assert (int(raw[0]) == 1) == fits, (raw, pool, units, self.free(pool))

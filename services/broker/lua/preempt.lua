@@ -16,6 +16,9 @@
 --   ARGV[4+v] victim lease id; per new lease i from c = 4 + nv: ARGV[c+5i] lease id,
 --   ARGV[c+1+5i] units, ARGV[c+2+5i] lease json, ARGV[c+3+5i] interruptible (1/0),
 --   ARGV[c+4+5i] the pool generation it was matched on (0 = whichever is there)
+-- Shares (docs/sharing.md): a victim on a pool that shares its devices gives its milli back
+-- to its devices; a new lease on such a pool is refused (no room): preemption does not
+-- place on sharing pools yet, the request waits in the queue instead.
 -- Reply: {1, {free after, per new lease}, {per victim: {lease json, seq, free after, pending}}}
 --   or {0, 1, v} victim v (1-based) gone or not interruptible, {0, 2, i, room} not enough room
 --   for new lease i's pool, {0, 3, i} new lease i exists already, {-1} leases not restored yet
@@ -42,6 +45,7 @@ for i = 0, n - 1 do
   if redis.call('EXISTS', KEYS[b + 2 + 3 * i]) == 1 then return {0, 3, i + 1} end
   local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
   if not cb_same_generation(tonumber(ARGV[c + 4 + 5 * i]) or 0, have) then return {0, 2, i + 1, 0} end
+  if redis.call('HEXISTS', pool, 'sharing') == 1 then return {0, 2, i + 1, 0} end
   if not want[pool] then want[pool] = 0; order[#order + 1] = {pool, i} end
   want[pool] = want[pool] + tonumber(ARGV[c + 1 + 5 * i])
 end
@@ -62,8 +66,10 @@ end
 local ended = {}
 for v = 0, nv - 1 do
   local pool, leases, lease, id = KEYS[4 + 3 * v], KEYS[5 + 3 * v], KEYS[6 + 3 * v], ARGV[4 + v]
-  local f = redis.call('HMGET', lease, 'info', 'seq', 'pending')
-  if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 then
+  local f = redis.call('HMGET', lease, 'info', 'seq', 'pending', 'devices', 'milli')
+  if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and f[4] then
+    cb_give_devices(pool, cb_split_devices(f[4]), tonumber(f[5]) or CB_MILLI)
+  elseif redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and redis.call('HEXISTS', pool, 'sharing') == 0 then
     local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
     redis.call('HSET', pool, 'leased', math.max(0, leased - victim_units[v]))
   end
