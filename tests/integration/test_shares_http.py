@@ -13,7 +13,7 @@ import msgspec
 from services.common.keys import Keys
 from services.common.messages import MAX_SHARED_UNITS, AllocEvent, LeaseGranted, LeaseInfo, LeaseReleased
 
-from ..helpers import EventTap
+from ..helpers import EventTap, eventually
 from .broker_world import broker_world
 
 SHARED_MODEL = "nvidia-l40s"
@@ -114,3 +114,29 @@ async def test_registry_refuses_what_per_device_state_cannot_follow(settings, nc
         # a removed pool's devices go with it
         assert (await w.registry.delete("/v1/pools/gz-l40s", headers=w.provider)).status_code in (200, 204)
         assert devices(srds, prefix, "gz-l40s") == {}
+
+
+async def test_a_lost_redis_gets_its_device_state_back_from_the_leases(settings, nc, subjects, srds, prefix) -> None:
+    """Redis lost: the registry writes its pools again (every device free), then the
+    broker restores the live leases from the allocation stream, each taking its milli on
+    its devices again; releases after that give back exactly what they took."""
+    async with broker_world(settings, POOLS) as w:
+        placed = []
+        for tenant, body in (("t1", {"units": 1, "share": {"milli": 250}}), ("t2", {"units": 1, "share": {"milli": 300}}),
+                             ("t1", {"units": 2, "accelerators": {"models": [SHARED_MODEL]}})):
+            r = await w.request(tenant, body)
+            assert r.status_code == 201, r.text
+            placed.append((tenant, r.json()["leases"][0]["lease_id"]))
+        before = devices(srds, prefix, "gz-l40s")
+        assert sorted(before.values()) == [0, 0, 450, 1000, 1000, 1000, 1000, 1000]
+        for key in srds.scan_iter(f"{prefix}:*", count=1000):
+            srds.delete(key)
+        # the registry's and the broker's sweeps notice the loss and rebuild (their own loops)
+        await eventually(lambda: srds.exists(Keys(prefix).rebuilt_marker("broker")), what="the broker's rebuild")
+        assert devices(srds, prefix, "gz-l40s") == before
+        assert await w.free("gz-l40s") == 5
+        for tenant, lease_id in placed:
+            r = await w.broker.post(f"/v1/leases/{lease_id}/release", headers=w.tenants[tenant])
+            assert r.status_code == 200, r.text
+        assert devices(srds, prefix, "gz-l40s") == dict.fromkeys(range(8), 1000)
+        assert await w.free("gz-l40s") == 8
