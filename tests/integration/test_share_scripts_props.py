@@ -29,7 +29,7 @@ from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import read_lua
 
-from ..helpers import run_machine
+from ..helpers import own_db, run_machine
 
 REGION = "cn-gz"
 SHARING = ("sa", "sb")  # pools that share their devices
@@ -379,3 +379,74 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 def test_share_scripts_match_model(redis_url: str) -> None:
     steps = run_machine(make_machine, redis_url, examples=int(os.environ.get("SHARE_EXAMPLES", 100)), steps=60)
     assert steps >= MIN_STEPS, steps
+
+
+def test_concurrent_fractional_and_whole_asks_never_overbook_a_device(redis_url: str) -> None:
+    """Eight clients at once, each reserving shares and whole devices on one pool and
+    releasing some: afterwards, per device, the live leases' milli add up to what the
+    device has taken, at most 1000, a whole lease is alone on its devices, and once all
+    are released every device is wholly free again."""
+    from concurrent.futures import ThreadPoolExecutor
+    import random
+
+    url = own_db(redis_url)
+    k, pool_id, cap, upn = Keys(f"sc{uuid.uuid4().hex[:8]}"), "sa", 16, 4
+    admin = redis.Redis.from_url(url, decode_responses=True)
+    admin.set(k.leases_ready(REGION), "1")
+    raw = admin.register_script(read_lua("services.registry.lua", "pool.lua"))(
+        keys=[k.pool(REGION, pool_id), k.region_pools(REGION), k.heartbeats(REGION), k.pool_leases(REGION, pool_id),
+              k.removed_pools(REGION)],
+        args=["upsert", 1000, pool_id, "", cap, record(pool_id, cap, upn), "m", "acme", 1, 1])
+    assert int(raw[0]) == 2
+
+    def client_run(n: int) -> list[tuple[str, int, int]]:
+        """Reserve and release at random; returns the leases it kept (id, milli, units)."""
+        rnd, client = random.Random(n), redis.Redis.from_url(url, decode_responses=True)
+        reserve = client.register_script(read_lua("services.broker.lua", "reserve.lua"))
+        end = client.register_script(read_lua("services.broker.lua", "end_lease.lua"))
+        kept: list[tuple[str, int, int]] = []
+        now = datetime.now(UTC)
+        for i in range(150):
+            if kept and rnd.random() < 0.4:
+                lease_id, _, _ = kept.pop(rnd.randrange(len(kept)))
+                out = end(keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id), k.pool(REGION, pool_id),
+                                k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION),
+                                k.lease_provisioning(REGION)], args=[lease_id, "release", 0, ""])
+                assert int(out[0]) == 1
+                continue
+            units, milli = rnd.choice([(1, 100), (1, 250), (1, 500), (1, 900), (1, MILLI), (2, MILLI), (4, MILLI)])
+            lease_id = f"c{n}-{i}"
+            info = msgspec.json.encode(LeaseInfo(
+                lease_id=lease_id, request_id="r", tenant="t", pool_id=pool_id, provider="acme", region=REGION,
+                model="m", units=units, billing="on_demand", unit_price=Decimal(1), granted_at=now, expires_at=now,
+                pool_generation=1, milli=milli))
+            [out] = reserve(keys=[k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
+                                  k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)],
+                            args=[1, "check", 10**10, 1, lease_id, units, info, 0, 1, milli, str(rnd.randrange(-1, cap))])
+            if int(out[0]) == 1:
+                kept.append((lease_id, milli, units))
+        return kept
+
+    with ThreadPoolExecutor(8) as pool:
+        kept = [lease for leases in pool.map(client_run, range(8)) for lease in leases]
+    taken: dict[int, list[int]] = {}
+    for lease_id, milli, units in kept:
+        devices = [int(d) for d in admin.hget(k.lease(REGION, lease_id), "devices").split(",")]
+        assert len(devices) == units
+        for d in devices:
+            taken.setdefault(d, []).append(milli)
+    have = {int(d): int(f) for d, f in admin.hgetall(k.pool_devices(REGION, pool_id)).items()}
+    assert set(have) == set(range(cap))
+    for d in range(cap):
+        millis = taken.get(d, [])
+        assert sum(millis) <= MILLI and have[d] == MILLI - sum(millis), (d, millis, have[d])
+        assert MILLI not in millis or len(millis) == 1, (d, millis)
+    assert int(admin.hget(k.pool(REGION, pool_id), "free")) == sum(1 for f in have.values() if f == MILLI)
+    assert kept, "nothing was kept: the test exercised nothing"
+    end = admin.register_script(read_lua("services.broker.lua", "end_lease.lua"))
+    for lease_id, _, _ in kept:
+        end(keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id), k.pool(REGION, pool_id),
+                  k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION), k.lease_provisioning(REGION)],
+            args=[lease_id, "release", 0, ""])
+    assert {int(f) for f in admin.hgetall(k.pool_devices(REGION, pool_id)).values()} == {MILLI}
+    assert int(admin.hget(k.pool(REGION, pool_id), "free")) == cap
