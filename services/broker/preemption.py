@@ -70,7 +70,8 @@ class PreemptScript:
         if int(raw[0]) != 1:
             return None
         return Preempted([int(x) for x in raw[1]],
-                         [Ended(_info.decode(v[0]), int(v[1]), int(v[2]), int(v[3]) == 1) for v in raw[2]])
+                         [Ended(_info.decode(v[0]), int(v[1]), int(v[2]), int(v[3]) == 1,
+                                tuple(map(int, v[4])) if len(v) > 4 else ()) for v in raw[2]])
 
 
 class Preemption:

@@ -36,6 +36,7 @@ SHARING = ("sa", "sb")  # pools that share their devices
 POOLS = (*SHARING, "pn")  # pn does not share
 MILLI = 1000
 MIN_STEPS = 3_000
+MIN_MILLI = {"sb": 200}  # its shares are never smaller (sharing.min_milli)
 
 
 class Held(msgspec.Struct):
@@ -56,8 +57,8 @@ class Spec(msgspec.Struct):
 def record(pool: str, cap: int, upn: int) -> str:
     """The parts of a pool record (services.common.messages.Pool) the pool script reads."""
     mode = "none" if pool not in SHARING else ("time_slice" if pool == "sa" else "memory")
-    return msgspec.json.encode({"pool_id": pool, "spec": {"units": cap, "units_per_node": upn,
-                                                          "sharing": {"mode": mode, "min_milli": 1}}}).decode()
+    return msgspec.json.encode({"pool_id": pool, "spec": {"units": cap, "units_per_node": upn, "sharing": {
+        "mode": mode, "min_milli": MIN_MILLI.get(pool, 1)}}}).decode()
 
 
 def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
@@ -66,6 +67,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
     reserve = client.register_script(read_lua("services.broker.lua", "reserve.lua"))
     end = client.register_script(read_lua("services.broker.lua", "end_lease.lua"))
     restore = client.register_script(read_lua("services.broker.lua", "restore.lua"))
+    preempt = client.register_script(read_lua("services.broker.lua", "preempt.lua"))
 
     class ShareScripts(RuleBasedStateMachine):
         @initialize(caps=st.lists(st.integers(1, 12), min_size=3, max_size=3),
@@ -142,7 +144,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 gen = self.spec[pool_id].gen if self.spec[pool_id] else 1
                 self.asked.append(lease_id)
                 keys += [k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)]
-                args += [lease_id, units, self.lease_info(lease_id, pool_id, units, milli, gen), 0, gen, milli, hint]
+                args += [lease_id, units, self.lease_info(lease_id, pool_id, units, milli, gen), 1, gen, milli, hint]
             [reply] = reserve(keys=keys, args=args)
             return reply
 
@@ -153,6 +155,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             if pool_id not in SHARING:
                 return milli == MILLI and units <= wholes
             if milli < MILLI:
+                if milli < MIN_MILLI.get(pool_id, 1):
+                    return False
                 return any(free[d] >= milli and (free[d] < MILLI or wholes >= 1) for d in range(spec.cap))
             per_node: dict[int, int] = {}
             for d in range(spec.cap):
@@ -224,8 +228,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             if int(reply[0]) == 0:
                 i = int(reply[1]) - 1
                 pool_id, units, milli, _ = asks[i]
-                if pool_id not in SHARING and milli < MILLI:
-                    assert reply[3] == "sharing", reply
+                if milli < MILLI and (pool_id not in SHARING or milli < MIN_MILLI.get(pool_id, 1)):
+                    assert reply[3] == "sharing", reply  # this pool takes no such share
                 if len(asks) == 1:
                     assert not expect_ok, (asks, reply, free, wholes)
                 assert not any(client.exists(self.k.lease(REGION, lid)) for lid in self.asked)
@@ -269,6 +273,35 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert [int(x) for x in raw[5]] == [free.get(d, MILLI) for d in h.devices]
             else:
                 assert list(raw[5]) == []  # another generation's devices are not touched
+
+        @precondition(lambda self: self.held)
+        @rule(data=st.data(), units=st.integers(1, 3))
+        def preempt_for_whole_units(self, data: st.DataObject, units: int) -> None:
+            """A live lease (all are interruptible here) ends for a new lease of whole
+            units on the pool that does not share, in one step: a victim gives back exactly
+            its milli on its devices."""
+            self.step()
+            victim = data.draw(st.sampled_from(sorted(self.held)))
+            h, spec = self.held[victim], self.spec["pn"]
+            assert spec is not None
+            room = self.wholes("pn") + (h.units if h.pool == "pn" and h.gen == spec.gen else 0)
+            k, lease_id = self.k, f"l{next(self.ids):05d}"
+            keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
+                    k.pool(REGION, h.pool), k.pool_leases(REGION, h.pool), k.lease(REGION, victim),
+                    k.pool(REGION, "pn"), k.pool_leases(REGION, "pn"), k.lease(REGION, lease_id),
+                    k.lease_provisioning(REGION)]
+            raw = preempt(keys=keys, args=[1, 1, self.now + 30, victim, lease_id, units,
+                                           self.lease_info(lease_id, "pn", units, MILLI, spec.gen), 1, spec.gen])
+            assert (int(raw[0]) == 1) == (room >= units), (raw, room, units)
+            if int(raw[0]) != 1:
+                return
+            self.held.pop(victim)
+            self.held[lease_id] = Held("pn", spec.gen, MILLI, (), units)
+            [ended] = raw[2]
+            vspec = self.spec[h.pool]
+            if h.devices and vspec is not None and vspec.gen == h.gen:
+                free = self.device_free(h.pool)
+                assert [int(x) for x in ended[4]] == [free.get(d, MILLI) for d in h.devices]
 
         @rule(pool_id=st.sampled_from(POOLS), cap=st.integers(1, 12))
         def resize(self, pool_id: str, cap: int) -> None:
@@ -323,7 +356,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             keys, args = [k.lease_expiry(REGION), k.interruptible_leases(REGION), k.lease_provisioning(REGION)], []
             for lease_id, h in self.held.items():
                 keys += [k.pool(REGION, h.pool), k.pool_leases(REGION, h.pool), k.lease(REGION, lease_id)]
-                args += [lease_id, h.units, self.lease_info(lease_id, h.pool, h.units, h.milli, h.gen), 0,
+                args += [lease_id, h.units, self.lease_info(lease_id, h.pool, h.units, h.milli, h.gen), 1,
                          self.now + 3600, 1, h.gen, "", 0, "", h.milli, ",".join(map(str, h.devices))]
             if self.held:
                 assert restore(keys=keys, args=args) == len(self.held)

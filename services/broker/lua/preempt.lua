@@ -19,7 +19,8 @@
 -- Shares (docs/sharing.md): a victim on a pool that shares its devices gives its milli back
 -- to its devices; a new lease on such a pool is refused (no room): preemption does not
 -- place on sharing pools yet, the request waits in the queue instead.
--- Reply: {1, {free after, per new lease}, {per victim: {lease json, seq, free after, pending}}}
+-- Reply: {1, {free after, per new lease}, {per victim: {lease json, seq, free after, pending,
+--   {its devices' free milli after} (a sharing pool)}}}
 --   or {0, 1, v} victim v (1-based) gone or not interruptible, {0, 2, i, room} not enough room
 --   for new lease i's pool, {0, 3, i} new lease i exists already, {-1} leases not restored yet
 local nv, n, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -67,8 +68,9 @@ local ended = {}
 for v = 0, nv - 1 do
   local pool, leases, lease, id = KEYS[4 + 3 * v], KEYS[5 + 3 * v], KEYS[6 + 3 * v], ARGV[4 + v]
   local f = redis.call('HMGET', lease, 'info', 'seq', 'pending', 'devices', 'milli')
+  local devices_after = {}
   if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and f[4] then
-    cb_give_devices(pool, cb_split_devices(f[4]), tonumber(f[5]) or CB_MILLI)
+    devices_after = cb_give_devices(pool, cb_split_devices(f[4]), tonumber(f[5]) or CB_MILLI)
   elseif redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and redis.call('HEXISTS', pool, 'sharing') == 0 then
     local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
     redis.call('HSET', pool, 'leased', math.max(0, leased - victim_units[v]))
@@ -78,7 +80,7 @@ for v = 0, nv - 1 do
   redis.call('ZREM', KEYS[1], id)
   redis.call('SREM', KEYS[3], id)
   if prov then redis.call('ZREM', prov, id) end
-  ended[v + 1] = {f[1], tonumber(f[2]) + 1, pool, tonumber(f[3]) or 0}
+  ended[v + 1] = {f[1], tonumber(f[2]) + 1, pool, tonumber(f[3]) or 0, devices_after}
 end
 for i = 0, n - 1 do
   local pool, leases, lease = KEYS[b + 3 * i], KEYS[b + 1 + 3 * i], KEYS[b + 2 + 3 * i]
@@ -103,6 +105,6 @@ local placed, victims = {}, {}
 for i = 0, n - 1 do placed[i + 1] = free_of(KEYS[b + 3 * i]) end
 for v = 1, nv do
   local e = ended[v]
-  victims[v] = {e[1], e[2], free_of(e[3]), e[4]}
+  victims[v] = {e[1], e[2], free_of(e[3]), e[4], e[5]}
 end
 return {1, placed, victims}

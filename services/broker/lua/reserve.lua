@@ -30,7 +30,8 @@
 -- Reply: one entry per group: {1, after_1, ...} or {0, i (1-based), free_of_that_pool[, why]}
 --   or {-1} (leases not restored yet after a Redis loss: refuse rather than book over them);
 --   after_i: the pool's free units after, or on a sharing pool {free, {devices},
---   {devices' free milli after}}; why 'sharing': a share asked of a pool that does not share
+--   {devices' free milli after}}; why 'sharing': the pool takes no such share (it does not
+--   share its devices, or the share is below its sharing.min_milli)
 local function reserve(k, a)
   local mode, expires, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if mode == 'check' and redis.call('EXISTS', KEYS[k + 1]) == 0 then return {-1} end
@@ -39,7 +40,7 @@ local function reserve(k, a)
   for i = 0, n - 1 do
     local pool, want = KEYS[k + 3 + 3 * i], tonumber(ARGV[a + 7 + 7 * i])
     local units, milli, hint = tonumber(ARGV[a + 4 + 7 * i]), tonumber(ARGV[a + 8 + 7 * i]), ARGV[a + 9 + 7 * i]
-    local f = redis.call('HMGET', pool, 'generation', 'status', 'free', 'sharing', 'upn', 'capacity')
+    local f = redis.call('HMGET', pool, 'generation', 'status', 'free', 'sharing', 'upn', 'capacity', 'min_milli')
     local have, free = tonumber(f[1]) or 0, tonumber(f[3]) or 0
     gens[i] = have
     if want ~= 0 then gens[i] = want end
@@ -47,7 +48,7 @@ local function reserve(k, a)
     local shares = held[i] and f[4] ~= false
     if mode == 'check' then
       if not cb_same_generation(want, have) then return {0, i + 1, 0} end
-      if milli < CB_MILLI and not f[4] then return {0, i + 1, free, 'sharing'} end
+      if milli < CB_MILLI and (not f[4] or milli < (tonumber(f[7]) or 1)) then return {0, i + 1, free, 'sharing'} end
       if f[2] ~= 'online' then return {0, i + 1, free} end
       if redis.call('EXISTS', KEYS[k + 5 + 3 * i]) == 1 then return {0, i + 1, free} end
       if shares then

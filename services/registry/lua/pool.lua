@@ -39,19 +39,21 @@ end
 -- registry refuses that change while a pool is registered: docs/sharing.md).
 local function follow_devices(record, capacity)
   local ok, rec = pcall(cjson.decode, record)
-  local mode, upn = 'none', 8
+  local mode, upn, min_milli = 'none', 8, 1
   if ok and type(rec) == 'table' and type(rec.spec) == 'table' then
     local sharing = rec.spec.sharing
-    if type(sharing) == 'table' and type(sharing.mode) == 'string' then mode = sharing.mode end
+    if type(sharing) == 'table' and type(sharing.mode) == 'string' then
+      mode, min_milli = sharing.mode, tonumber(sharing.min_milli) or min_milli
+    end
     upn = tonumber(rec.spec.units_per_node) or upn
   end
   local dev = cb_devices_key(pool)
   if mode == 'none' then
     redis.call('DEL', dev)
-    redis.call('HDEL', pool, 'sharing', 'upn')
+    redis.call('HDEL', pool, 'sharing', 'upn', 'min_milli')
     return
   end
-  redis.call('HSET', pool, 'sharing', mode, 'upn', upn)
+  redis.call('HSET', pool, 'sharing', mode, 'upn', upn, 'min_milli', min_milli)
   for d = 0, capacity - 1 do redis.call('HSETNX', dev, d, CB_MILLI) end
   local all = redis.call('HGETALL', dev)
   for i = 1, #all, 2 do
