@@ -284,7 +284,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             victim = data.draw(st.sampled_from(sorted(self.held)))
             h, spec = self.held[victim], self.spec["pn"]
             assert spec is not None
-            room = self.wholes("pn") + (h.units if h.pool == "pn" and h.gen == spec.gen else 0)
+            effective = spec.cap if spec.healthy < 0 else min(spec.cap, spec.healthy)
+            in_use = sum(x.units for i, x in self.held.items() if x.pool == "pn" and x.gen == spec.gen and i != victim)
+            room = max(0, effective - in_use)
             k, lease_id = self.k, f"l{next(self.ids):05d}"
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                     k.pool(REGION, h.pool), k.pool_leases(REGION, h.pool), k.lease(REGION, victim),

@@ -40,7 +40,7 @@ local function reserve(k, a)
   for i = 0, n - 1 do
     local pool, want = KEYS[k + 3 + 3 * i], tonumber(ARGV[a + 7 + 7 * i])
     local units, milli, hint = tonumber(ARGV[a + 4 + 7 * i]), tonumber(ARGV[a + 8 + 7 * i]), ARGV[a + 9 + 7 * i]
-    local f = redis.call('HMGET', pool, 'generation', 'status', 'free', 'sharing', 'upn', 'capacity', 'min_milli')
+    local f = redis.call('HMGET', pool, 'generation', 'status', 'free', 'sharing')
     local have, free = tonumber(f[1]) or 0, tonumber(f[3]) or 0
     gens[i] = have
     if want ~= 0 then gens[i] = want end
@@ -48,13 +48,15 @@ local function reserve(k, a)
     local shares = held[i] and f[4] ~= false
     if mode == 'check' then
       if not cb_same_generation(want, have) then return {0, i + 1, 0} end
-      if milli < CB_MILLI and (not f[4] or milli < (tonumber(f[7]) or 1)) then return {0, i + 1, free, 'sharing'} end
+      local sf = {}  -- a sharing pool's upn, capacity, min_milli (a pool that does not share reads none)
+      if f[4] then sf = redis.call('HMGET', pool, 'upn', 'capacity', 'min_milli') end
+      if milli < CB_MILLI and (not f[4] or milli < (tonumber(sf[3]) or 1)) then return {0, i + 1, free, 'sharing'} end
       if f[2] ~= 'online' then return {0, i + 1, free} end
       if redis.call('EXISTS', KEYS[k + 5 + 3 * i]) == 1 then return {0, i + 1, free} end
       if shares then
         if not devs[pool] then devs[pool] = cb_read_devices(pool) end
         local wholes = free - (demand[pool] or 0)
-        local chosen = cb_pick_devices(devs[pool], tonumber(f[6]) or 0, tonumber(f[5]) or 8, units, milli,
+        local chosen = cb_pick_devices(devs[pool], tonumber(sf[2]) or 0, tonumber(sf[1]) or 8, units, milli,
           cb_split_devices(hint), wholes)
         if not chosen then return {0, i + 1, free} end
         for _, d in ipairs(chosen) do

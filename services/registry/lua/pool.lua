@@ -38,8 +38,12 @@ end
 -- capacity stay, counted as overcommit). A pool that stops sharing drops the hash (the
 -- registry refuses that change while a pool is registered: docs/sharing.md).
 local function follow_devices(record, capacity)
-  local ok, rec = pcall(cjson.decode, record)
   local mode, upn, min_milli = 'none', 8, 1
+  -- most pools do not share: no need to decode their record (msgspec writes the default)
+  local ok, rec = false, nil
+  if string.find(record, '"sharing":', 1, true) and not string.find(record, '"sharing":{"mode":"none"', 1, true) then
+    ok, rec = pcall(cjson.decode, record)
+  end
   if ok and type(rec) == 'table' and type(rec.spec) == 'table' then
     local sharing = rec.spec.sharing
     if type(sharing) == 'table' and type(sharing.mode) == 'string' then
