@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.broker.reliability import ReliabilityRecord  # noqa: E402
+from services.meter.reliability import ReliabilityRecord  # noqa: E402
 from services.cli.servers import start_redis  # noqa: E402
 from services.common.keys import Keys  # noqa: E402
 from services.common.messages import (  # noqa: E402

@@ -35,7 +35,7 @@ from services.common.keys import Keys  # noqa: E402
 from services.common.settings import Settings  # noqa: E402
 from services.common.nats_conn import BUCKETS  # noqa: E402
 from services.common.subjects import (  # noqa: E402
-    ACCESS, ALLOC, BILLING, CAPACITY, EVENT_KINDS, IDEMPOTENCY, REQUEST, MeterNames, Subjects)
+    ACCESS, ALLOC, BILLING, CAPACITY, EVENT_KINDS, FAILOVER, IDEMPOTENCY, REQUEST, MeterNames, Subjects)
 
 SERVICES = ("registry", "broker", "meter")
 JS = "$JS.API"
@@ -95,7 +95,7 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     m = MeterNames.of(Settings(prefix=prefix))
     event_streams = [s.stream(k) for k in EVENT_KINDS]
     buckets = {b: kv_stream(s.bucket(b)) for b in BUCKETS}
-    shared = event_streams + list(buckets.values())  # every service's ensure_streams
+    shared = event_streams + [s.stream(FAILOVER)] + list(buckets.values())  # every service's ensure_streams
     base_pub = [f"{JS}.INFO"] + [p for st in shared for p in manage(st)]
     inbox = ["_INBOX.>"]  # replies to the service's own requests (JetStream API, acks, RPC)
 
@@ -110,14 +110,15 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     )
     idempotency = kv_stream(s.bucket(IDEMPOTENCY))  # the broker's own buckets
     access = kv_stream(s.bucket(ACCESS))
+    failover_work = s.stream(FAILOVER)  # the broker's own work queue (failed and lost leases)
     broker = NatsUser(
         "broker", "allocation and request events, idempotency keys, access details; reads capacity, billing, pools, "
         "keys and regions",
-        publish=base_pub + manage(idempotency) + manage(access)
-        + [s.events(ALLOC), s.events(REQUEST), s.rpc("registry", "*"), f"$KV.{s.bucket(IDEMPOTENCY)}.>",
-           f"$KV.{s.bucket(ACCESS)}.>"]
+        publish=base_pub + manage(idempotency) + manage(access) + manage(failover_work)
+        + [s.events(ALLOC), s.events(REQUEST), s.failover_work(), s.rpc("registry", "*"),
+           f"$KV.{s.bucket(IDEMPOTENCY)}.>", f"$KV.{s.bucket(ACCESS)}.>"]
         + [p for st in (s.stream(ALLOC), s.stream(REQUEST), s.stream(CAPACITY), buckets["pools"], buckets["keys"],
-                        buckets["regions"], idempotency, access)
+                        buckets["regions"], idempotency, access, failover_work)
            for p in read(st)],  # capacity: its durable consumer of pool losses
         subscribe=inbox + [s.events(CAPACITY), s.events(ALLOC), s.events(BILLING), s.key_revoked()],
     )
@@ -148,13 +149,19 @@ def nats_users(prefix: str = "cb") -> list[NatsUser]:
     meter_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{durable}", f"{JS}.CONSUMER.CREATE.{alloc}.{durable}",
                       f"{JS}.CONSUMER.CREATE.{alloc}.{durable}.>", f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{durable}",
                       f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{durable}", f"$JS.ACK.{alloc}.{durable}.>"]
-    # Likewise only the broker drives its failover consumer there: another user acknowledging
-    # a lease.failed or lease.lost from it would leave that lease never replaced.
-    failover = "broker-failover"
-    failover_consumer = [f"{JS}.CONSUMER.DELETE.{alloc}.{failover}", f"{JS}.CONSUMER.CREATE.{alloc}.{failover}",
-                         f"{JS}.CONSUMER.CREATE.{alloc}.{failover}.>",
-                         f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{failover}",
-                         f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{failover}", f"$JS.ACK.{alloc}.{failover}.>"]
+    # The same for the meter's reliability consumer: another user acknowledging from it
+    # would leave facts out of the record that ranking reads.
+    reliability = "meter-reliability"
+    meter_consumer += [f"{JS}.CONSUMER.DELETE.{alloc}.{reliability}", f"{JS}.CONSUMER.CREATE.{alloc}.{reliability}",
+                       f"{JS}.CONSUMER.CREATE.{alloc}.{reliability}.>",
+                       f"{JS}.CONSUMER.DURABLE.CREATE.{alloc}.{reliability}",
+                       f"{JS}.CONSUMER.MSG.NEXT.{alloc}.{reliability}", f"$JS.ACK.{alloc}.{reliability}.>"]
+    # Only the broker reads or writes its failover work queue: another user taking a
+    # lease.failed or lease.lost from it would leave that lease never replaced.
+    failover_consumer = [f"{JS}.CONSUMER.DELETE.{failover_work}.*", f"{JS}.CONSUMER.CREATE.{failover_work}",
+                         f"{JS}.CONSUMER.CREATE.{failover_work}.>", f"{JS}.CONSUMER.DURABLE.CREATE.{failover_work}.*",
+                         f"{JS}.CONSUMER.MSG.NEXT.{failover_work}.*", f"$JS.ACK.{failover_work}.>",
+                         s.failover_work()]
     for user in (registry, broker, meter):
         user.deny_publish = list(JS_DENY)
     for user in (registry, broker, ops):
@@ -262,18 +269,19 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
         keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.interruptible_leases("*"), k.leases_ready("*"),
                      k.lease_provisioning("*"), k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
                      k.idempotency("*", "*"), k.queue(), k.tenant_vtime(), k.budget_blocked(), k.lock("*"),
-                     k.rebuilt_marker("*"), k.reliability_all(), *every],
+                     k.rebuilt_marker("*"), k.reliability_all(), *every],  # reliability: read (ranking, its endpoint)
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "sismember", "zadd", "zrem", "zrange", "zrangebyscore", "zrank", "zcard",
-            "zscore",
-            # the reliability record (services/broker/reliability): its script, reads and rebuild
-            "lpush", "ltrim", "lrange", "expire", "incr", "scan", "mget"],
+            "zscore", "lrange", "mget"],
     )
     meter = RedisUser(
-        "meter", "API-key cache and rate limits only: the meter's own state is in JetStream",
-        keys=every,
-        commands=BASE_COMMANDS + SCRIPT_COMMANDS + ["get", "set"],
+        "meter", "API-key cache, rate limits and the reliability record: the meter's own state is in JetStream",
+        keys=[k.reliability_all(), *every],
+        commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
+            "get", "set",
+            # the reliability record (services/meter/reliability): its script, and its rebuild
+            "exists", "del", "scan", "expire", "hincrby", "hmget", "hset", "incr", "lpush", "ltrim", "sadd"],
     )
     # `cbroker audit` reads each region in one Lua script (a consistent snapshot); a script
     # runs with its caller's ACL, so with only @read it cannot write either.

@@ -39,7 +39,6 @@ from .key_grants import LeaseGrants
 from .leases import LeaseStore
 from .metrics import refresh as refresh_gauges
 from .pool_loss import PoolLossFeed
-from .reliability import ReliabilityFeed, ReliabilityRecord
 from .reliability.api import ProviderController
 from .service import Broker
 from .world import World
@@ -91,9 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
-        reliability = ReliabilityFeed(nc, js, subjects, ReliabilityRecord(redis, keys))
-        await reliability.start()
-        failover = broker.failover.feed(nc, js, subjects)  # one replica replaces each failed or lost lease
+        failover = broker.failover.feed(nc, js, subjects, replicas=settings.stream_replicas)  # one replica replaces each
         await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
@@ -130,7 +127,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await stop_tasks(tasks)
             await pool_loss.stop()
-            await reliability.stop()
             await failover.stop()
             await close_connections(nc, redis)
 

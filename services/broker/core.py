@@ -19,7 +19,7 @@ from services.common.auth import Principal
 from services.common.clock import utcnow
 from services.common.errors import Forbidden
 from services.common.keys import Keys
-from services.common.messages import AllocEvent, LeaseFailed, RequestEvent
+from services.common.messages import AllocEvent, LeaseFailed, LeaseLost, RequestEvent
 from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably
 from services.common.subjects import Subjects
 from services.common.tracing import nats_headers
@@ -84,8 +84,14 @@ class Core:
     async def publish_alloc(self, event: AllocEvent) -> None:
         """Published with the concurrent others (``AckedPublisher``); retried through a
         NATS failover: a grant not acknowledged is undone by the caller, but a release,
-        renewal or expiry has already happened in Redis."""
-        subject = self.subjects.alloc(event.lease.region, event.lease.tenant)
+        renewal or expiry has already happened in Redis. A failed or lost lease goes to
+        the failover work queue first: once its event is in the record, its replacement
+        cannot be forgotten."""
+        if isinstance(event, (LeaseFailed, LeaseLost)):
+            await self._publish_acked(self.subjects.failover_work(event.lease.region), event)
+        await self._publish_acked(self.subjects.alloc(event.lease.region, event.lease.tenant), event)
+
+    async def _publish_acked(self, subject: str, event: AllocEvent) -> None:
         try:
             await self.acks.publish(subject, event)
         except FAILOVER_ERRORS:

@@ -2,11 +2,13 @@
 replaced on the next-best other pool under the same request id, within the request's
 replacement budget; the attempt is recorded in the request either way.
 
-The trigger is the durable consumer ``broker-failover`` on the allocation stream,
-shared by the replicas (``feeds.DurableFeed``): an ending event is acknowledged only
-once its replacement is granted, queued or recorded as impossible, so a broker that
-dies between a lease ending and its replacement leaves the event to another replica
-(or to itself, restarted). Each step on the request is one script: the claim
+The trigger is the durable consumer ``broker-failover`` on the failover work queue
+(``Subjects.failover_work``: every ``lease.failed`` and ``lease.lost`` is published there
+before it is published as an event, ``Core.publish_alloc``), shared by the replicas
+(``feeds.DurableFeed``): an ending is acknowledged only once its replacement is granted,
+queued or recorded as impossible, so a broker that dies between a lease ending and its
+replacement leaves it to another replica (or to itself, restarted). Reading a queue of
+its own, failover costs a placement nothing (it read every allocation event before). Each step on the request is one script: the claim
 (placed → replacing, once per lease: a lease whose outcome is recorded is never
 replaced again) and the settle (replacing → placed | queued | failed) made between the
 replacement's durable grant and its confirmation, as a queue pass settles."""
@@ -23,7 +25,8 @@ from nats.js import JetStreamContext
 
 from services.common.errors import BrokerError, Unavailable
 from services.common.messages import AllocEvent, LeaseFailed, LeaseInfo, LeaseLost
-from services.common.subjects import ALLOC, Subjects
+from services.common.nats_conn import failover_work_config
+from services.common.subjects import FAILOVER, Subjects
 
 from .core import Core
 from .domain.failover import REPLACED_ON, attempt_of, queue_deadline, stop_reason
@@ -43,29 +46,19 @@ BUSY_S = 0.2  # another lease of the same request is being replaced: this one ri
 WAITING_S = 5.0  # the request waits in the queue for another lease's replacement
 
 
-_TAGS = (b'"type":"lease.lost"', b'"type":"lease.failed"')
-
-
-def not_an_ending_to_replace(raw: bytes) -> bool:
-    """Most allocation events are grants, renewals and other endings: told apart by their
-    tag, which msgspec writes first, without decoding them (the feed reads every one).
-    Anything laid out otherwise is decoded, never skipped unread."""
-    head = raw[:32]
-    return head.startswith(b'{"type":"lease.') and not any(tag in head for tag in _TAGS)
-
-
 class Failover:
     def __init__(self, core: Core, replacer: Replacer, queue: RequestQueue, claim_s: float = CLAIM_S) -> None:
         self.core, self.replacer, self.queue, self.claim_s = core, replacer, queue, claim_s
 
-    def feed(self, nc: NATS, js: JetStreamContext, subjects: Subjects, ack_wait_s: float = 30.0) -> DurableFeed:
+    def feed(self, nc: NATS, js: JetStreamContext, subjects: Subjects, ack_wait_s: float = 30.0,
+             replicas: int = 1) -> DurableFeed:
         """The durable consumer that calls ``on_ended``. A redelivery before the claim
         expires finds it held and comes back (``Later``), so ``ack_wait_s`` only bounds
         how soon a dead replica's event is tried again."""
-        return DurableFeed(nc, js, subjects, kind=ALLOC, durable=DURABLE,
+        return DurableFeed(nc, js, subjects, kind=FAILOVER, durable=DURABLE,
                            decoder=msgspec.json.Decoder(AllocEvent), wanted=REPLACED_ON, handle=self.on_ended,
                            description="broker: failed and lost leases replaced", ack_wait_s=ack_wait_s,
-                           batch=256, parallel=True, skip=not_an_ending_to_replace)
+                           batch=256, parallel=True, work=failover_work_config(subjects, replicas))
 
     async def on_ended(self, event: LeaseFailed | LeaseLost) -> None:
         """Returns once the lease's outcome is recorded; raises ``Later`` (or any error)

@@ -5,7 +5,8 @@ handles what it missed when it (or another replica) comes back; a core-NATS
 subscription would lose every event published while no broker listened.
 
 Used for pool loss (``pool_loss``: leases of a vanished pool end as lost) and for
-failover (``failover``: a failed or lost lease is replaced)."""
+failover (``failover``: a failed or lost lease is replaced; it reads a work queue of its
+own that holds only those endings)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from services.common import tracing
 from services.common.jetstream import Puller, ensure_consumer
+from services.common.nats_conn import ensure_stream
 from services.common.lifecycle import forever, stop_tasks
 from services.common.subjects import Subjects
 
@@ -41,27 +43,35 @@ class Later(Exception):
 class DurableFeed:
     """``handle`` runs for every event of ``wanted`` (others are acknowledged unread),
     one after the other, or (``parallel``) up to ``batch`` at once, each acknowledged when
-    its own handler returns. ``skip``: raw events known unwanted without decoding them."""
+    its own handler returns."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects, *, kind: str, durable: str,
                  decoder: msgspec.json.Decoder, wanted: tuple[type, ...],
                  handle: Callable[[Any], Awaitable[object]], description: str,
                  ack_wait_s: float = 60.0, batch: int = 64, parallel: bool = False,
-                 skip: Callable[[bytes], bool] | None = None) -> None:
+                 work: StreamConfig | None = None) -> None:
+        """``kind``: an event stream, read from the events that come after the consumer's
+        creation; or ``work``: a work-queue stream (created here if missing), read whole."""
         self.nc, self.js, self.subjects = nc, js, subjects
         self.kind, self.durable, self.decoder, self.wanted = kind, durable, decoder, wanted
         self.handle, self.description = handle, description
-        self.ack_wait_s, self.batch, self.parallel, self.skip = ack_wait_s, batch, parallel, skip
-        self.stream = subjects.stream(kind)
+        self.ack_wait_s, self.batch, self.parallel = ack_wait_s, batch, parallel
+        self.work = work
+        self.stream = work.name if work is not None else subjects.stream(kind)
         self._tasks: list[asyncio.Task] = []
 
     async def ensure(self) -> None:
-        """Created on first start, from the events that come next: a broker installed over
-        an old stream must not replay years of them. Every later start finds it."""
+        """An event stream's consumer is created on first start, from the events that come
+        next: a broker installed over an old stream must not replay years of them. A work
+        queue holds only work not yet done, so its consumer takes all of it. Every later
+        start finds it."""
+        if self.work is not None:
+            await ensure_stream(self.js, self.work)
         config = ConsumerConfig(
-            durable_name=self.durable, filter_subject=self.subjects.events(self.kind),
-            deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s,
-            max_deliver=-1, description=self.description)
+            durable_name=self.durable,
+            filter_subject=self.work.subjects[0] if self.work is not None else self.subjects.events(self.kind),
+            deliver_policy=DeliverPolicy.ALL if self.work is not None else DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=-1, description=self.description)
         await ensure_consumer(self.js, self.stream, config)
 
     async def start(self) -> None:
@@ -83,15 +93,12 @@ class DurableFeed:
             while True:
                 if not self.parallel:
                     for msg in await puller.fetch(self.batch, timeout=1.0):
-                        if not await self._skipped(msg):
-                            await self._handle(msg)
+                        await self._handle(msg)
                     continue
                 # up to ``batch`` events in hand at once, and more fetched as soon as one is
                 # done: a slow one (a replacement racing for units) holds up no other
                 await room.wait()
                 for msg in await puller.fetch(self.batch - len(running), timeout=1.0):
-                    if await self._skipped(msg):
-                        continue
                     task = asyncio.create_task(self._handle(msg))
                     running.add(task)
                     task.add_done_callback(lambda t: (running.discard(t), room.set()))
@@ -101,12 +108,6 @@ class DurableFeed:
             for task in running:
                 task.cancel()
             await puller.stop()
-
-    async def _skipped(self, msg: Msg) -> bool:
-        if self.skip is not None and self.skip(msg.data):
-            await msg.ack()  # most events are not for this feed: no decode, no task
-            return True
-        return False
 
     async def _handle(self, msg: Msg) -> None:
         try:

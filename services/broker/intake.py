@@ -40,12 +40,15 @@ class Intake:
                                updated_at=now, body=body)
         if body.workload is not None and core.access is not None:
             await core.access.put_workload(request_id, body.workload)  # its provider reads it, even after a Redis loss
-        await core.publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id, tenant=tenant,
-                                                   units=body.units or 0))
         try:
             try:
                 leases, option = await self.placement.try_place(request_id, tenant, body, now, record, ask=ask)
             except NotPlaced as np:
+                # not placed at once: ops hear that it arrived before they hear how it goes on
+                # (a request placed at once has its request.placed alone: one publish less
+                # on every placement, docs/events.md)
+                await core.publish_request(RequestAccepted(id=new_id("ev"), at=now, request_id=request_id,
+                                                           tenant=tenant, units=body.units or 0))
                 preempted = None if np.decision.never or np.contended else \
                     await self.preemption.try_preempt(request_id, tenant, body, now)
                 if preempted is None:

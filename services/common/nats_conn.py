@@ -11,12 +11,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .jetstream import AckedPublisher  # noqa: F401 - imported from here by the services
-from .subjects import EVENT_KINDS, Subjects
+from .subjects import EVENT_KINDS, FAILOVER, Subjects
 from .tracing import nats_headers
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,15 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
             num_replicas=replicas,
         )
         for kind in EVENT_KINDS
-    ]
+    ] + [failover_work_config(subjects, replicas)]
+
+
+def failover_work_config(subjects: Subjects, replicas: int = 1) -> StreamConfig:
+    """The broker's failover work queue (``Subjects.failover_work``): a message is
+    removed once the failover consumer acknowledges it."""
+    return StreamConfig(name=subjects.stream(FAILOVER), subjects=[subjects.failover_work()],
+                        retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                        duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas)
 
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> None:

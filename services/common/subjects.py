@@ -16,6 +16,7 @@ CAPACITY = "capacity"
 ALLOC = "alloc"
 REQUEST = "request"
 BILLING = "billing"
+FAILOVER = "failover"  # the broker's failover work queue (not an event kind): stream(FAILOVER)
 EVENT_KINDS = (CAPACITY, ALLOC, REQUEST, BILLING)
 IDEMPOTENCY = "idempotency"  # the broker's KV bucket: the durable copy of each Idempotency-Key
 ACCESS = "access"  # the broker's KV bucket: each delivered lease's access details (never in an event)
@@ -40,6 +41,13 @@ class Subjects:
     def events(self, kind: str | None = None) -> str:
         """Wildcard over all events, or over one kind."""
         return f"{self.prefix}.events.{kind}.>" if kind else f"{self.prefix}.events.>"
+
+    def failover_work(self, region: str | None = None) -> str:
+        """JetStream work queue of the broker's failover: every ``lease.failed`` and
+        ``lease.lost`` again, so that failover reads only what it must act on instead of
+        every allocation event (docs/decisions.md, "Failover reads a work queue").
+        Internal to the broker: no other service publishes or reads it."""
+        return f"{self.prefix}.work.{FAILOVER}.{region}" if region else f"{self.prefix}.work.{FAILOVER}.>"
 
     def rpc(self, service: str, verb: str) -> str:
         return f"{self.prefix}.rpc.{service}.{verb}"

@@ -26,6 +26,7 @@ from .api import BudgetController, InvoiceController, OpsController, StatementCo
 from .budgets import Budgets
 from .metrics import refresh as refresh_gauges
 from .consumer import AccountStore, AllocConsumer
+from .reliability import ReliabilityFeed, ReliabilityRecord
 from .ledger import Ledger, ensure_ledger
 from .service import Meter, TenantDirectory
 
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
         await directory.start()
         await budgets.start()
         await consumer.start()
+        reliability = ReliabilityFeed(nc, js, subjects, ReliabilityRecord(redis, keys))
+        await reliability.start()  # the pools' and providers' delivery record the broker ranks with
         relax_gc()  # the account cache and the aggregate are long-lived
         app.state.meter = meter
         await guard_requests(app.state, nc, redis, settings, subjects, keys)
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], datetime] |
             stopping.set()
             await stop_tasks(tasks)
             await consumer.stop()
+            await reliability.stop()
             await budgets.stop()
             await directory.stop()
             await ledger.stop()

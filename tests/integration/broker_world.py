@@ -11,6 +11,7 @@ from litestar.testing import AsyncTestClient
 
 from services.broker.app import create_app as create_broker
 from services.common.settings import Settings
+from services.meter.app import create_app as create_meter
 from services.registry.app import create_app as create_registry
 
 from .conftest import pool_body
@@ -42,7 +43,10 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def broker_world(settings: Settings, pools: dict[str, dict] | None = None) -> AsyncIterator[World]:
+async def broker_world(settings: Settings, pools: dict[str, dict] | None = None,
+                       meter: bool = False) -> AsyncIterator[World]:
+    """``meter``: a meter app runs beside them (it writes the reliability record the
+    broker ranks with)."""
     async with AsyncTestClient(app=create_registry(settings)) as registry:
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
         world = World(registry, None, admin, {}, {})  # type: ignore[arg-type]
@@ -50,6 +54,8 @@ async def broker_world(settings: Settings, pools: dict[str, dict] | None = None)
         world.tenants = {"t1": await world.key("tenant", "t1"), "t2": await world.key("tenant", "t2")}
         for pool_id, over in (pools or {}).items():
             await world.pool(pool_id, **over)
-        async with AsyncTestClient(app=create_broker(settings)) as broker:
-            world.broker = broker
+        async with contextlib.AsyncExitStack() as stack:
+            if meter:
+                await stack.enter_async_context(AsyncTestClient(app=create_meter(settings)))
+            world.broker = await stack.enter_async_context(AsyncTestClient(app=create_broker(settings)))
             yield world

@@ -1,5 +1,5 @@
 """Reliability measured from real allocation events (docs/reliability.md): published to
-JetStream, read by the broker's durable consumer, aggregated by the Lua script in Redis."""
+JetStream, read by the meter's durable consumer, aggregated by the Lua script in Redis."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from services.broker.reliability import ReliabilityFeed, ReliabilityRecord
+from services.meter.reliability import ReliabilityFeed, ReliabilityRecord
 from services.common.keys import Keys
 from services.common.messages import (
     LeaseFailed,

@@ -1,4 +1,4 @@
-"""Reliability through the public API: the broker's own consumer reads real allocation
+"""Reliability through the public API: the meter's consumer reads real allocation
 events, the endpoint shows them, quotes rank and prune with them, the registry's pool
 views show them."""
 
@@ -20,7 +20,7 @@ SSH = {"kind": "ssh", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKx t
 
 async def test_record_ranks_prunes_and_shows(settings, nc, subjects) -> None:
     settings = with_settings(settings, reliability_refresh_s=0.1)
-    async with broker_world(settings, POOLS) as w:
+    async with broker_world(settings, POOLS, meter=True) as w:
         tenant = w.tenants["t1"]
         # before any record: every pool scores the prior, and equal prices tie as before
         r = await w.broker.post("/v1/quotes", json={"units": 1, "workload": SSH}, headers=tenant)
@@ -38,7 +38,7 @@ async def test_record_ranks_prunes_and_shows(settings, nc, subjects) -> None:
             assert r.status_code == 200, r.text
             body = r.json()
             return body if body["provider"]["deliveries"] == 7 and body["provider"]["failures"] == 2 else None
-        body = await eventually(recorded, what="the broker's consumer recorded the events")
+        body = await eventually(recorded, what="the meter's consumer recorded the events")
         pools = {p["subject"]: p for p in body["pools"]}
         assert set(pools) == {"shaky", "steady", "fresh"}  # fresh: registered, no record yet
         assert pools["steady"]["score"] == pytest.approx(15 / 16, abs=1e-6)
@@ -95,7 +95,7 @@ async def test_what_the_provider_answers_is_what_it_is_scored_on(settings, nc) -
     """The broker's own events (a provider answering ready, failed, unhealthy), not
     published by the test: the record follows them."""
     settings = with_settings(settings, reliability_refresh_s=0.1)
-    async with broker_world(settings, {"gz-ssh": {"prices": PRICES, **SSH_POOL}}) as w:
+    async with broker_world(settings, {"gz-ssh": {"prices": PRICES, **SSH_POOL}}, meter=True) as w:
         leases = []
         for _ in range(3):
             r = await w.request("t1", {"units": 1, "workload": SSH, "on_failure": "fail"})
@@ -124,7 +124,7 @@ async def test_preemption_keeps_to_min_reliability(settings, nc, subjects) -> No
     settings = with_settings(settings, reliability_refresh_s=0.1)
     pools = {"shaky": {"units": 4, "units_per_node": 4, "prices": {"on_demand": "1.00", "interruptible": "0.40"}},
              "steady": {"units": 4, "units_per_node": 4, "prices": {"on_demand": "2.00", "interruptible": "0.80"}}}
-    async with broker_world(settings, pools) as w:
+    async with broker_world(settings, pools, meter=True) as w:
         await publish(nc, subjects, failed("k1", pool="shaky") + failed("k2", pool="shaky"))  # 9/12 = 0.75
 
         async def scored():

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.broker.reliability import ReliabilityRecord
+from services.meter.reliability import ReliabilityRecord
 from services.common.keys import Keys
 from services.common.messages import (
     LeaseExpired,

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import msgspec
 import pytest
 
 from services.broker.domain.failover import (
@@ -95,15 +94,3 @@ def test_attempts_and_what_was_charged() -> None:
     assert was_ready(LeaseLost(id="l1.2", at=NOW, lease=lease(), seq=2))  # capacity only: ready at grant
     assert not was_ready(LeaseLost(id="l1.2", at=NOW, lease=lease(delivery="ssh"), seq=2))  # lost provisioning
     assert was_ready(LeaseLost(id="l1.3", at=NOW, lease=lease(delivery="ssh"), seq=3))  # after its lease.ready
-
-
-def test_the_feed_skips_unread_only_what_it_recognises() -> None:
-    from services.broker.failover import not_an_ending_to_replace
-    from services.common.messages import LeaseGranted
-
-    def raw(kind: type) -> bytes:
-        return msgspec.json.encode(kind(id="l1.2", at=NOW, lease=lease(), seq=2))
-
-    assert not not_an_ending_to_replace(raw(LeaseLost)) and not not_an_ending_to_replace(raw(LeaseFailed))
-    assert all(not_an_ending_to_replace(raw(k)) for k in (LeaseGranted, LeaseReleased, LeaseExpired, LeasePreempted))
-    assert not not_an_ending_to_replace(b'{"id":"l1.2","type":"lease.granted"}')  # another layout: decoded

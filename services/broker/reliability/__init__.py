@@ -1,8 +1,4 @@
-"""Reliability of pools and providers, measured from the allocation events
-(docs/reliability.md): ``record`` writes it to Redis, one atomic script per event;
-``feed`` runs it as a durable consumer shared by the broker's replicas."""
-
-from .feed import ReliabilityFeed
-from .record import ReliabilityRecord, event_kind
-
-__all__ = ["ReliabilityFeed", "ReliabilityRecord", "event_kind"]
+"""The reliability record as the broker serves it (docs/reliability.md): ``api`` and
+``view`` answer ``GET /v1/providers/{id}/reliability`` from the record in Redis. The
+meter writes the record (``services/meter/reliability``); the broker's engine reads the
+scores every few seconds (``World.refresh_reliability``)."""

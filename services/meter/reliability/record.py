@@ -1,7 +1,6 @@
 """The reliability record in Redis: ``record.lua`` applies a batch of allocation events to
 the facts of their leases and to their pools' and providers' counters, atomically and
-idempotently (one script per batch: the broker's CPU goes to placing, not to packing a
-command per event)."""
+idempotently (one script per batch, not a command per event)."""
 
 from __future__ import annotations
 

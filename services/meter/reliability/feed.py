@@ -1,10 +1,10 @@
 """The reliability record follows the allocation stream through one durable JetStream
-pull consumer that every broker replica shares (each event goes to one of them), like
+pull consumer that every meter replica shares (each event goes to one of them), like
 ``pool_loss``. An event is acknowledged only once the record holds it; a batch that
 could not be written (Redis away) comes back, and the script counts each fact once.
 
 The consumer starts from the first event the stream holds, so the record is what the
-event record says, whenever the broker was installed."""
+event record says, whenever the meter was installed."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from services.common.subjects import ALLOC, Subjects
 
 from .record import RecordLost, ReliabilityRecord
 
-log = logging.getLogger("broker.reliability")
+log = logging.getLogger("meter.reliability")
 _alloc = msgspec.json.Decoder(AllocEvent)
-DURABLE = "broker-reliability"
+DURABLE = "meter-reliability"
 RETRY_S = 1.0
 
 
@@ -47,7 +47,7 @@ class ReliabilityFeed:
         config = ConsumerConfig(
             durable_name=DURABLE, filter_subject=self.subjects.events(ALLOC), deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_deliver=-1,
-            description="broker: reliability of pools and providers (docs/reliability.md)")
+            description="meter: reliability of pools and providers (docs/reliability.md)")
         await ensure_consumer(self.js, self.stream, config)
 
     async def start(self) -> None:
