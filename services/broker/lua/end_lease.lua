@@ -39,7 +39,7 @@ local pool_gen = tonumber(redis.call('HGET', KEYS[3], 'generation')) or 0
 if redis.call('EXISTS', KEYS[3]) == 1 and cb_same_generation(gen, pool_gen) then
   if f[9] then
     devices_after = cb_give_devices(KEYS[3], cb_split_devices(f[9]), tonumber(f[10]) or CB_MILLI)
-  elseif redis.call('HEXISTS', KEYS[3], 'sharing') == 0 then  -- (on a sharing pool, no devices: it held none)
+  elseif not redis.call('HGET', KEYS[3], 'sharing') then  -- (on a sharing pool, no devices: it held none)
     local leased = tonumber(redis.call('HGET', KEYS[3], 'leased')) or 0
     redis.call('HSET', KEYS[3], 'leased', math.max(0, leased - tonumber(f[1])))
   end

@@ -46,7 +46,7 @@ for i = 0, n - 1 do
   if redis.call('EXISTS', KEYS[b + 2 + 3 * i]) == 1 then return {0, 3, i + 1} end
   local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
   if not cb_same_generation(tonumber(ARGV[c + 4 + 5 * i]) or 0, have) then return {0, 2, i + 1, 0} end
-  if redis.call('HEXISTS', pool, 'sharing') == 1 then return {0, 2, i + 1, 0} end
+  if redis.call('HGET', pool, 'sharing') then return {0, 2, i + 1, 0} end
   if not want[pool] then want[pool] = 0; order[#order + 1] = {pool, i} end
   want[pool] = want[pool] + tonumber(ARGV[c + 1 + 5 * i])
 end
@@ -71,7 +71,7 @@ for v = 0, nv - 1 do
   local devices_after = {}
   if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and f[4] then
     devices_after = cb_give_devices(pool, cb_split_devices(f[4]), tonumber(f[5]) or CB_MILLI)
-  elseif redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and redis.call('HEXISTS', pool, 'sharing') == 0 then
+  elseif redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and not redis.call('HGET', pool, 'sharing') then
     local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
     redis.call('HSET', pool, 'leased', math.max(0, leased - victim_units[v]))
   end

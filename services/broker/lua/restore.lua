@@ -27,7 +27,7 @@ for i = 0, n - 1 do
     local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
     if gen == 0 then gen = have end
     if redis.call('EXISTS', pool) == 1 and cb_same_generation(gen, have) then
-      if redis.call('HEXISTS', pool, 'sharing') == 1 then
+      if redis.call('HGET', pool, 'sharing') then
         cb_take_devices(pool, cb_split_devices(ARGV[12 + a]), tonumber(ARGV[11 + a]))
       else
         redis.call('HINCRBY', pool, 'leased', units)
