@@ -10,9 +10,10 @@ process."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 
 import msgspec
@@ -31,10 +32,30 @@ from .leases import NOT_SHARING, PENDING_S, Reservation, by_region, missing_leas
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
+from .world import World
 
 log = logging.getLogger("broker")
 ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
 Settle = Callable[[list[LeaseInfo]], Awaitable[None]]  # the request's own transition, between grant and confirm
+DeviceTruth = dict[str, dict[int, int]]  # pool -> device -> free milli, as the scripts said
+# An engine that keeps device state (issue 14) holds a share's milli on its hinted device
+# and takes the devices' free milli after a reservation: its World.settle takes
+# ``devices``. One that does not holds (pool, units) and hears of devices from events.
+WORLD_HOLDS_DEVICES = "devices" in inspect.signature(World.settle).parameters
+
+
+def held(leases: Iterable[LeaseInfo]) -> list[tuple]:
+    """What the engine's view holds for ``leases`` while they are being reserved: (pool,
+    units), or with device state (pool, units, milli, the engine's device hint)."""
+    if WORLD_HOLDS_DEVICES:
+        return [(lease.pool_id, lease.units, lease.milli, lease.devices) for lease in leases]
+    return [(lease.pool_id, lease.units) for lease in leases]
+
+
+def note_devices(into: DeviceTruth, lease: LeaseInfo, free_after: Iterable[int]) -> None:
+    for device, free in zip(lease.devices, free_after, strict=False):
+        if free >= 0:
+            into.setdefault(lease.pool_id, {})[device] = free
 
 
 class NotPlaced(Exception):
@@ -89,7 +110,8 @@ class Placement:
         core = self.core
         truth: dict[str, int] = {}
         devices_after: dict[str, tuple[int, ...]] = {}  # lease id -> its devices' free milli after
-        allocations = [(lease.pool_id, lease.units) for lease in leases]
+        devices: DeviceTruth = {}
+        allocations = held(leases)  # (with the engine's hints: before the script names the devices)
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
         try:
@@ -103,7 +125,7 @@ class Placement:
             except Exception:
                 # the whole batch failed (Redis unreachable, a cluster node down, the script
                 # reload refused) after some of it may have run: give back whatever did
-                truth.update(await self.undo(leases))
+                truth.update(await self.undo(leases, devices))
                 raise
             for (_, group, _), result in zip(groups, results, strict=True):
                 if isinstance(result, Exception):
@@ -112,11 +134,12 @@ class Placement:
                     failure = failure or result
                 elif result[0]:
                     taken = result[2] if len(result) > 2 else [None] * len(group)
-                    for lease, free, devices in zip(group, result[1], taken, strict=True):
+                    for lease, free, on in zip(group, result[1], taken, strict=True):
                         truth[lease.pool_id] = free
-                        if devices is not None:
-                            leases[leases.index(lease)] = lease = with_devices(lease, devices)
-                            devices_after[lease.lease_id] = devices[1]
+                        if on is not None:  # a sharing pool: (its devices, their free milli after)
+                            leases[leases.index(lease)] = lease = with_devices(lease, on)
+                            devices_after[lease.lease_id] = on[1]
+                            note_devices(devices, lease, on[1])
                         done.append(lease)
                 else:
                     refused = True
@@ -125,17 +148,20 @@ class Placement:
                     if not_sharing is not None and len(result) > 2 and result[2] == NOT_SHARING:
                         not_sharing.add(group[index].pool_id)
             if failure is not None or refused:
-                truth.update(await self.undo(done))
+                truth.update(await self.undo(done, devices))
                 if failure is not None:
                     raise failure
                 return False
-            await self.make_durable(leases, done, truth, record, settle, devices_after)
+            await self.make_durable(leases, done, truth, record, settle, devices_after, devices)
             return True
         except asyncio.CancelledError:
             self._roll_back_late(leases)
             raise
         finally:
-            core.world.settle(allocations, truth)
+            if WORLD_HOLDS_DEVICES:
+                core.world.settle(allocations, truth, devices)  # type: ignore[call-arg]
+            else:
+                core.world.settle(allocations, truth)
 
     def _roll_back_late(self, leases: list[LeaseInfo]) -> None:
         """The placement's deadline passed mid-grant (its client hears 503): whatever step
@@ -154,7 +180,8 @@ class Placement:
 
     async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
                            record: RequestRecord | None, settle: Settle | None = None,
-                           devices_after: dict[str, tuple[int, ...]] | None = None) -> None:
+                           devices_after: dict[str, tuple[int, ...]] | None = None,
+                           devices: DeviceTruth | None = None) -> None:
         """Reserved leases: publish their grants, then confirm them (with ``record``);
         raise ``Unavailable`` after giving back ``done`` if the record did not take them.
 
@@ -193,7 +220,7 @@ class Placement:
                 failed = exc
         if failed is not None:
             log.error("grant not durable (%s): giving the units back", failed)
-            truth.update(await self.undo(done))
+            truth.update(await self.undo(done, devices))
             await self.retract([lease for lease, r in zip(leases, results, strict=True)
                                 if not isinstance(r, BaseException)])
             if isinstance(failed, Refused):
@@ -236,10 +263,11 @@ class Placement:
             except Exception as exc:  # noqa: BLE001 - the record is unreachable: say so, nothing more to do
                 log.error("grant of %s is in the record but could not be retracted (%s)", lease.lease_id, exc)
 
-    async def undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
+    async def undo(self, leases: list[LeaseInfo], devices: DeviceTruth | None = None) -> dict[str, int]:
         """Compensation of a placement that failed part-way: every lease already reserved
         gives its units back. Each one is tried even if another fails (a Redis Cluster
-        node may be down); one that cannot be undone stays until its expiry sweeps it."""
+        node may be down); one that cannot be undone stays until its expiry sweeps it.
+        ``devices`` collects the free milli of the devices given back."""
         now = time.time()
         truth = {}
         for lease in leases:
@@ -251,6 +279,8 @@ class Placement:
                 continue
             if ended is not None and ended.free_after >= 0:
                 truth[lease.pool_id] = ended.free_after
+                if devices is not None:
+                    note_devices(devices, ended.lease, ended.devices_free_after)
         return truth
 
     @staticmethod
@@ -269,9 +299,9 @@ class Placement:
         replacement carries the ended lease's attempt and end)."""
         world = self.core.world
         ask = ask or self.core.ask_for(body)
-        if prefer is not None and world.hold((a.pool_id, a.units) for a in prefer.allocations):
+        if prefer is not None:
             leases = self._adjusted(self.leases_for(prefer, request_id, tenant, body, now), adjust)
-            if await self.reserve(leases, record, settle):
+            if world.hold(held(leases)) and await self.reserve(leases, record, settle):
                 return leases, prefer
         decision = Decision()
         not_sharing: set[str] = set()  # pools that refused a share: they do not share their devices
@@ -290,9 +320,9 @@ class Placement:
                 self.core.spread.shuffle(options)
             excluded = len(not_sharing)
             for option in options:
-                if not world.hold((a.pool_id, a.units) for a in option.allocations):
-                    continue  # a concurrent request here took these units since the match
                 leases = self._adjusted(self.leases_for(option, request_id, tenant, body, now), adjust)
+                if not world.hold(held(leases)):
+                    continue  # a concurrent request here took these units since the match
                 if await self.reserve(leases, record, settle, not_sharing):
                     return leases, option
                 if len(not_sharing) > excluded:
