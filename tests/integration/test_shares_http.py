@@ -140,3 +140,29 @@ async def test_a_lost_redis_gets_its_device_state_back_from_the_leases(settings,
             assert r.status_code == 200, r.text
         assert devices(srds, prefix, "gz-l40s") == dict.fromkeys(range(8), 1000)
         assert await w.free("gz-l40s") == 8
+
+
+async def test_concurrent_share_requests_never_overbook_a_device(settings, nc, srds, prefix) -> None:
+    """24 shares of 300 milli asked at once of 8 devices: whichever are placed, each
+    device holds at most 1000 milli of them, the devices' hash says exactly what the
+    leases took, and once all are released every device is wholly free."""
+    import asyncio
+
+    async with broker_world(settings, POOLS) as w:
+        replies = await asyncio.gather(*(w.request(f"t{1 + i % 2}", {"units": 1, "share": {"milli": 300},
+                                                                    "queue": False}) for i in range(24)))
+        assert all(r.status_code in (201, 409) for r in replies), [r.text for r in replies]
+        placed = [(f"t{1 + i % 2}", r.json()["leases"][0]["lease_id"]) for i, r in enumerate(replies)
+                  if r.status_code == 201]
+        assert len(placed) >= 8, [r.text for r in replies]
+        taken: dict[int, int] = {}
+        for _, lease_id in placed:
+            lease = stored(srds, prefix, lease_id)
+            assert lease.pool_id == "gz-l40s" and lease.milli == 300 and len(lease.devices) == 1
+            taken[lease.devices[0]] = taken.get(lease.devices[0], 0) + 300
+        assert all(t <= 1000 for t in taken.values()), taken
+        assert devices(srds, prefix, "gz-l40s") == {d: 1000 - taken.get(d, 0) for d in range(8)}
+        for tenant, lease_id in placed:
+            r = await w.broker.post(f"/v1/leases/{lease_id}/release", headers=w.tenants[tenant])
+            assert r.status_code == 200, r.text
+        assert devices(srds, prefix, "gz-l40s") == dict.fromkeys(range(8), 1000)
