@@ -190,7 +190,7 @@ def main() -> None:
                         k.pool(REGION, pool), k.pool_leases(REGION, pool), k.lease(REGION, victim),
                         k.pool(REGION, pool), k.pool_leases(REGION, pool), k.lease(REGION, lease_id)]
                 return lambda: preempt(keys=keys, args=[1, 1, now + 30, victim, lease_id, 8,
-                                                        info(lease_id, pool, False), 0, 0])
+                                                        info(lease_id, pool, False), 0, 0, 1000, ""])
 
             lines.append(measure(client, "preempt.lua (victim ends + new lease, one step)",
                                  [preempt_one(i) for i in range(n)]))

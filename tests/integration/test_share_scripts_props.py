@@ -275,35 +275,50 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 assert list(raw[5]) == []  # another generation's devices are not touched
 
         @precondition(lambda self: self.held)
-        @rule(data=st.data(), units=st.integers(1, 3))
-        def preempt_for_whole_units(self, data: st.DataObject, units: int) -> None:
-            """A live lease (all are interruptible here) ends for a new lease of whole
-            units on the pool that does not share, in one step: a victim gives back exactly
-            its milli on its devices."""
+        @rule(data=st.data(), pool_id=st.sampled_from(POOLS),
+              ask=st.sampled_from([(1, MILLI), (2, MILLI), (3, MILLI), (1, 100), (1, 400), (1, 900)]),
+              hint=st.sampled_from(["", "0", "1", "2"]))
+        def preempt_for(self, data: st.DataObject, pool_id: str, ask: tuple[int, int], hint: str) -> None:
+            """A live lease (all are interruptible here) ends for a new lease, in one step:
+            the victim gives back exactly its milli on its devices, and the new lease takes
+            devices by the rule of lua/reserve.lua among the devices as they are with the
+            victim's milli back."""
             self.step()
             victim = data.draw(st.sampled_from(sorted(self.held)))
-            h, spec = self.held[victim], self.spec["pn"]
+            units, milli = ask
+            spec = self.spec[pool_id]
             assert spec is not None
-            effective = spec.cap if spec.healthy < 0 else min(spec.cap, spec.healthy)
-            in_use = sum(x.units for i, x in self.held.items() if x.pool == "pn" and x.gen == spec.gen and i != victim)
-            room = max(0, effective - in_use)
+            h = self.held.pop(victim)  # the model with the victim gone
+            free = self.device_free(pool_id) if pool_id in SHARING else {}
+            fits = self.fits(pool_id, units, milli, free, self.wholes(pool_id))
+            self.held[victim] = h
             k, lease_id = self.k, f"l{next(self.ids):05d}"
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                     k.pool(REGION, h.pool), k.pool_leases(REGION, h.pool), k.lease(REGION, victim),
-                    k.pool(REGION, "pn"), k.pool_leases(REGION, "pn"), k.lease(REGION, lease_id),
+                    k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id),
                     k.lease_provisioning(REGION)]
             raw = preempt(keys=keys, args=[1, 1, self.now + 30, victim, lease_id, units,
-                                           self.lease_info(lease_id, "pn", units, MILLI, spec.gen), 1, spec.gen])
-            assert (int(raw[0]) == 1) == (room >= units), (raw, room, units)
+                                           self.lease_info(lease_id, pool_id, units, milli, spec.gen), 1, spec.gen,
+                                           milli, hint])
+            assert (int(raw[0]) == 1) == fits, (raw, pool_id, units, milli, free)
             if int(raw[0]) != 1:
                 return
             self.held.pop(victim)
-            self.held[lease_id] = Held("pn", spec.gen, MILLI, (), units)
-            [ended] = raw[2]
+            [placed], [ended] = raw[1], raw[2]
+            devices: tuple[int, ...] = ()
+            if pool_id in SHARING:
+                devices = tuple(int(d) for d in placed[1])
+                self.check_choice(pool_id, units, milli, hint, devices, free)
+                info = msgspec.json.decode(client.hget(k.lease(REGION, lease_id), "info"), type=LeaseInfo)
+                assert info.devices == devices
+            self.held[lease_id] = Held(pool_id, spec.gen, milli, devices, units)
+            if pool_id in SHARING:
+                after = self.device_free(pool_id)
+                assert [int(x) for x in placed[2]] == [after[d] for d in devices]
             vspec = self.spec[h.pool]
-            if h.devices and vspec is not None and vspec.gen == h.gen:
-                free = self.device_free(h.pool)
-                assert [int(x) for x in ended[4]] == [free.get(d, MILLI) for d in h.devices]
+            if h.devices and vspec is not None and vspec.gen == h.gen and h.pool != pool_id:
+                after = self.device_free(h.pool)
+                assert [int(x) for x in ended[4]] == [after.get(d, MILLI) for d in h.devices]
 
         @rule(pool_id=st.sampled_from(POOLS), cap=st.integers(1, 12))
         def resize(self, pool_id: str, cap: int) -> None:

@@ -166,3 +166,24 @@ async def test_concurrent_share_requests_never_overbook_a_device(settings, nc, s
             r = await w.broker.post(f"/v1/leases/{lease_id}/release", headers=w.tenants[tenant])
             assert r.status_code == 200, r.text
         assert devices(srds, prefix, "gz-l40s") == dict.fromkeys(range(8), 1000)
+
+
+async def test_a_share_preempts_an_interruptible_lease_on_a_sharing_pool(settings, nc, subjects, srds, prefix) -> None:
+    """A sharing pool full of interruptible whole-device leases: an on-demand share ends
+    one of them and takes its milli on the device it freed, in one step."""
+    spot = {**POOLS["gz-l40s"], "prices": {"on_demand": "1.20", "interruptible": "0.40"}}
+    async with broker_world(settings, {"gz-l40s": spot}) as w, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        for _ in range(8):
+            r = await w.request("t2", {"units": 1, "billing": "interruptible", "priority": 1})
+            assert r.status_code == 201, r.text
+        assert await w.free("gz-l40s") == 0
+        r = await w.request("t1", {"units": 1, "share": {"milli": 400}, "queue": False})
+        assert r.status_code == 201, r.text
+        [share] = r.json()["leases"]
+        granted = await alloc.wait_for(lambda e: isinstance(e, LeaseGranted) and e.lease.lease_id == share["lease_id"])
+        [device] = granted.lease.devices
+        assert granted.lease.milli == 400 and granted.devices_free_after == (600,)
+        preempted = await alloc.wait_for(lambda e: type(e).__name__ == "LeasePreempted")
+        assert preempted.lease.devices == (device,) and preempted.devices_free_after == (1000,)
+        assert devices(srds, prefix, "gz-l40s") == {d: 600 if d == device else 0 for d in range(8)}
