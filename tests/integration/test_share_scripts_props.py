@@ -427,7 +427,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_share_scripts_match_model(redis_url: str) -> None:
-    steps = run_machine(make_machine, redis_url, examples=int(os.environ.get("SHARE_EXAMPLES", 100)), steps=60)
+    steps = run_machine(make_machine, redis_url, examples=int(os.environ.get("SHARE_EXAMPLES", "100")), steps=60)
     assert steps >= MIN_STEPS, steps
 
 
@@ -436,8 +436,8 @@ def test_concurrent_fractional_and_whole_asks_never_overbook_a_device(redis_url:
     releasing some: afterwards, per device, the live leases' milli add up to what the
     device has taken, at most 1000, a whole lease is alone on its devices, and once all
     are released every device is wholly free again."""
-    from concurrent.futures import ThreadPoolExecutor
     import random
+    from concurrent.futures import ThreadPoolExecutor
 
     url = own_db(redis_url)
     k, pool_id, cap, upn = Keys(f"sc{uuid.uuid4().hex[:8]}"), "sa", 16, 4
