@@ -133,7 +133,8 @@ class Core:
         if ended.free_after >= 0:
             self.world.observe_free(ended.lease.pool_id, ended.free_after)
         event = owed_event(tag_of(kind), iso(now), msgspec.json.encode(extra).decode(),
-                           msgspec.json.encode(ended.lease), ended.seq, ended.free_after, ended.pending)
+                           msgspec.json.encode(ended.lease), ended.seq, ended.free_after, ended.pending,
+                           ended.devices_free_after)
         await self.publish_owed(event)
 
     async def publish_owed(self, event: AllocEvent) -> None:

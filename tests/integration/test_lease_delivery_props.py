@@ -196,7 +196,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 keys=[k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                       k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)],
                 args=[1, "check", self.now + 30, 1, lease_id, units, msgspec.json.encode(info), 0,
-                      self.gen[pool_id]])
+                      self.gen[pool_id], 1000, ""])
             fits = self.cap[pool_id] - self.leased(pool_id) >= units
             assert (int(raw[0]) == 1) == fits, (raw, self.cap, self.live)
             self.known.append(lease_id)
@@ -389,7 +389,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 state = "" if not lv.deliver else ("provisioning" if lv.ready_at is None else "ready")
                 keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
                 args += [lease_id, lv.units, "{}", 0, lv.expiry, lv.seq, lv.gen, state,
-                         lv.deadline if state == "provisioning" else 0, lv.ready_at if state == "ready" else ""]
+                         lv.deadline if state == "provisioning" else 0, lv.ready_at if state == "ready" else "", 1000, ""]
             if self.live:
                 assert scripts["restore"](keys=keys, args=args) == len(self.live)
                 assert scripts["restore"](keys=keys, args=args) == 0
