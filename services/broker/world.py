@@ -156,11 +156,12 @@ class World:
                     self.inflight_milli[key] = left
                 else:
                     self.inflight_milli.pop(key, None)
+                # the hold is given back first: the script may have taken another device than
+                # the hint (or none), and Redis's numbers below say what it did take
+                self.engine.set_devices(pool_id, {hint[0]: min(1000, self.engine.device_free(pool_id, hint[0])
+                                                               + milli)})
                 if devices and pool_id in devices:
                     self.observe_devices(pool_id, devices[pool_id])
-                else:
-                    self.engine.set_devices(pool_id, {hint[0]: min(1000, self.engine.device_free(pool_id, hint[0])
-                                                                   + milli)})
                 if pool_id in truth:
                     self.observe_free(pool_id, truth[pool_id])
                 continue
@@ -265,6 +266,17 @@ class World:
             devices = _devices(next(replies)) if state.sharing != "none" else {}
             out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0), devices))
         return out
+
+    async def read_devices(self, pool_ids: Iterable[str]) -> dict[str, dict[int, int]]:
+        """Free milli per device of these sharing pools, as Redis has them now (pools that
+        do not share, or are not known here, are left out)."""
+        states = [s for s in (self.pools.get(p) for p in pool_ids) if s is not None and s.sharing != "none"]
+        if not states:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for state in states:
+            pipe.hgetall(self.keys.pool_devices(state.region, state.pool_id))
+        return {state.pool_id: _devices(raw) for state, raw in zip(states, await pipe.execute(), strict=True)}
 
     def _apply(self, state: PoolState, status: str | None, free: int, devices: dict[int, int]) -> None:
         if status == "online":
