@@ -148,7 +148,8 @@ class LeaseStore:
     def _reserved(region: str, raw: list) -> Reserved:
         """``(True, free after each)`` or ``(False, [index of the lease refused, its pool's
         free units])``; with a third item when a sharing pool is involved: ``(True, ...,
-        devices of each lease or None)`` or ``(False, ..., NOT_SHARING)``."""
+        devices of each lease or None)`` or ``(False, ..., NOT_SHARING)``, or ``(False, ...,
+        "", {device: free milli})`` when no device of that pool fitted."""
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
         if int(raw[0]) == 1:
@@ -162,6 +163,8 @@ class LeaseStore:
                     frees.append(int(x))
                     devices.append(None)
             return (True, frees, devices) if any(d is not None for d in devices) else (True, frees)
+        if len(raw) > 4:  # no device fitted on a sharing pool: its devices as they are
+            return False, [int(raw[1]) - 1, int(raw[2])], "", {d: int(f) for d, f in enumerate(raw[4])}
         if len(raw) > 3:
             return False, [int(raw[1]) - 1, int(raw[2])], _s(raw[3])
         return False, [int(raw[1]) - 1, int(raw[2])]

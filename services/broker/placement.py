@@ -149,6 +149,8 @@ class Placement:
                     refused_on.add(group[index].pool_id)
                     if not_sharing is not None and len(result) > 2 and result[2] == NOT_SHARING:
                         not_sharing.add(group[index].pool_id)
+                    if len(result) > 3:  # no device fitted: the engine takes the devices as they are
+                        devices.setdefault(group[index].pool_id, {}).update(result[3])
             if failure is not None or refused:
                 truth.update(await self.undo(done, devices))
                 if refused_on:

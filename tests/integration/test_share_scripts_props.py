@@ -230,6 +230,10 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 pool_id, units, milli, _ = asks[i]
                 if milli < MILLI and (pool_id not in SHARING or milli < MIN_MILLI.get(pool_id, 1)):
                     assert reply[3] == "sharing", reply  # this pool takes no such share
+                if len(reply) > 4:  # no device fitted: the devices as they are, for the broker's view
+                    spec = self.spec[pool_id]
+                    assert spec is not None
+                    assert [int(x) for x in reply[4]] == [self.device_free(pool_id)[d] for d in range(spec.cap)]
                 if len(asks) == 1:
                     assert not expect_ok, (asks, reply, free, wholes)
                 assert not any(client.exists(self.k.lease(REGION, lid)) for lid in self.asked)

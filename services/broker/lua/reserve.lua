@@ -31,7 +31,9 @@
 --   or {-1} (leases not restored yet after a Redis loss: refuse rather than book over them);
 --   after_i: the pool's free units after, or on a sharing pool {free, {devices},
 --   {devices' free milli after}}; why 'sharing': the pool takes no such share (it does not
---   share its devices, or the share is below its sharing.min_milli)
+--   share its devices, or the share is below its sharing.min_milli); no device fits on a
+--   sharing pool: {0, i, free, '', {free milli of devices 0..capacity-1}} (the broker's view
+--   of them was stale: an event of an earlier grant may arrive after a later one's reply)
 local function reserve(k, a)
   local mode, expires, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if mode == 'check' and redis.call('EXISTS', KEYS[k + 1]) == 0 then return {-1} end
@@ -58,7 +60,11 @@ local function reserve(k, a)
         local wholes = free - (demand[pool] or 0)
         local chosen = cb_pick_devices(devs[pool], tonumber(sf[2]) or 0, tonumber(sf[1]) or 8, units, milli,
           cb_split_devices(hint), wholes)
-        if not chosen then return {0, i + 1, free} end
+        if not chosen then  -- with the devices as they are: the broker's engine follows them
+          local now, all = cb_read_devices(pool), {}
+          for d = 0, (tonumber(sf[2]) or 0) - 1 do all[d + 1] = now[d] or 0 end
+          return {0, i + 1, free, '', all}
+        end
         for _, d in ipairs(chosen) do
           if devs[pool][d] >= CB_MILLI then demand[pool] = (demand[pool] or 0) + 1 end
           devs[pool][d] = devs[pool][d] - milli
