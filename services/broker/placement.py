@@ -120,7 +120,6 @@ class Placement:
             done: list[LeaseInfo] = []
             failure: Exception | None = None
             refused = False
-            refused_on: set[str] = set()
             try:
                 results = await self._reservations.submit(groups)
             except Exception:
@@ -146,19 +145,12 @@ class Placement:
                     refused = True
                     index, free = result[1]
                     truth[group[index].pool_id] = free
-                    refused_on.add(group[index].pool_id)
                     if not_sharing is not None and len(result) > 2 and result[2] == NOT_SHARING:
                         not_sharing.add(group[index].pool_id)
                     if len(result) > 3:  # no device fitted: the engine takes the devices as they are
                         devices.setdefault(group[index].pool_id, {}).update(result[3])
             if failure is not None or refused:
                 truth.update(await self.undo(done, devices))
-                if refused_on:
-                    # a sharing pool refused: its devices are not as this engine sees them (a
-                    # concurrent whole-device grant, another replica's shares). The engine takes
-                    # Redis's numbers, else it would hint the same full devices again and again
-                    for pool_id, free in (await core.world.read_devices(refused_on - devices.keys())).items():
-                        devices[pool_id] = free
                 if failure is not None:
                     raise failure
                 return False

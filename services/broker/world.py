@@ -267,17 +267,6 @@ class World:
             out.append((status.decode() if isinstance(status, bytes) else status, int(free or 0), devices))
         return out
 
-    async def read_devices(self, pool_ids: Iterable[str]) -> dict[str, dict[int, int]]:
-        """Free milli per device of these sharing pools, as Redis has them now (pools that
-        do not share, or are not known here, are left out)."""
-        states = [s for s in (self.pools.get(p) for p in pool_ids) if s is not None and s.sharing != "none"]
-        if not states:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for state in states:
-            pipe.hgetall(self.keys.pool_devices(state.region, state.pool_id))
-        return {state.pool_id: _devices(raw) for state, raw in zip(states, await pipe.execute(), strict=True)}
-
     def _apply(self, state: PoolState, status: str | None, free: int, devices: dict[int, int]) -> None:
         if status == "online":
             if state.region not in self.countries:

@@ -188,29 +188,3 @@ async def test_a_share_preempts_an_interruptible_lease_on_a_sharing_pool(setting
         assert preempted.lease.devices == (device,) and preempted.devices_free_after == (1000,)
         assert devices(srds, prefix, "gz-l40s") == {d: 600 if d == device else 0 for d in range(8)}
 
-
-async def test_a_share_refused_on_devices_taken_behind_the_engines_back_lands_elsewhere(settings, srds,
-                                                                                         prefix) -> None:
-    """Devices taken where this broker's engine has not seen it yet (another replica's
-    grants, events not yet here): the script refuses the share, and the engine must take
-    Redis's numbers for that pool, or it hints the same full devices on every try (seen as
-    409s "taken by concurrent requests" for shares at 32 connections). Twenty cheaper pools
-    are full in Redis only: more than a placement's tries (ATTEMPTS x 3 options)."""
-    shared = {"sharing": {"mode": "time_slice", "min_milli": 100}, "units": 1, "units_per_node": 1,
-              "region": "cn-gz", "model": SHARED_MODEL}
-    pools = {f"full-{i:02d}": {**shared, "prices": {"on_demand": f"{1 + i / 100:.2f}"}} for i in range(20)}
-    pools["dear"] = {**shared, "prices": {"on_demand": "5.00"}}
-    async with broker_world(settings, pools) as w:
-        keys = Keys(prefix)
-        for pool_id in pools:
-            if pool_id != "dear":  # taken elsewhere: Redis says so, this engine does not know
-                srds.hset(keys.pool_devices("cn-gz", pool_id), "0", 0)
-                srds.hset(keys.pool("cn-gz", pool_id), mapping={"free": 0, "leased": 1})
-        r = await w.request("t1", {"units": 1, "share": {"milli": 250}, "queue": False})
-        assert r.status_code == 201, r.text
-        assert r.json()["leases"][0]["pool_id"] == "dear"
-        assert devices(srds, prefix, "dear") == {0: 750}
-        # and the engine now sees the full pools as they are: the next share goes straight there too
-        r = await w.request("t2", {"units": 1, "share": {"milli": 250}, "queue": False})
-        assert r.status_code == 201, r.text
-        assert r.json()["leases"][0]["pool_id"] == "dear"
