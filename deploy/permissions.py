@@ -266,14 +266,14 @@ def redis_users(prefix: str = "cb") -> list[RedisUser]:
     )
     broker = RedisUser(
         "broker", "reservations on the pools, leases, queue, requests, idempotency keys; API-key cache",
-        keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.interruptible_leases("*"), k.leases_ready("*"),
+        keys=[k.pool("*", "*"), k.pool_leases("*", "*"), k.lease("*", "*"), k.lease_expiry("*"), k.lease_outbox("*"), k.interruptible_leases("*"), k.leases_ready("*"),
                      k.lease_provisioning("*"), k.lease_index(), k.tenant_leases("*"), k.tenant_requests("*"), k.request("*"),
                      k.idempotency("*", "*"), k.queue(), k.tenant_vtime(), k.budget_blocked(), k.lock("*"),
                      k.rebuilt_marker("*"), k.reliability_all(), *every],  # reliability: read (ranking, its endpoint)
         commands=BASE_COMMANDS + SCRIPT_COMMANDS + [
             "get", "set", "del", "exists", "hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby",
             "sadd", "srem", "smembers", "sismember", "zadd", "zrem", "zrange", "zrangebyscore", "zrank", "zcard",
-            "zscore", "lrange", "mget"],
+            "zscore", "lrange", "mget", "hscan"],  # hscan: the sweep reads the lease outbox (docs/lifecycle.md)
     )
     meter = RedisUser(
         "meter", "API-key cache, rate limits and the reliability record: the meter's own state is in JetStream",

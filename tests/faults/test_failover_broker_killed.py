@@ -73,7 +73,7 @@ async def test_a_broker_killed_mid_failover_leaves_the_replacements_to_the_other
                         """A pull broker2 made just before it stopped would still be handed
                         events until it expires (1 s): then only broker1's are waiting."""
                         waiting = [(await js.consumer_info(stream.stream(kind), durable)).num_waiting
-                                   for kind, durable in (("capacity", "broker-pool-loss"), ("alloc", FAILOVER))]
+                                   for kind, durable in (("capacity", "broker-pool-loss"), ("failover", FAILOVER))]
                         return all((n or 0) <= 1 for n in waiting)
 
                     await eventually(broker2_pulls_expired, timeout=10, what="broker2's pulls expired")
