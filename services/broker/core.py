@@ -26,7 +26,7 @@ from services.common.tracing import nats_headers
 
 from .access import AccessStore
 from .domain.requests import ComputeRequest, to_ask
-from .leases import Ended, LeaseStore
+from .leases import PENDING_S, Ended, LeaseStore
 from .metrics import LEASE_ENDS
 from .queue_cap import TenantQueueCap
 from .records import RequestRecord
@@ -60,6 +60,7 @@ class Core:
         self.acks = AckedPublisher(nc)
         self.spread = random.Random()  # the order of the options tried after a lost race
         self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
+        self.pending_s = PENDING_S  # the provisional expiry of a reservation (the app sets it from its settings)
         self.access: AccessStore | None = None  # access details (the app opens the bucket)
 
     def ask_for(self, body: ComputeRequest, exclude: frozenset[str] = frozenset()):  # noqa: ANN201

@@ -26,7 +26,7 @@ from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost, LeasePr
 from .core import Core, per_item
 from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, workload_kind
-from .leases import PENDING_S, Reservation, by_region, missing_leases
+from .leases import Reservation, by_region, missing_leases
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
@@ -82,7 +82,7 @@ class Placement:
         truth: dict[str, int] = {}
         allocations = [(lease.pool_id, lease.units) for lease in leases]
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
-        expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
+        expires = min(leases[0].expires_at.timestamp(), time.time() + self.core.pending_s)
         try:
             await before_grant(leases)  # an idempotency key names them first (a recovery point)
             groups = [(region, group, expires) for region, group in by_region(leases).items()]
