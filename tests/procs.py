@@ -13,13 +13,26 @@ from services.common.settings import Settings, settings_to_env
 
 @contextlib.contextmanager
 def service_process(name: str, settings: Settings, log_dir: Path) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(name, free_port(), settings_to_env(settings), log_dir / f"{name}.log")
-    svc.start()
-    try:
-        svc.wait_healthy()
+    with service_processes([(name, settings)], log_dir) as [svc]:
         yield svc
+
+
+@contextlib.contextmanager
+def service_processes(specs: list[tuple[str, Settings]], log_dir: Path) -> Iterator[list[ServiceProcess]]:
+    """Several services started at once, then waited for: their start-ups (mostly imports)
+    overlap instead of queueing. A broker that is up before its registry keeps asking."""
+    procs: list[ServiceProcess] = []
+    try:
+        for i, (name, settings) in enumerate(specs):
+            log = f"{name}.log" if [n for n, _ in specs].count(name) == 1 else f"{name}-{i}.log"
+            procs.append(ServiceProcess(name, free_port(), settings_to_env(settings), log_dir / log))
+            procs[-1].start()
+        for svc in procs:
+            svc.wait_healthy()
+        yield procs
     finally:
-        svc.stop()
+        for svc in reversed(procs):
+            svc.stop()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ..procs import module_settings, service_process
+from ..procs import module_settings, service_processes
 
 CLI = [sys.executable, "-m", "services.cli"]
 SPEC = {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 8, "prices": {"on_demand": "1.20"},
@@ -27,8 +27,7 @@ def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
     the tests keep apart by their own provider, tenant and pool ids."""
     tmp_path = tmp_path_factory.mktemp("cli-provider")
     with module_settings(nats_url, redis_url, heartbeat_ttl_s=30.0, sweep_interval_s=0.2) as settings, \
-            service_process("registry", settings, tmp_path) as registry, \
-            service_process("broker", settings, tmp_path) as broker:
+            service_processes([("registry", settings), ("broker", settings)], tmp_path) as (registry, broker):
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
 
         def key(role: str, subject: str) -> str:

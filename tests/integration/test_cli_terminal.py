@@ -23,7 +23,7 @@ import pytest
 from services.common.settings import Settings
 
 from ..helpers import wait_until
-from ..procs import module_settings, service_process
+from ..procs import module_settings, service_processes
 from .conftest import MODEL, REGION, pool_body
 
 CLI = [sys.executable, "-m", "services.cli"]
@@ -61,7 +61,7 @@ class Stack:
 def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("cli")
     with module_settings(nats_url, redis_url, heartbeat_ttl_s=3600.0, sweep_interval_s=0.5) as settings, \
-            service_process("registry", settings, logs) as registry, service_process("broker", settings, logs) as broker:
+            service_processes([("registry", settings), ("broker", settings)], logs) as (registry, broker):
         s = Stack(registry.url, broker.url, settings, "", "", "", logs)
         s.provider, s.ops = s.key("provider", "acme"), s.key("ops")
         s.tenant = s.key("tenant", "alpha-labs")

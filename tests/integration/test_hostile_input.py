@@ -5,7 +5,6 @@ service's own OpenAPI document, so a new body endpoint is covered without editin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 
 from services.common.settings import Settings
 
-from ..procs import module_settings, service_process
+from ..procs import module_settings, service_processes
 from .test_schemathesis import tenant_key
 
 EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "25"))
@@ -38,9 +37,9 @@ def services(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFac
     """The three services once for the module (per test, starting them was a third of its
     time): the tests only send bodies the services must refuse or survive."""
     logs = tmp_path_factory.mktemp("hostile")
-    with module_settings(nats_url, redis_url) as settings, contextlib.ExitStack() as stack:
-        yield Services(settings, {name: stack.enter_context(service_process(name, settings, logs)).url
-                                  for name in SERVICES})
+    with module_settings(nats_url, redis_url) as settings, \
+            service_processes([(name, settings) for name in SERVICES], logs) as procs:
+        yield Services(settings, {svc.name: svc.url for svc in procs})
 
 
 def body_endpoints(base_url: str) -> list[tuple[str, str]]:
