@@ -36,7 +36,7 @@ from services.common.settings import Settings
 from services.common.subjects import Subjects
 
 from ..helpers import eventually
-from ..procs import service_process
+from ..procs import service_processes
 from .broker_world import broker_world
 from .conftest import pool_body
 
@@ -219,8 +219,7 @@ async def test_key_of_a_broker_killed_mid_request_gets_an_answer(settings: Setti
     with own_nats(tmp_path) as server:
         s = msgspec.structs.replace(settings, nats_url=server.url)
         async with streams(server.url, s.prefix):
-            with service_process("registry", s, tmp_path) as registry, \
-                    service_process("broker", s, tmp_path) as b1, service_process("broker", s, tmp_path) as b2:
+            with service_processes([("registry", s), ("broker", s), ("broker", s)], tmp_path) as (registry, b1, b2):
                 tenant = await _setup_world(registry.url, s.admin_key or "")
                 body = {"units": 4, "queue": False}
                 h = {**tenant, "Idempotency-Key": "killed-mid-request"}
