@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     heartbeat_ttl_s: float = 30.0
     sweep_interval_s: float = 1.0
     max_body_bytes: int = 1_048_576  # larger request bodies get a 413
+    events_keepalive_s: float = 5.0  # registry: an idle event stream's keep-alive (and revoked-key check) interval
     rate_limit_requests: int = 20_000  # per API key per window, across all replicas; 0 = no limit
     rate_limit_window_s: float = 1.0
     redis_max_connections: int = 64
