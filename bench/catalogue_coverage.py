@@ -11,6 +11,15 @@ spot-only row is registered as an interruptible-only pool or prices its on-deman
 else is counted by reason. A row repeated verbatim (GCP lists some TPU slices twice) is
 one offer: the repeats are counted in their own column, not as offers.
 
+The target counts GPU offers. Rows whose accelerator is not a GPU -- TPU slices, AWS
+Inferentia/Trainium, Intel Gaudi, FPGAs -- are counted in their own column (offers and
+registered), never silently dropped: an accelerator is "not a GPU" when the catalogue
+model it resolves to has a non-GPU software stack (xla, neuron, synapseai, cann,
+neuware, xpu), or, unresolved, when its name says TPU or FPGA. Fractional shares of a GPU
+(AWS G6f/Gr6f: AcceleratorCount 0.125-0.5 of one L4) are GPU offers; the import registers
+them as sharing pools (docs/sharing.md, "Listed shares"), so they count as registered, and
+the ``shares`` column says how many of the registered offers they are.
+
     python bench/catalogue_coverage.py path/to/skypilot-catalog/catalogs/v9 [--markdown]
         [--region-map FILE]   # the import's --region-map, for codes that name no place
 """
@@ -23,10 +32,24 @@ import io
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from services.cli.importer import load_region_map
 from services.common.messages import Region
+from services.registry.domain.catalogue import resolve
 from services.registry.domain.importers import FileError, parse_skypilot, read_catalogue_text, reason_kind
+
+# Software stacks of accelerators that are not GPUs (TPU, Inferentia/Trainium, Gaudi, NPUs).
+_NON_GPU_STACKS = frozenset({"xla", "neuron", "synapseai", "cann", "neuware", "xpu"})
+_NON_GPU_WORDS = ("tpu", "fpga", "virtex", "ultrascale", "alveo")
+
+
+def is_gpu(name: str) -> bool:
+    """Whether a catalogue's accelerator name is a GPU (see the module docstring)."""
+    acc = resolve(name)
+    if acc is not None:
+        return acc.stack not in _NON_GPU_STACKS
+    return not any(word in name.lower() for word in _NON_GPU_WORDS)
 
 
 def _repeated_rows(text: str) -> set[int]:
@@ -43,18 +66,41 @@ def _repeated_rows(text: str) -> set[int]:
     return repeats
 
 
-def coverage(path: Path, cloud: str, region_map: dict[str, Region | str] | None = None
-             ) -> tuple[int, int, int, Counter[str], Counter[str]]:
-    """(offers, registered, verbatim repeats, reasons for the rest, models registered) of one vms.csv."""
+class Coverage(NamedTuple):
+    offers: int  # GPU offers
+    registered: int  # GPU offers registered
+    shares: int  # of them, offers of a share of one GPU, registered as sharing pools
+    repeated: int  # rows repeating an earlier row verbatim (any accelerator)
+    reasons: Counter[str]  # why the other GPU offers were not registered
+    models: Counter[str]  # models of the registered GPU offers
+    other_offers: int  # offers of accelerators that are not GPUs
+    other_registered: int
+    other_reasons: Counter[str]
+
+
+def coverage(path: Path, cloud: str, region_map: dict[str, Region | str] | None = None) -> Coverage:
+    """GPU offers, registered, reasons; the same for non-GPU accelerators, of one vms.csv."""
     text = read_catalogue_text(path.read_bytes(), "SkyPilot vms.csv")
     provider = "".join(c if c.isalnum() else "-" for c in cloud.lower()).strip("-") or "cloud"
     result = parse_skypilot(text, provider, set(), cloud=provider, region_map=region_map)
     repeats = _repeated_rows(text)
+    names = {n: row.get("AcceleratorName", "") for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=1)}
     offers = [o for o in result.outcomes if o.status != "skipped" and o.row not in repeats]
     repeated = sum(1 for o in result.outcomes if o.status != "skipped" and o.row in repeats)
-    ready = [o for o in offers if o.status == "ready" and o.pool_id]
-    reasons = Counter(reason_kind(o.reason) for o in offers if not (o.status == "ready" and o.pool_id))
-    return len(offers), len(ready), repeated, reasons, Counter(o.model for o in ready)
+    gpu = [o for o in offers if is_gpu(names.get(o.row, ""))]
+    other = [o for o in offers if not is_gpu(names.get(o.row, ""))]
+
+    def registered(outcomes: list) -> list:
+        return [o for o in outcomes if o.status == "ready" and o.pool_id]
+
+    sharing = {pool_id for pool_id, spec in result.pools if spec.sharing.mode != "none"}
+
+    def why(outcomes: list) -> Counter[str]:
+        return Counter(reason_kind(o.reason) for o in outcomes if not (o.status == "ready" and o.pool_id))
+
+    return Coverage(len(gpu), len(registered(gpu)), sum(1 for o in registered(gpu) if o.pool_id in sharing),
+                    repeated, why(gpu), Counter(o.model for o in registered(gpu)),
+                    len(other), len(registered(other)), why(other))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,29 +115,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no <cloud>/vms.csv under {args.catalogue_dir}", file=sys.stderr)
         return 2
     rows = []
-    total_offers = total_ok = total_repeats = 0
+    totals = [0, 0, 0, 0, 0, 0]
     for path in files:
         cloud = path.parent.name
         try:
-            offers, ok, repeats, reasons, _models = coverage(path, cloud, region_map)
+            cov = coverage(path, cloud, region_map)
         except FileError as exc:
-            rows.append((cloud, 0, 0, 0, f"file refused: {exc}"))
+            rows.append((cloud, 0, 0, 0, 0, 0, 0, f"file refused: {exc}", ""))
             continue
-        total_offers += offers
-        total_ok += ok
-        total_repeats += repeats
-        why = "; ".join(f"{r} ×{n}" for r, n in reasons.most_common(3))
-        rows.append((cloud, offers, ok, repeats, why))
-    rows.append(("all", total_offers, total_ok, total_repeats, ""))
+        counts = (cov.offers, cov.registered, cov.shares, cov.other_offers, cov.other_registered, cov.repeated)
+        totals = [t + c for t, c in zip(totals, counts, strict=True)]
+        why = "; ".join(f"{r} ×{n}" for r, n in cov.reasons.most_common(4))
+        other_why = "; ".join(f"{r} ×{n}" for r, n in cov.other_reasons.most_common(2))
+        rows.append((cloud, *counts, why, other_why))
+    rows.append(("all", *totals, "", ""))
     if args.markdown:
-        print("| cloud | GPU offers | registered | % | rows repeated verbatim | main reasons for the rest |")
-        print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for cloud, offers, ok, repeats, why in rows:
+        print("| cloud | GPU offers | registered | % | of them shares | main reasons for the rest "
+              "| other accelerators: offers | registered | their reasons | rows repeated verbatim |")
+        print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: |")
+    for cloud, offers, ok, shares, other, other_ok, repeats, why, other_why in rows:
         pct = f"{100 * ok / offers:.1f}" if offers else "—"
         if args.markdown:
-            print(f"| {cloud} | {offers} | {ok} | {pct} | {repeats} | {why} |")
+            print(f"| {cloud} | {offers} | {ok} | {pct} | {shares} | {why} | {other} | {other_ok} | {other_why} "
+                  f"| {repeats} |")
         else:
-            print(f"{cloud:<16} {offers:>7} {ok:>7} {pct:>6}% {repeats:>5}  {why}")
+            print(f"{cloud:<16} {offers:>7} {ok:>7} {pct:>6}% shares {shares:>5} | other {other:>5} {other_ok:>5} | "
+                  f"repeats {repeats:>4}  {why}  {other_why}")
     return 0
 
 

@@ -182,7 +182,7 @@ def main() -> None:
                 pool, lease_id = f"p{i}", f"v{i}"
                 reserve(keys=[k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                               k.pool(REGION, pool), k.pool_leases(REGION, pool), k.lease(REGION, lease_id)],
-                        args=[1, "force", now + 3600, 1, lease_id, 8, info(lease_id, pool, True), 1, 0])
+                        args=[1, "force", now + 3600, 1, lease_id, 8, info(lease_id, pool, True), 1, 0, 1000, ""])
 
             def preempt_one(i: int):  # noqa: ANN202
                 pool, victim, lease_id = f"p{i}", f"v{i}", f"n{i}"
@@ -190,7 +190,7 @@ def main() -> None:
                         k.pool(REGION, pool), k.pool_leases(REGION, pool), k.lease(REGION, victim),
                         k.pool(REGION, pool), k.pool_leases(REGION, pool), k.lease(REGION, lease_id)]
                 return lambda: preempt(keys=keys, args=[1, 1, now + 30, victim, lease_id, 8,
-                                                        info(lease_id, pool, False), 0, 0])
+                                                        info(lease_id, pool, False), 0, 0, 1000, ""])
 
             lines.append(measure(client, "preempt.lua (victim ends + new lease, one step)",
                                  [preempt_one(i) for i in range(n)]))

@@ -94,7 +94,7 @@ class Bench:
         for lease in leases:
             keys += [K.pool(region, lease.pool_id), K.pool_leases(region, lease.pool_id),
                      K.lease(region, lease.lease_id)]
-            args += [lease.lease_id, lease.units, msgspec.json.encode(lease), 0, lease.pool_generation]
+            args += [lease.lease_id, lease.units, msgspec.json.encode(lease), 0, lease.pool_generation, 1000, ""]
         return self.scripts["reserve"].sha, keys, args
 
     def end(self, lease: LeaseInfo, mode: str = "release") -> tuple[str, list, list]:
@@ -311,7 +311,7 @@ def run_all(b: Bench, calls: int) -> list[dict[str, object]]:
         keys = [K.lease_expiry(r), K.interruptible_leases(r), K.lease_provisioning(r), K.pool(r, lease.pool_id),
                 K.pool_leases(r, lease.pool_id), K.lease(r, lease.lease_id)]
         return b.scripts["restore"].sha, keys, [lease.lease_id, lease.units, msgspec.json.encode(lease), 0,
-                                                NOW + 3600, 1, lease.pool_generation, "", 0, ""]
+                                                NOW + 3600, 1, lease.pool_generation, "", 0, "", 1000, ""]
 
     rows.append(b.measure("restore.lua 1 lease", restore, calls))
     return rows

@@ -2,7 +2,8 @@
 
 Started in a private folder on free ports, with eight GPUs backed by symlinks to
 /dev/null (Slurm 22.05 wants character devices for ``gres/gpu``; with them jobs get
-``CUDA_VISIBLE_DEVICES`` as on a real GPU node). Auth is ``auth/none``: this cluster is
+``CUDA_VISIBLE_DEVICES`` as on a real GPU node), each also configured as 1,000
+``gres/shard`` (a share of m milli is ``--gres=shard:m``). Auth is ``auth/none``: this cluster is
 throw-away, lives for one test session and listens on loopback only.
 
 Missing binaries are an error, not a skip: ``.ci/run`` installs the packages.
@@ -24,6 +25,7 @@ from .helpers import wait_until
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 GPUS = 8
+SHARDS_PER_GPU = 1000  # one shard = one milli of a GPU (the agent's slurm.shards_per_gpu)
 NODE = "n1"
 
 _CONF = """\
@@ -50,12 +52,12 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-GresTypes=gpu
+GresTypes=gpu,shard
 ReturnToService=2
 SlurmdParameters=config_overrides
 MinJobAge=300
 KillWait=2
-NodeName={node} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=16 RealMemory=64000 Gres=gpu:{gpus} State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=16 RealMemory=64000 Gres=gpu:{gpus},shard:{shards} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -84,8 +86,11 @@ class SlurmCluster:
         for i in range(GPUS):
             (d / "dev" / f"gpu{i}").symlink_to("/dev/null")
         self.conf.write_text(_CONF.format(d=d, ctld_port=free_port(), slurmd_port=free_port(),
-                                          node=NODE, gpus=GPUS))
-        (d / "etc" / "gres.conf").write_text(f"Name=gpu File={d}/dev/gpu[0-{GPUS - 1}]\n")
+                                          node=NODE, gpus=GPUS, shards=GPUS * SHARDS_PER_GPU))
+        # each GPU also sold as SHARDS_PER_GPU shards (gres/shard; a GPU is taken either as gpu or as shards)
+        gres = [f"Name=gpu File={d}/dev/gpu[0-{GPUS - 1}]"]
+        gres += [f"Name=shard Count={SHARDS_PER_GPU} File={d}/dev/gpu{i}" for i in range(GPUS)]
+        (d / "etc" / "gres.conf").write_text("\n".join(gres) + "\n")
         (d / "etc" / "cgroup.conf").write_text("")
         for argv in (["slurmctld", "-D", "-f", str(self.conf)],
                      ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)]):

@@ -182,6 +182,8 @@ class Agent:
             mine = {a.lease_id: a for a in listed if a.pool_id in self.pools}
             for a in mine.values():
                 if a.state == "provisioning" and a.delivery and a.lease_id not in self.leases and not self.draining:
+                    if complete:
+                        await self._stop_displaced(a, mine)
                     self._take(a)
             for lease_id, lease in list(self.leases.items()):
                 if lease_id in mine:
@@ -212,6 +214,31 @@ class Agent:
                 del self._deferred[lease_id]
                 await self.on_ended(lease, e)
 
+    async def _stop_displaced(self, a: Assigned, live: Mapping[str, Assigned]) -> None:
+        """The broker named devices for a new lease that a lease still in the book holds:
+        that lease is no longer live (the broker never hands out more than a device has),
+        so its work stops now rather than after GONE_AFTER passes, and the new lease gets
+        exactly the devices it was given."""
+        plan = self.pools[a.pool_id]
+        if plan.backend != "process" or not a.devices:
+            return
+        named = [plan.devices[i] for i in a.devices if 0 <= i < len(plan.devices)]
+        for holder in sorted(self.book.holders(named) - {a.lease_id}):
+            if holder not in live:
+                await self.stop_lease(holder, f"the broker gave its device to lease {a.lease_id}")
+
+    def _named_devices(self, a: Assigned, plan: PoolPlan) -> tuple[tuple[int, ...], str | None]:
+        """The host devices a lease names (pool index i is the pool's i-th device), taken
+        in the book with its share; or why they cannot be."""
+        outside = [i for i in a.devices if not 0 <= i < min(len(plan.devices), plan.spec.units)]
+        if outside:
+            return (), f"pool {plan.pool_id} has no device {outside[0]} (it sells {plan.spec.units})"
+        if len(a.devices) != a.units:
+            return (), f"{a.units} units leased but {len(a.devices)} devices named"
+        devices = tuple(plan.devices[i] for i in a.devices)
+        why = self.book.take(a.lease_id, plan.pool_id, devices, a.milli)
+        return (devices, None) if why is None else ((), f"pool {plan.pool_id}: {why}")
+
     def _take(self, a: Assigned) -> None:
         lease = _Lease(assigned=a, plan=self.pools[a.pool_id])
         self.leases[a.lease_id] = lease
@@ -236,6 +263,10 @@ class Agent:
             why = f"the {plan.backend} backend is not running on this agent"
         elif a.workload is None or a.delivery not in plan.spec.delivery:
             why = f"pool {plan.pool_id} does not deliver {a.delivery or 'nothing'} workloads"
+        elif a.milli < 1000 and not a.devices:
+            why = f"a share of {a.milli} milli names no device (the broker decides the devices of a share)"
+        elif plan.backend == "process" and a.devices:  # the broker's devices, never others
+            lease.devices, why = self._named_devices(a, plan)
         elif plan.backend == "process":
             devices = self.book.allocate(a.lease_id, plan.pool_id, a.units)
             if devices is None:
@@ -246,12 +277,13 @@ class Agent:
         if why is not None or backend is None:
             await self._give_up(lease, why or "")
             return
-        record = LeaseRecord(lease_id=a.lease_id, pool_id=plan.pool_id, devices=lease.devices)
+        record = LeaseRecord(lease_id=a.lease_id, pool_id=plan.pool_id, devices=lease.devices, milli=a.milli)
         self.records.save(record)  # before anything runs: a restart finds it
         try:
             access = await backend.start(Assignment(
                 lease_id=a.lease_id, pool_id=plan.pool_id, tenant=a.tenant, units=a.units, devices=lease.devices,
-                vendor=plan.vendor, model=plan.model, workload=a.workload, expires_at=a.expires_at))
+                vendor=plan.vendor, model=plan.model, workload=a.workload, expires_at=a.expires_at,
+                milli=a.milli, sharing=plan.spec.sharing.mode, memory_mib=plan.memory_mib))
         except StartFailed as exc:
             await self._give_up(lease, exc.reason)
             return
@@ -380,7 +412,8 @@ class Agent:
             self.leases[lease_id] = lease
             if lease_id in running:
                 if plan.backend == "process":
-                    self.book.restore(plan.pool_id, {lease_id: record.devices}, [lease_id])
+                    self.book.restore(plan.pool_id, {lease_id: record.devices}, [lease_id],
+                                      milli={lease_id: record.milli})
                 log.info("lease %s: its work still runs; adopted", lease_id)
                 if a.state == "provisioning":
                     await self._answer_ready(lease, record.access or Access(devices=list(record.devices)))

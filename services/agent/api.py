@@ -31,6 +31,10 @@ class Assigned(msgspec.Struct, frozen=True, kw_only=True):
     delivery: str = ""  # "" = capacity only: nothing to run
     workload: Workload | None = None
     expires_at: datetime | None = None
+    # shares (docs/sharing.md): milli of each device, and which devices of the pool (indices
+    # in the pool; empty on pools that do not share: the agent picks whole devices)
+    milli: int = 1000
+    devices: tuple[int, ...] = ()
 
 
 class AgentApi:

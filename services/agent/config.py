@@ -25,7 +25,13 @@ import msgspec
 from services.agent.backends.process import Limits
 from services.common.delivery import DeliveryKind
 from services.common.ids import ID_PATTERN
-from services.common.messages import HostArch, PoolSpec, Prices
+from services.common.messages import (
+    MAX_SHARED_UNITS,
+    HostArch,
+    PoolSpec,
+    Prices,
+    Sharing,
+)
 
 Backend = Literal["process", "slurm", "kubernetes"]
 DEFAULT_DELIVERY: dict[str, tuple[str, ...]] = {
@@ -82,6 +88,9 @@ class SlurmBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     submit_as: Annotated[str, msgspec.Meta(pattern=r"^[a-z_][a-z0-9_-]{0,31}$(?!\n)")] | None = None
     work_dir: str | None = None  # job folders (script, output), on a filesystem the nodes share; None: under state_dir
     start_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0  # pending longer: the lease fails
+    # gres/shard Count per GPU in the cluster's gres.conf (sharing pools only): a share of m
+    # milli asks --gres=shard:floor(m x shards_per_gpu / 1000); 1000 makes shards milli exactly
+    shards_per_gpu: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
 
 
 class KubernetesBackend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +115,9 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     interconnect: str | None = None
     provision_timeout_s: Annotated[int, msgspec.Meta(ge=5, le=86_400)] = 300
     prices: Prices
+    # shares of one device (docs/sharing.md): registered with the pool; each lease then names
+    # its devices and milli, and the backend enforces them (docs/agent.md, "Shares")
+    sharing: Sharing = Sharing()
     label: Annotated[str, msgspec.Meta(max_length=200)] = ""  # shown in the pool view, e.g. "virtual devices (demo)"
 
     def spec(self, model: str, units: int) -> PoolSpec:
@@ -114,7 +126,7 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                         units_per_node=self.units_per_node, interconnect=self.interconnect,
                         host_arch=self.host_arch, prices=self.prices,
                         delivery=tuple(self.delivery or DEFAULT_DELIVERY[self.backend]),
-                        provision_timeout_s=self.provision_timeout_s)
+                        provision_timeout_s=self.provision_timeout_s, sharing=self.sharing)
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -205,6 +217,8 @@ def check(config: AgentConfig, *, source: str = "agent.toml", catalogue: Mapping
             owner_of[index] = pool.id
         if pool.devices is not None and pool.units is not None and pool.units > len(pool.devices):
             fail(f"{where}.units", f"{pool.units} units but only {len(pool.devices)} devices listed")
+        if pool.sharing.mode != "none":
+            _check_sharing(pool, config, lambda what, n=n: fail(f"pools[{n}].sharing", what))
     for n, entry in enumerate(config.discovery.static):
         if catalogue is not None and entry.model not in catalogue:
             fail(f"discovery.static[{n}].model", f"unknown model {entry.model!r}")
@@ -212,6 +226,23 @@ def check(config: AgentConfig, *, source: str = "agent.toml", catalogue: Mapping
         if catalogue is not None and model not in catalogue:
             fail(f"discovery.models.{name}", f"unknown model {model!r}")
     return config
+
+
+def _check_sharing(pool: PoolConfig, config: AgentConfig, fail: Callable[[str], None]) -> None:
+    """What can be checked of a sharing pool without the catalogue (the vendor's mechanism
+    is checked when the pool is planned, services/agent/pools.py)."""
+    size = pool.units if pool.units is not None else len(pool.devices) if pool.devices is not None else None
+    if size is not None and size > MAX_SHARED_UNITS:
+        fail(f"a sharing pool has at most {MAX_SHARED_UNITS} devices; this one has {size} "
+             "(split it into several pools)")
+    if pool.backend == "slurm":
+        shards = config.slurm.shards_per_gpu
+        if shards is None:
+            fail("the slurm backend sells shares as gres/shard: set slurm.shards_per_gpu to the shard "
+                 "Count per GPU of the cluster's gres.conf (1000 makes one shard one milli)")
+        elif shards * pool.sharing.min_milli < 1000:
+            fail(f"min_milli {pool.sharing.min_milli} is less than one of slurm.shards_per_gpu = {shards} "
+                 f"shards per GPU; raise min_milli to at least {-(-1000 // shards)}")
 
 
 def _check_process_user(process: ProcessBackend, fail: Callable[[str, str], None],

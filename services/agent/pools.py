@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from services.common.messages import PoolSpec
+from services.common.messages import MAX_SHARED_UNITS, PoolSpec
 
 from .config import AgentConfig, ConfigError
 from .discovery import Inventory
@@ -24,7 +24,8 @@ class PoolPlan(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     vendor: str
     spec: PoolSpec  # the body of PUT /v1/pools/{id}
-    devices: tuple[int, ...] = ()  # process pools: the device indices it sells
+    devices: tuple[int, ...] = ()  # process pools: the device indices it sells (pool index i = devices[i])
+    memory_mib: int = 0  # one device's memory (catalogue): a "memory" share is limited to milli/1000 of it
 
     def healthy_units(self, unhealthy: set[int]) -> int | None:
         """What the heartbeat reports: a process pool's healthy devices; None (not said)
@@ -65,7 +66,29 @@ def plan(config: AgentConfig, inventory: Inventory, catalogue: Mapping[str, Mapp
                               "cannot count them)")
         spec = pool.spec(model, units)
         spec = msgspec.structs.replace(spec, units_per_node=min(spec.units_per_node, units))  # a small host
-        plans.append(PoolPlan(pool_id=pool.id, backend=pool.backend, model=model,
-                              vendor=str(catalogue[model].get("vendor", "")), spec=spec,
-                              devices=devices[:units] if devices else ()))
+        vendor = str(catalogue[model].get("vendor", ""))
+        if spec.sharing.mode != "none":
+            _check_sharing(where, pool.backend, vendor, units)
+        plans.append(PoolPlan(pool_id=pool.id, backend=pool.backend, model=model, vendor=vendor, spec=spec,
+                              devices=devices[:units] if devices else (),
+                              memory_mib=int(float(catalogue[model].get("memory_gib") or 0) * 1024)))
     return plans
+
+
+# backends whose share enforcement is vendor-specific (docs/agent.md, "Shares"): the process
+# backend sets MPS / HAMi-core variables, the kubernetes backend asks HAMi's resources; both
+# exist for NVIDIA only. Slurm's gres/shard is the cluster's, for any GPU it knows.
+SHARING_VENDORS: dict[str, frozenset[str] | None] = {
+    "process": frozenset({"nvidia"}), "kubernetes": frozenset({"nvidia"}), "slurm": None}
+
+
+def _check_sharing(where: str, backend: str, vendor: str, units: int) -> None:
+    """A pool that cannot enforce its shares must not offer them (docs/sharing.md)."""
+    if units > MAX_SHARED_UNITS:
+        raise ConfigError(f"{where}: sharing: a sharing pool has at most {MAX_SHARED_UNITS} devices; this one "
+                          f"has {units} (split it into several pools)")
+    vendors = SHARING_VENDORS[backend]
+    if vendors is not None and vendor not in vendors:
+        raise ConfigError(f"{where}: sharing: the {backend} backend enforces shares only on "
+                          f"{', '.join(sorted(vendors))} devices, not {vendor or 'unknown'} ones; sell whole "
+                          "devices (mode \"none\"), or use the slurm backend with gres/shard")

@@ -18,6 +18,7 @@ class LeaseRecord(msgspec.Struct, kw_only=True):
     lease_id: str
     pool_id: str
     devices: tuple[int, ...] = ()
+    milli: int = 1000  # of each device: a share when below 1000 (docs/sharing.md)
     access: Access | None = None  # what the backend returned (the ready answer), once started
 
 

@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         failover = broker.failover.feed(nc, js, subjects, replicas=settings.stream_replicas)  # one replica replaces each
         await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
+        broker.core.outbox.grace_s = settings.outbox_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
         broker.core.pending_s = settings.pending_s
         await broker.load_budgets()

@@ -9,6 +9,7 @@ from services.common.errors import Unprocessable
 from services.common.messages import BillingEvent, BudgetExhausted, BudgetRestored, LeaseRevoked
 
 from .core import Core
+from .outbox import Notice
 
 log = logging.getLogger("broker")
 
@@ -54,8 +55,9 @@ class Budgets:
             for lease in await core.leases.of_tenant(tenant):
                 if lease.billing not in ("on_demand", "interruptible"):
                     continue
-                ended = await core.leases.end(lease, "revoke", now.timestamp())
+                notice = Notice(LeaseRevoked, now, {"reason": "budget exhausted"})
+                ended = await core.leases.end(lease, "revoke", now.timestamp(), notice)
                 if ended is not None:
-                    await core.announce_end(LeaseRevoked, ended, now, reason="budget exhausted")
+                    await core.announce(notice, ended)
                     n += 1
         return n

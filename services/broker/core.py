@@ -19,7 +19,13 @@ from services.common.auth import Principal
 from services.common.clock import utcnow
 from services.common.errors import Forbidden
 from services.common.keys import Keys
-from services.common.messages import AllocEvent, LeaseFailed, LeaseLost, RequestEvent
+from services.common.messages import (
+    ENDING_EVENTS,
+    AllocEvent,
+    LeaseFailed,
+    LeaseLost,
+    RequestEvent,
+)
 from services.common.nats_conn import FAILOVER_ERRORS, AckedPublisher, publish_durably
 from services.common.subjects import Subjects
 from services.common.tracing import nats_headers
@@ -28,6 +34,7 @@ from .access import AccessStore
 from .domain.requests import ComputeRequest, to_ask
 from .leases import PENDING_S, Ended, LeaseStore
 from .metrics import LEASE_ENDS
+from .outbox import Notice, Outbox, iso, owed_event, tag_of
 from .queue_cap import TenantQueueCap
 from .records import RequestRecord
 from .request_states import RequestStates
@@ -62,6 +69,7 @@ class Core:
         self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
         self.pending_s = PENDING_S  # the provisional expiry of a reservation (the app sets it from its settings)
         self.access: AccessStore | None = None  # access details (the app opens the bucket)
+        self.outbox = Outbox(redis, keys)  # the app sets the grace from its settings
 
     def ask_for(self, body: ComputeRequest, exclude: frozenset[str] = frozenset()):  # noqa: ANN201
         return to_ask(body, self.world.catalogue, self.world.countries, exclude)
@@ -116,14 +124,28 @@ class Core:
     async def record(self, request_id: str) -> RequestRecord | None:
         return await self.requests.get(request_id)
 
+    async def announce(self, notice: Notice, ended: Ended) -> None:
+        """``announce_end`` of the event ``notice`` says (the one its script put in the outbox)."""
+        await self.announce_end(notice.kind, ended, notice.at, **notice.extra)
+
     async def announce_end(self, kind: type, ended: Ended, now: datetime, **extra: object) -> None:
         """A lease ended in Redis: the engine hears the pool's free units, the record the
-        ending event, and the queue a kick (units came back)."""
-        LEASE_ENDS.labels(kind.__name__.removeprefix("Lease").lower()).inc()
+        ending event (then its outbox entry goes), and the queue a kick (units came back)."""
         if ended.free_after >= 0:
             self.world.observe_free(ended.lease.pool_id, ended.free_after)
-        await self.publish_alloc(kind(id=f"{ended.lease.lease_id}.{ended.seq}", at=now, lease=ended.lease,
-                                      seq=ended.seq, free_after=ended.free_after, **extra))
+        event = owed_event(tag_of(kind), iso(now), msgspec.json.encode(extra).decode(),
+                           msgspec.json.encode(ended.lease), ended.seq, ended.free_after, ended.pending,
+                           ended.devices_free_after)
+        await self.publish_owed(event)
+
+    async def publish_owed(self, event: AllocEvent) -> None:
+        """Publish an event a transition owes (after its script, or republished by the
+        sweep), then clear its outbox entry and do what follows an ending."""
+        await self.publish_alloc(event)
+        await self.outbox.published(event.lease.region, event.id)
+        if not isinstance(event, ENDING_EVENTS):
+            return
+        LEASE_ENDS.labels(type(event).__name__.removeprefix("Lease").lower()).inc()
         self.queue_kick.set()
-        if ended.lease.delivery and kind is not LeaseFailed and self.access is not None:
-            await self.access.delete(ended.lease.lease_id)  # a failed lease never had any
+        if event.lease.delivery and not isinstance(event, LeaseFailed) and self.access is not None:
+            await self.access.delete(event.lease.lease_id)  # a failed lease never had any

@@ -23,6 +23,7 @@ from .core import Core
 from .domain.printable import check_printable
 from .leases import Ended, LiveLease
 from .locks import OwnedLock
+from .outbox import Notice
 from .records import Assignment, LeaseView, lease_view
 
 ANSWER_LOCK_MS = 10_000  # one answer for a lease at a time; a crashed answerer's lock lapses
@@ -43,9 +44,10 @@ def _refused(lease_id: str, state: str, wanted: str) -> Exception:
 async def time_out(core: Core, lease: LeaseInfo, now: datetime) -> Ended | None:
     """provisioning → failed at the deadline (the sweep, or a ready that came late); the
     script re-checks the state and the deadline, so every replica may try."""
-    ended = await core.leases.end_from(lease, "timeout", now.timestamp())
+    notice = Notice(LeaseFailed, now, {"reason": timeout_reason(lease)})
+    ended = await core.leases.end_from(lease, "timeout", now.timestamp(), notice=notice)
     if isinstance(ended, Ended):
-        await core.announce_end(LeaseFailed, ended, now, reason=timeout_reason(lease))
+        await core.announce(notice, ended)
         return ended
     return None
 
@@ -103,7 +105,7 @@ class Deliveries:
             if self.access is None:
                 raise Unavailable("access details cannot be stored right now; retry")
             await self.access.put(lease_id, raw)  # durable before the transition is answered
-            done = await self.core.leases.lease_ready(lease, now.timestamp())
+            done = await self.core.leases.lease_ready(lease, now.timestamp(), at=now)
             if isinstance(done, str):
                 await self.access.delete(lease_id)  # ours, and the lease is not ready: nothing stays
                 if done == "deadline":
@@ -112,7 +114,7 @@ class Deliveries:
                     raise Conflict(f"lease {lease_id}'s pool was removed or registered again since its grant")
                 raise _refused(lease_id, done, "provisioning")
             seq, info = done
-            await self.core.publish_alloc(LeaseReady(id=f"{lease_id}.{seq}", at=now, lease=info, seq=seq))
+            await self.core.publish_owed(LeaseReady(id=f"{lease_id}.{seq}", at=now, lease=info, seq=seq))
         return lease_view(info, LiveLease(info, "ready", ready_at=now.timestamp()), body.access)
 
     # --- provisioning → failed -----------------------------------------------------------
@@ -121,10 +123,11 @@ class Deliveries:
         live = await self.provider_lease(principal, lease_id)
         async with self._answering(lease_id):
             now = self.core.clock()
-            ended = await self.core.leases.end_from(live.info, "fail", now.timestamp(), "provisioning")
+            notice = Notice(LeaseFailed, now, {"reason": body.reason})
+            ended = await self.core.leases.end_from(live.info, "fail", now.timestamp(), "provisioning", notice)
             if isinstance(ended, str):
                 raise _refused(lease_id, ended, "provisioning")
-            await self.core.announce_end(LeaseFailed, ended, now, reason=body.reason)
+            await self.core.announce(notice, ended)
         return {"lease_id": lease_id, "state": "failed", "reason": body.reason}
 
     async def time_out(self, lease: LeaseInfo, now: datetime) -> Ended | None:
@@ -139,13 +142,14 @@ class Deliveries:
                 raise _refused(lease_id, live.state, "ready")
             return {"lease_id": lease_id, "state": live.state}
         now = self.core.clock()
-        ended = await self.core.leases.end_from(live.info, "lost", now.timestamp(), "ready")
+        reason = body.detail or "unhealthy"
+        notice = Notice(LeaseLost, now, {"reason": reason})
+        ended = await self.core.leases.end_from(live.info, "lost", now.timestamp(), "ready", notice)
         if isinstance(ended, str):
             if ended == "provisioning":
                 raise Conflict(f"lease {lease_id} is provisioning, not ready: answer failed instead")
             raise _refused(lease_id, ended, "ready")
-        reason = body.detail or "unhealthy"
-        await self.core.announce_end(LeaseLost, ended, now, reason=reason)
+        await self.core.announce(notice, ended)
         return {"lease_id": lease_id, "state": "lost", "reason": reason}
 
     # --- ready → released (the delivered workload ended by itself) ----------------------
@@ -157,12 +161,13 @@ class Deliveries:
         if not live.info.delivery:
             raise Conflict(f"lease {lease_id} delivers nothing (capacity only): its tenant releases it")
         now = self.core.clock()
-        ended = await self.core.leases.end_from(live.info, "release", now.timestamp(), "ready")
+        notice = Notice(LeaseReleased, now, {"by": "provider", "exit_code": body.exit_code})
+        ended = await self.core.leases.end_from(live.info, "release", now.timestamp(), "ready", notice)
         if isinstance(ended, str):
             if ended == "provisioning":
                 raise Conflict(f"lease {lease_id} is provisioning, not ready: answer failed instead")
             raise _refused(lease_id, ended, "ready")
-        await self.core.announce_end(LeaseReleased, ended, now, by="provider", exit_code=body.exit_code)
+        await self.core.announce(notice, ended)
         return {"lease_id": lease_id, "state": "released", "exit_code": body.exit_code}
 
     # --- what a provider is asked to deliver ----------------------------------------------

@@ -14,6 +14,7 @@ import msgspec
 from services.common.messages import LeaseInfo, LeaseLost
 
 from .idempotency import Named
+from .outbox import Notice
 from .records import RequestRecord
 
 if TYPE_CHECKING:
@@ -51,9 +52,10 @@ class LeaseGrants:
         for lease, _ in await self._read(named):
             if lease is None:
                 continue
-            ended = await self.broker.leases.end(lease, "lost", now)
+            notice = Notice(LeaseLost, lease.granted_at, {"reason": ROLLED_BACK})
+            ended = await self.broker.leases.end(lease, "lost", now, notice)
             if ended is not None:
-                await self.broker.announce_end(LeaseLost, ended, lease.granted_at, reason=ROLLED_BACK)
+                await self.broker.announce_end(notice.kind, ended, notice.at, **notice.extra)
 
 
     async def queued(self, request_id: str) -> tuple[int, bytes] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import msgspec
@@ -16,6 +17,8 @@ from services.common.errors import Unavailable
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import is_cluster, read_lua
+
+from .outbox import Notice, iso
 
 _info = msgspec.json.Decoder(LeaseInfo)
 
@@ -31,6 +34,26 @@ class Ended:
     seq: int
     free_after: int
     pending: bool = False  # never confirmed: the grant may not be in the record, the client heard nothing
+    devices_free_after: tuple[int, ...] = ()  # a pool that shares: free milli of each of lease.devices after
+
+
+Devices = tuple[tuple[int, ...], tuple[int, ...]]  # a lease's devices on a sharing pool, their free milli after
+NOT_SHARING = "sharing"  # a reservation refused because a share was asked of a pool that does not share
+
+
+def reservation_args(lease: LeaseInfo) -> list[object]:
+    """A lease's arguments to ``lua/reserve.lua``: its ``devices`` (the engine's hint, or
+    the devices a lease put back holds) go as the hint; the script writes the devices
+    it takes into the lease json, so the json goes with none."""
+    hint = ",".join(map(str, lease.devices))
+    info = msgspec.structs.replace(lease, devices=()) if lease.devices else lease
+    return [lease.lease_id, lease.units, msgspec.json.encode(info), int(lease.billing == "interruptible"),
+            lease.pool_generation, lease.milli, hint]
+
+
+def with_devices(lease: LeaseInfo, devices: Devices | None) -> LeaseInfo:
+    """The lease as reserved: naming the devices the script took (a sharing pool)."""
+    return lease if devices is None else msgspec.structs.replace(lease, devices=devices[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +88,7 @@ def provision_deadline(lease: LeaseInfo) -> float:
 
 T = TypeVar("T")
 Reservation = tuple[str, Sequence[LeaseInfo], float]  # region, its leases, provisional expiry
+Reserved = tuple  # see LeaseStore._reserved
 
 
 def by_region(leases: Iterable[LeaseInfo]) -> dict[str, list[LeaseInfo]]:
@@ -117,34 +141,51 @@ class LeaseStore:
             for lease in leases:
                 keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id),
                          k.lease(region, lease.lease_id)]
-                args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible"),
-                         lease.pool_generation]
+                args += reservation_args(lease)
         return keys, args
 
     @staticmethod
-    def _reserved(region: str, raw: list) -> tuple[bool, list[int]]:
+    def _reserved(region: str, raw: list) -> Reserved:
+        """``(True, free after each)`` or ``(False, [index of the lease refused, its pool's
+        free units])``; with a third item when a sharing pool is involved: ``(True, ...,
+        devices of each lease or None)`` or ``(False, ..., NOT_SHARING)``, or ``(False, ...,
+        "", {device: free milli})`` when no device of that pool fitted."""
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
         if int(raw[0]) == 1:
-            return True, [int(x) for x in raw[1:]]
+            frees: list[int] = []
+            devices: list[Devices | None] = []
+            for x in raw[1:]:
+                if isinstance(x, list):  # a sharing pool: {free, {devices}, {their free milli after}}
+                    frees.append(int(x[0]))
+                    devices.append((tuple(map(int, x[1])), tuple(map(int, x[2]))))
+                else:
+                    frees.append(int(x))
+                    devices.append(None)
+            return (True, frees, devices) if any(d is not None for d in devices) else (True, frees)
+        if len(raw) > 4:  # no device fitted on a sharing pool: its devices as they are
+            return False, [int(raw[1]) - 1, int(raw[2])], "", {d: int(f) for d, f in enumerate(raw[4])}
+        if len(raw) > 3:
+            return False, [int(raw[1]) - 1, int(raw[2])], _s(raw[3])
         return False, [int(raw[1]) - 1, int(raw[2])]
 
     async def reserve(self, region: str, leases: Sequence[LeaseInfo], expires_at: float,
                       force: bool = False) -> tuple[bool, list[int]]:
         """All of ``leases`` (one region) or none. Returns ``(True, free after each)`` or
-        ``(False, [index of the pool that lacked units, its free units])``."""
+        ``(False, [index of the pool that lacked units, its free units])``; ``reserve_many``
+        also says which devices each lease took on a sharing pool."""
         keys, args = self._reserve_call([(region, leases, expires_at)], force)
         [raw] = await self._reserve(keys=keys, args=args)
-        return self._reserved(region, raw)
+        return self._reserved(region, raw)[:2]  # type: ignore[return-value]
 
-    async def reserve_many(self, groups: Sequence[Reservation]) -> list[tuple[bool, list[int]] | Exception]:
+    async def reserve_many(self, groups: Sequence[Reservation]) -> list[Reserved | Exception]:
         """``reserve`` for many ``(region, leases, expires_at)`` in one round trip (a few
         script calls, pipelined); each group is atomic on its own. A group refused (its
         leases being restored) or, on Redis Cluster, unreachable (its region's node down)
         is its result, not the batch's. A call that failed outright raises: it may have
         run in part, so the callers give back every lease of theirs."""
         calls = [list(range(i, min(i + self._per_call, len(groups)))) for i in range(0, len(groups), self._per_call)]
-        results: list[tuple[bool, list[int]] | Exception | None] = [None] * len(groups)
+        results: list[Reserved | Exception | None] = [None] * len(groups)
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
             for call in calls:
@@ -196,7 +237,7 @@ class LeaseStore:
                     args += [lease.lease_id, lease.units, msgspec.json.encode(lease),
                              int(lease.billing == "interruptible"), lease.expires_at.timestamp(), seq,
                              lease.pool_generation, state, provision_deadline(lease) if state == "provisioning" else 0,
-                             "" if ready_at is None else ready_at]
+                             "" if ready_at is None else ready_at, lease.milli, ",".join(map(str, lease.devices))]
                 restored += int(await self._restore(keys=keys, args=args))
         pipe = self.redis.pipeline(transaction=False)  # the lookups, a few commands per chunk
         leases = [item[0] for item in items]
@@ -294,43 +335,61 @@ class LeaseStore:
             pipe.set(self.keys.leases_ready(region), "1")
         await pipe.execute()
 
-    async def end(self, lease: LeaseInfo, mode: str, now: float) -> Ended | None:
+    async def end(self, lease: LeaseInfo, mode: str, now: float, notice: Notice | None = None) -> Ended | None:
         """Release / expire / preempt / lose / revoke one lease; None if it was gone (or,
-        for ``expire``, renewed in the meantime)."""
-        ended = await self.end_from(lease, mode, now)
+        for ``expire``, renewed in the meantime). ``notice``: the event the ending owes,
+        written to the outbox in the same step (every caller that announces the end
+        passes it)."""
+        ended = await self.end_from(lease, mode, now, notice=notice)
         return ended if isinstance(ended, Ended) else None
 
-    async def end_from(self, lease: LeaseInfo, mode: str, now: float, state: str = "") -> Ended | str:
+    async def end_from(self, lease: LeaseInfo, mode: str, now: float, state: str = "",
+                       notice: Notice | None = None) -> Ended | str:
         """``end`` only from ``state`` ("provisioning" or "ready"; "" any): a ``fail``
         from provisioning, a ``timeout`` (provisioning past its deadline), a ``lost``
         from ready (unhealthy). Refused: the state the lease is in ("gone" when none)."""
         k, r = self.keys, lease.region
-        raw = await self._end(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
-                                    k.pool_leases(r, lease.pool_id), k.interruptible_leases(r),
-                                    k.lease_provisioning(r)],
-                               args=[lease.lease_id, mode, now, state])
+        keys = [k.lease_expiry(r), k.lease(r, lease.lease_id), k.pool(r, lease.pool_id),
+                k.pool_leases(r, lease.pool_id), k.interruptible_leases(r), k.lease_provisioning(r)]
+        args: list[object] = [lease.lease_id, mode, now, state]
+        if notice is not None:
+            keys.append(k.lease_outbox(r))
+            args += notice.args()
+        raw = await self._end(keys=keys, args=args)
         if int(raw[0]) != 1:
             return _s(raw[1]) if len(raw) > 1 else "gone"
         pipe = self.redis.pipeline(transaction=False)
         pipe.hdel(k.lease_index(), lease.lease_id)
         pipe.zrem(k.tenant_leases(lease.tenant), lease.lease_id)
         await pipe.execute()
-        return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]), len(raw) > 4 and int(raw[4]) == 1)
+        return Ended(_info.decode(raw[1]), int(raw[2]), int(raw[3]), len(raw) > 4 and int(raw[4]) == 1,
+                     tuple(map(int, raw[5])) if len(raw) > 5 else ())
 
-    async def lease_ready(self, lease: LeaseInfo, now: float) -> tuple[int, LeaseInfo] | str:
+    async def lease_ready(self, lease: LeaseInfo, now: float,
+                          at: datetime | None = None) -> tuple[int, LeaseInfo] | str:
         """provisioning → ready (``lua/lease_ready.lua``): ``(seq, lease)``, or why not
-        ("gone", "pending", "ready", "generation", "deadline")."""
+        ("gone", "pending", "ready", "generation", "deadline"). ``at``: the time of the
+        lease.ready it owes, written to the outbox in the same step."""
         k, r = self.keys, lease.region
-        raw = await self._ready(keys=[k.lease(r, lease.lease_id), k.pool(r, lease.pool_id), k.lease_provisioning(r)],
-                                args=[lease.lease_id, now])
+        keys = [k.lease(r, lease.lease_id), k.pool(r, lease.pool_id), k.lease_provisioning(r)]
+        args: list[object] = [lease.lease_id, now]
+        if at is not None:
+            keys.append(k.lease_outbox(r))
+            args.append(iso(at))
+        raw = await self._ready(keys=keys, args=args)
         if int(raw[0]) != 1:
             return _s(raw[1])
         return int(raw[1]), _info.decode(raw[2])
 
-    async def renew(self, lease: LeaseInfo, now: float) -> int | None:
+    async def renew(self, lease: LeaseInfo, now: float, at: datetime | None = None) -> int | None:
+        """``at``: the time of the lease.renewed it owes, written to the outbox with it."""
         k, r = self.keys, lease.region
-        raw = await self._renew(keys=[k.lease_expiry(r), k.lease(r, lease.lease_id)],
-                                args=[lease.lease_id, now, lease.expires_at.timestamp(), msgspec.json.encode(lease)])
+        keys = [k.lease_expiry(r), k.lease(r, lease.lease_id)]
+        args: list[object] = [lease.lease_id, now, lease.expires_at.timestamp(), msgspec.json.encode(lease)]
+        if at is not None:
+            keys.append(k.lease_outbox(r))
+            args.append(iso(at))
+        raw = await self._renew(keys=keys, args=args)
         return int(raw[1]) if int(raw[0]) == 1 else None
 
     async def get(self, lease_id: str) -> LeaseInfo | None:

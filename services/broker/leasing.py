@@ -12,6 +12,7 @@ from services.common.errors import Conflict, Forbidden, NotFound
 from services.common.messages import LeaseInfo, LeaseReleased, LeaseRenewed
 
 from .core import Core
+from .outbox import Notice
 from .views import Views
 
 
@@ -27,10 +28,10 @@ class Leasing:
             raise Conflict("this lease has a fixed end (duration or reserved term); it cannot be renewed")
         now = self.core.clock()
         renewed = msgspec.structs.replace(lease, expires_at=now + timedelta(seconds=lease.ttl_s))
-        seq = await self.core.leases.renew(renewed, now.timestamp())
+        seq = await self.core.leases.renew(renewed, now.timestamp(), at=now)
         if seq is None:
             raise NotFound(f"no active lease {lease_id} (it expired)")
-        await self.core.publish_alloc(LeaseRenewed(id=f"{lease_id}.{seq}", at=now, lease=renewed, seq=seq))
+        await self.core.publish_owed(LeaseRenewed(id=f"{lease_id}.{seq}", at=now, lease=renewed, seq=seq))
         return renewed
 
     async def release(self, principal: Principal, lease_id: str) -> LeaseInfo:
@@ -38,8 +39,9 @@ class Leasing:
             raise Forbidden("ops reads leases; only their tenant releases them")
         lease = await self.views.own_lease(principal, lease_id)
         now = self.core.clock()
-        ended = await self.core.leases.end(lease, "release", now.timestamp())
+        notice = Notice(LeaseReleased, now)
+        ended = await self.core.leases.end(lease, "release", now.timestamp(), notice)
         if ended is None:
             raise NotFound(f"no active lease {lease_id}")
-        await self.core.announce_end(LeaseReleased, ended, now)
+        await self.core.announce(notice, ended)
         return ended.lease

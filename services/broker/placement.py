@@ -10,30 +10,52 @@ process."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 
+import msgspec
 from redis.asyncio.client import Pipeline
 
 from services.common.coalesce import Coalescer
 from services.common.errors import Unavailable
 from services.common.ids import new_id
 from services.common.delivery import DEFAULT_PROVISION_TIMEOUT_S
-from services.common.messages import LeaseGranted, LeaseInfo, LeaseLost, LeaseProvisioning
+from services.common.messages import MILLI, LeaseGranted, LeaseInfo, LeaseLost, LeaseProvisioning
 
 from .core import Core, per_item
 from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, workload_kind
-from .leases import Reservation, by_region, missing_leases
+from .leases import NOT_SHARING, Reservation, by_region, missing_leases, with_devices
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
+from .world import World
 
 log = logging.getLogger("broker")
 ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
 Settle = Callable[[list[LeaseInfo]], Awaitable[None]]  # the request's own transition, between grant and confirm
+DeviceTruth = dict[str, dict[int, int]]  # pool -> device -> free milli, as the scripts said
+# An engine that keeps device state (issue 14) holds a share's milli on its hinted device
+# and takes the devices' free milli after a reservation: its World.settle takes
+# ``devices``. One that does not holds (pool, units) and hears of devices from events.
+WORLD_HOLDS_DEVICES = "devices" in inspect.signature(World.settle).parameters
+
+
+def held(leases: Iterable[LeaseInfo]) -> list[tuple]:
+    """What the engine's view holds for ``leases`` while they are being reserved: (pool,
+    units), or with device state (pool, units, milli, the engine's device hint)."""
+    if WORLD_HOLDS_DEVICES:
+        return [(lease.pool_id, lease.units, lease.milli, lease.devices) for lease in leases]
+    return [(lease.pool_id, lease.units) for lease in leases]
+
+
+def note_devices(into: DeviceTruth, lease: LeaseInfo, free_after: Iterable[int]) -> None:
+    for device, free in zip(lease.devices, free_after, strict=False):
+        if free >= 0:
+            into.setdefault(lease.pool_id, {})[device] = free
 
 
 class NotPlaced(Exception):
@@ -57,6 +79,9 @@ class Placement:
         expires = now + timedelta(seconds=term or ttl)
         kind = workload_kind(body)
         pools = self.core.world.pools
+        # a share: milli of one device; the engine may hint the device(s) (docs/sharing.md),
+        # else the reservation script picks them on a pool that shares its devices
+        milli = body.share.milli if body.share is not None else MILLI
         out = []
         for a in option.allocations:
             timeout = 0
@@ -69,18 +94,24 @@ class Placement:
                 unit_price=a.unit_price, price_basis=a.price_basis, currency=option.currency, granted_at=now,
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
                 priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0),
-                delivery=kind, provision_timeout_s=timeout))
+                delivery=kind, provision_timeout_s=timeout, milli=milli,
+                devices=tuple(getattr(a, "devices", ()) or ())))
         return out
 
     async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
-                      settle: Settle | None = None) -> bool:
+                      settle: Settle | None = None, not_sharing: set[str] | None = None) -> bool:
         """Take the units of every lease (grouped by region; each region atomically),
         make the grants durable, then confirm them (with the lookups and the request
         record). All or nothing. The caller holds the units in the engine; ``truth``
-        collects what Redis said about each pool touched. ``settle``: see ``make_durable``."""
+        collects what Redis said about each pool touched. ``settle``: see ``make_durable``.
+        On a pool that shares its devices, the leases in ``leases`` are replaced by the
+        ones naming the devices the script took. ``not_sharing`` collects the pools that
+        refused a share because they do not share."""
         core = self.core
         truth: dict[str, int] = {}
-        allocations = [(lease.pool_id, lease.units) for lease in leases]
+        devices_after: dict[str, tuple[int, ...]] = {}  # lease id -> its devices' free milli after
+        devices: DeviceTruth = {}
+        allocations = held(leases)  # (with the engine's hints: before the script names the devices)
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
         expires = min(leases[0].expires_at.timestamp(), time.time() + self.core.pending_s)
         try:
@@ -94,7 +125,7 @@ class Placement:
             except Exception:
                 # the whole batch failed (Redis unreachable, a cluster node down, the script
                 # reload refused) after some of it may have run: give back whatever did
-                truth.update(await self.undo(leases))
+                truth.update(await self.undo(leases, devices))
                 raise
             for (_, group, _), result in zip(groups, results, strict=True):
                 if isinstance(result, Exception):
@@ -102,24 +133,37 @@ class Placement:
                     # live on different nodes): the regions reserved give back
                     failure = failure or result
                 elif result[0]:
-                    done += group
-                    truth.update({lease.pool_id: free for lease, free in zip(group, result[1], strict=True)})
+                    taken = result[2] if len(result) > 2 else [None] * len(group)
+                    for lease, free, on in zip(group, result[1], taken, strict=True):
+                        truth[lease.pool_id] = free
+                        if on is not None:  # a sharing pool: (its devices, their free milli after)
+                            leases[leases.index(lease)] = lease = with_devices(lease, on)
+                            devices_after[lease.lease_id] = on[1]
+                            note_devices(devices, lease, on[1])
+                        done.append(lease)
                 else:
                     refused = True
                     index, free = result[1]
                     truth[group[index].pool_id] = free
+                    if not_sharing is not None and len(result) > 2 and result[2] == NOT_SHARING:
+                        not_sharing.add(group[index].pool_id)
+                    if len(result) > 3:  # no device fitted: the engine takes the devices as they are
+                        devices.setdefault(group[index].pool_id, {}).update(result[3])
             if failure is not None or refused:
-                truth.update(await self.undo(done))
+                truth.update(await self.undo(done, devices))
                 if failure is not None:
                     raise failure
                 return False
-            await self.make_durable(leases, done, truth, record, settle)
+            await self.make_durable(leases, done, truth, record, settle, devices_after, devices)
             return True
         except asyncio.CancelledError:
             self._roll_back_late(leases)
             raise
         finally:
-            core.world.settle(allocations, truth)
+            if WORLD_HOLDS_DEVICES:
+                core.world.settle(allocations, truth, devices)  # type: ignore[call-arg]
+            else:
+                core.world.settle(allocations, truth)
 
     def _roll_back_late(self, leases: list[LeaseInfo]) -> None:
         """The placement's deadline passed mid-grant (its client hears 503): whatever step
@@ -137,7 +181,9 @@ class Placement:
         task.add_done_callback(self._rollbacks.discard)
 
     async def make_durable(self, leases: list[LeaseInfo], done: list[LeaseInfo], truth: dict[str, int],
-                           record: RequestRecord | None, settle: Settle | None = None) -> None:
+                           record: RequestRecord | None, settle: Settle | None = None,
+                           devices_after: dict[str, tuple[int, ...]] | None = None,
+                           devices: DeviceTruth | None = None) -> None:
         """Reserved leases: publish their grants, then confirm them (with ``record``);
         raise ``Unavailable`` after giving back ``done`` if the record did not take them.
 
@@ -149,7 +195,8 @@ class Placement:
         # a lease that must be delivered starts provisioning (billed from its lease.ready)
         grants = [(LeaseProvisioning if lease.delivery else LeaseGranted)(
             id=f"{lease.lease_id}.1", at=lease.granted_at, lease=lease, seq=1,
-            free_after=truth.get(lease.pool_id, -1)) for lease in leases]
+            free_after=truth.get(lease.pool_id, -1),
+            devices_free_after=(devices_after or {}).get(lease.lease_id, ())) for lease in leases]
         if len(grants) == 1:
             results: list[object] = [None]
             try:
@@ -175,7 +222,7 @@ class Placement:
                 failed = exc
         if failed is not None:
             log.error("grant not durable (%s): giving the units back", failed)
-            truth.update(await self.undo(done))
+            truth.update(await self.undo(done, devices))
             await self.retract([lease for lease, r in zip(leases, results, strict=True)
                                 if not isinstance(r, BaseException)])
             if isinstance(failed, Refused):
@@ -218,10 +265,11 @@ class Placement:
             except Exception as exc:  # noqa: BLE001 - the record is unreachable: say so, nothing more to do
                 log.error("grant of %s is in the record but could not be retracted (%s)", lease.lease_id, exc)
 
-    async def undo(self, leases: list[LeaseInfo]) -> dict[str, int]:
+    async def undo(self, leases: list[LeaseInfo], devices: DeviceTruth | None = None) -> dict[str, int]:
         """Compensation of a placement that failed part-way: every lease already reserved
         gives its units back. Each one is tried even if another fails (a Redis Cluster
-        node may be down); one that cannot be undone stays until its expiry sweeps it."""
+        node may be down); one that cannot be undone stays until its expiry sweeps it.
+        ``devices`` collects the free milli of the devices given back."""
         now = time.time()
         truth = {}
         for lease in leases:
@@ -233,6 +281,8 @@ class Placement:
                 continue
             if ended is not None and ended.free_after >= 0:
                 truth[lease.pool_id] = ended.free_after
+                if devices is not None:
+                    note_devices(devices, ended.lease, ended.devices_free_after)
         return truth
 
     @staticmethod
@@ -251,12 +301,14 @@ class Placement:
         replacement carries the ended lease's attempt and end)."""
         world = self.core.world
         ask = ask or self.core.ask_for(body)
-        if prefer is not None and world.hold((a.pool_id, a.units) for a in prefer.allocations):
+        if prefer is not None:
             leases = self._adjusted(self.leases_for(prefer, request_id, tenant, body, now), adjust)
-            if await self.reserve(leases, record, settle):
+            if world.hold(held(leases)) and await self.reserve(leases, record, settle):
                 return leases, prefer
         decision = Decision()
-        for attempt in range(ATTEMPTS):
+        not_sharing: set[str] = set()  # pools that refused a share: they do not share their devices
+        attempt = 0
+        while attempt < ATTEMPTS:
             # the best option alone first (the walk stops sooner and builds one placement,
             # about a third of a match's time). Once a race is lost, the runners-up too, in
             # a random order: replicas that lost a race to each other would otherwise all
@@ -268,12 +320,22 @@ class Placement:
             options = list(decision.options)
             if attempt:
                 self.core.spread.shuffle(options)
+            excluded = len(not_sharing)
             for option in options:
-                if not world.hold((a.pool_id, a.units) for a in option.allocations):
-                    continue  # a concurrent request here took these units since the match
                 leases = self._adjusted(self.leases_for(option, request_id, tenant, body, now), adjust)
-                if await self.reserve(leases, record, settle):
+                if not world.hold(held(leases)):
+                    continue  # a concurrent request here took these units since the match
+                if await self.reserve(leases, record, settle, not_sharing):
                     return leases, option
+                if len(not_sharing) > excluded:
+                    break
+            if len(not_sharing) > excluded:
+                # a share matched to a pool that does not share (an engine that does not
+                # know shares): that pool is left out and the match runs again, not counted
+                # as a lost race (each time one pool fewer, so this ends)
+                ask = msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | not_sharing)
+                continue
+            attempt += 1
             # every option was lost to a concurrent request: match again on fresher numbers
         raise NotPlaced(Decision(reasons=("the matching capacity was taken by concurrent requests; retry",)),
                         contended=True)

@@ -25,7 +25,7 @@ from services.common.redis_conn import read_lua
 
 from .core import Core
 from .domain.requests import ComputeRequest
-from .leases import Ended
+from .leases import Devices, Ended, with_devices
 from .matching.engine import Engine
 from .matching.model import Placement as Option
 from .placement import Placement
@@ -38,6 +38,7 @@ _info = msgspec.json.Decoder(LeaseInfo)
 class Preempted:
     free_after: list[int]  # per new lease, its pool's free units after
     victims: list[Ended]
+    devices: list[Devices | None]  # per new lease on a sharing pool: its devices, their free milli after
 
 
 class PreemptScript:
@@ -61,16 +62,20 @@ class PreemptScript:
         for lease in leases:
             keys += [k.pool(region, lease.pool_id), k.pool_leases(region, lease.pool_id),
                      k.lease(region, lease.lease_id)]
-            args += [lease.lease_id, lease.units, msgspec.json.encode(lease), int(lease.billing == "interruptible"),
-                     lease.pool_generation]
+            args += [lease.lease_id, lease.units, msgspec.json.encode(msgspec.structs.replace(lease, devices=())),
+                     int(lease.billing == "interruptible"), lease.pool_generation, lease.milli,
+                     ",".join(map(str, lease.devices))]  # its devices: the engine's hint
         keys.append(k.lease_provisioning(region))  # a victim still provisioning leaves the timeout sweep's index
         raw = await self._script(keys=keys, args=args)
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
         if int(raw[0]) != 1:
             return None
-        return Preempted([int(x) for x in raw[1]],
-                         [Ended(_info.decode(v[0]), int(v[1]), int(v[2]), int(v[3]) == 1) for v in raw[2]])
+        placed = [x if isinstance(x, list) else [x] for x in raw[1]]
+        return Preempted([int(x[0]) for x in placed],
+                         [Ended(_info.decode(v[0]), int(v[1]), int(v[2]), int(v[3]) == 1,
+                                tuple(map(int, v[4])) if len(v) > 4 else ()) for v in raw[2]],
+                         [(tuple(map(int, x[1])), tuple(map(int, x[2]))) if len(x) > 1 else None for x in placed])
 
 
 class Preemption:
@@ -93,6 +98,7 @@ class Preemption:
             done = await self.script.preempt(regions.pop(), victims, leases, expires)
             if done is None:
                 continue  # another preemptor or request moved first: look again
+            leases = [with_devices(lease, on) for lease, on in zip(leases, done.devices, strict=True)]
             await self._made_room(request_id, leases, done, now)
             return leases, option
         return None
@@ -151,7 +157,8 @@ class Preemption:
             else:
                 await core.announce_end(LeasePreempted, ended, now, by_request=request_id)
         try:
-            await self.placement.make_durable(leases, leases, truth, None)
+            await self.placement.make_durable(leases, leases, truth, None, devices_after={
+                lease.lease_id: on[1] for lease, on in zip(leases, done.devices, strict=True) if on is not None})
         finally:
             for pool_id, free in truth.items():
                 core.world.observe_free(pool_id, free)

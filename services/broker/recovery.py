@@ -30,6 +30,7 @@ from .core import Core
 from .deliveries import time_out
 from .domain.requests import ComputeRequest
 from .locks import OwnedLock
+from .outbox import Notice
 from .queue import RequestQueue
 from .records import RequestRecord
 
@@ -95,21 +96,41 @@ class Recovery:
         core = self.core
         now = core.clock()
         n = 0
+        notice = Notice(LeaseExpired, now)
         for lease in await core.leases.expired_in(list(core.world.countries), now.timestamp()):
-            ended = await core.leases.end(lease, "expire", now.timestamp())
-            if ended is not None and ended.pending:
-                # its broker died between reservation and confirmation: nobody was told
-                # 201; end it in the record at its grant time (nothing billed)
-                log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
-                await core.announce_end(LeaseLost, ended, lease.granted_at, reason="grant never completed")
-                n += 1
-            elif ended is not None:
-                await core.announce_end(LeaseExpired, ended, now)
+            ended = await core.leases.end(lease, "expire", now.timestamp(), notice)
+            if ended is not None:
+                if ended.pending:
+                    # its broker died between reservation and confirmation: nobody was told
+                    # 201; it ends in the record at its grant time, nothing billed (``owed_event``)
+                    log.warning("lease %s was never confirmed by its broker: given back", lease.lease_id)
+                await core.announce(notice, ended)
                 n += 1
         for lease in await core.leases.provisioning_due(list(core.world.countries), now.timestamp()):
             if await time_out(core, lease, now) is not None:  # not ready by its deadline: failed
                 n += 1
-        return n
+        return n + await self.republish_owed()
+
+    async def republish_owed(self) -> int:
+        """Events owed longer than the outbox's grace (their broker died after the script,
+        or NATS stayed away past its retries): published under their own ids, then
+        cleared. Every replica may do it at once: a repeat is dropped by JetStream's
+        duplicate window, or after it by the consumers (per lease and seq)."""
+        core = self.core
+        owed = await core.outbox.owed(list(core.world.countries), core.clock().timestamp())
+        unreadable = [(region, event_id) for region, event_id, event in owed if event is None]
+        await core.outbox.remove(unreadable)
+        events = [event for _, _, event in owed if event is not None]
+        for i in range(0, len(events), LOSE_AT_ONCE):
+            results = await asyncio.gather(*map(core.publish_owed, events[i:i + LOSE_AT_ONCE]),
+                                           return_exceptions=True)
+            for event, result in zip(events[i:i + LOSE_AT_ONCE], results, strict=True):
+                if isinstance(result, Exception):  # still owed: the next sweep tries again
+                    log.warning("owed event %s not republished yet (%s)", event.id, result)
+        if events:
+            log.warning("republished %d lease events owed since before a broker died or NATS was away",
+                        len(events))
+        return len(events)
 
     async def rebuild_if_lost(self) -> int:
         """Redis lost or flushed: once the registry has put the pools back, replay the
@@ -210,11 +231,13 @@ class Recovery:
         else:
             leases = [lease for lease in await core.leases.on_pool(region, pool_id)
                       if not generation or lease.pool_generation <= generation]
+        notice = Notice(LeaseLost, now, {"reason": reason})
+
         async def lose(lease: LeaseInfo) -> int:
-            ended = await core.leases.end(lease, "lost", now.timestamp())
+            ended = await core.leases.end(lease, "lost", now.timestamp(), notice)
             if ended is None:
                 return 0
-            await core.announce_end(LeaseLost, ended, now, reason=reason)
+            await core.announce(notice, ended)
             return 1
 
         n = 0

@@ -156,11 +156,12 @@ class World:
                     self.inflight_milli[key] = left
                 else:
                     self.inflight_milli.pop(key, None)
+                # the hold is given back first: the script may have taken another device than
+                # the hint (or none), and Redis's numbers below say what it did take
+                self.engine.set_devices(pool_id, {hint[0]: min(1000, self.engine.device_free(pool_id, hint[0])
+                                                               + milli)})
                 if devices and pool_id in devices:
                     self.observe_devices(pool_id, devices[pool_id])
-                else:
-                    self.engine.set_devices(pool_id, {hint[0]: min(1000, self.engine.device_free(pool_id, hint[0])
-                                                                   + milli)})
                 if pool_id in truth:
                     self.observe_free(pool_id, truth[pool_id])
                 continue

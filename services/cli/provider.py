@@ -90,9 +90,12 @@ def register(cli: click.Group) -> None:
                                    "spec": p.spec} for p in plans],
                         "unmapped": [d.unmapped for d in found.unmapped], "errors": list(found.errors)})
             return
-        show("pools as the agent would register them", ("pool", "backend", "model", "units", "devices", "delivers"),
+        show("pools as the agent would register them",
+             ("pool", "backend", "model", "units", "devices", "delivers", "shares"),
              [[p.pool_id, p.backend, p.model, str(p.spec.units), ",".join(map(str, p.devices)) or "-",
-               ",".join(p.spec.delivery)] for p in plans], right=("units",))
+               ",".join(p.spec.delivery),
+               "-" if p.spec.sharing.mode == "none" else f"{p.spec.sharing.mode} >= {p.spec.sharing.min_milli}/1000"]
+              for p in plans], right=("units",))
         for line in [d.unmapped for d in found.unmapped] + list(found.errors):
             click.echo(f"  • not sold: {line}")
 

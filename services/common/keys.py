@@ -61,6 +61,12 @@ class Keys:
         provision deadline (unix seconds), for the provision-timeout sweep."""
         return f"{self._r(region)}:lprov"
 
+    def lease_outbox(self, region: str) -> str:
+        """Hash: the region's lease events owed to the record (docs/lifecycle.md,
+        "Outbox"): event id ``<lease id>.<seq>`` -> what rebuilds the event. Written by
+        the transition's script, removed once JetStream acknowledged the event."""
+        return f"{self._r(region)}:outbox"
+
     def pool_leases(self, region: str, pool_id: str) -> str:
         """Set: ids of the live leases on one pool (offline -> lost, preemption)."""
         return f"{self._r(region)}:pool:{pool_id}:leases"

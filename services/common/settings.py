@@ -42,6 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: str = "info"
     placement_timeout_s: float = 4.0  # broker: a placement not done by then answers 503 and grants nothing
     pending_s: float = 30.0  # broker: an unconfirmed reservation (its grant never made durable) ends this soon
+    outbox_grace_s: float = 30.0  # broker: a lease event owed this long is republished by the sweep (docs/lifecycle.md)
     budget_grace_s: float = 300.0  # broker: revoke pay-as-you-go leases this long after a budget runs out
     reliability_refresh_s: float = 2.0  # broker: how often the engine's pool scores are re-read (docs/reliability.md)
     workers: int = 1  # HTTP worker processes per service (uvicorn); replicas share state via NATS/Redis

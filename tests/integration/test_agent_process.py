@@ -92,6 +92,30 @@ async def test_command_sees_exactly_its_devices_and_a_scrubbed_environment(dirs,
     assert "agent-secret" not in text and "provider-secret" not in text
 
 
+@pytest.mark.parametrize("mode, limits", [
+    ("time_slice", {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25", "CUDA_DEVICE_SM_LIMIT": "25"}),
+    ("memory", {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25", "CUDA_DEVICE_SM_LIMIT": "25",
+                "CUDA_DEVICE_MEMORY_LIMIT_0": "6144m"}),
+])
+async def test_a_share_sees_its_one_device_and_its_share_limits(dirs, mode, limits) -> None:
+    """A 250-milli share of device 3 (of an L4, 24 GiB): the command sees device 3 only and
+    the variables MPS and HAMi-core read; the tenant's env cannot raise them."""
+    backend = ProcessBackend(settings(dirs))
+    share = msgspec.structs.replace(
+        lease("lease-share", ["env"], devices=(3,), env={"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+                                                         "CUDA_DEVICE_MEMORY_LIMIT_0": "24g"}),
+        milli=250, sharing=mode, memory_mib=24576)
+    access = await backend.start(share)
+    assert access.devices == [3] and access.env == {"CUDA_VISIBLE_DEVICES": "3"} | limits
+    done = await ended(backend, "lease-share")
+    assert (done.state, done.exit_code) == ("exited", 0)
+    seen = env_of(output(backend, "lease-share"))
+    assert seen["CUDA_VISIBLE_DEVICES"] == "3"
+    assert {k: seen[k] for k in limits} == limits
+    if mode == "time_slice":  # memory is not partitioned: the tenant's own value stays, nothing of ours
+        assert seen["CUDA_DEVICE_MEMORY_LIMIT_0"] == "24g"
+
+
 async def test_amd_gets_both_of_its_visibility_variables(dirs) -> None:
     backend = ProcessBackend(settings(dirs))
     await backend.start(lease("lease-amd", ["env"], devices=(2,), vendor="amd"))

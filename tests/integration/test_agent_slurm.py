@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.agent.backends.base import Assignment, Ended, StartFailed
@@ -20,7 +21,7 @@ from services.agent.backends.slurm import SlurmBackend, SlurmSettings, directive
 from services.common.delivery import ProcessWorkload, SlurmWorkload
 
 from ..helpers import eventually
-from ..slurm_cluster import SlurmCluster
+from ..slurm_cluster import SHARDS_PER_GPU, SlurmCluster
 from ..workload_users import ensure_users, open_dir
 
 USER = "cbroker-slurm"
@@ -43,7 +44,7 @@ def backend(cluster: SlurmCluster) -> Iterator[SlurmBackend]:
 
 def settings(cluster: SlurmCluster, root: Path, **over) -> SlurmSettings:
     return SlurmSettings(work_dir=str(root / "jobs"), state_dir=str(root / "state"), submit_as=USER,
-                         slurm_conf=str(cluster.conf), poll_interval_s=0.2, **over)
+                         slurm_conf=str(cluster.conf), poll_interval_s=0.2, shards_per_gpu=SHARDS_PER_GPU, **over)
 
 
 def lease(lease_id: str, workload, units: int = 2, vendor: str = "nvidia") -> Assignment:
@@ -92,6 +93,30 @@ async def test_a_lease_is_a_running_job_holding_its_gres_and_release_cancels_it(
     await backend.stop("lease-s1", grace_s=2)
     assert access.job_id not in queued(cluster)
     assert await backend.poll() == []  # released by the agent: not reported as ended by itself
+
+
+async def test_shares_are_gres_shards_on_one_gpu_with_their_limits(cluster, backend) -> None:
+    """Two shares (600 + 400 milli) run at once as gres/shard jobs on one GPU (1,000 shards
+    each); each sees a GPU, its shard count and its share's MPS percentage."""
+    def share(lease_id: str, milli: int) -> Assignment:
+        return msgspec.structs.replace(
+            lease(lease_id, process("sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES SH=$SLURM_SHARDS_ON_NODE "
+                                    "PCT=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; exec sleep 600"), units=1),
+            milli=milli, sharing="time_slice", memory_mib=81920)
+
+    a = await backend.start(share("lease-sh1", 600))
+    b = await backend.start(share("lease-sh2", 400))
+    for access, milli in ((a, 600), (b, 400)):
+        shown = cluster.run("scontrol", "-d", "-o", "show", "job", access.job_id).stdout
+        assert "JobState=RUNNING" in shown and f"GRES=shard:{milli}(IDX:" in shown, shown
+        assert access.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == str(milli // 10) and len(access.devices) == 1
+    assert a.devices == b.devices  # Slurm packed both shares on one GPU (1000 shards)
+    for lease_id, milli in (("lease-sh1", 600), ("lease-sh2", 400)):
+        out = await eventually(lambda lid=lease_id: output_with(backend, lid, "CVD="), what="the share's output")
+        assert f"SH={milli} PCT={milli // 10}" in out and re.search(r"CVD=\d", out), out
+    await backend.stop("lease-sh1", grace_s=1)
+    await backend.stop("lease-sh2", grace_s=1)
+    assert queued(cluster) == []
 
 
 async def test_slurm_script_workload_and_vendor_variables(cluster, backend) -> None:

@@ -134,3 +134,25 @@ def test_placeless_and_spot_only_offers_register(settings, nc, tmp_path: Path) -
         prices = {p["spec"]["prices"]["on_demand"]: p["spec"]["prices"]["interruptible"]
                   for p in _pools(registry.url, key, "verda").values()}
         assert Decimal(prices[None]) == Decimal("2.4465")
+
+
+def test_shares_of_one_gpu_register_as_sharing_pools(settings, nc, tmp_path: Path) -> None:
+    # AWS's real g6f/gr6f rows (1/8, 1/4, 1/2 of an L4) were rejected as "fractional
+    # AcceleratorCount"; through the CLI's bulk path they are now memory-sharing pools.
+    report = tmp_path / "report.json"
+    with service_process("registry", settings, tmp_path) as registry:
+        key = settings.admin_key or ""
+        result = _import(registry.url, key, FIXTURES / "aws-v9" / "vms.csv", "aws", "--report", str(report))
+        assert result.exit_code == 0, result.output
+        pools = _pools(registry.url, key, "aws")
+        shares = {pid: p["spec"] for pid, p in pools.items() if p["spec"]["sharing"]["mode"] != "none"}
+        assert {pid: (s["sharing"]["mode"], s["sharing"]["min_milli"], s["units"]) for pid, s in shares.items()} == {
+            "aws-us-east-1-use1-az1-g6f-large": ("memory", 125, 1),
+            "aws-us-east-1-use1-az1-g6f-xlarge": ("memory", 125, 1),
+            "aws-us-east-1-use1-az1-g6f-2xlarge": ("memory", 250, 1),
+            "aws-us-east-1-use1-az1-g6f-4xlarge": ("memory", 500, 1),
+            "aws-us-east-1-use1-az1-gr6f-4xlarge": ("memory", 500, 1)}
+        assert Decimal(shares["aws-us-east-1-use1-az1-g6f-large"]["prices"]["on_demand"]) == Decimal("1.616")
+        assert pools["aws-us-east-1-use1-az1-g6f-large"]["accelerator"]["memory_gib"] == 24.0
+        rows = {r["pool_id"]: r for r in json.loads(report.read_text()) if r.get("pool_id")}
+        assert rows["aws-us-east-1-use1-az1-g6f-large"]["status"] == "created"

@@ -11,7 +11,11 @@ generation the broker missed), and Redis lost and restored from the record:
   ones, by deadline;
 * each lease's seq strictly increases, and Redis holds the model's;
 * no lease is both ready and failed: failed only from provisioning, lost (unhealthy)
-  only from ready, a late ready refused and the lease failed by the sweep.
+  only from ready, a late ready refused and the lease failed by the sweep;
+* every transition that changed Redis owes its event (docs/lifecycle.md, "Outbox"): it
+  is in the region's outbox, with its kind, seq and free units, until it was
+  acknowledged (the broker published it, or the sweep did once the grace passed), also
+  when its broker died right after the script; nothing else is there.
 
 ``test_lease_scripts_props`` runs the same scripts among the registry's pool scripts;
 this one keeps the pools simple so that the delivery transitions are reached often."""
@@ -27,6 +31,7 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from services.broker.outbox import Entry, iso
 from services.common.keys import Keys
 from services.common.messages import LeaseInfo
 from services.common.redis_conn import read_lua
@@ -36,6 +41,10 @@ from ..helpers import run_machine
 REGION = "cn-gz"
 POOLS = ("pa", "pb")
 MIN_STEPS = 4_000
+GRACE_S = 30.0  # the outbox sweep republishes entries older than this
+EVENT = {"release": "lease.released", "lost": "lease.lost", "preempt": "lease.preempted", "revoke": "lease.revoked",
+         "expire": "lease.expired", "fail": "lease.failed", "timeout": "lease.failed"}
+_entry = msgspec.json.Decoder(Entry)
 
 
 class Live(msgspec.Struct):
@@ -76,6 +85,14 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             self.ended: dict[str, str] = {}  # lease id -> how it ended
             self.was_ready: set[str] = set()
             self.seqs: dict[str, list[int]] = {}
+            # the outbox: event id -> (type, seq, free_after, pending, written at) owed;
+            # every id a transition owed; acknowledged ones; lost with Redis; and those
+            # whose broker died after the script (only the sweep clears them)
+            self.owed: dict[str, tuple[str, int, int, int, float]] = {}
+            self.transitions: set[str] = set()
+            self.acked: set[str] = set()
+            self.lost_with_redis: set[str] = set()
+            self.crashed: set[str] = set()
             for p in POOLS:
                 self.register(p)
             client.set(self.k.leases_ready(REGION), "1")
@@ -102,15 +119,34 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 return data.draw(st.sampled_from(live))
             return data.draw(st.sampled_from(self.known)) if self.known else "nothing"
 
+        def at(self) -> str:
+            return iso(datetime.fromtimestamp(self.now, UTC))
+
         def end(self, lease_id: str, mode: str, state: str = "") -> list:
             pool_id = self.live[lease_id].pool if lease_id in self.live else "pa"
             k = self.k
             return scripts["end_lease"](
                 keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id), k.pool(REGION, pool_id),
-                      k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION), k.lease_provisioning(REGION)],
-                args=[lease_id, mode, self.now, state])
+                      k.pool_leases(REGION, pool_id), k.interruptible_leases(REGION), k.lease_provisioning(REGION),
+                      k.lease_outbox(REGION)],
+                args=[lease_id, mode, self.now, state, EVENT[mode], self.at(), '{"reason":"r"}'])
 
-        def ended_as(self, lease_id: str, raw: list, how: str) -> None:
+        def owe(self, lease_id: str, seq: int, kind: str, free: int = -1, pending: int = 0) -> str:
+            event_id = f"{lease_id}.{seq}"
+            assert event_id not in self.transitions, "an event id owed twice"
+            self.transitions.add(event_id)
+            self.owed[event_id] = (kind, seq, free, pending, self.now)
+            return event_id
+
+        def acknowledge(self, event_ids: list[str]) -> None:
+            """The events were published and acknowledged: their entries go (HDEL)."""
+            if event_ids:
+                client.hdel(self.k.lease_outbox(REGION), *event_ids)
+            for event_id in event_ids:
+                del self.owed[event_id]
+                self.acked.add(event_id)
+
+        def ended_as(self, lease_id: str, raw: list, how: str, mode: str = "") -> str:
             lv = self.live.pop(lease_id)
             assert int(raw[0]) == 1 and int(raw[2]) == lv.seq + 1
             self.seqs[lease_id].append(int(raw[2]))
@@ -118,6 +154,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             assert int(raw[3]) == (max(0, self.cap[lv.pool] - self.leased(lv.pool)) if same else -1)
             assert int(raw[4]) == int(not lv.confirmed)
             self.ended[lease_id] = how
+            return self.owe(lease_id, int(raw[2]), EVENT[mode or how], int(raw[3]), int(raw[4]))
 
         def confirm(self, ids: list[str], ttl: float) -> None:
             k = self.k
@@ -159,7 +196,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 keys=[k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                       k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)],
                 args=[1, "check", self.now + 30, 1, lease_id, units, msgspec.json.encode(info), 0,
-                      self.gen[pool_id]])
+                      self.gen[pool_id], 1000, ""])
             fits = self.cap[pool_id] - self.leased(pool_id) >= units
             assert (int(raw[0]) == 1) == fits, (raw, self.cap, self.live)
             self.known.append(lease_id)
@@ -181,8 +218,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             counter[0] += 1
             lease_id = self.pick(data)
             k = self.k
-            raw = scripts["renew"](keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id)],
-                                   args=[lease_id, self.now, self.now + ttl, "{}"])
+            raw = scripts["renew"](keys=[k.lease_expiry(REGION), k.lease(REGION, lease_id), k.lease_outbox(REGION)],
+                                   args=[lease_id, self.now, self.now + ttl, "{}", self.at()])
             lv = self.live.get(lease_id)
             alive = lv is not None and lv.expiry > self.now
             assert (int(raw[0]) == 1) == alive
@@ -190,6 +227,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 lv.expiry, lv.seq = self.now + ttl, lv.seq + 1
                 assert int(raw[1]) == lv.seq
                 self.seqs[lease_id].append(lv.seq)
+                self.owe(lease_id, lv.seq, "lease.renewed")
 
         @rule(data=st.data(), mode=st.sampled_from(["release", "lost", "preempt", "revoke"]))
         def lease_ends(self, data: st.DataObject, mode: str) -> None:
@@ -201,6 +239,41 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             if lease_id in self.live:
                 self.ended_as(lease_id, raw, mode)
 
+        @rule(data=st.data(), mode=st.sampled_from(["release", "lost", "revoke"]))
+        def broker_dies_after_a_script(self, data: st.DataObject, mode: str) -> None:
+            """A lease ends and its broker dies right after the script: nobody will
+            publish the event but the sweep (its entry must stay until then)."""
+            counter[0] += 1
+            lease_id = self.pick(data)
+            raw = self.end(lease_id, mode)
+            assert (int(raw[0]) == 1) == (lease_id in self.live)
+            if lease_id in self.live:
+                self.crashed.add(self.ended_as(lease_id, raw, mode))
+
+        @rule(data=st.data())
+        def broker_acknowledges(self, data: st.DataObject) -> None:
+            """The brokers still alive publish what they owe, acknowledged (some of it)."""
+            counter[0] += 1
+            alive = sorted(set(self.owed) - self.crashed)
+            self.acknowledge([i for i in alive if data.draw(st.booleans())])
+
+        @rule()
+        def outbox_sweep(self) -> None:
+            """The sweep: entries older than the grace are read back, republished and
+            cleared; younger ones stay (their broker may still be publishing)."""
+            counter[0] += 1
+            _, found = client.hscan(self.k.lease_outbox(REGION), 0, count=10_000)
+            due = []
+            for event_id, raw in found.items():
+                entry = _entry.decode(raw)
+                if float(entry.w) <= self.now - GRACE_S:
+                    kind, seq, free, pending, _ = self.owed[event_id]
+                    assert (entry.k, entry.s, entry.f, entry.p) == (kind, seq, free, pending)
+                    due.append(event_id)
+            assert set(due) == {i for i, o in self.owed.items() if o[4] <= self.now - GRACE_S}
+            self.acknowledge(due)
+            self.crashed -= set(due)
+
         # --- the provider ---------------------------------------------------------------------
         @rule(data=st.data())
         def provider_answers_ready(self, data: st.DataObject) -> None:
@@ -209,7 +282,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             lv = self.live.get(lease_id)
             k = self.k
             raw = scripts["lease_ready"](keys=[k.lease(REGION, lease_id), k.pool(REGION, lv.pool if lv else "pa"),
-                                               k.lease_provisioning(REGION)], args=[lease_id, self.now])
+                                               k.lease_provisioning(REGION), k.lease_outbox(REGION)],
+                                         args=[lease_id, self.now, self.at()])
             if lv is None:
                 want = "gone"
             elif lv.state != "provisioning":
@@ -227,6 +301,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             lv.seq, lv.ready_at = lv.seq + 1, self.now
             self.seqs[lease_id].append(lv.seq)
             self.was_ready.add(lease_id)
+            self.owe(lease_id, lv.seq, "lease.ready")
 
         @rule(data=st.data(), how=st.sampled_from(["failed", "unhealthy", "timeout"]))
         def provider_fails_or_reports_unhealthy(self, data: st.DataObject, how: str) -> None:
@@ -242,7 +317,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             ok = state_ok and (how != "timeout" or lv.deadline <= self.now)  # type: ignore[union-attr]
             assert (int(raw[0]) == 1) == ok, (how, lv, raw)
             if ok:
-                self.ended_as(lease_id, raw, "lost" if how == "unhealthy" else "failed")
+                self.ended_as(lease_id, raw, "lost" if how == "unhealthy" else "failed", mode)
             elif lv is not None and not state_ok:
                 assert raw[1] == lv.state
 
@@ -270,11 +345,11 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             due = set(client.zrangebyscore(k.lease_expiry(REGION), "-inf", self.now))
             assert due == {i for i, lv in self.live.items() if lv.expiry <= self.now}
             for lease_id in sorted(due):
-                self.ended_as(lease_id, self.end(lease_id, "expire"), "expired")
+                self.ended_as(lease_id, self.end(lease_id, "expire"), "expired", "expire")
             late = set(client.zrangebyscore(k.lease_provisioning(REGION), "-inf", self.now))
             assert late == {i for i, lv in self.live.items() if lv.state == "provisioning" and lv.deadline <= self.now}
             for lease_id in sorted(late):
-                self.ended_as(lease_id, self.end(lease_id, "timeout"), "failed")
+                self.ended_as(lease_id, self.end(lease_id, "timeout"), "failed", "timeout")
 
         @rule(pool_id=st.sampled_from(POOLS))
         def pool_registered_again_unheard(self, pool_id: str) -> None:
@@ -294,6 +369,11 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             stale = list(client.scan_iter(match=f"{k.prefix}:*", count=10_000))
             if stale:
                 client.delete(*stale)
+            # the outbox went with Redis: what it owed never reached the record, which the
+            # rebuild restores (this model restores its own state; docs/lifecycle.md, "Outbox")
+            self.lost_with_redis |= set(self.owed)
+            self.crashed -= set(self.owed)
+            self.owed.clear()
             for p in POOLS:
                 self.rev += 1  # the record keeps the generation; its revision moves on
                 raw = self.pool("upsert", p, self.cap[p], "{}", "m", "acme", self.gen[p], self.rev)
@@ -309,7 +389,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 state = "" if not lv.deliver else ("provisioning" if lv.ready_at is None else "ready")
                 keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
                 args += [lease_id, lv.units, "{}", 0, lv.expiry, lv.seq, lv.gen, state,
-                         lv.deadline if state == "provisioning" else 0, lv.ready_at if state == "ready" else ""]
+                         lv.deadline if state == "provisioning" else 0, lv.ready_at if state == "ready" else "", 1000, ""]
             if self.live:
                 assert scripts["restore"](keys=keys, args=args) == len(self.live)
                 assert scripts["restore"](keys=keys, args=args) == 0
@@ -345,6 +425,19 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             for lease_id, seqs in self.seqs.items():
                 assert all(a < b for a, b in zip(seqs, seqs[1:])), (lease_id, seqs)
             assert not {i for i, how in self.ended.items() if how == "failed"} & self.was_ready
+
+        @invariant()
+        def every_transition_is_owed_or_acknowledged(self) -> None:
+            held = {event_id: _entry.decode(raw) for event_id, raw in
+                    client.hgetall(self.k.lease_outbox(REGION)).items()}
+            assert set(held) == set(self.owed), (sorted(held), sorted(self.owed))
+            for event_id, entry in held.items():
+                kind, seq, free, pending, written = self.owed[event_id]
+                assert (entry.k, entry.s, entry.f, entry.p, float(entry.w)) == (kind, seq, free, pending, written)
+                assert entry.t == iso(datetime.fromtimestamp(written, UTC))
+            assert set(self.owed) | self.acked | self.lost_with_redis == self.transitions
+            assert not set(self.owed) & self.acked and not self.acked & self.lost_with_redis
+            assert self.crashed <= set(self.owed), "a dead broker's event cleared by other than the sweep"
 
         def teardown(self) -> None:
             if hasattr(self, "k"):

@@ -171,7 +171,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                                  unit_price=Decimal(1), granted_at=datetime.now(UTC),
                                  expires_at=datetime.fromtimestamp(expiry, UTC), pool_generation=gen)
                 keys += [k.pool(REGION, pool_id), k.pool_leases(REGION, pool_id), k.lease(REGION, lease_id)]
-                args += [lease_id, units, msgspec.json.encode(info), int(interruptible), gen]
+                args += [lease_id, units, msgspec.json.encode(info), int(interruptible), gen, 1000, ""]
             [reply] = reserve(keys=keys, args=args)
             return reply
 
@@ -513,7 +513,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 keys += [k.pool(REGION, lv.pool), k.pool_leases(REGION, lv.pool), k.lease(REGION, lease_id)]
                 state = "" if not lv.deliver else ("ready" if lv.ready else "provisioning")
                 args += [lease_id, lv.units, "{}", int(lv.interruptible), lv.expiry, lv.seq, lv.gen, state,
-                         lv.deadline if state == "provisioning" else 0, lv.ready_at if lv.ready else ""]
+                         lv.deadline if state == "provisioning" else 0, lv.ready_at if lv.ready else "", 1000, ""]
             if self.live:
                 assert restore(keys=keys, args=args) == len(self.live)
                 assert restore(keys=keys, args=args) == 0  # restoring twice changes nothing

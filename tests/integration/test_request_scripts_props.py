@@ -143,7 +143,7 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
             keys = [k.lease_expiry(REGION), k.leases_ready(REGION), k.interruptible_leases(REGION),
                     *self.lease_keys(pool, lease_id)]
             args = [1, "check", expiry, 1, lease_id, units, self.info(lease_id, pool, units, request, interruptible),
-                    int(interruptible), 0]
+                    int(interruptible), 0, 1000, ""]
             [raw] = reserve_s(keys=keys, args=args)
             fits = self.free(pool) >= units
             assert (int(raw[0]) == 1) == fits, (raw, pool, units, self.free(pool))
@@ -352,7 +352,7 @@ def make_machine(url: str, seen: Counter[str]) -> type[RuleBasedStateMachine]:
                 keys += self.lease_keys(self.live[victim].pool if victim in self.live else intent.pool, victim)
             keys += self.lease_keys(intent.pool, lease_id)
             args = [len(intent.victims), 1, self.now + PENDING_S, *intent.victims,
-                    lease_id, intent.units, self.info(lease_id, intent.pool, intent.units, request, False), 0, 0]
+                    lease_id, intent.units, self.info(lease_id, intent.pool, intent.units, request, False), 0, 0, 1000, ""]
             raw = preempt_s(keys=keys, args=args)
             alive = all(v in self.live and self.live[v].interruptible for v in intent.victims)
             freed = sum(self.live[v].units for v in intent.victims if v in self.live and self.live[v].pool == intent.pool)

@@ -248,6 +248,22 @@ async def test_the_services_work_under_their_accounts(secured: Secured) -> None:
         assert r.json()["access"] == {"host": "gz-ssh.example", "port": 22}, r.text
         r = await http.post(f"{s.urls['broker']}/v1/leases/{ssh['lease_id']}/release", headers=tenant)
         assert r.status_code == 200, r.text
+        # a pool that shares its devices: its per-device hash written by the registry's
+        # user, a share taken and given back by the broker's (issue 14)
+        r = await http.put(f"{s.urls['registry']}/v1/pools/gz-share", headers=provider,
+                           json={**POOL, "units": 8, "sharing": {"mode": "time_slice"}})
+        assert r.status_code == 201, r.text
+
+        async def place_share() -> dict | None:
+            r = await http.post(f"{s.urls['broker']}/v1/requests", headers=tenant,
+                                json={"units": 1, "share": {"milli": 250}, "queue": False})
+            assert r.status_code in (201, 409, 422, 503), r.text
+            return r.json()["leases"][0] if r.status_code == 201 else None
+
+        share = await eventually(place_share, timeout=20, every=0.2)
+        assert share["pool_id"] == "gz-share", share
+        r = await http.post(f"{s.urls['broker']}/v1/leases/{share['lease_id']}/release", headers=tenant)
+        assert r.status_code == 200, r.text
         # the registry's event stream (ordered consumers on every stream) replays all of it
         r = await http.get(f"{s.urls['registry']}/v1/events", params={"follow": "false", "since": "all"},
                            headers=ops)

@@ -70,6 +70,13 @@ async def test_world_follows_device_state_from_redis_and_allocation_events(
         world.settle([held], {"sh": 14}, {"sh": {3: 0}})  # the script took it: Redis says 0 left
         assert world.engine.device_free("sh", 3) == 0
 
+        # the script took another device than the hint (the hint no longer fitted in Redis):
+        # the hinted device gets its held milli back, the one taken says what Redis said
+        before = world.engine.device_free("sh", 9)
+        assert world.hold([("sh", 1, 100, (9,))])
+        world.settle([("sh", 1, 100, (9,))], {"sh": 14}, {"sh": {10: 900}})
+        assert (world.engine.device_free("sh", 9), world.engine.device_free("sh", 10)) == (before, 900)
+
         option = world.engine.match(Ask(units=1, milli=300)).options[0]  # the engine's allocation, held as it is
         [a] = option.allocations
         before = world.engine.device_free("sh", a.devices[0])

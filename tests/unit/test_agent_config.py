@@ -7,6 +7,7 @@ import os
 import pwd
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.agent import config as agent_config
@@ -152,3 +153,50 @@ def test_real_root_user_is_refused_with_the_system_user_database(tmp_path):
     with pytest.raises(ConfigError, match="'root' is root"):
         agent_config.load(write(tmp_path, GOOD.replace('users = ["cbwork1", "cbwork2"]', 'users = ["root"]')),
                           catalogue=CATALOGUE, which=all_binaries)
+
+
+SHARED = GOOD.replace('devices = [0, 1]\n', 'devices = [0, 1]\nsharing = {{ mode = "time_slice", min_milli = 250 }}\n', 1)
+
+
+def test_a_sharing_pool_registers_its_sharing(tmp_path):
+    config = load(write(tmp_path, SHARED))
+    spec = config.pools[0].spec("nvidia-h100-sxm-80gb", 2)
+    assert (spec.sharing.mode, spec.sharing.min_milli) == ("time_slice", 250)
+    wire = msgspec.json.decode(msgspec.json.encode(spec))
+    assert wire["sharing"] == {"mode": "time_slice", "min_milli": 250}  # the PUT /v1/pools body carries it
+    assert config.pools[1].spec("nvidia-h100-sxm-80gb", 2).sharing.mode == "none"  # the default: whole devices
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('mode = "time_slice"', 'mode = "mps"'), "pools[0].sharing.mode: Invalid enum value 'mps'"),
+    (("min_milli = 250", "min_milli = 0"), "pools[0].sharing.min_milli: Expected `int` >= 1"),
+    (("min_milli = 250", "min_milli = 250, slices = 4"), "Object contains unknown field `slices`"),
+    (("devices = [0, 1]\nsharing", "units = 1025\ndevices = [0, 1]\nsharing"),
+     "pools[0].units: 1025 units but only 2 devices listed"),
+])
+def test_bad_sharing_is_one_line_naming_the_field(tmp_path, change, message):
+    old, new = change
+    assert old in SHARED
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, SHARED.replace(old, new, 1)))
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_sharing_pool_has_at_most_max_shared_units_devices(tmp_path):
+    many = SHARED.replace("devices = [0, 1]\nsharing", "units = 1025\nsharing", 1)
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.sharing: a sharing pool has at most 1024 devices; this one has 1025"):
+        load(write(tmp_path, many))
+    load(write(tmp_path, many.replace("units = 1025", "units = 1024")))  # the limit itself is fine
+
+
+def test_a_slurm_sharing_pool_needs_shards_that_can_hold_its_smallest_share(tmp_path):
+    slurm = GOOD.replace('backend = "slurm"', 'backend = "slurm"\nsharing = {{ mode = "time_slice", min_milli = 100 }}')
+    with pytest.raises(ConfigError, match=r"pools\[1\]\.sharing: the slurm backend sells shares as gres/shard: set "
+                                          r"slurm\.shards_per_gpu"):
+        load(write(tmp_path, slurm))
+    coarse = slurm.replace("[process]", "[slurm]\nshards_per_gpu = 8\n\n[process]")
+    with pytest.raises(ConfigError, match="min_milli 100 is less than one of slurm.shards_per_gpu = 8 shards per GPU; "
+                                          "raise min_milli to at least 125"):
+        load(write(tmp_path, coarse))
+    config = load(write(tmp_path, coarse.replace("min_milli = 100", "min_milli = 125")))
+    assert config.slurm.shards_per_gpu == 8 and config.pools[1].sharing.min_milli == 125

@@ -192,3 +192,23 @@ async def test_a_job_kubernetes_kills_at_its_deadline_is_lost():
     replay.check()
     assert (ended.state, ended.exit_code) == ("lost", None)
     assert ended.reason == "kubernetes ended the job: DeadlineExceeded: Job was active longer than specified deadline"
+
+
+@pytest.mark.parametrize("mode, milli, limits", [
+    ("time_slice", 250, {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "25"}),
+    ("memory", 333, {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "34", "nvidia.com/gpumem": str(81920 * 333 // 1000)}),
+    ("memory", 1000, {"nvidia.com/gpu": "1"}),  # a whole device of a sharing pool: no HAMi limits
+])
+def test_a_share_asks_hami_for_its_cores_and_memory_and_validates(mode, milli, limits):
+    share = msgspec.structs.replace(LEASE, units=1, milli=milli, sharing=mode, memory_mib=81920)
+    _, job = render(share, agent="acme-agent-1", now=NOW)
+    doc = as_json(job)
+    assert [e.message for e in schema_validator("job-batch-v1.json").iter_errors(doc)] == []
+    kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    assert doc["spec"]["template"]["spec"]["containers"][0]["resources"] == {"limits": limits}
+
+
+def test_a_share_of_another_vendor_is_refused():
+    share = msgspec.structs.replace(LEASE, units=1, milli=250, sharing="time_slice", vendor="amd", model="amd-mi300x")
+    with pytest.raises(StartFailed, match="shares of amd devices cannot be asked of kubernetes"):
+        render(share, agent="acme-agent-1", now=NOW)

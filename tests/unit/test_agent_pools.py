@@ -76,3 +76,28 @@ def test_two_models_found_and_none_named() -> None:
     found = Inventory(devices=(*static("nvidia-l4", [0]).devices, *static("nvidia-t4", [1]).devices))
     with pytest.raises(ConfigError, match="discovery found nvidia-l4, nvidia-t4; name the model"):
         plan(config({"id": "pa"}), found, CATALOGUE)
+
+
+def test_a_sharing_pool_is_registered_with_its_sharing_and_device_memory() -> None:
+    [p] = plan(config({"id": "pa", "devices": [4, 5, 6, 7], "sharing": {"mode": "memory", "min_milli": 250}}),
+               static("nvidia-l4", [4, 5, 6, 7]), CATALOGUE)
+    assert (p.spec.sharing.mode, p.spec.sharing.min_milli, p.devices) == ("memory", 250, (4, 5, 6, 7))
+    assert p.memory_mib == int(CATALOGUE["nvidia-l4"]["memory_gib"] * 1024)  # a memory share's limit is milli/1000 of it
+    [s] = plan(config({"id": "ps", "backend": "slurm", "model": "huawei-ascend-910b", "units": 16,
+                       "sharing": {"mode": "memory", "min_milli": 250}}), Inventory(), CATALOGUE)
+    assert s.spec.sharing.mode == "memory"  # Slurm's gres/shard is not vendor-specific
+
+
+@pytest.mark.parametrize("pool, says", [
+    ({"id": "pa", "backend": "process", "model": "huawei-ascend-910b", "devices": [0]},
+     "pools[0] (pa): sharing: the process backend enforces shares only on nvidia devices, not huawei ones"),
+    ({"id": "pk", "backend": "kubernetes", "model": "amd-mi300x", "units": 8},
+     "pools[0] (pk): sharing: the kubernetes backend enforces shares only on nvidia devices, not amd ones"),
+    ({"id": "pk", "backend": "kubernetes", "model": "nvidia-l4", "units": 1025},
+     "pools[0] (pk): sharing: a sharing pool has at most 1024 devices; this one has 1025"),
+])
+def test_a_pool_that_cannot_enforce_shares_does_not_offer_them(pool, says) -> None:
+    with pytest.raises(ConfigError) as e:
+        plan(config({**pool, "sharing": {"mode": "time_slice"}}), Inventory(), CATALOGUE)
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    plan(config(pool), Inventory(), CATALOGUE)  # the same pool selling whole devices is fine

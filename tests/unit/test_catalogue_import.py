@@ -160,14 +160,15 @@ def test_bad_gpuinfo_and_empty_instance_type_are_row_level() -> None:
     rows = [
         a6000.replace("{'Gpus'", "{'Gpus': [[[", 1),      # GpuInfo that is no literal
         a6000.replace("gpu_4x_a6000", "", 1),              # empty InstanceType: an offer of 4 x A6000
-        a6000.replace("A6000,4.0", "A6000,0.5", 1),        # a share of a GPU
+        a6000.replace("A6000,4.0", "A6000,0.5", 1),        # a share of a GPU: a sharing pool
         a6000.replace("asia-northeast-1", "default", 1),   # a region that names no place
     ]
     result = _parse("lambda", "\n".join([header, *rows]) + "\n")
     bad_info, no_type, share, default = (_row(result, n) for n in (1, 2, 3, 4))
     assert bad_info.status == "ready" and "GpuInfo" in bad_info.note
     assert no_type.status == "ready" and no_type.pool_id.endswith("a6000x4")
-    assert share.status == "rejected" and "fractional" in share.reason
+    assert share.status == "ready" and dict(result.pools)[share.pool_id].sharing.min_milli == 500
+    assert share.memory_gib == 48.0  # GpuInfo gives the card's memory here (AWS gives the slice's)
     assert default.status == "ready" and "location unknown" in default.note
     assert dict(result.pools)[default.pool_id].region == "lambda-unlocated"
     assert result.unknown_regions == set()

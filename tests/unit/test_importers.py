@@ -139,7 +139,7 @@ def test_skypilot_bad_rows_are_reported_with_row_numbers() -> None:
         "neg.price,A100,8,96,1152,-3,us-east-1,,",
         "no.price,A100,8,96,1152,,us-east-1,,",
         "bad.spot,A100,8,96,1152,10,us-east-1,,cheap",
-        "frac.count,T4,0.5,4,16,0.3,us-east-1,,",
+        "frac.count,T4,1.5,4,16,0.3,us-east-1,,",  # 0.5 would be a share of one T4 (a sharing pool)
         "no.region,T4,1,4,16,0.3,,,",
         ROW_A6000,
     )

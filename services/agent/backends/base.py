@@ -44,6 +44,34 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # catalogue model id
     workload: Workload | None = None
     expires_at: datetime | None = None  # the lease's end, if fixed (Slurm's --time, k8s activeDeadlineSeconds)
+    # shares (docs/sharing.md): milli of each device (1000 = whole), the pool's sharing mode,
+    # and the device's memory (a "memory" share is limited to milli/1000 of it)
+    milli: int = 1000
+    sharing: str = "none"
+    memory_mib: int = 0
+
+
+def share_percent(milli: int) -> int:
+    """A share as a percentage, rounded up and at least 1 (what MPS and HAMi-core take)."""
+    return max(1, min(100, -(-milli // 10)))
+
+
+def share_limits(lease: Assignment) -> dict[str, str]:
+    """The variables that ask the vendor's sharing mechanism to hold a process to its share
+    (docs/agent.md, "Shares"). Set after the tenant's own env, so it cannot raise them.
+
+    NVIDIA only (the agent refuses sharing pools of other vendors on backends that need
+    these): ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` is honoured by an MPS client when the
+    provider runs the MPS control daemon, ``CUDA_DEVICE_SM_LIMIT`` and
+    ``CUDA_DEVICE_MEMORY_LIMIT_0`` by HAMi-core (libvgpu.so preloaded); without either the
+    share is accounted but not enforced. Index 0: the process sees only its leased device."""
+    if lease.milli >= 1000 or lease.sharing == "none" or lease.vendor.lower() != "nvidia":
+        return {}
+    percent = str(share_percent(lease.milli))
+    env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": percent, "CUDA_DEVICE_SM_LIMIT": percent}
+    if lease.sharing == "memory" and lease.memory_mib > 0:
+        env["CUDA_DEVICE_MEMORY_LIMIT_0"] = f"{lease.memory_mib * lease.milli // 1000}m"
+    return env
 
 
 class Ended(msgspec.Struct, frozen=True, kw_only=True):

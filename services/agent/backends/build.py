@@ -21,7 +21,8 @@ def slurm_settings(config: AgentConfig) -> SlurmSettings:
     s = config.slurm
     return SlurmSettings(work_dir=s.work_dir or str(Path(config.state_dir) / "slurm-jobs"),
                          state_dir=str(Path(config.state_dir) / "slurm"), submit_as=s.submit_as, gres=s.gres,
-                         partition=s.partition, account=s.account, qos=s.qos, start_timeout_s=s.start_timeout_s)
+                         partition=s.partition, account=s.account, qos=s.qos, start_timeout_s=s.start_timeout_s,
+                         shards_per_gpu=s.shards_per_gpu)
 
 
 def output_log(config: AgentConfig, lease_id: str) -> Path | None:

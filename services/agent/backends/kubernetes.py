@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from services.common.delivery import Access, ContainerWorkload
 
-from .base import Assignment, Backend, Ended, StartFailed
+from .base import Assignment, Backend, Ended, StartFailed, share_percent
 
 MANAGED_BY = "cbroker-agent"
 LABEL_LEASE = "compute-broker.io/lease"
@@ -44,6 +44,11 @@ RESOURCES: dict[str, str] = {
     "google": "google.com/tpu",  # GKE TPU
     "cambricon": "cambricon.com/mlu",  # Cambricon device plugin
 }
+# HAMi's resources for a share of one NVIDIA GPU (github.com/Project-HAMi/HAMi, README
+# "Device resource isolation"): nvidia.com/gpu counts vGPUs, gpucores is the percentage of
+# the GPU's compute, gpumem its device memory in MiB; HAMi-core enforces both in the container
+HAMI_CORES = "nvidia.com/gpucores"
+HAMI_MEMORY = "nvidia.com/gpumem"
 _FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                   "CreateContainerError", "RunContainerError"}
 
@@ -58,6 +63,22 @@ def resource_name(vendor: str, model: str, override: str | None = None) -> str:
     except KeyError:
         raise StartFailed(f"no device plugin resource known for {vendor} devices; "
                           "set kubernetes.resource in agent.toml") from None
+
+
+def device_limits(lease: Assignment, resource: str | None = None) -> dict[str, str]:
+    """The container's device limits: the leased units of the device plugin's resource, or,
+    for a share, one HAMi vGPU with its share of the cores (and of the memory, for a
+    "memory" pool)."""
+    name = resource_name(lease.vendor, lease.model, resource)
+    if lease.milli >= 1000 or lease.sharing == "none":
+        return {name: str(lease.units)}
+    if lease.vendor != "nvidia":
+        raise StartFailed(f"shares of {lease.vendor} devices cannot be asked of kubernetes (HAMi's "
+                          "nvidia.com/gpucores and gpumem are NVIDIA's)")
+    limits = {name: "1", HAMI_CORES: str(share_percent(lease.milli))}
+    if lease.sharing == "memory" and lease.memory_mib > 0:
+        limits[HAMI_MEMORY] = str(lease.memory_mib * lease.milli // 1000)
+    return limits
 
 
 def dns_label(text: str, prefix: str = "") -> str:
@@ -95,12 +116,11 @@ def render(lease: Assignment, *, agent: str, namespace_prefix: str = "cb-",
             labels={"app.kubernetes.io/managed-by": MANAGED_BY, LABEL_TENANT: lease.tenant,
                     # the Pod Security admission's restricted profile: what the pod below meets
                     "pod-security.kubernetes.io/enforce": "restricted"}))
-    quantity = str(lease.units)
     container = k8s.V1Container(
         name="workload", image=workload.image, command=list(workload.command) or None,
         env=[k8s.V1EnvVar(name=k, value=v) for k, v in sorted(workload.env.items())] or None,
         ports=[k8s.V1ContainerPort(container_port=p, protocol="TCP") for p in workload.ports] or None,
-        resources=k8s.V1ResourceRequirements(limits={resource_name(lease.vendor, lease.model, resource): quantity}),
+        resources=k8s.V1ResourceRequirements(limits=device_limits(lease, resource)),
         security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False, run_as_non_root=True, privileged=False,
             capabilities=k8s.V1Capabilities(drop=["ALL"]),

@@ -33,7 +33,7 @@ import psutil
 from services.common.delivery import Access, ProcessWorkload
 from services.common.ids import is_valid_id
 
-from .base import VISIBILITY_ENV, Assignment, Backend, Ended, StartFailed
+from .base import VISIBILITY_ENV, Assignment, Backend, Ended, StartFailed, share_limits
 from .uid_sweep import kill_uid, processes_of, remove_owned_tmp
 
 log = logging.getLogger("agent.process")
@@ -197,8 +197,9 @@ class ProcessBackend(Backend):
                        devices=list(lease.devices))
         (self.state_dir / lease.lease_id).mkdir(mode=0o700, exist_ok=True)
         self._save(state)  # the uid is claimed before anything runs as it: recovery can sweep it
+        limits = share_limits(lease)  # a share: the vendor mechanism's variables (docs/agent.md, "Shares")
         try:
-            popen = self._spawn(state, workload, names)
+            popen = self._spawn(state, workload, names, limits)
         except StartFailed as e:
             await self._finish(state, None, reason=e.reason)
             raise
@@ -211,7 +212,7 @@ class ProcessBackend(Backend):
         self._running[lease.lease_id] = _Run(state, popen)
         visible = ",".join(str(d) for d in lease.devices)
         log.info("workload started", extra={"lease_id": lease.lease_id, "pid": popen.pid, "user": user.pw_name})
-        return Access(user=user.pw_name, devices=list(lease.devices), env={n: visible for n in names},
+        return Access(user=user.pw_name, devices=list(lease.devices), env={n: visible for n in names} | limits,
                       note=f"process {popen.pid} as {user.pw_name}; output: cbroker logs {lease.lease_id}")
 
     def _free_user(self) -> pwd.struct_passwd:
@@ -227,7 +228,8 @@ class ProcessBackend(Backend):
         detail = f" ({', '.join(busy)} run processes the agent did not start)" if busy else ""
         raise StartFailed(f"no free workload user: all {len(self._users)} configured are busy{detail}")
 
-    def _spawn(self, state: _State, workload: ProcessWorkload, names: tuple[str, ...]) -> subprocess.Popen:
+    def _spawn(self, state: _State, workload: ProcessWorkload, names: tuple[str, ...],
+               limits: dict[str, str]) -> subprocess.Popen:
         s = self.settings
         wd = self.workdir(state.lease_id)
         if wd.exists():
@@ -239,6 +241,7 @@ class ProcessBackend(Backend):
         env = {"PATH": s.path, "HOME": str(wd), "LANG": s.lang, "TMPDIR": str(wd)}
         env.update(workload.env)
         env.update({n: visible for n in names})  # last: the tenant's env cannot widen its devices
+        env.update(limits)  # nor raise its share
         fd = os.open(self.log_path(state.lease_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             return subprocess.Popen(

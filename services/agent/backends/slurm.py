@@ -34,7 +34,7 @@ import msgspec
 from services.common.delivery import Access, ProcessWorkload, SlurmWorkload
 from services.common.ids import is_valid_id
 
-from .base import VISIBILITY_ENV, Assignment, Backend, Ended, StartFailed
+from .base import VISIBILITY_ENV, Assignment, Backend, Ended, StartFailed, share_limits
 
 log = logging.getLogger("agent.slurm")
 
@@ -59,6 +59,7 @@ class SlurmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     poll_interval_s: float = 0.5
     command_timeout_s: float = 30.0  # a client call against an unreachable slurmctld blocks; bound it
     slurm_conf: str | None = None  # SLURM_CONF for the clients, when not the system's
+    shards_per_gpu: int | None = None  # gres/shard Count per GPU in gres.conf: shares become --gres=shard:N
 
 
 class _Job(msgspec.Struct, kw_only=True):
@@ -86,14 +87,33 @@ def time_limit(expires_at: datetime | None, margin_s: int, now: datetime | None 
     return str(max(1, math.ceil(left / 60)))
 
 
-def wrap_command(workload: ProcessWorkload, vendor: str) -> str:
+def shards(milli: int, shards_per_gpu: int) -> int:
+    """A share of ``milli`` as a count of gres/shard: rounded down, so shares the broker fits
+    on one device (at most 1000 milli in all) always fit in that GPU's shards; never 0
+    (the config check makes min_milli x shards_per_gpu >= 1000)."""
+    return max(1, milli * shards_per_gpu // 1000)
+
+
+def gres_for(lease: Assignment, settings: SlurmSettings) -> str:
+    """``--gres``: whole devices as ``<gres>:<units>``, a share as ``shard:<n>`` (Slurm
+    places the shards on one GPU and never gives a GPU with shards taken to a gpu job)."""
+    if lease.milli >= 1000:
+        return f"{settings.gres}:{lease.units}"
+    if settings.shards_per_gpu is None:
+        raise StartFailed("this pool's Slurm settings have no shards_per_gpu: a share cannot be submitted")
+    return f"shard:{shards(lease.milli, settings.shards_per_gpu)}"
+
+
+def wrap_command(workload: ProcessWorkload, vendor: str, limits: dict[str, str] | None = None) -> str:
     """A process workload as a batch script: its env exported, the vendor's visibility
-    variables copied from the one Slurm sets for GPUs, then exec the command."""
+    variables copied from the one Slurm sets for GPUs, a share's limits (set last, as the
+    process backend does), then exec the command."""
     lines = ["#!/bin/sh", "# written by cbroker agent: a process workload run as a Slurm job"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in workload.env.items()]
     for name in VISIBILITY_ENV.get(vendor.lower(), ()):
         if name != "CUDA_VISIBLE_DEVICES":
             lines.append(f'export {name}="$CUDA_VISIBLE_DEVICES"')
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in (limits or {}).items()]
     lines.append("exec " + shlex.join(workload.command))
     return "\n".join(lines) + "\n"
 
@@ -249,14 +269,14 @@ class SlurmBackend(Backend):
                                   f"job's resources): {found[0][:80]}")
             return w.script
         if isinstance(w, ProcessWorkload):
-            return wrap_command(w, lease.vendor)
+            return wrap_command(w, lease.vendor, share_limits(lease))
         kind = "none" if w is None else w.kind
         raise StartFailed(f"the slurm backend runs slurm or process workloads; this lease's workload is {kind}")
 
     async def _submit(self, lease: Assignment, path: Path) -> str:
         s = self.settings
         argv = ["sbatch", "--parsable", "--ignore-pbs", "--no-requeue", "--export=NONE",
-                f"--job-name=cb-{lease.lease_id}", f"--gres={s.gres}:{lease.units}", "--nodes=1",
+                f"--job-name=cb-{lease.lease_id}", f"--gres={gres_for(lease, s)}", "--nodes=1",
                 f"--chdir={path.parent}", f"--output={path.parent / 'output.log'}"]
         limit = time_limit(lease.expires_at, s.time_margin_s)
         if limit:
@@ -297,6 +317,8 @@ class SlurmBackend(Backend):
         visible = await self._probe_visible(job.job_id)
         if visible is not None:
             env = {name: visible for name in VISIBILITY_ENV.get(lease.vendor.lower(), ("CUDA_VISIBLE_DEVICES",))}
+        if isinstance(lease.workload, ProcessWorkload):
+            env |= share_limits(lease)  # what wrap_command exported
         return Access(job_id=job.job_id, nodes=nodes, devices=devices, env=env, user=self.user_name,
                       note=f"Slurm job {job.job_id} on {','.join(nodes) or 'unknown nodes'}")
 

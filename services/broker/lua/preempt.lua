@@ -13,10 +13,17 @@
 --   then (optional) KEYS[b+3n] the region's provisioning zset (a victim still provisioning leaves it)
 -- ARGV[1] nv victims, ARGV[2] n new leases, ARGV[3] the new leases' provisional expiry (they
 --   are pending until the broker, their grants durable, confirms them: lua/confirm.lua);
---   ARGV[4+v] victim lease id; per new lease i from c = 4 + nv: ARGV[c+5i] lease id,
---   ARGV[c+1+5i] units, ARGV[c+2+5i] lease json, ARGV[c+3+5i] interruptible (1/0),
---   ARGV[c+4+5i] the pool generation it was matched on (0 = whichever is there)
--- Reply: {1, {free after, per new lease}, {per victim: {lease json, seq, free after, pending}}}
+--   ARGV[4+v] victim lease id; per new lease i from c = 4 + nv: ARGV[c+7i] lease id,
+--   ARGV[c+1+7i] units, ARGV[c+2+7i] lease json, ARGV[c+3+7i] interruptible (1/0),
+--   ARGV[c+4+7i] the pool generation it was matched on (0 = whichever is there),
+--   ARGV[c+5+7i] milli of each device (1000: whole), ARGV[c+6+7i] device hint ('' none)
+-- Shares (docs/sharing.md): a victim on a pool that shares its devices gives its milli back
+-- to its devices; a new lease on such a pool takes devices by the rule of lua/reserve.lua,
+-- chosen among the devices as they are with every victim's milli back. A share asked of a
+-- pool that does not share, or below its min_milli, finds no room.
+-- Reply: {1, {per new lease: free after, or on a sharing pool {free after, {devices},
+--   {their free milli after}}}, {per victim: {lease json, seq, free after, pending,
+--   {its devices' free milli after} (a sharing pool)}}}
 --   or {0, 1, v} victim v (1-based) gone or not interruptible, {0, 2, i, room} not enough room
 --   for new lease i's pool, {0, 3, i} new lease i exists already, {-1} leases not restored yet
 local nv, n, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -36,14 +43,54 @@ for v = 0, nv - 1 do
   freed[pool] = (freed[pool] or 0) + victim_units[v]
 end
 
-local want, order = {}, {}
+-- a sharing pool's devices as they would be with every victim's milli back, and the wholly
+-- free devices it may give (its healthy units less the devices in use)
+local devs, wholes, sf = {}, {}, {}
+local function devices_after_victims(pool)
+  local d = cb_read_devices(pool)
+  for v = 0, nv - 1 do
+    if KEYS[4 + 3 * v] == pool and victim_units[v] > 0 then
+      local lf = redis.call('HMGET', KEYS[6 + 3 * v], 'devices', 'milli')
+      for _, x in ipairs(cb_split_devices(lf[1])) do
+        if d[x] then d[x] = math.min(CB_MILLI, d[x] + (tonumber(lf[2]) or CB_MILLI)) end
+      end
+    end
+  end
+  local f = redis.call('HMGET', pool, 'capacity', 'healthy', 'alive', 'draining', 'upn', 'min_milli')
+  local capacity, healthy = tonumber(f[1]) or 0, tonumber(f[2]) or -1
+  local effective = capacity
+  if healthy >= 0 and healthy < capacity then effective = healthy end
+  local in_use = 0
+  for _, free in pairs(d) do if free < CB_MILLI then in_use = in_use + 1 end end
+  wholes[pool] = math.max(0, effective - in_use)
+  if cb_status_of(tonumber(f[3]) or 0, tonumber(f[4]) or 0) ~= 'online' then wholes[pool] = -1 end
+  sf[pool] = {capacity, tonumber(f[5]) or 8, tonumber(f[6]) or 1}
+  return d
+end
+
+local want, order, picked = {}, {}, {}
 for i = 0, n - 1 do
   local pool = KEYS[b + 3 * i]
   if redis.call('EXISTS', KEYS[b + 2 + 3 * i]) == 1 then return {0, 3, i + 1} end
   local have = tonumber(redis.call('HGET', pool, 'generation')) or 0
-  if not cb_same_generation(tonumber(ARGV[c + 4 + 5 * i]) or 0, have) then return {0, 2, i + 1, 0} end
-  if not want[pool] then want[pool] = 0; order[#order + 1] = {pool, i} end
-  want[pool] = want[pool] + tonumber(ARGV[c + 1 + 5 * i])
+  if not cb_same_generation(tonumber(ARGV[c + 4 + 7 * i]) or 0, have) then return {0, 2, i + 1, 0} end
+  local units, milli = tonumber(ARGV[c + 1 + 7 * i]), tonumber(ARGV[c + 5 + 7 * i]) or CB_MILLI
+  if redis.call('HGET', pool, 'sharing') then
+    if not devs[pool] then devs[pool] = devices_after_victims(pool) end
+    if wholes[pool] < 0 or milli < sf[pool][3] then return {0, 2, i + 1, 0} end
+    local chosen = cb_pick_devices(devs[pool], sf[pool][1], sf[pool][2], units, milli,
+      cb_split_devices(ARGV[c + 6 + 7 * i]), wholes[pool])
+    if not chosen then return {0, 2, i + 1, wholes[pool]} end
+    for _, d in ipairs(chosen) do
+      if devs[pool][d] >= CB_MILLI then wholes[pool] = wholes[pool] - 1 end
+      devs[pool][d] = devs[pool][d] - milli
+    end
+    picked[i] = chosen
+  else
+    if milli < CB_MILLI then return {0, 2, i + 1, 0} end  -- a share, of a pool that does not share
+    if not want[pool] then want[pool] = 0; order[#order + 1] = {pool, i} end
+    want[pool] = want[pool] + units
+  end
 end
 for _, entry in ipairs(order) do
   local pool, i = entry[1], entry[2]
@@ -62,8 +109,11 @@ end
 local ended = {}
 for v = 0, nv - 1 do
   local pool, leases, lease, id = KEYS[4 + 3 * v], KEYS[5 + 3 * v], KEYS[6 + 3 * v], ARGV[4 + v]
-  local f = redis.call('HMGET', lease, 'info', 'seq', 'pending')
-  if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 then
+  local f = redis.call('HMGET', lease, 'info', 'seq', 'pending', 'devices', 'milli')
+  local devices_after = {}
+  if redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and f[4] then
+    devices_after = cb_give_devices(pool, cb_split_devices(f[4]), tonumber(f[5]) or CB_MILLI)
+  elseif redis.call('EXISTS', pool) == 1 and victim_units[v] > 0 and not redis.call('HGET', pool, 'sharing') then
     local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
     redis.call('HSET', pool, 'leased', math.max(0, leased - victim_units[v]))
   end
@@ -72,15 +122,24 @@ for v = 0, nv - 1 do
   redis.call('ZREM', KEYS[1], id)
   redis.call('SREM', KEYS[3], id)
   if prov then redis.call('ZREM', prov, id) end
-  ended[v + 1] = {f[1], tonumber(f[2]) + 1, pool, tonumber(f[3]) or 0}
+  ended[v + 1] = {f[1], tonumber(f[2]) + 1, pool, tonumber(f[3]) or 0, devices_after}
 end
+local took = {}  -- per new lease on a sharing pool: its devices' free milli after
 for i = 0, n - 1 do
   local pool, leases, lease = KEYS[b + 3 * i], KEYS[b + 1 + 3 * i], KEYS[b + 2 + 3 * i]
-  local id, units, interruptible = ARGV[c + 5 * i], tonumber(ARGV[c + 1 + 5 * i]), ARGV[c + 3 + 5 * i]
-  local gen = tonumber(ARGV[c + 4 + 5 * i]) or 0
+  local id, units, interruptible = ARGV[c + 7 * i], tonumber(ARGV[c + 1 + 7 * i]), ARGV[c + 3 + 7 * i]
+  local gen = tonumber(ARGV[c + 4 + 7 * i]) or 0
   if gen == 0 then gen = tonumber(redis.call('HGET', pool, 'generation')) or 0 end
-  redis.call('HINCRBY', pool, 'leased', units)
-  redis.call('HSET', lease, 'info', ARGV[c + 2 + 5 * i], 'units', units, 'expires', expires, 'seq', 1,
+  local info = ARGV[c + 2 + 7 * i]
+  if picked[i] then
+    local milli = tonumber(ARGV[c + 5 + 7 * i])
+    took[i] = cb_take_devices(pool, picked[i], milli)
+    info = cb_with_devices(info, picked[i])
+    redis.call('HSET', lease, 'milli', milli, 'devices', table.concat(picked[i], ','))
+  else
+    redis.call('HINCRBY', pool, 'leased', units)
+  end
+  redis.call('HSET', lease, 'info', info, 'units', units, 'expires', expires, 'seq', 1,
     'interruptible', interruptible, 'pool', pool, 'pending', 1, 'generation', gen)
   redis.call('SADD', leases, id)
   if interruptible == '1' then redis.call('SADD', KEYS[3], id) end
@@ -94,9 +153,12 @@ local function free_of(pool)
   return free[pool]
 end
 local placed, victims = {}, {}
-for i = 0, n - 1 do placed[i + 1] = free_of(KEYS[b + 3 * i]) end
+for i = 0, n - 1 do
+  placed[i + 1] = free_of(KEYS[b + 3 * i])
+  if picked[i] then placed[i + 1] = {placed[i + 1], picked[i], took[i]} end
+end
 for v = 1, nv do
   local e = ended[v]
-  victims[v] = {e[1], e[2], free_of(e[3]), e[4]}
+  victims[v] = {e[1], e[2], free_of(e[3]), e[4], e[5]}
 end
 return {1, placed, victims}

@@ -360,6 +360,9 @@ class _Order:
         return rows
 
 
+LOCAL_ROUNDS = 3  # whole asks on sharing pools: looks again without the pools that failed, before the sweep
+
+
 class Engine:
     """Indexed matcher over pool states. Not thread-safe; one per broker process."""
 
@@ -610,19 +613,26 @@ class Engine:
         key, cells = self._candidates(ask, ctx.perf)
         if ask.milli < 1000:  # a share of one device: only sharing pools (shares.py)
             return self._share(ctx, cells, limit)
-        if cells:
-            order = self._order(ctx, key, cells)
-            if order.rows:
-                if ask.gang:
-                    options = self._gang(ctx, order, limit)
-                else:
-                    options = self._split(ctx, order, limit)
-                if options and self._shares.pools:
-                    return self._on_shared(ask, options, limit)
-                if options:
-                    return Decision(options=tuple(options))
+        options = self._whole_options(ctx, key, cells, limit)
+        if options and self._shares.pools:
+            return self._on_shared(ask, options, limit)
+        if options:
+            return Decision(options=tuple(options))
         reasons, never = self._explain(ctx)
         return Decision(reasons=tuple(reasons), never=never)
+
+    def _whole_options(self, ctx: _Ctx, key: tuple, cells: list[Cell], limit: int) -> list[Placement]:
+        if not cells:
+            return []
+        order = self._order(ctx, key, cells)
+        if not order.rows:
+            return []
+        return self._gang(ctx, order, limit) if ctx.ask.gang else self._split(ctx, order, limit)
+
+    def _options_for(self, ask: Ask, limit: int) -> list[Placement]:
+        ctx = _Ctx(ask, self._links, self.reliability)
+        key, cells = self._candidates(ask, ctx.perf)
+        return self._whole_options(ctx, key, cells, limit)
 
     def _share(self, ctx: _Ctx, cells: list[Cell], limit: int) -> Decision:
         if ctx.perf or ctx.need != 1:
@@ -637,13 +647,23 @@ class Engine:
         """Whole units that landed on a sharing pool take devices with all 1000 free, on
         one node when they fit one: the options get their device hints; if none is left,
         the match runs again without the pools whose free devices are spread too thin."""
-        kept, bad = self._shares.whole(ask, options)
-        if kept or not bad:
-            return Decision(options=tuple(kept))
-        again = self.match(msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | bad), limit=limit)
-        if again.placed:
-            return again
-        return Decision(reasons=(self._shares.spread_reason(options, bad),))
+        first = options
+        excluded: set[str] = set()
+        for rounds_left in range(LOCAL_ROUNDS, -1, -1):
+            kept, bad = self._shares.whole(ask, options, everywhere=rounds_left == 0, first=options is first)
+            if kept or not bad:
+                return Decision(options=tuple(kept))
+            excluded |= bad
+            retry = msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | excluded)
+            if rounds_left == 0:
+                again = self.match(retry, limit=limit)  # every pool that cannot fit is out: it ends here
+                return again if again.placed else Decision(reasons=(self._shares.spread_reason(first, excluded),))
+            options = self._options_for(retry, limit)
+            if not options:
+                break
+            if not any(a.pool_id in self._shares.pools for o in options for a in o.allocations):
+                return Decision(options=tuple(options))
+        return Decision(reasons=(self._shares.spread_reason(first, excluded),))
 
     # --- gang: one pool, exact ---------------------------------------------------------
     def _gang(self, ctx: _Ctx, order: _Order, limit: int) -> list[Placement]:

@@ -435,13 +435,16 @@ class Shares:
             milli=milli, share_hour_price=(unit_hour * fraction).quantize(_MICRO))
 
     # --- whole asks on sharing pools -------------------------------------------------------
-    def whole(self, ask: Ask, options: list[Placement]) -> tuple[list[Placement], set[str]]:
+    def whole(self, ask: Ask, options: list[Placement], everywhere: bool = True,
+              first: bool = True) -> tuple[list[Placement], set[str]]:
         """The options with device hints on their sharing pools; options whose sharing
         pool has its free devices spread so that the ask does not fit one node are left
-        out. If one is, every sharing pool where the ask's units (or the units of its
-        smallest allocation) cannot fit is returned, for the engine to look again
-        without them, once."""
-        if ask.gang:
+        out. If one is, the pools that failed are returned, and (``everywhere``) every
+        sharing pool where the ask's units (or the units of its smallest allocation)
+        cannot fit, for the engine to look again without them. The sweep over every
+        sharing pool costs some 5 ms at 12,500 pools, so the engine first looks again
+        without the failed pools alone, a few times."""
+        if ask.gang and first:  # (the engine's later looks are the same ask: counted once)
             self.record(ask, int(options[0].units))
         out: list[Placement] = []
         bad: set[str] = set()
@@ -462,7 +465,7 @@ class Shares:
                 allocations.append(msgspec.structs.replace(a, devices=devices))
             else:
                 out.append(msgspec.structs.replace(option, allocations=tuple(allocations)))
-        if bad:
+        if bad and everywhere:
             least = min(a.units for o in options for a in o.allocations)
             bad |= {pid for pid, sp in self.pools.items() if not sp.fits_whole(least)}
         return out, bad

@@ -35,7 +35,15 @@ from typing import Any, Literal
 import msgspec
 
 from services.common.ids import is_valid_id
-from services.common.messages import Accelerator, PoolSpec, Prices, Region
+from services.common.messages import (
+    MAX_SHARED_UNITS,
+    MILLI,
+    Accelerator,
+    PoolSpec,
+    Prices,
+    Region,
+    Sharing,
+)
 
 from .catalogue import load_catalogue, normalise_name, resolve, split_hints
 from .cloud_regions import RegionResolver
@@ -435,6 +443,22 @@ def _tpu(name: str) -> tuple[str, int, int] | None:
     return f"tpu-{gen}", chips, min(chips, _TPU_CHIPS_PER_HOST.get(gen, 4))
 
 
+def _share_milli(count: Decimal, name: str, tpu: bool) -> int:
+    """0 for a whole number of accelerators; for a share of one GPU (AWS G6f/Gr6f sell 1/8,
+    1/4 or 1/2 of an L4: AcceleratorCount 0.125-0.5), the share in milli, which becomes the
+    pool's ``min_milli`` (docs/sharing.md, "Listed shares"). A fraction above one, of a TPU,
+    or below a thousandth of a device is not something a pool can sell."""
+    if count == count.to_integral_value():
+        return 0
+    if count > 1 or tpu:
+        raise _RowError(f"fractional AcceleratorCount {count} (more than one {name} but not a whole number): "
+                        "not a whole unit")
+    milli = int((count * MILLI).to_integral_value(rounding=ROUND_HALF_EVEN))
+    if milli < 1:
+        raise _RowError(f"fractional AcceleratorCount {count}: below a thousandth of one {name}")
+    return milli
+
+
 def _price(text: str, what: str) -> Decimal:
     value = _decimal(text, what)
     assert value is not None
@@ -443,7 +467,7 @@ def _price(text: str, what: str) -> Decimal:
     return value
 
 
-def _per_unit(total: Decimal, count: int, what: str) -> Decimal:
+def _per_unit(total: Decimal, count: int | Decimal, what: str) -> Decimal:
     raw = total / count
     if raw > MAX_UNIT_PRICE:  # checked before rounding: 1e400 cannot be quantized
         raise _RowError(f"absurd {what} {total}: {raw:.6g} per GPU-hour is above the {MAX_UNIT_PRICE} ceiling")
@@ -453,7 +477,8 @@ def _per_unit(total: Decimal, count: int, what: str) -> Decimal:
     return price
 
 
-def _spot(text: str, count: int, on_demand: Decimal, on_demand_total: Decimal) -> tuple[Decimal | None, str]:
+def _spot(text: str, count: int | Decimal, on_demand: Decimal,
+          on_demand_total: Decimal) -> tuple[Decimal | None, str]:
     """The interruptible price per unit-hour and a note: missing, 0, unreadable or absurd
     spot prices, and spot above on-demand, mean no interruptible offer (never a rejection).
     Spot and on-demand are compared per instance, before rounding: Azure's 12-GPU
@@ -531,10 +556,8 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
             if count_value is None or count_value == 0:
                 outcomes.append(RowOutcome(row_no, "skipped", offer, region_raw, "no accelerator"))
                 continue
-            if count_value != count_value.to_integral_value():
-                raise _RowError(f"fractional AcceleratorCount {count_value} (a share of one {name}): "
-                                "not a whole unit")
-            count = int(count_value)
+            share = _share_milli(count_value, name, tpu is not None)
+            count = 1 if share else int(count_value)
             per_node = count
             if tpu:
                 name, count, per_node = tpu[0], tpu[1] * count, tpu[2]
@@ -542,15 +565,18 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 raise _RowError(f"AcceleratorCount {count} out of range")
             info_name, maker, size, total, info_problem = _gpu_info("" if tpu else row.get("GpuInfo", ""))
             form = _form_hint(name, info_name or "", instance) or _sku_form(regions.cloud, instance)
-            acc, mib = _resolve_model(name, info_name, maker, _memory_candidates(size, total, count), form,
-                                      split_hints(instance)[1])
+            candidates = _memory_candidates(size, total, count)
+            if share and size:  # AWS lists the slice's memory (2861 MiB for 1/8 of an L4): scale it up
+                candidates = (size * MILLI // share, size)
+            acc, mib = _resolve_model(name, info_name, maker, candidates, form, split_hints(instance)[1])
             if acc is None:
                 raise _RowError(f"unknown accelerator {name!r}" + (f" (GpuInfo {info_name!r})" if info_name else ""))
             on_demand: Decimal | None
+            gpus = Decimal(share) / MILLI if share else Decimal(count)  # GPUs an instance-hour buys
             if not row.get("Price") and row.get("SpotPrice"):
                 # sold as spot only (Verda): an interruptible-only pool, never on-demand
                 on_demand = None
-                spot = _per_unit(_price(row["SpotPrice"], "SpotPrice"), count, "SpotPrice")
+                spot = _per_unit(_price(row["SpotPrice"], "SpotPrice"), gpus, "SpotPrice")
                 note = "sold as spot only: interruptible pool, no on-demand price"
             else:
                 price_total = _price(row.get("Price", ""), "Price")
@@ -559,25 +585,30 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                     raise _RowError("Price 700.0 is SkyPilot's placeholder for a TPU slice GCP lists no price for")
                 if tpu and spot_text.strip() in {"700", "700.0"}:
                     spot_text = ""
-                on_demand = _per_unit(price_total, count, "Price")
-                spot, note = _spot(spot_text, count, on_demand, price_total)
+                on_demand = _per_unit(price_total, gpus, "Price")
+                spot, note = _spot(spot_text, gpus, on_demand, price_total)
             where = regions.locate(region_raw, row.get("AvailabilityZone", ""))
             if isinstance(where, str):
                 raise _RowError(where)
             units = count * units_per_offer
-            if units > _MAX_UNITS:
-                raise _RowError(f"{units} units out of range")
+            if units > _MAX_UNITS or (share and units > MAX_SHARED_UNITS):
+                raise _RowError(f"{units} units out of range" + (f" (a sharing pool has at most "
+                                                                 f"{MAX_SHARED_UNITS} devices)" if share else ""))
             zone = row.get("AvailabilityZone", "")
             arch = "aarch64" if acc.model in _AARCH64_MODELS or name.lower() == "t4g" else _host_arch(row.get("Arch", ""))
             spec = _check(PoolSpec(
                 region=where.id, zone=zone[:64], model=acc.model, units=units, units_per_node=per_node,
                 host_arch=arch,  # type: ignore[arg-type]
                 prices=Prices(currency=currency, on_demand=on_demand, interruptible=spot), provider=provider,
-                availability="listed",
+                availability="listed", sharing=Sharing(mode="memory", min_milli=share) if share else Sharing(),
             ))
         except _RowError as exc:
             outcomes.append(RowOutcome(row_no, "rejected", offer, region_raw, str(exc)))
             continue
+        if share:
+            shared = (f"a {share}/1000 share of one {name}: sharing pool (memory, min_milli {share}), "
+                      f"prices per whole GPU-hour = instance price / {gpus.normalize():f}")
+            note = "; ".join(n for n in (shared, note) if n)
         if where.region is not None:
             new_regions.setdefault(where.id, where.region)
         notes = "; ".join(n for n in (note, info_problem or "",
@@ -602,7 +633,10 @@ def parse_skypilot(rows: Rows, provider: str, known_regions: set[str] | frozense
     no InstanceType, are offers of ``<name>x<count>``): ``units = AcceleratorCount *
     units_per_offer``, ``units_per_node = AcceleratorCount`` (TPU slices: chips, and
     chips per host). ``Price`` and ``SpotPrice`` are per instance-hour and become
-    per-unit-hour ``on_demand`` / ``interruptible`` prices (6 places, half-even).
+    per-unit-hour ``on_demand`` / ``interruptible`` prices (6 places, half-even). A share of
+    one GPU (AcceleratorCount below 1: AWS G6f) is a ``memory`` sharing pool of
+    ``units_per_offer`` devices with ``min_milli`` = the share, priced per whole GPU-hour
+    (instance price / share), so the sold share costs what the instance costs.
     Rules (docs/accelerators.md): Price missing, 0, unreadable or above
     :data:`MAX_UNIT_PRICE` per unit-hour rejects the row; a missing, 0, unreadable or
     absurd SpotPrice only drops the interruptible price. Regions go through

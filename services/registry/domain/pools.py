@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 
 from services.common.auth import Principal
-from services.common.messages import Accelerator, Pool, PoolSpec, Prices, Units
+from services.common.messages import MAX_SHARED_UNITS, Accelerator, Pool, PoolSpec, Prices, Units
 from services.common.money import price_problem
 
 from .errors import Conflict, Forbidden, Unprocessable, UnknownModel, UnknownRegion
@@ -52,6 +52,19 @@ def check_prices(prices: Prices) -> None:
             raise Unprocessable(f"prices.{name} {why}")
 
 
+def check_sharing(spec: PoolSpec, existing: Pool | None = None) -> None:
+    """A sharing pool's per-device state is read whole by one reservation script, so it
+    has at most ``MAX_SHARED_UNITS`` devices. Whether a pool shares cannot change while
+    it is registered: its live leases were taken as whole units or as device shares, and
+    the live state would no longer say which (docs/sharing.md)."""
+    if spec.sharing.mode != "none" and spec.units > MAX_SHARED_UNITS:
+        raise Unprocessable(f"a pool that shares its devices has at most {MAX_SHARED_UNITS} units "
+                            f"(got {spec.units}); register the rest as another pool")
+    if existing is not None and (existing.spec.sharing.mode == "none") != (spec.sharing.mode == "none"):
+        raise Conflict(f"pool {existing.pool_id} {'does not share' if existing.spec.sharing.mode == 'none' else 'shares'}"
+                       " its devices; remove it and register it again to change that")
+
+
 def owner_for(principal: Principal, spec_provider: str | None) -> str:
     """Who owns a pool being registered: a provider key registers for itself only."""
     if principal.role == "provider":
@@ -80,6 +93,7 @@ def build_pool(pool_id: str, spec: PoolSpec, owner: str, catalogue: Mapping[str,
     check_prices(spec.prices)
     if spec.units_per_node > spec.units:
         raise Unprocessable(f"units_per_node ({spec.units_per_node}) exceeds units ({spec.units})")
+    check_sharing(spec, existing)
     if existing is not None:
         if existing.provider != owner:
             raise Forbidden("this pool belongs to another provider")
@@ -102,4 +116,5 @@ def apply_patch(pool: Pool, patch: PoolPatch, now: datetime) -> Pool:
     spec = msgspec.structs.replace(pool.spec, **changes)
     if spec.units_per_node > spec.units:
         raise Unprocessable(f"units_per_node ({spec.units_per_node}) exceeds units ({spec.units})")
+    check_sharing(spec)
     return msgspec.structs.replace(pool, spec=spec, updated_at=now)

@@ -12,6 +12,8 @@
 -- KEYS[4] the pool's lease set (read only: the leases a removal or an outage loses),
 -- KEYS[5] the region's removed generations (pool id -> the last generation removed: a
 --   late write of a removed generation must not bring the pool back)
+-- (and, for a pool that shares its devices, its per-device hash: cb_devices_key, the pool
+--  hash's key + ':dev', in the same hash slot)
 -- ARGV[1] op, ARGV[2] now (unix seconds), ARGV[3] pool id, ARGV[4] provider ("" = any)
 -- Reply: {code, prev_status, status, free, overcommit, leased, capacity, generation,
 --         {lease ids lost}, replaced_generation}
@@ -27,6 +29,40 @@ end
 local function reply(code, prev, lost, replaced)
   local r = cb_recompute(pool)
   return {code, prev, r[1], r[2], r[3], r[4], r[5], generation(), lost or {}, replaced or 0}
+end
+
+-- A pool that shares its devices (the record's spec.sharing.mode is not 'none') keeps
+-- free milli per device (pool_state.lua): devices 0..capacity-1 are there, a new one all
+-- free. When the capacity shrinks, a device past it that is wholly free goes; one with a
+-- share or a whole lease taken stays until that lease ends (as units leased past a shrunk
+-- capacity stay, counted as overcommit). A pool that stops sharing drops the hash (the
+-- registry refuses that change while a pool is registered: docs/sharing.md).
+local function follow_devices(record, capacity)
+  local mode, upn, min_milli = 'none', 8, 1
+  -- most pools do not share: no need to decode their record (msgspec writes the default)
+  local ok, rec = false, nil
+  if string.find(record, '"sharing":', 1, true) and not string.find(record, '"sharing":{"mode":"none"', 1, true) then
+    ok, rec = pcall(cjson.decode, record)
+  end
+  if ok and type(rec) == 'table' and type(rec.spec) == 'table' then
+    local sharing = rec.spec.sharing
+    if type(sharing) == 'table' and type(sharing.mode) == 'string' then
+      mode, min_milli = sharing.mode, tonumber(sharing.min_milli) or min_milli
+    end
+    upn = tonumber(rec.spec.units_per_node) or upn
+  end
+  local dev = cb_devices_key(pool)
+  if mode == 'none' then
+    redis.call('DEL', dev)
+    redis.call('HDEL', pool, 'sharing', 'upn', 'min_milli')
+    return
+  end
+  redis.call('HSET', pool, 'sharing', mode, 'upn', upn, 'min_milli', min_milli)
+  for d = 0, capacity - 1 do redis.call('HSETNX', dev, d, CB_MILLI) end
+  local all = redis.call('HGETALL', dev)
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) >= capacity and tonumber(all[i + 1]) >= CB_MILLI then redis.call('HDEL', dev, all[i]) end
+  end
 end
 
 local function refused(code, prev)
@@ -58,7 +94,7 @@ if op == 'upsert' then
       -- an older generation the record no longer holds (its removal did not reach Redis):
       -- the new one starts from nothing leased; the old one's leases are lost
       replaced, lost = have, redis.call('SMEMBERS', pool_leases)
-      redis.call('DEL', pool)
+      redis.call('DEL', pool, cb_devices_key(pool))
       exists, prev = false, 'absent'
     end
   end
@@ -69,8 +105,10 @@ if op == 'upsert' then
   redis.call('HSET', pool, 'capacity', ARGV[5], 'record', ARGV[6], 'model', ARGV[7],
     'provider', ARGV[8], 'alive', 1, 'last_hb', now, 'generation', gen, 'rev', rev)
   if not exists then
+    redis.call('DEL', cb_devices_key(pool))  -- a removed generation's devices are not this one's
     redis.call('HSET', pool, 'leased', 0, 'healthy', -1, 'draining', 0)
   end
+  follow_devices(ARGV[6], tonumber(ARGV[5]))
   redis.call('SADD', members, pool_id)
   redis.call('ZADD', hb, now, pool_id)
   if exists then return reply(1, prev) end
@@ -91,6 +129,7 @@ elseif op == 'patch' then
   if generation() ~= tonumber(ARGV[7]) then return refused(-2, prev) end
   if (tonumber(redis.call('HGET', pool, 'rev')) or 0) > tonumber(ARGV[8]) then return refused(3, prev) end
   redis.call('HSET', pool, 'capacity', ARGV[5], 'record', ARGV[6], 'rev', ARGV[8])
+  follow_devices(ARGV[6], tonumber(ARGV[5]))
   return reply(1, prev)
 elseif op == 'drain' then
   redis.call('HSET', pool, 'draining', 1)
@@ -115,7 +154,7 @@ elseif op == 'remove' then
   if tonumber(ARGV[5]) ~= 0 and gen ~= tonumber(ARGV[5]) then return refused(-2, prev) end
   local leased = tonumber(redis.call('HGET', pool, 'leased')) or 0
   local lost = redis.call('SMEMBERS', pool_leases)
-  redis.call('DEL', pool)
+  redis.call('DEL', pool, cb_devices_key(pool))
   redis.call('SREM', members, pool_id)
   redis.call('ZREM', hb, pool_id)
   if gen > 0 then redis.call('HSET', removed, pool_id, gen) end

@@ -1,0 +1,51 @@
+"""AWS's fractional L4 instances (G6f: 1/8, 1/4, 1/2 of one L4; issue 15) imported from
+real SkyPilot catalogue rows and registered through the registry's HTTP API as sharing
+pools, then quoted and placed through the broker on real NATS and Redis: a share of exactly
+the sold fraction goes to that instance's pool, never to a pool whose smallest share is
+larger or to a whole-GPU pool, and costs what the instance costs per hour."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+
+from services.registry.domain.importers import parse_skypilot
+
+from .broker_world import broker_world
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "catalogues" / "aws-v9" / "vms.csv"
+WANTED = {"g6f.large", "g6f.2xlarge", "gr6.4xlarge"}  # 1/8 and 1/4 of an L4, and a whole L4
+
+
+async def test_a_share_of_the_sold_fraction_is_placed_on_the_imported_instance(settings, nc) -> None:
+    # the import's --region-map puts AWS's us-east-1 on the test topology's us-east
+    result = parse_skypilot(FIXTURE.read_text("utf-8"), "acme", {"us-east"}, cloud="aws",
+                            region_map={"us-east-1": "us-east"})
+    by_offer = {o.offer: o for o in result.outcomes if o.status == "ready" and o.offer in WANTED}
+    assert set(by_offer) == WANTED, result.errors
+    specs = dict(result.pools)
+    pools = {o.pool_id: msgspec.to_builtins(specs[o.pool_id]) for o in by_offer.values()}
+    async with broker_world(settings, pools) as w:
+        eighth = by_offer["g6f.large"].pool_id
+        r = await w.registry.get(f"/v1/pools/{eighth}", headers=w.admin)
+        assert r.json()["spec"]["sharing"] == {"mode": "memory", "min_milli": 125}, r.text
+
+        ask = {"share": {"milli": 125}, "accelerators": {"models": ["nvidia-l4"]}, "duration_s": 3600}
+        r = await w.broker.post("/v1/quotes", json=ask, headers=w.tenants["t1"])
+        assert r.status_code == 200, r.text
+        best = r.json()["options"][0]
+        # not the quarter-L4 pool (its smallest share is 250), not the whole-L4 pool
+        assert [(a["pool_id"], a["milli"], a["units"]) for a in best["allocations"]] == [(eighth, 125, 1)], best
+        assert Decimal(best["share_hour_price"]) == Decimal("0.202")  # g6f.large's price per instance-hour
+        assert Decimal(best["compute_cost"]) == Decimal("0.202")
+        assert best["tflops"] == 121.0 / 8  # an eighth of the L4's dense bf16
+
+        r = await w.request("t1", ask)
+        assert r.status_code == 201, r.text
+        placed = r.json()
+        assert placed["state"] == "placed" and placed["leases"][0]["pool_id"] == eighth
+        share = placed["placement"]
+        assert (share["milli"], Decimal(share["share_hour_price"])) == (125, Decimal("0.202"))
+        assert [(a["pool_id"], a["milli"], a["devices"]) for a in share["allocations"]] == [(eighth, 125, [0])]
