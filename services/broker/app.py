@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         broker.budget_grace_s = settings.budget_grace_s
         broker.core.outbox.grace_s = settings.outbox_grace_s
         broker.queue_cap.cap = settings.max_queued_per_tenant
+        broker.core.pending_s = settings.pending_s
         await broker.load_budgets()
 
         async def on_billing(msg: Msg) -> None:

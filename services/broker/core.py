@@ -32,7 +32,7 @@ from services.common.tracing import nats_headers
 
 from .access import AccessStore
 from .domain.requests import ComputeRequest, to_ask
-from .leases import Ended, LeaseStore
+from .leases import PENDING_S, Ended, LeaseStore
 from .metrics import LEASE_ENDS
 from .outbox import Notice, Outbox, iso, owed_event, tag_of
 from .queue_cap import TenantQueueCap
@@ -67,6 +67,7 @@ class Core:
         self.acks = AckedPublisher(nc)
         self.spread = random.Random()  # the order of the options tried after a lost race
         self.queue_cap = TenantQueueCap(redis, keys, 0)  # the app sets the cap from its settings
+        self.pending_s = PENDING_S  # the provisional expiry of a reservation (the app sets it from its settings)
         self.access: AccessStore | None = None  # access details (the app opens the bucket)
         self.outbox = Outbox(redis, keys)  # the app sets the grace from its settings
 

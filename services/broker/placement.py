@@ -28,7 +28,7 @@ from services.common.messages import MILLI, LeaseGranted, LeaseInfo, LeaseLost, 
 from .core import Core, per_item
 from .idempotency import before_grant
 from .domain.requests import TERM_MONTHS, ComputeRequest, term_seconds, workload_kind
-from .leases import NOT_SHARING, PENDING_S, Reservation, by_region, missing_leases, with_devices
+from .leases import NOT_SHARING, Reservation, by_region, missing_leases, with_devices
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
@@ -113,7 +113,7 @@ class Placement:
         devices: DeviceTruth = {}
         allocations = held(leases)  # (with the engine's hints: before the script names the devices)
         # provisional until the grant is durable and confirmed (a broker dying in between leaks little)
-        expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
+        expires = min(leases[0].expires_at.timestamp(), time.time() + self.core.pending_s)
         try:
             await before_grant(leases)  # an idempotency key names them first (a recovery point)
             groups = [(region, group, expires) for region, group in by_region(leases).items()]

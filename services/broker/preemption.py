@@ -25,7 +25,7 @@ from services.common.redis_conn import read_lua
 
 from .core import Core
 from .domain.requests import ComputeRequest
-from .leases import PENDING_S, Devices, Ended, with_devices
+from .leases import Devices, Ended, with_devices
 from .matching.engine import Engine
 from .matching.model import Placement as Option
 from .placement import Placement
@@ -94,7 +94,7 @@ class Preemption:
             if len(regions) != 1:
                 return None  # one region is one atomic step; across regions it could not be
             leases = self.placement.leases_for(option, request_id, tenant, body, now)
-            expires = min(leases[0].expires_at.timestamp(), time.time() + PENDING_S)
+            expires = min(leases[0].expires_at.timestamp(), time.time() + self.core.pending_s)
             done = await self.script.preempt(regions.pop(), victims, leases, expires)
             if done is None:
                 continue  # another preemptor or request moved first: look again

@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     heartbeat_ttl_s: float = 30.0
     sweep_interval_s: float = 1.0
     max_body_bytes: int = 1_048_576  # larger request bodies get a 413
+    events_keepalive_s: float = 5.0  # registry: an idle event stream's keep-alive (and revoked-key check) interval
     rate_limit_requests: int = 20_000  # per API key per window, across all replicas; 0 = no limit
     rate_limit_window_s: float = 1.0
     redis_max_connections: int = 64
@@ -40,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     topology_file: str | None = None
     log_level: str = "info"
     placement_timeout_s: float = 4.0  # broker: a placement not done by then answers 503 and grants nothing
+    pending_s: float = 30.0  # broker: an unconfirmed reservation (its grant never made durable) ends this soon
     outbox_grace_s: float = 30.0  # broker: a lease event owed this long is republished by the sweep (docs/lifecycle.md)
     budget_grace_s: float = 300.0  # broker: revoke pay-as-you-go leases this long after a budget runs out
     reliability_refresh_s: float = 2.0  # broker: how often the engine's pool scores are re-read (docs/reliability.md)

@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
         )
         app.state.registry = registry
-        app.state.update(js=js, events_idle_s=5.0, capacity=SummaryCache(registry.store, keys))
+        app.state.update(js=js, events_idle_s=settings.events_keepalive_s, capacity=SummaryCache(registry.store, keys))
         await guard_requests(app.state, nc, redis, settings, subjects, keys)
         await registry.rebuild_if_lost()
         await serve_rpc(nc, subjects, registry)

@@ -14,7 +14,7 @@ from services.common.keys import Keys
 from services.common.messages import AllocEvent, LeaseGranted
 
 from ..helpers import EventTap, eventually
-from ..procs import service_process
+from ..procs import service_process, service_processes
 from .conftest import pool_body
 
 POOLS = {f"p{i}": {"region": r, "model": m, "units": u, "prices": {"on_demand": p}}
@@ -56,12 +56,9 @@ async def test_two_brokers_200_clients_never_overbook(settings, nc, subjects, tm
     admin = {"Authorization": f"Bearer {settings.admin_key}"}
     with service_process("registry", settings, tmp_path) as registry:
         _, tenants = await _setup(registry.url, admin)
-        (tmp_path / "b1").mkdir()
-        (tmp_path / "b2").mkdir()
         # all 200 clients at once, none shed (docs/overload.md): the point is contention
         crowded = msgspec.structs.replace(settings, max_in_flight=200)
-        with service_process("broker", crowded, tmp_path / "b1") as b1, \
-                service_process("broker", crowded, tmp_path / "b2") as b2:
+        with service_processes([("broker", crowded), ("broker", crowded)], tmp_path) as (b1, b2):
             urls = [b1.url, b2.url]
             rng = random.Random(7)
             granted: list[dict] = []
@@ -101,8 +98,7 @@ async def test_two_brokers_200_clients_never_overbook(settings, nc, subjects, tm
 async def test_flushed_redis_is_rebuilt_with_every_lease(settings, nc, rds, tmp_path) -> None:
     admin = {"Authorization": f"Bearer {settings.admin_key}"}
     fast = msgspec.structs.replace(settings, sweep_interval_s=0.2)
-    with service_process("registry", fast, tmp_path) as registry, \
-            service_process("broker", fast, tmp_path) as broker:
+    with service_processes([("registry", fast), ("broker", fast)], tmp_path) as (registry, broker):
         _, tenants = await _setup(registry.url, admin)
         leases = []
         async with httpx.AsyncClient(base_url=broker.url, headers=tenants["t1"], timeout=30) as c:

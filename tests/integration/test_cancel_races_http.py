@@ -14,7 +14,7 @@ import httpx
 from services.common.messages import AllocEvent, LeaseGranted, LeaseLost
 
 from ..helpers import EventTap, eventually
-from ..procs import service_process
+from ..procs import service_process, service_processes
 from .conftest import pool_body
 
 N = 30
@@ -32,9 +32,7 @@ async def test_cancelled_while_the_queue_places_never_gets_a_lease(settings, nc,
                 "role": "tenant", "subject": "t1"})).json()["key"]}
             r = await c.put("/v1/pools/p", json=pool_body(units=16, units_per_node=8), headers=prov)
             assert r.status_code == 201, r.text
-        for i in (0, 1):
-            (tmp_path / str(i)).mkdir()
-        brokers = [stack.enter_context(service_process("broker", settings, tmp_path / str(i))) for i in (0, 1)]
+        brokers = stack.enter_context(service_processes([("broker", settings), ("broker", settings)], tmp_path))
         async with AsyncExitStack() as closing, \
                 EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
             clients = [await closing.enter_async_context(httpx.AsyncClient(base_url=b.url, headers=tenant, timeout=30))

@@ -5,7 +5,6 @@ replacements as the tenant sees them; ``cbroker status|requests|cancel``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -23,12 +22,10 @@ import httpx
 import pytest
 
 from services.broker.client import BrokerClient, RequestEnded, WaitTimedOut
-from services.common.nats_conn import connect, ensure_streams
 from services.common.settings import Settings
-from services.common.subjects import Subjects
 
-from ..helpers import drop_streams, wait_until
-from ..procs import service_process
+from ..helpers import wait_until
+from ..procs import module_settings, service_processes
 from .conftest import REGION, pool_body
 
 CLI = [sys.executable, "-m", "services.cli"]
@@ -122,23 +119,14 @@ class Provider:
 
 @pytest.fixture(scope="module")
 def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = Settings(nats_url=nats_url, redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:12]}",
-                        admin_key="admin-" + uuid.uuid4().hex, heartbeat_ttl_s=3600.0, sweep_interval_s=0.5)
-
-    async def streams() -> None:
-        nc = await connect(nats_url, "test-cli-delivery")
-        await ensure_streams(nc.jetstream(), Subjects(settings.prefix))
-        await nc.drain()
-
-    asyncio.run(streams())
     logs = tmp_path_factory.mktemp("cli-delivery")
-    with service_process("registry", settings, logs) as registry, service_process("broker", settings, logs) as broker:
+    with module_settings(nats_url, redis_url, heartbeat_ttl_s=3600.0, sweep_interval_s=0.5) as settings, \
+            service_processes([("registry", settings), ("broker", settings)], logs) as (registry, broker):
         s = Stack(registry.url, broker.url, settings, "", logs)
         s.tenant = s.key("tenant", "alpha-labs")
         (logs / "demo-keys.json").write_text(json.dumps({"admin": settings.admin_key, "providers": {},
                                                          "tenants": {"alpha-labs": s.tenant}}))
         yield s
-    asyncio.run(drop_streams(nats_url, settings.prefix))
 
 
 def cli(s: Stack, *args: str) -> subprocess.CompletedProcess:

@@ -10,24 +10,24 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from services.common.settings import Settings
-
-from ..procs import service_process
+from ..procs import module_settings, service_processes
 
 CLI = [sys.executable, "-m", "services.cli"]
 SPEC = {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 8, "prices": {"on_demand": "1.20"},
         "delivery": ["ssh"]}
 
 
-@pytest.fixture
-def stack(settings: Settings, nc, tmp_path: Path) -> Iterator[dict]:
-    with service_process("registry", settings, tmp_path) as registry, \
-            service_process("broker", settings, tmp_path) as broker:
+@pytest.fixture(scope="module")
+def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One registry and broker for the module (starting them per test was most of its time):
+    the tests keep apart by their own provider, tenant and pool ids."""
+    tmp_path = tmp_path_factory.mktemp("cli-provider")
+    with module_settings(nats_url, redis_url, heartbeat_ttl_s=30.0, sweep_interval_s=0.2) as settings, \
+            service_processes([("registry", settings), ("broker", settings)], tmp_path) as (registry, broker):
         admin = {"Authorization": f"Bearer {settings.admin_key}"}
 
         def key(role: str, subject: str) -> str:

@@ -3,7 +3,6 @@ and broker processes over HTTP, every bad input a one-line error with its exit c
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -21,12 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.nats_conn import connect, ensure_streams
 from services.common.settings import Settings
-from services.common.subjects import Subjects
 
-from ..helpers import drop_streams, wait_until
-from ..procs import service_process
+from ..helpers import wait_until
+from ..procs import module_settings, service_processes
 from .conftest import MODEL, REGION, pool_body
 
 CLI = [sys.executable, "-m", "services.cli"]
@@ -62,17 +59,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    settings = Settings(nats_url=nats_url, redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:12]}",
-                        admin_key="admin-" + uuid.uuid4().hex, heartbeat_ttl_s=3600.0, sweep_interval_s=0.5)
-
-    async def streams() -> None:
-        nc = await connect(nats_url, "test-cli")
-        await ensure_streams(nc.jetstream(), Subjects(settings.prefix))
-        await nc.drain()
-
-    asyncio.run(streams())
     logs = tmp_path_factory.mktemp("cli")
-    with service_process("registry", settings, logs) as registry, service_process("broker", settings, logs) as broker:
+    with module_settings(nats_url, redis_url, heartbeat_ttl_s=3600.0, sweep_interval_s=0.5) as settings, \
+            service_processes([("registry", settings), ("broker", settings)], logs) as (registry, broker):
         s = Stack(registry.url, broker.url, settings, "", "", "", logs)
         s.provider, s.ops = s.key("provider", "acme"), s.key("ops")
         s.tenant = s.key("tenant", "alpha-labs")
@@ -82,7 +71,6 @@ def stack(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
             s.pool(f"acme-{REGION}-a100-sxm-80gb-pool-{n}", units=64)
         wait_until(lambda: cli(s, "quote", "-n", "1").returncode == 0, 30, what="the broker sees the pools")
         yield s
-    asyncio.run(drop_streams(nats_url, settings.prefix))
 
 
 def run(*args: str, columns: int = 80, timeout: float = 60) -> subprocess.CompletedProcess:

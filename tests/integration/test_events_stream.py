@@ -62,7 +62,8 @@ class World:
 @pytest.fixture(scope="module")
 def registry_proc(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     settings = Settings(nats_url=nats_url, redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:12]}",
-                        admin_key="admin-" + uuid.uuid4().hex, sweep_interval_s=0.5)
+                        admin_key="admin-" + uuid.uuid4().hex, sweep_interval_s=0.5,
+                        events_keepalive_s=1.0)  # an idle stream notices a revoked key within 1 s, not 5
     with service_process("registry", settings, tmp_path_factory.mktemp("events")) as svc:
         yield svc.url, settings
     asyncio.run(drop_streams(settings.nats_url, settings.prefix))

@@ -5,31 +5,41 @@ service's own OpenAPI document, so a new body endpoint is covered without editin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from services.common.settings import Settings
 
-from ..procs import service_process
+from ..procs import module_settings, service_processes
 from .test_schemathesis import tenant_key
 
 EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "25"))
 SERVICES = ("registry", "broker", "meter")
 
 
-@contextlib.contextmanager
-def three_services(settings: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
-    with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(service_process(name, settings, tmp_path)).url for name in SERVICES}
+@dataclass
+class Services:
+    settings: Settings
+    urls: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def services(nats_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """The three services once for the module (per test, starting them was a third of its
+    time): the tests only send bodies the services must refuse or survive."""
+    logs = tmp_path_factory.mktemp("hostile")
+    with module_settings(nats_url, redis_url) as settings, \
+            service_processes([(name, settings) for name in SERVICES], logs) as procs:
+        yield Services(settings, {svc.name: svc.url for svc in procs})
 
 
 def body_endpoints(base_url: str) -> list[tuple[str, str]]:
@@ -47,10 +57,11 @@ def nested(depth: int) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
-async def test_deep_nesting_is_a_400_on_every_body_endpoint(settings: Settings, nc, rds, tmp_path: Path) -> None:
+async def test_deep_nesting_is_a_400_on_every_body_endpoint(services: Services, nc, rds) -> None:
+    settings, urls = services.settings, services.urls
     keys = [{"Authorization": f"Bearer {settings.admin_key}"},
             {"Authorization": f"Bearer {await tenant_key(settings, nc, rds)}"}]
-    with three_services(settings, tmp_path) as urls, httpx.Client(timeout=15) as http:
+    with httpx.Client(timeout=15) as http:
         tried = 0
         for name, url in urls.items():
             endpoints = body_endpoints(url)
@@ -84,10 +95,11 @@ def raw_bodies() -> st.SearchStrategy[bytes]:
                      st.text(max_size=200).map(str.encode))
 
 
-async def test_raw_bodies_never_get_a_server_error(settings: Settings, nc, rds, tmp_path: Path) -> None:
+async def test_raw_bodies_never_get_a_server_error(services: Services, nc, rds) -> None:
+    settings, urls = services.settings, services.urls
     keys = [{"Authorization": f"Bearer {settings.admin_key}"},
             {"Authorization": f"Bearer {await tenant_key(settings, nc, rds)}"}]
-    with three_services(settings, tmp_path) as urls, httpx.Client(timeout=15) as http:
+    with httpx.Client(timeout=15) as http:
         targets = [(url, method, path) for url in urls.values() for method, path in body_endpoints(url)]
         failures: list[str] = []
 

@@ -29,7 +29,6 @@ from redis.asyncio import Redis
 from services.cli.audit import read_alloc
 from services.cli.servers import ServerProcess, start_nats, start_redis
 from services.broker.domain.requests import ComputeRequest
-from services.broker.leases import PENDING_S
 from services.common.keys import Keys
 from services.common.messages import LeaseGranted, LeaseLost
 from services.common.nats_conn import connect, ensure_streams
@@ -37,9 +36,11 @@ from services.common.settings import Settings
 from services.common.subjects import Subjects
 
 from ..helpers import eventually
-from ..procs import service_process
+from ..procs import service_processes
 from .broker_world import broker_world
 from .conftest import pool_body
+
+PENDING_TEST_S = 6.0  # the provisional expiry here: well above a grant's confirmation, far below 30 s
 
 POOLS = {"gz-910b": {"region": "cn-gz", "model": "huawei-ascend-910b", "units": 32, "prices": {"on_demand": "1.20"}}}
 
@@ -167,8 +168,9 @@ async def test_nats_outage_answers_503_fast_and_grants_nothing_late(settings: Se
 async def test_redis_stall_answers_503_fast_and_grants_nothing_late(settings: Settings, nc, tmp_path: Path) -> None:
     server = start_redis(tmp_path / "own-redis")
     try:
-        # no heartbeats here: the pool must outlive the wait for the sweep below
-        s = msgspec.structs.replace(settings, redis_url=server.url, heartbeat_ttl_s=300.0)
+        # no heartbeats here: the pool must outlive the wait for the sweep below; a short
+        # provisional expiry (the default is 30 s) so that the sweep's give-back comes soon
+        s = msgspec.structs.replace(settings, redis_url=server.url, heartbeat_ttl_s=300.0, pending_s=PENDING_TEST_S)
         async with broker_world(s, POOLS) as w:
             assert (await w.request("t1", {"units": 1})).status_code == 201
             os.kill(server.proc.pid, signal.SIGSTOP)  # Redis stops answering; its connections stay open
@@ -192,8 +194,8 @@ async def test_redis_stall_answers_503_fast_and_grants_nothing_late(settings: Se
                 return await w.free("gz-910b") == 31
 
             # a reservation the stalled Redis ran only when it woke up (after the broker's undo)
-            # is never confirmed: the sweep gives it back at its provisional expiry (30 s)
-            await eventually(nothing_late, timeout=PENDING_S + 10, every=0.5)
+            # is never confirmed: the sweep gives it back at its provisional expiry (pending_s)
+            await eventually(nothing_late, timeout=PENDING_TEST_S + 10, every=0.2)
     finally:
         if server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGCONT)
@@ -217,8 +219,7 @@ async def test_key_of_a_broker_killed_mid_request_gets_an_answer(settings: Setti
     with own_nats(tmp_path) as server:
         s = msgspec.structs.replace(settings, nats_url=server.url)
         async with streams(server.url, s.prefix):
-            with service_process("registry", s, tmp_path) as registry, \
-                    service_process("broker", s, tmp_path) as b1, service_process("broker", s, tmp_path) as b2:
+            with service_processes([("registry", s), ("broker", s), ("broker", s)], tmp_path) as (registry, b1, b2):
                 tenant = await _setup_world(registry.url, s.admin_key or "")
                 body = {"units": 4, "queue": False}
                 h = {**tenant, "Idempotency-Key": "killed-mid-request"}

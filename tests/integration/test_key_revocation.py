@@ -20,7 +20,7 @@ from services.common.keys import Keys
 from services.common.settings import Settings
 from services.registry.app import create_app as create_registry
 
-from ..procs import service_process
+from ..procs import service_processes
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -36,10 +36,7 @@ def warm(client: httpx.Client, key: str) -> None:
 
 def test_revoke_and_rotate_reach_every_replica_at_once(settings: Settings, tmp_path: Path) -> None:
     admin = bearer(settings.admin_key or "")
-    for replica in ("a", "b"):
-        (tmp_path / replica).mkdir()
-    with service_process("registry", settings, tmp_path / "a") as a, \
-            service_process("registry", settings, tmp_path / "b") as b, \
+    with service_processes([("registry", settings), ("registry", settings)], tmp_path) as (a, b), \
             httpx.Client(base_url=a.url, timeout=10) as on_a, httpx.Client(base_url=b.url, timeout=10) as on_b:
         for round_ in range(20):  # a race would show up in some round
             issued = on_a.post("/v1/keys", json={"role": "provider", "subject": f"p{round_}"}, headers=admin).json()

@@ -32,7 +32,7 @@ from services.common.nats_conn import ensure_bucket
 from services.common.settings import Settings
 from services.common.subjects import Subjects
 
-from ..procs import service_process
+from ..procs import service_processes
 
 EXAMPLES = int(os.environ.get("CB_FUZZ_EXAMPLES", "16"))  # more (and random) for a deeper run by hand
 DERANDOMIZE = "CB_FUZZ_EXAMPLES" not in os.environ
@@ -81,9 +81,9 @@ async def test_no_5xx_and_responses_match_the_schema(settings: Settings, nc, rds
                                                      service: str) -> None:
     admin = {"Authorization": f"Bearer {settings.admin_key}"}
     with contextlib.ExitStack() as stack:
-        if service == "broker":  # the broker loads the catalogue from the registry at start
-            stack.enter_context(service_process("registry", settings, tmp_path))
-        svc = stack.enter_context(service_process(service, settings, tmp_path))
+        # the broker loads the catalogue from the registry at start
+        names = ["registry", "broker"] if service == "broker" else [service]
+        svc = stack.enter_context(service_processes([(name, settings) for name in names], tmp_path))[-1]
         ran, failures = fuzz(svc.url, admin)
         if service == "broker":  # admin may not place requests: a tenant key reaches the placement code
             tenant = {"Authorization": f"Bearer {await tenant_key(settings, nc, rds)}"}
@@ -104,8 +104,7 @@ async def test_placed_and_queued_answers_match_the_schema(settings: Settings, nc
     from .conftest import MODEL, REGION, pool_body
 
     admin = {"Authorization": f"Bearer {settings.admin_key}"}
-    with service_process("registry", settings, tmp_path) as registry, \
-            service_process("broker", settings, tmp_path) as broker:
+    with service_processes([("registry", settings), ("broker", settings)], tmp_path) as (registry, broker):
         r = httpx.post(f"{registry.url}/v1/keys", json={"role": "provider", "subject": "acme"}, headers=admin)
         provider = {"Authorization": f"Bearer {r.json()['key']}"}
         assert httpx.put(f"{registry.url}/v1/pools/p1", json=pool_body(units=8), headers=provider).status_code == 201

@@ -17,7 +17,7 @@ from services.common.subjects import ALLOC, CAPACITY
 from services.registry.app import create_app as create_registry
 
 from ..helpers import eventually
-from ..procs import service_process
+from ..procs import service_processes
 from .conftest import MODEL, pool_body, with_settings
 
 HEADER = "X-Request-ID"
@@ -55,8 +55,8 @@ async def test_one_request_is_followed_through_http_nats_and_logs(settings: Sett
         return [m for m in seen if (m.headers or {}).get(HEADER) == request_id]
 
     with contextlib.ExitStack() as stack:
-        procs = {name: stack.enter_context(service_process(name, settings, tmp_path))
-                 for name in ("registry", "broker", "meter")}
+        procs = {svc.name: svc for svc in stack.enter_context(
+            service_processes([(name, settings) for name in ("registry", "broker", "meter")], tmp_path))}
         registry = stack.enter_context(httpx.Client(base_url=procs["registry"].url, timeout=10))
         broker = stack.enter_context(httpx.Client(base_url=procs["broker"].url, timeout=10))
         provider = {"Authorization": "Bearer " + registry.post(
