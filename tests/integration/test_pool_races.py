@@ -154,14 +154,19 @@ async def test_an_outage_while_the_broker_was_down_loses_only_the_leases_it_took
             EventTap(nc.jetstream(), subjects.events("capacity"), CapacityEvent) as capacity:
         provider = await _key(registry, admin, "provider", "acme")
         tenant = await _key(registry, admin, "tenant", "t1")
-        beating = asyncio.Event()
+        beating, paused = asyncio.Event(), asyncio.Event()
         beating.set()
 
         async def agent() -> None:  # the provider's agent: heartbeats while ``beating``
             while True:
                 await beating.wait()
                 await registry.post("/v1/pools/x/heartbeat", headers=provider)
-                await asyncio.sleep(0.2)  # the agent's heartbeat interval (TTL 1 s)
+                with contextlib.suppress(TimeoutError):  # the next beat after its interval (TTL 1 s), none once paused
+                    await asyncio.wait_for(paused.wait(), 0.2)
+
+        def pause(stop: bool) -> None:
+            (beating.clear if stop else beating.set)()
+            (paused.set if stop else paused.clear)()
 
         assert (await registry.put("/v1/pools/x", json=X, headers=provider)).status_code == 201
         task = asyncio.create_task(agent())
@@ -170,9 +175,9 @@ async def test_an_outage_while_the_broker_was_down_loses_only_the_leases_it_took
                 r = await broker.post("/v1/requests", json={"units": 4}, headers=tenant)
                 assert r.status_code == 201, r.text
                 old = r.json()["leases"][0]["lease_id"]
-            beating.clear()  # the broker is down; the pool misses its heartbeats, then comes back
+            pause(True)  # the broker is down; the pool misses its heartbeats, then comes back
             offline = await capacity.wait_for(lambda e: isinstance(e, PoolOffline) and e.pool_id == "x")
-            beating.set()
+            pause(False)
             await capacity.wait_for(lambda e: isinstance(e, PoolOnline) and e.pool_id == "x")
             async with AsyncTestClient(app=create_broker(fast)) as broker:
                 lost = await alloc.wait_for(lambda e: isinstance(e, LeaseLost) and e.lease.lease_id == old)

@@ -11,18 +11,18 @@ from services.common.coalesce import Coalescer
 
 async def test_concurrent_items_share_batches_and_get_their_own_results() -> None:
     batches: list[list[int]] = []
-    gate = asyncio.Event()
+    gate, in_flight = asyncio.Event(), asyncio.Event()
 
     async def flush(items: list[int]) -> list[object]:
         batches.append(items)
+        in_flight.set()
         await gate.wait()  # one round trip in flight: later items queue for the next
         return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
 
     c: Coalescer[int, int] = Coalescer(flush)
     first = c.submit(0)
-    await asyncio.sleep(0)  # the drain task takes item 0 alone
-    rest = [c.submit(i) for i in range(1, 6)]
-    await asyncio.sleep(0)
+    await asyncio.wait_for(in_flight.wait(), 5)  # the drain task took item 0 alone
+    rest = [c.submit(i) for i in range(1, 6)]  # queued at once (submit is synchronous)
     gate.set()
     assert await first == 0
     results = await asyncio.gather(*rest, return_exceptions=True)
