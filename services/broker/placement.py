@@ -10,7 +10,6 @@ process."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,24 +31,18 @@ from .leases import NOT_SHARING, Reservation, by_region, missing_leases, with_de
 from .matching.model import Ask, Decision, Placement as Option
 from .records import RequestRecord
 from .request_states import Refused
-from .world import World
 
 log = logging.getLogger("broker")
 ATTEMPTS = 6  # matches per placement; each lost race gives the engine fresher numbers
 Settle = Callable[[list[LeaseInfo]], Awaitable[None]]  # the request's own transition, between grant and confirm
 DeviceTruth = dict[str, dict[int, int]]  # pool -> device -> free milli, as the scripts said
-# An engine that keeps device state (issue 14) holds a share's milli on its hinted device
-# and takes the devices' free milli after a reservation: its World.settle takes
-# ``devices``. One that does not holds (pool, units) and hears of devices from events.
-WORLD_HOLDS_DEVICES = "devices" in inspect.signature(World.settle).parameters
 
 
 def held(leases: Iterable[LeaseInfo]) -> list[tuple]:
     """What the engine's view holds for ``leases`` while they are being reserved: (pool,
-    units), or with device state (pool, units, milli, the engine's device hint)."""
-    if WORLD_HOLDS_DEVICES:
-        return [(lease.pool_id, lease.units, lease.milli, lease.devices) for lease in leases]
-    return [(lease.pool_id, lease.units) for lease in leases]
+    units, milli, the engine's device hint). A share holds its milli on the hinted device;
+    after the reservation the world takes what the script said about the devices."""
+    return [(lease.pool_id, lease.units, lease.milli, lease.devices) for lease in leases]
 
 
 def note_devices(into: DeviceTruth, lease: LeaseInfo, free_after: Iterable[int]) -> None:
@@ -95,7 +88,7 @@ class Placement:
                 expires_at=expires, term_months=TERM_MONTHS.get(body.billing, 0), ttl_s=ttl,
                 priority=body.priority, pool_generation=self.core.world.generations.get(a.pool_id, 0),
                 delivery=kind, provision_timeout_s=timeout, milli=milli,
-                devices=tuple(getattr(a, "devices", ()) or ())))
+                devices=a.devices))
         return out
 
     async def reserve(self, leases: list[LeaseInfo], record: RequestRecord | None = None,
@@ -160,10 +153,7 @@ class Placement:
             self._roll_back_late(leases)
             raise
         finally:
-            if WORLD_HOLDS_DEVICES:
-                core.world.settle(allocations, truth, devices)  # type: ignore[call-arg]
-            else:
-                core.world.settle(allocations, truth)
+            core.world.settle(allocations, truth, devices)
 
     def _roll_back_late(self, leases: list[LeaseInfo]) -> None:
         """The placement's deadline passed mid-grant (its client hears 503): whatever step
@@ -330,9 +320,9 @@ class Placement:
                 if len(not_sharing) > excluded:
                     break
             if len(not_sharing) > excluded:
-                # a share matched to a pool that does not share (an engine that does not
-                # know shares): that pool is left out and the match runs again, not counted
-                # as a lost race (each time one pool fewer, so this ends)
+                # the script refused a share there ('sharing': the pool does not share, or
+                # not that small a share, as Redis has it now): that pool is left out and the
+                # match runs again, not counted as a lost race (each time one pool fewer)
                 ask = msgspec.structs.replace(ask, exclude_pools=ask.exclude_pools | not_sharing)
                 continue
             attempt += 1
