@@ -8,8 +8,10 @@ through ``reserve.lua``, then calls each transition script ``--calls`` times on 
 pools, one call at a time. Two figures per script:
 
 * **on Redis**: the script's execution time inside redis-server, from its slow log with
-  a threshold of 0 (every command logged, in microseconds): what a script costs Redis,
-  which runs one script at a time;
+  a threshold of 0 (every command logged, in microseconds), read and emptied every
+  ``CHUNK`` calls between the timed calls: what a script costs Redis, which runs one
+  script at a time (the figure includes the slow log's own entries for the commands
+  the script runs: a little over, never under);
 * **round trip**: as this client saw it (loopback, Python redis-py): what a caller waits.
 
 Each script runs ``ROUNDS`` rounds; the table gives the median round's p50 and p99 (and
@@ -48,6 +50,14 @@ from services.registry.domain.topology import default_topology  # noqa: E402
 K = Keys("bench")
 ROUNDS = 3  # of --calls calls per script
 LOGGED_PER_CALL = 60  # slow-log lines one script call may leave (itself and the commands it ran)
+# The slow log is read (and emptied) every CHUNK calls, between timed calls. Emptied once
+# per round instead, it held ~18,000 entries (redis 6 also logs the commands a script
+# runs), and the reset freeing them made the next ~90 calls of whichever script came
+# next take ~1.8 ms each inside Redis (the allocator giving the memory back): that, not
+# the scripts, was the p99 of 'reserve.lua 1 allocation' (1.3-1.8 ms) in earlier runs.
+# Even a reset of a few hundred entries makes the next call slow (300 µs and more in 2 of
+# 3 tries): after each reset a call of a script that does nothing takes that, uncounted.
+CHUNK = 25
 NOW = 1_000_000.0
 
 
@@ -64,6 +74,8 @@ class Bench:
                         for name in ("reserve", "confirm", "end_lease", "renew", "restore", "lease_ready")}
         for script in (self.pool_script, *self.scripts.values()):
             client.script_load(script.script)
+        self.absorb = client.script_load("return 0")  # see CHUNK
+        self.absorb_line = b"EVALSHA " + self.absorb.encode()
         self.pools: list[tuple[str, str, int]] = []  # (region, pool id, generation)
         self.leases: list[LeaseInfo] = []
         self.revision = 0
@@ -137,14 +149,19 @@ class Bench:
         for _ in range(ROUNDS):
             prepared = [make() for _ in range(calls)]
             self.r.slowlog_reset()
-            rtt = []
-            for sha, keys, args in prepared:
-                t0 = time.perf_counter()
-                self.r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-                rtt.append((time.perf_counter() - t0) * 1e6)
-            # the slow log also holds the commands a script ran (redis 6): only the EVALSHA lines
-            server = [float(e["duration"]) for e in self.r.slowlog_get(calls * LOGGED_PER_CALL)
-                      if bytes(e["command"][:7]).upper() == b"EVALSHA"]
+            rtt: list[float] = []
+            server: list[float] = []
+            for start in range(0, len(prepared), CHUNK):
+                for sha, keys, args in prepared[start:start + CHUNK]:
+                    t0 = time.perf_counter()
+                    self.r.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                    rtt.append((time.perf_counter() - t0) * 1e6)
+                # the slow log also holds the commands a script ran (redis 6): only the EVALSHA lines
+                server += [float(e["duration"]) for e in self.r.slowlog_get(CHUNK * LOGGED_PER_CALL)
+                           if bytes(e["command"][:7]).upper() == b"EVALSHA"
+                           and not bytes(e["command"]).startswith(self.absorb_line)]
+                self.r.slowlog_reset()  # not timed; the next call pays for freeing its entries:
+                self.r.evalsha(self.absorb, 0)  # this one, not counted
             assert len(server) >= calls * 0.99, f"{name}: slow log holds {len(server)} of {calls} calls"
             rounds.append((pct(server, 50), pct(server, 99), max(server), statistics.median(rtt), pct(rtt, 99)))
         rounds.sort(key=lambda r: r[1])
@@ -170,7 +187,7 @@ def main() -> int:
     regions = [r.id for r in default_topology().regions]
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_redis(Path(tmp) / "redis", extra=["--slowlog-log-slower-than", "0",
-                                                       "--slowlog-max-len", str(args.calls * LOGGED_PER_CALL)])
+                                                       "--slowlog-max-len", str(CHUNK * LOGGED_PER_CALL)])
         try:
             client = redis.Redis.from_url(proc.url)
             b = Bench(client, regions, args.seed)
