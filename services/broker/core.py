@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import msgspec
@@ -37,7 +37,7 @@ from .metrics import LEASE_ENDS
 from .outbox import Notice, Outbox, iso, owed_event, tag_of
 from .queue_cap import TenantQueueCap
 from .records import RequestRecord
-from .request_states import RequestStates
+from .request_states import Lookup, RequestStates
 from .world import World
 
 
@@ -111,15 +111,22 @@ class Core:
         self.save_into(pipe, record)
         await pipe.execute()
 
-    def save_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
+    def save_into(self, pipe: Pipeline, *records: RequestRecord, lookups: Sequence[Lookup] = ()) -> None:
         """Records of requests decided by the call that accepted them (placed or
-        rejected at once), and one ZADD per tenant."""
-        self.requests.record_into(pipe, *records)
-        by_tenant: dict[str, dict[str, float]] = {}
+        rejected at once), and one ZADD per tenant. ``lookups``: more index entries to
+        write with them (a batch's leases); with those, or several records, all of it is
+        one script call, and the caller runs the pipeline again after a NOSCRIPT
+        (``LeaseStore.run_pipeline``)."""
+        by_tenant: dict[str, list] = {}
         for r in records:
-            by_tenant.setdefault(r.tenant, {})[r.request_id] = r.created_at.timestamp()
-        for tenant, members in by_tenant.items():
-            pipe.zadd(self.keys.tenant_requests(tenant), members)
+            by_tenant.setdefault(r.tenant, []).extend((r.created_at.timestamp(), r.request_id))
+        tenants = [(self.keys.tenant_requests(tenant), "z", pairs) for tenant, pairs in by_tenant.items()]
+        if lookups or len(records) > 1:
+            self.requests.record_into(pipe, *records, lookups=[*lookups, *tenants])
+            return
+        self.requests.record_into(pipe, *records)  # one record: plain commands, no NOSCRIPT to meet
+        for key, _, pairs in tenants:
+            pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
 
     async def record(self, request_id: str) -> RequestRecord | None:
         return await self.requests.get(request_id)

@@ -254,14 +254,24 @@ class LeaseStore:
         await pipe.execute()
 
     def index_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> None:
+        for key, kind, pairs in self.index_lookups(leases):
+            if kind == "z":
+                pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
+            else:
+                pipe.hset(key, mapping=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+
+    def index_lookups(self, leases: Sequence[LeaseInfo]) -> list[tuple[str, str, list]]:
+        """The lookups of ``leases`` (lease id -> region; a tenant's leases by grant time)
+        as ``RequestStates.record_into`` takes them: (key, 'h' or 'z', flat pairs)."""
         if not leases:
-            return
-        pipe.hset(self.keys.lease_index(), mapping={lease.lease_id: lease.region for lease in leases})
-        by_tenant: dict[str, dict[str, float]] = {}
+            return []
+        index: list = []
+        by_tenant: dict[str, list] = {}
         for lease in leases:
-            by_tenant.setdefault(lease.tenant, {})[lease.lease_id] = lease.granted_at.timestamp()
-        for tenant, members in by_tenant.items():
-            pipe.zadd(self.keys.tenant_leases(tenant), members)
+            index += (lease.lease_id, lease.region)
+            by_tenant.setdefault(lease.tenant, []).extend((lease.granted_at.timestamp(), lease.lease_id))
+        return [(self.keys.lease_index(), "h", index),
+                *((self.keys.tenant_leases(tenant), "z", pairs) for tenant, pairs in by_tenant.items())]
 
     def confirm_into(self, pipe: Pipeline, groups: Sequence[Sequence[LeaseInfo]]) -> int:
         """The grants are durable: the leases get their real expiry and lose the pending

@@ -234,8 +234,8 @@ class Placement:
 
         def build(pipe: Pipeline) -> int:
             n = store.confirm_into(pipe, groups)
-            store.index_into(pipe, [lease for leases, _ in items for lease in leases])
-            self.core.save_into(pipe, *(record for _, record in items if record is not None))
+            self.core.save_into(pipe, *(record for _, record in items if record is not None),
+                                lookups=store.index_lookups([lease for leases, _ in items for lease in leases]))
             return n
 
         n, replies = await store.run_pipeline(build, also=self.core.requests.scripts)  # every command idempotent

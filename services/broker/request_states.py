@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -27,6 +28,7 @@ from .records import RequestRecord
 # bounds how long one ``record_into`` call holds Redis (64 records: 0.26 ms median, 1.2 ms p99
 # on the loaded machine; 32: 0.11 / 0.30 ms)
 RECORDS_PER_CALL = 32
+Lookup = tuple[str, str, list]  # (key, 'h' for HSET or 'z' for ZADD, flat pairs: field, value or score, member)
 CLAIM_S = 60.0  # a claim outlives any live placement (a durable grant retries for at most 30 s)
 
 _record = msgspec.json.Decoder(RequestRecord)
@@ -118,26 +120,39 @@ class RequestStates:
         return [r for r in (decode(*raw) for raw in await pipe.execute()) if r is not None]
 
     # --- transitions -------------------------------------------------------------------------
-    def record_into(self, pipe: Pipeline, *records: RequestRecord) -> None:
+    def record_into(self, pipe: Pipeline, *records: RequestRecord, lookups: Sequence[Lookup] = ()) -> None:
         """accepted → placed | rejected: requests nobody else knows yet, each decided by
         the call that accepted it (no other transition can race it). Many records (the
         confirmations of a batch) go in one ``lua/record_requests.lua`` call per
-        ``RECORDS_PER_CALL``: one HSET per request, each with a reply to read, cost the
-        broker about 10 µs more CPU per placement (``bench/record_cost.py``).
-        A pipeline that holds that call may meet NOSCRIPT: ``scripts`` are the ones to
-        load before running it again."""
-        if len(records) == 1 or self._cluster:
+        ``RECORDS_PER_CALL``, with ``lookups`` (index entries) in the first: one command
+        each, each with a reply to read, cost the broker about 10 µs more CPU per
+        placement (``bench/record_cost.py``). On Redis Cluster the keys live in different
+        hash slots: a command each; so is one record without lookups. A pipeline that
+        holds the script call may meet NOSCRIPT: ``scripts`` are the ones to load before
+        running it again."""
+        if self._cluster or len(records) <= 1 and not lookups:
             for record in records:
                 pipe.hset(self.keys.request(record.request_id), mapping=_fields(record))
-        else:
-            for i in range(0, len(records), RECORDS_PER_CALL):
-                keys: list[str] = []
-                args: list[object] = []
-                for record in records[i:i + RECORDS_PER_CALL]:
-                    keys.append(self.keys.request(record.request_id))
-                    args += [record.state, record.updated_at.isoformat(), msgspec.json.encode(record)]
-                # the raw command, not the script object: that would add a SCRIPT EXISTS round trip
-                pipe.execute_command("EVALSHA", self._record.sha, len(keys), *keys, *args)
+            for key, kind, pairs in lookups:
+                if kind == "z":
+                    pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
+                else:
+                    pipe.hset(key, mapping=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+            return
+        for i in range(0, max(len(records), 1), RECORDS_PER_CALL):
+            chunk = records[i:i + RECORDS_PER_CALL]
+            extra = lookups if i == 0 else ()
+            if not chunk and not extra:
+                return
+            keys: list[str] = [self.keys.request(record.request_id) for record in chunk]
+            args: list[object] = [len(chunk)]
+            for record in chunk:
+                args += [record.state, record.updated_at.isoformat(), msgspec.json.encode(record)]
+            for key, kind, pairs in extra:
+                keys.append(key)
+                args += [kind, len(pairs) // 2, *pairs]
+            # the raw command, not the script object: that would add a SCRIPT EXISTS round trip
+            pipe.execute_command("EVALSHA", self._record.sha, len(keys), *keys, *args)
 
     @property
     def scripts(self) -> tuple:

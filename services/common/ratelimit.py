@@ -33,6 +33,7 @@ from .auth import Principal
 from .coalesce import Coalescer
 from .errors import TooManyRequests
 from .keys import Keys
+from .redis_conn import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,28 @@ if ttl < 0 then
   ttl = tonumber(ARGV[1])
 end
 return {n, ttl}
+"""
+
+# The same for every key of a batch in one call, with each key's existence (single Redis:
+# a batch's keys live in different hash slots, so Redis Cluster takes WINDOW_SCRIPT and
+# EXISTS per key). KEYS: the counters of the keys counted, then the live records of the
+# keys checked; ARGV[1] window ms, ARGV[2] how many counters, then each counter's hits.
+# Reply: {n, ttl} per counter, then 1/0 per record.
+BATCH_SCRIPT = """
+local counters, out = tonumber(ARGV[2]), {}
+for i = 1, counters do
+  local hits = tonumber(ARGV[2 + i])
+  local n = redis.call('INCRBY', KEYS[i], hits)
+  if n == hits then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    ttl = tonumber(ARGV[1])
+  end
+  out[i] = {n, ttl}
+end
+for i = counters + 1, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+return out
 """
 
 
@@ -69,6 +92,8 @@ class RateLimiter:
         self.redis, self.keys, self.limit = redis, keys, limit
         self.window_ms = max(1, int(window_s * 1000))
         self._script = redis.register_script(WINDOW_SCRIPT)
+        self._batch_script = redis.register_script(BATCH_SCRIPT)
+        self._cluster = is_cluster(redis)
         self._batches: Coalescer[Principal, Seen] = Coalescer(self._flush)
 
     @staticmethod
@@ -109,6 +134,31 @@ class RateLimiter:
         return out
 
     async def _round_trip(self, batch: dict[Principal, list[int]]) -> list[list[Seen]]:
+        """One script call for the whole batch (on Redis Cluster, a command or two per key):
+        a request arriving alone is a batch of one, and most batches hold several keys."""
+        counted = [p for p in batch if self.limit > 0]
+        checked = [p for p in batch if p.key_id]
+        if self._cluster or not counted and not checked:
+            return await self._round_trip_per_key(batch)
+        keys = [self.keys.rate_limit(self.bucket(p)) for p in counted] + \
+               [self.keys.api_key(p.key_id) for p in checked]  # type: ignore[arg-type]
+        args = [self.window_ms, len(counted), *(len(batch[p]) for p in counted)]
+        try:
+            raw = await self.redis.evalsha(self._batch_script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # first use, or Redis restarted
+            await self.redis.script_load(self._batch_script.script)
+            raw = await self.redis.evalsha(self._batch_script.sha, len(keys), *keys, *args)
+        windows = dict(zip(counted, raw[:len(counted)], strict=True))
+        exists = dict(zip(checked, raw[len(counted):], strict=True))
+        return [self._seen(hits, windows.get(p), bool(exists.get(p, 1))) for p, hits in batch.items()]
+
+    def _seen(self, hits: list[int], window: list[int] | None, exists: bool) -> list[Seen]:
+        """Each hit's number in its key's window, from the window's count after the batch."""
+        total, ttl_ms = window if window is not None else (0, 0)
+        first = int(total) - len(hits) if window is not None else -len(hits)
+        return [Seen(first + i, int(ttl_ms), exists) for i in range(1, len(hits) + 1)]
+
+    async def _round_trip_per_key(self, batch: dict[Principal, list[int]]) -> list[list[Seen]]:
         pipe = self.redis.pipeline(transaction=False)
         for principal, hits in batch.items():
             if self.limit > 0:  # the raw command, as in the registry's store: routed by its key's slot
@@ -120,11 +170,10 @@ class RateLimiter:
             replies = iter(await pipe.execute())
         except NoScriptError:  # first use, or Redis restarted
             await self._script.registered_client.script_load(self._script.script)
-            return await self._round_trip(batch)
+            return await self._round_trip_per_key(batch)
         out = []
         for principal, hits in batch.items():
-            total, ttl_ms = next(replies) if self.limit > 0 else (0, 0)
+            window = next(replies) if self.limit > 0 else None
             exists = bool(next(replies)) if principal.key_id else True
-            first = int(total) - len(hits) if self.limit > 0 else -len(hits)
-            out.append([Seen(first + i, int(ttl_ms), exists) for i in range(1, len(hits) + 1)])
+            out.append(self._seen(hits, window, exists))
         return out

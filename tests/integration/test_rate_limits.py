@@ -92,3 +92,28 @@ async def test_body_over_the_limit_is_413_and_changes_nothing(settings: Settings
         assert client.get("/v1/pools/p1", headers=admin).status_code == 404  # nothing was written
         ok = client.put("/v1/pools/p1", json=pool_body(provider="acme"), headers=admin)
         assert ok.status_code == 201, ok.text  # a body under the limit is served
+
+
+async def test_one_batch_counts_each_key_and_sees_which_keys_are_gone(settings: Settings, rds, srds) -> None:
+    """The hits of a batch (several keys, some more than once, one key whose live record
+    is gone, the bootstrap admin without a key id) counted in one call: each hit gets its
+    own number in its key's window, and only the gone key is reported gone."""
+    from services.common.auth import Principal
+    from services.common.keys import Keys
+    from services.common.ratelimit import RateLimiter
+
+    keys = Keys(settings.prefix)
+    limiter = RateLimiter(rds, keys, limit=3, window_s=30.0)
+    alive = [Principal(role="tenant", subject=f"t{i}", key_id=f"k{i}live{settings.prefix}") for i in range(2)]
+    gone = Principal(role="tenant", subject="t9", key_id=f"k9gone{settings.prefix}")
+    admin = Principal(role="admin", subject="", key_id="")
+    for p in alive:
+        srds.hset(keys.api_key(p.key_id), "role", "tenant")
+    hits = [alive[0], alive[1], alive[0], gone, admin, alive[0], alive[0]]
+    seen = await limiter._flush(hits)  # one batch, as the coalescer hands it over
+    assert [s.count for s in seen] == [1, 1, 2, 1, 1, 3, 4]
+    assert [s.key_exists for s in seen] == [True, True, True, False, True, True, True]
+    assert all(0 < s.ttl_ms <= 30_000 for s in seen)
+    again = await limiter._flush([alive[0], alive[1]])  # the next batch goes on from there
+    assert [s.count for s in again] == [5, 2]
+    assert srds.pttl(keys.rate_limit(RateLimiter.bucket(alive[0]))) > 0

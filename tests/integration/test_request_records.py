@@ -47,6 +47,29 @@ async def test_the_records_of_a_batch_are_one_command_and_each_reads_back(rds, s
         assert srds.hget(Keys(prefix).request(r.request_id), "state") == r.state
 
 
+async def test_a_batch_with_its_lookups_is_one_command_and_each_lookup_is_written(rds, srds, prefix: str) -> None:
+    """The confirmations' lookups (lease index, a tenant's requests and leases) ride in
+    the records' call: 600 lease index entries (more than one command's worth of pairs in
+    the script) and two tenants' sorted sets."""
+    states, keys = RequestStates(rds, Keys(prefix)), Keys(prefix)
+    records = [record(i, "placed") for i in range(3)]
+    index = [x for i in range(600) for x in (f"lease-{i}", f"region-{i % 7}")]
+    lookups = [(keys.lease_index(), "h", index),
+               (keys.tenant_leases("t0"), "z", [1.5, "lease-0", 2.5, "lease-2"]),
+               (keys.tenant_leases("t1"), "z", [3.5, "lease-1"])]
+
+    def build(pipe: Pipeline) -> int:
+        states.record_into(pipe, *records, lookups=lookups)
+        return len(pipe.command_stack)
+
+    n, replies = await LeaseStore(rds, Keys(prefix)).run_pipeline(build, also=states.scripts)
+    assert n == 1 and replies == [3]
+    assert srds.hgetall(keys.lease_index()) == dict(zip(index[::2], index[1::2], strict=True))
+    assert srds.zrange(keys.tenant_leases("t0"), 0, -1, withscores=True) == [("lease-0", 1.5), ("lease-2", 2.5)]
+    assert srds.zrange(keys.tenant_leases("t1"), 0, -1, withscores=True) == [("lease-1", 3.5)]
+    assert await states.get_many([r.request_id for r in records]) == records
+
+
 async def test_a_large_batch_is_cut_into_calls_that_each_hold_redis_briefly(rds, prefix: str) -> None:
     states = RequestStates(rds, Keys(prefix))
     records = [record(i, "placed") for i in range(RECORDS_PER_CALL + 2)]
