@@ -9,7 +9,8 @@ it, ``request --keep-alive`` stays in the foreground renewing until interrupted.
 from __future__ import annotations
 
 import json
-import time
+import signal
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -21,7 +22,7 @@ import msgspec
 
 from services.broker.client import BrokerApiError, BrokerClient, RequestNotReady
 from services.broker.domain.requests import ComputeRequest
-from services.broker.records import LeaseView, RequestView
+from services.broker.records import LeaseView
 
 from .options import data_dir_option, key_option, url_option, with_options
 from .term import LocalError, handled, note, print_json, show, waiting
@@ -195,17 +196,30 @@ def warn_expiry(leases: list[LeaseView]) -> None:
 
 def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> None:
     """Renew every open lease at a third of its remaining time until Ctrl-C; then say
-    when each will expire."""
+    when each will expire. The first Ctrl-C is taken between renewals, never in the
+    middle of one (a KeyboardInterrupt raised inside the HTTP client could leave its
+    connection pool locked, and the command would hang on exit); a second one
+    interrupts whatever is running."""
     live = {lease.lease_id: lease for lease in leases if lease.renewable}
     if not live:
         note("nothing to keep alive: these leases run for a fixed term")
         return
     note(f"keeping {len(live)} lease(s) alive; Ctrl-C stops renewing (they then expire)")
+    stop = threading.Event()
+
+    def first_interrupt(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first_interrupt)
     try:
-        while True:
+        while not stop.is_set():
             soonest = min(lease.expires_at for lease in live.values())
-            time.sleep(max(0.2, (soonest - datetime.now(UTC)).total_seconds() / 3))
+            if stop.wait(max(0.2, (soonest - datetime.now(UTC)).total_seconds() / 3)):
+                break
             for lease_id in list(live):
+                if stop.is_set():
+                    break
                 try:
                     live[lease_id] = lease = client.renew(lease_id)
                 except (httpx.TransportError, BrokerApiError) as exc:  # a blip: try again before it expires
@@ -215,10 +229,13 @@ def renew_until_interrupted(client: BrokerClient, leases: list[LeaseView]) -> No
                          f"trying again")
                     continue
                 note(f"renewed {lease_id} until {lease.expires_at.isoformat(timespec='seconds')}")
-    except KeyboardInterrupt:
-        for lease in live.values():
-            note(f"stopped renewing; lease {lease.lease_id} expires at "
-                 f"{lease.expires_at.isoformat(timespec='seconds')} (in {until(lease.expires_at)})")
+    except KeyboardInterrupt:  # the second Ctrl-C
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for lease in live.values():
+        note(f"stopped renewing; lease {lease.lease_id} expires at "
+             f"{lease.expires_at.isoformat(timespec='seconds')} (in {until(lease.expires_at)})")
 
 
 def register(cli: click.Group) -> None:
