@@ -132,7 +132,7 @@ class Failover:
         try:
             if record.tenant in self.queue.budgets.blocked:  # out of budget: it waits, as its queued requests do
                 raise NotPlaced(Decision(reasons=("the tenant's budget is exhausted; placed once it is topped up",)))
-            leases = await self.replacer.place(record, replacement, now, settle)
+            await self.replacer.place(record, replacement, now, settle)
         except NotPlaced as np:
             reasons = "; ".join(np.decision.reasons) or "no capacity matches right now"
             deadline = queue_deadline(record.body, lease, now)
