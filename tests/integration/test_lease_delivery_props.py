@@ -449,5 +449,5 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_delivery_states_match_model(redis_url: str) -> None:
-    steps = run_machine(make_machine, redis_url, examples=100, steps=60)
+    steps = run_machine(make_machine, redis_url, examples=100, steps=60, min_steps=MIN_STEPS)
     assert steps >= MIN_STEPS, f"only {steps} steps ran"

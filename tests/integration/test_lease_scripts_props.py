@@ -577,7 +577,7 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_lease_scripts_match_model(redis_url: str) -> None:
-    steps = run_machine(make_machine, redis_url, examples=200, steps=100)
+    steps = run_machine(make_machine, redis_url, examples=200, steps=100, min_steps=MIN_STEPS)
     assert steps >= MIN_STEPS, f"only {steps} steps ran"
 
 

@@ -163,5 +163,5 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_pool_script_matches_model(redis_url: str) -> None:
-    steps = run_machine(make_machine, redis_url, examples=150, steps=50)
+    steps = run_machine(make_machine, redis_url, examples=150, steps=50, min_steps=MIN_STEPS)
     assert steps >= MIN_STEPS, f"only {steps} steps ran"

@@ -431,7 +431,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
 
 
 def test_share_scripts_match_model(redis_url: str) -> None:
-    steps = run_machine(make_machine, redis_url, examples=int(os.environ.get("SHARE_EXAMPLES", "100")), steps=60)
+    steps = run_machine(make_machine, redis_url, examples=int(os.environ.get("SHARE_EXAMPLES", "100")), steps=60,
+                        min_steps=MIN_STEPS)
     assert steps >= MIN_STEPS, steps
 
 
