@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
         pool_loss = PoolLossFeed(nc, js, subjects, on_pool_gone)
         await pool_loss.start()
-        failover = broker.failover.feed(nc, js, subjects, replicas=settings.stream_replicas)  # one replica replaces each
+        failover = broker.failover.feed(nc, js, subjects, ack_wait_s=settings.failover_ack_wait_s,
+                                        replicas=settings.stream_replicas)  # one replica replaces each
         await failover.start()
         broker.budget_grace_s = settings.budget_grace_s
         broker.core.outbox.grace_s = settings.outbox_grace_s

@@ -119,11 +119,11 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int = 1, atte
     a create that fails or times out is followed by another look-up. ``direct``: allow
     direct gets (the meter reads many accounts in one batched direct get)."""
     for attempt in range(attempts):
-        try:
-            return await js.key_value(name)
-        except BucketNotFoundError:
-            pass
-        try:
+        try:  # the look-up can go unanswered too while the cluster creates streams (seen: a replica failed to start)
+            try:
+                return await js.key_value(name)
+            except BucketNotFoundError:
+                pass
             return await js.create_key_value(
                 KeyValueConfig(bucket=name, storage=StorageType.FILE, history=1, replicas=replicas, direct=direct)
             )

@@ -55,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     meter_state: str = ""  # prefix of the meter's own state (ledger, accounts, ...); "" = the deployment prefix
     meter_durable: str = ""  # durable consumer name on the alloc stream; "" = "meter" (or "meter_<state>")
     meter_batch: int = 1000  # events fetched per pull
+    failover_ack_wait_s: float = 30.0  # broker: a failed/lost lease whose replacer died is tried again after this
     meter_ack_wait_s: float = 30.0  # unacked events are redelivered after this (e.g. the meter died)
     meter_max_attempts: int = 5  # failed processing attempts before an event is dead-lettered
     finalize_interval_s: float = 5.0  # how often a replica checks whether a period is due to be final

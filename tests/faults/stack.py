@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from services.cli.audit import AuditConfig, read_alloc, run_audit
 from services.cli.audit_checks import Report
@@ -225,11 +226,13 @@ async def _setup_world(registry: str, admin_key: str) -> tuple[dict, dict, dict]
 
 
 @contextlib.asynccontextmanager
-async def running_stack(root: Path) -> AsyncIterator[Stack]:
+async def running_stack(root: Path, **overrides: object) -> AsyncIterator[Stack]:
+    """``overrides``: settings a test needs otherwise (e.g. a shorter provisional expiry)."""
     nats = start_nats(root / "nats")
     redis = start_redis(root / "redis")
     settings = Settings(nats_url=nats.url, redis_url=redis.url, prefix="cb", admin_key="admin-" + os.urandom(8).hex(),
                         heartbeat_ttl_s=HEARTBEAT_TTL_S, sweep_interval_s=0.2, meter_ack_wait_s=5.0)
+    settings = msgspec.structs.replace(settings, **overrides)
     services: dict[str, ServiceProcess] = {}
     stack = Stack(root, settings, nats, redis, services)
     try:

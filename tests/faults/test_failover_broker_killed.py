@@ -29,11 +29,13 @@ pytestmark = pytest.mark.timeout(180)
 
 N = 6
 MODEL = "amd-mi300x"  # acme-5 in eu-central at 2.50: the victim (2.40) is the cheapest of this model
+PENDING_S = 6.0  # the provisional expiry: well above a grant's confirmation, far below the default 30 s
+ACK_WAIT_S = 11.0  # the dead broker's events come back to the other one after this (its claims lapse at 10 s)
 ASK = {"units": 1, "accelerators": {"models": [MODEL]}, "placement": {"regions": ["eu-central"]}, "lease_ttl_s": 600}
 
 
 async def test_a_broker_killed_mid_failover_leaves_the_replacements_to_the_other(tmp_path: Path) -> None:
-    async with running_stack(tmp_path) as stack:
+    async with running_stack(tmp_path, pending_s=PENDING_S, failover_ack_wait_s=ACK_WAIT_S) as stack:
         assert stack.load is not None
         registry, b1, b2 = stack.services["registry"].url, stack.services["broker1"].url, stack.services["broker2"].url
         acme = stack.load.providers["acme"]
@@ -103,7 +105,7 @@ async def test_a_broker_killed_mid_failover_leaves_the_replacements_to_the_other
             async def one_replacement_each() -> bool:
                 """Replacement grants per lost lease, but those given back at their grant
                 time: broker1's grants it never confirmed end so once their provisional
-                expiry (30 s) passes, through the sweep."""
+                expiry (``PENDING_S``) passes, through the sweep."""
                 events, _ = await read_alloc(nc.jetstream(), Subjects(stack.settings.prefix))
                 retracted = {e.lease.lease_id for _, e in events
                              if isinstance(e, LeaseLost) and e.at == e.lease.granted_at}
