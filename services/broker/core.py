@@ -32,12 +32,12 @@ from services.common.tracing import nats_headers
 
 from .access import AccessStore
 from .domain.requests import ComputeRequest, to_ask
-from .leases import PENDING_S, Ended, LeaseStore
+from .leases import PENDING_S, Ended, LeaseStore, Lookup, lookups_into
 from .metrics import LEASE_ENDS
 from .outbox import Notice, Outbox, iso, owed_event, tag_of
 from .queue_cap import TenantQueueCap
 from .records import RequestRecord
-from .request_states import Lookup, RequestStates
+from .request_states import RequestStates
 from .world import World
 
 
@@ -125,8 +125,7 @@ class Core:
             self.requests.record_into(pipe, *records, lookups=[*lookups, *tenants])
             return
         self.requests.record_into(pipe, *records)  # one record: plain commands, no NOSCRIPT to meet
-        for key, _, pairs in tenants:
-            pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
+        lookups_into(pipe, tenants)
 
     async def record(self, request_id: str) -> RequestRecord | None:
         return await self.requests.get(request_id)

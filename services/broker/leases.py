@@ -28,6 +28,18 @@ REGIONS_PER_PIPELINE = 250  # per-region scans (sweep, readiness): a pipeline ho
 PENDING_S = 30.0  # an unconfirmed reservation (its broker died before the grant was durable) ends this soon
 
 
+Lookup = tuple[str, str, list]  # (key, 'h' for HSET or 'z' for ZADD, flat pairs: field, value or score, member)
+
+
+def lookups_into(pipe: Pipeline, lookups: Sequence[Lookup]) -> None:
+    """``lookups`` as one command each (what ``lua/record_requests.lua`` does with them)."""
+    for key, kind, pairs in lookups:
+        if kind == "z":
+            pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
+        else:
+            pipe.hset(key, mapping=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+
+
 @dataclass(frozen=True, slots=True)
 class Ended:
     lease: LeaseInfo
@@ -254,13 +266,9 @@ class LeaseStore:
         await pipe.execute()
 
     def index_into(self, pipe: Pipeline, leases: Sequence[LeaseInfo]) -> None:
-        for key, kind, pairs in self.index_lookups(leases):
-            if kind == "z":
-                pipe.zadd(key, dict(zip(pairs[1::2], pairs[::2], strict=True)))
-            else:
-                pipe.hset(key, mapping=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+        lookups_into(pipe, self.index_lookups(leases))
 
-    def index_lookups(self, leases: Sequence[LeaseInfo]) -> list[tuple[str, str, list]]:
+    def index_lookups(self, leases: Sequence[LeaseInfo]) -> list[Lookup]:
         """The lookups of ``leases`` (lease id -> region; a tenant's leases by grant time)
         as ``RequestStates.record_into`` takes them: (key, 'h' or 'z', flat pairs)."""
         if not leases:

@@ -37,23 +37,12 @@ from .redis_conn import is_cluster
 
 log = logging.getLogger(__name__)
 
+# Counts the hits of some keys in their windows and says which live key records exist.
+# KEYS: the counters, then the key records to check; ARGV[1] window ms, ARGV[2] how many
+# counters, then each counter's hits. Reply: {n, ttl} per counter, then 1/0 per record.
+# On a single Redis a batch's keys go in one call; on Redis Cluster (each key in its own
+# hash slot) one call per counter, and EXISTS for the records.
 WINDOW_SCRIPT = """
-local n = redis.call('INCRBY', KEYS[1], ARGV[2])
-if n == tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {n, ttl}
-"""
-
-# The same for every key of a batch in one call, with each key's existence (single Redis:
-# a batch's keys live in different hash slots, so Redis Cluster takes WINDOW_SCRIPT and
-# EXISTS per key). KEYS: the counters of the keys counted, then the live records of the
-# keys checked; ARGV[1] window ms, ARGV[2] how many counters, then each counter's hits.
-# Reply: {n, ttl} per counter, then 1/0 per record.
-BATCH_SCRIPT = """
 local counters, out = tonumber(ARGV[2]), {}
 for i = 1, counters do
   local hits = tonumber(ARGV[2 + i])
@@ -92,7 +81,6 @@ class RateLimiter:
         self.redis, self.keys, self.limit = redis, keys, limit
         self.window_ms = max(1, int(window_s * 1000))
         self._script = redis.register_script(WINDOW_SCRIPT)
-        self._batch_script = redis.register_script(BATCH_SCRIPT)
         self._cluster = is_cluster(redis)
         self._batches: Coalescer[Principal, Seen] = Coalescer(self._flush)
 
@@ -144,10 +132,10 @@ class RateLimiter:
                [self.keys.api_key(p.key_id) for p in checked]  # type: ignore[arg-type]
         args = [self.window_ms, len(counted), *(len(batch[p]) for p in counted)]
         try:
-            raw = await self.redis.evalsha(self._batch_script.sha, len(keys), *keys, *args)
+            raw = await self.redis.evalsha(self._script.sha, len(keys), *keys, *args)
         except NoScriptError:  # first use, or Redis restarted
-            await self.redis.script_load(self._batch_script.script)
-            raw = await self.redis.evalsha(self._batch_script.sha, len(keys), *keys, *args)
+            await self.redis.script_load(self._script.script)
+            raw = await self.redis.evalsha(self._script.sha, len(keys), *keys, *args)
         windows = dict(zip(counted, raw[:len(counted)], strict=True))
         exists = dict(zip(checked, raw[len(counted):], strict=True))
         return [self._seen(hits, windows.get(p), bool(exists.get(p, 1))) for p, hits in batch.items()]
@@ -163,7 +151,7 @@ class RateLimiter:
         for principal, hits in batch.items():
             if self.limit > 0:  # the raw command, as in the registry's store: routed by its key's slot
                 pipe.execute_command("EVALSHA", self._script.sha, 1, self.keys.rate_limit(self.bucket(principal)),
-                                     self.window_ms, len(hits))
+                                     self.window_ms, 1, len(hits))
             if principal.key_id:
                 pipe.exists(self.keys.api_key(principal.key_id))
         try:
@@ -173,7 +161,7 @@ class RateLimiter:
             return await self._round_trip_per_key(batch)
         out = []
         for principal, hits in batch.items():
-            window = next(replies) if self.limit > 0 else None
+            window = next(replies)[0] if self.limit > 0 else None
             exists = bool(next(replies)) if principal.key_id else True
             out.append(self._seen(hits, window, exists))
         return out
