@@ -3,6 +3,7 @@ JetStream, read by the meter's durable consumer, aggregated by the Lua script in
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -12,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.meter.reliability import ReliabilityFeed, ReliabilityRecord
+from services.meter.reliability.record import RecordLost
 from services.common.keys import Keys
 from services.common.messages import (
     LeaseFailed,
@@ -173,3 +175,67 @@ async def test_two_replicas_share_the_feed_and_a_lost_record_is_rebuilt(nc, sett
     finally:
         for feed in feeds:
             await feed.stop()
+
+
+class _ScanAfter:
+    """A replica's Redis client (the real one) whose keyspace scans wait for ``gate``: it
+    holds the second replica at the step CI caught it in, between finding the record
+    unmarked and clearing it, until the first has rebuilt and written."""
+
+    def __init__(self, redis, gate: asyncio.Event) -> None:
+        self._redis, self._gate = redis, gate
+
+    def __getattr__(self, name):
+        return getattr(self._redis, name)
+
+    async def scan_iter(self, *args, **kwargs):
+        await self._gate.wait()
+        async for key in self._redis.scan_iter(*args, **kwargs):
+            yield key
+
+
+async def test_replicas_rebuilding_at_once_keep_what_the_rebuild_wrote(settings, broker_redis):
+    """Two replicas that find the record lost at once: one rebuilds it, and the other's
+    start does not clear what the rebuild has written meanwhile (CI saw a rebuilt record
+    that never reached the stream's counts)."""
+    keys = Keys(settings.prefix)
+    written = asyncio.Event()
+    other_redis = aioredis.Redis.from_url(settings.redis_url)
+    await broker_redis.ping()
+    await other_redis.ping()  # both connected: the two starts' first commands reach Redis together
+    first = ReliabilityRecord(broker_redis, keys)
+    second = ReliabilityRecord(_ScanAfter(other_redis, written), keys)
+    events = [e for i in range(10) for e in delivered(f"z{i}", 10 + i, 100, lost=i % 3 == 0)]
+
+    async def rebuild(record: ReliabilityRecord, done: asyncio.Event | None) -> bool:
+        try:
+            if won := await record.start():
+                await record.apply_all(events)
+            return won
+        finally:
+            if done:
+                done.set()
+
+    try:
+        won = await asyncio.gather(rebuild(first, written), rebuild(second, None))
+    finally:
+        await other_redis.aclose()
+    assert sorted(won) == [False, True]
+    [rel] = await read_reliability(broker_redis, keys, PROVIDER, ["acme"], T0_MS)
+    assert (rel.deliveries, rel.failures, rel.losses) == (10, 0, 4)
+
+
+async def test_a_record_being_rebuilt_takes_no_writes_and_a_lapsed_claim_cannot_open_it(settings, broker_redis):
+    keys = Keys(settings.prefix)
+    first, second = ReliabilityRecord(broker_redis, keys), ReliabilityRecord(broker_redis, keys)
+    assert await first.claim()
+    assert not await second.claim()  # one rebuild at a time
+    with pytest.raises(RecordLost):
+        await second.apply_all(failed("during"))
+    assert [k async for k in broker_redis.scan_iter(match=keys.reliability_all())] == [
+        keys.reliability_since().encode()]  # nothing but the claim was written
+    await broker_redis.delete(keys.reliability_since())  # the first's claim lapsed (its replica died)
+    assert await second.claim()
+    assert not await first.open()  # the first's late work is not trusted
+    assert await second.open()
+    assert await first.apply_all(failed("after")) == [True, True]

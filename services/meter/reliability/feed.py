@@ -40,15 +40,25 @@ class ReliabilityFeed:
 
     async def ensure(self) -> None:
         """The consumer, and a record in Redis to match: a Redis without the record (new,
-        or lost) gets the whole stream replayed into it from a fresh consumer."""
-        if await self.record.start():
-            with contextlib.suppress(NotFoundError):
-                await self.js.delete_consumer(self.stream, DURABLE)
+        or lost) gets the whole stream replayed into it from a fresh consumer, by the one
+        replica that claims the rebuild."""
         config = ConsumerConfig(
             durable_name=DURABLE, filter_subject=self.subjects.events(ALLOC), deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT, ack_wait=60, max_deliver=-1,
             description="meter: reliability of pools and providers (docs/reliability.md)")
+        if not await self.record.claim():
+            await ensure_consumer(self.js, self.stream, config)
+            return
+        # 1. no replica reads on from where the lost record stood
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(self.stream, DURABLE)
+        # 2. nothing of the old record is left to be counted again
+        await self.record.clear()
+        # 3. a consumer from the stream's first event
         await ensure_consumer(self.js, self.stream, config)
+        # 4. the record takes writes (the events other replicas were refused come back)
+        if not await self.record.open():
+            raise RecordLost("the rebuild's claim lapsed before it ended: claimed again")
 
     async def start(self) -> None:
         await self.ensure()

@@ -12,8 +12,10 @@
 --       3 window size, 4 ttl of a live lease's facts (s), 5 ttl once ended (s),
 --       6 prior good, 7 prior bad
 -- Returns one 1 (the record changed) or 0 (a fact already known) per event; or -1 if the
--- record is not there (Redis is new or was lost: the feed replays the stream into it).
-if redis.call('EXISTS', KEYS[3]) == 0 then
+-- record is not there (Redis is new or was lost: the feed replays the stream into it) or
+-- is being rebuilt (its mark is a replica's claim: record.py's REBUILDING).
+local mark = redis.call('GET', KEYS[3])
+if not mark or string.sub(mark, 1, 11) == 'rebuilding:' then
   return -1
 end
 local prefix = ARGV[1]

@@ -5,6 +5,7 @@ idempotently (one script per batch, not a command per event)."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from importlib import resources
@@ -33,9 +34,15 @@ ENDED_FACTS_TTL_S = 7 * 86_400  # long past any redelivery of its events
 # a batch is cut into calls short enough that placements' commands get in between
 SCRIPT_EVENTS = 16
 _SCRIPT = resources.files(__package__).joinpath("record.lua").read_text()
+_OPEN = resources.files(__package__).joinpath("open.lua").read_text()
 _rows = msgspec.json.Encoder()
 _ENDS = {LeaseFailed: "failed", LeaseLost: "lost", LeaseReleased: "end", LeaseExpired: "end",
          LeasePreempted: "end", LeaseRevoked: "end"}
+
+
+# the mark while one replica clears the record and replays the stream into it
+REBUILDING = "rebuilding"
+REBUILD_CLAIM_MS = 120_000
 
 
 class RecordLost(Exception):
@@ -60,22 +67,41 @@ class ReliabilityRecord:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
         self._script = redis.register_script(_SCRIPT)
+        self._open = redis.register_script(_OPEN)
+        self._claim = ""
         good, bad = RELIABILITY_PRIOR
         self._keys = [keys.reliability_scores(), keys.reliability_version(), keys.reliability_since()]
         self._args = [str(READY_WINDOW), str(LIVE_FACTS_TTL_S), str(ENDED_FACTS_TTL_S), repr(good), repr(bad)]
 
     async def start(self) -> bool:
-        """Mark the record as started from the stream's first event; False if it was
-        already (another replica, or an earlier start, did). A record found without its
-        mark (someone deleted the mark to rebuild it) is cleared: the replay then counts
-        every fact once."""
-        since = self.keys.reliability_since()
-        if await self.redis.exists(since):
+        """Claim, clear and open the record in one go (a Redis without it); False if it is
+        there or another replica is rebuilding it. The feed runs the steps itself, to move
+        its consumer in between."""
+        if not await self.claim():
             return False
+        await self.clear()
+        return await self.open()
+
+    async def claim(self) -> bool:
+        """True if this replica is to rebuild the record: Redis holds none (new, lost, or
+        its mark deleted to rebuild it) and no other replica has claimed it. While the mark
+        says ``rebuilding`` the script writes nothing, so no replica's write lands in a
+        record being cleared, and a second replica's start cannot clear what the rebuild
+        wrote. A claim whose holder dies lapses after ``REBUILD_CLAIM_MS``."""
+        self._claim = f"{REBUILDING}:{uuid.uuid4().hex}"
+        return bool(await self.redis.set(self.keys.reliability_since(), self._claim, nx=True, px=REBUILD_CLAIM_MS))
+
+    async def clear(self) -> None:
+        """Every key of the record but its mark: the replay then counts each fact once."""
+        since = self.keys.reliability_since()
         async for key in self.redis.scan_iter(match=self.keys.reliability_all(), count=1000):
             if key not in (since, since.encode()):
                 await self.redis.delete(key)
-        return bool(await self.redis.set(since, str(int(time.time())), nx=True))
+
+    async def open(self) -> bool:
+        """The record takes writes from now on; False if this replica's claim had lapsed
+        (another may be rebuilding: this one's clearing is not trusted)."""
+        return bool(await self._open(keys=[self.keys.reliability_since()], args=[self._claim, str(int(time.time()))]))
 
     async def apply(self, event: AllocEvent) -> bool:
         """True if the event told the record something new."""
