@@ -54,8 +54,11 @@ class RequestQueue:
         Redis. If the event store does not take it, nothing is queued and the caller
         hears 503: a 202 is a promise that survives a Redis loss."""
         core = self.core
+        body, stored = record.body, record.body.workload is not None and core.access is not None
+        if stored:  # intake stored the workload in the access bucket: no env or script in an event
+            body = msgspec.structs.replace(body, workload=None)
         event = RequestQueued(id=new_id("ev"), at=now, request_id=record.request_id, tenant=record.tenant,
-                              reasons=tuple(record.reasons), body=msgspec.json.encode(record.body))
+                              reasons=tuple(record.reasons), body=msgspec.json.encode(body), workload_stored=stored)
         try:
             await core.acks.publish(core.subjects.request(record.tenant), event)
         except Exception as exc:  # noqa: BLE001 - any failure: not durable, so not queued

@@ -22,7 +22,9 @@ from services.common.messages import (
     LeaseRenewed,
     RequestEvent,
     RequestQueued,
+    RequestRejected,
 )
+from services.common.ids import new_id
 from services.common.nats_conn import read_stream
 
 from .budgets import Budgets
@@ -209,12 +211,31 @@ class Recovery:
         for event in last.values():
             if isinstance(event, RequestQueued) and event.body and event.request_id not in granted:
                 body = msgspec.json.decode(event.body, type=ComputeRequest)
+                if event.workload_stored:
+                    workload = await core.access.workload(event.request_id) if core.access is not None else None
+                    if workload is None:  # the bucket lost it: queued again, it would be delivered wrong
+                        await self._reject_lost_workload(event, body, now)
+                        continue
+                    body = msgspec.structs.replace(body, workload=workload)
                 record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="queued",
                                        created_at=event.at, updated_at=now, body=body, reasons=list(event.reasons))
                 if body.deadline_s:
                     record.deadline_at = event.at + timedelta(seconds=body.deadline_s)
                 n += await self.queue.add(record, event.at)
         return n
+
+    async def _reject_lost_workload(self, event: RequestQueued, body: ComputeRequest, now: datetime) -> None:
+        """A queued request whose workload the access bucket no longer has: rejected (its
+        client reads why), in Redis and durably, never placed without what it runs."""
+        if await self.core.record(event.request_id) is not None:
+            return  # Redis still knows it (with its workload): nothing to restore
+        reason = "its workload was lost from the access bucket while it was queued; submit the request again"
+        log.error("queued request %s not restored: %s", event.request_id, reason)
+        record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="rejected",
+                               created_at=event.at, updated_at=now, body=body, reasons=[reason])
+        await self.core.save(record)
+        await self.core.publish_request_durably(RequestRejected(id=new_id("ev"), at=now, request_id=event.request_id,
+                                                                tenant=event.tenant, reasons=(reason,)))
 
     async def pool_lost(self, region: str, pool_id: str, reason: str, generation: int = 0,
                         lease_ids: tuple[str, ...] = ()) -> int:

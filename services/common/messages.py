@@ -341,6 +341,9 @@ class RequestAccepted(_RequestEvent, tag="request.accepted"):
 class RequestQueued(_RequestEvent, tag="request.queued"):
     reasons: tuple[str, ...] = ()
     body: bytes = b""  # the request as the client sent it (JSON), to rebuild the queue
+    # the body's workload (its env, its script) is not in the event, which ops and the
+    # tenant read on the event stream: it is in the access bucket under the request id
+    workload_stored: bool = False
 
 
 class RequestPlaced(_RequestEvent, tag="request.placed"):

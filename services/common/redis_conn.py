@@ -48,9 +48,13 @@ class HiredisPackingConnection(Connection):
             args = (*args[0].encode().split(), *args[1:])
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
-        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
         try:
             return [hiredis.pack_command(args)]
+        except TypeError:
+            pass  # a bytearray, which hiredis refuses: converted (not checked up front on every call)
+        try:
+            return [hiredis.pack_command(tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a
+                                               for a in args))]
         except TypeError as exc:
             raise DataError(str(exc)) from exc
 

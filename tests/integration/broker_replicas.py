@@ -63,8 +63,8 @@ class Replicas:
     registry: AsyncTestClient
     provider: dict[str, str]
 
-    async def pool(self, pool_id: str, units: int) -> None:
-        r = await self.registry.put(f"/v1/pools/{pool_id}", json=pool_body(units=units, units_per_node=units),
+    async def pool(self, pool_id: str, units: int, **over: object) -> None:
+        r = await self.registry.put(f"/v1/pools/{pool_id}", json=pool_body(units=units, units_per_node=units, **over),
                                     headers=self.provider)
         assert r.status_code in (200, 201), r.text
         for broker in self.brokers:

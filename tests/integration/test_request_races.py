@@ -19,15 +19,18 @@ import msgspec
 import pytest
 
 from services.broker.domain.requests import ComputeRequest
+from services.broker.access import AccessStore
 from services.broker.leases import LeaseStore
 from services.common.errors import BrokerError
-from services.common.messages import AllocEvent, LeaseInfo, LeasePreempted
-from services.common.nats_conn import ensure_streams
+from services.common.messages import AllocEvent, LeaseInfo, LeasePreempted, RequestEvent, RequestQueued
+from services.common.nats_conn import ensure_streams, read_stream
+from services.common.subjects import ACCESS
 
 from ..helpers import EventTap, eventually
 from .broker_replicas import REGION, Gate, reached, replicas, tenant
 
 pytestmark = pytest.mark.asyncio
+_request_event = msgspec.json.Decoder(RequestEvent)
 
 
 
@@ -197,6 +200,51 @@ async def test_a_202_queued_survives_a_redis_loss(settings, nc, rds) -> None:
         await a.rebuild_if_lost()
         record = await a.record(request_id)
         assert record is not None and record.state == "queued", "the 202 queued request was lost"
+
+
+async def test_a_queued_request_s_event_carries_no_workload_and_the_rebuild_finds_it(settings, nc, rds) -> None:
+    """Ops and the tenant read request.queued on the event stream: a workload's env (its
+    secrets) and script are not in it. The rebuild after a Redis loss takes the workload
+    from the access bucket, where intake stored it."""
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        a.core.access = await AccessStore.open(nc, rs.subjects.bucket(ACCESS))
+        await rs.pool("p", 8, delivery=["process"])
+        assert (await place(a, "t1", units=8))[0] == 201
+        workload = {"kind": "process", "command": ["train.sh"], "env": {"HF_TOKEN": "hf_s3cret_value"}}
+        status, view = await place(a, "t2", units=4, workload=workload)
+        assert status == 202, view
+        request_id = view["request_id"]
+        events = [data async for _, data in read_stream(nc.jetstream(), rs.subjects.stream("request"),
+                                                        rs.subjects.events("request"))]
+        [queued] = [e for e in map(_request_event.decode, events)
+                    if isinstance(e, RequestQueued) and e.request_id == request_id]
+        assert queued.workload_stored and b"s3cret" not in queued.body and b"train.sh" not in queued.body
+        assert not any(b"s3cret" in data for data in events)
+        await rds.delete(rs.keys.request(request_id), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        record = await a.record(request_id)
+        assert record is not None and record.state == "queued"
+        assert msgspec.to_builtins(record.body.workload) == workload  # env and command back
+
+
+async def test_a_queued_request_whose_workload_is_lost_is_rejected_not_placed_bare(settings, nc, rds) -> None:
+    async with replicas(settings, 1) as rs:
+        a = rs.brokers[0]
+        a.core.access = await AccessStore.open(nc, rs.subjects.bucket(ACCESS))
+        await rs.pool("p", 8, delivery=["process"])
+        full = (await place(a, "t1", units=8))[1]["leases"][0]["lease_id"]
+        status, view = await place(a, "t2", units=4, workload={"kind": "process", "command": ["x"]})
+        assert status == 202, view
+        request_id = view["request_id"]
+        await a.core.access.kv.purge(f"workload.{request_id}")  # the bucket lost it
+        await rds.delete(rs.keys.request(request_id), rs.keys.queue(), rs.keys.rebuilt_marker("broker"))
+        await a.rebuild_if_lost()
+        record = await a.record(request_id)
+        assert record is not None and record.state == "rejected" and "workload was lost" in record.reasons[0]
+        assert await rds.zcard(rs.keys.queue()) == 0
+        await a.release(tenant("t1"), full)
+        assert await a.run_queue() == 0 and await rs.leases_of(request_id) == []
 
 
 async def test_the_rebuild_restores_the_queued_requests_and_only_those(settings, nc, rds) -> None:

@@ -18,6 +18,7 @@ COMMANDS = [
     ("CONFIG GET", "maxmemory"),
     ("SET", "big", "x" * 100_000),
     ("SET", "view", memoryview(b"abc")),
+    ("SET", "array", bytearray(b"abc")),
 ]
 
 
