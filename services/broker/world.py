@@ -89,6 +89,7 @@ def pool_state(pool: Pool, country: str, free: int) -> PoolState:
         reserved_year=s.prices.reserved_year, interruptible=s.prices.interruptible, egress_gbps=s.egress_gbps,
         listed=s.availability == "listed", delivery=frozenset(map(i, s.delivery)),
         provision_timeout_s=s.provision_timeout_s, sharing=s.sharing.mode, min_milli=s.sharing.min_milli,
+        max_milli=s.sharing.max_milli,
     )
 
 

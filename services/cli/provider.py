@@ -20,7 +20,7 @@ import httpx
 import msgspec
 
 from services.common.client_errors import raise_for_problem
-from services.common.messages import PoolSpec
+from services.common.messages import MILLI, PoolSpec, Sharing
 
 from .apps import demo_keys, units_text
 from .demo_agent import AGENT_DIR as DEMO_AGENT_DIR
@@ -31,6 +31,13 @@ from .term import LocalError, handled, print_json, show, waiting
 POOL_COLUMNS = ("pool", "region", "model", "units", "free", "status", "delivers")
 ASSIGNMENT_COLUMNS = ("lease", "pool", "tenant", "units", "state", "delivers", "expires")
 
+
+
+def share_range(sharing: Sharing) -> str:
+    """``time_slice >= 100/1000``, or ``memory 125-125/1000`` for a pool with a largest share."""
+    if sharing.max_milli >= MILLI:
+        return f"{sharing.mode} >= {sharing.min_milli}/1000"
+    return f"{sharing.mode} {sharing.min_milli}-{sharing.max_milli}/1000"
 
 def provider_key(key: str | None, provider: str | None, data_dir: Path) -> str:
     if key:
@@ -94,7 +101,7 @@ def register(cli: click.Group) -> None:
              ("pool", "backend", "model", "units", "devices", "delivers", "shares"),
              [[p.pool_id, p.backend, p.model, str(p.spec.units), ",".join(map(str, p.devices)) or "-",
                ",".join(p.spec.delivery),
-               "-" if p.spec.sharing.mode == "none" else f"{p.spec.sharing.mode} >= {p.spec.sharing.min_milli}/1000"]
+               "-" if p.spec.sharing.mode == "none" else share_range(p.spec.sharing)]
               for p in plans], right=("units",))
         for line in [d.unmapped for d in found.unmapped] + list(found.errors):
             click.echo(f"  • not sold: {line}")

@@ -112,10 +112,13 @@ class Sharing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     ``time_slice``: a share is a fraction of the device's time (NVIDIA time-slicing or an
     MPS active-thread percentage; memory is not partitioned). ``memory``: a share of m
     milli also gets m/1000 of the device's memory (Ascend vNPU templates, HAMi's memory
-    limit, MIG-like partitions). A share is never below ``min_milli``."""
+    limit, MIG-like partitions). A share is never below ``min_milli`` nor above
+    ``max_milli``; a pool whose ``max_milli`` is below 1000 sells slices only, never a
+    whole device (a catalogue's fixed-size partitions: an AWS g6f sells 1/8 of an L4)."""
 
     mode: SharingMode = "none"
     min_milli: Annotated[int, msgspec.Meta(ge=1, le=MILLI)] = 100
+    max_milli: Annotated[int, msgspec.Meta(ge=1, le=MILLI)] = MILLI
 
 
 class PoolSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

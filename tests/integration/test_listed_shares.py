@@ -30,7 +30,7 @@ async def test_a_share_of_the_sold_fraction_is_placed_on_the_imported_instance(s
     async with broker_world(settings, pools) as w:
         eighth = by_offer["g6f.large"].pool_id
         r = await w.registry.get(f"/v1/pools/{eighth}", headers=w.admin)
-        assert r.json()["spec"]["sharing"] == {"mode": "memory", "min_milli": 125}, r.text
+        assert r.json()["spec"]["sharing"] == {"mode": "memory", "min_milli": 125, "max_milli": 125}, r.text
 
         ask = {"share": {"milli": 125}, "accelerators": {"models": ["nvidia-l4"]}, "duration_s": 3600}
         r = await w.broker.post("/v1/quotes", json=ask, headers=w.tenants["t1"])
@@ -49,3 +49,31 @@ async def test_a_share_of_the_sold_fraction_is_placed_on_the_imported_instance(s
         share = placed["placement"]
         assert (share["milli"], Decimal(share["share_hour_price"])) == (125, Decimal("0.202"))
         assert [(a["pool_id"], a["milli"], a["devices"]) for a in share["allocations"]] == [(eighth, 125, [0])]
+
+        # each slice pool sells its size only: a quarter goes to the quarter pool (g6f.2xlarge),
+        # a half to none of them, a whole L4 to the whole-L4 pool, and once that is taken to none
+        quarter = by_offer["g6f.2xlarge"].pool_id
+        r = await w.request("t1", {**ask, "share": {"milli": 250}})
+        assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] == quarter, r.text
+        r = await w.request("t1", {**ask, "share": {"milli": 500}, "queue": False})
+        assert r.status_code == 422 and "largest share allowed: 250 milli" in str(r.json()["reasons"]), r.text
+
+
+async def test_a_slice_pool_sells_its_size_only_never_a_whole_device(settings, nc) -> None:
+    """sharing.max_milli = the sold fraction: a whole L4 goes to the whole-L4 pool, and
+    once that is taken, not to the wholly free slice pools (409 with the reason)."""
+    result = parse_skypilot(FIXTURE.read_text("utf-8"), "acme", {"us-east"}, cloud="aws",
+                            region_map={"us-east-1": "us-east"})
+    by_offer = {o.offer: o for o in result.outcomes if o.status == "ready" and o.offer in WANTED}
+    specs = dict(result.pools)
+    pools = {o.pool_id: msgspec.to_builtins(specs[o.pool_id]) for o in by_offer.values()}
+    async with broker_world(settings, pools) as w:
+        whole = {"units": 1, "accelerators": {"models": ["nvidia-l4"]}, "duration_s": 3600, "queue": False}
+        r = await w.request("t1", whole)
+        assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] == by_offer["gr6.4xlarge"].pool_id, r.text
+        r = await w.request("t1", whole)
+        assert r.status_code == 409, r.text
+        assert r.json()["reasons"] == ["the matching pools with free devices sell slices only "
+                                       "(a share of at most 250 milli), not whole devices"], r.text
+        for offer in ("g6f.large", "g6f.2xlarge"):  # untouched: their one device still wholly free
+            assert await w.free(by_offer[offer].pool_id) == 1

@@ -37,6 +37,7 @@ POOLS = (*SHARING, "pn")  # pn does not share
 MILLI = 1000
 MIN_STEPS = 3_000
 MIN_MILLI = {"sb": 200}  # its shares are never smaller (sharing.min_milli)
+MAX_MILLI = {"sb": 750}  # ... nor larger (sharing.max_milli): slices only, never a whole device
 
 
 class Held(msgspec.Struct):
@@ -58,7 +59,7 @@ def record(pool: str, cap: int, upn: int) -> str:
     """The parts of a pool record (services.common.messages.Pool) the pool script reads."""
     mode = "none" if pool not in SHARING else ("time_slice" if pool == "sa" else "memory")
     return msgspec.json.encode({"pool_id": pool, "spec": {"units": cap, "units_per_node": upn, "sharing": {
-        "mode": mode, "min_milli": MIN_MILLI.get(pool, 1)}}}).decode()
+        "mode": mode, "min_milli": MIN_MILLI.get(pool, 1), "max_milli": MAX_MILLI.get(pool, MILLI)}}}).decode()
 
 
 def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
@@ -154,6 +155,8 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
                 return False
             if pool_id not in SHARING:
                 return milli == MILLI and units <= wholes
+            if milli > MAX_MILLI.get(pool_id, MILLI):
+                return False
             if milli < MILLI:
                 if milli < MIN_MILLI.get(pool_id, 1):
                     return False
@@ -228,8 +231,9 @@ def make_machine(url: str, counter: list[int]) -> type[RuleBasedStateMachine]:
             if int(reply[0]) == 0:
                 i = int(reply[1]) - 1
                 pool_id, units, milli, _ = asks[i]
-                if milli < MILLI and (pool_id not in SHARING or milli < MIN_MILLI.get(pool_id, 1)):
-                    assert reply[3] == "sharing", reply  # this pool takes no such share
+                if milli < MILLI and (pool_id not in SHARING or milli < MIN_MILLI.get(pool_id, 1)) \
+                        or pool_id in SHARING and milli > MAX_MILLI.get(pool_id, MILLI):
+                    assert reply[3] == "sharing", reply  # this pool takes no such share (or whole device)
                 if len(reply) > 4:  # no device fitted: the devices as they are, for the broker's view
                     spec = self.spec[pool_id]
                     assert spec is not None

@@ -96,6 +96,11 @@ async def test_registry_refuses_what_per_device_state_cannot_follow(settings, nc
         r = await w.registry.patch("/v1/pools/gz-l40s", json={"units": MAX_SHARED_UNITS + 1}, headers=w.provider)
         assert r.status_code == 422 and str(MAX_SHARED_UNITS) in r.text, r.text
         assert len(devices(srds, prefix, "gz-l40s")) == 8  # nothing changed
+        # a largest share below the smallest: no share would ever fit
+        inverted = {**POOLS["gz-l40s"], "sharing": {"mode": "memory", "min_milli": 500, "max_milli": 250}}
+        r = await w.registry.put("/v1/pools/inverted", json=inverted, headers=w.provider)
+        assert r.status_code == 422 and "max_milli 250 is below sharing.min_milli 500" in r.text, r.text
+        assert (await w.registry.get("/v1/pools/inverted", headers=w.provider)).status_code == 404
         # whether a registered pool shares cannot change (its leases would not say how they were taken)
         r = await w.registry.put("/v1/pools/gz-910b", json={**POOLS["gz-910b"], "sharing": {"mode": "memory"}},
                                  headers=w.provider)

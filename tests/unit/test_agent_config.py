@@ -163,7 +163,7 @@ def test_a_sharing_pool_registers_its_sharing(tmp_path):
     spec = config.pools[0].spec("nvidia-h100-sxm-80gb", 2)
     assert (spec.sharing.mode, spec.sharing.min_milli) == ("time_slice", 250)
     wire = msgspec.json.decode(msgspec.json.encode(spec))
-    assert wire["sharing"] == {"mode": "time_slice", "min_milli": 250}  # the PUT /v1/pools body carries it
+    assert wire["sharing"] == {"mode": "time_slice", "min_milli": 250, "max_milli": 1000}  # the PUT /v1/pools body carries it
     assert config.pools[1].spec("nvidia-h100-sxm-80gb", 2).sharing.mode == "none"  # the default: whole devices
 
 

@@ -54,7 +54,7 @@ def test_a_fraction_of_one_l4_is_a_memory_sharing_pool(result: ImportResult, row
     assert outcome.offer == instance and outcome.model == "nvidia-l4"
     assert outcome.memory_gib == 24.0  # the card's memory, not the slice's 2861 MiB
     spec = dict(result.pools)[outcome.pool_id]
-    assert spec.sharing == Sharing(mode="memory", min_milli=milli)
+    assert spec.sharing == Sharing(mode="memory", min_milli=milli, max_milli=milli)  # that size only
     assert (spec.units, spec.units_per_node, spec.availability) == (1, 1, "listed")
     assert f"{milli}/1000 share" in outcome.note
 

@@ -107,6 +107,27 @@ def test_min_milli_and_sharing_mode_are_reasons() -> None:
     assert engine(share_pool("s", min_milli=200)).match(share(200)).placed
 
 
+def test_a_pool_that_sells_slices_only_takes_no_larger_share_and_no_whole_device() -> None:
+    """sharing.max_milli (an AWS g6f sells 1/8 of an L4, and only that): a larger share or
+    a whole device goes elsewhere, or is refused with the reason."""
+    eighth = share_pool("eighth", price="1", sharing="memory", min_milli=125, max_milli=125, capacity=1)
+    assert engine(eighth).match(share(125)).options[0].allocations[0].pool_id == "eighth"
+    d = engine(eighth).match(share(250))
+    assert d.never and d.reasons == (
+        "no sharing pool in ['cn-gz'] places a share of 250 milli (largest share allowed: 125 milli)",)
+    # a whole device: the dearer whole pool, never the cheaper slices-only one
+    e = engine(eighth, pool("whole", "cn-gz", "3", free=1, capacity=1))
+    d = e.match(Ask(units=1))
+    assert [a.pool_id for o in d.options for a in o.allocations] == ["whole"]
+    e.set_free("whole", 0)
+    d = e.match(Ask(units=1))
+    assert not d.placed and d.reasons == (
+        "the matching pools with free devices sell slices only (a share of at most 125 milli), not whole devices",)
+    # a larger share goes to a pool that allows it, however dear
+    e = engine(eighth, share_pool("any", price="9"))
+    assert e.match(share(500)).options[0].allocations[0].pool_id == "any"
+
+
 def test_memory_rule_per_mode() -> None:
     # an Ascend 910B has 64 GB: a 250 share of a "memory" pool gets 16 GB, of a time-slice pool all 64
     mem = engine(share_pool("m", model=ASCEND, sharing="memory"))

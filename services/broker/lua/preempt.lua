@@ -20,7 +20,8 @@
 -- Shares (docs/sharing.md): a victim on a pool that shares its devices gives its milli back
 -- to its devices; a new lease on such a pool takes devices by the rule of lua/reserve.lua,
 -- chosen among the devices as they are with every victim's milli back. A share asked of a
--- pool that does not share, or below its min_milli, finds no room.
+-- pool that does not share, or below its min_milli, or above its max_milli (a whole device
+-- counting as 1000), finds no room.
 -- Reply: {1, {per new lease: free after, or on a sharing pool {free after, {devices},
 --   {their free milli after}}}, {per victim: {lease json, seq, free after, pending,
 --   {its devices' free milli after} (a sharing pool)}}}
@@ -56,7 +57,7 @@ local function devices_after_victims(pool)
       end
     end
   end
-  local f = redis.call('HMGET', pool, 'capacity', 'healthy', 'alive', 'draining', 'upn', 'min_milli')
+  local f = redis.call('HMGET', pool, 'capacity', 'healthy', 'alive', 'draining', 'upn', 'min_milli', 'max_milli')
   local capacity, healthy = tonumber(f[1]) or 0, tonumber(f[2]) or -1
   local effective = capacity
   if healthy >= 0 and healthy < capacity then effective = healthy end
@@ -64,7 +65,7 @@ local function devices_after_victims(pool)
   for _, free in pairs(d) do if free < CB_MILLI then in_use = in_use + 1 end end
   wholes[pool] = math.max(0, effective - in_use)
   if cb_status_of(tonumber(f[3]) or 0, tonumber(f[4]) or 0) ~= 'online' then wholes[pool] = -1 end
-  sf[pool] = {capacity, tonumber(f[5]) or 8, tonumber(f[6]) or 1}
+  sf[pool] = {capacity, tonumber(f[5]) or 8, tonumber(f[6]) or 1, tonumber(f[7]) or CB_MILLI}
   return d
 end
 
@@ -77,7 +78,7 @@ for i = 0, n - 1 do
   local units, milli = tonumber(ARGV[c + 1 + 7 * i]), tonumber(ARGV[c + 5 + 7 * i]) or CB_MILLI
   if redis.call('HGET', pool, 'sharing') then
     if not devs[pool] then devs[pool] = devices_after_victims(pool) end
-    if wholes[pool] < 0 or milli < sf[pool][3] then return {0, 2, i + 1, 0} end
+    if wholes[pool] < 0 or milli < sf[pool][3] or milli > sf[pool][4] then return {0, 2, i + 1, 0} end
     local chosen = cb_pick_devices(devs[pool], sf[pool][1], sf[pool][2], units, milli,
       cb_split_devices(ARGV[c + 6 + 7 * i]), wholes[pool])
     if not chosen then return {0, 2, i + 1, wholes[pool]} end

@@ -31,7 +31,8 @@
 --   or {-1} (leases not restored yet after a Redis loss: refuse rather than book over them);
 --   after_i: the pool's free units after, or on a sharing pool {free, {devices},
 --   {devices' free milli after}}; why 'sharing': the pool takes no such share (it does not
---   share its devices, or the share is below its sharing.min_milli); no device fits on a
+--   share its devices, or the share is below its sharing.min_milli or above its
+--   sharing.max_milli, a whole device counting as 1000); no device fits on a
 --   sharing pool: {0, i, free, '', {free milli of devices 0..capacity-1}} (the broker's view
 --   of them was stale: an event of an earlier grant may arrive after a later one's reply)
 local function reserve(k, a)
@@ -50,9 +51,10 @@ local function reserve(k, a)
     local shares = held[i] and f[4] ~= false
     if mode == 'check' then
       if not cb_same_generation(want, have) then return {0, i + 1, 0} end
-      local sf = {}  -- a sharing pool's upn, capacity, min_milli (a pool that does not share reads none)
-      if f[4] then sf = redis.call('HMGET', pool, 'upn', 'capacity', 'min_milli') end
+      local sf = {}  -- a sharing pool's upn, capacity, min_milli, max_milli (a pool that does not share reads none)
+      if f[4] then sf = redis.call('HMGET', pool, 'upn', 'capacity', 'min_milli', 'max_milli') end
       if milli < CB_MILLI and (not f[4] or milli < (tonumber(sf[3]) or 1)) then return {0, i + 1, free, 'sharing'} end
+      if f[4] and milli > (tonumber(sf[4]) or CB_MILLI) then return {0, i + 1, free, 'sharing'} end
       if f[2] ~= 'online' then return {0, i + 1, free} end
       if redis.call('EXISTS', KEYS[k + 5 + 3 * i]) == 1 then return {0, i + 1, free} end
       if shares then

@@ -58,6 +58,7 @@ class PoolState(msgspec.Struct, kw_only=True):
     # devices with all 1000 free
     sharing: Literal["none", "time_slice", "memory"] = "none"
     min_milli: int = 100  # smallest share placed here
+    max_milli: int = 1000  # largest share placed here; below 1000: slices only, no whole device
 
 
 class Ask(msgspec.Struct, frozen=True, kw_only=True):

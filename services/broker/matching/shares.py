@@ -65,8 +65,8 @@ class SharedPool:
     """One sharing pool's devices: device index i is device i % units_per_node of node
     i // units_per_node (the last node may have fewer)."""
 
-    __slots__ = ("_top", "_whole_node", "capacity", "cluster", "ladders", "memory_gib", "min_milli", "mode",
-                 "pool_id", "upn")
+    __slots__ = ("_top", "_whole_node", "capacity", "cluster", "ladders", "max_milli", "memory_gib", "min_milli",
+                 "mode", "pool_id", "upn")
 
     def __init__(self, state: PoolState, mix: Iterable[TypicalAsk] = (),
                  scarcity: Mapping[str, float] | None = None, caches: Caches | None = None) -> None:
@@ -86,7 +86,7 @@ class SharedPool:
     def refresh(self, state: PoolState) -> None:
         """What a re-registration may change without touching the devices."""
         self.mode = state.sharing
-        self.min_milli = state.min_milli
+        self.min_milli, self.max_milli = state.min_milli, state.max_milli
         self.memory_gib = float(state.memory_gib)
 
     def same_devices(self, state: PoolState) -> bool:
@@ -385,7 +385,8 @@ class Shares:
             if nj >= 0:
                 push(cid, nj)
             sp = self.pools[pid]
-            if sp.min_milli > milli or (need_gib and sp.slice_gib(milli) < need_gib) or pid in exclude:
+            if sp.min_milli > milli or milli > sp.max_milli or (need_gib and sp.slice_gib(milli) < need_gib) \
+                    or pid in exclude:
                 continue
             cost = price * f + transfer
             if rank is not None:
@@ -458,7 +459,7 @@ class Shares:
                 if sp is None:
                     allocations.append(a)
                     continue
-                devices = sp.hint_whole(a.units)
+                devices = sp.hint_whole(a.units) if sp.max_milli >= MILLI else None  # (else: slices only)
                 if devices is None:
                     bad.add(a.pool_id)
                     break
@@ -467,7 +468,7 @@ class Shares:
                 out.append(msgspec.structs.replace(option, allocations=tuple(allocations)))
         if bad and everywhere:
             least = min(a.units for o in options for a in o.allocations)
-            bad |= {pid for pid, sp in self.pools.items() if not sp.fits_whole(least)}
+            bad |= {pid for pid, sp in self.pools.items() if sp.max_milli < MILLI or not sp.fits_whole(least)}
         return out, bad
 
     def spread_reason(self, options: list[Placement], bad: set[str]) -> str:
@@ -475,6 +476,10 @@ class Shares:
         devices are spread over nodes (not ``never``: releases gather them)."""
         units = min(a.units for o in options for a in o.allocations if a.pool_id in bad)
         pools = [self.pools[pid] for pid in sorted(bad) if pid in self.pools]
+        if pools and all(sp.max_milli < MILLI for sp in pools):
+            most = max(sp.max_milli for sp in pools)
+            return (f"the matching pools with free devices sell slices only (a share of at most {most} milli), "
+                    "not whole devices")
         most = max((sp.whole_node for sp in pools), default=0)
         n = len(pools)
         return (f"{n} sharing pool{'s have' if n != 1 else ' has'} {units} whole devices free, but not on "
@@ -498,6 +503,12 @@ class Shares:
             least = min(sp.min_milli for _, sp in pools)
             return [(f"no sharing pool in {regions} places a share of {milli} milli "
                      f"(smallest share allowed: {least} milli)")], True
+        fitting = [(c, sp) for c, sp in small if milli <= sp.max_milli]
+        if not fitting:
+            most = max(sp.max_milli for _, sp in small)
+            return [(f"no sharing pool in {regions} places a share of {milli} milli "
+                     f"(largest share allowed: {most} milli)")], True
+        small = fitting
         if need_gib:
             roomy = [(c, sp) for c, sp in small if sp.slice_gib(milli) >= need_gib]
             if not roomy:

@@ -600,13 +600,15 @@ def classify_skypilot(rows: Rows, provider: str, regions: RegionResolver, *, uni
                 region=where.id, zone=zone[:64], model=acc.model, units=units, units_per_node=per_node,
                 host_arch=arch,  # type: ignore[arg-type]
                 prices=Prices(currency=currency, on_demand=on_demand, interruptible=spot), provider=provider,
-                availability="listed", sharing=Sharing(mode="memory", min_milli=share) if share else Sharing(),
+                availability="listed",
+                # a listed slice is one size: never a larger share, never the whole device
+                sharing=Sharing(mode="memory", min_milli=share, max_milli=share) if share else Sharing(),
             ))
         except _RowError as exc:
             outcomes.append(RowOutcome(row_no, "rejected", offer, region_raw, str(exc)))
             continue
         if share:
-            shared = (f"a {share}/1000 share of one {name}: sharing pool (memory, min_milli {share}), "
+            shared = (f"a {share}/1000 share of one {name}: sharing pool (memory, min_milli = max_milli = {share}), "
                       f"prices per whole GPU-hour = instance price / {gpus.normalize():f}")
             note = "; ".join(n for n in (shared, note) if n)
         if where.region is not None:

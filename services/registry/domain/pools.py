@@ -60,6 +60,9 @@ def check_sharing(spec: PoolSpec, existing: Pool | None = None) -> None:
     if spec.sharing.mode != "none" and spec.units > MAX_SHARED_UNITS:
         raise Unprocessable(f"a pool that shares its devices has at most {MAX_SHARED_UNITS} units "
                             f"(got {spec.units}); register the rest as another pool")
+    if spec.sharing.max_milli < spec.sharing.min_milli:
+        raise Unprocessable(f"sharing.max_milli {spec.sharing.max_milli} is below sharing.min_milli "
+                            f"{spec.sharing.min_milli}: no share would fit")
     if existing is not None and (existing.spec.sharing.mode == "none") != (spec.sharing.mode == "none"):
         raise Conflict(f"pool {existing.pool_id} {'does not share' if existing.spec.sharing.mode == 'none' else 'shares'}"
                        " its devices; remove it and register it again to change that")

@@ -38,7 +38,7 @@ end
 -- capacity stay, counted as overcommit). A pool that stops sharing drops the hash (the
 -- registry refuses that change while a pool is registered: docs/sharing.md).
 local function follow_devices(record, capacity)
-  local mode, upn, min_milli = 'none', 8, 1
+  local mode, upn, min_milli, max_milli = 'none', 8, 1, CB_MILLI
   -- most pools do not share: no need to decode their record (msgspec writes the default)
   local ok, rec = false, nil
   if string.find(record, '"sharing":', 1, true) and not string.find(record, '"sharing":{"mode":"none"', 1, true) then
@@ -48,16 +48,17 @@ local function follow_devices(record, capacity)
     local sharing = rec.spec.sharing
     if type(sharing) == 'table' and type(sharing.mode) == 'string' then
       mode, min_milli = sharing.mode, tonumber(sharing.min_milli) or min_milli
+      max_milli = tonumber(sharing.max_milli) or max_milli
     end
     upn = tonumber(rec.spec.units_per_node) or upn
   end
   local dev = cb_devices_key(pool)
   if mode == 'none' then
     redis.call('DEL', dev)
-    redis.call('HDEL', pool, 'sharing', 'upn', 'min_milli')
+    redis.call('HDEL', pool, 'sharing', 'upn', 'min_milli', 'max_milli')
     return
   end
-  redis.call('HSET', pool, 'sharing', mode, 'upn', upn, 'min_milli', min_milli)
+  redis.call('HSET', pool, 'sharing', mode, 'upn', upn, 'min_milli', min_milli, 'max_milli', max_milli)
   for d = 0, capacity - 1 do redis.call('HSETNX', dev, d, CB_MILLI) end
   local all = redis.call('HGETALL', dev)
   for i = 1, #all, 2 do
