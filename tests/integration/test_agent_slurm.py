@@ -182,6 +182,41 @@ async def test_a_start_abandoned_while_pending_leaves_no_job(cluster, backend) -
     await backend.stop("lease-s10", grace_s=1)
 
 
+async def test_a_start_abandoned_while_sbatch_runs_leaves_no_job(cluster, monkeypatch) -> None:
+    """The lease ends while ``sbatch`` is still answering (the job exists in Slurm, its id
+    not yet read): the start waits for the id and cancels that job (seen once under load:
+    the second job of the test above left pending)."""
+    root = open_dir("cb-agent-slurm-slow-")
+    gate = root / "gate"
+    gate.mkdir()
+    gate.chmod(0o777)
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "sbatch"  # the real sbatch, then an answer held until the test says so
+    wrapper.write_text(f"""#!/bin/sh
+out=$({shutil.which("sbatch")} "$@"); rc=$?
+touch {gate}/submitted
+while [ ! -e {gate}/go ]; do sleep 0.02; done
+echo "$out"; exit $rc
+""")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    backend = SlurmBackend(settings(cluster, root))
+    try:
+        before = set(queued(cluster))
+        start = asyncio.create_task(backend.start(lease("lease-s12", process("sleep", "600"), units=2)))
+        await eventually(lambda: (gate / "submitted").exists(), what="the job submitted, its id not yet answered")
+        [job_id] = set(queued(cluster)) - before
+        start.cancel()
+        (gate / "go").touch()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        assert job_id not in queued(cluster)
+    finally:
+        cluster.run("scancel", "-u", USER, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 async def test_recovery_adopts_its_jobs_and_leaves_the_others(cluster, backend) -> None:
     mine = await backend.start(lease("lease-s9", process("sleep", "600"), units=1))
     # a job of the same account, named like ours, that this agent did not submit

@@ -52,7 +52,8 @@ async def test_usage_and_invoice_commands(settings, nc, tmp_path) -> None:
         runner = CliRunner()
 
         def run(*args: str) -> str:
-            result = runner.invoke(cli(), [*args, *base])
+            # as piped output reads (wide), whatever COLUMNS the test runner has (xdist's workers: 80)
+            result = runner.invoke(cli(), [*args, *base], env={"COLUMNS": "200"})
             assert result.exit_code == 0, result.output
             return result.output
 

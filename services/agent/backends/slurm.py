@@ -18,6 +18,7 @@ releases; the one-line formats (``-o``, ``scontrol -o``) are stable and enough h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -240,10 +241,19 @@ class SlurmBackend(Backend):
         path.chmod(0o700)
         job = _Job(lease_id=lease.lease_id)
         self._save(job)
+        submit = asyncio.ensure_future(self._submit(lease, path))
         try:
-            job.job_id = await self._submit(lease, path)
+            job.job_id = await asyncio.shield(submit)
         except StartFailed as e:
             self._forget(job, e.reason)
+            raise
+        except asyncio.CancelledError:
+            # the lease ended while sbatch answered: the job may exist already, so its id
+            # is awaited and the job cancelled, never left to run with no lease
+            with contextlib.suppress(Exception):
+                job.job_id = await submit
+                await self._cancel(job)
+            self._forget(job, "start abandoned")
             raise
         job.status = "submitted"
         self._jobs[lease.lease_id] = job
