@@ -218,7 +218,7 @@ echo "$out"; exit $rc
 
 
 async def test_recovery_adopts_its_jobs_and_leaves_the_others(cluster, backend) -> None:
-    mine = await backend.start(lease("lease-s9", process("sleep", "600"), units=1))
+    await backend.start(lease("lease-s9", process("sleep", "600"), units=1))
     # a job of the same account, named like ours, that this agent did not submit
     other = cluster.run("sbatch", "--parsable", "--job-name=cb-lease-sx", "--gres=gpu:1", f"--uid={USER}",
                         "--chdir=/tmp", "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
@@ -228,7 +228,7 @@ async def test_recovery_adopts_its_jobs_and_leaves_the_others(cluster, backend) 
     claimed = Path(backend.settings.state_dir) / "lease-s12"
     claimed.mkdir()
     (claimed / "job.json").write_text('{"lease_id": "lease-s12", "status": "submitting"}')
-    orphan = cluster.run("sbatch", "--parsable", "--job-name=cb-lease-s12", "--gres=gpu:1", f"--uid={USER}",
+    cluster.run("sbatch", "--parsable", "--job-name=cb-lease-s12", "--gres=gpu:1", f"--uid={USER}",
                          "--chdir=/tmp", "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
     again = SlurmBackend(backend.settings)  # the agent restarted
     assert await again.recover() == ["lease-s9"]

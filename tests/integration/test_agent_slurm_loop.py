@@ -23,7 +23,7 @@ SLURM_USER = "cbroker-slurm"
 MODEL = "nvidia-h100-sxm-80gb"
 
 
-def slurm_config(world: dict, key: str, pool_id: str, price: str = "0.50") -> Path:
+def slurm_config(world: dict, key: str, pool_id: str, price: str = "0.50") -> Path:  # noqa: F811
     root = open_dir("cb-agent-slurm-loop-")
     FOLDERS.append(root)
     key_file = root / "key"
@@ -58,7 +58,7 @@ provision_timeout_s = 60
 
 
 async def test_slurm_lease_is_a_job_release_cancels_it_and_a_killed_job_is_lost(
-        world, slurm_cluster: SlurmCluster, nc, subjects) -> None:
+        world, slurm_cluster: SlurmCluster, nc, subjects) -> None:  # noqa: F811 (the fixture)
     ensure_users(SLURM_USER)
     provider, pool_id = f"hpc-{uuid.uuid4().hex[:6]}", f"slurm-{uuid.uuid4().hex[:8]}"
     pkey, tkey = world["key"]("provider", provider), world["key"]("tenant", "ten-hpc")

@@ -26,7 +26,7 @@ from services.common.settings import Settings
 
 from ..helpers import wait_until
 from ..procs import module_settings, service_processes
-from .conftest import REGION, pool_body
+from .conftest import pool_body
 
 CLI = [sys.executable, "-m", "services.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -30,7 +30,7 @@ from services.common.settings import Settings
 from ..helpers import eventually
 from ..procs import service_process
 from .broker_world import broker_world
-from .conftest import MODEL, REGION, pool_body, with_settings
+from .conftest import MODEL, REGION, with_settings
 
 
 @contextlib.asynccontextmanager
