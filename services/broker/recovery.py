@@ -233,9 +233,11 @@ class Recovery:
         log.error("queued request %s not restored: %s", event.request_id, reason)
         record = RequestRecord(request_id=event.request_id, tenant=event.tenant, state="rejected",
                                created_at=event.at, updated_at=now, body=body, reasons=[reason])
-        await self.core.save(record)
+        # the record of it first (a failure here leaves it queued in the stream: the next
+        # rebuild decides again), then Redis
         await self.core.publish_request_durably(RequestRejected(id=new_id("ev"), at=now, request_id=event.request_id,
                                                                 tenant=event.tenant, reasons=(reason,)))
+        await self.core.save(record)
 
     async def pool_lost(self, region: str, pool_id: str, reason: str, generation: int = 0,
                         lease_ids: tuple[str, ...] = ()) -> int:

@@ -184,8 +184,8 @@ async def test_a_start_abandoned_while_pending_leaves_no_job(cluster, backend) -
 
 async def test_a_start_abandoned_while_sbatch_runs_leaves_no_job(cluster, monkeypatch) -> None:
     """The lease ends while ``sbatch`` is still answering (the job exists in Slurm, its id
-    not yet read): the start waits for the id and cancels that job (seen once under load:
-    the second job of the test above left pending)."""
+    not yet read): the start waits for the id and cancels that job, through a second
+    cancellation too (seen once under load: the second job of the test above left pending)."""
     root = open_dir("cb-agent-slurm-slow-")
     gate = root / "gate"
     gate.mkdir()
@@ -208,6 +208,9 @@ echo "$out"; exit $rc
         await eventually(lambda: (gate / "submitted").exists(), what="the job submitted, its id not yet answered")
         [job_id] = set(queued(cluster)) - before
         start.cancel()
+        for _ in range(3):  # the first cancellation delivered: the start now waits for the job id
+            await asyncio.sleep(0)
+        start.cancel()  # and again (the agent shutting down meanwhile): it still waits, then cancels the job
         (gate / "go").touch()
         with pytest.raises(asyncio.CancelledError):
             await start

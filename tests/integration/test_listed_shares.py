@@ -13,7 +13,21 @@ import msgspec
 
 from services.registry.domain.importers import parse_skypilot
 
+from ..helpers import eventually
 from .broker_world import broker_world
+
+
+async def eventually_refused(w, body: dict) -> None:  # noqa: ANN001
+    """Once the broker has seen the whole-L4 pool go: 422, never placeable, with the reason."""
+    async def refused() -> bool:
+        r = await w.request("t1", body)
+        assert r.status_code in (201, 409, 422), r.text
+        if r.status_code == 201:
+            raise AssertionError(f"placed on {r.json()['leases'][0]['pool_id']}")
+        return r.status_code == 422 and r.json()["reasons"] == [
+            "no pool of models ['nvidia-l4'] sells whole devices: they sell slices only "
+            "(a share of at most 250 milli: ask for a share)"]
+    await eventually(refused, what="a whole L4 refused as never placeable")
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "catalogues" / "aws-v9" / "vms.csv"
 WANTED = {"g6f.large", "g6f.2xlarge", "gr6.4xlarge"}  # 1/8 and 1/4 of an L4, and a whole L4
@@ -61,7 +75,8 @@ async def test_a_share_of_the_sold_fraction_is_placed_on_the_imported_instance(s
 
 async def test_a_slice_pool_sells_its_size_only_never_a_whole_device(settings, nc) -> None:
     """sharing.max_milli = the sold fraction: a whole L4 goes to the whole-L4 pool, and
-    once that is taken, not to the wholly free slice pools (409 with the reason)."""
+    once that is taken, not to the wholly free slice pools (409: the whole pool is full);
+    with only slice pools left registered, a whole ask can never be placed (422)."""
     result = parse_skypilot(FIXTURE.read_text("utf-8"), "acme", {"us-east"}, cloud="aws",
                             region_map={"us-east-1": "us-east"})
     by_offer = {o.offer: o for o in result.outcomes if o.status == "ready" and o.offer in WANTED}
@@ -73,7 +88,9 @@ async def test_a_slice_pool_sells_its_size_only_never_a_whole_device(settings, n
         assert r.status_code == 201 and r.json()["leases"][0]["pool_id"] == by_offer["gr6.4xlarge"].pool_id, r.text
         r = await w.request("t1", whole)
         assert r.status_code == 409, r.text
-        assert r.json()["reasons"] == ["the matching pools with free devices sell slices only "
-                                       "(a share of at most 250 milli), not whole devices"], r.text
+        assert r.json()["reasons"] == ["no single pool has 1 free units (largest free: 0)"], r.text
         for offer in ("g6f.large", "g6f.2xlarge"):  # untouched: their one device still wholly free
             assert await w.free(by_offer[offer].pool_id) == 1
+        r = await w.registry.delete(f"/v1/pools/{by_offer['gr6.4xlarge'].pool_id}", headers=w.provider)
+        assert r.status_code in (200, 204), r.text
+        await eventually_refused(w, whole)

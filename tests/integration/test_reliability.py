@@ -234,8 +234,12 @@ async def test_a_record_being_rebuilt_takes_no_writes_and_a_lapsed_claim_cannot_
         await second.apply_all(failed("during"))
     assert [k async for k in broker_redis.scan_iter(match=keys.reliability_all())] == [
         keys.reliability_since().encode()]  # nothing but the claim was written
-    await broker_redis.delete(keys.reliability_since())  # the first's claim lapsed (its replica died)
+    await broker_redis.delete(keys.reliability_since())  # the first's claim lapsed (its replica stalled)
     assert await second.claim()
     assert not await first.open()  # the first's late work is not trusted
     assert await second.open()
     assert await first.apply_all(failed("after")) == [True, True]
+    written = sorted([k async for k in broker_redis.scan_iter(match=keys.reliability_all())])
+    with pytest.raises(RecordLost):  # the stalled replica goes on clearing: it deletes nothing of the new record
+        await first.clear()
+    assert sorted([k async for k in broker_redis.scan_iter(match=keys.reliability_all())]) == written

@@ -101,6 +101,10 @@ async def test_registry_refuses_what_per_device_state_cannot_follow(settings, nc
         r = await w.registry.put("/v1/pools/inverted", json=inverted, headers=w.provider)
         assert r.status_code == 422 and "max_milli 250 is below sharing.min_milli 500" in r.text, r.text
         assert (await w.registry.get("/v1/pools/inverted", headers=w.provider)).status_code == 404
+        # a largest share on a pool that shares nothing means nothing: refused, not ignored
+        r = await w.registry.put("/v1/pools/plain", json={**POOLS["gz-910b"], "sharing": {"max_milli": 500}},
+                                 headers=w.provider)
+        assert r.status_code == 422 and "does not (sharing.mode 'none')" in r.text, r.text
         # whether a registered pool shares cannot change (its leases would not say how they were taken)
         r = await w.registry.put("/v1/pools/gz-910b", json={**POOLS["gz-910b"], "sharing": {"mode": "memory"}},
                                  headers=w.provider)

@@ -18,7 +18,6 @@ releases; the one-line formats (``-o``, ``scontrol -o``) are stable and enough h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -248,12 +247,7 @@ class SlurmBackend(Backend):
             self._forget(job, e.reason)
             raise
         except asyncio.CancelledError:
-            # the lease ended while sbatch answered: the job may exist already, so its id
-            # is awaited and the job cancelled, never left to run with no lease
-            with contextlib.suppress(Exception):
-                job.job_id = await submit
-                await self._cancel(job)
-            self._forget(job, "start abandoned")
+            await self._abandon_submitted(submit, job)
             raise
         job.status = "submitted"
         self._jobs[lease.lease_id] = job
@@ -269,6 +263,26 @@ class SlurmBackend(Backend):
                 await asyncio.shield(self._cancel(job))
                 self._forget(job, "start abandoned")
             raise
+
+    async def _abandon_submitted(self, submit: asyncio.Future, job: _Job) -> None:
+        """The lease ended while sbatch answered: the job may exist already, so its id is
+        awaited and the job cancelled, never left to run with no lease. Further
+        cancellations (the agent shutting down) are waited out: sbatch answers within
+        ``command_timeout_s`` and scancel too; the caller re-raises the first."""
+        cancel: asyncio.Future | None = None
+        while True:
+            try:
+                if cancel is None:
+                    try:
+                        job.job_id = await asyncio.shield(submit)
+                    except Exception:  # noqa: BLE001 - sbatch refused or failed: no job to cancel
+                        break
+                    cancel = asyncio.ensure_future(self._cancel(job))
+                await asyncio.shield(cancel)
+                break
+            except asyncio.CancelledError:
+                continue
+        self._forget(job, "start abandoned")
 
     def _script(self, lease: Assignment) -> str:
         w = lease.workload

@@ -38,6 +38,7 @@ import msgspec
 from services.common.messages import Topology
 from services.common.network import Network
 
+from .devices import MILLI
 from .index import Book, Cell, cell_key
 from .model import HOURS_PER_MONTH, Allocation, Ask, Decision, Placement, PoolState
 from .reliability import PRIOR_SCORE, Scores, touches
@@ -381,6 +382,7 @@ class Engine:
         self._fw_index: dict[str, set[int]] = {}
         self.reliability = Scores()
         self._delivery_index: dict[str, set[int]] = {}  # workload kind -> cells that deliver it
+        self._slices_only: set[int] = set()  # cells of pools that sell slices only (Sharing.max_milli < 1000)
         self._shares = Shares()  # pools that share devices: per-device state (shares.py)
         self.set_topology(topology)
 
@@ -414,6 +416,8 @@ class Engine:
                 self._fw_index.setdefault(fw, set()).add(cell.id)
             for kind in cell.delivery:
                 self._delivery_index.setdefault(kind, set()).add(cell.id)
+            if not cell.whole:
+                self._slices_only.add(cell.id)
             self._invalidate()
         cell.pools[pool.pool_id] = pool
         self._cell_of[pool.pool_id] = cell
@@ -570,6 +574,8 @@ class Engine:
         if ask.delivery is not None:
             kind = ask.delivery
             dims.append(("delivery", ("delivery", kind), lambda: frozenset(self._delivery_index.get(kind, ()))))
+        if ask.milli >= MILLI and self._slices_only:  # whole devices: never a pool that sells slices only
+            dims.append(("whole", ("whole",), lambda: self._scan(lambda c: c.whole)))
         currency = ask.currency
         dims.append(("currency", ("currency", currency),
                      lambda: self._union("currency", (currency,))))
@@ -580,7 +586,7 @@ class Engine:
                ask.host_archs, ask.min_memory_gib, ask.regions, ask.countries,
                ask.users_region if ask.max_latency_ms is not None else None,
                ask.max_latency_ms, ask.currency, ask.metric if perf else None,
-               ask.data_region is not None, ask.delivery)
+               ask.data_region is not None, ask.delivery, ask.milli >= MILLI)
         hit = self._cands.get(key)
         if hit is None:
             s: frozenset[int] | None = None
@@ -1271,6 +1277,10 @@ class Engine:
                 kinds = {k for c in cells for k in c.delivery}
                 can = f"; they deliver {_few(kinds)}" if kinds else "; they are capacity only"
                 msg = f"no pool{scope} delivers {DELIVERED.get(str(ask.delivery), ask.delivery)}{can}"
+            elif name == "whole":
+                most = max(p.max_milli for c in cells for p in c.pools.values())
+                msg = (f"no pool{scope} sells whole devices: they sell slices only (a share of at most "
+                       f"{most} milli: ask for a share)")
             elif name == "latency":
                 assert ask.users_region is not None
                 lat, region = min((self._latency(ask.users_region, c.region), c.region)

@@ -29,6 +29,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from decimal import Decimal
 
+from .devices import MILLI
 from .model import PoolState
 
 BILLINGS = ("on_demand", "reserved_month", "reserved_year", "interruptible")
@@ -40,7 +41,8 @@ def cell_key(pool: PoolState) -> CellKey:
     return (pool.model, pool.region, pool.country, pool.vendor, pool.stack,
             frozenset(pool.frameworks), float(pool.memory_gib), pool.interconnect,
             pool.host_arch, pool.currency, float(pool.bf16_tflops), float(pool.fp16_tflops),
-            float(pool.fp8_tflops or 0.0), float(pool.egress_gbps), pool.delivery)
+            float(pool.fp8_tflops or 0.0), float(pool.egress_gbps), pool.delivery,
+            pool.max_milli >= MILLI)  # whole: the pool sells whole devices (not slices only)
 
 
 class Book:
@@ -236,14 +238,14 @@ class Cell:
 
     __slots__ = ("bf16", "books", "country", "currency", "delivery", "egress_gbps", "fp16", "fp8",
                  "frameworks", "host_arch", "id", "interconnect", "key", "memory_gib", "model",
-                 "pools", "region", "stack", "vendor")
+                 "pools", "region", "stack", "vendor", "whole")
 
     def __init__(self, cell_id: int, key: CellKey) -> None:
         self.id = cell_id
         self.key = key
         (self.model, self.region, self.country, self.vendor, self.stack, self.frameworks,
          self.memory_gib, self.interconnect, self.host_arch, self.currency, self.bf16,
-         self.fp16, self.fp8, self.egress_gbps, self.delivery) = key
+         self.fp16, self.fp8, self.egress_gbps, self.delivery, self.whole) = key
         self.pools: dict[str, PoolState] = {}
         self.books: dict[str, Book] = {}
 

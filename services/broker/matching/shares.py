@@ -468,7 +468,7 @@ class Shares:
                 out.append(msgspec.structs.replace(option, allocations=tuple(allocations)))
         if bad and everywhere:
             least = min(a.units for o in options for a in o.allocations)
-            bad |= {pid for pid, sp in self.pools.items() if sp.max_milli < MILLI or not sp.fits_whole(least)}
+            bad |= {pid for pid, sp in self.pools.items() if not sp.fits_whole(least)}
         return out, bad
 
     def spread_reason(self, options: list[Placement], bad: set[str]) -> str:
@@ -476,10 +476,6 @@ class Shares:
         devices are spread over nodes (not ``never``: releases gather them)."""
         units = min(a.units for o in options for a in o.allocations if a.pool_id in bad)
         pools = [self.pools[pid] for pid in sorted(bad) if pid in self.pools]
-        if pools and all(sp.max_milli < MILLI for sp in pools):
-            most = max(sp.max_milli for sp in pools)
-            return (f"the matching pools with free devices sell slices only (a share of at most {most} milli), "
-                    "not whole devices")
         most = max((sp.whole_node for sp in pools), default=0)
         n = len(pools)
         return (f"{n} sharing pool{'s have' if n != 1 else ' has'} {units} whole devices free, but not on "

@@ -61,7 +61,10 @@ class ReliabilityFeed:
             raise RecordLost("the rebuild's claim lapsed before it ended: claimed again")
 
     async def start(self) -> None:
-        await self.ensure()
+        try:
+            await self.ensure()
+        except RecordLost as lost:  # another replica rebuilds it: the feed's loop looks again
+            log.warning("reliability record: %s", lost)
         self._tasks = [asyncio.create_task(forever("reliability feed", self._follow, interval=RETRY_S, logger=log))]
 
     async def stop(self) -> None:

@@ -35,6 +35,8 @@ ENDED_FACTS_TTL_S = 7 * 86_400  # long past any redelivery of its events
 SCRIPT_EVENTS = 16
 _SCRIPT = resources.files(__package__).joinpath("record.lua").read_text()
 _OPEN = resources.files(__package__).joinpath("open.lua").read_text()
+_CLEAR = resources.files(__package__).joinpath("clear.lua").read_text()
+CLEAR_BATCH = 500  # keys per clear.lua call
 _rows = msgspec.json.Encoder()
 _ENDS = {LeaseFailed: "failed", LeaseLost: "lost", LeaseReleased: "end", LeaseExpired: "end",
          LeasePreempted: "end", LeaseRevoked: "end"}
@@ -68,6 +70,7 @@ class ReliabilityRecord:
         self.redis, self.keys = redis, keys
         self._script = redis.register_script(_SCRIPT)
         self._open = redis.register_script(_OPEN)
+        self._clear = redis.register_script(_CLEAR)
         self._claim = ""
         good, bad = RELIABILITY_PRIOR
         self._keys = [keys.reliability_scores(), keys.reliability_version(), keys.reliability_since()]
@@ -92,11 +95,22 @@ class ReliabilityRecord:
         return bool(await self.redis.set(self.keys.reliability_since(), self._claim, nx=True, px=REBUILD_CLAIM_MS))
 
     async def clear(self) -> None:
-        """Every key of the record but its mark: the replay then counts each fact once."""
-        since = self.keys.reliability_since()
+        """Every key of the record but its mark: the replay then counts each fact once.
+        In batches, each deleted only while the claim is still this replica's (and renewing
+        it): raises ``RecordLost`` once it is not, before touching another's rebuild."""
+        batch: list[str | bytes] = []
         async for key in self.redis.scan_iter(match=self.keys.reliability_all(), count=1000):
-            if key not in (since, since.encode()):
-                await self.redis.delete(key)
+            batch.append(key)
+            if len(batch) >= CLEAR_BATCH:
+                await self._clear_batch(batch)
+                batch = []
+        await self._clear_batch(batch)  # (also with none left: the claim is checked once more)
+
+    async def _clear_batch(self, batch: list[str | bytes]) -> None:
+        mark = self.keys.reliability_since()
+        if await self._clear(keys=[mark, *batch], args=[self._claim, REBUILD_CLAIM_MS]) == -1:
+            raise RecordLost("this replica's claim to rebuild the reliability record lapsed while it cleared "
+                             "it: another replica rebuilds it")
 
     async def open(self) -> bool:
         """The record takes writes from now on; False if this replica's claim had lapsed

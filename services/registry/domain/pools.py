@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 
 from services.common.auth import Principal
-from services.common.messages import MAX_SHARED_UNITS, Accelerator, Pool, PoolSpec, Prices, Units
+from services.common.messages import MAX_SHARED_UNITS, MILLI, Accelerator, Pool, PoolSpec, Prices, Units
 from services.common.money import price_problem
 
 from .errors import Conflict, Forbidden, Unprocessable, UnknownModel, UnknownRegion
@@ -60,6 +60,9 @@ def check_sharing(spec: PoolSpec, existing: Pool | None = None) -> None:
     if spec.sharing.mode != "none" and spec.units > MAX_SHARED_UNITS:
         raise Unprocessable(f"a pool that shares its devices has at most {MAX_SHARED_UNITS} units "
                             f"(got {spec.units}); register the rest as another pool")
+    if spec.sharing.mode == "none" and spec.sharing.max_milli < MILLI:
+        raise Unprocessable("sharing.max_milli is the largest share of a pool that shares its devices; "
+                            "this pool does not (sharing.mode 'none')")
     if spec.sharing.max_milli < spec.sharing.min_milli:
         raise Unprocessable(f"sharing.max_milli {spec.sharing.max_milli} is below sharing.min_milli "
                             f"{spec.sharing.min_milli}: no share would fit")
