@@ -301,3 +301,32 @@ def test_full_cheap_pools_are_skipped_and_price_order_kept() -> None:
     assert [o.allocations[0].pool_id for o in e.match(share(300), limit=3).options] == ["p4", "p5"]
     e.set_devices("p0", dict.fromkeys(range(8), 1000))  # its leases ended
     assert [o.allocations[0].pool_id for o in e.match(share(300), limit=3).options] == ["p4", "p5", "p0"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([(100, 1000), (125, 125), (250, 500), (500, 1000), (0, 0)]),
+                          st.integers(1, 3), st.sampled_from(["1", "2", "3"])), min_size=1, max_size=6),
+       st.sampled_from([100, 125, 250, 400, 500, 750, 1000]), st.integers(1, 2))
+def test_every_option_respects_its_pool_s_smallest_and_largest_share(specs, milli, units) -> None:
+    """Any pools, any ask: a share lands only where min_milli <= milli <= max_milli, whole
+    units only on pools that sell whole devices; with every device free, a whole ask is
+    placed exactly when such a pool is big enough, and 'never' otherwise ((0, 0): a pool
+    that does not share)."""
+    pools = [pool(f"w{i}", "cn-gz", price, free=cap, capacity=cap) if bounds == (0, 0) else
+             share_pool(f"s{i}", price=price, capacity=cap, min_milli=bounds[0], max_milli=bounds[1])
+             for i, (bounds, cap, price) in enumerate(specs)]
+    by_id = {p.pool_id: p for p in pools}
+    ask = Ask(units=units) if milli == 1000 else share(milli)
+    d = engine(*pools).match(ask)
+    for option in d.options:
+        for a in option.allocations:
+            p = by_id[a.pool_id]
+            if milli < 1000:
+                assert p.sharing != "none" and p.min_milli <= milli <= p.max_milli, (a, p)
+            else:
+                assert p.max_milli >= 1000, (a, p)
+    if milli == 1000:  # every device free: placed exactly when a pool selling whole devices is big enough
+        fits = any(p.max_milli >= 1000 and p.capacity >= units for p in pools)
+    else:  # ... or a sharing pool takes that size of share
+        fits = any(p.sharing != "none" and p.min_milli <= milli <= p.max_milli for p in pools)
+    assert d.placed == fits and d.never == (not fits), d
