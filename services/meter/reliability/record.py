@@ -90,9 +90,13 @@ class ReliabilityRecord:
         its mark deleted to rebuild it) and no other replica has claimed it. While the mark
         says ``rebuilding`` the script writes nothing, so no replica's write lands in a
         record being cleared, and a second replica's start cannot clear what the rebuild
-        wrote. A claim whose holder dies lapses after ``REBUILD_CLAIM_MS``."""
-        self._claim = f"{REBUILDING}:{uuid.uuid4().hex}"
-        return bool(await self.redis.set(self.keys.reliability_since(), self._claim, nx=True, px=REBUILD_CLAIM_MS))
+        wrote. A claim whose holder dies lapses after ``REBUILD_CLAIM_MS``. A replica that
+        still holds its claim (its rebuild failed half way and starts again) resumes it."""
+        mark, token = self.keys.reliability_since(), f"{REBUILDING}:{uuid.uuid4().hex}"
+        if await self.redis.set(mark, token, nx=True, px=REBUILD_CLAIM_MS):
+            self._claim = token
+            return True
+        return bool(self._claim) and await self.redis.get(mark) in (self._claim, self._claim.encode())
 
     async def clear(self) -> None:
         """Every key of the record but its mark: the replay then counts each fact once.
