@@ -28,6 +28,7 @@ from .domain.requests import ComputeRequest
 from .leases import Devices, Ended, with_devices
 from .matching.engine import Engine
 from .matching.model import Placement as Option
+from .outbox import Notice, iso
 from .placement import Placement
 
 ATTEMPTS = 3  # picks of victims; each refusal means another preemptor or request moved first
@@ -41,6 +42,16 @@ class Preempted:
     devices: list[Devices | None]  # per new lease on a sharing pool: its devices, their free milli after
 
 
+@dataclass(frozen=True, slots=True)
+class VictimNotices:
+    """The events the victims of one preemption owe: ``ended`` (lease.preempted) for a
+    confirmed victim, ``never_confirmed`` (its kind and fields; at its grant time) for a
+    victim whose grant was still in progress (``_made_room`` says why)."""
+
+    ended: Notice
+    never_confirmed: Notice
+
+
 class PreemptScript:
     """``lua/preempt.lua``: end ``victims`` and reserve ``leases`` (one region) together, or neither."""
 
@@ -49,9 +60,11 @@ class PreemptScript:
         self._script = redis.register_script(read_lua("services.broker.lua", "preempt.lua"))
 
     async def preempt(self, region: str, victims: Sequence[LeaseInfo], leases: Sequence[LeaseInfo],
-                      expires_at: float) -> Preempted | None:
+                      expires_at: float, owed: VictimNotices | None = None) -> Preempted | None:
         """None when refused (a victim gone, the room taken); ``Unavailable`` while the
-        region's leases are being restored after a Redis loss."""
+        region's leases are being restored after a Redis loss. ``owed``: the victims'
+        events, written to the outbox in the same step (a broker that dies before it
+        announces them leaves them to the outbox sweep)."""
         k = self.keys
         keys = [k.lease_expiry(region), k.leases_ready(region), k.interruptible_leases(region)]
         args: list[object] = [len(victims), len(leases), expires_at]
@@ -66,6 +79,10 @@ class PreemptScript:
                      int(lease.billing == "interruptible"), lease.pool_generation, lease.milli,
                      ",".join(map(str, lease.devices))]  # its devices: the engine's hint
         keys.append(k.lease_provisioning(region))  # a victim still provisioning leaves the timeout sweep's index
+        if owed is not None:
+            keys.append(k.lease_outbox(region))
+            args += [*owed.ended.args(), *owed.never_confirmed.args()[::2], time.time()]
+            args += [iso(victim.granted_at) for victim in victims]  # a pending victim ends at its grant
         raw = await self._script(keys=keys, args=args)
         if int(raw[0]) == -1:
             raise Unavailable(f"leases in region {region} are being restored after a Redis loss; retry shortly")
@@ -95,11 +112,16 @@ class Preemption:
                 return None  # one region is one atomic step; across regions it could not be
             leases = self.placement.leases_for(option, request_id, tenant, body, now)
             expires = min(leases[0].expires_at.timestamp(), time.time() + self.core.pending_s)
-            done = await self.script.preempt(regions.pop(), victims, leases, expires)
+            # a grant still in progress: its placement finds its lease gone at confirmation
+            # and answers 503, so it ends at its grant time, billed nothing (as its own
+            # retraction would say; both carry the id of seq 2)
+            owed = VictimNotices(Notice(LeasePreempted, now, {"by_request": request_id}),
+                                 Notice(LeaseLost, now, {"reason": "grant not completed"}))
+            done = await self.script.preempt(regions.pop(), victims, leases, expires, owed)
             if done is None:
                 continue  # another preemptor or request moved first: look again
             leases = [with_devices(lease, on) for lease, on in zip(leases, done.devices, strict=True)]
-            await self._made_room(request_id, leases, done, now)
+            await self._made_room(leases, done, owed)
             return leases, option
         return None
 
@@ -143,19 +165,18 @@ class Preemption:
                     missing -= victim.units
         return option, victims
 
-    async def _made_room(self, request_id: str, leases: list[LeaseInfo], done: Preempted, now: datetime) -> None:
-        """The victims ended and the leases are reserved: announce the ends, then make
-        the grants durable (given back if the event store refuses them)."""
+    async def _made_room(self, leases: list[LeaseInfo], done: Preempted, owed: VictimNotices) -> None:
+        """The victims ended and the leases are reserved: announce the ends (the events
+        the script put in the outbox), then make the grants durable (given back if the
+        event store refuses them)."""
         core = self.core
         truth = {lease.pool_id: free for lease, free in zip(leases, done.free_after, strict=True) if free >= 0}
         for ended in done.victims:
             if ended.pending:
-                # a grant still in progress: its placement finds its lease gone at confirmation
-                # and answers 503, so it ends at its grant time, billed nothing (as its own
-                # retraction would say; both carry the id of seq 2)
-                await core.announce_end(LeaseLost, ended, ended.lease.granted_at, reason="grant not completed")
+                never = owed.never_confirmed
+                await core.announce_end(never.kind, ended, ended.lease.granted_at, **never.extra)
             else:
-                await core.announce_end(LeasePreempted, ended, now, by_request=request_id)
+                await core.announce(owed.ended, ended)
         try:
             await self.placement.make_durable(leases, leases, truth, None, devices_after={
                 lease.lease_id: on[1] for lease, on in zip(leases, done.devices, strict=True) if on is not None})

@@ -23,6 +23,7 @@ from services.common.messages import (
     LeaseFailed,
     LeaseInfo,
     LeaseLost,
+    LeasePreempted,
     LeaseReady,
     LeaseReleased,
     LeaseRenewed,
@@ -198,6 +199,46 @@ async def test_a_release_whose_broker_died_is_republished_once_by_two_sweeping_r
         assert await rds.hgetall(outbox) == {}
         assert [e.id for e in await _stream(nc, subjects) if e.lease.lease_id == lease_id] == [
             f"{lease_id}.1", f"{lease_id}.2"]
+
+
+async def test_a_preemption_whose_broker_died_after_its_script_publishes_the_victim_s_end(settings, nc, subjects,
+                                                                                          rds) -> None:
+    """preempt.lua ended the victim and reserved the new lease; the broker died before it
+    announced the end (the task cancelled at its first publish). The victim's
+    lease.preempted is in the outbox, and the other replica's sweep publishes it, with
+    the request it was preempted for; in the normal path the outbox is left empty."""
+    async with replicas(settings, 2) as rs, \
+            EventTap(nc.jetstream(), subjects.events("alloc"), AllocEvent) as alloc:
+        a, b = rs.brokers
+        await rs.pool("p", 8)
+        body = {"units": 8, "billing": "interruptible", "priority": 2}
+        status, victim = await a.place(tenant("t1"), msgspec.convert(body, ComputeRequest))
+        assert status == 201
+        victim_id = victim.leases[0].lease_id
+        gate = Gate(a.core, "publish_alloc")
+        dying = asyncio.create_task(a.place(tenant("t2"), msgspec.convert({"units": 8, "queue": False},
+                                                                           ComputeRequest)))
+        assert await reached(gate, dying), "the preemption did not get to its publish"
+        dying.cancel()  # the broker dies: the script ran, nothing was announced
+        with contextlib.suppress(asyncio.CancelledError):
+            await dying
+        gate.open.set()
+        outbox = rs.keys.lease_outbox(REPLICAS_REGION)
+        assert list(await rds.hgetall(outbox)) == [f"{victim_id}.2"]
+        b.core.outbox.grace_s = 0.0
+        assert await b.recovery.republish_owed() == 1
+        ended = await alloc.wait_for(lambda e: isinstance(e, LeasePreempted) and e.lease.lease_id == victim_id)
+        assert (ended.id, ended.seq) == (f"{victim_id}.2", 2) and ended.by_request.startswith("req")
+        assert await rds.hgetall(outbox) == {}
+
+        # the normal path: the victim's event published and its entry gone before the answer
+        await rs.pool("q", 4, region=REPLICAS_REGION)
+        status, second = await a.place(tenant("t1"), msgspec.convert({**body, "units": 4}, ComputeRequest))
+        assert status == 201 and second.leases[0].pool_id == "q"
+        status, _ = await a.place(tenant("t2"), msgspec.convert({"units": 4, "queue": False}, ComputeRequest))
+        assert status == 201
+        assert await rds.hgetall(outbox) == {}
+        await alloc.wait_for(lambda e: isinstance(e, LeasePreempted) and e.lease.lease_id == second.leases[0].lease_id)
 
 
 async def _empty(rds, keys: Keys) -> bool:

@@ -10,13 +10,18 @@
 --   region's set of interruptible leases; per victim v (0-based): KEYS[4+3v] its pool hash,
 --   KEYS[5+3v] that pool's lease set, KEYS[6+3v] its lease hash; then per new lease i from
 --   b = 4 + 3 * nv: KEYS[b+3i] pool hash, KEYS[b+1+3i] the pool's lease set, KEYS[b+2+3i] lease hash;
---   then (optional) KEYS[b+3n] the region's provisioning zset (a victim still provisioning leaves it)
+--   then (optional) KEYS[b+3n] the region's provisioning zset (a victim still provisioning leaves it),
+--   KEYS[b+3n+1] the region's lease outbox (optional: the victims' events owed, docs/lifecycle.md "Outbox")
 -- ARGV[1] nv victims, ARGV[2] n new leases, ARGV[3] the new leases' provisional expiry (they
 --   are pending until the broker, their grants durable, confirms them: lua/confirm.lua);
 --   ARGV[4+v] victim lease id; per new lease i from c = 4 + nv: ARGV[c+7i] lease id,
 --   ARGV[c+1+7i] units, ARGV[c+2+7i] lease json, ARGV[c+3+7i] interruptible (1/0),
 --   ARGV[c+4+7i] the pool generation it was matched on (0 = whichever is there),
---   ARGV[c+5+7i] milli of each device (1000: whole), ARGV[c+6+7i] device hint ('' none)
+--   ARGV[c+5+7i] milli of each device (1000: whole), ARGV[c+6+7i] device hint ('' none);
+--   with the outbox, from t = c + 7n: ARGV[t] a victim's event type, ARGV[t+1] its at,
+--   ARGV[t+2] its other fields (json); ARGV[t+3..t+4] the type and other fields for a victim
+--   never confirmed (pending: it ends at its grant time, ARGV[t+6+v] of victim v); ARGV[t+5]
+--   now (unix s: the sweep's grace counts from it)
 -- Shares (docs/sharing.md): a victim on a pool that shares its devices gives its milli back
 -- to its devices; a new lease on such a pool takes devices by the rule of lua/reserve.lua,
 -- chosen among the devices as they are with every victim's milli back. A share asked of a
@@ -158,8 +163,15 @@ for i = 0, n - 1 do
   placed[i + 1] = free_of(KEYS[b + 3 * i])
   if picked[i] then placed[i + 1] = {placed[i + 1], picked[i], took[i]} end
 end
+local outbox, t = KEYS[b + 3 * n + 1], c + 7 * n
 for v = 1, nv do
   local e = ended[v]
   victims[v] = {e[1], e[2], free_of(e[3]), e[4], e[5]}
+  if outbox then  -- each victim's event, owed until published (the sweep republishes it)
+    local k, at, x = ARGV[t], ARGV[t + 1], ARGV[t + 2]
+    if e[4] == 1 then k, at, x = ARGV[t + 3], ARGV[t + 5 + v], ARGV[t + 4] end
+    redis.call('HSET', outbox, ARGV[3 + v] .. '.' .. e[2], cjson.encode({k = k, i = e[1], s = e[2],
+      f = victims[v][3], p = e[4], t = at, x = x, w = ARGV[t + 5], d = table.concat(e[5], ',')}))
+  end
 end
 return {1, placed, victims}
