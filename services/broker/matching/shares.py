@@ -459,7 +459,7 @@ class Shares:
                 if sp is None:
                     allocations.append(a)
                     continue
-                devices = sp.hint_whole(a.units) if sp.max_milli >= MILLI else None  # (else: slices only)
+                devices = sp.hint_whole(a.units)
                 if devices is None:
                     bad.add(a.pool_id)
                     break
