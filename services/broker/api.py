@@ -6,16 +6,16 @@ dependency resolution costs a request ~19 us, about 5% of a placement's CPU
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, delete, get, post
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter, QueryParameter
 
-from services.common.http import AuthedRequest, raw_header
+from services.common.deadlines import Deadlines
+from services.common.http import AuthedRequest, JsonAnswer, raw_header
 
 from services.common.delivery import CompleteBody, FailedBody, HealthBody, LeaseState, ReadyBody
 from services.common.errors import BrokerError, Unavailable
@@ -42,7 +42,7 @@ class RequestController(Controller):
     @post("/", summary="Ask for compute: 201 placed, 202 queued, 422 never placeable",
           responses={201: ResponseSpec(RequestView, description="Placed: the request with its leases"),
                      202: ResponseSpec(RequestView, description="Queued: its position and estimated wait")})
-    async def create(self, request: AuthedRequest, data: ComputeRequest) -> Response[bytes]:
+    async def create(self, request: AuthedRequest, data: ComputeRequest) -> JsonAnswer:
         broker = broker_of(request)
         tenant = broker.tenant_of(request.user)
 
@@ -58,9 +58,9 @@ class RequestController(Controller):
             return status, msgspec.json.encode(view)
 
         key = raw_header(request.scope, b"idempotency-key")
-        deadline = request.app.state.placement_timeout_s
+        deadlines: Deadlines = request.app.state.placement_deadlines
         try:
-            async with asyncio.timeout(deadline) as bound:  # never answered late, never granted late
+            async with deadlines.bound() as bound:  # never answered late, never granted late
                 if key is None:  # the common case, called directly: two coroutine layers fewer to resume
                     status, content = await run()
                 else:
@@ -70,10 +70,10 @@ class RequestController(Controller):
                         tenant, key, body, run,
                         lambda request_id, leases: adopt(broker, tenant, data, request_id, leases))
         except TimeoutError:
-            took = f"within {deadline:g} s" if bound.expired() else "in time"
+            took = f"within {deadlines.seconds:g} s" if bound.fired else "in time"
             raise Unavailable(f"the placement did not finish {took} (the event store or the live state store is "
                               "slow or unreachable); nothing was granted: retry", retry_after=1) from None
-        return Response(content, status_code=status, media_type="application/json")
+        return JsonAnswer(content, status)
 
     @get("/", summary="Your requests, newest first (admin/ops: ?tenant=), with their leases and attempts")
     async def list_requests(self, request: AuthedRequest,

@@ -13,6 +13,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.msg import Msg
 
+from services.common.deadlines import Deadlines
 from services.common.http import ops_routes, prometheus, service_app
 from services.common import tracing
 from services.common.keys import Keys
@@ -111,7 +112,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         broker.core.access = await AccessStore.open(nc, subjects.bucket(ACCESS), settings.stream_replicas)
         await broker.sweep_and_rebuild()  # leases restored (or known absent) before the first request
         app.state.broker = broker
-        app.state.placement_timeout_s = settings.placement_timeout_s
+        app.state.placement_deadlines = Deadlines(settings.placement_timeout_s)  # the bound of every placement
         app.state.keyring = Keyring(redis, keys, await Keyring.open_bucket(nc, subjects.bucket(IDEMPOTENCY),
                                                                           settings.stream_replicas),
                                     LeaseGrants(broker), stale_s=settings.placement_timeout_s + IDEMPOTENCY_MARGIN_S)

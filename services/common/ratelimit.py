@@ -21,7 +21,6 @@ one call. At low load a batch is a single request and nothing waits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from redis.exceptions import NoScriptError
 
 from .auth import Principal
 from .coalesce import Coalescer
+from .deadlines import Deadlines
 from .errors import TooManyRequests
 from .keys import Keys
 from .redis_conn import is_cluster
@@ -83,6 +83,7 @@ class RateLimiter:
         self._script = redis.register_script(WINDOW_SCRIPT)
         self._cluster = is_cluster(redis)
         self._batches: Coalescer[Principal, Seen] = Coalescer(self._flush)
+        self._waits = Deadlines(WAIT_S)
 
     @staticmethod
     def bucket(principal: Principal) -> str:
@@ -95,7 +96,7 @@ class RateLimiter:
         if self.limit <= 0 and not principal.key_id:
             return True
         try:
-            async with asyncio.timeout(WAIT_S):
+            async with self._waits.bound():
                 seen = await self._batches.submit(principal)
         except TimeoutError:  # Redis is not answering: let it through, the handler fails fast on its own
             return True

@@ -1,0 +1,79 @@
+"""``Deadlines``: one sweeper bounds many requests, with ``asyncio.timeout``'s semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.common.deadlines import Deadlines
+
+
+async def test_a_bound_past_its_time_raises_timeout_error_and_the_sweeper_stops() -> None:
+    deadlines = Deadlines(0.1, tick_s=0.02)
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        async with deadlines.bound() as bound:
+            await asyncio.Event().wait()  # never set: only the deadline ends it
+    took = time.perf_counter() - t0
+    assert bound.fired and 0.1 <= took < 1.0, took
+    assert not deadlines.open
+    for _ in range(10):  # the sweeper ends on its own once nothing is open
+        if deadlines.sweeper is None:
+            break
+        await asyncio.sleep(0.02)
+    assert deadlines.sweeper is None
+
+
+async def test_work_done_in_time_is_left_alone_and_later_bounds_still_fire() -> None:
+    deadlines = Deadlines(0.2, tick_s=0.02)
+    async with deadlines.bound() as quick:
+        await asyncio.sleep(0)
+    assert not quick.fired and not deadlines.open
+
+    async def slow() -> str:
+        async with deadlines.bound():
+            await asyncio.Event().wait()
+        return "finished"
+
+    async def fast(i: int) -> int:
+        async with deadlines.bound():
+            await asyncio.sleep(0.01)
+        return i
+
+    results = await asyncio.gather(slow(), *(fast(i) for i in range(50)), return_exceptions=True)
+    assert isinstance(results[0], TimeoutError)
+    assert results[1:] == list(range(50))
+    assert not deadlines.open
+
+
+async def test_a_cancellation_from_outside_is_not_turned_into_a_timeout() -> None:
+    deadlines = Deadlines(0.05, tick_s=0.01)
+    entered = asyncio.Event()
+
+    async def work() -> None:
+        async with deadlines.bound():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(work())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not deadlines.open
+
+
+async def test_a_timeout_inside_another_task_s_cancellation_count_is_kept() -> None:
+    """After a bound fires and is handled, the task is not left 'cancelling' (a later
+    ``asyncio.timeout`` in it still works)."""
+    deadlines = Deadlines(0.05, tick_s=0.01)
+    with pytest.raises(TimeoutError):
+        async with deadlines.bound():
+            await asyncio.Event().wait()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await asyncio.Event().wait()
