@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -342,6 +343,12 @@ def main() -> None:
         def side(port: int, make, seconds: float) -> Result:  # noqa: ANN001
             return asyncio.run(run(port, make, connections=args.connections, seconds=seconds))
 
+        # the load generator runs in this process, beside the world it registered (10,000
+        # pool items, the request bodies): a full collection of those stalled it for ~60 ms
+        # mid-round, and every answer in flight then measured 60 ms longer, the floor's and
+        # the broker's alike. Frozen, they are never walked again (bench/loadgen.py)
+        gc.collect()
+        gc.freeze()
         before = asyncio.run(grants_in_stream(nats.url))
         warm = side(broker.port, lambda i: reqs[i % len(reqs)], WARMUP_S)
         side(floor_port, lambda i: freqs[0], WARMUP_S)
