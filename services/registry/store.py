@@ -12,7 +12,7 @@ from services.common.keys import Keys
 from services.common.redis_conn import read_lua
 
 HEALTHY_UNSAID = -2
-HEARTBEATS_PER_CALL = 100  # pools per heartbeats.lua call: about a millisecond of Redis at most
+HEARTBEATS_PER_CALL = 8  # pools per heartbeats.lua call: ~130 us of Redis a call on this machine, about what the other transition scripts hold it (bench/script_latency.py)
 VIEW_FIELDS = ("provider", "model", "capacity", "healthy", "leased", "free", "overcommit", "status",
                "last_hb", "record", "generation", "rev")
 
