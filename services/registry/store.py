@@ -1,4 +1,5 @@
-"""Live pool state in Redis, changed only through ``lua/pool.lua``."""
+"""Live pool state in Redis, changed only through ``lua/pool.lua`` (and, for heartbeats,
+``lua/heartbeats.lua``: the same step for many pools of a region in one call)."""
 
 from __future__ import annotations
 
