@@ -35,14 +35,17 @@ class Bound:
         self._task, self._cancelling = task, task.cancelling()
         self._deadline = task.get_loop().time() + owner.seconds
         owner.open[self] = None
-        if owner.sweeper is None:
+        if owner.sweeper is None or owner.sweeper.done():  # done: cancelled before it could say so
             owner.sweeper = task.get_loop().create_task(owner.sweep())
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         self._owner.open.pop(self, None)
-        if self.fired and kind is asyncio.CancelledError and self._task.uncancel() <= self._cancelling:
+        # as asyncio.timeout: the cancel this bound made is taken back whatever the body
+        # did with it (swallowed, or swapped for another error), so that the task's count
+        # stays right for a timeout around this one
+        if self.fired and self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
             raise TimeoutError from exc
 
     def expire(self) -> None:

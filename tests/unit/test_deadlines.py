@@ -77,3 +77,34 @@ async def test_a_timeout_inside_another_task_s_cancellation_count_is_kept() -> N
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
             await asyncio.Event().wait()
+
+
+async def test_a_cancel_the_body_swallowed_is_still_taken_back() -> None:
+    """The bound fired, the body caught the CancelledError and went on: the task is not
+    left 'cancelling', so a timeout around it still becomes a TimeoutError."""
+    deadlines = Deadlines(0.05, tick_s=0.01)
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            async with deadlines.bound() as bound:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    pass  # swallowed (as a 3.11 wait_for race can)
+            assert bound.fired and task.cancelling() == 0
+            await asyncio.Event().wait()  # only the outer timeout ends this
+
+
+async def test_a_sweeper_cancelled_before_it_ran_is_replaced() -> None:
+    deadlines = Deadlines(0.05, tick_s=0.01)
+    async with deadlines.bound():
+        assert deadlines.sweeper is not None
+        deadlines.sweeper.cancel()  # before its first step: its finally never runs
+    await asyncio.sleep(0)
+    assert deadlines.sweeper is not None and deadlines.sweeper.done()
+    async with asyncio.timeout(2):  # a guard: without a sweeper the bound would never fire
+        with pytest.raises(TimeoutError):
+            async with deadlines.bound() as bound:
+                await asyncio.Event().wait()
+    assert bound.fired
