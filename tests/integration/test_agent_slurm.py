@@ -190,28 +190,46 @@ async def test_a_start_abandoned_while_sbatch_runs_leaves_no_job(cluster, monkey
     gate = root / "gate"
     gate.mkdir()
     gate.chmod(0o777)
+    os.mkfifo(gate / "go", 0o666)  # the wrapper blocks reading it until the test writes (60 s at most)
     bin_dir = root / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "sbatch"  # the real sbatch, then an answer held until the test says so
     wrapper.write_text(f"""#!/bin/sh
 out=$({shutil.which("sbatch")} "$@"); rc=$?
 touch {gate}/submitted
-while [ ! -e {gate}/go ]; do sleep 0.02; done
+timeout 60 sh -c 'read line < "$0"' {gate}/go
 echo "$out"; exit $rc
 """)
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     backend = SlurmBackend(settings(cluster, root))
+    abandoning = asyncio.Event()  # the start has taken its first cancellation and waits for the job id
+    abandon = backend._abandon_submitted
+
+    async def abandon_seen(submit: asyncio.Future, job: object) -> None:
+        abandoning.set()
+        await abandon(submit, job)
+
+    monkeypatch.setattr(backend, "_abandon_submitted", abandon_seen)
+
+    def release() -> bool:  # writes to the fifo once the wrapper reads it (never blocks)
+        try:
+            fd = os.open(gate / "go", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader yet
+            return False
+        os.write(fd, b"go\n")
+        os.close(fd)
+        return True
+
     try:
         before = set(queued(cluster))
         start = asyncio.create_task(backend.start(lease("lease-s12", process("sleep", "600"), units=2)))
         await eventually(lambda: (gate / "submitted").exists(), what="the job submitted, its id not yet answered")
         [job_id] = set(queued(cluster)) - before
         start.cancel()
-        for _ in range(3):  # the first cancellation delivered: the start now waits for the job id
-            await asyncio.sleep(0)
+        await asyncio.wait_for(abandoning.wait(), 10)
         start.cancel()  # and again (the agent shutting down meanwhile): it still waits, then cancels the job
-        (gate / "go").touch()
+        await eventually(release, what="sbatch's answer released")
         with pytest.raises(asyncio.CancelledError):
             await start
         assert job_id not in queued(cluster)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -19,27 +20,27 @@ async def test_a_bound_past_its_time_raises_timeout_error_and_the_sweeper_stops(
     took = time.perf_counter() - t0
     assert bound.fired and 0.1 <= took < 1.0, took
     assert not deadlines.open
-    for _ in range(10):  # the sweeper ends on its own once nothing is open
-        if deadlines.sweeper is None:
-            break
-        await asyncio.sleep(0.02)
+    if (sweeper := deadlines.sweeper) is not None:  # it ends on its own once nothing is open
+        await asyncio.wait_for(sweeper, 1)
     assert deadlines.sweeper is None
 
 
 async def test_work_done_in_time_is_left_alone_and_later_bounds_still_fire() -> None:
     deadlines = Deadlines(0.2, tick_s=0.02)
     async with deadlines.bound() as quick:
-        await asyncio.sleep(0)
+        pass
     assert not quick.fired and not deadlines.open
+    slow_bound = asyncio.Event()
 
     async def slow() -> str:
         async with deadlines.bound():
+            slow_bound.set()
             await asyncio.Event().wait()
         return "finished"
 
     async def fast(i: int) -> int:
         async with deadlines.bound():
-            await asyncio.sleep(0.01)
+            await slow_bound.wait()  # suspended in its bound, beside the slow one, then done in time
         return i
 
     results = await asyncio.gather(slow(), *(fast(i) for i in range(50)), return_exceptions=True)
@@ -101,7 +102,8 @@ async def test_a_sweeper_cancelled_before_it_ran_is_replaced() -> None:
     async with deadlines.bound():
         assert deadlines.sweeper is not None
         deadlines.sweeper.cancel()  # before its first step: its finally never runs
-    await asyncio.sleep(0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await deadlines.sweeper
     assert deadlines.sweeper is not None and deadlines.sweeper.done()
     async with asyncio.timeout(2):  # a guard: without a sweeper the bound would never fire
         with pytest.raises(TimeoutError):
